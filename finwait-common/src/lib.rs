@@ -1,0 +1,257 @@
+//! Types shared by the eBPF programs and userspace: the ring-buffer record, the load-time
+//! configuration the programs read as globals, and the counters they keep.
+//!
+//! Everything here is `#[repr(C)]`, `Copy` and free of pointers, so both sides see the same bytes.
+#![no_std]
+
+/// What a record in the ring buffer describes.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `sock:inet_sock_set_state` for a TCP socket.
+    Transition = 1,
+    /// A syscall that may end or half-end a socket has started (`call`, `fd`, `arg`).
+    CallEnter = 2,
+    /// That syscall returned (`arg` holds the return value).
+    CallExit = 3,
+    /// A process's last thread exited (closes every fd it still held, without a syscall each).
+    ProcessExit = 4,
+    /// `tcp:tcp_receive_reset`: the peer reset this socket.
+    ReceiveReset = 5,
+    /// `tcp:tcp_send_reset`: this host reset the connection.
+    SendReset = 6,
+}
+
+impl EventKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Transition,
+            2 => Self::CallEnter,
+            3 => Self::CallExit,
+            4 => Self::ProcessExit,
+            5 => Self::ReceiveReset,
+            6 => Self::SendReset,
+            _ => return None,
+        })
+    }
+}
+
+/// The syscalls we follow. Values are stable: they travel in [`Event::call`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Call {
+    Shutdown = 1,
+    Close = 2,
+    CloseRange = 3,
+    Dup2 = 4,
+    Dup3 = 5,
+}
+
+impl Call {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Shutdown,
+            2 => Self::Close,
+            3 => Self::CloseRange,
+            4 => Self::Dup2,
+            5 => Self::Dup3,
+            _ => return None,
+        })
+    }
+}
+
+/// `Event::flags` bits.
+pub mod flags {
+    /// `sock` was resolved from the caller's fd table (it is the socket behind `fd`).
+    pub const SOCK_RESOLVED: u8 = 1 << 0;
+    /// `file_refs` holds the raw reference count of the file behind `fd`.
+    pub const REFS_VALID: u8 = 1 << 1;
+    /// `sk_flags` holds `sock::sk_flags` as read at the transition.
+    pub const SK_FLAGS_VALID: u8 = 1 << 2;
+}
+
+/// One ring-buffer record. The same layout serves every [`EventKind`]; unused fields are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// `bpf_get_current_pid_tgid()`: tgid in the high half, tid in the low half.
+    pub pid_tgid: u64,
+    /// Kernel address of the `struct sock` (the tracepoint's `skaddr`, or the socket behind `fd`).
+    pub sock: u64,
+    /// The socket's inode (0 when unknown, or when it has no file any more: an orphan).
+    pub inode: u64,
+    /// CallEnter: the raw reference count of the file behind `fd` (see [`flags::REFS_VALID`]).
+    pub file_refs: u64,
+    /// Transition: `sock::sk_flags` (SOCK_DEAD, SOCK_DONE, ...), see [`flags::SK_FLAGS_VALID`].
+    pub sk_flags: u64,
+    pub kind: u8,
+    pub old_state: u8,
+    pub new_state: u8,
+    pub call: u8,
+    /// AF_INET or AF_INET6 for transitions.
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    /// CallEnter: the fd argument (close_range: the first fd; dup2/dup3: the replaced fd).
+    pub fd: i32,
+    /// CallEnter: `how` for shutdown, the last fd for close_range. CallExit: the return value.
+    /// ProcessExit: the exit code.
+    pub arg: i64,
+    /// IPv4 addresses use the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; 16],
+}
+
+impl Event {
+    pub const fn zeroed() -> Self {
+        Self {
+            ts_ns: 0,
+            pid_tgid: 0,
+            sock: 0,
+            inode: 0,
+            file_refs: 0,
+            sk_flags: 0,
+            kind: 0,
+            old_state: 0,
+            new_state: 0,
+            call: 0,
+            family: 0,
+            sport: 0,
+            dport: 0,
+            flags: 0,
+            _pad: 0,
+            fd: 0,
+            arg: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; 16],
+        }
+    }
+}
+
+/// Byte offsets of the `sock:inet_sock_set_state` fields, read from its tracefs `format` file at
+/// load time because they differ between kernels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateTpLayout {
+    pub skaddr: u32,
+    pub oldstate: u32,
+    pub newstate: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub family: u32,
+    pub protocol: u32,
+    /// 1 or 2 bytes, depending on the kernel.
+    pub protocol_size: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+}
+
+/// Offsets of the few fields read from other tracepoints, also from their `format` files.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OtherTpLayout {
+    /// `sched:sched_process_fork` `child_pid`.
+    pub fork_child_pid: u32,
+    /// `tcp:tcp_send_reset` `skaddr`.
+    pub send_reset_skaddr: u32,
+    /// `tcp:tcp_receive_reset` `skaddr`.
+    pub receive_reset_skaddr: u32,
+    pub _pad: u32,
+}
+
+/// Offsets into kernel structures, read from `/sys/kernel/btf/vmlinux` by userspace so the
+/// programs can find the socket behind an fd without CO-RE. `valid == 0` disables every lookup
+/// that needs them (the programs then fall back to per-thread correlation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub valid: u32,
+    /// 1 when `file.f_ref` (file_ref_t, 6.13+: 0 means one reference) replaces `f_count`.
+    pub file_ref_is_zero_based: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub file_f_inode: u32,
+    pub file_count: u32,
+    pub socket_sk: u32,
+    pub socket_type: u32,
+    pub sock_family: u32,
+    pub sock_socket: u32,
+    pub sock_flags: u32,
+    /// `offsetof(struct socket_alloc, vfs_inode) - offsetof(struct socket_alloc, socket)`.
+    pub socket_to_inode: i32,
+    pub inode_ino: u32,
+    pub inode_mode: u32,
+}
+
+/// What the programs forward. Filtering in the kernel keeps uninteresting events out of the ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FilterConfig {
+    /// 1: forward every TCP transition; 0: only those touching the close path.
+    pub all_transitions: u32,
+    /// 1: only calls and exits of tgids present in the `TRACED_PIDS` map.
+    pub pid_filter: u32,
+    /// Wake userspace once this many bytes wait in the ring (0: on every record).
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU loss counters, indexes into the `COUNTERS` array.
+pub mod counter {
+    /// A record could not be reserved in the ring buffer (it was full): the event is lost.
+    pub const RING_FULL: u32 = 0;
+    /// A `TRACED_PIDS` insert failed.
+    pub const PID_INSERT_FAILED: u32 = 1;
+    /// A kernel read needed for fd -> socket resolution failed.
+    pub const READ_FAILED: u32 = 2;
+    pub const COUNT: u32 = 4;
+}
+
+/// Map names, shared so a rename cannot split the two sides.
+pub const EVENTS_MAP: &str = "EVENTS";
+pub const COUNTERS_MAP: &str = "COUNTERS";
+pub const TRACED_PIDS_MAP: &str = "TRACED_PIDS";
+
+/// Linux TCP states as the tracepoint reports them (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+
+    /// States of the close path: a transition into or out of one of these is worth reporting.
+    pub const fn on_close_path(state: u8) -> bool {
+        matches!(
+            state,
+            FIN_WAIT1 | FIN_WAIT2 | CLOSE_WAIT | LAST_ACK | CLOSING | TIME_WAIT
+        )
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers with explicit padding.
+    unsafe impl aya::Pod for super::StateTpLayout {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::OtherTpLayout {}
+    unsafe impl aya::Pod for super::FilterConfig {}
+}

@@ -1,0 +1,437 @@
+//! finwait's eBPF programs: TCP state changes plus the syscalls that end sockets.
+//!
+//! The programs only record facts (who, which fd, which socket, which state); every decision about
+//! cause and responsibility is made in userspace, where it can be tested. Field offsets come from
+//! userspace as globals, so nothing here depends on one kernel's layout.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use finwait_common::{
+    Call, Event, EventKind, FilterConfig, KernelOffsets, OtherTpLayout, StateTpLayout, counter,
+    flags, tcp_state,
+};
+
+// Globals rewritten by userspace before load (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+static STATE_TP: StateTpLayout = StateTpLayout {
+    skaddr: 8,
+    oldstate: 16,
+    newstate: 20,
+    sport: 24,
+    dport: 26,
+    family: 28,
+    protocol: 30,
+    protocol_size: 2,
+    saddr: 32,
+    daddr: 36,
+    saddr_v6: 40,
+    daddr_v6: 56,
+};
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    valid: 0,
+    file_ref_is_zero_based: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_max_fds: 0,
+    fdtable_fd: 0,
+    file_private_data: 0,
+    file_f_inode: 0,
+    file_count: 0,
+    socket_sk: 0,
+    socket_type: 0,
+    sock_family: 0,
+    sock_socket: 0,
+    sock_flags: 0,
+    socket_to_inode: 0,
+    inode_ino: 0,
+    inode_mode: 0,
+};
+#[unsafe(no_mangle)]
+static FILTER: FilterConfig = FilterConfig {
+    all_transitions: 0,
+    pid_filter: 0,
+    wakeup_bytes: 0,
+    _pad: 0,
+};
+#[unsafe(no_mangle)]
+static OTHER_TP: OtherTpLayout = OtherTpLayout {
+    fork_child_pid: 20,
+    send_reset_skaddr: 16,
+    receive_reset_skaddr: 8,
+    _pad: 0,
+};
+
+/// Resized by userspace (`--ring-buffer-kib`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Tgids to follow when `--pid` is given; children are added at fork, removed at exit.
+#[map]
+static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+
+const IPPROTO_TCP: u16 = 6;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const SOCK_STREAM: u16 = 1;
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+
+#[inline(always)]
+fn config<T>(global: &T) -> T {
+    // SAFETY: the globals are plain data; a volatile read stops the compiler from folding the
+    // defaults in, so the values userspace wrote are used.
+    unsafe { core::ptr::read_volatile(global) }
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn read<T>(base: u64, offset: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a fault is reported, not taken.
+    match unsafe { bpf_probe_read_kernel((base + offset) as *const T) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            count(counter::READ_FAILED);
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn pid_traced(tgid: u32) -> bool {
+    // SAFETY: the value is a u8 copied out immediately.
+    config(&FILTER).pid_filter == 0 || unsafe { TRACED_PIDS.get(tgid) }.is_some()
+}
+
+#[inline(always)]
+fn submit(event: &Event) {
+    let filter = config(&FILTER);
+    let wake = if filter.wakeup_bytes == 0 {
+        0
+    } else if EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64)
+        >= filter.wakeup_bytes as u64
+    {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(*event);
+            entry.submit(wake);
+        }
+        None => count(counter::RING_FULL),
+    }
+}
+
+#[inline(always)]
+fn new_event(kind: EventKind) -> Event {
+    let mut e = Event::zeroed();
+    e.kind = kind as u8;
+    // SAFETY: plain helper calls.
+    e.ts_ns = unsafe { bpf_ktime_get_ns() };
+    e.pid_tgid = bpf_get_current_pid_tgid();
+    e.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    e
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_state(&ctx);
+    0
+}
+
+fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let l = config(&STATE_TP);
+    // SAFETY: offsets come from this kernel's format file; read_at bounds-checks through the helper.
+    unsafe {
+        let protocol = if l.protocol_size == 1 {
+            ctx.read_at::<u8>(l.protocol as usize)? as u16
+        } else {
+            ctx.read_at::<u16>(l.protocol as usize)?
+        };
+        if protocol != IPPROTO_TCP {
+            return Ok(());
+        }
+        let old = ctx.read_at::<i32>(l.oldstate as usize)? as u8;
+        let new = ctx.read_at::<i32>(l.newstate as usize)? as u8;
+        if config(&FILTER).all_transitions == 0
+            && !tcp_state::on_close_path(old)
+            && !tcp_state::on_close_path(new)
+        {
+            return Ok(());
+        }
+        let mut e = new_event(EventKind::Transition);
+        e.sock = ctx.read_at::<u64>(l.skaddr as usize)?;
+        e.old_state = old;
+        e.new_state = new;
+        e.sport = ctx.read_at::<u16>(l.sport as usize)?;
+        e.dport = ctx.read_at::<u16>(l.dport as usize)?;
+        e.family = ctx.read_at::<u16>(l.family as usize)?;
+        if e.family == AF_INET6 {
+            e.saddr = ctx.read_at::<[u8; 16]>(l.saddr_v6 as usize)?;
+            e.daddr = ctx.read_at::<[u8; 16]>(l.daddr_v6 as usize)?;
+        } else {
+            let s = ctx.read_at::<[u8; 4]>(l.saddr as usize)?;
+            let d = ctx.read_at::<[u8; 4]>(l.daddr as usize)?;
+            e.saddr[..4].copy_from_slice(&s);
+            e.daddr[..4].copy_from_slice(&d);
+        }
+        sock_details(&mut e);
+        submit(&e);
+    }
+    Ok(())
+}
+
+/// Socket flags (orphaned? peer FIN seen?) and inode (to find the owner in /proc).
+#[inline(always)]
+fn sock_details(e: &mut Event) {
+    let o = config(&OFFSETS);
+    if o.valid == 0 || e.sock == 0 {
+        return;
+    }
+    if let Some(f) = read::<u64>(e.sock, o.sock_flags as u64) {
+        e.sk_flags = f;
+        e.flags |= flags::SK_FLAGS_VALID;
+    }
+    if let Some(socket) = read::<u64>(e.sock, o.sock_socket as u64) {
+        if socket != 0 {
+            e.inode = inode_of_socket(socket, &o);
+        }
+    }
+}
+
+#[inline(always)]
+fn inode_of_socket(socket: u64, o: &KernelOffsets) -> u64 {
+    // A `struct socket` lives inside `struct socket_alloc`, next to its inode.
+    let inode = socket.wrapping_add(o.socket_to_inode as i64 as u64);
+    read::<u64>(inode, o.inode_ino as u64).unwrap_or(0)
+}
+
+/// The TCP/UDP `struct sock` behind `fd` in the current task, with the file's reference count.
+#[inline(always)]
+fn sock_of_fd(fd: i64, e: &mut Event) {
+    let o = config(&OFFSETS);
+    if o.valid == 0 || fd < 0 {
+        return;
+    }
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    let Some(files) = read::<u64>(task, o.task_files as u64) else {
+        return;
+    };
+    let Some(fdt) = read::<u64>(files, o.files_fdt as u64) else {
+        return;
+    };
+    let Some(max_fds) = read::<u32>(fdt, o.fdtable_max_fds as u64) else {
+        return;
+    };
+    if fd as u64 >= max_fds as u64 {
+        return;
+    }
+    let Some(fd_array) = read::<u64>(fdt, o.fdtable_fd as u64) else {
+        return;
+    };
+    let Some(file) = read::<u64>(fd_array, fd as u64 * 8) else {
+        return;
+    };
+    if file == 0 {
+        return;
+    }
+    let Some(f_inode) = read::<u64>(file, o.file_f_inode as u64) else {
+        return;
+    };
+    let Some(mode) = read::<u16>(f_inode, o.inode_mode as u64) else {
+        return;
+    };
+    if mode & S_IFMT != S_IFSOCK {
+        return;
+    }
+    let Some(socket) = read::<u64>(file, o.file_private_data as u64) else {
+        return;
+    };
+    let Some(sock_type) = read::<u16>(socket, o.socket_type as u64) else {
+        return;
+    };
+    if socket == 0 || sock_type != SOCK_STREAM {
+        return;
+    }
+    let Some(sk) = read::<u64>(socket, o.socket_sk as u64) else {
+        return;
+    };
+    let Some(family) = read::<u16>(sk, o.sock_family as u64) else {
+        return;
+    };
+    if sk == 0 || (family != AF_INET && family != AF_INET6) {
+        return;
+    }
+    e.sock = sk;
+    e.inode = inode_of_socket(socket, &o);
+    e.flags |= flags::SOCK_RESOLVED;
+    if let Some(refs) = read::<u64>(file, o.file_count as u64) {
+        e.file_refs = refs;
+        e.flags |= flags::REFS_VALID;
+    }
+}
+
+#[inline(always)]
+fn call_enter(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !pid_traced((pid_tgid >> 32) as u32) {
+        return Ok(());
+    }
+    // SAFETY: syscall tracepoint arguments are 8-byte slots from offset 16.
+    let (arg0, arg1) = unsafe { (ctx.read_at::<i64>(16)?, ctx.read_at::<i64>(24)?) };
+    let mut e = new_event(EventKind::CallEnter);
+    e.call = call as u8;
+    // dup2/dup3 end the socket behind their second argument (the fd that gets replaced).
+    let fd = match call {
+        Call::Dup2 | Call::Dup3 => arg1,
+        _ => arg0,
+    };
+    e.fd = fd as i32;
+    e.arg = match call {
+        Call::Shutdown | Call::CloseRange => arg1,
+        _ => arg0,
+    };
+    sock_of_fd(fd, &mut e);
+    // Without offsets every call is forwarded; with them, only calls on TCP-capable sockets
+    // (close_range is always forwarded: it may cover several).
+    let resolved = e.flags & flags::SOCK_RESOLVED != 0;
+    if config(&OFFSETS).valid != 0 && !resolved && call != Call::CloseRange {
+        return Ok(());
+    }
+    submit(&e);
+    Ok(())
+}
+
+#[inline(always)]
+fn call_exit(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !pid_traced((pid_tgid >> 32) as u32) {
+        return Ok(());
+    }
+    let mut e = new_event(EventKind::CallExit);
+    e.call = call as u8;
+    // SAFETY: `ret` is at offset 16 of every sys_exit tracepoint.
+    e.arg = unsafe { ctx.read_at::<i64>(16)? };
+    submit(&e);
+    Ok(())
+}
+
+macro_rules! syscall_hooks {
+    ($($enter:ident, $exit:ident => $call:expr;)*) => {$(
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            let _ = call_enter(&ctx, $call);
+            0
+        }
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            let _ = call_exit(&ctx, $call);
+            0
+        }
+    )*};
+}
+
+syscall_hooks! {
+    sys_enter_shutdown, sys_exit_shutdown => Call::Shutdown;
+    sys_enter_close, sys_exit_close => Call::Close;
+    sys_enter_close_range, sys_exit_close_range => Call::CloseRange;
+    sys_enter_dup2, sys_exit_dup2 => Call::Dup2;
+    sys_enter_dup3, sys_exit_dup3 => Call::Dup3;
+}
+
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if pid_traced(tgid) {
+        submit(&new_event(EventKind::ProcessExit));
+    }
+    if config(&FILTER).pid_filter != 0 && pid_tgid as u32 == tgid {
+        let _ = TRACED_PIDS.remove(tgid);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    if config(&FILTER).pid_filter == 0 {
+        return 0;
+    }
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: single-entry lookup, value not kept.
+    if unsafe { TRACED_PIDS.get(parent) }.is_none() {
+        return 0;
+    }
+    // SAFETY: offset from this kernel's format file.
+    if let Ok(child) = unsafe { ctx.read_at::<i32>(config(&OTHER_TP).fork_child_pid as usize) } {
+        if TRACED_PIDS.insert(child as u32, 1u8, 0).is_err() {
+            count(counter::PID_INSERT_FAILED);
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn reset(ctx: &TracePointContext, skaddr_offset: u32, kind: EventKind) {
+    // SAFETY: offset from this kernel's format file.
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(skaddr_offset as usize) } {
+        if sk != 0 {
+            let mut e = new_event(kind);
+            e.sock = sk;
+            submit(&e);
+        }
+    }
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    reset(
+        &ctx,
+        config(&OTHER_TP).receive_reset_skaddr,
+        EventKind::ReceiveReset,
+    );
+    0
+}
+
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    reset(
+        &ctx,
+        config(&OTHER_TP).send_reset_skaddr,
+        EventKind::SendReset,
+    );
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

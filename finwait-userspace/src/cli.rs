@@ -1,0 +1,69 @@
+//! Command-line options.
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "finwait-trace",
+    version,
+    about = "Who left these TCP sockets in FIN_WAIT2 or CLOSE_WAIT: shutdown(), close(), or a peer's FIN nobody answered?",
+    after_help = "Examples:
+  sudo finwait-trace --pid $(pgrep -o nginx)   # nginx master and all its workers
+  sudo finwait-trace --json --duration 60       # one JSON object per line, for a minute
+  sudo finwait-trace --demo                     # a built-in loopback workload, traced"
+)]
+pub struct Cli {
+    /// Trace only these processes and their descendants (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// One JSON object per line (see README.md for the fields).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub duration: Option<f64>,
+
+    /// Show every TCP state transition, not only those on the close path.
+    #[arg(long)]
+    pub all: bool,
+
+    /// Run a built-in loopback client and server that reproduce the common cases, trace them,
+    /// print what was found and exit.
+    #[arg(long, conflicts_with = "pids")]
+    pub demo: bool,
+
+    /// Ring buffer size in KiB (a power of two, at least 4).
+    #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
+    pub ring_buffer_kib: u32,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
+}
+
+fn parse_ring_kib(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(v) if v >= 4 && v.is_power_of_two() && v <= 1 << 20 => Ok(v),
+        _ => Err(format!(
+            "`{s}` must be a power of two between 4 and 1048576"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Cli::try_parse_from(["x", "--duration", "-1"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--ring-buffer-kib", "100"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--demo", "--pid", "1"]).is_err());
+        let c = Cli::try_parse_from(["x", "--pid", "1", "--pid", "2", "--json"]).unwrap();
+        assert_eq!(c.pids, vec![1, 2]);
+    }
+}

@@ -1,0 +1,188 @@
+//! Decoding of ring-buffer records into typed events.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use finwait_common::{Call, Event, EventKind, flags};
+
+/// A process context: who was running when the kernel recorded the event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+}
+
+impl Task {
+    fn of(e: &Event) -> Self {
+        let len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
+        Self {
+            pid: (e.pid_tgid >> 32) as u32,
+            tid: e.pid_tgid as u32,
+            comm: String::from_utf8_lossy(&e.comm[..len]).into_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    pub local: IpAddr,
+    pub lport: u16,
+    pub remote: IpAddr,
+    pub rport: u16,
+}
+
+impl Endpoints {
+    pub fn is_ipv6(&self) -> bool {
+        self.local.is_ipv6()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Transition {
+        sock: u64,
+        old: u8,
+        new: u8,
+        ends: Endpoints,
+        /// Kernel socket flags at the transition, when known.
+        sk_flags: Option<u64>,
+        inode: u64,
+    },
+    CallEnter {
+        call: Call,
+        fd: i32,
+        /// `how` for shutdown, the last fd for close_range.
+        arg: i64,
+        /// The socket behind `fd`, when the kernel could resolve it.
+        sock: Option<u64>,
+        inode: u64,
+        /// Raw reference count of the file, when known (its meaning depends on the kernel).
+        file_refs: Option<u64>,
+    },
+    CallExit {
+        call: Call,
+        ret: i64,
+    },
+    ProcessExit,
+    ReceiveReset {
+        sock: u64,
+    },
+    SendReset {
+        sock: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub ts_ns: u64,
+    pub task: Task,
+    pub what: Decoded,
+}
+
+/// Decodes one ring-buffer item. Returns None for a short or unknown record.
+pub fn decode(bytes: &[u8]) -> Option<Record> {
+    if bytes.len() < size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: length checked; Event is plain old data; the ring gives no alignment guarantee.
+    let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let what = match EventKind::from_u8(e.kind)? {
+        EventKind::Transition => Decoded::Transition {
+            sock: e.sock,
+            old: e.old_state,
+            new: e.new_state,
+            ends: endpoints(&e),
+            sk_flags: (e.flags & flags::SK_FLAGS_VALID != 0).then_some(e.sk_flags),
+            inode: e.inode,
+        },
+        EventKind::CallEnter => Decoded::CallEnter {
+            call: Call::from_u8(e.call)?,
+            fd: e.fd,
+            arg: e.arg,
+            sock: (e.flags & flags::SOCK_RESOLVED != 0).then_some(e.sock),
+            inode: e.inode,
+            file_refs: (e.flags & flags::REFS_VALID != 0).then_some(e.file_refs),
+        },
+        EventKind::CallExit => Decoded::CallExit {
+            call: Call::from_u8(e.call)?,
+            ret: e.arg,
+        },
+        EventKind::ProcessExit => Decoded::ProcessExit,
+        EventKind::ReceiveReset => Decoded::ReceiveReset { sock: e.sock },
+        EventKind::SendReset => Decoded::SendReset { sock: e.sock },
+    };
+    Some(Record {
+        ts_ns: e.ts_ns,
+        task: Task::of(&e),
+        what,
+    })
+}
+
+const AF_INET6: u16 = 10;
+
+fn endpoints(e: &Event) -> Endpoints {
+    let addr = |raw: &[u8; 16]| -> IpAddr {
+        if e.family == AF_INET6 {
+            let v6 = Ipv6Addr::from(*raw);
+            // A v4-mapped address is an IPv4 peer on a dual-stack socket: show it as IPv4.
+            v6.to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+        }
+    };
+    Endpoints {
+        local: addr(&e.saddr),
+        lport: e.sport,
+        remote: addr(&e.daddr),
+        rport: e.dport,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(e: &Event) -> Vec<u8> {
+        // SAFETY: Event is plain old data.
+        unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn decodes_a_v4_mapped_transition_as_ipv4() {
+        let mut e = Event::zeroed();
+        e.kind = EventKind::Transition as u8;
+        e.family = AF_INET6;
+        e.pid_tgid = (10u64 << 32) | 11;
+        e.comm[..5].copy_from_slice(b"nginx");
+        e.saddr[10] = 0xff;
+        e.saddr[11] = 0xff;
+        e.saddr[12..].copy_from_slice(&[127, 0, 0, 1]);
+        e.daddr[15] = 1; // ::1
+        e.sport = 80;
+        let r = decode(&raw(&e)).unwrap();
+        assert_eq!(
+            r.task,
+            Task {
+                pid: 10,
+                tid: 11,
+                comm: "nginx".into()
+            }
+        );
+        let Decoded::Transition { ends, sk_flags, .. } = r.what else {
+            panic!()
+        };
+        assert_eq!(ends.local, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(ends.remote, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(sk_flags, None);
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        assert!(decode(&[0u8; 8]).is_none());
+        let mut e = Event::zeroed();
+        e.kind = 200;
+        assert!(decode(&raw(&e)).is_none());
+    }
+}

@@ -1,0 +1,128 @@
+//! Offsets into kernel structures, read from the running kernel's BTF so the eBPF programs can
+//! walk task -> files -> fd -> socket -> sock on any kernel, without CO-RE or kprobes.
+use anyhow::{Context, Result, bail};
+use btf_rs::{Btf, Type};
+use finwait_common::KernelOffsets;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Reads every offset the programs need. An error means the fd -> socket lookup is unavailable.
+pub fn kernel_offsets() -> Result<KernelOffsets> {
+    let btf = Btf::from_file(VMLINUX_BTF).with_context(|| format!("reading {VMLINUX_BTF}"))?;
+    offsets_from(&btf)
+}
+
+fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
+    let off = |s: &str, path: &str| member_offset(btf, s, path);
+    // 6.13 replaced `atomic_long_t f_count` with `file_ref_t f_ref`, which counts from zero.
+    let (file_count, zero_based) = match off("file", "f_ref") {
+        Ok(o) => (o, 1),
+        Err(_) => (off("file", "f_count")?, 0),
+    };
+    let socket_in_alloc = off("socket_alloc", "socket")? as i64;
+    let inode_in_alloc = off("socket_alloc", "vfs_inode")? as i64;
+    Ok(KernelOffsets {
+        valid: 1,
+        file_ref_is_zero_based: zero_based,
+        task_files: off("task_struct", "files")?,
+        files_fdt: off("files_struct", "fdt")?,
+        fdtable_max_fds: off("fdtable", "max_fds")?,
+        fdtable_fd: off("fdtable", "fd")?,
+        file_private_data: off("file", "private_data")?,
+        file_f_inode: off("file", "f_inode")?,
+        file_count,
+        socket_sk: off("socket", "sk")?,
+        socket_type: off("socket", "type")?,
+        sock_family: off("sock", "__sk_common.skc_family")?,
+        sock_socket: off("sock", "sk_socket")?,
+        // Newer kernels keep the flags in sock_common (`#define sk_flags __sk_common.skc_flags`).
+        sock_flags: off("sock", "__sk_common.skc_flags").or_else(|_| off("sock", "sk_flags"))?,
+        socket_to_inode: (inode_in_alloc - socket_in_alloc) as i32,
+        inode_ino: off("inode", "i_ino")?,
+        inode_mode: off("inode", "i_mode")?,
+    })
+}
+
+/// Byte offset of `path` (dot-separated members) inside `struct name`. Members of anonymous
+/// structs and unions are found as if they were direct members, as in C.
+pub fn member_offset(btf: &Btf, name: &str, path: &str) -> Result<u32> {
+    let mut ty = find_struct(btf, name)?;
+    let mut total_bits = 0u32;
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (bits, member_ty) = find_member(btf, &ty, part)
+            .with_context(|| format!("struct {name} has no member `{path}` on this kernel"))?;
+        total_bits += bits;
+        if parts.peek().is_some() {
+            ty = strip(btf, member_ty).context("resolving a member type")?;
+        }
+    }
+    if total_bits % 8 != 0 {
+        bail!("{name}.{path} is a bitfield");
+    }
+    Ok(total_bits / 8)
+}
+
+fn find_struct(btf: &Btf, name: &str) -> Result<Type> {
+    btf.resolve_types_by_name(name)
+        .with_context(|| format!("struct {name} is not in the kernel's BTF"))?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
+        .with_context(|| format!("struct {name} is not in the kernel's BTF"))
+}
+
+/// Follows typedefs and qualifiers down to the struct or union.
+fn strip(btf: &Btf, mut ty: Type) -> Result<Type, btf_rs::Error> {
+    for _ in 0..16 {
+        ty = match &ty {
+            Type::Typedef(t) => btf.resolve_chained_type(t)?,
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                btf.resolve_chained_type(t)?
+            }
+            _ => return Ok(ty),
+        };
+    }
+    Err(btf_rs::Error::OpNotSupp("type chain too long".into()))
+}
+
+/// (bit offset, type) of member `want`, searching anonymous members recursively.
+fn find_member(btf: &Btf, ty: &Type, want: &str) -> Option<(u32, Type)> {
+    let members = match ty {
+        Type::Struct(s) | Type::Union(s) => &s.members,
+        _ => return None,
+    };
+    for m in members {
+        let name = btf.resolve_name(m).unwrap_or_default();
+        if name == want {
+            return Some((m.bit_offset(), btf.resolve_chained_type(m).ok()?));
+        }
+        if name.is_empty() {
+            let Ok(inner) = btf.resolve_chained_type(m).and_then(|t| strip(btf, t)) else {
+                continue;
+            };
+            if let Some((bits, t)) = find_member(btf, &inner, want) {
+                return Some((m.bit_offset() + bits, t));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs the running kernel's BTF; every kernel this tool supports has it.
+    #[test]
+    fn offsets_of_the_running_kernel_are_plausible() {
+        if !std::path::Path::new(VMLINUX_BTF).exists() {
+            eprintln!("no {VMLINUX_BTF}; skipped");
+            return;
+        }
+        let o = kernel_offsets().unwrap();
+        assert_eq!(o.valid, 1);
+        assert!(o.task_files > 0 && o.sock_flags > 0 && o.inode_ino > 0);
+        // struct socket sits at the start of socket_alloc, the inode after it.
+        assert!(o.socket_to_inode > 0);
+    }
+}

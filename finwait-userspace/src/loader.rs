@@ -1,0 +1,231 @@
+//! Loads the embedded eBPF object with this kernel's layouts and attaches its programs.
+//!
+//! Every optional feature is probed: a missing tracepoint or BTF turns a feature off with a
+//! message, never a crash. Only the state tracepoint and close()/shutdown() are required.
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::TracePoint,
+};
+use finwait_common::{
+    EVENTS_MAP, FilterConfig, KernelOffsets, OtherTpLayout, StateTpLayout, TRACED_PIDS_MAP,
+};
+
+use crate::{kernel_btf, tracefs::Format};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
+
+/// (program, category, tracepoint, required)
+const HOOKS: &[(&str, &str, &str, bool)] = &[
+    ("inet_sock_set_state", "sock", "inet_sock_set_state", true),
+    ("sys_enter_close", "syscalls", "sys_enter_close", true),
+    ("sys_exit_close", "syscalls", "sys_exit_close", true),
+    ("sys_enter_shutdown", "syscalls", "sys_enter_shutdown", true),
+    ("sys_exit_shutdown", "syscalls", "sys_exit_shutdown", true),
+    (
+        "sys_enter_close_range",
+        "syscalls",
+        "sys_enter_close_range",
+        false,
+    ),
+    (
+        "sys_exit_close_range",
+        "syscalls",
+        "sys_exit_close_range",
+        false,
+    ),
+    ("sys_enter_dup2", "syscalls", "sys_enter_dup2", false),
+    ("sys_exit_dup2", "syscalls", "sys_exit_dup2", false),
+    ("sys_enter_dup3", "syscalls", "sys_enter_dup3", false),
+    ("sys_exit_dup3", "syscalls", "sys_exit_dup3", false),
+    ("sched_process_exit", "sched", "sched_process_exit", false),
+    ("sched_process_fork", "sched", "sched_process_fork", false),
+    ("tcp_receive_reset", "tcp", "tcp_receive_reset", false),
+    ("tcp_send_reset", "tcp", "tcp_send_reset", false),
+];
+
+pub struct Options {
+    pub all_transitions: bool,
+    /// Processes to follow (with their descendants); empty: everything.
+    pub pids: Vec<u32>,
+    pub ring_bytes: u32,
+    pub wakeup_bytes: u32,
+}
+
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    /// fd -> socket resolution is on (BTF offsets found).
+    pub offsets: Option<KernelOffsets>,
+    /// Human-readable notes about features that are off, and why.
+    pub degraded: Vec<String>,
+    pub attached: usize,
+    pub attach_failed: usize,
+}
+
+pub fn load(opts: &Options) -> Result<Loaded> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    raise_memlock();
+    let tracefs = crate::tracefs::ensure_mounted()
+        .map_err(|e| if euid != 0 { privileges_error() } else { e })?;
+    let mut degraded = Vec::new();
+
+    let state = state_layout(&tracefs)?;
+    let other = other_layout(&tracefs);
+    let offsets = match kernel_btf::kernel_offsets() {
+        Ok(o) => Some(o),
+        Err(e) => {
+            degraded.push(format!(
+                "fd -> socket resolution is off ({e:#}); calls are matched to transitions per thread, \
+                 and close() without FIN cannot be detected"
+            ));
+            None
+        }
+    };
+    let filter = FilterConfig {
+        all_transitions: opts.all_transitions as u32,
+        pid_filter: !opts.pids.is_empty() as u32,
+        wakeup_bytes: opts.wakeup_bytes,
+        _pad: 0,
+    };
+    let kernel_offsets = offsets.unwrap_or_default();
+    let mut ebpf = EbpfLoader::new()
+        .override_global("STATE_TP", &state, true)
+        .override_global("OTHER_TP", &other, true)
+        .override_global("OFFSETS", &kernel_offsets, true)
+        .override_global("FILTER", &filter, true)
+        .map_max_entries(EVENTS_MAP, opts.ring_bytes)
+        .load(OBJECT)
+        .map_err(|e| {
+            if euid != 0 {
+                privileges_error()
+            } else {
+                anyhow::Error::new(e).context("loading the eBPF programs")
+            }
+        })?;
+
+    if !opts.pids.is_empty() {
+        seed_pids(&mut ebpf, &opts.pids)?;
+    }
+
+    let (mut attached, mut attach_failed) = (0, 0);
+    for &(prog, category, name, required) in HOOKS {
+        match attach(&mut ebpf, prog, category, name) {
+            Ok(()) => attached += 1,
+            Err(e) if required => {
+                return Err(e.context(format!(
+                    "attaching {category}:{name} failed; finwait needs it (Linux 4.16 or newer with tracepoints)"
+                )));
+            }
+            Err(e) => {
+                attach_failed += 1;
+                degraded.push(format!(
+                    "{category}:{name} not attached ({e:#}); {}",
+                    effect_of_missing(name)
+                ));
+            }
+        }
+    }
+    Ok(Loaded {
+        ebpf,
+        offsets,
+        degraded,
+        attached,
+        attach_failed,
+    })
+}
+
+fn privileges_error() -> anyhow::Error {
+    anyhow::anyhow!(
+        "finwait-trace needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_ADMIN to mount tracefs).\n  \
+         Fix: sudo finwait-trace ..."
+    )
+}
+
+fn effect_of_missing(tracepoint: &str) -> &'static str {
+    match tracepoint {
+        t if t.contains("close_range") => "close_range() causes will show as unknown",
+        t if t.contains("dup") => "dup2()/dup3() causes will show as unknown",
+        "sched_process_exit" => "process-exit causes will show as unknown",
+        "sched_process_fork" => "--pid will not follow children forked from now on",
+        _ => "resets will not be told apart",
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<()> {
+    let p: &mut TracePoint = ebpf
+        .program_mut(prog)
+        .with_context(|| format!("program {prog} missing from the object"))?
+        .try_into()?;
+    p.load()?;
+    p.attach(category, name)?;
+    Ok(())
+}
+
+fn state_layout(tracefs: &Path) -> Result<StateTpLayout> {
+    let f = Format::read(tracefs, "sock", "inet_sock_set_state")
+        .context("finwait needs the sock:inet_sock_set_state tracepoint (Linux 4.16 or newer)")?;
+    let off = |n: &str| f.field(n).map(|x| x.offset);
+    let protocol = f.field("protocol")?;
+    if !matches!(protocol.size, 1 | 2) {
+        bail!(
+            "unexpected size {} of inet_sock_set_state.protocol",
+            protocol.size
+        );
+    }
+    Ok(StateTpLayout {
+        skaddr: off("skaddr")?,
+        oldstate: off("oldstate")?,
+        newstate: off("newstate")?,
+        sport: off("sport")?,
+        dport: off("dport")?,
+        family: off("family")?,
+        protocol: protocol.offset,
+        protocol_size: protocol.size,
+        saddr: off("saddr")?,
+        daddr: off("daddr")?,
+        saddr_v6: off("saddr_v6")?,
+        daddr_v6: off("daddr_v6")?,
+    })
+}
+
+fn other_layout(tracefs: &Path) -> OtherTpLayout {
+    // A missing tracepoint makes its attach fail too, which is reported there.
+    let field = |cat: &str, tp: &str, name: &str, default: u32| {
+        Format::read(tracefs, cat, tp)
+            .and_then(|f| f.field(name))
+            .map_or(default, |f| f.offset)
+    };
+    OtherTpLayout {
+        fork_child_pid: field("sched", "sched_process_fork", "child_pid", 20),
+        send_reset_skaddr: field("tcp", "tcp_send_reset", "skaddr", 16),
+        receive_reset_skaddr: field("tcp", "tcp_receive_reset", "skaddr", 8),
+        _pad: 0,
+    }
+}
+
+/// The given processes and every descendant that exists now; later ones are added at fork.
+fn seed_pids(ebpf: &mut Ebpf, pids: &[u32]) -> Result<()> {
+    let mut map: BpfHashMap<&mut MapData, u32, u8> = BpfHashMap::try_from(
+        ebpf.map_mut(TRACED_PIDS_MAP)
+            .context("TRACED_PIDS map missing")?,
+    )?;
+    for pid in crate::procs::with_descendants(pids) {
+        map.insert(pid, 1, 0).context("seeding the pid filter")?;
+    }
+    Ok(())
+}
+
+fn raise_memlock() {
+    // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones ignore it. Failure
+    // (no CAP_SYS_RESOURCE) is harmless on those.
+    let r = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to a rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
+}

@@ -1,0 +1,285 @@
+//! Rendering of reports: one JSON object per line (the documented contract) or one readable line
+//! that states the answer in words.
+use std::time::{Duration, SystemTime};
+
+use finwait_common::{Call, tcp_state as st};
+use serde_json::{Value, json};
+
+use crate::correlate::{
+    Cause, CauseKind, CloseNoFinReport, Fw2Exit, Owner, Report, TransitionReport,
+};
+
+pub fn state_name(s: u8) -> &'static str {
+    match s {
+        st::ESTABLISHED => "ESTABLISHED",
+        st::SYN_SENT => "SYN_SENT",
+        st::SYN_RECV => "SYN_RECV",
+        st::FIN_WAIT1 => "FIN_WAIT1",
+        st::FIN_WAIT2 => "FIN_WAIT2",
+        st::TIME_WAIT => "TIME_WAIT",
+        st::CLOSE => "CLOSE",
+        st::CLOSE_WAIT => "CLOSE_WAIT",
+        st::LAST_ACK => "LAST_ACK",
+        st::LISTEN => "LISTEN",
+        st::CLOSING => "CLOSING",
+        st::NEW_SYN_RECV => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+pub fn how_name(how: i32) -> &'static str {
+    match how {
+        0 => "SHUT_RD",
+        1 => "SHUT_WR",
+        2 => "SHUT_RDWR",
+        _ => "SHUT_?",
+    }
+}
+
+/// Converts the kernel's monotonic timestamps to wall-clock time.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    realtime_minus_monotonic_ns: i128,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid out-pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let mono = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+        let real = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128;
+        Self {
+            realtime_minus_monotonic_ns: real - mono,
+        }
+    }
+
+    pub fn wall(&self, mono_ns: u64) -> SystemTime {
+        let ns = (mono_ns as i128 + self.realtime_minus_monotonic_ns).max(0) as u128;
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    }
+
+    pub fn rfc3339(&self, mono_ns: u64) -> String {
+        humantime::format_rfc3339_micros(self.wall(mono_ns)).to_string()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn ms(ns: Option<u64>) -> Value {
+    ns.map(|n| json!(n as f64 / 1e6)).unwrap_or(Value::Null)
+}
+
+fn cause_json(c: &Option<Cause>) -> Value {
+    let Some(c) = c else { return Value::Null };
+    json!({
+        "call": c.kind.name(),
+        "how": c.how.map(how_name),
+        "pid": c.task.as_ref().map(|t| t.pid),
+        "tid": c.task.as_ref().map(|t| t.tid),
+        "comm": c.task.as_ref().map(|t| t.comm.as_str()),
+        "fd": c.fd,
+    })
+}
+
+fn owner_json(o: &Owner) -> Value {
+    json!({"pid": o.pid, "comm": o.comm, "fd": o.fd})
+}
+
+pub fn json_line(r: &Report, clock: &Clock, fin_timeout_s: u64) -> String {
+    let v = match r {
+        Report::Transition(t) => transition_json(t, clock, fin_timeout_s),
+        Report::CloseNoFin(n) => close_no_fin_json(n, clock),
+    };
+    v.to_string()
+}
+
+fn transition_json(t: &TransitionReport, clock: &Clock, fin_timeout_s: u64) -> Value {
+    let mut v = json!({
+        "event": "transition",
+        "time": clock.rfc3339(t.ts_ns),
+        "sock": format!("{:#x}", t.sock),
+        "family": if t.ends.is_ipv6() { "ipv6" } else { "ipv4" },
+        "laddr": t.ends.local.to_string(),
+        "lport": t.ends.lport,
+        "raddr": t.ends.remote.to_string(),
+        "rport": t.ends.rport,
+        "from": state_name(t.old),
+        "to": state_name(t.effective_new()),
+        "kernel_to": state_name(t.new),
+        "cause": cause_json(&t.cause),
+        "inode": (t.inode != 0).then_some(t.inode),
+    });
+    let m = v.as_object_mut().unwrap();
+    if t.new == st::FIN_WAIT2 || t.old == st::FIN_WAIT2 {
+        m.insert("orphan".into(), json!(t.orphan));
+    }
+    if t.new == st::CLOSE_WAIT || t.old == st::CLOSE_WAIT {
+        m.insert(
+            "owner".into(),
+            t.owner.as_ref().map(owner_json).unwrap_or(Value::Null),
+        );
+    }
+    if t.fw2_exit == Some(Fw2Exit::OrphanTimewait) {
+        // `ss` keeps listing it as FIN-WAIT-2 (ino 0) until the kernel frees it.
+        m.insert("timewait_substate".into(), json!("FIN_WAIT2"));
+        m.insert("kernel_frees_within_s".into(), json!(fin_timeout_s));
+    }
+    for (k, ns) in [
+        ("since_fin_ms", t.since_fin_ns),
+        ("half_closed_ms", t.half_closed_ns),
+        ("close_wait_ms", t.close_wait_ns),
+    ] {
+        if ns.is_some() {
+            m.insert(k.into(), ms(ns));
+        }
+    }
+    v
+}
+
+fn close_no_fin_json(n: &CloseNoFinReport, clock: &Clock) -> Value {
+    json!({
+        "event": "close_no_fin",
+        "time": clock.rfc3339(n.ts_ns),
+        "sock": format!("{:#x}", n.sock),
+        "call": CauseKind::Call(n.call).name(),
+        "pid": n.task.pid,
+        "tid": n.task.tid,
+        "comm": n.task.comm,
+        "fd": n.fd,
+        "remaining_refs": n.remaining_refs,
+        "holders": n.holders.iter().map(owner_json).collect::<Vec<_>>(),
+        "state": n.state.map(state_name),
+        "laddr": n.ends.as_ref().map(|e| e.local.to_string()),
+        "lport": n.ends.as_ref().map(|e| e.lport),
+        "raddr": n.ends.as_ref().map(|e| e.remote.to_string()),
+        "rport": n.ends.as_ref().map(|e| e.rport),
+    })
+}
+
+fn who(c: &Cause) -> String {
+    let call = match (c.kind, c.how) {
+        (CauseKind::Call(Call::Shutdown), Some(how)) => format!("shutdown({})", how_name(how)),
+        (CauseKind::Call(_), _) => format!("{}()", c.kind.name()),
+        (CauseKind::Exit, _) => "process exit".to_string(),
+        (k, _) => k.name().to_string(),
+    };
+    match (&c.task, c.fd) {
+        (Some(t), Some(fd)) => format!("{call} from {}[{}/{}] fd {fd}", t.comm, t.pid, t.tid),
+        (Some(t), None) => format!("{call} of {}[{}/{}]", t.comm, t.pid, t.tid),
+        _ => call,
+    }
+}
+
+fn dur(ns: u64) -> String {
+    let ms = ns as f64 / 1e6;
+    if ms >= 1000.0 {
+        format!("{:.1} s", ms / 1000.0)
+    } else {
+        format!("{ms:.0} ms")
+    }
+}
+
+/// The answer in words for one transition.
+pub fn explain(t: &TransitionReport, fin_timeout_s: u64) -> String {
+    let unknown = Cause {
+        kind: CauseKind::Unknown,
+        how: None,
+        task: None,
+        fd: None,
+    };
+    let cause = t.cause.as_ref().unwrap_or(&unknown);
+    let by = who(cause);
+    let owner = |o: &Option<Owner>| match o {
+        Some(o) => format!("{}[{}] fd {}", o.comm, o.pid, o.fd),
+        None => "its owner (not found)".to_string(),
+    };
+    match (t.old, t.new) {
+        (_, st::FIN_WAIT1) => format!("FIN sent by {by}"),
+        (st::FIN_WAIT1, st::FIN_WAIT2) if t.orphan == Some(false) => {
+            format!(
+                "half-closed by {by}; the application still owns it and must close it (no kernel timeout)"
+            )
+        }
+        (st::FIN_WAIT1, st::FIN_WAIT2) => format!(
+            "orphaned by {by}; the kernel frees it within tcp_fin_timeout ({fin_timeout_s} s)"
+        ),
+        (st::ESTABLISHED, st::CLOSE_WAIT) => format!(
+            "peer sent FIN; {} must close it (CLOSE_WAIT never times out)",
+            owner(&t.owner)
+        ),
+        (st::CLOSE_WAIT, st::LAST_ACK) => {
+            let waited = t
+                .close_wait_ns
+                .map(|n| format!(" after {} in CLOSE_WAIT", dur(n)))
+                .unwrap_or_default();
+            format!("closed by {by}{waited}")
+        }
+        (st::FIN_WAIT2, st::CLOSE) => match t.fw2_exit {
+            Some(Fw2Exit::TimeWait) => "peer's FIN arrived: now TIME_WAIT".to_string(),
+            Some(Fw2Exit::OrphanTimewait) => {
+                let half = t
+                    .half_closed_ns
+                    .map(|n| format!(" after {} half-closed", dur(n)))
+                    .unwrap_or_default();
+                format!(
+                    "orphaned by {by}{half}; `ss` still lists it as FIN-WAIT-2 (ino 0) until the kernel frees it within {fin_timeout_s} s"
+                )
+            }
+            Some(Fw2Exit::Reset) => format!("reset ({by})"),
+            _ => format!("left FIN_WAIT2 ({by})"),
+        },
+        (st::LAST_ACK, st::CLOSE) => format!("peer acknowledged our FIN ({by}); socket freed"),
+        (_, st::CLOSE) => format!("closed by {by}"),
+        _ => by,
+    }
+}
+
+pub fn human_line(r: &Report, clock: &Clock, fin_timeout_s: u64) -> String {
+    match r {
+        Report::Transition(t) => {
+            let time = humantime::format_rfc3339_millis(clock.wall(t.ts_ns)).to_string();
+            let time = time.get(11..23).unwrap_or(&time);
+            format!(
+                "{time} {}:{} > {}:{} {} -> {}: {}",
+                t.ends.local,
+                t.ends.lport,
+                t.ends.remote,
+                t.ends.rport,
+                state_name(t.old),
+                state_name(t.effective_new()),
+                explain(t, fin_timeout_s)
+            )
+        }
+        Report::CloseNoFin(n) => {
+            let holders: Vec<String> = n
+                .holders
+                .iter()
+                .map(|o| format!("{}[{}] fd {}", o.comm, o.pid, o.fd))
+                .collect();
+            let holders = if holders.is_empty() {
+                "other references".into()
+            } else {
+                holders.join(", ")
+            };
+            format!(
+                "{}() from {}[{}/{}] fd {} sent no FIN: the socket is still held by {holders}",
+                CauseKind::Call(n.call).name(),
+                n.task.comm,
+                n.task.pid,
+                n.task.tid,
+                n.fd
+            )
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The live tracer: drains the ring buffer, correlates, filters and prints.
+use std::{
+    collections::HashSet,
+    io::{BufWriter, Write},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use finwait_common::{COUNTERS_MAP, EVENTS_MAP, TRACED_PIDS_MAP, counter, tcp_state as st};
+use serde_json::json;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::oneshot,
+};
+
+use crate::{
+    correlate::{Correlator, Report},
+    event, loader,
+    output::{self, Clock},
+    owners::ProcOwners,
+};
+
+/// Drains at least this often even without a wake-up (the kernel side batches wake-ups).
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+pub struct Config {
+    pub pids: Vec<u32>,
+    pub json: bool,
+    pub all: bool,
+    pub duration: Option<Duration>,
+    pub ring_bytes: u32,
+    /// Only report sockets with one of these local or remote ports (empty: all).
+    pub ports: Vec<u16>,
+    /// Keep the shown reports and return them (the demo summarises them).
+    pub keep_reports: bool,
+}
+
+/// How the run ended, for callers that drive a workload (the demo).
+pub struct Stopper(pub Option<oneshot::Receiver<()>>);
+
+pub struct Summary {
+    pub reports: Vec<Report>,
+}
+
+pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Result<Summary> {
+    crate::procs::check_exists(&cfg.pids)?;
+    let loaded = loader::load(&loader::Options {
+        all_transitions: cfg.all,
+        pids: cfg.pids.clone(),
+        ring_bytes: cfg.ring_bytes,
+        // Wake userspace once a quarter of the ring is used; the timer drains the rest.
+        wakeup_bytes: cfg.ring_bytes / 4,
+    })?;
+    let mut ebpf = loaded.ebpf;
+    let fin_timeout_s = read_fin_timeout();
+    let clock = Clock::new();
+    let refs_zero_based = loaded
+        .offsets
+        .is_some_and(|o| o.file_ref_is_zero_based == 1);
+    let mut correlator = Correlator::new(ProcOwners::default(), refs_zero_based);
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
+
+    let mode = "tracepoint";
+    let fd_resolution = loaded.offsets.is_some();
+    for note in &loaded.degraded {
+        eprintln!("finwait-trace: warning: {note}");
+    }
+    if cfg.json {
+        let start = json!({
+            "event": "start",
+            "mode": mode,
+            "fd_resolution": fd_resolution,
+            "kernel": kernel_release(),
+            "tcp_fin_timeout_s": fin_timeout_s,
+            "attached": loaded.attached,
+            "attach_failed": loaded.attach_failed,
+            "pids": cfg.pids,
+        });
+        writeln!(out, "{start}")?;
+    } else {
+        writeln!(
+            out,
+            "finwait-trace: tracing TCP close paths (mode: {mode}, fd->socket resolution: {}, tcp_fin_timeout {fin_timeout_s} s); Ctrl-C to stop",
+            if fd_resolution { "on" } else { "off" }
+        )?;
+    }
+    out.flush()?;
+    on_ready();
+
+    let traced: Option<BpfHashMap<MapData, u32, u8>> = if cfg.pids.is_empty() {
+        None
+    } else {
+        Some(BpfHashMap::try_from(
+            ebpf.take_map(TRACED_PIDS_MAP).context("pid map")?,
+        )?)
+    };
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(ebpf.take_map(COUNTERS_MAP).context("counters map")?)?;
+    let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("events map")?)?;
+    // SAFETY: the ring's fd is owned by `ring`, which the AsyncFd owns and drops last.
+    let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let deadline = tokio::time::sleep(cfg.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
+    let mut stop_rx = stop.0;
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let mut view = View {
+        cfg: &cfg,
+        traced: &traced,
+        shown: HashSet::new(),
+        kept: Vec::new(),
+    };
+    let mut batch = Vec::new();
+    let mut lost_reported = 0u64;
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut correlator, &mut batch);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => drain(ring.get_mut(), &mut correlator, &mut batch),
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+            _ = async { stop_rx.as_mut().unwrap().await }, if stop_rx.is_some() => break,
+        }
+        view.emit(&mut batch, &mut out, &clock, fin_timeout_s)?;
+        let lost = sum(&counters, counter::RING_FULL);
+        if lost > lost_reported {
+            eprintln!(
+                "finwait-trace: warning: {} events lost (ring buffer full; raise --ring-buffer-kib)",
+                lost - lost_reported
+            );
+            lost_reported = lost;
+        }
+    }
+    drain(ring.get_mut(), &mut correlator, &mut batch);
+    view.emit(&mut batch, &mut out, &clock, fin_timeout_s)?;
+
+    let stats = correlator.stats();
+    let lost = sum(&counters, counter::RING_FULL);
+    let read_failed = sum(&counters, counter::READ_FAILED);
+    let pid_insert_failed = sum(&counters, counter::PID_INSERT_FAILED);
+    if cfg.json {
+        let s = json!({
+            "event": "stats",
+            "records": stats.records,
+            "lost_ring_full": lost,
+            "kernel_read_failed": read_failed,
+            "pid_insert_failed": pid_insert_failed,
+            "sockets_evicted": stats.sockets_evicted,
+            "threads_evicted": stats.threads_evicted,
+            "attach_failed": loaded.attach_failed,
+            "owner_scans": correlator_owner_scans(&correlator),
+        });
+        writeln!(out, "{s}")?;
+    } else {
+        writeln!(
+            out,
+            "finwait-trace: {} records, {lost} lost (ring full), {} sockets evicted, {} hooks failed to attach",
+            stats.records, stats.sockets_evicted, loaded.attach_failed
+        )?;
+    }
+    out.flush()?;
+    Ok(Summary { reports: view.kept })
+}
+
+fn correlator_owner_scans(c: &Correlator<ProcOwners>) -> u64 {
+    c.owners().scans
+}
+
+fn drain(ring: &mut RingBuf<MapData>, c: &mut Correlator<ProcOwners>, batch: &mut Vec<Report>) {
+    while let Some(item) = ring.next() {
+        if let Some(rec) = event::decode(&item) {
+            c.handle(rec, batch);
+        }
+    }
+}
+
+fn sum(counters: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    counters.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+/// What the user asked to see.
+struct View<'a> {
+    cfg: &'a Config,
+    traced: &'a Option<BpfHashMap<MapData, u32, u8>>,
+    /// Sockets already shown: their later transitions are shown too.
+    shown: HashSet<u64>,
+    /// Reports kept for the caller (the demo's summary).
+    kept: Vec<Report>,
+}
+
+impl View<'_> {
+    fn is_traced(&self, pid: u32) -> bool {
+        match self.traced {
+            None => true,
+            Some(map) => map.get(&pid, 0).is_ok(),
+        }
+    }
+
+    fn wanted(&mut self, r: &Report) -> bool {
+        let (sock, ports, pids): (u64, Option<(u16, u16)>, Vec<u32>) = match r {
+            Report::Transition(t) => {
+                let mut pids: Vec<u32> = t
+                    .cause
+                    .iter()
+                    .filter_map(|c| c.task.as_ref())
+                    .map(|t| t.pid)
+                    .collect();
+                pids.extend(t.owner.iter().map(|o| o.pid));
+                (t.sock, Some((t.ends.lport, t.ends.rport)), pids)
+            }
+            Report::CloseNoFin(n) => (
+                n.sock,
+                n.ends.as_ref().map(|e| (e.lport, e.rport)),
+                vec![n.task.pid],
+            ),
+        };
+        if !self.cfg.ports.is_empty() {
+            match ports {
+                Some((l, r)) if self.cfg.ports.contains(&l) || self.cfg.ports.contains(&r) => {}
+                _ => return false,
+            }
+        }
+        if self.traced.is_none()
+            || self.shown.contains(&sock)
+            || pids.iter().any(|&p| self.is_traced(p))
+        {
+            self.shown.insert(sock);
+            return true;
+        }
+        false
+    }
+
+    fn emit(
+        &mut self,
+        batch: &mut Vec<Report>,
+        out: &mut impl Write,
+        clock: &Clock,
+        fin_timeout_s: u64,
+    ) -> Result<()> {
+        for r in batch.drain(..) {
+            let wanted = self.wanted(&r);
+            if let Report::Transition(t) = &r {
+                if t.new == st::CLOSE {
+                    self.shown.remove(&t.sock);
+                }
+            }
+            if !wanted {
+                continue;
+            }
+            let line = if self.cfg.json {
+                output::json_line(&r, clock, fin_timeout_s)
+            } else {
+                output::human_line(&r, clock, fin_timeout_s)
+            };
+            writeln!(out, "{line}")?;
+            if self.cfg.keep_reports {
+                self.kept.push(r);
+            }
+        }
+        out.flush()?;
+        Ok(())
+    }
+}
+
+fn read_fin_timeout() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(60)
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
