@@ -13,7 +13,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use finwait_common::{
@@ -78,6 +78,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Threads inside a call whose enter was forwarded: only their exits are forwarded too.
+#[map]
+static IN_CALL: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// Tgids to follow when `--pid` is given; children are added at fork, removed at exit.
 #[map]
@@ -321,16 +325,19 @@ fn call_enter(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
     if config(&OFFSETS).valid != 0 && !resolved && call != Call::CloseRange {
         return Ok(());
     }
+    let _ = IN_CALL.insert(pid_tgid as u32, 1u8, 0);
     submit(&e);
     Ok(())
 }
 
 #[inline(always)]
 fn call_exit(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !pid_traced((pid_tgid >> 32) as u32) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: the value is not kept.
+    if unsafe { IN_CALL.get(tid) }.is_none() {
         return Ok(());
     }
+    let _ = IN_CALL.remove(tid);
     let mut e = new_event(EventKind::CallExit);
     e.call = call as u8;
     // SAFETY: `ret` is at offset 16 of every sys_exit tracepoint.

@@ -248,19 +248,19 @@ impl<L: OwnerLookup> Correlator<L> {
     }
 
     fn sock(&mut self, sock: u64) -> &mut SockState {
-        if !self.socks.contains(&sock) {
-            if let Some((_, _)) = self.socks.push(sock, SockState::default()) {
-                self.stats.sockets_evicted += 1;
-            }
+        if !self.socks.contains(&sock)
+            && let Some((_, _)) = self.socks.push(sock, SockState::default())
+        {
+            self.stats.sockets_evicted += 1;
         }
         self.socks.get_mut(&sock).unwrap()
     }
 
     fn thread(&mut self, tid: u32) -> &mut ThreadState {
-        if !self.threads.contains(&tid) {
-            if let Some((_, _)) = self.threads.push(tid, ThreadState::default()) {
-                self.stats.threads_evicted += 1;
-            }
+        if !self.threads.contains(&tid)
+            && let Some((_, _)) = self.threads.push(tid, ThreadState::default())
+        {
+            self.stats.threads_evicted += 1;
         }
         self.threads.get_mut(&tid).unwrap()
     }
@@ -268,12 +268,11 @@ impl<L: OwnerLookup> Correlator<L> {
     /// Forgets what a thread's previous call may still cause: it is making a new one (or exiting).
     fn retire_after(&mut self, tid: u32) {
         let after = self.threads.get_mut(&tid).and_then(|t| t.after.take());
-        if let Some((_, Some(sock))) = after {
-            if let Some(s) = self.socks.peek_mut(&sock) {
-                if s.pending.as_ref().is_some_and(|p| p.task.tid == tid) {
-                    s.pending = None;
-                }
-            }
+        if let Some((_, Some(sock))) = after
+            && let Some(s) = self.socks.peek_mut(&sock)
+            && s.pending.as_ref().is_some_and(|p| p.task.tid == tid)
+        {
+            s.pending = None;
         }
     }
 
@@ -343,10 +342,10 @@ impl<L: OwnerLookup> Correlator<L> {
                 };
                 if ret < 0 {
                     // The call failed: it changed nothing.
-                    if let Some(sock) = sock {
-                        if let Some(s) = self.socks.peek_mut(&sock) {
-                            s.pending = None;
-                        }
+                    if let Some(sock) = sock
+                        && let Some(s) = self.socks.peek_mut(&sock)
+                    {
+                        s.pending = None;
                     }
                     return;
                 }

@@ -57,7 +57,7 @@ pub fn member_offset(btf: &Btf, name: &str, path: &str) -> Result<u32> {
             ty = strip(btf, member_ty).context("resolving a member type")?;
         }
     }
-    if total_bits % 8 != 0 {
+    if !total_bits.is_multiple_of(8) {
         bail!("{name}.{path} is a bitfield");
     }
     Ok(total_bits / 8)

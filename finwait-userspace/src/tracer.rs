@@ -250,10 +250,10 @@ impl View<'_> {
     ) -> Result<()> {
         for r in batch.drain(..) {
             let wanted = self.wanted(&r);
-            if let Report::Transition(t) = &r {
-                if t.new == st::CLOSE {
-                    self.shown.remove(&t.sock);
-                }
+            if let Report::Transition(t) = &r
+                && t.new == st::CLOSE
+            {
+                self.shown.remove(&t.sock);
             }
             if !wanted {
                 continue;

@@ -1,1 +1,223 @@
-fn main() {}
+//! `cargo xtask`: set up the BPF toolchain, build, run and test finwait.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "finwait's build tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building the eBPF side needs (Debian packages and bpf-linker).
+    Setup,
+    /// Build the eBPF object and the `finwait-trace` binary that embeds it.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run `finwait-trace ARGS` as root (through `sudo -E` when needed).
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build and run every test, including the root integration tests on this kernel.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`, e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages: rustc/cargo 1.96 with LLVM 22 and a prebuilt `core` for bpfel-unknown-none,
+/// and LLVM 22 to build bpf-linker against.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+];
+const BPF_RUSTC: &str = "/usr/bin/rustc";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    setup()?;
+    match cli.cmd {
+        Cmd::Setup => Ok(()),
+        Cmd::Build { release } => build(release).map(|bin| println!("built {}", bin.display())),
+        Cmd::Run { release, args } => {
+            let bin = build(release)?;
+            as_root(&bin, &args, &[])
+        }
+        Cmd::Test { args } => test(&args),
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    // `id -u` keeps xtask free of libc; it runs once.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+fn bpf_core_installed() -> bool {
+    let Ok(out) = Command::new(BPF_RUSTC)
+        .args(["--print", "sysroot"])
+        .output()
+    else {
+        return false;
+    };
+    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Path::new(&sysroot)
+        .join("lib/rustlib/bpfel-unknown-none/lib")
+        .is_dir()
+}
+
+fn bpf_linker_installed() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn setup() -> Result<()> {
+    if bpf_core_installed() && bpf_linker_installed() {
+        return Ok(());
+    }
+    let debian = Path::new("/usr/bin/apt-get").exists();
+    if !debian || !is_root() {
+        bail!(
+            "the eBPF toolchain is missing. On Debian 12 or newer, as root:\n  \
+             apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}\n  \
+             LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --version {BPF_LINKER_VERSION} --no-default-features --features llvm-22\n\
+             Elsewhere: a Rust nightly with rust-src and `cargo install bpf-linker` (see README.md, 'Building').",
+            APT_PACKAGES.join(" ")
+        );
+    }
+    if !bpf_core_installed() {
+        eprintln!("xtask: installing the BPF Rust toolchain (Debian packages)...");
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(APT_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !bpf_linker_installed() {
+        eprintln!("xtask: building bpf-linker against LLVM 22 (about 90 s)...");
+        sh(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    }
+    if !bpf_core_installed() || !bpf_linker_installed() {
+        bail!("setup finished but the toolchain is still incomplete (is ~/.cargo/bin on PATH?)");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--package",
+        "finwait-userspace",
+        "--bin",
+        "finwait-trace",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    sh(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(workspace()
+        .join("target")
+        .join(profile)
+        .join("finwait-trace"))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    // Build first as the invoking user, so a sudo run only executes.
+    sh(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "finwait-ebpf",
+        "--no-run",
+    ]))?;
+    let mut args: Vec<String> = ["test", "--workspace", "--exclude", "finwait-ebpf"]
+        .map(String::from)
+        .to_vec();
+    if !extra.is_empty() {
+        args.push("--".into());
+        args.extend(extra.iter().cloned());
+    }
+    let cargo_bin = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    as_root(Path::new(&cargo_bin), &args, &[])
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace());
+    c
+}
+
+/// Runs `program args` as root: directly when we are root, else through `sudo -E`.
+fn as_root(program: &Path, args: &[String], envs: &[(&str, &str)]) -> Result<()> {
+    let mut cmd = if is_root() {
+        Command::new(program)
+    } else {
+        eprintln!("xtask: not root; using sudo -E (tracing needs root or CAP_BPF + CAP_PERFMON)");
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(program);
+        c
+    };
+    cmd.args(args)
+        .current_dir(workspace())
+        .envs(envs.iter().copied());
+    sh(&mut cmd)
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}

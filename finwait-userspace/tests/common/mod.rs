@@ -1,0 +1,120 @@
+//! Runs the real `finwait-trace --json` against scenarios made on loopback by the test itself.
+#![allow(dead_code)]
+use std::{
+    io::{BufRead, BufReader},
+    os::fd::AsRawFd,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+pub struct Tracer {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+}
+
+pub fn gettid() -> u32 {
+    // SAFETY: no arguments.
+    unsafe { libc::gettid() as u32 }
+}
+
+pub fn fd(s: &impl AsRawFd) -> i64 {
+    s.as_raw_fd() as i64
+}
+
+impl Tracer {
+    /// Starts the tracer and waits until its programs are attached.
+    pub fn start(args: &[&str]) -> Self {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the integration tests load eBPF programs: run them as root (`cargo xtask test`)"
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn finwait-trace");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let start = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("tracer did not start");
+        assert_eq!(start["event"], "start", "{start}");
+        Tracer { child, lines: rx }
+    }
+
+    /// Lets the last events arrive, stops the tracer with SIGINT and returns everything it printed.
+    pub fn stop(mut self) -> Vec<Value> {
+        thread::sleep(Duration::from_millis(400));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "tracer exited with {status}");
+        let all: Vec<Value> = self.lines.iter().collect();
+        let stats = all.last().expect("no output");
+        assert_eq!(stats["event"], "stats", "{stats}");
+        assert_eq!(stats["lost_ring_full"], 0, "events were lost: {stats}");
+        all
+    }
+}
+
+/// Transitions of the connection between these two ports, in order.
+pub fn transitions(all: &[Value], port_a: u16, port_b: u16) -> Vec<Value> {
+    all.iter()
+        .filter(|v| v["event"] == "transition")
+        .filter(|v| {
+            let (l, r) = (
+                v["lport"].as_u64().unwrap() as u16,
+                v["rport"].as_u64().unwrap() as u16,
+            );
+            (l, r) == (port_a, port_b) || (l, r) == (port_b, port_a)
+        })
+        .cloned()
+        .collect()
+}
+
+/// The one transition of socket `lport` from `from` to `to`.
+pub fn find<'a>(ts: &'a [Value], lport: u16, from: &str, to: &str) -> &'a Value {
+    let hits: Vec<&Value> = ts
+        .iter()
+        .filter(|v| v["lport"] == lport && v["from"] == from && v["to"] == to)
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "expected one {from} -> {to} on port {lport} in {ts:#?}"
+    );
+    hits[0]
+}
+
+/// No transition names a task other than the ones the test made its calls from.
+pub fn assert_only_callers(ts: &[Value], pid: u32, tids: &[u32]) {
+    for v in ts {
+        let cause = &v["cause"];
+        if cause.is_null() || cause["pid"].is_null() {
+            continue;
+        }
+        assert_eq!(cause["pid"], pid, "foreign pid in {v}");
+        let tid = cause["tid"].as_u64().unwrap() as u32;
+        assert!(
+            tids.contains(&tid),
+            "cause names tid {tid}, not one of the callers {tids:?}: {v}"
+        );
+    }
+}
