@@ -232,68 +232,63 @@ fn inode_of_socket(socket: u64, o: &KernelOffsets) -> u64 {
     read::<u64>(inode, o.inode_ino as u64).unwrap_or(0)
 }
 
-/// The TCP/UDP `struct sock` behind `fd` in the current task, with the file's reference count.
+/// The stream socket behind a file descriptor of the current task.
+#[derive(Clone, Copy)]
+struct FdSock {
+    sk: u64,
+    inode: u64,
+    /// Raw reference count of the file; `u64::MAX` when it could not be read.
+    refs: u64,
+}
+
+/// Walks task -> files -> fdtable -> file -> socket -> sock with offsets from BTF.
 #[inline(always)]
-fn sock_of_fd(fd: i64, e: &mut Event) {
+fn sock_of_fd(fd: i64) -> Option<FdSock> {
     let o = config(&OFFSETS);
     if o.valid == 0 || fd < 0 {
-        return;
+        return None;
     }
     // SAFETY: plain helper call.
     let task = unsafe { bpf_get_current_task() };
-    let Some(files) = read::<u64>(task, o.task_files as u64) else {
-        return;
-    };
-    let Some(fdt) = read::<u64>(files, o.files_fdt as u64) else {
-        return;
-    };
-    let Some(max_fds) = read::<u32>(fdt, o.fdtable_max_fds as u64) else {
-        return;
-    };
+    let files = read::<u64>(task, o.task_files as u64)?;
+    let fdt = read::<u64>(files, o.files_fdt as u64)?;
+    let max_fds = read::<u32>(fdt, o.fdtable_max_fds as u64)?;
     if fd as u64 >= max_fds as u64 {
-        return;
+        return None;
     }
-    let Some(fd_array) = read::<u64>(fdt, o.fdtable_fd as u64) else {
-        return;
-    };
-    let Some(file) = read::<u64>(fd_array, fd as u64 * 8) else {
-        return;
-    };
+    let fd_array = read::<u64>(fdt, o.fdtable_fd as u64)?;
+    let file = read::<u64>(fd_array, fd as u64 * 8)?;
     if file == 0 {
-        return;
+        return None;
     }
-    let Some(f_inode) = read::<u64>(file, o.file_f_inode as u64) else {
-        return;
-    };
-    let Some(mode) = read::<u16>(f_inode, o.inode_mode as u64) else {
-        return;
-    };
+    let f_inode = read::<u64>(file, o.file_f_inode as u64)?;
+    let mode = read::<u16>(f_inode, o.inode_mode as u64)?;
     if mode & S_IFMT != S_IFSOCK {
-        return;
+        return None;
     }
-    let Some(socket) = read::<u64>(file, o.file_private_data as u64) else {
-        return;
-    };
-    let Some(sock_type) = read::<u16>(socket, o.socket_type as u64) else {
-        return;
-    };
-    if socket == 0 || sock_type != SOCK_STREAM {
-        return;
+    let socket = read::<u64>(file, o.file_private_data as u64)?;
+    if socket == 0 || read::<u16>(socket, o.socket_type as u64)? != SOCK_STREAM {
+        return None;
     }
-    let Some(sk) = read::<u64>(socket, o.socket_sk as u64) else {
-        return;
-    };
-    let Some(family) = read::<u16>(sk, o.sock_family as u64) else {
-        return;
-    };
+    let sk = read::<u64>(socket, o.socket_sk as u64)?;
+    let family = read::<u16>(sk, o.sock_family as u64)?;
     if sk == 0 || (family != AF_INET && family != AF_INET6) {
-        return;
+        return None;
     }
-    e.sock = sk;
-    e.inode = inode_of_socket(socket, &o);
+    Some(FdSock {
+        sk,
+        inode: inode_of_socket(socket, &o),
+        refs: read::<u64>(file, o.file_count as u64).unwrap_or(u64::MAX),
+    })
+}
+
+#[inline(always)]
+fn set_sock(e: &mut Event, s: FdSock) {
+    e.sock = s.sk;
+    e.inode = s.inode;
     e.flags |= flags::SOCK_RESOLVED;
-    if let Some(refs) = read::<u64>(file, o.file_count as u64) {
-        e.file_refs = refs;
+    if s.refs != u64::MAX {
+        e.file_refs = s.refs;
         e.flags |= flags::REFS_VALID;
     }
 }
@@ -318,15 +313,60 @@ fn call_enter(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
         Call::Shutdown | Call::CloseRange => arg1,
         _ => arg0,
     };
-    sock_of_fd(fd, &mut e);
-    // Without offsets every call is forwarded; with them, only calls on TCP-capable sockets
-    // (close_range is always forwarded: it may cover several).
-    let resolved = e.flags & flags::SOCK_RESOLVED != 0;
-    if config(&OFFSETS).valid != 0 && !resolved && call != Call::CloseRange {
-        return Ok(());
+    if call == Call::CloseRange {
+        return close_range_enter(ctx, e, arg0, arg1);
+    }
+    match sock_of_fd(fd) {
+        Some(s) => set_sock(&mut e, s),
+        // Without offsets every call is forwarded; with them, only calls on stream sockets.
+        None if config(&OFFSETS).valid != 0 => return Ok(()),
+        None => {}
     }
     let _ = IN_CALL.insert(pid_tgid as u32, 1u8, 0);
     submit(&e);
+    Ok(())
+}
+
+/// close_range() closes many fds at once: forward one record per socket among the first
+/// `CLOSE_RANGE_SCAN` fds of the range, plus one for the range itself (for fds beyond it and for
+/// kernels without offsets).
+const CLOSE_RANGE_SCAN: u32 = 8;
+const CLOSE_RANGE_CLOEXEC: i64 = 1 << 2;
+
+#[inline(always)]
+fn close_range_enter(
+    ctx: &TracePointContext,
+    mut e: Event,
+    first: i64,
+    last: i64,
+) -> Result<(), i32> {
+    // SAFETY: `flags` is the third argument slot.
+    let range_flags = unsafe { ctx.read_at::<i64>(32)? };
+    if range_flags & CLOSE_RANGE_CLOEXEC != 0 {
+        return Ok(()); // only marks the fds close-on-exec
+    }
+    let _ = IN_CALL.insert(e.pid_tgid as u32, 1u8, 0);
+    e.fd = first as i32;
+    e.arg = last;
+    submit(&e);
+    if config(&OFFSETS).valid == 0 || first < 0 {
+        return Ok(());
+    }
+    let count = (last - first + 1).clamp(0, CLOSE_RANGE_SCAN as i64) as u32;
+    for i in 0..CLOSE_RANGE_SCAN {
+        if i >= count {
+            break;
+        }
+        let fd = first + i as i64;
+        if let Some(s) = sock_of_fd(fd) {
+            let mut one = new_event(EventKind::CallEnter);
+            one.call = Call::CloseRange as u8;
+            one.fd = fd as i32;
+            one.arg = last;
+            set_sock(&mut one, s);
+            submit(&one);
+        }
+    }
     Ok(())
 }
 

@@ -119,6 +119,8 @@ pub struct TransitionReport {
     pub half_closed_ns: Option<u64>,
     pub close_wait_ns: Option<u64>,
     pub inode: u64,
+    /// `tcp_fin_timeout` of the socket's network namespace, filled in by the tracer.
+    pub fin_timeout_s: Option<u64>,
 }
 
 impl TransitionReport {
@@ -175,7 +177,8 @@ impl PendingCall {
             kind: CauseKind::Call(self.call),
             how: self.how,
             task: Some(self.task.clone()),
-            fd: Some(self.fd),
+            // -1: the call covered a range of fds and the kernel could not say which one.
+            fd: (self.fd >= 0).then_some(self.fd),
         }
     }
 }
@@ -288,15 +291,24 @@ impl<L: OwnerLookup> Correlator<L> {
                 inode,
                 file_refs,
             } => {
-                self.retire_after(tid);
                 let how = (call == Call::Shutdown).then_some(arg as i32);
+                // close_range sends one record for the range, then one per socket it found.
+                let per_fd = call == Call::CloseRange && sock.is_some();
+                let fd = if call == Call::CloseRange && sock.is_none() {
+                    -1
+                } else {
+                    fd
+                };
                 let pending = PendingCall {
                     call,
                     how,
                     task: rec.task.clone(),
                     fd,
                 };
-                self.thread(tid).current = Some((pending.clone(), sock));
+                if !per_fd {
+                    self.retire_after(tid);
+                    self.thread(tid).current = Some((pending.clone(), sock));
+                }
                 let Some(sock) = sock else { return };
                 // close(), dup2() over the fd, close_range(): the socket only ends when this
                 // drops the file's last reference.
@@ -328,7 +340,7 @@ impl<L: OwnerLookup> Correlator<L> {
                         ends: s.ends.clone(),
                         state: s.state,
                     }));
-                    if let Some(t) = self.threads.get_mut(&tid) {
+                    if let Some(t) = self.threads.get_mut(&tid).filter(|_| !per_fd) {
                         t.current = None;
                     }
                     return;
@@ -379,7 +391,8 @@ impl<L: OwnerLookup> Correlator<L> {
     }
 
     /// The call by this thread that may have caused a local transition of `sock`.
-    fn local_cause(&mut self, sock: u64, tid: u32) -> Cause {
+    fn local_cause(&mut self, sock: u64, task: &Task) -> Cause {
+        let tid = task.tid;
         if let Some(p) = self.socks.peek_mut(&sock).and_then(|s| s.pending.take()) {
             if p.task.tid == tid {
                 return p.cause();
@@ -437,6 +450,7 @@ impl<L: OwnerLookup> Correlator<L> {
             half_closed_ns: None,
             close_wait_ns: None,
             inode,
+            fin_timeout_s: None,
         };
         let dead = sk_flags.map(|f| f & SOCK_DEAD != 0);
         let peer_fin_seen = sk_flags.is_some_and(|f| f & SOCK_DONE != 0);
@@ -449,15 +463,7 @@ impl<L: OwnerLookup> Correlator<L> {
         match (old, new) {
             // Our FIN: only a local close/shutdown (or exit) does this.
             (_, st::FIN_WAIT1) | (st::CLOSE_WAIT, st::LAST_ACK) => {
-                let mut cause = self.local_cause(sock, tid);
-                if cause.kind == CauseKind::Unknown && exiting {
-                    cause = Cause {
-                        kind: CauseKind::Exit,
-                        how: None,
-                        task: Some(task.clone()),
-                        fd: None,
-                    };
-                }
+                let cause = self.local_cause(sock, task);
                 let s = self.sock(sock);
                 if new == st::LAST_ACK {
                     r.close_wait_ns = s.close_wait_since_ns.map(|t| ts.saturating_sub(t));
@@ -517,7 +523,7 @@ impl<L: OwnerLookup> Correlator<L> {
                     // The owner closed a half-closed socket: it becomes an orphan and, with the
                     // default tcp_fin_timeout, a time-wait mini-socket in substate FIN_WAIT2.
                     let cause = if pending_close || in_unresolved_close {
-                        self.local_cause(sock, tid)
+                        self.local_cause(sock, task)
                     } else {
                         Cause {
                             kind: CauseKind::Exit,
@@ -581,11 +587,11 @@ impl<L: OwnerLookup> Correlator<L> {
                 r.close_wait_ns = s.close_wait_since_ns.map(|t| ts.saturating_sub(t));
                 r.since_fin_ns = s.fin_sent_ns.map(|t| ts.saturating_sub(t));
                 r.cause = Some(if has_pending {
-                    self.local_cause(sock, tid)
+                    self.local_cause(sock, task)
                 } else if s.reset_received {
                     Cause::bare(CauseKind::PeerRst)
                 } else if matches!(old, st::ESTABLISHED | st::CLOSE_WAIT | st::FIN_WAIT1) {
-                    let c = self.local_cause(sock, tid);
+                    let c = self.local_cause(sock, task);
                     if c.kind == CauseKind::Unknown && old == st::FIN_WAIT1 && s.orphan {
                         Cause::bare(CauseKind::Timer)
                     } else {

@@ -14,6 +14,7 @@ pub mod escape;
 pub mod event;
 pub mod kernel_btf;
 pub mod loader;
+pub mod netns;
 pub mod output;
 pub mod owners;
 pub mod procs;

@@ -123,7 +123,8 @@ pub fn load(opts: &Options) -> Result<Loaded> {
             Err(e) => {
                 attach_failed += 1;
                 degraded.push(format!(
-                    "{category}:{name} not attached ({e:#}); {}",
+                    "{category}:{name} not attached ({}); {}",
+                    short_error(&e),
                     effect_of_missing(name)
                 ));
             }
@@ -136,6 +137,22 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         attached,
         attach_failed,
     })
+}
+
+/// An attach error without the verifier's full log (which can run to megabytes).
+fn short_error(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    match text.find("Verifier output:") {
+        Some(at) => {
+            let tail: Vec<&str> = text.lines().rev().take(3).collect();
+            format!(
+                "{} verifier: {}",
+                text[..at].trim_end(),
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )
+        }
+        None => text,
+    }
 }
 
 fn privileges_error() -> anyhow::Error {

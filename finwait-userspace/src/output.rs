@@ -104,7 +104,17 @@ pub fn json_line(r: &Report, clock: &Clock, fin_timeout_s: u64) -> String {
     v.to_string()
 }
 
+/// Seconds until the kernel frees an orphan handed to the time-wait timer: `tcp_fin_timeout`
+/// when handed over at FIN_WAIT2 entry, what is left beyond 60 s when the orphan timer did it.
+fn frees_within_s(t: &TransitionReport, fin_timeout_s: u64) -> u64 {
+    match t.cause.as_ref().map(|c| c.kind) {
+        Some(CauseKind::Timer) => fin_timeout_s.saturating_sub(60),
+        _ => fin_timeout_s,
+    }
+}
+
 fn transition_json(t: &TransitionReport, clock: &Clock, fin_timeout_s: u64) -> Value {
+    let fin_timeout_s = t.fin_timeout_s.unwrap_or(fin_timeout_s);
     let mut v = json!({
         "event": "transition",
         "time": clock.rfc3339(t.ts_ns),
@@ -133,7 +143,11 @@ fn transition_json(t: &TransitionReport, clock: &Clock, fin_timeout_s: u64) -> V
     if t.fw2_exit == Some(Fw2Exit::OrphanTimewait) {
         // `ss` keeps listing it as FIN-WAIT-2 (ino 0) until the kernel frees it.
         m.insert("timewait_substate".into(), json!("FIN_WAIT2"));
-        m.insert("kernel_frees_within_s".into(), json!(fin_timeout_s));
+        m.insert(
+            "kernel_frees_within_s".into(),
+            json!(frees_within_s(t, fin_timeout_s)),
+        );
+        m.insert("tcp_fin_timeout_s".into(), json!(fin_timeout_s));
     }
     for (k, ns) in [
         ("since_fin_ms", t.since_fin_ns),
@@ -192,6 +206,7 @@ fn dur(ns: u64) -> String {
 
 /// The answer in words for one transition.
 pub fn explain(t: &TransitionReport, fin_timeout_s: u64) -> String {
+    let fin_timeout_s = t.fin_timeout_s.unwrap_or(fin_timeout_s);
     let unknown = Cause {
         kind: CauseKind::Unknown,
         how: None,
@@ -233,7 +248,8 @@ pub fn explain(t: &TransitionReport, fin_timeout_s: u64) -> String {
                     .map(|n| format!(" after {} half-closed", dur(n)))
                     .unwrap_or_default();
                 format!(
-                    "orphaned by {by}{half}; `ss` still lists it as FIN-WAIT-2 (ino 0) until the kernel frees it within {fin_timeout_s} s"
+                    "orphaned by {by}{half}; `ss` still lists it as FIN-WAIT-2 (ino 0) until the kernel frees it within {} s",
+                    frees_within_s(t, fin_timeout_s)
                 )
             }
             Some(Fw2Exit::Reset) => format!("reset ({by})"),

@@ -18,6 +18,7 @@ use tokio::{
 use crate::{
     correlate::{Correlator, Report},
     event, loader,
+    netns::FinTimeouts,
     output::{self, Clock},
     owners::ProcOwners,
 };
@@ -54,7 +55,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         wakeup_bytes: cfg.ring_bytes / 4,
     })?;
     let mut ebpf = loaded.ebpf;
-    let fin_timeout_s = read_fin_timeout();
+    let fin_timeout_s = crate::netns::own_fin_timeout();
     let clock = Clock::new();
     let refs_zero_based = loaded
         .offsets
@@ -116,6 +117,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         traced: &traced,
         shown: HashSet::new(),
         kept: Vec::new(),
+        fin_timeouts: FinTimeouts::default(),
     };
     let mut batch = Vec::new();
     let mut lost_reported = 0u64;
@@ -197,6 +199,7 @@ struct View<'a> {
     shown: HashSet<u64>,
     /// Reports kept for the caller (the demo's summary).
     kept: Vec<Report>,
+    fin_timeouts: FinTimeouts,
 }
 
 impl View<'_> {
@@ -248,8 +251,18 @@ impl View<'_> {
         clock: &Clock,
         fin_timeout_s: u64,
     ) -> Result<()> {
-        for r in batch.drain(..) {
+        for mut r in batch.drain(..) {
             let wanted = self.wanted(&r);
+            if let Report::Transition(t) = &mut r {
+                if wanted && (t.new == st::FIN_WAIT2 || t.old == st::FIN_WAIT2) {
+                    let tid = t
+                        .cause
+                        .as_ref()
+                        .and_then(|c| c.task.as_ref())
+                        .map(|t| t.tid);
+                    t.fin_timeout_s = tid.and_then(|tid| self.fin_timeouts.for_thread(tid));
+                }
+            }
             if let Report::Transition(t) = &r
                 && t.new == st::CLOSE
             {
@@ -271,13 +284,6 @@ impl View<'_> {
         out.flush()?;
         Ok(())
     }
-}
-
-fn read_fin_timeout() -> u64 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(60)
 }
 
 fn kernel_release() -> String {

@@ -1,0 +1,56 @@
+//! `net.ipv4.tcp_fin_timeout` is per network namespace: read it in the namespace of the thread
+//! that closed the socket, not the tracer's.
+use std::{collections::HashMap, fs, os::fd::AsRawFd};
+
+const FIN_TIMEOUT: &str = "/proc/sys/net/ipv4/tcp_fin_timeout";
+
+#[derive(Default)]
+pub struct FinTimeouts {
+    /// By namespace identity (`net:[inode]`).
+    by_ns: HashMap<String, u64>,
+}
+
+pub fn own_fin_timeout() -> u64 {
+    parse(fs::read_to_string(FIN_TIMEOUT).ok()).unwrap_or(60)
+}
+
+fn parse(s: Option<String>) -> Option<u64> {
+    s?.trim().parse().ok()
+}
+
+impl FinTimeouts {
+    /// The fin timeout in force in `tid`'s network namespace, if the thread still exists.
+    pub fn for_thread(&mut self, tid: u32) -> Option<u64> {
+        let ns_path = format!("/proc/{tid}/ns/net");
+        let ns = fs::read_link(&ns_path).ok()?.to_string_lossy().into_owned();
+        if let Some(&v) = self.by_ns.get(&ns) {
+            return Some(v);
+        }
+        let file = fs::File::open(&ns_path).ok()?;
+        // /proc/sys/net shows the namespace of the reading thread: read it from a thread that
+        // joined the target namespace, so the tracer's own threads never move.
+        let value = std::thread::spawn(move || {
+            // SAFETY: valid fd; setns affects only this short-lived thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return None;
+            }
+            parse(fs::read_to_string(FIN_TIMEOUT).ok())
+        })
+        .join()
+        .ok()??;
+        self.by_ns.insert(ns, value);
+        Some(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn our_own_namespace() {
+        let me = unsafe { libc::gettid() } as u32;
+        assert_eq!(
+            super::FinTimeouts::default().for_thread(me),
+            Some(super::own_fin_timeout())
+        );
+    }
+}
