@@ -245,6 +245,11 @@ pub mod tcp_state {
             FIN_WAIT1 | FIN_WAIT2 | CLOSE_WAIT | LAST_ACK | CLOSING | TIME_WAIT
         )
     }
+
+    /// What the default mode reports: the close path, and connections reset while established.
+    pub const fn worth_reporting(old: u8, new: u8) -> bool {
+        on_close_path(old) || on_close_path(new) || (old == ESTABLISHED && new == CLOSE)
+    }
 }
 
 #[cfg(feature = "user")]

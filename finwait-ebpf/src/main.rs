@@ -179,10 +179,7 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         let old = ctx.read_at::<i32>(l.oldstate as usize)? as u8;
         let new = ctx.read_at::<i32>(l.newstate as usize)? as u8;
-        if config(&FILTER).all_transitions == 0
-            && !tcp_state::on_close_path(old)
-            && !tcp_state::on_close_path(new)
-        {
+        if config(&FILTER).all_transitions == 0 && !tcp_state::worth_reporting(old, new) {
             return Ok(());
         }
         let mut e = new_event(EventKind::Transition);

@@ -121,6 +121,8 @@ pub struct TransitionReport {
     pub inode: u64,
     /// `tcp_fin_timeout` of the socket's network namespace, filled in by the tracer.
     pub fin_timeout_s: Option<u64>,
+    /// The task whose call sent our FIN (its namespace is the socket's).
+    pub fin_by: Option<Task>,
 }
 
 impl TransitionReport {
@@ -410,11 +412,11 @@ impl<L: OwnerLookup> Correlator<L> {
                 }
             }
             if t.exiting {
-                let task = t.current.as_ref().map(|(p, _)| p.task.clone());
+                // Exit closes in the exiting task's own context.
                 return Cause {
                     kind: CauseKind::Exit,
                     how: None,
-                    task,
+                    task: Some(task.clone()),
                     fd: None,
                 };
             }
@@ -451,6 +453,7 @@ impl<L: OwnerLookup> Correlator<L> {
             close_wait_ns: None,
             inode,
             fin_timeout_s: None,
+            fin_by: None,
         };
         let dead = sk_flags.map(|f| f & SOCK_DEAD != 0);
         let peer_fin_seen = sk_flags.is_some_and(|f| f & SOCK_DONE != 0);
@@ -603,6 +606,11 @@ impl<L: OwnerLookup> Correlator<L> {
             }
             _ => {}
         }
+        r.fin_by = self
+            .socks
+            .peek(&sock)
+            .and_then(|s| s.fin_cause.as_ref())
+            .and_then(|c| c.task.clone());
         if new == st::CLOSE {
             // The socket is gone; its address may be reused by a new one.
             self.socks.pop(&sock);
@@ -998,10 +1006,9 @@ mod tests {
             rec(2, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
             &mut out,
         );
-        assert_eq!(
-            transitions(&out)[0].cause.as_ref().unwrap().kind,
-            CauseKind::Exit
-        );
+        let cause = transitions(&out)[0].cause.clone().unwrap();
+        assert_eq!(cause.kind, CauseKind::Exit);
+        assert_eq!(cause.task, Some(a));
     }
 
     /// A failed close (EBADF) is no cause; and nothing is blamed on the softirq task.

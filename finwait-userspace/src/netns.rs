@@ -1,13 +1,21 @@
 //! `net.ipv4.tcp_fin_timeout` is per network namespace: read it in the namespace of the thread
 //! that closed the socket, not the tracer's.
-use std::{collections::HashMap, fs, os::fd::AsRawFd};
+use std::{
+    collections::HashMap,
+    fs,
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+/// The sysctl can change: re-read it when the cached value is older than this.
+const REREAD_AFTER: Duration = Duration::from_secs(1);
 
 const FIN_TIMEOUT: &str = "/proc/sys/net/ipv4/tcp_fin_timeout";
 
 #[derive(Default)]
 pub struct FinTimeouts {
-    /// By namespace identity (`net:[inode]`).
-    by_ns: HashMap<String, u64>,
+    /// By namespace identity (`net:[inode]`): value and when it was read.
+    by_ns: HashMap<String, (u64, Instant)>,
 }
 
 pub fn own_fin_timeout() -> u64 {
@@ -23,7 +31,9 @@ impl FinTimeouts {
     pub fn for_thread(&mut self, tid: u32) -> Option<u64> {
         let ns_path = format!("/proc/{tid}/ns/net");
         let ns = fs::read_link(&ns_path).ok()?.to_string_lossy().into_owned();
-        if let Some(&v) = self.by_ns.get(&ns) {
+        if let Some(&(v, at)) = self.by_ns.get(&ns)
+            && at.elapsed() < REREAD_AFTER
+        {
             return Some(v);
         }
         let file = fs::File::open(&ns_path).ok()?;
@@ -38,7 +48,7 @@ impl FinTimeouts {
         })
         .join()
         .ok()??;
-        self.by_ns.insert(ns, value);
+        self.by_ns.insert(ns, (value, Instant::now()));
         Some(value)
     }
 }

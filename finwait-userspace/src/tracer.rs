@@ -253,15 +253,18 @@ impl View<'_> {
     ) -> Result<()> {
         for mut r in batch.drain(..) {
             let wanted = self.wanted(&r);
-            if let Report::Transition(t) = &mut r {
-                if wanted && (t.new == st::FIN_WAIT2 || t.old == st::FIN_WAIT2) {
-                    let tid = t
-                        .cause
-                        .as_ref()
-                        .and_then(|c| c.task.as_ref())
-                        .map(|t| t.tid);
-                    t.fin_timeout_s = tid.and_then(|tid| self.fin_timeouts.for_thread(tid));
-                }
+            if let Report::Transition(t) = &mut r
+                && wanted
+                && (t.new == st::FIN_WAIT2 || t.old == st::FIN_WAIT2)
+            {
+                // The namespace of the task that closed it (a timer cause has none: use the FIN's sender).
+                let by = t
+                    .cause
+                    .as_ref()
+                    .and_then(|c| c.task.as_ref())
+                    .or(t.fin_by.as_ref());
+                let tid = by.map(|t| t.tid);
+                t.fin_timeout_s = tid.and_then(|tid| self.fin_timeouts.for_thread(tid));
             }
             if let Report::Transition(t) = &r
                 && t.new == st::CLOSE

@@ -15,7 +15,7 @@ fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
     (a, b)
 }
 
-/// 1. A shuts down its write side and keeps the fd; B never closes.
+/// Scenario 1: A shuts down its write side and keeps the fd; B never closes.
 fn half_close(bind: &str) {
     let tracer = Tracer::start(&[]);
     let listener = TcpListener::bind(bind).unwrap();
@@ -59,7 +59,7 @@ fn scenario_1_shutdown_half_close_ipv6() {
     half_close("[::1]:0");
 }
 
-/// 2. A calls close(); B never closes.
+/// Scenario 2: A calls close(); B never closes.
 #[test]
 fn scenario_2_close_orphan() {
     let tracer = Tracer::start(&[]);
@@ -96,7 +96,7 @@ fn scenario_2_close_orphan() {
     assert_only_callers(&ts, std::process::id(), &[tid]);
 }
 
-/// 4. B closes 300 ms after entering CLOSE_WAIT, from another thread.
+/// Scenario 4: B closes 300 ms after entering CLOSE_WAIT, from another thread.
 #[test]
 fn scenario_4_close_wait_then_late_close() {
     let tracer = Tracer::start(&[]);

@@ -118,3 +118,65 @@ pub fn assert_only_callers(ts: &[Value], pid: u32, tids: &[u32]) {
         );
     }
 }
+
+pub fn pair(listener: &std::net::TcpListener) -> (std::net::TcpStream, std::net::TcpStream) {
+    let a = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (b, _) = listener.accept().unwrap();
+    (a, b)
+}
+
+pub fn ports(a: &std::net::TcpStream, b: &std::net::TcpStream) -> (u16, u16) {
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+/// Forks; the child runs `f` (raw libc calls only: the parent is multi-threaded) and exits with
+/// its return value. Returns the child's pid.
+pub fn fork_child(f: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child only makes async-signal-safe calls before _exit.
+    match unsafe { libc::fork() } {
+        -1 => panic!("fork failed"),
+        0 => {
+            let code = f();
+            unsafe { libc::_exit(code) }
+        }
+        pid => pid,
+    }
+}
+
+pub fn wait_child(pid: i32) -> i32 {
+    let mut status = 0;
+    // SAFETY: our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    status
+}
+
+pub fn sleep_ms(ms: u32) {
+    // SAFETY: async-signal-safe.
+    unsafe { libc::usleep(ms * 1000) };
+}
+
+pub fn close_fd(fd: i32) {
+    // SAFETY: the caller owns fd.
+    unsafe { libc::close(fd) };
+}
+
+/// The first event with this `event` name whose `sock` matches.
+pub fn by_sock<'a>(all: &'a [Value], event: &str, sock: &Value) -> Vec<&'a Value> {
+    all.iter()
+        .filter(|v| v["event"] == event && &v["sock"] == sock)
+        .collect()
+}
+
+pub fn assert_cause(v: &Value, call: &str, pid: u32, tid: u32, fd: Option<i64>) {
+    let c = &v["cause"];
+    assert_eq!(c["call"], call, "{v}");
+    assert_eq!(c["pid"], pid, "{v}");
+    assert_eq!(c["tid"], tid, "{v}");
+    match fd {
+        Some(fd) => assert_eq!(c["fd"], fd, "{v}"),
+        None => assert!(c["fd"].is_null(), "{v}"),
+    }
+}

@@ -1,0 +1,213 @@
+//! Close paths without fork: half-close then close, resets, TIME_WAIT, threads, dup2, v4-mapped.
+mod common;
+
+use std::{
+    net::{Shutdown, TcpListener},
+    os::fd::{AsRawFd, IntoRawFd},
+    thread,
+    time::Duration,
+};
+
+use common::*;
+
+fn me() -> u32 {
+    std::process::id()
+}
+
+/// Scenario 3: half-closed, then closed: the FIN_WAIT2 socket becomes an orphan; the half-closed time is
+/// reported.
+#[test]
+fn scenario_3_close_after_half_close() {
+    let tracer = Tracer::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    let tid = gettid();
+    let afd = fd(&a);
+    a.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    drop(a);
+    let all = tracer.stop();
+    let ts = transitions(&all, ap, bp);
+    assert_cause(
+        find(&ts, ap, "ESTABLISHED", "FIN_WAIT1"),
+        "shutdown",
+        me(),
+        tid,
+        Some(afd),
+    );
+    assert_eq!(find(&ts, ap, "FIN_WAIT1", "FIN_WAIT2")["orphan"], false);
+    let gone = find(&ts, ap, "FIN_WAIT2", "CLOSE");
+    assert_cause(gone, "close", me(), tid, Some(afd));
+    assert_eq!(gone["orphan"], true, "{gone}");
+    assert_eq!(gone["timewait_substate"], "FIN_WAIT2", "{gone}");
+    let half = gone["half_closed_ms"].as_f64().unwrap();
+    assert!(
+        (200.0..2000.0).contains(&half),
+        "half-closed {half} ms: {gone}"
+    );
+    assert_only_callers(&ts, me(), &[tid]);
+    drop(b);
+}
+
+/// The peer's FIN ends a half-closed FIN_WAIT2: the socket goes to TIME_WAIT, caused by the peer.
+#[test]
+fn time_wait_exit_after_peer_fin() {
+    let tracer = Tracer::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    let tid = gettid();
+    a.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let bfd = fd(&b);
+    drop(b);
+    let all = tracer.stop();
+    let ts = transitions(&all, ap, bp);
+    let tw = find(&ts, ap, "FIN_WAIT2", "TIME_WAIT");
+    assert_eq!(tw["cause"]["call"], "peer_fin", "{tw}");
+    assert_eq!(tw["kernel_to"], "CLOSE", "{tw}");
+    assert_eq!(tw["orphan"], false, "{tw}");
+    assert_cause(
+        find(&ts, bp, "CLOSE_WAIT", "LAST_ACK"),
+        "close",
+        me(),
+        tid,
+        Some(bfd),
+    );
+    assert_only_callers(&ts, me(), &[tid]);
+    drop(a);
+}
+
+/// A thread other than the main one shuts down: that thread's tid is named.
+#[test]
+fn shutdown_from_a_non_main_thread() {
+    let tracer = Tracer::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    let afd = fd(&a);
+    let (a, tid) = thread::spawn(move || {
+        a.shutdown(Shutdown::Both).unwrap();
+        (a, gettid())
+    })
+    .join()
+    .unwrap();
+    assert_ne!(tid, me());
+    let all = tracer.stop();
+    let ts = transitions(&all, ap, bp);
+    let fw1 = find(&ts, ap, "ESTABLISHED", "FIN_WAIT1");
+    assert_cause(fw1, "shutdown", me(), tid, Some(afd));
+    assert_eq!(fw1["cause"]["how"], "SHUT_RDWR");
+    assert_only_callers(&ts, me(), &[tid]);
+    drop((a, b));
+}
+
+/// Scenario 8: SO_LINGER {on, 0}: close() resets the connection; no FIN_WAIT2 anywhere.
+#[test]
+fn scenario_8_linger_zero_sends_rst() {
+    let tracer = Tracer::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket and option buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            a.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(rc, 0);
+    let (afd, tid) = (fd(&a), gettid());
+    drop(a);
+    let all = tracer.stop();
+    let ts = transitions(&all, ap, bp);
+    assert!(
+        ts.iter()
+            .all(|v| v["to"] != "FIN_WAIT2" && v["to"] != "FIN_WAIT1"),
+        "{ts:#?}"
+    );
+    assert_cause(
+        find(&ts, ap, "ESTABLISHED", "CLOSE"),
+        "close",
+        me(),
+        tid,
+        Some(afd),
+    );
+    let reset = find(&ts, bp, "ESTABLISHED", "CLOSE");
+    assert_eq!(reset["cause"]["call"], "peer_rst", "{reset}");
+    assert_only_callers(&ts, me(), &[tid]);
+    drop(b);
+}
+
+/// Scenario 7: dup2() over a socket fd closes it: the cause is dup2, with the replaced fd.
+#[test]
+fn scenario_7_dup2_over_a_socket() {
+    let tracer = Tracer::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    let afd = a.into_raw_fd();
+    let tid = gettid();
+    // SAFETY: both fds are ours; afd now refers to /dev/null and is closed below.
+    assert_eq!(unsafe { libc::dup2(devnull.as_raw_fd(), afd) }, afd);
+    close_fd(afd);
+    let all = tracer.stop();
+    let ts = transitions(&all, ap, bp);
+    assert_cause(
+        find(&ts, ap, "ESTABLISHED", "FIN_WAIT1"),
+        "dup2",
+        me(),
+        tid,
+        Some(afd as i64),
+    );
+    assert_cause(
+        find(&ts, ap, "FIN_WAIT1", "FIN_WAIT2"),
+        "dup2",
+        me(),
+        tid,
+        Some(afd as i64),
+    );
+    assert_only_callers(&ts, me(), &[tid]);
+    drop(b);
+}
+
+/// Scenario 9: IPv4 peers of a dual-stack listener show as IPv4, with the same attributions.
+#[test]
+fn scenario_9_v4_mapped_prints_as_ipv4() {
+    let tracer = Tracer::start(&[]);
+    let listener = TcpListener::bind("[::]:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let a = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (b, _) = listener.accept().unwrap();
+    assert!(
+        b.local_addr().unwrap().is_ipv6(),
+        "the accepted socket is AF_INET6"
+    );
+    let (ap, bp) = ports(&a, &b);
+    let (bfd, tid) = (fd(&b), gettid());
+    a.shutdown(Shutdown::Write).unwrap();
+    drop(b);
+    let all = tracer.stop();
+    let ts = transitions(&all, ap, bp);
+    let cw = find(&ts, bp, "ESTABLISHED", "CLOSE_WAIT");
+    assert_eq!(cw["laddr"], "127.0.0.1", "{cw}");
+    assert_eq!(cw["raddr"], "127.0.0.1", "{cw}");
+    assert_eq!(cw["family"], "ipv4", "{cw}");
+    assert_cause(
+        find(&ts, bp, "CLOSE_WAIT", "LAST_ACK"),
+        "close",
+        me(),
+        tid,
+        Some(bfd),
+    );
+    drop(a);
+}

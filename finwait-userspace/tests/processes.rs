@@ -1,0 +1,324 @@
+//! Scenarios with other processes (fork, exit, kill) and namespaces. They run one at a time: a
+//! forked child inherits every fd of this process and would hold other tests' sockets open.
+mod common;
+
+use std::{
+    net::{Shutdown, TcpListener},
+    os::fd::{AsRawFd, IntoRawFd},
+    sync::Mutex,
+    thread,
+    time::Duration,
+};
+
+use common::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn me() -> u32 {
+    std::process::id()
+}
+
+/// Scenario 5: the parent's close() of an fd a child inherited sends no FIN (reported as such, naming the
+/// child as a holder); the child's later close() is the cause.
+#[test]
+fn scenario_5_inherited_fd() {
+    let _g = serial();
+    let tracer = Tracer::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    let afd = a.into_raw_fd();
+    let child = fork_child(move || {
+        sleep_ms(300);
+        close_fd(afd);
+        sleep_ms(100);
+        0
+    }) as u32;
+    sleep_ms(100);
+    let tid = gettid();
+    close_fd(afd);
+    wait_child(child as i32);
+    let all = tracer.stop();
+    let ts = transitions(&all, ap, bp);
+    let fw1 = find(&ts, ap, "ESTABLISHED", "FIN_WAIT1");
+    assert_cause(fw1, "close", child, child, Some(afd as i64));
+    let no_fin = by_sock(&all, "close_no_fin", &fw1["sock"]);
+    assert_eq!(no_fin.len(), 1, "{all:#?}");
+    let n = no_fin[0];
+    assert_eq!(
+        (n["pid"].as_u64(), n["tid"].as_u64(), n["fd"].as_i64()),
+        (Some(me() as u64), Some(tid as u64), Some(afd as i64)),
+        "{n}"
+    );
+    assert_eq!(n["remaining_refs"], 1, "{n}");
+    assert!(
+        n["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["pid"] == child),
+        "{n}"
+    );
+    drop(b);
+}
+
+/// Scenario 6: a process that exits holding an established socket: the cause is its exit. A process
+/// killed with SIGKILL while holding a half-closed socket: the FIN_WAIT2 socket is orphaned by
+/// the exit.
+#[test]
+fn scenario_6_exit_and_sigkill() {
+    let _g = serial();
+    let tracer = Tracer::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a1, b1) = pair(&listener);
+    let (a2, b2) = pair(&listener);
+    let (p1, q1) = ports(&a1, &b1);
+    let (p2, q2) = ports(&a2, &b2);
+    let (fd1, fd2) = (a1.into_raw_fd(), a2.into_raw_fd());
+    // Each child keeps only its own socket (both inherit both).
+    let exits = fork_child(move || {
+        close_fd(fd2);
+        sleep_ms(200);
+        0 // exits holding fd1
+    }) as u32;
+    let killed = fork_child(move || {
+        close_fd(fd1);
+        sleep_ms(100);
+        // SAFETY: raw syscalls in the child.
+        unsafe { libc::shutdown(fd2, libc::SHUT_WR) };
+        loop {
+            sleep_ms(1000);
+        }
+    }) as u32;
+    close_fd(fd1);
+    close_fd(fd2);
+    wait_child(exits as i32);
+    sleep_ms(300);
+    // SAFETY: our own child.
+    unsafe { libc::kill(killed as i32, libc::SIGKILL) };
+    wait_child(killed as i32);
+    let all = tracer.stop();
+
+    let t1 = transitions(&all, p1, q1);
+    assert_cause(
+        find(&t1, p1, "ESTABLISHED", "FIN_WAIT1"),
+        "exit",
+        exits,
+        exits,
+        None,
+    );
+    assert_cause(
+        find(&t1, p1, "FIN_WAIT1", "FIN_WAIT2"),
+        "exit",
+        exits,
+        exits,
+        None,
+    );
+
+    let t2 = transitions(&all, p2, q2);
+    assert_cause(
+        find(&t2, p2, "ESTABLISHED", "FIN_WAIT1"),
+        "shutdown",
+        killed,
+        killed,
+        Some(fd2 as i64),
+    );
+    assert_eq!(find(&t2, p2, "FIN_WAIT1", "FIN_WAIT2")["orphan"], false);
+    let gone = find(&t2, p2, "FIN_WAIT2", "CLOSE");
+    assert_cause(gone, "exit", killed, killed, None);
+    assert_eq!(gone["orphan"], true, "{gone}");
+    assert_eq!(gone["timewait_substate"], "FIN_WAIT2", "{gone}");
+    drop((b1, b2));
+}
+
+/// Scenario 7: close_range() over a range holding two sockets: one cause per socket, with its fd.
+#[test]
+fn scenario_7_close_range_two_sockets() {
+    let _g = serial();
+    let tracer = Tracer::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a1, b1) = pair(&listener);
+    let (a2, b2) = pair(&listener);
+    let (p1, q1) = ports(&a1, &b1);
+    let (p2, q2) = ports(&a2, &b2);
+    let (fd1, fd2) = (a1.into_raw_fd(), a2.into_raw_fd());
+    const LOW: i32 = 900;
+    let child = fork_child(move || {
+        // SAFETY: raw syscalls in the child; 900 and 901 are free in a test process.
+        unsafe {
+            libc::dup2(fd1, LOW);
+            libc::dup2(fd2, LOW + 1);
+            libc::close(fd1);
+            libc::close(fd2);
+        }
+        sleep_ms(200);
+        // SAFETY: as above.
+        unsafe { libc::syscall(libc::SYS_close_range, LOW as u32, (LOW + 1) as u32, 0u32) };
+        0
+    }) as u32;
+    close_fd(fd1);
+    close_fd(fd2);
+    wait_child(child as i32);
+    let all = tracer.stop();
+    for (p, q, fd) in [(p1, q1, LOW), (p2, q2, LOW + 1)] {
+        let ts = transitions(&all, p, q);
+        assert_cause(
+            find(&ts, p, "ESTABLISHED", "FIN_WAIT1"),
+            "close_range",
+            child,
+            child,
+            Some(fd as i64),
+        );
+        assert_cause(
+            find(&ts, p, "FIN_WAIT1", "FIN_WAIT2"),
+            "close_range",
+            child,
+            child,
+            Some(fd as i64),
+        );
+    }
+    drop((b1, b2));
+}
+
+/// Scenario 10: `--pid` of a parent whose child, forked after the tracer started, does the shutdown; the
+/// same call from an unrelated process is not shown.
+#[test]
+fn scenario_10_pid_follows_children_forked_later() {
+    let _g = serial();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut go = [0i32; 2];
+    // SAFETY: valid array for two fds.
+    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+    let parent = fork_child(move || {
+        let mut byte = 0u8;
+        // SAFETY: raw syscalls in the child: wait for the tracer, then fork a worker.
+        unsafe { libc::read(go[0], (&mut byte as *mut u8).cast(), 1) };
+        let worker = unsafe { libc::fork() };
+        if worker == 0 {
+            unsafe {
+                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let addr = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: port.to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                libc::connect(
+                    s,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                );
+                libc::usleep(100_000);
+                libc::shutdown(s, libc::SHUT_WR);
+                libc::usleep(300_000);
+                libc::_exit(0);
+            }
+        }
+        let mut status = 0;
+        unsafe { libc::waitpid(worker, &mut status, 0) };
+        0
+    });
+    let tracer = Tracer::start(&["--pid", &parent.to_string()]);
+    // An unrelated connection closed by this (untraced) process.
+    let (x, y) = pair(&listener);
+    let xp = x.local_addr().unwrap().port();
+    // SAFETY: the pipe's write end.
+    unsafe { libc::write(go[1], b"g".as_ptr().cast(), 1) };
+    let (b, _) = listener.accept().unwrap();
+    x.shutdown(Shutdown::Write).unwrap();
+    wait_child(parent);
+    let all = tracer.stop();
+    let worker_port = b.peer_addr().unwrap().port();
+    let ts = transitions(&all, worker_port, port);
+    let fw1 = find(&ts, worker_port, "ESTABLISHED", "FIN_WAIT1");
+    let worker = fw1["cause"]["pid"].as_u64().unwrap() as u32;
+    assert_ne!(
+        worker, parent as u32,
+        "the shutdown was made by the worker, not the parent"
+    );
+    assert_cause(
+        fw1,
+        "shutdown",
+        worker,
+        worker,
+        Some(fw1["cause"]["fd"].as_i64().unwrap()),
+    );
+    assert!(
+        transitions(&all, xp, port).is_empty(),
+        "an untraced process's socket was shown"
+    );
+    drop((b, x, y));
+}
+
+/// The orphan's reported expiry follows tcp_fin_timeout of the socket's own network namespace:
+/// 5 s (handed over at once), and 61 s (kept as a full socket, then handed over by the timer).
+#[test]
+fn orphan_expiry_follows_the_namespace_fin_timeout() {
+    let _g = serial();
+    let tracer = Tracer::start(&[]);
+    // One namespace (thread) per value: the tool re-reads the sysctl at most once a second.
+    let workers: Vec<_> = [5u64, 61]
+        .into_iter()
+        .map(|fin_timeout| {
+            thread::spawn(move || {
+                // SAFETY: only this thread moves to the new namespace.
+                assert_eq!(
+                    unsafe { libc::unshare(libc::CLONE_NEWNET) },
+                    0,
+                    "unshare(CLONE_NEWNET)"
+                );
+                loopback_up();
+                std::fs::write(
+                    "/proc/sys/net/ipv4/tcp_fin_timeout",
+                    fin_timeout.to_string(),
+                )
+                .unwrap();
+                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                let (a, b) = pair(&listener);
+                let (ap, bp) = ports(&a, &b);
+                drop(a);
+                // With 61 s the orphan stays a full socket and the orphan timer fires after 1 s.
+                thread::sleep(Duration::from_millis(1500));
+                (fin_timeout, ap, bp, gettid(), b)
+            })
+        })
+        .collect();
+    let results: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let all = tracer.stop();
+    for (fin_timeout, ap, bp, tid, _b) in &results {
+        let ts = transitions(&all, *ap, *bp);
+        let gone = find(&ts, *ap, "FIN_WAIT2", "CLOSE");
+        assert_eq!(gone["tcp_fin_timeout_s"], *fin_timeout, "{gone}");
+        assert_eq!(gone["timewait_substate"], "FIN_WAIT2", "{gone}");
+        if *fin_timeout > 60 {
+            assert_eq!(gone["cause"]["call"], "timer", "{gone}");
+            assert_eq!(gone["kernel_frees_within_s"], fin_timeout - 60, "{gone}");
+        } else {
+            assert_cause(gone, "close", me(), *tid, gone["cause"]["fd"].as_i64());
+            assert_eq!(gone["kernel_frees_within_s"], *fin_timeout, "{gone}");
+        }
+    }
+}
+
+fn loopback_up() {
+    // SAFETY: plain ioctls on a scratch socket.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, c) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *c as libc::c_char;
+        }
+        assert_eq!(libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req), 0);
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        assert_eq!(libc::ioctl(s, libc::SIOCSIFFLAGS, &mut req), 0);
+        libc::close(s);
+    }
+    let _ = AsRawFd::as_raw_fd(&std::io::stdin());
+}
