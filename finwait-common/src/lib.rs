@@ -194,17 +194,23 @@ pub struct KernelOffsets {
     pub inode_mode: u32,
 }
 
+/// How many `--comm` names the kernel matches.
+pub const MAX_COMMS: usize = 4;
+
 /// What the programs forward. Filtering in the kernel keeps uninteresting events out of the ring.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FilterConfig {
     /// 1: forward every TCP transition; 0: only those touching the close path.
     pub all_transitions: u32,
-    /// 1: only calls and exits of tgids present in the `TRACED_PIDS` map.
+    /// 1: only calls and exits of tgids present in the `TRACED_PIDS` map (or matching `comms`).
     pub pid_filter: u32,
     /// Wake userspace once this many bytes wait in the ring (0: on every record).
     pub wakeup_bytes: u32,
-    pub _pad: u32,
+    /// How many entries of `comms` are in use.
+    pub comm_count: u32,
+    /// Process names (`comm`, NUL-padded) whose calls are followed, with their children.
+    pub comms: [[u8; 16]; MAX_COMMS],
 }
 
 /// Per-CPU loss counters, indexes into the `COUNTERS` array.

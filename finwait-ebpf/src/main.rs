@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use finwait_common::{
-    Call, Event, EventKind, FilterConfig, KernelOffsets, OtherTpLayout, StateTpLayout, counter,
-    flags, tcp_state,
+    Call, Event, EventKind, FilterConfig, KernelOffsets, MAX_COMMS, OtherTpLayout, StateTpLayout,
+    counter, flags, tcp_state,
 };
 
 // Globals rewritten by userspace before load (`EbpfLoader::override_global`).
@@ -62,7 +62,8 @@ static FILTER: FilterConfig = FilterConfig {
     all_transitions: 0,
     pid_filter: 0,
     wakeup_bytes: 0,
-    _pad: 0,
+    comm_count: 0,
+    comms: [[0; 16]; MAX_COMMS],
 };
 #[unsafe(no_mangle)]
 static OTHER_TP: OtherTpLayout = OtherTpLayout {
@@ -121,20 +122,36 @@ fn read<T>(base: u64, offset: u64) -> Option<T> {
     }
 }
 
+/// With `--pid`/`--comm`: is this process followed? A process matching `--comm` joins the set,
+/// so its children are followed too.
 #[inline(always)]
 fn pid_traced(tgid: u32) -> bool {
     // SAFETY: the value is a u8 copied out immediately.
-    config(&FILTER).pid_filter == 0 || unsafe { TRACED_PIDS.get(tgid) }.is_some()
+    if config(&FILTER.pid_filter) == 0 || unsafe { TRACED_PIDS.get(tgid) }.is_some() {
+        return true;
+    }
+    let comm_count = config(&FILTER.comm_count);
+    if comm_count == 0 {
+        return false;
+    }
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    for i in 0..MAX_COMMS {
+        if (i as u32) < comm_count && config(&FILTER.comms[i]) == comm {
+            if TRACED_PIDS.insert(tgid, 1u8, 0).is_err() {
+                count(counter::PID_INSERT_FAILED);
+            }
+            return true;
+        }
+    }
+    false
 }
 
 #[inline(always)]
 fn submit(event: &Event) {
-    let filter = config(&FILTER);
-    let wake = if filter.wakeup_bytes == 0 {
+    let wakeup_bytes = config(&FILTER.wakeup_bytes);
+    let wake = if wakeup_bytes == 0 {
         0
-    } else if EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64)
-        >= filter.wakeup_bytes as u64
-    {
+    } else if EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= wakeup_bytes as u64 {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -179,7 +196,7 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         let old = ctx.read_at::<i32>(l.oldstate as usize)? as u8;
         let new = ctx.read_at::<i32>(l.newstate as usize)? as u8;
-        if config(&FILTER).all_transitions == 0 && !tcp_state::worth_reporting(old, new) {
+        if config(&FILTER.all_transitions) == 0 && !tcp_state::worth_reporting(old, new) {
             return Ok(());
         }
         let mut e = new_event(EventKind::Transition);
@@ -413,7 +430,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if pid_traced(tgid) {
         submit(&new_event(EventKind::ProcessExit));
     }
-    if config(&FILTER).pid_filter != 0 && pid_tgid as u32 == tgid {
+    if config(&FILTER.pid_filter) != 0 && pid_tgid as u32 == tgid {
         let _ = TRACED_PIDS.remove(tgid);
     }
     0
@@ -421,7 +438,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
-    if config(&FILTER).pid_filter == 0 {
+    if config(&FILTER.pid_filter) == 0 {
         return 0;
     }
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;

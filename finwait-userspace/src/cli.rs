@@ -16,6 +16,11 @@ pub struct Cli {
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
 
+    /// Trace only processes with this name (as in /proc/PID/comm; repeatable, up to 4), and
+    /// their descendants. Combines with --pid.
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
+    pub comms: Vec<String>,
+
     /// One JSON object per line (see README.md for the fields).
     #[arg(long)]
     pub json: bool,
@@ -30,12 +35,22 @@ pub struct Cli {
 
     /// Run a built-in loopback client and server that reproduce the common cases, trace them,
     /// print what was found and exit.
-    #[arg(long, conflicts_with = "pids")]
+    #[arg(long, conflicts_with_all = ["pids", "comms"])]
     pub demo: bool,
 
     /// Ring buffer size in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
+}
+
+fn parse_comm(s: &str) -> Result<String, String> {
+    // The kernel keeps 15 bytes of a process name.
+    if s.is_empty() || s.len() > 15 || s.contains('\0') {
+        return Err(format!(
+            "`{s}` is not a process name (1 to 15 bytes, as in /proc/PID/comm)"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -65,5 +80,8 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--demo", "--pid", "1"]).is_err());
         let c = Cli::try_parse_from(["x", "--pid", "1", "--pid", "2", "--json"]).unwrap();
         assert_eq!(c.pids, vec![1, 2]);
+        assert!(Cli::try_parse_from(["x", "--comm", "a-name-longer-than-15"]).is_err());
+        let c = Cli::try_parse_from(["x", "--comm", "nginx", "--comm", "python3"]).unwrap();
+        assert_eq!(c.comms, vec!["nginx", "python3"]);
     }
 }

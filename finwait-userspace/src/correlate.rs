@@ -1032,6 +1032,46 @@ mod tests {
         }
     }
 
+    /// A socket first seen in FIN_WAIT2 (the tracer started late, or a record was lost), and a
+    /// call's exit that reaches userspace after the softirq transitions it caused on another CPU.
+    #[test]
+    fn late_start_and_records_from_other_cpus() {
+        let mut c = Correlator::new(NoOwners, false);
+        let a = task(10, 11, "client");
+        let softirq = task(0, 0, "ksoftirqd/1");
+        let mut out = Vec::new();
+        c.handle(
+            rec(
+                1,
+                &softirq,
+                tr(A, st::FIN_WAIT1, st::FIN_WAIT2, SOCK_DEAD, 1, 2),
+            ),
+            &mut out,
+        );
+        c.handle(rec(2, &a, enter(Call::Close, 5, 0, B, 1)), &mut out);
+        c.handle(
+            rec(3, &a, tr(B, st::ESTABLISHED, st::FIN_WAIT1, 0, 3, 4)),
+            &mut out,
+        );
+        c.handle(
+            rec(
+                4,
+                &softirq,
+                tr(B, st::FIN_WAIT1, st::FIN_WAIT2, SOCK_DEAD, 3, 4),
+            ),
+            &mut out,
+        );
+        c.handle(rec(5, &a, exit(Call::Close)), &mut out);
+        let t = transitions(&out);
+        assert_eq!(t[0].orphan, Some(true), "the kernel's flag, not a guess");
+        assert_eq!(t[0].cause.as_ref().unwrap().kind, CauseKind::Unknown);
+        let fw2 = t[2].cause.as_ref().unwrap();
+        assert_eq!(
+            (fw2.kind, fw2.task.as_ref().unwrap().tid),
+            (CauseKind::Call(Call::Close), 11)
+        );
+    }
+
     #[test]
     fn bounded_tables_count_evictions() {
         let mut c = Correlator::with_capacity(NoOwners, false, 2, 2);

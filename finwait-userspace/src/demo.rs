@@ -41,6 +41,7 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
 
     let cfg = Config {
         pids: Vec::new(),
+        comms: Vec::new(),
         json,
         all: false,
         duration: Some(Duration::from_secs(30)),

@@ -11,7 +11,8 @@ use aya::{
     programs::TracePoint,
 };
 use finwait_common::{
-    EVENTS_MAP, FilterConfig, KernelOffsets, OtherTpLayout, StateTpLayout, TRACED_PIDS_MAP,
+    EVENTS_MAP, FilterConfig, KernelOffsets, MAX_COMMS, OtherTpLayout, StateTpLayout,
+    TRACED_PIDS_MAP,
 };
 
 use crate::{kernel_btf, tracefs::Format};
@@ -49,8 +50,10 @@ const HOOKS: &[(&str, &str, &str, bool)] = &[
 
 pub struct Options {
     pub all_transitions: bool,
-    /// Processes to follow (with their descendants); empty: everything.
+    /// Processes to follow (with their descendants); empty with `comms` empty: everything.
     pub pids: Vec<u32>,
+    /// Process names to follow (with their descendants).
+    pub comms: Vec<String>,
     pub ring_bytes: u32,
     pub wakeup_bytes: u32,
 }
@@ -85,11 +88,16 @@ pub fn load(opts: &Options) -> Result<Loaded> {
             None
         }
     };
+    let mut comms = [[0u8; 16]; MAX_COMMS];
+    for (slot, name) in comms.iter_mut().zip(&opts.comms) {
+        slot[..name.len()].copy_from_slice(name.as_bytes());
+    }
     let filter = FilterConfig {
         all_transitions: opts.all_transitions as u32,
-        pid_filter: !opts.pids.is_empty() as u32,
+        pid_filter: (!opts.pids.is_empty() || !opts.comms.is_empty()) as u32,
         wakeup_bytes: opts.wakeup_bytes,
-        _pad: 0,
+        comm_count: opts.comms.len().min(MAX_COMMS) as u32,
+        comms,
     };
     let kernel_offsets = offsets.unwrap_or_default();
     let mut ebpf = EbpfLoader::new()
@@ -107,8 +115,10 @@ pub fn load(opts: &Options) -> Result<Loaded> {
             }
         })?;
 
-    if !opts.pids.is_empty() {
-        seed_pids(&mut ebpf, &opts.pids)?;
+    if !opts.pids.is_empty() || !opts.comms.is_empty() {
+        let mut pids = opts.pids.clone();
+        pids.extend(crate::procs::with_comm(&opts.comms));
+        seed_pids(&mut ebpf, &pids)?;
     }
 
     let (mut attached, mut attach_failed) = (0, 0);

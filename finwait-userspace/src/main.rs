@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         }
         let cfg = Config {
             pids: cli.pids,
+            comms: cli.comms,
             json: cli.json,
             all: cli.all,
             duration: cli.duration.map(Duration::from_secs_f64),

@@ -14,6 +14,21 @@ pub fn check_exists(pids: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// Running processes whose name (`comm`) is one of `names`.
+pub fn with_comm(names: &[String]) -> Vec<u32> {
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let Ok(procs) = all_processes() else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter(|p| p.stat().is_ok_and(|s| names.contains(&s.comm)))
+        .map(|p| p.pid as u32)
+        .collect()
+}
+
 /// The given pids and all their current descendants.
 pub fn with_descendants(pids: &[u32]) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();

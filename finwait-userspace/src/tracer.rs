@@ -28,6 +28,7 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 pub struct Config {
     pub pids: Vec<u32>,
+    pub comms: Vec<String>,
     pub json: bool,
     pub all: bool,
     pub duration: Option<Duration>,
@@ -50,6 +51,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     let loaded = loader::load(&loader::Options {
         all_transitions: cfg.all,
         pids: cfg.pids.clone(),
+        comms: cfg.comms.clone(),
         ring_bytes: cfg.ring_bytes,
         // Wake userspace once a quarter of the ring is used; the timer drains the rest.
         wakeup_bytes: cfg.ring_bytes / 4,
@@ -79,6 +81,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
             "attached": loaded.attached,
             "attach_failed": loaded.attach_failed,
             "pids": cfg.pids,
+            "comms": cfg.comms,
         });
         writeln!(out, "{start}")?;
     } else {
@@ -91,13 +94,14 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     out.flush()?;
     on_ready();
 
-    let traced: Option<BpfHashMap<MapData, u32, u8>> = if cfg.pids.is_empty() {
-        None
-    } else {
-        Some(BpfHashMap::try_from(
-            ebpf.take_map(TRACED_PIDS_MAP).context("pid map")?,
-        )?)
-    };
+    let traced: Option<BpfHashMap<MapData, u32, u8>> =
+        if cfg.pids.is_empty() && cfg.comms.is_empty() {
+            None
+        } else {
+            Some(BpfHashMap::try_from(
+                ebpf.take_map(TRACED_PIDS_MAP).context("pid map")?,
+            )?)
+        };
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(ebpf.take_map(COUNTERS_MAP).context("counters map")?)?;
     let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("events map")?)?;
@@ -219,7 +223,19 @@ impl View<'_> {
                     .filter_map(|c| c.task.as_ref())
                     .map(|t| t.pid)
                     .collect();
-                pids.extend(t.owner.iter().map(|o| o.pid));
+                // An owner matching --comm counts as traced even if it made no call yet.
+                pids.extend(
+                    t.owner
+                        .iter()
+                        .filter(|o| !self.cfg.comms.contains(&o.comm))
+                        .map(|o| o.pid),
+                );
+                if t.owner
+                    .as_ref()
+                    .is_some_and(|o| self.cfg.comms.contains(&o.comm))
+                {
+                    self.shown.insert(t.sock);
+                }
                 (t.sock, Some((t.ends.lport, t.ends.rport)), pids)
             }
             Report::CloseNoFin(n) => (

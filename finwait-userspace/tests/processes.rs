@@ -200,26 +200,7 @@ fn scenario_10_pid_follows_children_forked_later() {
         unsafe { libc::read(go[0], (&mut byte as *mut u8).cast(), 1) };
         let worker = unsafe { libc::fork() };
         if worker == 0 {
-            unsafe {
-                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                let addr = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as u16,
-                    sin_port: port.to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                libc::connect(
-                    s,
-                    (&addr as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                );
-                libc::usleep(100_000);
-                libc::shutdown(s, libc::SHUT_WR);
-                libc::usleep(300_000);
-                libc::_exit(0);
-            }
+            connect_and_shut_down(port);
         }
         let mut status = 0;
         unsafe { libc::waitpid(worker, &mut status, 0) };
@@ -321,4 +302,65 @@ fn loopback_up() {
         libc::close(s);
     }
     let _ = AsRawFd::as_raw_fd(&std::io::stdin());
+}
+
+/// In a forked child: connect to 127.0.0.1:port, shutdown(SHUT_WR) after 100 ms, exit 300 ms later.
+fn connect_and_shut_down(port: u16) -> ! {
+    // SAFETY: raw syscalls only (called in a forked child of a multi-threaded process).
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        libc::connect(
+            s,
+            (&addr as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        );
+        libc::usleep(100_000);
+        libc::shutdown(s, libc::SHUT_WR);
+        libc::usleep(300_000);
+        libc::_exit(0)
+    }
+}
+
+/// `--comm NAME` follows a process by name (set after the tracer started); others are not shown.
+#[test]
+fn comm_filter_follows_a_process_by_name() {
+    let _g = serial();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&["--comm", "fw-comm-test"]);
+    let child = fork_child(move || {
+        // SAFETY: prctl with a static NUL-terminated name.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c"fw-comm-test".as_ptr()) };
+        connect_and_shut_down(port)
+    });
+    let (b, _) = listener.accept().unwrap();
+    let (x, y) = pair(&listener);
+    x.shutdown(Shutdown::Write).unwrap();
+    wait_child(child);
+    let all = tracer.stop();
+    let child_port = b.peer_addr().unwrap().port();
+    let ts = transitions(&all, child_port, port);
+    let fw1 = find(&ts, child_port, "ESTABLISHED", "FIN_WAIT1");
+    assert_cause(
+        fw1,
+        "shutdown",
+        child as u32,
+        child as u32,
+        fw1["cause"]["fd"].as_i64(),
+    );
+    assert_eq!(fw1["cause"]["comm"], "fw-comm-test", "{fw1}");
+    let xp = x.local_addr().unwrap().port();
+    assert!(
+        transitions(&all, xp, port).is_empty(),
+        "a process with another name was shown"
+    );
+    drop((b, x, y));
 }
