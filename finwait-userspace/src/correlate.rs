@@ -85,11 +85,6 @@ pub struct Owner {
     pub fd: i32,
 }
 
-/// Finds who holds a socket inode (the real implementation reads /proc).
-pub trait OwnerLookup {
-    fn owners(&mut self, inode: u64) -> Vec<Owner>;
-}
-
 /// How a FIN_WAIT2 socket left that state: the tracepoint only ever says CLOSE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fw2Exit {
@@ -146,8 +141,9 @@ pub struct CloseNoFinReport {
     pub fd: i32,
     /// References left after this close.
     pub remaining_refs: u64,
-    /// Who still holds it (from /proc, after the call).
+    /// Who still holds it (filled in from /proc by `resolve`).
     pub holders: Vec<Owner>,
+    pub inode: u64,
     pub ends: Option<Endpoints>,
     pub state: Option<u8>,
 }
@@ -161,6 +157,8 @@ pub enum Report {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     pub records: u64,
+    pub transitions: u64,
+    pub calls: u64,
     pub sockets_evicted: u64,
     pub threads_evicted: u64,
 }
@@ -198,7 +196,6 @@ struct SockState {
     fw2_entered_by_tid: u32,
     half_closed_since_ns: Option<u64>,
     close_wait_since_ns: Option<u64>,
-    owner: Option<Owner>,
     reset_received: bool,
     reset_sent: bool,
     orphan: bool,
@@ -213,10 +210,9 @@ struct ThreadState {
     exiting: bool,
 }
 
-pub struct Correlator<L> {
+pub struct Correlator {
     socks: LruCache<u64, SockState>,
     threads: LruCache<u32, ThreadState>,
-    owners: L,
     /// file_ref_t (6.13+) counts from zero.
     refs_zero_based: bool,
     stats: Stats,
@@ -225,16 +221,15 @@ pub struct Correlator<L> {
 const MAX_SOCKETS: usize = 262_144;
 const MAX_THREADS: usize = 65_536;
 
-impl<L: OwnerLookup> Correlator<L> {
-    pub fn new(owners: L, refs_zero_based: bool) -> Self {
-        Self::with_capacity(owners, refs_zero_based, MAX_SOCKETS, MAX_THREADS)
+impl Correlator {
+    pub fn new(refs_zero_based: bool) -> Self {
+        Self::with_capacity(refs_zero_based, MAX_SOCKETS, MAX_THREADS)
     }
 
-    pub fn with_capacity(owners: L, refs_zero_based: bool, socks: usize, threads: usize) -> Self {
+    pub fn with_capacity(refs_zero_based: bool, socks: usize, threads: usize) -> Self {
         Self {
             socks: LruCache::new(NonZeroUsize::new(socks.max(1)).unwrap()),
             threads: LruCache::new(NonZeroUsize::new(threads.max(1)).unwrap()),
-            owners,
             refs_zero_based,
             stats: Stats::default(),
         }
@@ -242,10 +237,6 @@ impl<L: OwnerLookup> Correlator<L> {
 
     pub fn stats(&self) -> Stats {
         self.stats
-    }
-
-    pub fn owners(&self) -> &L {
-        &self.owners
     }
 
     pub fn tracked_sockets(&self) -> usize {
@@ -283,6 +274,11 @@ impl<L: OwnerLookup> Correlator<L> {
 
     pub fn handle(&mut self, rec: Record, out: &mut Vec<Report>) {
         self.stats.records += 1;
+        match rec.what {
+            Decoded::Transition { .. } => self.stats.transitions += 1,
+            Decoded::CallEnter { .. } => self.stats.calls += 1,
+            _ => {}
+        }
         let tid = rec.task.tid;
         match rec.what {
             Decoded::CallEnter {
@@ -322,11 +318,6 @@ impl<L: OwnerLookup> Correlator<L> {
                     }
                 });
                 if call != Call::Shutdown && remaining.is_some_and(|r| r > 0) {
-                    let holders = if inode != 0 {
-                        self.owners.owners(inode)
-                    } else {
-                        Vec::new()
-                    };
                     let s = self.sock(sock);
                     out.push(Report::CloseNoFin(CloseNoFinReport {
                         ts_ns: rec.ts_ns,
@@ -335,10 +326,8 @@ impl<L: OwnerLookup> Correlator<L> {
                         task: rec.task,
                         fd,
                         remaining_refs: remaining.unwrap_or(0),
-                        holders: holders
-                            .into_iter()
-                            .filter(|h| h.pid != pending.task.pid || h.fd != fd)
-                            .collect(),
+                        holders: Vec::new(),
+                        inode,
                         ends: s.ends.clone(),
                         state: s.state,
                     }));
@@ -470,7 +459,6 @@ impl<L: OwnerLookup> Correlator<L> {
                 let s = self.sock(sock);
                 if new == st::LAST_ACK {
                     r.close_wait_ns = s.close_wait_since_ns.map(|t| ts.saturating_sub(t));
-                    r.owner = s.owner.clone();
                 }
                 s.fin_cause = Some(cause.clone());
                 s.fin_sent_ns = Some(ts);
@@ -492,15 +480,8 @@ impl<L: OwnerLookup> Correlator<L> {
                 r.cause = Some(cause);
             }
             (st::ESTABLISHED, st::CLOSE_WAIT) => {
-                let owner = if inode != 0 {
-                    self.owners.owners(inode).into_iter().next()
-                } else {
-                    None
-                };
-                let s = self.sock(sock);
-                s.close_wait_since_ns = Some(ts);
-                s.owner = owner.clone();
-                r.owner = owner;
+                // The owner is found from the inode in /proc, off this path (see `resolve`).
+                self.sock(sock).close_wait_since_ns = Some(ts);
                 r.cause = Some(Cause::bare(CauseKind::PeerFin));
             }
             (st::FIN_WAIT2, st::CLOSE) => {
@@ -619,29 +600,13 @@ impl<L: OwnerLookup> Correlator<L> {
     }
 }
 
-/// Owner lookups that find nothing (tests, or when /proc is unavailable).
-pub struct NoOwners;
-
-impl OwnerLookup for NoOwners {
-    fn owners(&mut self, _inode: u64) -> Vec<Owner> {
-        Vec::new()
-    }
-}
-
 /// Unit tests drive the state machine with the exact record sequences the kernel produces on
 /// loopback, including the traps from TCP-CLOSE.md.
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, net::IpAddr};
+    use std::net::IpAddr;
 
     use super::*;
-
-    struct FixedOwners(HashMap<u64, Owner>);
-    impl OwnerLookup for FixedOwners {
-        fn owners(&mut self, inode: u64) -> Vec<Owner> {
-            self.0.get(&inode).cloned().into_iter().collect()
-        }
-    }
 
     fn task(pid: u32, tid: u32, comm: &str) -> Task {
         Task {
@@ -705,15 +670,7 @@ mod tests {
     /// inline, in A's thread. B is owned by pid 20.
     #[test]
     fn shutdown_half_close_and_peer_close_wait() {
-        let owners = FixedOwners(HashMap::from([(
-            B + 1000,
-            Owner {
-                pid: 20,
-                comm: "srv".into(),
-                fd: 7,
-            },
-        )]));
-        let mut c = Correlator::new(owners, false);
+        let mut c = Correlator::new(false);
         let a = task(10, 11, "client");
         let mut out = Vec::new();
         c.handle(rec(1, &a, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
@@ -737,10 +694,9 @@ mod tests {
             (CauseKind::Call(Call::Shutdown), Some(1), Some(5))
         );
         assert_eq!(fw1.task.as_ref().unwrap().tid, 11);
-        // B's CLOSE_WAIT ran in A's thread but is the peer's FIN, owned by pid 20.
+        // B's CLOSE_WAIT ran in A's thread but is the peer's FIN.
         assert_eq!(t[1].cause.as_ref().unwrap().kind, CauseKind::PeerFin);
         assert!(t[1].cause.as_ref().unwrap().task.is_none());
-        assert_eq!(t[1].owner.as_ref().unwrap().pid, 20);
         assert_eq!(t[2].orphan, Some(false));
         assert_eq!(
             t[2].cause.as_ref().unwrap().kind,
@@ -752,7 +708,7 @@ mod tests {
     /// time-wait timer right at FIN_WAIT2 entry, in softirq (here: some other task).
     #[test]
     fn close_orphan_hand_over() {
-        let mut c = Correlator::new(NoOwners, false);
+        let mut c = Correlator::new(false);
         let a = task(10, 11, "client");
         let softirq = task(0, 0, "swapper/1");
         let mut out = Vec::new();
@@ -796,7 +752,7 @@ mod tests {
     /// Older kernels run close()'s final fput after sys_exit_close, in the same thread.
     #[test]
     fn deferred_fput_after_sys_exit() {
-        let mut c = Correlator::new(NoOwners, false);
+        let mut c = Correlator::new(false);
         let a = task(10, 11, "client");
         let mut out = Vec::new();
         c.handle(rec(1, &a, enter(Call::Close, 5, 0, A, 1)), &mut out);
@@ -815,7 +771,7 @@ mod tests {
     /// A call that may still have an effect stops being a candidate at the thread's next call.
     #[test]
     fn stale_call_is_not_reused_for_a_reused_address() {
-        let mut c = Correlator::new(NoOwners, false);
+        let mut c = Correlator::new(false);
         let a = task(10, 11, "client");
         let mut out = Vec::new();
         // close() of a socket that was already reset: no transition follows.
@@ -842,15 +798,7 @@ mod tests {
     /// Scenario 4: B sits in CLOSE_WAIT and closes 300 ms later.
     #[test]
     fn close_wait_duration_and_last_ack() {
-        let owners = FixedOwners(HashMap::from([(
-            B + 1000,
-            Owner {
-                pid: 20,
-                comm: "srv".into(),
-                fd: 7,
-            },
-        )]));
-        let mut c = Correlator::new(owners, false);
+        let mut c = Correlator::new(false);
         let a = task(10, 11, "client");
         let b = task(20, 21, "srv");
         let mut out = Vec::new();
@@ -905,7 +853,6 @@ mod tests {
             (la.kind, la.fd, la.task.as_ref().unwrap().tid),
             (CauseKind::Call(Call::Close), Some(7), 21)
         );
-        assert_eq!(t[1].owner.as_ref().unwrap().fd, 7);
         // A's exit from FIN_WAIT2 is the peer's FIN, not B's close.
         assert_eq!(t[2].fw2_exit, Some(Fw2Exit::TimeWait));
         assert_eq!(t[2].effective_new(), st::TIME_WAIT);
@@ -915,7 +862,7 @@ mod tests {
     /// Scenario 3: closing a half-closed FIN_WAIT2 socket.
     #[test]
     fn close_of_half_closed_socket_reports_half_closed_time() {
-        let mut c = Correlator::new(NoOwners, false);
+        let mut c = Correlator::new(false);
         let a = task(10, 11, "client");
         let mut out = Vec::new();
         c.handle(rec(10, &a, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
@@ -958,7 +905,7 @@ mod tests {
     /// Scenario 5: a close() that leaves other references sends no FIN and is reported as such.
     #[test]
     fn close_with_other_references_sends_no_fin() {
-        let mut c = Correlator::new(NoOwners, false);
+        let mut c = Correlator::new(false);
         let parent = task(10, 10, "parent");
         let child = task(12, 12, "child");
         let mut out = Vec::new();
@@ -986,7 +933,7 @@ mod tests {
     /// 6.13+ file_ref_t: 0 means one reference.
     #[test]
     fn zero_based_reference_counts() {
-        let mut c = Correlator::new(NoOwners, true);
+        let mut c = Correlator::new(true);
         let a = task(10, 11, "client");
         let mut out = Vec::new();
         c.handle(rec(1, &a, enter(Call::Close, 5, 0, A, 0)), &mut out);
@@ -998,7 +945,7 @@ mod tests {
     /// Scenario 6: process exit closes without a syscall.
     #[test]
     fn exit_is_the_cause_when_a_process_dies_holding_sockets() {
-        let mut c = Correlator::new(NoOwners, false);
+        let mut c = Correlator::new(false);
         let a = task(10, 10, "victim");
         let mut out = Vec::new();
         c.handle(rec(1, &a, Decoded::ProcessExit), &mut out);
@@ -1014,7 +961,7 @@ mod tests {
     /// A failed close (EBADF) is no cause; and nothing is blamed on the softirq task.
     #[test]
     fn unknown_rather_than_the_softirq_pid() {
-        let mut c = Correlator::new(NoOwners, false);
+        let mut c = Correlator::new(false);
         let softirq = task(0, 0, "ksoftirqd/0");
         let mut out = Vec::new();
         c.handle(
@@ -1036,7 +983,7 @@ mod tests {
     /// call's exit that reaches userspace after the softirq transitions it caused on another CPU.
     #[test]
     fn late_start_and_records_from_other_cpus() {
-        let mut c = Correlator::new(NoOwners, false);
+        let mut c = Correlator::new(false);
         let a = task(10, 11, "client");
         let softirq = task(0, 0, "ksoftirqd/1");
         let mut out = Vec::new();
@@ -1074,7 +1021,7 @@ mod tests {
 
     #[test]
     fn bounded_tables_count_evictions() {
-        let mut c = Correlator::with_capacity(NoOwners, false, 2, 2);
+        let mut c = Correlator::with_capacity(false, 2, 2);
         let a = task(10, 11, "x");
         let mut out = Vec::new();
         for sock in 1..=5u64 {

@@ -18,5 +18,7 @@ pub mod netns;
 pub mod output;
 pub mod owners;
 pub mod procs;
+pub mod prog_stats;
+pub mod resolve;
 pub mod tracefs;
 pub mod tracer;

@@ -1,31 +1,47 @@
 //! Who holds a socket: socket inode -> (pid, comm, fd), from /proc/*/fd.
+//!
+//! Scanning /proc costs about a millisecond per hundred processes, so the live tracer never
+//! scans on its event path: a background [`Scanner`] thread does, on request, coalescing
+//! requests, and publishes each index stamped with when it was started.
 use std::{
     collections::HashMap,
-    time::{Duration, Instant},
+    sync::{Arc, Condvar, Mutex},
+    thread,
 };
 
 use procfs::process::{FDTarget, all_processes};
 
 use crate::{correlate::Owner, escape};
 
-/// How stale the index may be before a miss triggers a rescan. Scanning /proc costs about a
-/// millisecond per hundred processes, so bursts of lookups share one scan.
-const RESCAN_AFTER: Duration = Duration::from_millis(20);
-const TRUST_FOR: Duration = Duration::from_secs(2);
-
+/// Socket inode -> holders, as seen by a scan that started at `built_ns`.
 #[derive(Default)]
-pub struct ProcOwners {
-    index: HashMap<u64, Vec<Owner>>,
-    built: Option<Instant>,
-    pub scans: u64,
+pub struct Index {
+    pub map: HashMap<u64, Vec<Owner>>,
+    /// CLOCK_MONOTONIC (the kernel's event clock) when the scan started.
+    pub built_ns: u64,
 }
 
-impl ProcOwners {
-    fn rescan(&mut self) {
-        self.index.clear();
-        self.scans += 1;
-        self.built = Some(Instant::now());
-        let Ok(procs) = all_processes() else { return };
+impl Index {
+    pub fn get(&self, inode: u64) -> &[Owner] {
+        self.map.get(&inode).map(Vec::as_slice).unwrap_or_default()
+    }
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Reads every process's fd table.
+pub fn scan() -> Index {
+    let built_ns = monotonic_ns();
+    let mut map: HashMap<u64, Vec<Owner>> = HashMap::new();
+    if let Ok(procs) = all_processes() {
         for p in procs.flatten() {
             let Ok(fds) = p.fd() else { continue };
             let mut comm = None;
@@ -36,7 +52,7 @@ impl ProcOwners {
                             .map(|s| escape::sanitize(&s.comm))
                             .unwrap_or_default()
                     });
-                    self.index.entry(inode).or_default().push(Owner {
+                    map.entry(inode).or_default().push(Owner {
                         pid: p.pid as u32,
                         comm: comm.clone(),
                         fd: fd.fd,
@@ -44,20 +60,65 @@ impl ProcOwners {
                 }
             }
         }
-        for owners in self.index.values_mut() {
-            owners.sort_by_key(|o| (o.pid, o.fd));
-        }
     }
+    for owners in map.values_mut() {
+        owners.sort_by_key(|o| (o.pid, o.fd));
+    }
+    Index { map, built_ns }
 }
 
-impl crate::correlate::OwnerLookup for ProcOwners {
-    fn owners(&mut self, inode: u64) -> Vec<Owner> {
-        let age = self.built.map(|b| b.elapsed());
-        let fresh_hit = age.is_some_and(|a| a < TRUST_FOR) && self.index.contains_key(&inode);
-        if !fresh_hit && age.is_none_or(|a| a >= RESCAN_AFTER) {
-            self.rescan();
-        }
-        self.index.get(&inode).cloned().unwrap_or_default()
+#[derive(Default)]
+struct Shared {
+    latest: Option<Arc<Index>>,
+    wanted: bool,
+    scans: u64,
+}
+
+/// A thread that rescans /proc when asked; requests made while a scan runs share the next one.
+#[derive(Clone)]
+pub struct Scanner {
+    shared: Arc<(Mutex<Shared>, Condvar)>,
+}
+
+impl Scanner {
+    pub fn start(scan_fn: impl Fn() -> Index + Send + 'static) -> Self {
+        let shared = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
+        let worker = shared.clone();
+        thread::Builder::new()
+            .name("finwait-owners".into())
+            .spawn(move || {
+                let (lock, cv) = &*worker;
+                loop {
+                    {
+                        let mut s = lock.lock().unwrap();
+                        while !s.wanted {
+                            s = cv.wait(s).unwrap();
+                        }
+                        s.wanted = false;
+                    }
+                    let index = Arc::new(scan_fn());
+                    let mut s = lock.lock().unwrap();
+                    s.latest = Some(index);
+                    s.scans += 1;
+                }
+            })
+            .expect("spawn the owner scanner");
+        Self { shared }
+    }
+
+    /// The newest index, if any scan finished.
+    pub fn latest(&self) -> Option<Arc<Index>> {
+        self.shared.0.lock().unwrap().latest.clone()
+    }
+
+    pub fn request(&self) {
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap().wanted = true;
+        cv.notify_one();
+    }
+
+    pub fn scans(&self) -> u64 {
+        self.shared.0.lock().unwrap().scans
     }
 }
 
@@ -66,7 +127,6 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     use super::*;
-    use crate::correlate::OwnerLookup;
 
     #[test]
     fn finds_our_own_socket() {
@@ -80,14 +140,9 @@ mod tests {
             .trim_end_matches(']')
             .parse()
             .unwrap();
-        let owners = ProcOwners::default().owners(inode);
-        assert_eq!(
-            owners,
-            vec![Owner {
-                pid: std::process::id(),
-                comm: owners[0].comm.clone(),
-                fd
-            }]
-        );
+        let index = scan();
+        let owners = index.get(inode);
+        assert_eq!(owners.len(), 1);
+        assert_eq!((owners[0].pid, owners[0].fd), (std::process::id(), fd));
     }
 }

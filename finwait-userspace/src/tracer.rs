@@ -2,6 +2,7 @@
 use std::{
     collections::HashSet,
     io::{BufWriter, Write},
+    os::fd::AsFd,
     time::Duration,
 };
 
@@ -20,7 +21,8 @@ use crate::{
     event, loader,
     netns::FinTimeouts,
     output::{self, Clock},
-    owners::ProcOwners,
+    owners::{self, Scanner},
+    resolve::Resolver,
 };
 
 /// Drains at least this often even without a wake-up (the kernel side batches wake-ups).
@@ -62,7 +64,8 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     let refs_zero_based = loaded
         .offsets
         .is_some_and(|o| o.file_ref_is_zero_based == 1);
-    let mut correlator = Correlator::new(ProcOwners::default(), refs_zero_based);
+    let mut correlator = Correlator::new(refs_zero_based);
+    let mut resolver = Resolver::new(Scanner::start(owners::scan));
     let stdout = std::io::stdout();
     let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
 
@@ -124,7 +127,9 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         fin_timeouts: FinTimeouts::default(),
     };
     let mut batch = Vec::new();
+    let mut ready = Vec::new();
     let mut lost_reported = 0u64;
+    let mut skipped_reported = 0u64;
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -138,7 +143,17 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
             _ = &mut deadline => break,
             _ = async { stop_rx.as_mut().unwrap().await }, if stop_rx.is_some() => break,
         }
-        view.emit(&mut batch, &mut out, &clock, fin_timeout_s)?;
+        batch.drain(..).for_each(|r| resolver.push(r));
+        resolver.ready(&mut ready, false);
+        view.emit(&mut ready, &mut out, &clock, fin_timeout_s)?;
+        let skipped = nested_misses(&ebpf);
+        if skipped > skipped_reported {
+            eprintln!(
+                "finwait-trace: warning: {} events skipped by the kernel (a BPF program was already running on that CPU)",
+                skipped - skipped_reported
+            );
+            skipped_reported = skipped;
+        }
         let lost = sum(&counters, counter::RING_FULL);
         if lost > lost_reported {
             eprintln!(
@@ -149,7 +164,15 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         }
     }
     drain(ring.get_mut(), &mut correlator, &mut batch);
-    view.emit(&mut batch, &mut out, &clock, fin_timeout_s)?;
+    batch.drain(..).for_each(|r| resolver.push(r));
+    // Let owner lookups for the last reports finish (bounded inside the resolver).
+    while !resolver.is_empty() {
+        resolver.ready(&mut ready, false);
+        view.emit(&mut ready, &mut out, &clock, fin_timeout_s)?;
+        if !resolver.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     let stats = correlator.stats();
     let lost = sum(&counters, counter::RING_FULL);
@@ -159,13 +182,17 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         let s = json!({
             "event": "stats",
             "records": stats.records,
+            "transitions": stats.transitions,
+            "calls": stats.calls,
             "lost_ring_full": lost,
+            "kernel_skipped_nested": nested_misses(&ebpf),
             "kernel_read_failed": read_failed,
             "pid_insert_failed": pid_insert_failed,
             "sockets_evicted": stats.sockets_evicted,
             "threads_evicted": stats.threads_evicted,
             "attach_failed": loaded.attach_failed,
-            "owner_scans": correlator_owner_scans(&correlator),
+            "owner_scans": resolver.scans(),
+            "owner_lookups_timed_out": resolver.timed_out,
         });
         writeln!(out, "{s}")?;
     } else {
@@ -179,16 +206,21 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     Ok(Summary { reports: view.kept })
 }
 
-fn correlator_owner_scans(c: &Correlator<ProcOwners>) -> u64 {
-    c.owners().scans
-}
-
-fn drain(ring: &mut RingBuf<MapData>, c: &mut Correlator<ProcOwners>, batch: &mut Vec<Report>) {
+fn drain(ring: &mut RingBuf<MapData>, c: &mut Correlator, batch: &mut Vec<Report>) {
     while let Some(item) = ring.next() {
         if let Some(rec) = event::decode(&item) {
             c.handle(rec, batch);
         }
     }
+}
+
+/// Events the kernel dropped because one of our programs (or another) was already running on
+/// the CPU, summed over our programs.
+fn nested_misses(ebpf: &aya::Ebpf) -> u64 {
+    ebpf.programs()
+        .filter_map(|(_, p)| p.fd().ok())
+        .filter_map(|fd| crate::prog_stats::recursion_misses(fd.as_fd()))
+        .sum()
 }
 
 fn sum(counters: &PerCpuArray<MapData, u64>, index: u32) -> u64 {

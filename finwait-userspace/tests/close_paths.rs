@@ -27,7 +27,11 @@ fn scenario_3_close_after_half_close() {
     a.shutdown(Shutdown::Write).unwrap();
     thread::sleep(Duration::from_millis(200));
     drop(a);
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[
+        (ap, bp, "ESTABLISHED", "FIN_WAIT1"),
+        (ap, bp, "FIN_WAIT1", "FIN_WAIT2"),
+        (ap, bp, "FIN_WAIT2", "CLOSE"),
+    ]);
     let ts = transitions(&all, ap, bp);
     assert_cause(
         find(&ts, ap, "ESTABLISHED", "FIN_WAIT1"),
@@ -62,7 +66,10 @@ fn time_wait_exit_after_peer_fin() {
     thread::sleep(Duration::from_millis(50));
     let bfd = fd(&b);
     drop(b);
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[
+        (ap, bp, "FIN_WAIT2", "TIME_WAIT"),
+        (bp, ap, "CLOSE_WAIT", "LAST_ACK"),
+    ]);
     let ts = transitions(&all, ap, bp);
     let tw = find(&ts, ap, "FIN_WAIT2", "TIME_WAIT");
     assert_eq!(tw["cause"]["call"], "peer_fin", "{tw}");
@@ -94,7 +101,7 @@ fn shutdown_from_a_non_main_thread() {
     .join()
     .unwrap();
     assert_ne!(tid, me());
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[(ap, bp, "ESTABLISHED", "FIN_WAIT1")]);
     let ts = transitions(&all, ap, bp);
     let fw1 = find(&ts, ap, "ESTABLISHED", "FIN_WAIT1");
     assert_cause(fw1, "shutdown", me(), tid, Some(afd));
@@ -127,7 +134,10 @@ fn scenario_8_linger_zero_sends_rst() {
     assert_eq!(rc, 0);
     let (afd, tid) = (fd(&a), gettid());
     drop(a);
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[
+        (ap, bp, "ESTABLISHED", "CLOSE"),
+        (bp, ap, "ESTABLISHED", "CLOSE"),
+    ]);
     let ts = transitions(&all, ap, bp);
     assert!(
         ts.iter()
@@ -160,7 +170,10 @@ fn scenario_7_dup2_over_a_socket() {
     // SAFETY: both fds are ours; afd now refers to /dev/null and is closed below.
     assert_eq!(unsafe { libc::dup2(devnull.as_raw_fd(), afd) }, afd);
     close_fd(afd);
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[
+        (ap, bp, "ESTABLISHED", "FIN_WAIT1"),
+        (ap, bp, "FIN_WAIT1", "FIN_WAIT2"),
+    ]);
     let ts = transitions(&all, ap, bp);
     assert_cause(
         find(&ts, ap, "ESTABLISHED", "FIN_WAIT1"),
@@ -196,7 +209,10 @@ fn scenario_9_v4_mapped_prints_as_ipv4() {
     let (bfd, tid) = (fd(&b), gettid());
     a.shutdown(Shutdown::Write).unwrap();
     drop(b);
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[
+        (bp, ap, "ESTABLISHED", "CLOSE_WAIT"),
+        (bp, ap, "CLOSE_WAIT", "LAST_ACK"),
+    ]);
     let ts = transitions(&all, ap, bp);
     let cw = find(&ts, bp, "ESTABLISHED", "CLOSE_WAIT");
     assert_eq!(cw["laddr"], "127.0.0.1", "{cw}");

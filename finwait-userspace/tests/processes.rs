@@ -42,7 +42,7 @@ fn scenario_5_inherited_fd() {
     let tid = gettid();
     close_fd(afd);
     wait_child(child as i32);
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[(ap, bp, "ESTABLISHED", "FIN_WAIT1")]);
     let ts = transitions(&all, ap, bp);
     let fw1 = find(&ts, ap, "ESTABLISHED", "FIN_WAIT1");
     assert_cause(fw1, "close", child, child, Some(afd as i64));
@@ -101,7 +101,13 @@ fn scenario_6_exit_and_sigkill() {
     // SAFETY: our own child.
     unsafe { libc::kill(killed as i32, libc::SIGKILL) };
     wait_child(killed as i32);
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[
+        (p1, q1, "ESTABLISHED", "FIN_WAIT1"),
+        (p1, q1, "FIN_WAIT1", "FIN_WAIT2"),
+        (p2, q2, "ESTABLISHED", "FIN_WAIT1"),
+        (p2, q2, "FIN_WAIT1", "FIN_WAIT2"),
+        (p2, q2, "FIN_WAIT2", "CLOSE"),
+    ]);
 
     let t1 = transitions(&all, p1, q1);
     assert_cause(
@@ -163,7 +169,12 @@ fn scenario_7_close_range_two_sockets() {
     close_fd(fd1);
     close_fd(fd2);
     wait_child(child as i32);
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[
+        (p1, q1, "ESTABLISHED", "FIN_WAIT1"),
+        (p1, q1, "FIN_WAIT1", "FIN_WAIT2"),
+        (p2, q2, "ESTABLISHED", "FIN_WAIT1"),
+        (p2, q2, "FIN_WAIT1", "FIN_WAIT2"),
+    ]);
     for (p, q, fd) in [(p1, q1, LOW), (p2, q2, LOW + 1)] {
         let ts = transitions(&all, p, q);
         assert_cause(
@@ -215,8 +226,8 @@ fn scenario_10_pid_follows_children_forked_later() {
     let (b, _) = listener.accept().unwrap();
     x.shutdown(Shutdown::Write).unwrap();
     wait_child(parent);
-    let all = tracer.stop();
     let worker_port = b.peer_addr().unwrap().port();
+    let all = tracer.stop_when(&[(worker_port, port, "ESTABLISHED", "FIN_WAIT1")]);
     let ts = transitions(&all, worker_port, port);
     let fw1 = find(&ts, worker_port, "ESTABLISHED", "FIN_WAIT1");
     let worker = fw1["cause"]["pid"].as_u64().unwrap() as u32;
@@ -272,7 +283,11 @@ fn orphan_expiry_follows_the_namespace_fin_timeout() {
         })
         .collect();
     let results: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
-    let all = tracer.stop();
+    let expect: Vec<(u16, u16, &str, &str)> = results
+        .iter()
+        .map(|r| (r.1, r.2, "FIN_WAIT2", "CLOSE"))
+        .collect();
+    let all = tracer.stop_when(&expect);
     for (fin_timeout, ap, bp, tid, _b) in &results {
         let ts = transitions(&all, *ap, *bp);
         let gone = find(&ts, *ap, "FIN_WAIT2", "CLOSE");
@@ -345,8 +360,8 @@ fn comm_filter_follows_a_process_by_name() {
     let (x, y) = pair(&listener);
     x.shutdown(Shutdown::Write).unwrap();
     wait_child(child);
-    let all = tracer.stop();
     let child_port = b.peer_addr().unwrap().port();
+    let all = tracer.stop_when(&[(child_port, port, "ESTABLISHED", "FIN_WAIT1")]);
     let ts = transitions(&all, child_port, port);
     let fw1 = find(&ts, child_port, "ESTABLISHED", "FIN_WAIT1");
     assert_cause(

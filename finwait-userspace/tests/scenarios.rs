@@ -26,7 +26,11 @@ fn half_close(bind: &str) {
     );
     let tid = gettid();
     a.shutdown(Shutdown::Write).unwrap();
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[
+        (ap, bp, "ESTABLISHED", "FIN_WAIT1"),
+        (ap, bp, "FIN_WAIT1", "FIN_WAIT2"),
+        (bp, ap, "ESTABLISHED", "CLOSE_WAIT"),
+    ]);
     let ts = transitions(&all, ap, bp);
 
     for (from, to) in [("ESTABLISHED", "FIN_WAIT1"), ("FIN_WAIT1", "FIN_WAIT2")] {
@@ -71,7 +75,12 @@ fn scenario_2_close_orphan() {
     );
     let (afd, tid) = (fd(&a), gettid());
     drop(a);
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[
+        (ap, bp, "ESTABLISHED", "FIN_WAIT1"),
+        (ap, bp, "FIN_WAIT1", "FIN_WAIT2"),
+        (ap, bp, "FIN_WAIT2", "CLOSE"),
+        (bp, ap, "ESTABLISHED", "CLOSE_WAIT"),
+    ]);
     let ts = transitions(&all, ap, bp);
 
     for (from, to) in [
@@ -116,7 +125,10 @@ fn scenario_4_close_wait_then_late_close() {
     })
     .join()
     .unwrap();
-    let all = tracer.stop();
+    let all = tracer.stop_when(&[
+        (bp, ap, "CLOSE_WAIT", "LAST_ACK"),
+        (bp, ap, "LAST_ACK", "CLOSE"),
+    ]);
     let ts = transitions(&all, ap, bp);
 
     let la = find(&ts, bp, "CLOSE_WAIT", "LAST_ACK");

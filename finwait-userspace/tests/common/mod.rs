@@ -59,17 +59,55 @@ impl Tracer {
         Tracer { child, lines: rx }
     }
 
-    /// Lets the last events arrive, stops the tracer with SIGINT and returns everything it printed.
-    pub fn stop(mut self) -> Vec<Value> {
-        thread::sleep(Duration::from_millis(400));
+    /// Waits (up to 10 s) until every `(lport, from, to)` in `expect` has been reported, then
+    /// stops the tracer with SIGINT and returns everything it printed. Waiting for the events
+    /// rather than sleeping matters: a peer in delayed-ACK mode may take 200 ms or more (longer on
+    /// a loaded machine) to acknowledge a FIN.
+    ///
+    /// Each entry is `(lport, rport, from, to)`: the full port pair, because ephemeral ports are
+    /// reused across connections to other peers, by other tests running at the same time.
+    pub fn stop_when(mut self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
+        let mut all = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let seen = |all: &[Value], (l, r, from, to): &(u16, u16, &str, &str)| {
+            all.iter().any(|v| {
+                v["lport"] == *l && v["rport"] == *r && v["from"] == *from && v["to"] == *to
+            })
+        };
+        while !expect.iter().all(|e| seen(&all, e)) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => all.push(v),
+                Err(_) => {
+                    let missing: Vec<_> = expect.iter().filter(|e| !seen(&all, e)).collect();
+                    eprintln!("stop_when: still missing after 10 s: {missing:?}");
+                    for (l, r, _, _) in missing {
+                        let ss = Command::new("ss")
+                            .args(["-tanoiH", &format!("( sport = :{l} and dport = :{r} )")])
+                            .output();
+                        eprintln!(
+                            "kernel: {:?}",
+                            ss.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        // Whatever else the same actions caused (a test may assert that something is absent).
+        thread::sleep(Duration::from_millis(300));
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let status = self.child.wait().unwrap();
         assert!(status.success(), "tracer exited with {status}");
-        let all: Vec<Value> = self.lines.iter().collect();
+        all.extend(self.lines.iter());
         let stats = all.last().expect("no output");
         assert_eq!(stats["event"], "stats", "{stats}");
         assert_eq!(stats["lost_ring_full"], 0, "events were lost: {stats}");
+        assert_eq!(
+            stats["kernel_skipped_nested"], 0,
+            "the kernel skipped events: {stats}"
+        );
         all
     }
 }
