@@ -192,6 +192,20 @@ pub struct KernelOffsets {
     pub socket_to_inode: i32,
     pub inode_ino: u32,
     pub inode_mode: u32,
+    /// 1 when the fields below were found: the state hook can then be a BTF tracepoint, which
+    /// reads the socket itself (and is only skipped when it interrupts itself).
+    pub state_btf: u32,
+    pub sock_protocol: u32,
+    /// `inet_sock.inet_sport`: local port, network order (the bound port `skc_num` is already
+    /// zeroed when a socket reaches CLOSE).
+    pub inet_sport: u32,
+    /// `skc_dport`: remote port, network order.
+    pub sock_dport: u32,
+    /// `inet_sock.inet_saddr`, as the classic tracepoint reports it.
+    pub inet_saddr: u32,
+    pub sock_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+    pub sock_v6_daddr: u32,
 }
 
 /// How many `--comm` names the kernel matches.

@@ -12,9 +12,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use finwait_common::{
     Call, Event, EventKind, FilterConfig, KernelOffsets, MAX_COMMS, OtherTpLayout, StateTpLayout,
@@ -56,6 +56,14 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     socket_to_inode: 0,
     inode_ino: 0,
     inode_mode: 0,
+    state_btf: 0,
+    sock_protocol: 0,
+    inet_sport: 0,
+    sock_dport: 0,
+    inet_saddr: 0,
+    sock_daddr: 0,
+    sock_v6_rcv_saddr: 0,
+    sock_v6_daddr: 0,
 };
 #[unsafe(no_mangle)]
 static FILTER: FilterConfig = FilterConfig {
@@ -215,10 +223,56 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
             e.saddr[..4].copy_from_slice(&s);
             e.daddr[..4].copy_from_slice(&d);
         }
-        sock_details(&mut e);
-        submit(&e);
+        emit_state(e);
     }
     Ok(())
+}
+
+#[inline(always)]
+fn emit_state(mut e: Event) {
+    sock_details(&mut e);
+    submit(&e);
+}
+
+/// The same hook as a BTF tracepoint: the kernel skips it only when it would interrupt itself,
+/// where a classic tracepoint is skipped whenever any BPF program runs on the CPU (a softirq
+/// landing in one of our syscall programs would lose its state change).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let _ = try_state_btf(sk, old as u8, new as u8);
+    0
+}
+
+#[inline(always)]
+fn try_state_btf(sk: u64, old: u8, new: u8) -> Option<()> {
+    let o = config(&OFFSETS);
+    if read::<u16>(sk, o.sock_protocol as u64)? != IPPROTO_TCP {
+        return None;
+    }
+    if config(&FILTER.all_transitions) == 0 && !tcp_state::worth_reporting(old, new) {
+        return None;
+    }
+    let mut e = new_event(EventKind::Transition);
+    e.sock = sk;
+    e.old_state = old;
+    e.new_state = new;
+    e.family = read::<u16>(sk, o.sock_family as u64)?;
+    e.sport = u16::from_be(read::<u16>(sk, o.inet_sport as u64)?);
+    e.dport = u16::from_be(read::<u16>(sk, o.sock_dport as u64)?);
+    if e.family == AF_INET6 {
+        e.saddr = read::<[u8; 16]>(sk, o.sock_v6_rcv_saddr as u64)?;
+        e.daddr = read::<[u8; 16]>(sk, o.sock_v6_daddr as u64)?;
+    } else {
+        let s = read::<[u8; 4]>(sk, o.inet_saddr as u64)?;
+        let d = read::<[u8; 4]>(sk, o.sock_daddr as u64)?;
+        e.saddr[..4].copy_from_slice(&s);
+        e.daddr[..4].copy_from_slice(&d);
+    }
+    emit_state(e);
+    Some(())
 }
 
 /// Socket flags (orphaned? peer FIN seen?) and inode (to find the owner in /proc).

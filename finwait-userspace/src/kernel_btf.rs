@@ -40,6 +40,25 @@ fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
         socket_to_inode: (inode_in_alloc - socket_in_alloc) as i32,
         inode_ino: off("inode", "i_ino")?,
         inode_mode: off("inode", "i_mode")?,
+        ..state_btf_offsets(btf).unwrap_or_default()
+    })
+}
+
+/// What the BTF state hook reads from `struct sock`; any missing field (or a bitfield, on old
+/// kernels) keeps the classic tracepoint.
+fn state_btf_offsets(btf: &Btf) -> Result<KernelOffsets> {
+    let off = |path: &str| member_offset(btf, "sock", path);
+    Ok(KernelOffsets {
+        state_btf: 1,
+        sock_protocol: off("sk_protocol")?,
+        // struct inet_sock starts with struct sock: its offsets apply to the same pointer.
+        inet_sport: member_offset(btf, "inet_sock", "inet_sport")?,
+        sock_dport: off("__sk_common.skc_dport")?,
+        inet_saddr: member_offset(btf, "inet_sock", "inet_saddr")?,
+        sock_daddr: off("__sk_common.skc_daddr")?,
+        sock_v6_rcv_saddr: off("__sk_common.skc_v6_rcv_saddr")?,
+        sock_v6_daddr: off("__sk_common.skc_v6_daddr")?,
+        ..Default::default()
     })
 }
 
@@ -50,9 +69,12 @@ pub fn member_offset(btf: &Btf, name: &str, path: &str) -> Result<u32> {
     let mut total_bits = 0u32;
     let mut parts = path.split('.').peekable();
     while let Some(part) = parts.next() {
-        let (bits, member_ty) = find_member(btf, &ty, part)
+        let (bits, member_ty, bitfield) = find_member(btf, &ty, part)
             .with_context(|| format!("struct {name} has no member `{path}` on this kernel"))?;
         total_bits += bits;
+        if bitfield {
+            bail!("{name}.{path} is a bitfield on this kernel");
+        }
         if parts.peek().is_some() {
             ty = strip(btf, member_ty).context("resolving a member type")?;
         }
@@ -85,8 +107,8 @@ fn strip(btf: &Btf, mut ty: Type) -> Result<Type, btf_rs::Error> {
     Err(btf_rs::Error::OpNotSupp("type chain too long".into()))
 }
 
-/// (bit offset, type) of member `want`, searching anonymous members recursively.
-fn find_member(btf: &Btf, ty: &Type, want: &str) -> Option<(u32, Type)> {
+/// (bit offset, type, is a bitfield) of member `want`, searching anonymous members recursively.
+fn find_member(btf: &Btf, ty: &Type, want: &str) -> Option<(u32, Type, bool)> {
     let members = match ty {
         Type::Struct(s) | Type::Union(s) => &s.members,
         _ => return None,
@@ -94,14 +116,15 @@ fn find_member(btf: &Btf, ty: &Type, want: &str) -> Option<(u32, Type)> {
     for m in members {
         let name = btf.resolve_name(m).unwrap_or_default();
         if name == want {
-            return Some((m.bit_offset(), btf.resolve_chained_type(m).ok()?));
+            let bitfield = m.bitfield_size().is_some_and(|n| n > 0);
+            return Some((m.bit_offset(), btf.resolve_chained_type(m).ok()?, bitfield));
         }
         if name.is_empty() {
             let Ok(inner) = btf.resolve_chained_type(m).and_then(|t| strip(btf, t)) else {
                 continue;
             };
-            if let Some((bits, t)) = find_member(btf, &inner, want) {
-                return Some((m.bit_offset() + bits, t));
+            if let Some((bits, t, bf)) = find_member(btf, &inner, want) {
+                return Some((m.bit_offset() + bits, t, bf));
             }
         }
     }
@@ -124,5 +147,9 @@ mod tests {
         assert!(o.task_files > 0 && o.sock_flags > 0 && o.inode_ino > 0);
         // struct socket sits at the start of socket_alloc, the inode after it.
         assert!(o.socket_to_inode > 0);
+        assert_eq!(
+            o.state_btf, 1,
+            "6.x kernels have every field the BTF state hook reads"
+        );
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData},
-    programs::TracePoint,
+    programs::{BtfTracePoint, TracePoint},
 };
 use finwait_common::{
     EVENTS_MAP, FilterConfig, KernelOffsets, MAX_COMMS, OtherTpLayout, StateTpLayout,
@@ -21,7 +21,6 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fi
 
 /// (program, category, tracepoint, required)
 const HOOKS: &[(&str, &str, &str, bool)] = &[
-    ("inet_sock_set_state", "sock", "inet_sock_set_state", true),
     ("sys_enter_close", "syscalls", "sys_enter_close", true),
     ("sys_exit_close", "syscalls", "sys_exit_close", true),
     ("sys_enter_shutdown", "syscalls", "sys_enter_shutdown", true),
@@ -66,6 +65,8 @@ pub struct Loaded {
     pub degraded: Vec<String>,
     pub attached: usize,
     pub attach_failed: usize,
+    /// How TCP state changes are hooked: "tp_btf" or "tracepoint".
+    pub state_hook: &'static str,
 }
 
 pub fn load(opts: &Options) -> Result<Loaded> {
@@ -121,7 +122,11 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         seed_pids(&mut ebpf, &pids)?;
     }
 
-    let (mut attached, mut attach_failed) = (0, 0);
+    // FINWAIT_FORCE_TRACEPOINT=1 keeps the classic hook (tests compare both; also a diagnosis aid).
+    let force_classic = std::env::var_os("FINWAIT_FORCE_TRACEPOINT").is_some_and(|v| v == "1");
+    let btf_ok = kernel_offsets.state_btf == 1 && !force_classic;
+    let state_hook = attach_state_hook(&mut ebpf, btf_ok, &mut degraded)?;
+    let (mut attached, mut attach_failed) = (1, 0);
     for &(prog, category, name, required) in HOOKS {
         match attach(&mut ebpf, prog, category, name) {
             Ok(()) => attached += 1,
@@ -146,7 +151,42 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         degraded,
         attached,
         attach_failed,
+        state_hook,
     })
+}
+
+/// The BTF tracepoint where the kernel has what it reads, else the classic one.
+fn attach_state_hook(
+    ebpf: &mut Ebpf,
+    btf_ok: bool,
+    degraded: &mut Vec<String>,
+) -> Result<&'static str> {
+    if btf_ok {
+        match attach_btf(ebpf) {
+            Ok(()) => return Ok("tp_btf"),
+            Err(e) => degraded.push(format!(
+                "the BTF tracepoint for TCP state changes is unavailable ({}); using the classic \
+                 tracepoint, which the kernel skips while another BPF program runs on the same CPU \
+                 (counted as kernel_skipped_nested)",
+                short_error(&e)
+            )),
+        }
+    }
+    attach(ebpf, "inet_sock_set_state", "sock", "inet_sock_set_state").context(
+        "attaching sock:inet_sock_set_state failed; finwait needs it (Linux 4.16 or newer with tracepoints)",
+    )?;
+    Ok("tracepoint")
+}
+
+fn attach_btf(ebpf: &mut Ebpf) -> Result<()> {
+    let btf = aya::Btf::from_sys_fs()?;
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut("inet_sock_set_state_btf")
+        .context("program inet_sock_set_state_btf missing from the object")?
+        .try_into()?;
+    p.load("inet_sock_set_state", &btf)?;
+    p.attach()?;
+    Ok(())
 }
 
 /// An attach error without the verifier's full log (which can run to megabytes).

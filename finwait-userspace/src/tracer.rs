@@ -69,7 +69,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     let stdout = std::io::stdout();
     let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
 
-    let mode = "tracepoint";
+    let mode = loaded.state_hook;
     let fd_resolution = loaded.offsets.is_some();
     for note in &loaded.degraded {
         eprintln!("finwait-trace: warning: {note}");

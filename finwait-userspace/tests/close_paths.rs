@@ -227,3 +227,43 @@ fn scenario_9_v4_mapped_prints_as_ipv4() {
     );
     drop(a);
 }
+
+/// The BTF state hook reads the socket itself; the classic tracepoint gets the kernel's own
+/// copy of the fields. Both must report the same transitions, IPv4 and IPv6, up to the final
+/// CLOSE (where the kernel has already released the bound port).
+#[test]
+fn btf_and_classic_state_hooks_agree() {
+    let btf = Tracer::start(&[]);
+    let classic = Tracer::start_env(&[], &[("FINWAIT_FORCE_TRACEPOINT", "1")]);
+    let mut pairs = Vec::new();
+    for bind in ["127.0.0.1:0", "[::1]:0"] {
+        let listener = TcpListener::bind(bind).unwrap();
+        let (a, b) = pair(&listener);
+        pairs.push(ports(&a, &b));
+        drop(a);
+        thread::sleep(Duration::from_millis(50));
+        drop(b);
+    }
+    let expect: Vec<(u16, u16, &str, &str)> = pairs
+        .iter()
+        .flat_map(|&(a, b)| [(a, b, "FIN_WAIT2", "CLOSE"), (b, a, "LAST_ACK", "CLOSE")])
+        .collect();
+    let from_btf = btf.stop_when(&expect);
+    let from_classic = classic.stop_when(&expect);
+    let key = |v: &serde_json::Value| {
+        [
+            "family", "laddr", "lport", "raddr", "rport", "from", "to", "sock",
+        ]
+        .map(|k| v[k].to_string())
+        .join(" ")
+    };
+    for &(a, b) in &pairs {
+        let one: Vec<String> = transitions(&from_btf, a, b).iter().map(key).collect();
+        let other: Vec<String> = transitions(&from_classic, a, b).iter().map(key).collect();
+        assert_eq!(one.len(), 6, "{one:#?}");
+        assert_eq!(one, other);
+    }
+    let mode = |all: &[serde_json::Value]| all[0]["mode"].clone();
+    assert_eq!(mode(&from_btf), "tp_btf");
+    assert_eq!(mode(&from_classic), "tracepoint");
+}

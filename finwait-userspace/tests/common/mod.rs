@@ -14,6 +14,8 @@ use serde_json::Value;
 pub struct Tracer {
     child: Child,
     lines: mpsc::Receiver<Value>,
+    /// The `start` event; `stop_when` returns it first.
+    start: Value,
 }
 
 pub fn gettid() -> u32 {
@@ -28,6 +30,10 @@ pub fn fd(s: &impl AsRawFd) -> i64 {
 impl Tracer {
     /// Starts the tracer and waits until its programs are attached.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_env(args, &[])
+    }
+
+    pub fn start_env(args: &[&str], envs: &[(&str, &str)]) -> Self {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -37,6 +43,7 @@ impl Tracer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
             .arg("--json")
             .args(args)
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn finwait-trace");
@@ -56,10 +63,14 @@ impl Tracer {
             .recv_timeout(Duration::from_secs(60))
             .expect("tracer did not start");
         assert_eq!(start["event"], "start", "{start}");
-        Tracer { child, lines: rx }
+        Tracer {
+            child,
+            lines: rx,
+            start,
+        }
     }
 
-    /// Waits (up to 10 s) until every `(lport, from, to)` in `expect` has been reported, then
+    /// Waits (up to 10 s) until every `(lport, rport, from, to)` in `expect` is reported, then
     /// stops the tracer with SIGINT and returns everything it printed. Waiting for the events
     /// rather than sleeping matters: a peer in delayed-ACK mode may take 200 ms or more (longer on
     /// a loaded machine) to acknowledge a FIN.
@@ -67,7 +78,7 @@ impl Tracer {
     /// Each entry is `(lport, rport, from, to)`: the full port pair, because ephemeral ports are
     /// reused across connections to other peers, by other tests running at the same time.
     pub fn stop_when(mut self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
-        let mut all = Vec::new();
+        let mut all = vec![self.start.clone()];
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let seen = |all: &[Value], (l, r, from, to): &(u16, u16, &str, &str)| {
             all.iter().any(|v| {
