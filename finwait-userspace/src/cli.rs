@@ -1,5 +1,5 @@
 //! Command-line options.
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -9,9 +9,41 @@ use clap::Parser;
     after_help = "Examples:
   sudo finwait-trace --pid $(pgrep -o nginx)   # nginx master and all its workers
   sudo finwait-trace --json --duration 60       # one JSON object per line, for a minute
-  sudo finwait-trace --demo                     # a built-in loopback workload, traced"
+  sudo finwait-trace --demo                     # a built-in loopback workload, traced
+  sudo finwait-trace snapshot --detail          # the sockets stuck right now, and whose job they are",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the TCP sockets on the close path now: who holds each one and whose job it is.
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Only sockets held by (or inferred to belong to) these processes and their descendants.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// One JSON object per line: a summary, then every socket.
+    #[arg(long)]
+    pub json: bool,
+
+    /// After the summary, one line per socket.
+    #[arg(long)]
+    pub detail: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
     /// Trace only these processes and their descendants (repeatable).
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
@@ -37,6 +69,10 @@ pub struct Cli {
     /// print what was found and exit.
     #[arg(long, conflicts_with_all = ["pids", "comms"])]
     pub demo: bool,
+
+    /// Do not start with a snapshot of the sockets already on the close path.
+    #[arg(long)]
+    pub no_snapshot: bool,
 
     /// Ring buffer size in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
@@ -79,9 +115,14 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--ring-buffer-kib", "100"]).is_err());
         assert!(Cli::try_parse_from(["x", "--demo", "--pid", "1"]).is_err());
         let c = Cli::try_parse_from(["x", "--pid", "1", "--pid", "2", "--json"]).unwrap();
-        assert_eq!(c.pids, vec![1, 2]);
+        assert_eq!(c.trace.pids, vec![1, 2]);
+        let s = Cli::try_parse_from(["x", "snapshot", "--pid", "7", "--detail"]).unwrap();
+        assert!(
+            matches!(s.command, Some(Command::Snapshot(SnapshotArgs { ref pids, detail: true, .. })) if pids == &[7])
+        );
+        assert!(Cli::try_parse_from(["x", "--json", "snapshot"]).is_err());
         assert!(Cli::try_parse_from(["x", "--comm", "a-name-longer-than-15"]).is_err());
         let c = Cli::try_parse_from(["x", "--comm", "nginx", "--comm", "python3"]).unwrap();
-        assert_eq!(c.comms, vec!["nginx", "python3"]);
+        assert_eq!(c.trace.comms, vec!["nginx", "python3"]);
     }
 }

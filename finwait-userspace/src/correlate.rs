@@ -113,6 +113,8 @@ pub struct TransitionReport {
     pub since_fin_ns: Option<u64>,
     pub half_closed_ns: Option<u64>,
     pub close_wait_ns: Option<u64>,
+    /// The durations count from the snapshot taken at start: the real ones are longer.
+    pub at_least: bool,
     pub inode: u64,
     /// `tcp_fin_timeout` of the socket's network namespace, filled in by the tracer.
     pub fin_timeout_s: Option<u64>,
@@ -199,6 +201,8 @@ struct SockState {
     reset_received: bool,
     reset_sent: bool,
     orphan: bool,
+    /// Its durations count from the start-up snapshot.
+    since_snapshot: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -213,6 +217,9 @@ struct ThreadState {
 pub struct Correlator {
     socks: LruCache<u64, SockState>,
     threads: LruCache<u32, ThreadState>,
+    /// Sockets that were already in CLOSE_WAIT or half-closed FIN_WAIT2 when finwait started:
+    /// inode -> CLOSE_WAIT or FIN_WAIT2 since (at least) this time.
+    seeds: std::collections::HashMap<u64, u64>,
     /// file_ref_t (6.13+) counts from zero.
     refs_zero_based: bool,
     stats: Stats,
@@ -230,6 +237,7 @@ impl Correlator {
         Self {
             socks: LruCache::new(NonZeroUsize::new(socks.max(1)).unwrap()),
             threads: LruCache::new(NonZeroUsize::new(threads.max(1)).unwrap()),
+            seeds: Default::default(),
             refs_zero_based,
             stats: Stats::default(),
         }
@@ -237,6 +245,14 @@ impl Correlator {
 
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// A socket found by the start-up snapshot in CLOSE_WAIT or half-closed FIN_WAIT2, keyed by
+    /// inode (what sock_diag and the kernel hooks have in common).
+    pub fn seed(&mut self, inode: u64, since_ns: u64) {
+        if inode != 0 {
+            self.seeds.insert(inode, since_ns);
+        }
     }
 
     pub fn tracked_sockets(&self) -> usize {
@@ -443,14 +459,35 @@ impl Correlator {
             inode,
             fin_timeout_s: None,
             fin_by: None,
+            at_least: false,
         };
         let dead = sk_flags.map(|f| f & SOCK_DEAD != 0);
         let peer_fin_seen = sk_flags.is_some_and(|f| f & SOCK_DONE != 0);
+        // Leaving a state whose start finwait never saw: if the start-up snapshot found the
+        // socket there, time it from the snapshot, as a lower bound.
+        let unknown_since = match (old, self.socks.peek(&sock)) {
+            (st::CLOSE_WAIT, s) => s.is_none_or(|s| s.close_wait_since_ns.is_none()),
+            (st::FIN_WAIT2, s) => s.is_none_or(|s| s.half_closed_since_ns.is_none() && !s.orphan),
+            _ => false,
+        };
+        let seed = if unknown_since {
+            self.seeds.remove(&inode)
+        } else {
+            None
+        };
         {
             let s = self.sock(sock);
             s.ends = Some(ends);
             s.state = Some(new);
+            if let Some(since) = seed {
+                match old {
+                    st::CLOSE_WAIT => s.close_wait_since_ns = Some(since),
+                    _ => s.half_closed_since_ns = Some(since),
+                }
+                s.since_snapshot = true;
+            }
         }
+        r.at_least = self.socks.peek(&sock).is_some_and(|s| s.since_snapshot);
 
         match (old, new) {
             // Our FIN: only a local close/shutdown (or exit) does this.
@@ -857,6 +894,31 @@ mod tests {
         assert_eq!(t[2].fw2_exit, Some(Fw2Exit::TimeWait));
         assert_eq!(t[2].effective_new(), st::TIME_WAIT);
         assert_eq!(t[2].cause.as_ref().unwrap().kind, CauseKind::PeerFin);
+    }
+
+    /// A socket already in CLOSE_WAIT when finwait started: its close is timed from the snapshot.
+    #[test]
+    fn snapshot_seed_gives_a_lower_bound() {
+        let mut c = Correlator::new(false);
+        c.seed(B + 1000, 1_000);
+        let b = task(20, 21, "srv");
+        let mut out = Vec::new();
+        c.handle(
+            rec(5_000_000_000, &b, enter(Call::Close, 7, 0, B, 1)),
+            &mut out,
+        );
+        c.handle(
+            rec(
+                5_000_000_001,
+                &b,
+                tr(B, st::CLOSE_WAIT, st::LAST_ACK, 0, 80, 1),
+            ),
+            &mut out,
+        );
+        let t = transitions(&out);
+        assert_eq!(t[0].close_wait_ns, Some(4_999_999_001));
+        assert!(t[0].at_least);
+        assert_eq!(t[0].cause.as_ref().unwrap().fd, Some(7));
     }
 
     /// Scenario 3: closing a half-closed FIN_WAIT2 socket.

@@ -48,6 +48,8 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
         ring_bytes,
         ports: vec![port],
         keep_reports: true,
+        // The demo's own connections are all that matter to it.
+        snapshot: false,
     };
     let summary = tracer::run(cfg, Stopper(Some(stop_rx)), || {
         let _ = ready_tx.send(());

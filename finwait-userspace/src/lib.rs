@@ -20,5 +20,7 @@ pub mod owners;
 pub mod procs;
 pub mod prog_stats;
 pub mod resolve;
+pub mod snapshot;
+pub mod sockdiag;
 pub mod tracefs;
 pub mod tracer;

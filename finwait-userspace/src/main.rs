@@ -2,8 +2,8 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
 use finwait_userspace::{
-    cli::Cli,
-    demo,
+    cli::{Cli, Command},
+    demo, snapshot,
     tracer::{self, Config, Stopper},
 };
 
@@ -19,20 +19,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ring_bytes = cli.ring_buffer_kib * 1024;
     let result = runtime.block_on(async {
-        if cli.demo {
-            return demo::run(cli.json, ring_bytes).await;
+        if let Some(Command::Snapshot(args)) = cli.command {
+            return snapshot::run(&args.pids, args.json, args.detail);
+        }
+        let t = cli.trace;
+        let ring_bytes = t.ring_buffer_kib * 1024;
+        if t.demo {
+            return demo::run(t.json, ring_bytes).await;
         }
         let cfg = Config {
-            pids: cli.pids,
-            comms: cli.comms,
-            json: cli.json,
-            all: cli.all,
-            duration: cli.duration.map(Duration::from_secs_f64),
+            pids: t.pids,
+            comms: t.comms,
+            json: t.json,
+            all: t.all,
+            duration: t.duration.map(Duration::from_secs_f64),
             ring_bytes,
             ports: Vec::new(),
             keep_reports: false,
+            snapshot: !t.no_snapshot,
         };
         tracer::run(cfg, Stopper(None), || {}).await.map(|_| ())
     });

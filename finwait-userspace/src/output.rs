@@ -149,6 +149,9 @@ fn transition_json(t: &TransitionReport, clock: &Clock, fin_timeout_s: u64) -> V
         );
         m.insert("tcp_fin_timeout_s".into(), json!(fin_timeout_s));
     }
+    if t.at_least {
+        m.insert("at_least".into(), json!(true));
+    }
     for (k, ns) in [
         ("since_fin_ms", t.since_fin_ns),
         ("half_closed_ms", t.half_closed_ns),
@@ -234,9 +237,10 @@ pub fn explain(t: &TransitionReport, fin_timeout_s: u64) -> String {
             owner(&t.owner)
         ),
         (st::CLOSE_WAIT, st::LAST_ACK) => {
+            let at_least = if t.at_least { "at least " } else { "" };
             let waited = t
                 .close_wait_ns
-                .map(|n| format!(" after {} in CLOSE_WAIT", dur(n)))
+                .map(|n| format!(" after {at_least}{} in CLOSE_WAIT", dur(n)))
                 .unwrap_or_default();
             format!("closed by {by}{waited}")
         }

@@ -48,6 +48,11 @@ impl Resolver {
         }
     }
 
+    /// The owner of a socket found in CLOSE_WAIT by the start-up snapshot.
+    pub fn remember(&mut self, inode: u64, owner: Owner) {
+        self.close_wait_owner.insert(inode, owner);
+    }
+
     pub fn scans(&self) -> u64 {
         self.scanner.scans()
     }
@@ -142,6 +147,7 @@ mod tests {
             inode,
             fin_timeout_s: None,
             fin_by: None,
+            at_least: false,
         })
     }
 

@@ -13,7 +13,6 @@ use serde_json::{Value, json};
 use crate::{
     correlate::Owner,
     output::state_name,
-    owners::ProcOwners,
     sockdiag::{self, DiagSocket, TimerLeft},
 };
 
@@ -67,27 +66,56 @@ impl Entry {
         if let Some(o) = self.owners.first() {
             return Some((o.pid, &o.comm, false));
         }
-        self.inferred.as_ref().map(|i| (i.pid, i.comm.as_str(), true))
+        self.inferred
+            .as_ref()
+            .map(|i| (i.pid, i.comm.as_str(), true))
     }
 
     /// The answer in words.
     pub fn answer(&self) -> String {
         let holder = match self.owners.first() {
-            Some(o) if self.owners.len() > 1 => format!("{}[{}] and {} other holder(s)", o.comm, o.pid, self.owners.len() - 1),
+            Some(o) if self.owners.len() > 1 => format!(
+                "{}[{}] and {} other holder(s)",
+                o.comm,
+                o.pid,
+                self.owners.len() - 1
+            ),
             Some(o) => format!("{}[{}] fd {}", o.comm, o.pid, o.fd),
             None => "its owner (not found)".into(),
         };
-        let left = |t: Option<TimerLeft>| t.map(|t| format!(" (about {} left)", secs(t.left()))).unwrap_or_default();
+        let left = |t: Option<TimerLeft>| {
+            t.map(|t| format!(" (about {} left)", secs(t.left())))
+                .unwrap_or_default()
+        };
         let inferred = match &self.inferred {
-            Some(i) => format!("; closed by {}[{}] (inferred: it listens on port {})", i.comm, i.pid, self.sock.lport),
+            Some(i) => format!(
+                "; closed by {}[{}] (inferred: it listens on port {})",
+                i.comm, i.pid, self.sock.lport
+            ),
             None => String::new(),
         };
         match self.class {
-            Class::HalfClosed => format!("half-closed by shutdown() and still held by {holder}: it must close it (no kernel timeout)"),
-            Class::Orphaned => format!("orphaned after close(){inferred}: the kernel frees it{}", left(self.sock.timer)),
-            Class::CloseWait => format!("the peer closed; {holder} must close it (a leak if it stays: CLOSE_WAIT never times out)"),
-            Class::FinWait1 => format!("FIN sent, not yet acknowledged{}", if self.owners.is_empty() { inferred } else { format!("; held by {holder}") }),
-            Class::LastAck => "closed by its owner after the peer; waiting for the peer's last ACK".into(),
+            Class::HalfClosed => format!(
+                "half-closed by shutdown() and still held by {holder}: it must close it (no kernel timeout)"
+            ),
+            Class::Orphaned => format!(
+                "orphaned after close(){inferred}: the kernel frees it{}",
+                left(self.sock.timer)
+            ),
+            Class::CloseWait => format!(
+                "the peer closed; {holder} must close it (a leak if it stays: CLOSE_WAIT never times out)"
+            ),
+            Class::FinWait1 => format!(
+                "FIN sent, not yet acknowledged{}",
+                if self.owners.is_empty() {
+                    inferred
+                } else {
+                    format!("; held by {holder}")
+                }
+            ),
+            Class::LastAck => {
+                "closed by its owner after the peer; waiting for the peer's last ACK".into()
+            }
             Class::Closing => "both sides closed at once; waiting for the peer's ACK".into(),
             Class::TimeWait => format!("TIME_WAIT{}", left(self.sock.timer)),
         }
@@ -95,7 +123,11 @@ impl Entry {
 }
 
 fn secs(d: Duration) -> String {
-    if d >= Duration::from_secs(1) { format!("{} s", d.as_secs()) } else { format!("{} ms", d.as_millis()) }
+    if d >= Duration::from_secs(1) {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
 }
 
 /// The states a snapshot reads (LISTEN only to infer owners of orphans).
@@ -135,25 +167,45 @@ pub struct Snapshot {
 pub fn take(pids: &[u32]) -> Result<Snapshot> {
     let taken_ns = crate::owners::monotonic_ns();
     let sockets = sockdiag::dump(states())?;
-    let owners = ProcOwners::scan();
-    Ok(Snapshot { entries: build(sockets, |inode| owners.get(inode).to_vec(), pids), taken_ns })
+    let owners = crate::owners::scan();
+    Ok(Snapshot {
+        entries: build(sockets, |inode| owners.get(inode).to_vec(), pids),
+        taken_ns,
+    })
 }
 
 /// Classifies sockets given an owner lookup (pure: unit-tested with made-up sockets).
-pub fn build(sockets: Vec<DiagSocket>, owners_of: impl Fn(u64) -> Vec<Owner>, pids: &[u32]) -> Vec<Entry> {
+pub fn build(
+    sockets: Vec<DiagSocket>,
+    owners_of: impl Fn(u64) -> Vec<Owner>,
+    pids: &[u32],
+) -> Vec<Entry> {
     // Listening sockets by (address, port), to infer who accepted a now-orphaned connection.
     let mut listeners: HashMap<(Option<IpAddr>, u16), Inferred> = HashMap::new();
     for s in sockets.iter().filter(|s| s.state == st::LISTEN) {
         if let Some(o) = owners_of(s.inode).into_iter().next() {
             let any = s.local.is_unspecified();
-            listeners.insert((if any { None } else { Some(s.local) }, s.lport), Inferred { pid: o.pid, comm: o.comm });
+            listeners.insert(
+                (if any { None } else { Some(s.local) }, s.lport),
+                Inferred {
+                    pid: o.pid,
+                    comm: o.comm,
+                },
+            );
         }
     }
-    let keep: Option<HashSet<u32>> = (!pids.is_empty()).then(|| crate::procs::with_descendants(pids).into_iter().collect());
+    let keep: Option<HashSet<u32>> =
+        (!pids.is_empty()).then(|| crate::procs::with_descendants(pids).into_iter().collect());
     let mut entries = Vec::new();
     for s in sockets.into_iter().filter(|s| s.state != st::LISTEN) {
-        let owners = if s.inode != 0 { owners_of(s.inode) } else { Vec::new() };
-        let Some(class) = classify(&s, &owners) else { continue };
+        let owners = if s.inode != 0 {
+            owners_of(s.inode)
+        } else {
+            Vec::new()
+        };
+        let Some(class) = classify(&s, &owners) else {
+            continue;
+        };
         let inferred = if owners.is_empty() && class != Class::TimeWait {
             listeners
                 .get(&(Some(s.local), s.lport))
@@ -162,8 +214,15 @@ pub fn build(sockets: Vec<DiagSocket>, owners_of: impl Fn(u64) -> Vec<Owner>, pi
         } else {
             None
         };
-        let e = Entry { sock: s, class, owners, inferred };
+        let mut e = Entry {
+            sock: s,
+            class,
+            owners,
+            inferred,
+        };
         if let Some(keep) = &keep {
+            // The processes asked about come first: the summary speaks of them.
+            e.owners.sort_by_key(|o| !keep.contains(&o.pid));
             let held = e.owners.iter().any(|o| keep.contains(&o.pid));
             let inferred = e.inferred.as_ref().is_some_and(|i| keep.contains(&i.pid));
             if !held && !inferred {
@@ -185,7 +244,10 @@ pub struct Group {
 pub fn summarize(entries: &[Entry]) -> BTreeMap<(u32, String), Group> {
     let mut groups: BTreeMap<(u32, String), Group> = BTreeMap::new();
     for e in entries.iter().filter(|e| e.class != Class::TimeWait) {
-        let (pid, comm, inferred) = e.responsible().map(|(p, c, i)| (p, c.to_string(), i)).unwrap_or((0, "(no owner found)".into(), false));
+        let (pid, comm, inferred) = e
+            .responsible()
+            .map(|(p, c, i)| (p, c.to_string(), i))
+            .unwrap_or((0, "(no owner found)".into(), false));
         let g = groups.entry((pid, comm)).or_default();
         *g.counts.entry(e.class).or_default() += 1;
         g.inferred += inferred as usize;
@@ -201,29 +263,58 @@ pub fn summary_lines(entries: &[Entry]) -> Vec<String> {
     let mut lines = Vec::new();
     for ((pid, comm), g) in rows {
         let n = |c: Class| g.counts.get(&c).copied().unwrap_or(0);
-        let who = if *pid == 0 { comm.clone() } else { format!("{comm}[{pid}]") };
+        let who = if *pid == 0 {
+            comm.clone()
+        } else {
+            format!("{comm}[{pid}]")
+        };
         let mut parts = Vec::new();
         let fw2 = n(Class::HalfClosed) + n(Class::Orphaned);
         if fw2 > 0 {
-            let inferred = if g.inferred > 0 { format!(" ({} inferred from the listening port)", g.inferred) } else { String::new() };
-            parts.push(format!(
-                "{fw2} FIN_WAIT2, of which {} orphaned after close(){inferred} (the kernel frees them) and {} half-closed by shutdown() still open (the process must close them)",
-                n(Class::Orphaned),
-                n(Class::HalfClosed)
-            ));
+            let inferred = if g.inferred > 0 {
+                format!(", {} inferred from the listening port", g.inferred)
+            } else {
+                String::new()
+            };
+            let mut kinds = Vec::new();
+            if n(Class::Orphaned) > 0 {
+                kinds.push(format!(
+                    "{} orphaned after close() (the kernel frees them{inferred})",
+                    n(Class::Orphaned)
+                ));
+            }
+            if n(Class::HalfClosed) > 0 {
+                kinds.push(format!(
+                    "{} half-closed by shutdown() and still open (the process must close them)",
+                    n(Class::HalfClosed)
+                ));
+            }
+            parts.push(format!("{fw2} FIN_WAIT2: {}", kinds.join(", ")));
         }
         if n(Class::CloseWait) > 0 {
-            parts.push(format!("{} CLOSE_WAIT held open (the process must close them; a leak if they stay)", n(Class::CloseWait)));
+            parts.push(format!(
+                "{} CLOSE_WAIT held open (the process must close them; a leak if they stay)",
+                n(Class::CloseWait)
+            ));
         }
-        for (c, label) in [(Class::FinWait1, "FIN_WAIT1"), (Class::LastAck, "LAST_ACK"), (Class::Closing, "CLOSING")] {
+        for (c, label) in [
+            (Class::FinWait1, "FIN_WAIT1"),
+            (Class::LastAck, "LAST_ACK"),
+            (Class::Closing, "CLOSING"),
+        ] {
             if n(c) > 0 {
                 parts.push(format!("{} {label}", n(c)));
             }
         }
         lines.push(format!("{who}: {}", parts.join("; ")));
     }
-    let tw = entries.iter().filter(|e| e.class == Class::TimeWait).count();
-    lines.push(format!("TIME_WAIT: {tw} (normal after an active close; the kernel frees them)"));
+    let tw = entries
+        .iter()
+        .filter(|e| e.class == Class::TimeWait)
+        .count();
+    lines.push(format!(
+        "TIME_WAIT: {tw} (normal after an active close; the kernel frees them)"
+    ));
     lines
 }
 
@@ -265,7 +356,23 @@ pub fn summary_json(entries: &[Entry]) -> Value {
     })
 }
 
-pub fn print(entries: &[Entry], json: bool, detail: bool, out: &mut impl std::io::Write) -> std::io::Result<()> {
+/// `finwait-trace snapshot`.
+pub fn run(pids: &[u32], json: bool, detail: bool) -> Result<()> {
+    crate::procs::check_exists(pids)?;
+    let snap = take(pids)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    print(&snap.entries, json, detail, &mut out)?;
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
+pub fn print(
+    entries: &[Entry],
+    json: bool,
+    detail: bool,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
     if json {
         writeln!(out, "{}", summary_json(entries))?;
         for e in entries.iter().filter(|e| e.class != Class::TimeWait) {
@@ -280,7 +387,16 @@ pub fn print(entries: &[Entry], json: bool, detail: bool, out: &mut impl std::io
     if detail {
         for e in entries.iter().filter(|e| e.class != Class::TimeWait) {
             let s = &e.sock;
-            writeln!(out, "{}:{} > {}:{} {}: {}", s.local, s.lport, s.remote, s.rport, state_name(s.state), e.answer())?;
+            writeln!(
+                out,
+                "{}:{} > {}:{} {}: {}",
+                s.local,
+                s.lport,
+                s.remote,
+                s.rport,
+                state_name(s.state),
+                e.answer()
+            )?;
         }
     }
     Ok(())
@@ -292,10 +408,26 @@ mod tests {
 
     fn sock(state: u8, lport: u16, inode: u64, timer: Option<TimerLeft>) -> DiagSocket {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        DiagSocket { state, local: lo, lport, remote: lo, rport: 40000, inode, uid: 0, timer, recv_queue: 0, send_queue: 0, shutdown: None }
+        DiagSocket {
+            state,
+            local: lo,
+            lport,
+            remote: lo,
+            rport: 40000,
+            inode,
+            uid: 0,
+            timer,
+            recv_queue: 0,
+            send_queue: 0,
+            shutdown: None,
+        }
     }
     fn owner(pid: u32, comm: &str, fd: i32) -> Owner {
-        Owner { pid, comm: comm.into(), fd }
+        Owner {
+            pid,
+            comm: comm.into(),
+            fd,
+        }
     }
 
     #[test]
@@ -317,13 +449,48 @@ mod tests {
         ];
         let e = build(sockets, owners, &[]);
         let classes: Vec<Class> = e.iter().map(|e| e.class).collect();
-        assert_eq!(classes, [Class::HalfClosed, Class::Orphaned, Class::CloseWait, Class::TimeWait, Class::Orphaned]);
-        assert_eq!(e[1].inferred, Some(Inferred { pid: 10, comm: "nginx".into() }));
-        assert_eq!(e[4].inferred, None, "no listener on a client port: no guess");
+        assert_eq!(
+            classes,
+            [
+                Class::HalfClosed,
+                Class::Orphaned,
+                Class::CloseWait,
+                Class::TimeWait,
+                Class::Orphaned
+            ]
+        );
+        assert_eq!(
+            e[1].inferred,
+            Some(Inferred {
+                pid: 10,
+                comm: "nginx".into()
+            })
+        );
+        assert_eq!(
+            e[4].inferred, None,
+            "no listener on a client port: no guess"
+        );
         let lines = summary_lines(&e);
-        assert!(lines.iter().any(|l| l.starts_with("nginx[10]: 1 FIN_WAIT2, of which 1 orphaned")), "{lines:?}");
-        assert!(lines.iter().any(|l| l.starts_with("python3[99]: 1 CLOSE_WAIT held open")), "{lines:?}");
-        assert_eq!(lines.last().unwrap(), "TIME_WAIT: 1 (normal after an active close; the kernel frees them)");
-        assert!(e[1].answer().contains("about 42 s left"), "{}", e[1].answer());
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("nginx[10]: 1 FIN_WAIT2: 1 orphaned after close()")),
+            "{lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("python3[99]: 1 CLOSE_WAIT held open")),
+            "{lines:?}"
+        );
+        assert_eq!(
+            lines.last().unwrap(),
+            "TIME_WAIT: 1 (normal after an active close; the kernel frees them)"
+        );
+        assert!(
+            e[1].answer().contains("about 42 s left"),
+            "{}",
+            e[1].answer()
+        );
     }
 }

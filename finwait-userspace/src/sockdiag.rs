@@ -1,9 +1,6 @@
 //! A dump of TCP sockets through netlink sock_diag (what `ss` uses): state, addresses, inode,
 //! uid, timer with its remaining time, queues, and the shutdown bits of full sockets.
-use std::{
-    net::IpAddr,
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use netlink_packet_core::{
@@ -12,7 +9,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla, Timer},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, Timer, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -38,7 +35,10 @@ impl TimerLeft {
     }
     pub fn left(self) -> Duration {
         match self {
-            TimerLeft::Retransmit(d) | TimerLeft::KeepAlive(d) | TimerLeft::TimeWait(d) | TimerLeft::Probe(d) => d,
+            TimerLeft::Retransmit(d)
+            | TimerLeft::KeepAlive(d)
+            | TimerLeft::TimeWait(d)
+            | TimerLeft::Probe(d) => d,
         }
     }
 }
@@ -64,8 +64,12 @@ pub struct DiagSocket {
 pub fn dump(states: StateFlags) -> Result<Vec<DiagSocket>> {
     let mut out = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        dump_family(family, states, &mut out)
-            .with_context(|| format!("sock_diag dump of {} TCP sockets", if family == AF_INET { "IPv4" } else { "IPv6" }))?;
+        dump_family(family, states.clone(), &mut out).with_context(|| {
+            format!(
+                "sock_diag dump of {} TCP sockets",
+                if family == AF_INET { "IPv4" } else { "IPv6" }
+            )
+        })?;
     }
     Ok(out)
 }
@@ -80,7 +84,11 @@ fn dump_family(family: u8, states: StateFlags, out: &mut Vec<DiagSocket>) -> Res
     socket.connect(&SocketAddr::new(0, 0))?;
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    let socket_id = if family == AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    };
     let mut packet = NetlinkMessage::new(
         header,
         SockDiagMessage::InetRequest(InetRequest {
@@ -135,7 +143,7 @@ fn unmap(a: IpAddr) -> IpAddr {
 
 fn convert(r: &InetResponse, raw_expires_ms: u32) -> DiagSocket {
     let h = &r.header;
-    let timer = h.timer.map(|t| match t {
+    let timer = h.timer.as_ref().map(|t| match *t {
         Timer::Retransmit(d, _) => TimerLeft::Retransmit(d),
         Timer::KeepAlive(d) => TimerLeft::KeepAlive(d),
         Timer::TimeWait => TimerLeft::TimeWait(Duration::from_millis(raw_expires_ms as u64)),

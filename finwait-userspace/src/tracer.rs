@@ -23,6 +23,7 @@ use crate::{
     output::{self, Clock},
     owners::{self, Scanner},
     resolve::Resolver,
+    snapshot::{self, Class},
 };
 
 /// Drains at least this often even without a wake-up (the kernel side batches wake-ups).
@@ -39,6 +40,8 @@ pub struct Config {
     pub ports: Vec<u16>,
     /// Keep the shown reports and return them (the demo summarises them).
     pub keep_reports: bool,
+    /// Start with a snapshot of the sockets already on the close path.
+    pub snapshot: bool,
 }
 
 /// How the run ended, for callers that drive a workload (the demo).
@@ -93,6 +96,9 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
             "finwait-trace: tracing TCP close paths (mode: {mode}, fd->socket resolution: {}, tcp_fin_timeout {fin_timeout_s} s); Ctrl-C to stop",
             if fd_resolution { "on" } else { "off" }
         )?;
+    }
+    if cfg.snapshot {
+        start_snapshot(&cfg, &mut correlator, &mut resolver, &mut out);
     }
     out.flush()?;
     on_ready();
@@ -204,6 +210,40 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     }
     out.flush()?;
     Ok(Summary { reports: view.kept })
+}
+
+/// The sockets already stuck, taken after the programs are attached so that nothing falls
+/// between the two: printed first, and handed to the correlator so their closes are timed.
+fn start_snapshot(
+    cfg: &Config,
+    correlator: &mut Correlator,
+    resolver: &mut Resolver,
+    out: &mut impl Write,
+) {
+    let mut pids = cfg.pids.clone();
+    pids.extend(crate::procs::with_comm(&cfg.comms));
+    if pids.is_empty() && (!cfg.pids.is_empty() || !cfg.comms.is_empty()) {
+        return; // a --comm that matches no process yet: nothing of theirs is stuck
+    }
+    let snap = match snapshot::take(&pids) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "finwait-trace: warning: no start-up snapshot ({e:#}); tracing new transitions only"
+            );
+            return;
+        }
+    };
+    for e in &snap.entries {
+        match e.class {
+            Class::CloseWait | Class::HalfClosed => correlator.seed(e.sock.inode, snap.taken_ns),
+            _ => continue,
+        }
+        if let (Class::CloseWait, Some(o)) = (e.class, e.owners.first()) {
+            resolver.remember(e.sock.inode, o.clone());
+        }
+    }
+    let _ = snapshot::print(&snap.entries, cfg.json, false, out);
 }
 
 fn drain(ring: &mut RingBuf<MapData>, c: &mut Correlator, batch: &mut Vec<Report>) {

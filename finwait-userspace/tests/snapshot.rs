@@ -1,0 +1,213 @@
+//! `finwait-trace snapshot` and the live tracer's start-up snapshot, on real sockets.
+mod common;
+
+use std::{
+    net::{Shutdown, TcpListener},
+    process::Command,
+    sync::Mutex,
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+/// Tests here fork: one at a time (a child inherits every fd of this process).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn snapshot(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .arg("snapshot")
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run finwait-trace snapshot");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn entry(all: &[Value], lport: u16, rport: u16) -> Option<&Value> {
+    all.iter()
+        .find(|v| v["event"] == "snapshot" && v["lport"] == lport && v["rport"] == rport)
+}
+
+/// Snapshots until every `(lport, rport, class)` is there (the peer's ACK of a FIN may be delayed).
+fn snapshot_until(args: &[&str], want: &[(u16, u16, &str)]) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = snapshot(args);
+        let ok = want
+            .iter()
+            .all(|(l, r, c)| entry(&all, *l, *r).is_some_and(|v| v["class"] == *c));
+        if ok || Instant::now() > deadline {
+            return all;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn owners(v: &Value) -> Vec<(u64, i64)> {
+    v["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["pid"].as_u64().unwrap(), o["fd"].as_i64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn classes_owners_sharing_and_pid_filter() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let me = std::process::id() as u64;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    // Half-closed client; its server side in CLOSE_WAIT.
+    let (a1, b1) = pair(&listener);
+    a1.shutdown(Shutdown::Write).unwrap();
+    // The server side closes first: an orphan on the listening port; the client in CLOSE_WAIT.
+    let (a2, b2) = pair(&listener);
+    let a2p = a2.local_addr().unwrap().port();
+    drop(b2);
+    // A CLOSE_WAIT socket shared with a child process.
+    let (a3, b3) = pair(&listener);
+    let b3fd = fd(&b3) as i32;
+    const CHILD_FD: i32 = 1000;
+    let child = fork_child(move || {
+        // SAFETY: raw syscalls in the child: keep only b3, as fd 1000 (not even stdio).
+        unsafe {
+            libc::dup2(b3fd, CHILD_FD);
+            libc::syscall(libc::SYS_close_range, 0u32, (CHILD_FD - 1) as u32, 0u32);
+            libc::syscall(libc::SYS_close_range, (CHILD_FD + 1) as u32, u32::MAX, 0u32);
+        }
+        loop {
+            sleep_ms(1000);
+        }
+    });
+    let _reap = ChildGuard(child);
+    drop(a3);
+    // IPv6, half-closed.
+    let listener6 = TcpListener::bind("[::1]:0").unwrap();
+    let (a4, b4) = pair(&listener6);
+    a4.shutdown(Shutdown::Write).unwrap();
+
+    let (p1, q1) = ports(&a1, &b1);
+    let b3p = b3.local_addr().unwrap().port();
+    let b3r = b3.peer_addr().unwrap().port();
+    let (p4, q4) = ports(&a4, &b4);
+    let all = snapshot_until(
+        &[],
+        &[
+            (p1, q1, "fin_wait2_half_closed"),
+            (q1, p1, "close_wait"),
+            (lp, a2p, "fin_wait2_orphaned"),
+            (a2p, lp, "close_wait"),
+            (b3p, b3r, "close_wait"),
+            (p4, q4, "fin_wait2_half_closed"),
+        ],
+    );
+    let get = |l, r| entry(&all, l, r).unwrap_or_else(|| panic!("no entry {l} > {r} in {all:#?}"));
+
+    let half = get(p1, q1);
+    assert_eq!(half["class"], "fin_wait2_half_closed", "{half}");
+    assert_eq!(owners(half), vec![(me, fd(&a1))], "{half}");
+    let cw = get(q1, p1);
+    assert_eq!(cw["class"], "close_wait", "{cw}");
+    assert_eq!(owners(cw), vec![(me, fd(&b1))], "{cw}");
+
+    let orphan = get(lp, a2p);
+    assert_eq!(orphan["class"], "fin_wait2_orphaned", "{orphan}");
+    assert!(
+        orphan["inode"].is_null() && owners(orphan).is_empty(),
+        "{orphan}"
+    );
+    assert_eq!(
+        orphan["inferred_owner"]["pid"], me,
+        "inferred from the listener: {orphan}"
+    );
+    assert_eq!(orphan["timer"]["kind"], "timewait", "{orphan}");
+    let left = orphan["timer"]["left_ms"].as_u64().unwrap();
+    assert!(left > 0 && left <= 60_000, "{orphan}");
+    assert_eq!(get(a2p, lp)["class"], "close_wait");
+
+    let shared = get(b3p, b3r);
+    assert_eq!(
+        owners(shared),
+        vec![(me, b3fd as i64), (child as u64, CHILD_FD as i64)],
+        "{shared}"
+    );
+
+    let v6 = get(p4, q4);
+    assert_eq!(
+        (v6["family"].as_str(), v6["laddr"].as_str()),
+        (Some("ipv6"), Some("::1")),
+        "{v6}"
+    );
+    assert_eq!(owners(v6), vec![(me, fd(&a4))], "{v6}");
+
+    // --pid: only what the child holds.
+    let only_child = snapshot(&["--pid", &child.to_string()]);
+    let sockets: Vec<&Value> = only_child
+        .iter()
+        .filter(|v| v["event"] == "snapshot")
+        .collect();
+    assert_eq!(sockets.len(), 1, "{only_child:#?}");
+    assert_eq!(
+        (sockets[0]["lport"].as_u64(), sockets[0]["rport"].as_u64()),
+        (Some(b3p as u64), Some(b3r as u64))
+    );
+    let summary = &only_child[0];
+    assert_eq!(summary["event"], "snapshot_summary");
+    assert!(
+        summary["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["pid"] == child && p["counts"]["close_wait"] == 1),
+        "{summary}"
+    );
+
+    drop((a1, b1, a2, b3, a4, b4));
+}
+
+/// A socket already in CLOSE_WAIT when the tracer starts: listed in the start-up snapshot, and
+/// its later close reports its owner and "in CLOSE_WAIT for at least" the time since.
+#[test]
+fn live_tracing_hands_over_a_stuck_close_wait_socket() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    drop(a);
+    thread::sleep(Duration::from_millis(300));
+    let tracer = Tracer::start(&[]);
+    thread::sleep(Duration::from_millis(400));
+    let (bfd, tid) = (fd(&b), gettid());
+    drop(b);
+    let all = tracer.stop_when(&[(bp, ap, "CLOSE_WAIT", "LAST_ACK")]);
+    let listed = all
+        .iter()
+        .find(|v| v["event"] == "snapshot" && v["lport"] == bp && v["rport"] == ap);
+    assert_eq!(
+        listed.map(|v| &v["class"]),
+        Some(&Value::from("close_wait")),
+        "{all:#?}"
+    );
+    let ts = transitions(&all, ap, bp);
+    let la = find(&ts, bp, "CLOSE_WAIT", "LAST_ACK");
+    assert_cause(la, "close", std::process::id(), tid, Some(bfd));
+    assert_eq!(la["at_least"], true, "{la}");
+    assert_eq!(la["owner"]["fd"], bfd, "{la}");
+    let waited = la["close_wait_ms"].as_f64().unwrap();
+    assert!(
+        (400.0..700.0).contains(&waited),
+        "timed from the snapshot, not from the FIN: {waited} ms"
+    );
+}
