@@ -31,6 +31,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Time `finwait-trace snapshot` on ~100,000 sockets and 2,000 processes (in a new network
+    /// namespace, as root).
+    BenchSnapshot,
     /// Build and run every test, including the root integration tests on this kernel.
     Test {
         /// Extra arguments for `cargo test` (after `--`, e.g. a test name filter).
@@ -73,6 +76,19 @@ fn run(cli: Cli) -> Result<()> {
             as_root(&bin, &args, &[])
         }
         Cmd::Test { args } => test(&args),
+        Cmd::BenchSnapshot => {
+            let bin = build(true)?;
+            sh(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "finwait-userspace",
+                "--example",
+                "snapshot_load",
+            ]))?;
+            let load = workspace().join("target/release/examples/snapshot_load");
+            as_root(&load, &[bin.display().to_string()], &[])
+        }
     }
 }
 

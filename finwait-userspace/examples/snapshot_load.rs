@@ -1,0 +1,139 @@
+//! Builds a host with ~100,000 TCP sockets and thousands of processes in a new network
+//! namespace, then times `finwait-trace snapshot` there (wall time and peak RSS).
+//!
+//! Usage (root): snapshot_load FINWAIT_TRACE [HOLDERS] [PAIRS_PER_HOLDER] [IDLE_PROCESSES]
+use std::{
+    net::{Shutdown, TcpListener, TcpStream},
+    os::fd::IntoRawFd,
+    process::Command,
+    time::Instant,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let bin = args
+        .get(1)
+        .expect("usage: snapshot_load FINWAIT_TRACE [HOLDERS] [PAIRS] [IDLE]")
+        .clone();
+    let holders: usize = args.get(2).map_or(12, |s| s.parse().unwrap());
+    let pairs: usize = args.get(3).map_or(4200, |s| s.parse().unwrap());
+    let idle: usize = args.get(4).map_or(2000, |s| s.parse().unwrap());
+
+    // SAFETY: single-threaded here; the namespace is ours alone.
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "unshare(CLONE_NEWNET) needs root"
+    );
+    assert!(
+        Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let (tx_fd, rx_fd) = pipe();
+    let mut children = Vec::new();
+    for _ in 0..holders {
+        // SAFETY: the child runs plain Rust and exits through _exit.
+        match unsafe { libc::fork() } {
+            0 => {
+                hold(pairs, tx_fd);
+                unsafe { libc::pause() };
+                unsafe { libc::_exit(0) }
+            }
+            pid => children.push(pid),
+        }
+    }
+    for _ in 0..holders {
+        let mut b = [0u8; 1];
+        // SAFETY: reading one byte from our pipe.
+        unsafe { libc::read(rx_fd, b.as_mut_ptr().cast(), 1) };
+    }
+    for _ in 0..idle {
+        // SAFETY: the child only closes fds and sleeps.
+        match unsafe { libc::fork() } {
+            0 => unsafe {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                libc::pause();
+                libc::_exit(0)
+            },
+            pid => children.push(pid),
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500)); // delayed ACKs settle
+
+    let ss = Command::new("ss").args(["-tanH"]).output().unwrap();
+    let sockets = String::from_utf8_lossy(&ss.stdout).lines().count();
+    for mode in [&["snapshot"][..], &["snapshot", "--json"][..]] {
+        let start = Instant::now();
+        let mut child = Command::new(&bin)
+            .args(mode)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::read_to_string(child.stdout.take().unwrap()).unwrap();
+        let (status, rss_kib) = wait_rusage(child.id() as i32);
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(status, 0, "snapshot failed");
+        println!(
+            "{:<18} {sockets} sockets (ss), {} processes: {:.2} s, peak RSS {:.1} MiB, {} output lines",
+            mode.join(" "),
+            holders + idle + 1,
+            secs,
+            rss_kib as f64 / 1024.0,
+            out.lines().count()
+        );
+        if mode.len() == 1 {
+            for line in out.lines().take(6) {
+                println!("    {line}");
+            }
+        }
+    }
+    for pid in children {
+        // SAFETY: our children.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// In a child: `pairs` connections on a listener of its own, then a mix of close-path states.
+fn hold(pairs: usize, tx_fd: i32) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut kept = Vec::new();
+    for i in 0..pairs {
+        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (b, _) = listener.accept().unwrap();
+        match i % 4 {
+            0 => {
+                a.shutdown(Shutdown::Write).unwrap(); // half-closed + CLOSE_WAIT
+                kept.push(a.into_raw_fd());
+                kept.push(b.into_raw_fd());
+            }
+            1 => kept.push(b.into_raw_fd()), // client closed: orphan + CLOSE_WAIT
+            2 => kept.push(a.into_raw_fd()), // server closed: orphan on the listening port
+            _ => {
+                kept.push(a.into_raw_fd());
+                kept.push(b.into_raw_fd());
+            }
+        }
+    }
+    std::mem::forget(listener);
+    // SAFETY: writing one byte to our pipe.
+    unsafe { libc::write(tx_fd, b"r".as_ptr().cast(), 1) };
+}
+
+fn pipe() -> (i32, i32) {
+    let mut fds = [0; 2];
+    // SAFETY: valid array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    (fds[1], fds[0])
+}
+
+fn wait_rusage(pid: i32) -> (i32, i64) {
+    let mut status = 0;
+    // SAFETY: zeroed rusage is valid; our child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    (libc::WEXITSTATUS(status), ru.ru_maxrss)
+}
