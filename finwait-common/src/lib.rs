@@ -223,6 +223,9 @@ pub struct FilterConfig {
     pub wakeup_bytes: u32,
     /// How many entries of `comms` are in use.
     pub comm_count: u32,
+    /// 1: every program returns at once (the benchmark's floor: the cost of the hooks alone).
+    pub noop: u32,
+    pub _pad: u32,
     /// Process names (`comm`, NUL-padded) whose calls are followed, with their children.
     pub comms: [[u8; 16]; MAX_COMMS],
 }

@@ -71,6 +71,8 @@ static FILTER: FilterConfig = FilterConfig {
     pid_filter: 0,
     wakeup_bytes: 0,
     comm_count: 0,
+    noop: 0,
+    _pad: 0,
     comms: [[0; 16]; MAX_COMMS],
 };
 #[unsafe(no_mangle)]
@@ -108,6 +110,12 @@ fn config<T>(global: &T) -> T {
     // SAFETY: the globals are plain data; a volatile read stops the compiler from folding the
     // defaults in, so the values userspace wrote are used.
     unsafe { core::ptr::read_volatile(global) }
+}
+
+/// The benchmark's floor: hooks attached, programs doing nothing.
+#[inline(always)]
+fn noop() -> bool {
+    config(&FILTER.noop) != 0
 }
 
 #[inline(always)]
@@ -186,6 +194,9 @@ fn new_event(kind: EventKind) -> Event {
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
     let _ = try_state(&ctx);
     0
 }
@@ -239,6 +250,9 @@ fn emit_state(mut e: Event) {
 /// landing in one of our syscall programs would lose its state change).
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    if noop() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
@@ -458,11 +472,17 @@ macro_rules! syscall_hooks {
     ($($enter:ident, $exit:ident => $call:expr;)*) => {$(
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
+            if noop() {
+                return 0;
+            }
             let _ = call_enter(&ctx, $call);
             0
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
+            if noop() {
+                return 0;
+            }
             let _ = call_exit(&ctx, $call);
             0
         }
@@ -479,6 +499,9 @@ syscall_hooks! {
 
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if pid_traced(tgid) {
@@ -492,6 +515,9 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
     if config(&FILTER.pid_filter) == 0 {
         return 0;
     }
@@ -523,6 +549,9 @@ fn reset(ctx: &TracePointContext, skaddr_offset: u32, kind: EventKind) {
 
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
     reset(
         &ctx,
         config(&OTHER_TP).receive_reset_skaddr,
@@ -533,6 +562,9 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
     reset(
         &ctx,
         config(&OTHER_TP).send_reset_skaddr,

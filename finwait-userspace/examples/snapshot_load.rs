@@ -68,6 +68,8 @@ fn main() {
     let sockets = String::from_utf8_lossy(&ss.stdout).lines().count();
     for mode in [&["snapshot"][..], &["snapshot", "--json"][..]] {
         let start = Instant::now();
+        // Reaped below with wait4, which also gives its peak RSS.
+        #[allow(clippy::zombie_processes)]
         let mut child = Command::new(&bin)
             .args(mode)
             .stdout(std::process::Stdio::piped())

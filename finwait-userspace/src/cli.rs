@@ -74,6 +74,14 @@ pub struct TraceArgs {
     #[arg(long)]
     pub no_snapshot: bool,
 
+    /// Print the counters (records, lost, tracked sockets, RSS) as JSON to stderr this often.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub stats_every: Option<f64>,
+
+    /// Benchmark floor: attach every program as a no-op.
+    #[arg(long, hide = true)]
+    pub bench_noop: bool,
+
     /// Ring buffer size in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,

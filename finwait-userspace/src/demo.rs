@@ -50,6 +50,8 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
         keep_reports: true,
         // The demo's own connections are all that matter to it.
         snapshot: false,
+        noop: false,
+        stats_every: None,
     };
     let summary = tracer::run(cfg, Stopper(Some(stop_rx)), || {
         let _ = ready_tx.send(());

@@ -1,14 +1,17 @@
 //! Offsets into kernel structures, read from the running kernel's BTF so the eBPF programs can
 //! walk task -> files -> fd -> socket -> sock on any kernel, without CO-RE or kprobes.
 use anyhow::{Context, Result, bail};
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 use finwait_common::KernelOffsets;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Reads every offset the programs need. An error means the fd -> socket lookup is unavailable.
 pub fn kernel_offsets() -> Result<KernelOffsets> {
-    let btf = Btf::from_file(VMLINUX_BTF).with_context(|| format!("reading {VMLINUX_BTF}"))?;
+    // Mmap: a handful of lookups do not need every type parsed into memory.
+    let btf = Btf::from_file_with_backend(VMLINUX_BTF, Backend::Mmap)
+        .or_else(|_| Btf::from_file(VMLINUX_BTF))
+        .with_context(|| format!("reading {VMLINUX_BTF}"))?;
     offsets_from(&btf)
 }
 

@@ -55,6 +55,8 @@ pub struct Options {
     pub comms: Vec<String>,
     pub ring_bytes: u32,
     pub wakeup_bytes: u32,
+    /// Load every program as a no-op (benchmark floor).
+    pub noop: bool,
 }
 
 pub struct Loaded {
@@ -98,10 +100,15 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         pid_filter: (!opts.pids.is_empty() || !opts.comms.is_empty()) as u32,
         wakeup_bytes: opts.wakeup_bytes,
         comm_count: opts.comms.len().min(MAX_COMMS) as u32,
+        noop: opts.noop as u32,
+        _pad: 0,
         comms,
     };
     let kernel_offsets = offsets.unwrap_or_default();
+    // Parsed once, for the loader's relocations and for the BTF tracepoint.
+    let btf = aya::Btf::from_sys_fs().ok();
     let mut ebpf = EbpfLoader::new()
+        .btf(btf.as_ref())
         .override_global("STATE_TP", &state, true)
         .override_global("OTHER_TP", &other, true)
         .override_global("OFFSETS", &kernel_offsets, true)
@@ -125,7 +132,8 @@ pub fn load(opts: &Options) -> Result<Loaded> {
     // FINWAIT_FORCE_TRACEPOINT=1 keeps the classic hook (tests compare both; also a diagnosis aid).
     let force_classic = std::env::var_os("FINWAIT_FORCE_TRACEPOINT").is_some_and(|v| v == "1");
     let btf_ok = kernel_offsets.state_btf == 1 && !force_classic;
-    let state_hook = attach_state_hook(&mut ebpf, btf_ok, &mut degraded)?;
+    let state_hook = attach_state_hook(&mut ebpf, btf.as_ref().filter(|_| btf_ok), &mut degraded)?;
+    drop(btf);
     let (mut attached, mut attach_failed) = (1, 0);
     for &(prog, category, name, required) in HOOKS {
         match attach(&mut ebpf, prog, category, name) {
@@ -145,6 +153,9 @@ pub fn load(opts: &Options) -> Result<Loaded> {
             }
         }
     }
+    // Loading parsed megabytes of BTF that are free now: give them back to the system.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     Ok(Loaded {
         ebpf,
         offsets,
@@ -158,11 +169,11 @@ pub fn load(opts: &Options) -> Result<Loaded> {
 /// The BTF tracepoint where the kernel has what it reads, else the classic one.
 fn attach_state_hook(
     ebpf: &mut Ebpf,
-    btf_ok: bool,
+    btf: Option<&aya::Btf>,
     degraded: &mut Vec<String>,
 ) -> Result<&'static str> {
-    if btf_ok {
-        match attach_btf(ebpf) {
+    if let Some(btf) = btf {
+        match attach_btf(ebpf, btf) {
             Ok(()) => return Ok("tp_btf"),
             Err(e) => degraded.push(format!(
                 "the BTF tracepoint for TCP state changes is unavailable ({}); using the classic \
@@ -178,13 +189,12 @@ fn attach_state_hook(
     Ok("tracepoint")
 }
 
-fn attach_btf(ebpf: &mut Ebpf) -> Result<()> {
-    let btf = aya::Btf::from_sys_fs()?;
+fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
     let p: &mut BtfTracePoint = ebpf
         .program_mut("inet_sock_set_state_btf")
         .context("program inet_sock_set_state_btf missing from the object")?
         .try_into()?;
-    p.load("inet_sock_set_state", &btf)?;
+    p.load("inet_sock_set_state", btf)?;
     p.attach()?;
     Ok(())
 }

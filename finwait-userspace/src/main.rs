@@ -38,6 +38,8 @@ fn main() -> ExitCode {
             ports: Vec::new(),
             keep_reports: false,
             snapshot: !t.no_snapshot,
+            noop: t.bench_noop,
+            stats_every: t.stats_every.map(Duration::from_secs_f64),
         };
         tracer::run(cfg, Stopper(None), || {}).await.map(|_| ())
     });

@@ -42,6 +42,10 @@ pub struct Config {
     pub keep_reports: bool,
     /// Start with a snapshot of the sockets already on the close path.
     pub snapshot: bool,
+    /// Benchmark floor: programs attached but doing nothing.
+    pub noop: bool,
+    /// Print the counters (JSON, to stderr) this often.
+    pub stats_every: Option<Duration>,
 }
 
 /// How the run ended, for callers that drive a workload (the demo).
@@ -60,6 +64,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         ring_bytes: cfg.ring_bytes,
         // Wake userspace once a quarter of the ring is used; the timer drains the rest.
         wakeup_bytes: cfg.ring_bytes / 4,
+        noop: cfg.noop,
     })?;
     let mut ebpf = loaded.ebpf;
     let fin_timeout_s = crate::netns::own_fin_timeout();
@@ -122,6 +127,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     let deadline = tokio::time::sleep(cfg.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let mut stop_rx = stop.0;
+    let mut stats_tick = cfg.stats_every.map(tokio::time::interval);
     let mut tick = tokio::time::interval(DRAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -144,6 +150,17 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
                 guard.clear_ready();
             }
             _ = tick.tick() => drain(ring.get_mut(), &mut correlator, &mut batch),
+            _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
+                let c = correlator.stats();
+                eprintln!("{}", json!({
+                    "event": "stats",
+                    "records": c.records,
+                    "tracked_sockets": correlator.tracked_sockets(),
+                    "lost_ring_full": sum(&counters, counter::RING_FULL),
+                    "kernel_skipped_nested": nested_misses(&ebpf),
+                    "rss_kib": rss_kib(),
+                }));
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut deadline => break,
@@ -184,6 +201,18 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     let lost = sum(&counters, counter::RING_FULL);
     let read_failed = sum(&counters, counter::READ_FAILED);
     let pid_insert_failed = sum(&counters, counter::PID_INSERT_FAILED);
+    let final_stats = json!({
+        "event": "stats",
+        "records": stats.records,
+        "transitions": stats.transitions,
+        "calls": stats.calls,
+        "lost_ring_full": lost,
+        "kernel_skipped_nested": nested_misses(&ebpf),
+        "rss_kib": rss_kib(),
+    });
+    if cfg.stats_every.is_some() {
+        eprintln!("{final_stats}");
+    }
     if cfg.json {
         let s = json!({
             "event": "stats",
@@ -195,6 +224,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
             "kernel_read_failed": read_failed,
             "pid_insert_failed": pid_insert_failed,
             "sockets_evicted": stats.sockets_evicted,
+            "tracked_sockets": correlator.tracked_sockets(),
             "threads_evicted": stats.threads_evicted,
             "attach_failed": loaded.attach_failed,
             "owner_scans": resolver.scans(),
@@ -375,6 +405,14 @@ impl View<'_> {
         out.flush()?;
         Ok(())
     }
+}
+
+fn rss_kib() -> u64 {
+    procfs::process::Process::myself()
+        .and_then(|p| p.status())
+        .ok()
+        .and_then(|s| s.vmrss)
+        .unwrap_or(0)
 }
 
 fn kernel_release() -> String {

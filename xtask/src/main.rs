@@ -31,6 +31,17 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure tracing overhead on loopback churn against no tracer, tcpstates, bpftrace and a
+    /// no-op floor (interleaved rounds; Markdown table, JSON in target/bench/overhead.json).
+    Bench {
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Instead: churn for this many minutes under finwait, sampling its RSS and socket table.
+        #[arg(long, value_name = "MINUTES")]
+        soak: Option<f64>,
+    },
     /// Time `finwait-trace snapshot` on ~100,000 sockets and 2,000 processes (in a new network
     /// namespace, as root).
     BenchSnapshot,
@@ -76,6 +87,37 @@ fn run(cli: Cli) -> Result<()> {
             as_root(&bin, &args, &[])
         }
         Cmd::Test { args } => test(&args),
+        Cmd::Bench {
+            rounds,
+            seconds,
+            soak,
+        } => {
+            let bin = build(true)?;
+            install_peers()?;
+            sh(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "finwait-userspace",
+                "--example",
+                "bench",
+                "--example",
+                "churn",
+            ]))?;
+            let examples = workspace().join("target/release/examples");
+            let mut args = vec![
+                bin.display().to_string(),
+                examples.join("churn").display().to_string(),
+                "--rounds".into(),
+                rounds.to_string(),
+                "--seconds".into(),
+                seconds.to_string(),
+            ];
+            if let Some(m) = soak {
+                args.extend(["--soak".into(), m.to_string()]);
+            }
+            as_root(&examples.join("bench"), &args, &[])
+        }
         Cmd::BenchSnapshot => {
             let bin = build(true)?;
             sh(cargo().args([
@@ -166,6 +208,27 @@ fn setup() -> Result<()> {
         bail!("setup finished but the toolchain is still incomplete (is ~/.cargo/bin on PATH?)");
     }
     Ok(())
+}
+
+/// The peers the benchmark compares against (Debian packages).
+fn install_peers() -> Result<()> {
+    let have = |p: &str| Path::new(p).exists();
+    if have("/usr/sbin/tcpstates") && (have("/usr/bin/bpftrace") || have("/usr/sbin/bpftrace")) {
+        return Ok(());
+    }
+    if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
+        bail!("the benchmark needs tcpstates and bpftrace: apt-get install libbpf-tools bpftrace");
+    }
+    sh(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "libbpf-tools",
+            "bpftrace",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn build(release: bool) -> Result<PathBuf> {

@@ -1,0 +1,302 @@
+//! The overhead benchmark behind `cargo xtask bench`: connection churn on loopback under each
+//! tracer, in interleaved rounds, compared as ratios to the untraced rate measured in the same run.
+//!
+//! bench FINWAIT_TRACE CHURN [--rounds R] [--seconds S] [--threads N] [--json PATH] [--soak MINUTES]
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+struct Mode {
+    name: &'static str,
+    /// Command line of the tracer; None: untraced.
+    cmd: Option<Vec<String>>,
+    finwait: bool,
+}
+
+#[derive(Default, Clone)]
+struct Sample {
+    conn_per_s: f64,
+    connections: u64,
+    cpu_s: f64,
+    rss_kib: i64,
+    records: u64,
+    transitions: u64,
+    lost: u64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (finwait, churn) = (args[1].clone(), args[2].clone());
+    let opt = |name: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == name)
+            .map_or(default.to_string(), |i| args[i + 1].clone())
+    };
+    let rounds: usize = opt("--rounds", "3").parse().unwrap();
+    let seconds: f64 = opt("--seconds", "5").parse().unwrap();
+    let threads = opt("--threads", "1");
+    let json_path = opt("--json", "target/bench/overhead.json");
+    let soak: f64 = opt("--soak", "0").parse().unwrap();
+    if soak > 0.0 {
+        return run_soak(&finwait, &churn, &threads, soak);
+    }
+
+    // An idle process for the excluding --pid filter.
+    let mut idle = Command::new("sleep").arg("100000").spawn().unwrap();
+    let fw = |extra: &[&str]| -> Option<Vec<String>> {
+        let mut v = vec![
+            finwait.clone(),
+            "--no-snapshot".into(),
+            "--stats-every".into(),
+            "3600".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        Some(v)
+    };
+    let idle_pid = idle.id().to_string();
+    let modes = vec![
+        Mode { name: "untraced", cmd: None, finwait: false },
+        Mode { name: "finwait (default)", cmd: fw(&[]), finwait: true },
+        Mode { name: "finwait --all", cmd: fw(&["--all"]), finwait: true },
+        Mode { name: "finwait --pid (other)", cmd: fw(&["--pid", &idle_pid]), finwait: true },
+        Mode { name: "no-op programs (floor)", cmd: fw(&["--bench-noop"]), finwait: true },
+        Mode { name: "tcpstates (libbpf-tools)", cmd: Some(vec!["/usr/sbin/tcpstates".into()]), finwait: false },
+        Mode {
+            name: "bpftrace one-liner",
+            cmd: Some(vec![
+                "bpftrace".into(),
+                "-e".into(),
+                "tracepoint:sock:inet_sock_set_state { printf(\"%d %d %d\\n\", pid, args->oldstate, args->newstate); }".into(),
+            ]),
+            finwait: false,
+        },
+    ];
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        // Rotate the order each round so no mode always follows the same one.
+        for k in 0..modes.len() {
+            let i = (k + round) % modes.len();
+            let s = measure(&modes[i], &churn, &threads, seconds);
+            eprintln!(
+                "round {} {:<26} {:>9.0} conn/s",
+                round + 1,
+                modes[i].name,
+                s.conn_per_s
+            );
+            samples[i].push(s);
+        }
+    }
+    let _ = idle.kill();
+    let _ = idle.wait();
+    report(&modes, &samples, &json_path, rounds, seconds, &threads);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn report(
+    modes: &[Mode],
+    samples: &[Vec<Sample>],
+    json_path: &str,
+    rounds: usize,
+    seconds: f64,
+    threads: &str,
+) {
+    let base = median(samples[0].iter().map(|s| s.conn_per_s).collect());
+    let tcpstates_i = modes
+        .iter()
+        .position(|m| m.name.starts_with("tcpstates"))
+        .unwrap();
+    let tcpstates_ratio =
+        median(samples[tcpstates_i].iter().map(|s| s.conn_per_s).collect()) / base;
+    println!(
+        "Loopback churn, {threads} thread(s), {rounds} interleaved rounds of {seconds} s; untraced median {base:.0} conn/s.\n"
+    );
+    println!(
+        "| mode | conn/s (median) | ratio to untraced | x tcpstates' ratio | events delivered | lost | transitions/conn | tracer CPU per event | tracer CPU per conn | peak RSS |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for (m, ss) in modes.iter().zip(samples) {
+        let rate = median(ss.iter().map(|s| s.conn_per_s).collect());
+        let ratio = rate / base;
+        let conns: u64 = ss.iter().map(|s| s.connections).sum();
+        let records: u64 = ss.iter().map(|s| s.records).sum();
+        let transitions: u64 = ss.iter().map(|s| s.transitions).sum();
+        let lost: u64 = ss.iter().map(|s| s.lost).sum();
+        let cpu: f64 = ss.iter().map(|s| s.cpu_s).sum();
+        let rss = ss.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+        let dash = || "-".to_string();
+        let per_event = if m.finwait && records > 0 {
+            format!("{:.2} µs", cpu / records as f64 * 1e6)
+        } else {
+            dash()
+        };
+        let per_conn = if m.cmd.is_some() && conns > 0 {
+            format!("{:.2} µs", cpu / conns as f64 * 1e6)
+        } else {
+            dash()
+        };
+        let tpc = if m.finwait && conns > 0 {
+            format!("{:.2}", transitions as f64 / conns as f64)
+        } else {
+            dash()
+        };
+        println!(
+            "| {} | {:.0} | {:.3} | {} | {} | {} | {} | {} | {} | {} |",
+            m.name,
+            rate,
+            ratio,
+            if m.cmd.is_some() {
+                format!("{:.2}", ratio / tcpstates_ratio)
+            } else {
+                dash()
+            },
+            if m.finwait {
+                records.to_string()
+            } else {
+                dash()
+            },
+            if m.finwait { lost.to_string() } else { dash() },
+            tpc,
+            per_event,
+            per_conn,
+            if m.cmd.is_some() {
+                format!("{:.1} MiB", rss as f64 / 1024.0)
+            } else {
+                dash()
+            },
+        );
+        rows.push(serde_json::json!({
+            "mode": m.name,
+            "conn_per_s": rate,
+            "ratio": ratio,
+            "connections": conns,
+            "records": records,
+            "transitions": transitions,
+            "lost": lost,
+            "cpu_s": cpu,
+            "peak_rss_kib": rss,
+            "samples": ss.iter().map(|s| s.conn_per_s).collect::<Vec<_>>(),
+        }));
+    }
+    if let Some(dir) = std::path::Path::new(json_path).parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let json = serde_json::json!({
+        "threads": threads,
+        "rounds": rounds,
+        "seconds": seconds,
+        "untraced_conn_per_s": base,
+        "modes": rows,
+    });
+    let json = format!("{json:#}\n");
+    std::fs::write(json_path, json).unwrap();
+    println!("\nJSON: {json_path}");
+}
+
+/// Starts the tracer (if any), waits until it is attached, runs the churn, stops the tracer.
+fn measure(mode: &Mode, churn: &str, threads: &str, seconds: f64) -> Sample {
+    let mut tracer = mode.cmd.as_ref().map(|cmd| start_tracer(cmd));
+    let out = Command::new(churn)
+        .args(["--threads", threads, "--seconds", &seconds.to_string()])
+        .output()
+        .unwrap();
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("churn output");
+    let mut s = Sample {
+        conn_per_s: result["per_second"].as_f64().unwrap(),
+        connections: result["connections"].as_u64().unwrap(),
+        ..Default::default()
+    };
+    if let Some((child, stderr_lines)) = tracer.take() {
+        let (cpu, rss, stats) = stop(child, stderr_lines);
+        s.cpu_s = cpu;
+        s.rss_kib = rss;
+        if let Some(stats) = stats.and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        {
+            let num = |k: &str| stats[k].as_u64().unwrap_or(0);
+            s.records = num("records");
+            s.transitions = num("transitions");
+            s.lost = num("lost_ring_full") + num("kernel_skipped_nested");
+        }
+    }
+    s
+}
+
+fn start_tracer(cmd: &[String]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", cmd[0]));
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Attaching takes well under this for every tool here; the tracers' start is not measured.
+    thread::sleep(Duration::from_millis(2500));
+    (child, rx)
+}
+
+/// SIGINT, then (CPU seconds, peak RSS KiB, last stats line).
+fn stop(child: Child, lines: mpsc::Receiver<String>) -> (f64, i64, Option<String>) {
+    let pid = child.id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let mut status = 0;
+    // SAFETY: zeroed rusage is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let cpu = ru.ru_utime.tv_sec as f64
+        + ru.ru_utime.tv_usec as f64 / 1e6
+        + ru.ru_stime.tv_sec as f64
+        + ru.ru_stime.tv_usec as f64 / 1e6;
+    let stats = lines
+        .iter()
+        .filter(|l| l.contains("\"event\":\"stats\""))
+        .last();
+    (cpu, ru.ru_maxrss, stats)
+}
+
+/// Churn for `minutes` under finwait (default mode), sampling its RSS and socket table.
+fn run_soak(finwait: &str, churn: &str, threads: &str, minutes: f64) {
+    let mut child = Command::new(finwait)
+        .args(["--no-snapshot", "--stats-every", "10"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            println!("{line}");
+        }
+    });
+    thread::sleep(Duration::from_millis(2500));
+    let start = Instant::now();
+    let out = Command::new(churn)
+        .args([
+            "--threads",
+            threads,
+            "--seconds",
+            &(minutes * 60.0).to_string(),
+        ])
+        .output()
+        .unwrap();
+    println!("churn: {}", String::from_utf8_lossy(&out.stdout).trim());
+    println!("soak: {:.0} s", start.elapsed().as_secs_f64());
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let _ = child.wait();
+    let _ = reader.join();
+}
