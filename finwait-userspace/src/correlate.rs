@@ -123,6 +123,28 @@ pub struct TransitionReport {
 }
 
 impl TransitionReport {
+    /// A transition with nothing attributed yet.
+    pub fn new(ts_ns: u64, sock: u64, ends: Endpoints, old: u8, new: u8, inode: u64) -> Self {
+        Self {
+            ts_ns,
+            sock,
+            ends,
+            old,
+            new,
+            cause: None,
+            orphan: None,
+            owner: None,
+            fw2_exit: None,
+            since_fin_ns: None,
+            half_closed_ns: None,
+            close_wait_ns: None,
+            at_least: false,
+            inode,
+            fin_timeout_s: None,
+            fin_by: None,
+        }
+    }
+
     /// The state as an operator sees it: the tracepoint says CLOSE where the socket went on to
     /// TIME_WAIT.
     pub fn effective_new(&self) -> u8 {
@@ -443,24 +465,7 @@ impl Correlator {
     ) -> TransitionReport {
         let tid = task.tid;
         let exiting = self.threads.peek(&tid).is_some_and(|t| t.exiting);
-        let mut r = TransitionReport {
-            ts_ns: ts,
-            sock,
-            ends: ends.clone(),
-            old,
-            new,
-            cause: None,
-            orphan: None,
-            owner: None,
-            fw2_exit: None,
-            since_fin_ns: None,
-            half_closed_ns: None,
-            close_wait_ns: None,
-            inode,
-            fin_timeout_s: None,
-            fin_by: None,
-            at_least: false,
-        };
+        let mut r = TransitionReport::new(ts, sock, ends.clone(), old, new, inode);
         let dead = sk_flags.map(|f| f & SOCK_DEAD != 0);
         let peer_fin_seen = sk_flags.is_some_and(|f| f & SOCK_DONE != 0);
         // Leaving a state whose start finwait never saw: if the start-up snapshot found the

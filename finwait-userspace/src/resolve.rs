@@ -126,29 +126,13 @@ mod tests {
 
     fn transition(ts_ns: u64, old: u8, new: u8, inode: u64) -> Report {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        Report::Transition(TransitionReport {
-            ts_ns,
-            sock: 1,
-            ends: Endpoints {
-                local: lo,
-                lport: 1,
-                remote: lo,
-                rport: 2,
-            },
-            old,
-            new,
-            cause: None,
-            orphan: None,
-            owner: None,
-            fw2_exit: None,
-            since_fin_ns: None,
-            half_closed_ns: None,
-            close_wait_ns: None,
-            inode,
-            fin_timeout_s: None,
-            fin_by: None,
-            at_least: false,
-        })
+        let ends = Endpoints {
+            local: lo,
+            lport: 1,
+            remote: lo,
+            rport: 2,
+        };
+        Report::Transition(TransitionReport::new(ts_ns, 1, ends, old, new, inode))
     }
 
     fn owner_of(r: &Report) -> Option<Owner> {

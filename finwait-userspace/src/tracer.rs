@@ -151,15 +151,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
             }
             _ = tick.tick() => drain(ring.get_mut(), &mut correlator, &mut batch),
             _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
-                let c = correlator.stats();
-                eprintln!("{}", json!({
-                    "event": "stats",
-                    "records": c.records,
-                    "tracked_sockets": correlator.tracked_sockets(),
-                    "lost_ring_full": sum(&counters, counter::RING_FULL),
-                    "kernel_skipped_nested": nested_misses(&ebpf),
-                    "rss_kib": rss_kib(),
-                }));
+                eprintln!("{}", stats_json(&correlator, &resolver, &counters, &ebpf, loaded.attach_failed));
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -197,45 +189,28 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         }
     }
 
-    let stats = correlator.stats();
-    let lost = sum(&counters, counter::RING_FULL);
-    let read_failed = sum(&counters, counter::READ_FAILED);
-    let pid_insert_failed = sum(&counters, counter::PID_INSERT_FAILED);
-    let final_stats = json!({
-        "event": "stats",
-        "records": stats.records,
-        "transitions": stats.transitions,
-        "calls": stats.calls,
-        "lost_ring_full": lost,
-        "kernel_skipped_nested": nested_misses(&ebpf),
-        "rss_kib": rss_kib(),
-    });
+    let final_stats = stats_json(
+        &correlator,
+        &resolver,
+        &counters,
+        &ebpf,
+        loaded.attach_failed,
+    );
     if cfg.stats_every.is_some() {
         eprintln!("{final_stats}");
     }
     if cfg.json {
-        let s = json!({
-            "event": "stats",
-            "records": stats.records,
-            "transitions": stats.transitions,
-            "calls": stats.calls,
-            "lost_ring_full": lost,
-            "kernel_skipped_nested": nested_misses(&ebpf),
-            "kernel_read_failed": read_failed,
-            "pid_insert_failed": pid_insert_failed,
-            "sockets_evicted": stats.sockets_evicted,
-            "tracked_sockets": correlator.tracked_sockets(),
-            "threads_evicted": stats.threads_evicted,
-            "attach_failed": loaded.attach_failed,
-            "owner_scans": resolver.scans(),
-            "owner_lookups_timed_out": resolver.timed_out,
-        });
-        writeln!(out, "{s}")?;
+        writeln!(out, "{final_stats}")?;
     } else {
+        let stats = correlator.stats();
         writeln!(
             out,
-            "finwait-trace: {} records, {lost} lost (ring full), {} sockets evicted, {} hooks failed to attach",
-            stats.records, stats.sockets_evicted, loaded.attach_failed
+            "finwait-trace: {} records, {} lost (ring full), {} skipped by the kernel, {} sockets evicted, {} hooks failed to attach",
+            stats.records,
+            sum(&counters, counter::RING_FULL),
+            nested_misses(&ebpf),
+            stats.sockets_evicted,
+            loaded.attach_failed
         )?;
     }
     out.flush()?;
@@ -282,6 +257,34 @@ fn drain(ring: &mut RingBuf<MapData>, c: &mut Correlator, batch: &mut Vec<Report
             c.handle(rec, batch);
         }
     }
+}
+
+/// Every counter, for the `stats` line (at exit, and with `--stats-every`).
+fn stats_json(
+    correlator: &Correlator,
+    resolver: &Resolver,
+    counters: &PerCpuArray<MapData, u64>,
+    ebpf: &aya::Ebpf,
+    attach_failed: usize,
+) -> serde_json::Value {
+    let stats = correlator.stats();
+    json!({
+        "event": "stats",
+        "records": stats.records,
+        "transitions": stats.transitions,
+        "calls": stats.calls,
+        "lost_ring_full": sum(counters, counter::RING_FULL),
+        "kernel_skipped_nested": nested_misses(ebpf),
+        "kernel_read_failed": sum(counters, counter::READ_FAILED),
+        "pid_insert_failed": sum(counters, counter::PID_INSERT_FAILED),
+        "sockets_evicted": stats.sockets_evicted,
+        "tracked_sockets": correlator.tracked_sockets(),
+        "threads_evicted": stats.threads_evicted,
+        "attach_failed": attach_failed,
+        "owner_scans": resolver.scans(),
+        "owner_lookups_timed_out": resolver.timed_out,
+        "rss_kib": rss_kib(),
+    })
 }
 
 /// Events the kernel dropped because one of our programs (or another) was already running on

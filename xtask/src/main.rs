@@ -94,16 +94,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let bin = build(true)?;
             install_peers()?;
-            sh(cargo().args([
-                "build",
-                "--release",
-                "--package",
-                "finwait-userspace",
-                "--example",
-                "bench",
-                "--example",
-                "churn",
-            ]))?;
+            build_examples(&["bench", "churn"])?;
             let examples = workspace().join("target/release/examples");
             let mut args = vec![
                 bin.display().to_string(),
@@ -120,14 +111,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::BenchSnapshot => {
             let bin = build(true)?;
-            sh(cargo().args([
-                "build",
-                "--release",
-                "--package",
-                "finwait-userspace",
-                "--example",
-                "snapshot_load",
-            ]))?;
+            build_examples(&["snapshot_load"])?;
             let load = workspace().join("target/release/examples/snapshot_load");
             as_root(&load, &[bin.display().to_string()], &[])
         }
@@ -229,6 +213,16 @@ fn install_peers() -> Result<()> {
             "bpftrace",
         ])
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Release builds of finwait-userspace's examples (the benchmark drivers).
+fn build_examples(names: &[&str]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release", "--package", "finwait-userspace"]);
+    for name in names {
+        cmd.args(["--example", name]);
+    }
+    sh(&mut cmd)
 }
 
 fn build(release: bool) -> Result<PathBuf> {
