@@ -270,8 +270,10 @@ pub mod tcp_state {
     }
 
     /// What the default mode reports: the close path, and connections reset while established.
+    /// (Closing a half-closed socket sets FIN_WAIT2 again: not a transition.)
     pub const fn worth_reporting(old: u8, new: u8) -> bool {
-        on_close_path(old) || on_close_path(new) || (old == ESTABLISHED && new == CLOSE)
+        old != new
+            && (on_close_path(old) || on_close_path(new) || (old == ESTABLISHED && new == CLOSE))
     }
 }
 

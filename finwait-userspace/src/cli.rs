@@ -70,6 +70,27 @@ pub struct TraceArgs {
     #[arg(long, conflicts_with_all = ["pids", "comms"])]
     pub demo: bool,
 
+    /// Only sockets with this local or remote port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+
+    /// Only transitions into or out of this state (repeatable): FIN_WAIT1, FIN_WAIT2,
+    /// CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, CLOSE, ...
+    #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
+    pub states: Vec<u8>,
+
+    /// IPv4 only.
+    #[arg(short = '4', conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// IPv6 only.
+    #[arg(short = '6')]
+    pub ipv6: bool,
+
+    /// Print only the summary when tracing ends, not each transition.
+    #[arg(long)]
+    pub summary_only: bool,
+
     /// Do not start with a snapshot of the sockets already on the close path.
     #[arg(long)]
     pub no_snapshot: bool,
@@ -85,6 +106,18 @@ pub struct TraceArgs {
     /// Ring buffer size in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
+}
+
+fn parse_state(s: &str) -> Result<u8, String> {
+    // FIN_WAIT2, fin-wait-2 and TCP_FIN_WAIT2 all name the same state.
+    let bare = |n: &str| n.to_ascii_uppercase().replace(['-', '_'], "");
+    let want = bare(s.trim());
+    let want = want.strip_prefix("TCP").unwrap_or(&want);
+    (1..=12)
+        .find(|&v| bare(crate::output::state_name(v)) == want)
+        .ok_or_else(|| {
+            format!("`{s}` is not a TCP state (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, ...)")
+        })
 }
 
 fn parse_comm(s: &str) -> Result<String, String> {
@@ -132,5 +165,22 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--comm", "a-name-longer-than-15"]).is_err());
         let c = Cli::try_parse_from(["x", "--comm", "nginx", "--comm", "python3"]).unwrap();
         assert_eq!(c.trace.comms, vec!["nginx", "python3"]);
+        let c = Cli::try_parse_from([
+            "x",
+            "--state",
+            "fin-wait-2",
+            "--state",
+            "CLOSE_WAIT",
+            "-6",
+            "--port",
+            "80",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.trace.states, c.trace.ipv6, c.trace.ports),
+            (vec![5, 8], true, vec![80])
+        );
+        assert!(Cli::try_parse_from(["x", "--state", "HALF_OPEN"]).is_err());
+        assert!(Cli::try_parse_from(["x", "-4", "-6"]).is_err());
     }
 }

@@ -47,20 +47,23 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
         duration: Some(Duration::from_secs(30)),
         ring_bytes,
         ports: vec![port],
+        states: Vec::new(),
+        ipv6: None,
+        summary_only: false,
         keep_reports: true,
         // The demo's own connections are all that matter to it.
         snapshot: false,
         noop: false,
         stats_every: None,
     };
-    let summary = tracer::run(cfg, Stopper(Some(stop_rx)), || {
+    let outcome = tracer::run(cfg, Stopper(Some(stop_rx)), || {
         let _ = ready_tx.send(());
     })
     .await?;
     workload.join().expect("demo thread panicked")?;
     drop(keep_rx.recv().ok());
     if !json {
-        print_findings(&summary.reports);
+        print_findings(&outcome.reports);
     }
     Ok(())
 }

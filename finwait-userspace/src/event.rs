@@ -17,7 +17,8 @@ impl Task {
         Self {
             pid: (e.pid_tgid >> 32) as u32,
             tid: e.pid_tgid as u32,
-            comm: String::from_utf8_lossy(&e.comm[..len]).into_owned(),
+            // A process names itself: escape it before it can reach a terminal.
+            comm: crate::escape::sanitize(&String::from_utf8_lossy(&e.comm[..len])),
         }
     }
 }

@@ -22,5 +22,6 @@ pub mod prog_stats;
 pub mod resolve;
 pub mod snapshot;
 pub mod sockdiag;
+pub mod summary;
 pub mod tracefs;
 pub mod tracer;

@@ -86,10 +86,29 @@ impl Resolver {
         }
     }
 
+    /// The task that closed `sock` out of CLOSE_WAIT, if that close is already queued: it held
+    /// the socket, so it is the owner even when it closed before /proc could be read.
+    fn closer_of(&self, sock: u64) -> Option<Owner> {
+        self.queue.iter().find_map(|(r, _)| match r {
+            Report::Transition(t) if t.sock == sock && t.old == st::CLOSE_WAIT => {
+                let c = t.cause.as_ref()?;
+                let task = c.task.as_ref()?;
+                Some(Owner {
+                    pid: task.pid,
+                    comm: task.comm.clone(),
+                    fd: c.fd?,
+                })
+            }
+            _ => None,
+        })
+    }
+
     fn fill(&mut self, r: &mut Report, index: Option<&Index>) {
         match r {
             Report::Transition(t) if t.new == st::CLOSE_WAIT => {
-                t.owner = index.and_then(|i| i.get(t.inode).first().cloned());
+                t.owner = index
+                    .and_then(|i| i.get(t.inode).first().cloned())
+                    .or_else(|| self.closer_of(t.sock));
                 if let Some(o) = &t.owner {
                     if self.close_wait_owner.len() >= REMEMBER {
                         self.close_wait_owner.clear();
@@ -98,7 +117,15 @@ impl Resolver {
                 }
             }
             Report::Transition(t) if t.old == st::CLOSE_WAIT => {
-                t.owner = self.close_wait_owner.remove(&t.inode);
+                t.owner = self.close_wait_owner.remove(&t.inode).or_else(|| {
+                    let c = t.cause.as_ref()?;
+                    let task = c.task.as_ref()?;
+                    Some(Owner {
+                        pid: task.pid,
+                        comm: task.comm.clone(),
+                        fd: c.fd?,
+                    })
+                });
             }
             Report::CloseNoFin(n) => {
                 let (pid, fd) = (n.task.pid, n.fd);

@@ -24,6 +24,7 @@ use crate::{
     owners::{self, Scanner},
     resolve::Resolver,
     snapshot::{self, Class},
+    summary::Summary,
 };
 
 /// Drains at least this often even without a wake-up (the kernel side batches wake-ups).
@@ -38,6 +39,12 @@ pub struct Config {
     pub ring_bytes: u32,
     /// Only report sockets with one of these local or remote ports (empty: all).
     pub ports: Vec<u16>,
+    /// Only transitions into or out of these states (empty: all).
+    pub states: Vec<u8>,
+    /// Only this family: Some(false) IPv4, Some(true) IPv6.
+    pub ipv6: Option<bool>,
+    /// Print only the summary at the end.
+    pub summary_only: bool,
     /// Keep the shown reports and return them (the demo summarises them).
     pub keep_reports: bool,
     /// Start with a snapshot of the sockets already on the close path.
@@ -51,11 +58,11 @@ pub struct Config {
 /// How the run ended, for callers that drive a workload (the demo).
 pub struct Stopper(pub Option<oneshot::Receiver<()>>);
 
-pub struct Summary {
+pub struct Outcome {
     pub reports: Vec<Report>,
 }
 
-pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Result<Summary> {
+pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Result<Outcome> {
     crate::procs::check_exists(&cfg.pids)?;
     let loaded = loader::load(&loader::Options {
         all_transitions: cfg.all,
@@ -137,6 +144,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         shown: HashSet::new(),
         kept: Vec::new(),
         fin_timeouts: FinTimeouts::default(),
+        summary: Summary::default(),
     };
     let mut batch = Vec::new();
     let mut ready = Vec::new();
@@ -189,6 +197,14 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         }
     }
 
+    let now = crate::owners::monotonic_ns();
+    if cfg.json {
+        writeln!(out, "{}", view.summary.json(now))?;
+    } else {
+        for line in view.summary.human(now) {
+            writeln!(out, "{line}")?;
+        }
+    }
     let final_stats = stats_json(
         &correlator,
         &resolver,
@@ -214,7 +230,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         )?;
     }
     out.flush()?;
-    Ok(Summary { reports: view.kept })
+    Ok(Outcome { reports: view.kept })
 }
 
 /// The sockets already stuck, taken after the programs are attached so that nothing falls
@@ -309,6 +325,7 @@ struct View<'a> {
     /// Reports kept for the caller (the demo's summary).
     kept: Vec<Report>,
     fin_timeouts: FinTimeouts,
+    summary: Summary,
 }
 
 impl View<'_> {
@@ -349,6 +366,19 @@ impl View<'_> {
                 vec![n.task.pid],
             ),
         };
+        if let Report::Transition(t) = r {
+            let states = &self.cfg.states;
+            if !states.is_empty()
+                && ![t.old, t.new, t.effective_new()]
+                    .iter()
+                    .any(|s| states.contains(s))
+            {
+                return false;
+            }
+            if self.cfg.ipv6.is_some_and(|v6| t.ends.is_ipv6() != v6) {
+                return false;
+            }
+        }
         if !self.cfg.ports.is_empty() {
             match ports {
                 Some((l, r)) if self.cfg.ports.contains(&l) || self.cfg.ports.contains(&r) => {}
@@ -393,6 +423,10 @@ impl View<'_> {
                 self.shown.remove(&t.sock);
             }
             if !wanted {
+                continue;
+            }
+            self.summary.add(&r);
+            if self.cfg.summary_only {
                 continue;
             }
             let line = if self.cfg.json {

@@ -87,6 +87,32 @@ impl Tracer {
         all
     }
 
+    /// As `stop_when`, for a tracer run with `--summary-only`: there are no transition lines to
+    /// wait for, so it waits for the kernel's view of each socket instead (`ss`), then stops.
+    pub fn stop_when_summary(self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for (l, r, _, to) in expect {
+            let state = to.replace('_', "-");
+            while std::time::Instant::now() < deadline {
+                let ss = Command::new("ss")
+                    .args(["-tanH", &format!("( sport = :{l} and dport = :{r} )")])
+                    .output()
+                    .unwrap();
+                let now = String::from_utf8_lossy(&ss.stdout).to_string();
+                // Closed sockets vanish or sit in TIME-WAIT/LAST-ACK: any of them means "past".
+                if now.is_empty()
+                    || now.contains(&state)
+                    || now.contains("TIME-WAIT")
+                    || now.contains("LAST-ACK")
+                {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.stop_when(&[])
+    }
+
     /// As `stop_when`, but leaves the check of `kernel_skipped_nested` to the caller.
     pub fn stop_when_with_skips(mut self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
         let mut all = vec![self.start.clone()];

@@ -1,0 +1,155 @@
+//! The command line as an operator meets it: errors, the summary's numbers, hostile names.
+mod common;
+
+use std::{
+    net::{Shutdown, TcpListener},
+    process::Command,
+    sync::Mutex,
+};
+
+use common::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn trace(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn clear_errors_with_the_fix() {
+    // Not root: the capabilities are named (setpriv drops to nobody).
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_finwait-trace"),
+            "--duration",
+            "1",
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("CAP_BPF") && err.contains("CAP_PERFMON"),
+        "{err}"
+    );
+
+    let out = trace(&["--pid", "999999999", "--duration", "1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pid 999999999: no such process"));
+
+    for bad in [
+        &["--state", "HALF_OPEN"][..],
+        &["-4", "-6"],
+        &["--duration", "0"],
+        &["--demo", "--pid", "1"],
+        &["--comm", "name-longer-than-15"],
+    ] {
+        let out = trace(bad);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{bad:?} should be a usage error"
+        );
+    }
+}
+
+/// Three half-closes and two closes by this process, five CLOSE_WAITs on its server side of
+/// which one is closed: the summary says exactly that.
+#[test]
+fn summary_counts_after_a_scripted_scenario() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&["--port", &lp.to_string(), "--summary-only"]);
+    let mut keep = Vec::new();
+    let mut expect = Vec::new();
+    for i in 0..5 {
+        let (a, b) = pair(&listener);
+        let (ap, bp) = ports(&a, &b);
+        expect.push((bp, ap, "ESTABLISHED", "CLOSE_WAIT"));
+        if i < 3 {
+            a.shutdown(Shutdown::Write).unwrap();
+            keep.push(a);
+        }
+        keep.push(b);
+    }
+    let closed = keep.pop().unwrap(); // the last server socket
+    let (cp, cr) = (
+        closed.local_addr().unwrap().port(),
+        closed.peer_addr().unwrap().port(),
+    );
+    expect.push((cp, cr, "CLOSE_WAIT", "LAST_ACK"));
+    drop(closed);
+    let all = tracer.stop_when_summary(&expect);
+    assert!(
+        all.iter().all(|v| v["event"] != "transition"),
+        "--summary-only prints no transitions"
+    );
+    let summary = all
+        .iter()
+        .find(|v| v["event"] == "summary")
+        .expect("a summary");
+    let me = summary["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == std::process::id())
+        .expect("this process");
+    assert_eq!(me["fin_wait2_half_closed"]["shutdown(SHUT_WR)"], 3, "{me}");
+    assert_eq!(me["fin_wait2_orphaned"]["close()"], 2, "{me}");
+    assert_eq!(
+        (me["close_wait"].as_u64(), me["close_wait_closed"].as_u64()),
+        (Some(5), Some(1)),
+        "{me}"
+    );
+    let answer = me["answer"].as_str().unwrap();
+    assert!(
+        answer.contains("3 FIN_WAIT2 after shutdown(SHUT_WR), still open")
+            && answer.contains("4 never closed while traced"),
+        "{answer}"
+    );
+    drop(keep);
+}
+
+/// A process that names itself with a terminal escape and a newline cannot forge output.
+#[test]
+fn hostile_process_names_are_escaped() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    let child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .args(["--port", &lp.to_string(), "--no-snapshot"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3)); // attached well before this
+    let hostile = std::thread::spawn(move || {
+        // SAFETY: renames this thread only; 15 bytes plus NUL.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c"\x1b[2Jevil\nFAKE".as_ptr()) };
+        let (a, b) = pair(&listener);
+        a.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        drop((a, b));
+    });
+    hostile.join().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains('\x1b'),
+        "a raw escape reached the terminal: {text:?}"
+    );
+    assert!(text.contains("\\u{1b}[2Jevil\\nFAKE"), "{text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("FAKE")),
+        "a forged line: {text}"
+    );
+}
