@@ -87,6 +87,11 @@ pub struct TraceArgs {
     #[arg(short = '6')]
     pub ipv6: bool,
 
+    /// Report each socket still half-closed (FIN_WAIT2 after shutdown()) or in CLOSE_WAIT after
+    /// this many seconds, once, with its owner.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub stuck: Option<f64>,
+
     /// Print only the summary when tracing ends, not each transition.
     #[arg(long)]
     pub summary_only: bool,

@@ -50,6 +50,7 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
         states: Vec::new(),
         ipv6: None,
         summary_only: false,
+        stuck: None,
         keep_reports: true,
         // The demo's own connections are all that matter to it.
         snapshot: false,

@@ -184,6 +184,40 @@ fn close_no_fin_json(n: &CloseNoFinReport, clock: &Clock) -> Value {
     })
 }
 
+pub fn stuck_json(s: &crate::summary::Stuck, clock: &Clock) -> String {
+    json!({
+        "event": "stuck",
+        "time": clock.rfc3339(crate::owners::monotonic_ns()),
+        "sock": format!("{:#x}", s.sock),
+        "family": if s.ends.is_ipv6() { "ipv6" } else { "ipv4" },
+        "laddr": s.ends.local.to_string(),
+        "lport": s.ends.lport,
+        "raddr": s.ends.remote.to_string(),
+        "rport": s.ends.rport,
+        "state": s.what,
+        "pid": s.pid,
+        "comm": s.comm,
+        "fd": s.fd,
+        "stuck_s": s.stuck_ns as f64 / 1e9,
+    })
+    .to_string()
+}
+
+pub fn stuck_line(s: &crate::summary::Stuck) -> String {
+    let fd = s.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
+    format!(
+        "STUCK {}:{} > {}:{} {} for {:.1} s: {}[{}]{fd} must close it",
+        s.ends.local,
+        s.ends.lport,
+        s.ends.remote,
+        s.ends.rport,
+        s.what,
+        s.stuck_ns as f64 / 1e9,
+        s.comm,
+        s.pid
+    )
+}
+
 fn who(c: &Cause) -> String {
     let call = match (c.kind, c.how) {
         (CauseKind::Call(Call::Shutdown), Some(how)) => format!("shutdown({})", how_name(how)),

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 use crate::{
     correlate::{CauseKind, Report, TransitionReport},
+    event::Endpoints,
     output::how_name,
 };
 
@@ -28,6 +29,22 @@ struct Open {
     since_ns: u64,
     who: u32,
     what: String,
+    ends: Endpoints,
+    fd: Option<i32>,
+    /// Already reported by `--stuck`.
+    reported: bool,
+}
+
+/// A socket still half-closed or in CLOSE_WAIT after the `--stuck` threshold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stuck {
+    pub sock: u64,
+    pub what: String,
+    pub pid: u32,
+    pub comm: String,
+    pub fd: Option<i32>,
+    pub ends: Endpoints,
+    pub stuck_ns: u64,
 }
 
 #[derive(Default)]
@@ -119,6 +136,9 @@ impl Summary {
                             since_ns: t.ts_ns,
                             who: o.pid,
                             what: "CLOSE_WAIT".into(),
+                            ends: t.ends.clone(),
+                            fd: Some(o.fd),
+                            reported: false,
                         },
                     );
                 }
@@ -166,11 +186,43 @@ impl Summary {
                     since_ns: t.ts_ns,
                     who,
                     what: format!("FIN_WAIT2 after {call}"),
+                    ends: t.ends.clone(),
+                    fd: c.fd,
+                    reported: false,
                 },
             );
         } else {
             *counts.orphaned.entry(call).or_default() += 1;
         }
+    }
+
+    /// Sockets stuck for at least `threshold_ns` and not reported yet (each is reported once).
+    pub fn take_stuck(&mut self, now_ns: u64, threshold_ns: u64) -> Vec<Stuck> {
+        let mut out = Vec::new();
+        for (sock, o) in self.open.iter_mut() {
+            let age = now_ns.saturating_sub(o.since_ns);
+            if o.reported || age < threshold_ns {
+                continue;
+            }
+            o.reported = true;
+            let comm = self
+                .by_process
+                .get(&o.who)
+                .map(|(c, _)| c.clone())
+                .unwrap_or_default();
+            out.push(Stuck {
+                sock: *sock,
+                what: o.what.clone(),
+                pid: o.who,
+                comm,
+                fd: o.fd,
+                ends: o.ends.clone(),
+                stuck_ns: age,
+            });
+        }
+        self.stuck_reported += out.len() as u64;
+        out.sort_by_key(|s| std::cmp::Reverse(s.stuck_ns));
+        out
     }
 
     pub fn counts(&self) -> &BTreeMap<u32, (String, Counts)> {
@@ -383,5 +435,15 @@ mod tests {
             4,
             "3 half-closed + 1 CLOSE_WAIT"
         );
+        // --stuck: each once, oldest first; the CLOSE_WAIT names its owner's fd.
+        let stuck = s.take_stuck(2_000_000_000, 1_000_000_000);
+        assert_eq!(stuck.len(), 4);
+        assert!(s.take_stuck(3_000_000_000, 1_000_000_000).is_empty());
+        assert!(
+            stuck
+                .iter()
+                .any(|x| x.what == "CLOSE_WAIT" && x.pid == 9 && x.fd == Some(4))
+        );
+        assert_eq!(s.json(0)["stuck_reported"], 4);
     }
 }

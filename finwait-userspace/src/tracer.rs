@@ -45,6 +45,8 @@ pub struct Config {
     pub ipv6: Option<bool>,
     /// Print only the summary at the end.
     pub summary_only: bool,
+    /// Report sockets half-closed or in CLOSE_WAIT for this long, once each.
+    pub stuck: Option<Duration>,
     /// Keep the shown reports and return them (the demo summarises them).
     pub keep_reports: bool,
     /// Start with a snapshot of the sockets already on the close path.
@@ -169,6 +171,20 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         batch.drain(..).for_each(|r| resolver.push(r));
         resolver.ready(&mut ready, false);
         view.emit(&mut ready, &mut out, &clock, fin_timeout_s)?;
+        if let Some(after) = cfg.stuck {
+            for s in view
+                .summary
+                .take_stuck(owners::monotonic_ns(), after.as_nanos() as u64)
+            {
+                let line = if cfg.json {
+                    output::stuck_json(&s, &clock)
+                } else {
+                    output::stuck_line(&s)
+                };
+                writeln!(out, "{line}")?;
+            }
+            out.flush()?;
+        }
         let skipped = nested_misses(&ebpf);
         if skipped > skipped_reported {
             eprintln!(

@@ -153,3 +153,53 @@ fn hostile_process_names_are_escaped() {
         "a forged line: {text}"
     );
 }
+
+/// `--stuck 1`: a half-closed socket and two CLOSE_WAIT sockets still open after a second are
+/// each reported once, with the process and fd that must close them.
+#[test]
+fn stuck_sockets_are_reported_once() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&["--port", &lp.to_string(), "--stuck", "1"]);
+    let (a1, b1) = pair(&listener);
+    a1.shutdown(Shutdown::Write).unwrap();
+    let (a2, b2) = pair(&listener);
+    let (p1, p2) = (
+        a1.local_addr().unwrap().port(),
+        a2.local_addr().unwrap().port(),
+    );
+    drop(a2);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let all = tracer.stop_when(&[]);
+    let stuck: Vec<_> = all.iter().filter(|v| v["event"] == "stuck").collect();
+    assert_eq!(stuck.len(), 3, "{stuck:#?}");
+    let me = std::process::id();
+    let find = |lport: u16, state: &str| {
+        stuck
+            .iter()
+            .find(|v| v["lport"] == lport && v["state"] == state)
+            .unwrap_or_else(|| panic!("no {state} on {lport}: {stuck:#?}"))
+    };
+    let half = find(p1, "FIN_WAIT2 after shutdown(SHUT_WR)");
+    assert_eq!(
+        (half["pid"].as_u64(), half["fd"].as_i64()),
+        (Some(me as u64), Some(fd(&a1))),
+        "{half}"
+    );
+    for (b, peer) in [(&b1, p1), (&b2, p2)] {
+        let cw = stuck
+            .iter()
+            .find(|v| v["rport"] == peer && v["state"] == "CLOSE_WAIT")
+            .expect("CLOSE_WAIT stuck");
+        assert_eq!(
+            (cw["pid"].as_u64(), cw["fd"].as_i64()),
+            (Some(me as u64), Some(fd(b))),
+            "{cw}"
+        );
+        assert!(cw["stuck_s"].as_f64().unwrap() >= 1.0, "{cw}");
+    }
+    let summary = all.iter().find(|v| v["event"] == "summary").unwrap();
+    assert_eq!(summary["stuck_reported"], 3, "{summary}");
+    drop((a1, b1, b2));
+}
