@@ -7,10 +7,15 @@ use clap::{Args, Parser, Subcommand};
     version,
     about = "Who left these TCP sockets in FIN_WAIT2 or CLOSE_WAIT: shutdown(), close(), or a peer's FIN nobody answered?",
     after_help = "Examples:
-  sudo finwait-trace --pid $(pgrep -o nginx)   # nginx master and all its workers
-  sudo finwait-trace --json --duration 60       # one JSON object per line, for a minute
-  sudo finwait-trace --demo                     # a built-in loopback workload, traced
-  sudo finwait-trace snapshot --detail          # the sockets stuck right now, and whose job they are",
+  # nginx piles up FIN_WAIT2: shutdown() or close()? (the master and every worker)
+  sudo finwait-trace snapshot --pid $(pgrep -o nginx)
+  sudo finwait-trace --pid $(pgrep -o nginx) --state FIN_WAIT2
+  # a back-end leaks CLOSE_WAIT: name each socket it has not closed after 30 s
+  sudo finwait-trace --comm imapd --stuck 30 --summary-only
+  # one JSON object per line, for a minute
+  sudo finwait-trace --json --duration 60
+  # a built-in loopback workload, traced
+  sudo finwait-trace --demo",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -104,6 +109,10 @@ pub struct TraceArgs {
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub stats_every: Option<f64>,
 
+    /// Write a man page (`man`) or shell completions (`bash`, `zsh`, `fish`) to stdout.
+    #[arg(long, hide = true, value_name = "WHAT")]
+    pub generate: Option<String>,
+
     /// Benchmark floor: attach every program as a no-op.
     #[arg(long, hide = true)]
     pub bench_noop: bool,
@@ -111,6 +120,21 @@ pub struct TraceArgs {
     /// Ring buffer size in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
+}
+
+/// `--generate`: the man page or completions, from these very definitions.
+pub fn generate(what: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let shell = match what {
+        "man" => return Ok(clap_mangen::Man::new(cmd).render(out)?),
+        "bash" => clap_complete::Shell::Bash,
+        "zsh" => clap_complete::Shell::Zsh,
+        "fish" => clap_complete::Shell::Fish,
+        other => anyhow::bail!("--generate takes man, bash, zsh or fish, not `{other}`"),
+    };
+    clap_complete::generate(shell, &mut cmd, "finwait-trace", out);
+    Ok(())
 }
 
 fn parse_state(s: &str) -> Result<u8, String> {
@@ -187,5 +211,12 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["x", "--state", "HALF_OPEN"]).is_err());
         assert!(Cli::try_parse_from(["x", "-4", "-6"]).is_err());
+        let mut man = Vec::new();
+        generate("man", &mut man).unwrap();
+        assert!(String::from_utf8(man).unwrap().contains("snapshot"));
+        let mut bash = Vec::new();
+        generate("bash", &mut bash).unwrap();
+        assert!(String::from_utf8(bash).unwrap().contains("--stuck"));
+        assert!(generate("tcsh", &mut Vec::new()).is_err());
     }
 }

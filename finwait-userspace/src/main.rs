@@ -24,6 +24,9 @@ fn main() -> ExitCode {
             return snapshot::run(&args.pids, args.json, args.detail);
         }
         let t = cli.trace;
+        if let Some(what) = &t.generate {
+            return finwait_userspace::cli::generate(what, &mut std::io::stdout());
+        }
         let ring_bytes = t.ring_buffer_kib * 1024;
         if t.demo {
             return demo::run(t.json, ring_bytes).await;

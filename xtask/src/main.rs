@@ -42,6 +42,8 @@ enum Cmd {
         #[arg(long, value_name = "MINUTES")]
         soak: Option<f64>,
     },
+    /// Write the man page and shell completions to target/dist/.
+    Docs,
     /// Time `finwait-trace snapshot` on ~100,000 sockets and 2,000 processes (in a new network
     /// namespace, as root).
     BenchSnapshot,
@@ -108,6 +110,25 @@ fn run(cli: Cli) -> Result<()> {
                 args.extend(["--soak".into(), m.to_string()]);
             }
             as_root(&examples.join("bench"), &args, &[])
+        }
+        Cmd::Docs => {
+            let bin = build(true)?;
+            let dist = workspace().join("target/dist");
+            std::fs::create_dir_all(&dist)?;
+            for (what, file) in [
+                ("man", "finwait-trace.1"),
+                ("bash", "finwait-trace.bash"),
+                ("zsh", "_finwait-trace"),
+                ("fish", "finwait-trace.fish"),
+            ] {
+                let out = Command::new(&bin).args(["--generate", what]).output()?;
+                if !out.status.success() {
+                    bail!("finwait-trace --generate {what} failed");
+                }
+                std::fs::write(dist.join(file), out.stdout)?;
+                println!("wrote {}", dist.join(file).display());
+            }
+            Ok(())
         }
         Cmd::BenchSnapshot => {
             let bin = build(true)?;
