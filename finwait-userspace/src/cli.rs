@@ -97,6 +97,10 @@ pub struct TraceArgs {
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub stuck: Option<f64>,
 
+    /// Wall-clock times in the human output (default: seconds since start).
+    #[arg(long)]
+    pub timestamp: bool,
+
     /// Print only the summary when tracing ends, not each transition.
     #[arg(long)]
     pub summary_only: bool,

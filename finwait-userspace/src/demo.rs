@@ -51,6 +51,7 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
         ipv6: None,
         summary_only: false,
         stuck: None,
+        wall_clock: false,
         keep_reports: true,
         // The demo's own connections are all that matter to it.
         snapshot: false,

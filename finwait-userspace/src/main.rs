@@ -43,6 +43,7 @@ fn main() -> ExitCode {
             ipv6: (t.ipv4 || t.ipv6).then_some(t.ipv6),
             summary_only: t.summary_only,
             stuck: t.stuck.map(Duration::from_secs_f64),
+            wall_clock: t.timestamp,
             keep_reports: false,
             snapshot: !t.no_snapshot,
             noop: t.bench_noop,

@@ -299,19 +299,65 @@ pub fn explain(t: &TransitionReport, fin_timeout_s: u64) -> String {
     }
 }
 
-pub fn human_line(r: &Report, clock: &Clock, fin_timeout_s: u64) -> String {
+/// How human lines look: colour only on a terminal (and never with NO_COLOR), times relative to
+/// the start unless `--timestamp` asks for the wall clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Style {
+    pub color: bool,
+    /// Some(start): seconds since then; None: wall-clock time of day.
+    pub relative_to: Option<u64>,
+}
+
+impl Style {
+    pub fn for_stdout(wall_clock: bool, start_ns: u64) -> Self {
+        use std::io::IsTerminal;
+        let color = std::io::stdout().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        Self {
+            color,
+            relative_to: (!wall_clock).then_some(start_ns),
+        }
+    }
+
+    fn time(&self, clock: &Clock, ts_ns: u64) -> String {
+        match self.relative_to {
+            Some(start) => format!("{:>9.3}", ts_ns.saturating_sub(start) as f64 / 1e9),
+            None => {
+                let t = humantime::format_rfc3339_millis(clock.wall(ts_ns)).to_string();
+                t.get(11..23).unwrap_or(&t).to_string()
+            }
+        }
+    }
+
+    /// States that need someone's attention stand out.
+    fn state(&self, s: u8, width: usize) -> String {
+        let name = format!("{:<width$}", state_name(s));
+        let code = match s {
+            st::CLOSE_WAIT => "31",                // red: a process must act
+            st::FIN_WAIT2 | st::FIN_WAIT1 => "33", // yellow
+            st::TIME_WAIT | st::CLOSE => "2",      // dim: done
+            _ => "",
+        };
+        if self.color && !code.is_empty() {
+            format!("\x1b[{code}m{name}\x1b[0m")
+        } else {
+            name
+        }
+    }
+}
+
+pub fn human_line(r: &Report, clock: &Clock, fin_timeout_s: u64, style: &Style) -> String {
     match r {
         Report::Transition(t) => {
-            let time = humantime::format_rfc3339_millis(clock.wall(t.ts_ns)).to_string();
-            let time = time.get(11..23).unwrap_or(&time);
+            let conn = format!(
+                "{}:{} > {}:{}",
+                t.ends.local, t.ends.lport, t.ends.remote, t.ends.rport
+            );
             format!(
-                "{time} {}:{} > {}:{} {} -> {}: {}",
-                t.ends.local,
-                t.ends.lport,
-                t.ends.remote,
-                t.ends.rport,
-                state_name(t.old),
-                state_name(t.effective_new()),
+                "{} {} -> {} {conn:<31} {}",
+                style.time(clock, t.ts_ns),
+                style.state(t.old, 11),
+                style.state(t.effective_new(), 11),
                 explain(t, fin_timeout_s)
             )
         }
@@ -335,5 +381,33 @@ pub fn human_line(r: &Report, clock: &Clock, fin_timeout_s: u64) -> String {
                 n.fd
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_when_asked_and_relative_times() {
+        let plain = Style {
+            color: false,
+            relative_to: Some(1_000_000_000),
+        };
+        let color = Style {
+            color: true,
+            relative_to: None,
+        };
+        assert_eq!(plain.state(st::CLOSE_WAIT, 11), "CLOSE_WAIT ");
+        assert_eq!(
+            color.state(st::CLOSE_WAIT, 11),
+            "\x1b[31mCLOSE_WAIT \x1b[0m"
+        );
+        assert_eq!(
+            color.state(st::ESTABLISHED, 11),
+            "ESTABLISHED",
+            "no colour where nothing is wrong"
+        );
+        assert_eq!(plain.time(&Clock::new(), 3_500_000_000), "    2.500");
     }
 }

@@ -47,6 +47,8 @@ pub struct Config {
     pub summary_only: bool,
     /// Report sockets half-closed or in CLOSE_WAIT for this long, once each.
     pub stuck: Option<Duration>,
+    /// Human lines show wall-clock time instead of seconds since start.
+    pub wall_clock: bool,
     /// Keep the shown reports and return them (the demo summarises them).
     pub keep_reports: bool,
     /// Start with a snapshot of the sockets already on the close path.
@@ -137,6 +139,8 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     tokio::pin!(deadline);
     let mut stop_rx = stop.0;
     let mut stats_tick = cfg.stats_every.map(tokio::time::interval);
+    let mut gone_check = tokio::time::interval(Duration::from_secs(1));
+    let watch_targets = !cfg.pids.is_empty() && cfg.comms.is_empty();
     let mut tick = tokio::time::interval(DRAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -147,6 +151,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         kept: Vec::new(),
         fin_timeouts: FinTimeouts::default(),
         summary: Summary::default(),
+        style: output::Style::for_stdout(cfg.wall_clock, owners::monotonic_ns()),
     };
     let mut batch = Vec::new();
     let mut ready = Vec::new();
@@ -162,6 +167,14 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
             _ = tick.tick() => drain(ring.get_mut(), &mut correlator, &mut batch),
             _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
                 eprintln!("{}", stats_json(&correlator, &resolver, &counters, &ebpf, loaded.attach_failed));
+            }
+            _ = gone_check.tick(), if watch_targets => {
+                // --pid only (a --comm may match a process started later): stop once every
+                // followed process and descendant has exited.
+                if traced.as_ref().is_some_and(|m| m.keys().next().is_none()) {
+                    eprintln!("finwait-trace: every traced process has exited (and no descendant is left); stopping");
+                    break;
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -342,6 +355,7 @@ struct View<'a> {
     kept: Vec<Report>,
     fin_timeouts: FinTimeouts,
     summary: Summary,
+    style: output::Style,
 }
 
 impl View<'_> {
@@ -448,7 +462,7 @@ impl View<'_> {
             let line = if self.cfg.json {
                 output::json_line(&r, clock, fin_timeout_s)
             } else {
-                output::human_line(&r, clock, fin_timeout_s)
+                output::human_line(&r, clock, fin_timeout_s, &self.style)
             };
             writeln!(out, "{line}")?;
             if self.cfg.keep_reports {

@@ -203,3 +203,28 @@ fn stuck_sockets_are_reported_once() {
     assert_eq!(summary["stuck_reported"], 3, "{summary}");
     drop((a1, b1, b2));
 }
+
+/// `--pid` of a process that exits: the tracer says so and stops by itself, exit status 0.
+#[test]
+fn stops_when_the_traced_process_exits() {
+    let mut target = Command::new("sleep").arg("2").spawn().unwrap();
+    let started = std::time::Instant::now();
+    let out = trace(&[
+        "--pid",
+        &target.id().to_string(),
+        "--duration",
+        "30",
+        "--no-snapshot",
+    ]);
+    let _ = target.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("every traced process has exited"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "it should not wait for --duration"
+    );
+}
