@@ -27,6 +27,17 @@ pub struct Resolver {
     pub timed_out: u64,
 }
 
+/// The task whose call ended this transition's socket, as its owner (it held an fd to it).
+fn closer(t: &crate::correlate::TransitionReport) -> Option<Owner> {
+    let c = t.cause.as_ref()?;
+    let task = c.task.as_ref()?;
+    Some(Owner {
+        pid: task.pid,
+        comm: task.comm.clone(),
+        fd: c.fd?,
+    })
+}
+
 /// Does this report need the holders of its inode, as of after its event?
 fn needs_scan(r: &Report) -> Option<(u64, u64)> {
     match r {
@@ -90,15 +101,7 @@ impl Resolver {
     /// the socket, so it is the owner even when it closed before /proc could be read.
     fn closer_of(&self, sock: u64) -> Option<Owner> {
         self.queue.iter().find_map(|(r, _)| match r {
-            Report::Transition(t) if t.sock == sock && t.old == st::CLOSE_WAIT => {
-                let c = t.cause.as_ref()?;
-                let task = c.task.as_ref()?;
-                Some(Owner {
-                    pid: task.pid,
-                    comm: task.comm.clone(),
-                    fd: c.fd?,
-                })
-            }
+            Report::Transition(t) if t.sock == sock && t.old == st::CLOSE_WAIT => closer(t),
             _ => None,
         })
     }
@@ -117,15 +120,7 @@ impl Resolver {
                 }
             }
             Report::Transition(t) if t.old == st::CLOSE_WAIT => {
-                t.owner = self.close_wait_owner.remove(&t.inode).or_else(|| {
-                    let c = t.cause.as_ref()?;
-                    let task = c.task.as_ref()?;
-                    Some(Owner {
-                        pid: task.pid,
-                        comm: task.comm.clone(),
-                        fd: c.fd?,
-                    })
-                });
+                t.owner = self.close_wait_owner.remove(&t.inode).or_else(|| closer(t));
             }
             Report::CloseNoFin(n) => {
                 let (pid, fd) = (n.task.pid, n.fd);
