@@ -228,3 +228,45 @@ fn stops_when_the_traced_process_exits() {
         "it should not wait for --duration"
     );
 }
+
+/// A ring buffer too small for the burst: the loss is warned about live and counted, never silent.
+#[test]
+fn ring_overruns_are_reported() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    let child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .args([
+            "--json",
+            "--no-snapshot",
+            "--ring-buffer-kib",
+            "4",
+            "--duration",
+            "6",
+            "--port",
+            &lp.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3)); // attached well before this
+    for _ in 0..2000 {
+        let (a, b) = pair(&listener);
+        drop((a, b));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stats: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let lost = stats["lost_ring_full"].as_u64().unwrap();
+    assert!(
+        lost > 0,
+        "a 4 KiB ring cannot hold 2000 connections' events: {stats}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("events lost (ring buffer full; raise --ring-buffer-kib)"),
+        "{err}"
+    );
+}
