@@ -76,6 +76,18 @@ impl Default for Clock {
     }
 }
 
+/// The connection's fields, the same in every event that names one.
+fn put_ends(m: &mut serde_json::Map<String, Value>, e: &crate::event::Endpoints) {
+    m.insert(
+        "family".into(),
+        json!(if e.is_ipv6() { "ipv6" } else { "ipv4" }),
+    );
+    m.insert("laddr".into(), json!(e.local.to_string()));
+    m.insert("lport".into(), json!(e.lport));
+    m.insert("raddr".into(), json!(e.remote.to_string()));
+    m.insert("rport".into(), json!(e.rport));
+}
+
 fn ms(ns: Option<u64>) -> Value {
     ns.map(|n| json!(n as f64 / 1e6)).unwrap_or(Value::Null)
 }
@@ -119,11 +131,6 @@ fn transition_json(t: &TransitionReport, clock: &Clock, fin_timeout_s: u64) -> V
         "event": "transition",
         "time": clock.rfc3339(t.ts_ns),
         "sock": format!("{:#x}", t.sock),
-        "family": if t.ends.is_ipv6() { "ipv6" } else { "ipv4" },
-        "laddr": t.ends.local.to_string(),
-        "lport": t.ends.lport,
-        "raddr": t.ends.remote.to_string(),
-        "rport": t.ends.rport,
         "from": state_name(t.old),
         "to": state_name(t.effective_new()),
         "kernel_to": state_name(t.new),
@@ -131,6 +138,7 @@ fn transition_json(t: &TransitionReport, clock: &Clock, fin_timeout_s: u64) -> V
         "inode": (t.inode != 0).then_some(t.inode),
     });
     let m = v.as_object_mut().unwrap();
+    put_ends(m, &t.ends);
     if t.new == st::FIN_WAIT2 || t.old == st::FIN_WAIT2 {
         m.insert("orphan".into(), json!(t.orphan));
     }
@@ -185,22 +193,18 @@ fn close_no_fin_json(n: &CloseNoFinReport, clock: &Clock) -> Value {
 }
 
 pub fn stuck_json(s: &crate::summary::Stuck, clock: &Clock) -> String {
-    json!({
+    let mut v = json!({
         "event": "stuck",
         "time": clock.rfc3339(crate::owners::monotonic_ns()),
         "sock": format!("{:#x}", s.sock),
-        "family": if s.ends.is_ipv6() { "ipv6" } else { "ipv4" },
-        "laddr": s.ends.local.to_string(),
-        "lport": s.ends.lport,
-        "raddr": s.ends.remote.to_string(),
-        "rport": s.ends.rport,
         "state": s.what,
         "pid": s.pid,
         "comm": s.comm,
         "fd": s.fd,
         "stuck_s": s.stuck_ns as f64 / 1e9,
-    })
-    .to_string()
+    });
+    put_ends(v.as_object_mut().unwrap(), &s.ends);
+    v.to_string()
 }
 
 pub fn stuck_line(s: &crate::summary::Stuck) -> String {

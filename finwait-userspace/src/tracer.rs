@@ -367,34 +367,9 @@ impl View<'_> {
     }
 
     fn wanted(&mut self, r: &Report) -> bool {
-        let (sock, ports, pids): (u64, Option<(u16, u16)>, Vec<u32>) = match r {
-            Report::Transition(t) => {
-                let mut pids: Vec<u32> = t
-                    .cause
-                    .iter()
-                    .filter_map(|c| c.task.as_ref())
-                    .map(|t| t.pid)
-                    .collect();
-                // An owner matching --comm counts as traced even if it made no call yet.
-                pids.extend(
-                    t.owner
-                        .iter()
-                        .filter(|o| !self.cfg.comms.contains(&o.comm))
-                        .map(|o| o.pid),
-                );
-                if t.owner
-                    .as_ref()
-                    .is_some_and(|o| self.cfg.comms.contains(&o.comm))
-                {
-                    self.shown.insert(t.sock);
-                }
-                (t.sock, Some((t.ends.lport, t.ends.rport)), pids)
-            }
-            Report::CloseNoFin(n) => (
-                n.sock,
-                n.ends.as_ref().map(|e| (e.lport, e.rport)),
-                vec![n.task.pid],
-            ),
+        let (sock, ports) = match r {
+            Report::Transition(t) => (t.sock, Some((t.ends.lport, t.ends.rport))),
+            Report::CloseNoFin(n) => (n.sock, n.ends.as_ref().map(|e| (e.lport, e.rport))),
         };
         if let Report::Transition(t) = r {
             let states = &self.cfg.states;
@@ -415,14 +390,29 @@ impl View<'_> {
                 _ => return false,
             }
         }
-        if self.traced.is_none()
-            || self.shown.contains(&sock)
-            || pids.iter().any(|&p| self.is_traced(p))
-        {
-            self.shown.insert(sock);
+        // Without --pid/--comm everything passes: no per-socket bookkeeping on this path.
+        if self.traced.is_none() {
             return true;
         }
-        false
+        // A socket is followed once a followed process made a call on it or holds it; an owner
+        // matching --comm counts even if it made no call yet.
+        let followed = self.shown.contains(&sock)
+            || match r {
+                Report::Transition(t) => {
+                    t.cause
+                        .iter()
+                        .filter_map(|c| c.task.as_ref())
+                        .any(|task| self.is_traced(task.pid))
+                        || t.owner.as_ref().is_some_and(|o| {
+                            self.cfg.comms.contains(&o.comm) || self.is_traced(o.pid)
+                        })
+                }
+                Report::CloseNoFin(n) => self.is_traced(n.task.pid),
+            };
+        if followed {
+            self.shown.insert(sock);
+        }
+        followed
     }
 
     fn emit(
