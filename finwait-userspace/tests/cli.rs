@@ -18,6 +18,25 @@ fn trace(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Starts the tracer with piped output and returns once it printed its first line (programs
+/// attached): a fixed sleep is too short on a slow machine or an emulated kernel.
+fn spawn_attached(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = Vec::new();
+    let stdout = child.stdout.as_mut().unwrap();
+    let mut byte = [0u8];
+    while stdout.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        first.push(byte[0]);
+    }
+    (child, String::from_utf8_lossy(&first).into_owned())
+}
+
 #[test]
 fn clear_errors_with_the_fix() {
     // Not root: the capabilities are named (setpriv drops to nobody).
@@ -123,12 +142,7 @@ fn hostile_process_names_are_escaped() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lp = listener.local_addr().unwrap().port();
-    let child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
-        .args(["--port", &lp.to_string(), "--no-snapshot"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(3)); // attached well before this
+    let (child, _) = spawn_attached(&["--port", &lp.to_string(), "--no-snapshot"]);
     let hostile = std::thread::spawn(move || {
         // SAFETY: renames this thread only; 15 bytes plus NUL.
         unsafe { libc::prctl(libc::PR_SET_NAME, c"\x1b[2Jevil\nFAKE".as_ptr()) };
@@ -207,16 +221,18 @@ fn stuck_sockets_are_reported_once() {
 /// `--pid` of a process that exits: the tracer says so and stops by itself, exit status 0.
 #[test]
 fn stops_when_the_traced_process_exits() {
-    let mut target = Command::new("sleep").arg("2").spawn().unwrap();
-    let started = std::time::Instant::now();
-    let out = trace(&[
+    let mut target = Command::new("sleep").arg("120").spawn().unwrap();
+    let (child, _) = spawn_attached(&[
         "--pid",
         &target.id().to_string(),
         "--duration",
-        "30",
+        "60",
         "--no-snapshot",
     ]);
+    let _ = target.kill();
     let _ = target.wait();
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -235,26 +251,21 @@ fn ring_overruns_are_reported() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lp = listener.local_addr().unwrap().port();
-    let child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
-        .args([
-            "--json",
-            "--no-snapshot",
-            "--ring-buffer-kib",
-            "4",
-            "--duration",
-            "6",
-            "--port",
-            &lp.to_string(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(3)); // attached well before this
+    let (child, _) = spawn_attached(&[
+        "--json",
+        "--no-snapshot",
+        "--ring-buffer-kib",
+        "4",
+        "--port",
+        &lp.to_string(),
+    ]);
     for _ in 0..2000 {
         let (a, b) = pair(&listener);
         drop((a, b));
     }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let stats: serde_json::Value =

@@ -8,6 +8,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 #[derive(Parser)]
 #[command(about = "finwait's build tasks")]
 struct Cli {
@@ -47,11 +49,29 @@ enum Cmd {
     /// Time `finwait-trace snapshot` on ~100,000 sockets and 2,000 processes (in a new network
     /// namespace, as root).
     BenchSnapshot,
-    /// Build and run every test, including the root integration tests on this kernel.
+    /// Build and run every test: the root integration tests on this kernel, then on Debian's
+    /// 6.1 and 6.12 kernels in qemu (`vm-test`).
     Test {
+        /// Only this machine's kernel (skip the VM matrix).
+        #[arg(long)]
+        host_only: bool,
         /// Extra arguments for `cargo test` (after `--`, e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run the integration tests inside qemu (software emulation) on other kernels, in both
+    /// tracer modes; fails on a test failure, a panic or a hang.
+    VmTest {
+        /// `6.1`, `6.12` (Debian cloud kernels, downloaded and cached), or a path to a kernel
+        /// `.deb`, an extracted package or a vmlinuz. Repeatable.
+        #[arg(long = "kernel", default_values_t = ["6.1".to_string(), "6.12".to_string()])]
+        kernels: Vec<String>,
+        /// Give up on a guest after this many seconds.
+        #[arg(long, default_value_t = 1500)]
+        timeout: u64,
+        /// Test name filter passed to every test binary.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        filter: Vec<String>,
     },
 }
 
@@ -88,7 +108,18 @@ fn run(cli: Cli) -> Result<()> {
             let bin = build(release)?;
             as_root(&bin, &args, &[])
         }
-        Cmd::Test { args } => test(&args),
+        Cmd::Test { host_only, args } => {
+            test(&args)?;
+            if host_only {
+                return Ok(());
+            }
+            vm_test(vec!["6.1".into(), "6.12".into()], 1500, args)
+        }
+        Cmd::VmTest {
+            kernels,
+            timeout,
+            filter,
+        } => vm_test(kernels, timeout, filter),
         Cmd::Bench {
             rounds,
             seconds,
@@ -137,6 +168,20 @@ fn run(cli: Cli) -> Result<()> {
             as_root(&load, &[bin.display().to_string()], &[])
         }
     }
+}
+
+fn vm_test(kernels: Vec<String>, timeout: u64, filter: Vec<String>) -> Result<()> {
+    if !is_root() {
+        bail!("vm-test installs packages and builds an initramfs: run it as root");
+    }
+    vm::vm_test(
+        &workspace(),
+        &vm::Options {
+            kernels,
+            timeout: std::time::Duration::from_secs(timeout),
+            filter,
+        },
+    )
 }
 
 fn workspace() -> PathBuf {
