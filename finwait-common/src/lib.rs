@@ -20,6 +20,10 @@ pub enum EventKind {
     ReceiveReset = 5,
     /// `tcp:tcp_send_reset`: this host reset the connection.
     SendReset = 6,
+    /// Precise mode: the kernel's `tcp_close` or `tcp_shutdown` ran on `sock` in this task
+    /// (`call` is Close or Shutdown; `arg` is shutdown's `how`). Whatever path dropped the last
+    /// reference (close(), exit, io_uring, ...), this is the task that ended the socket.
+    KernelCall = 7,
 }
 
 impl EventKind {
@@ -31,6 +35,7 @@ impl EventKind {
             4 => Self::ProcessExit,
             5 => Self::ReceiveReset,
             6 => Self::SendReset,
+            7 => Self::KernelCall,
             _ => return None,
         })
     }

@@ -12,9 +12,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_tracepoint, fentry, kprobe, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
 use finwait_common::{
     Call, Event, EventKind, FilterConfig, KernelOffsets, MAX_COMMS, OtherTpLayout, StateTpLayout,
@@ -582,3 +582,46 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+// Precise mode: the kernel functions that end a TCP socket, whatever path called them (close(),
+// exit, io_uring, the last fput of a shared file). Userspace attaches the fentry pair, or the
+// kprobe pair where fentry is refused, or neither (then calls are matched by correlation).
+
+#[inline(always)]
+fn kernel_call(call: Call, sk: u64, how_mask: i64) {
+    if noop() || sk == 0 || !pid_traced((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return;
+    }
+    let mut e = new_event(EventKind::KernelCall);
+    e.call = call as u8;
+    e.sock = sk;
+    // inet_shutdown() passes SHUT_RD/SHUT_WR/SHUT_RDWR + 1 (a RCV/SEND_SHUTDOWN mask).
+    e.arg = how_mask - 1;
+    submit(&e);
+}
+
+#[fentry(function = "tcp_close")]
+pub fn tcp_close_fentry(ctx: FEntryContext) -> i32 {
+    kernel_call(Call::Close, ctx.arg(0), 0);
+    0
+}
+
+#[fentry(function = "tcp_shutdown")]
+pub fn tcp_shutdown_fentry(ctx: FEntryContext) -> i32 {
+    let how: i32 = ctx.arg(1);
+    kernel_call(Call::Shutdown, ctx.arg(0), how as i64);
+    0
+}
+
+#[kprobe]
+pub fn tcp_close_kprobe(ctx: ProbeContext) -> u32 {
+    kernel_call(Call::Close, ctx.arg(0).unwrap_or(0), 0);
+    0
+}
+
+#[kprobe]
+pub fn tcp_shutdown_kprobe(ctx: ProbeContext) -> u32 {
+    let how: i32 = ctx.arg(1).unwrap_or(0);
+    kernel_call(Call::Shutdown, ctx.arg(0).unwrap_or(0), how as i64);
+    0
+}

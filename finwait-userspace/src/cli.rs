@@ -121,6 +121,12 @@ pub struct TraceArgs {
     #[arg(long, hide = true)]
     pub bench_noop: bool,
 
+    /// How calls are tied to sockets. `precise`: also hook the kernel's tcp_close/tcp_shutdown
+    /// (fentry, else kprobes), which sees every path that ends a socket (io_uring included);
+    /// `correlated`: syscall tracepoints only; `auto`: precise where the kernel allows it.
+    #[arg(long, value_enum, default_value_t = crate::loader::Mode::Auto)]
+    pub mode: crate::loader::Mode,
+
     /// Ring buffer size in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,

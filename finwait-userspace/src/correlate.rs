@@ -58,6 +58,9 @@ pub struct Cause {
     /// The task that made the call (None for peer and timer causes).
     pub task: Option<Task>,
     pub fd: Option<i32>,
+    /// Precise mode: the kernel's own tcp_close/tcp_shutdown on this socket named the task
+    /// (rather than matching a syscall to the transition).
+    pub exact: bool,
 }
 
 impl Cause {
@@ -67,6 +70,16 @@ impl Cause {
             how: None,
             task: None,
             fd: None,
+            exact: false,
+        }
+    }
+    fn exit(task: &Task) -> Self {
+        Self {
+            kind: CauseKind::Exit,
+            how: None,
+            task: Some(task.clone()),
+            fd: None,
+            exact: false,
         }
     }
     fn unknown() -> Self {
@@ -183,6 +196,8 @@ pub struct Stats {
     pub records: u64,
     pub transitions: u64,
     pub calls: u64,
+    /// Precise mode: tcp_close/tcp_shutdown records.
+    pub kernel_calls: u64,
     pub sockets_evicted: u64,
     pub threads_evicted: u64,
 }
@@ -203,6 +218,7 @@ impl PendingCall {
             task: Some(self.task.clone()),
             // -1: the call covered a range of fds and the kernel could not say which one.
             fd: (self.fd >= 0).then_some(self.fd),
+            exact: false,
         }
     }
 }
@@ -233,6 +249,9 @@ struct ThreadState {
     current: Option<(PendingCall, Option<u64>)>,
     /// A call that returned but whose final fput may still run (until the next syscall).
     after: Option<(PendingCall, Option<u64>)>,
+    /// Precise mode: the socket tcp_close/tcp_shutdown last ran on in this thread, and the call.
+    /// Kept per thread (not per socket) so a close that changes no state leaves nothing behind.
+    kernel_call: Option<(u64, PendingCall)>,
     exiting: bool,
 }
 
@@ -404,6 +423,16 @@ impl Correlator {
                 }
             }
             Decoded::SendReset { sock } => self.sock(sock).reset_sent = true,
+            Decoded::KernelCall { call, how, sock } => {
+                self.stats.kernel_calls += 1;
+                let call = PendingCall {
+                    call,
+                    how,
+                    task: rec.task,
+                    fd: -1,
+                };
+                self.thread(tid).kernel_call = Some((sock, call));
+            }
             Decoded::Transition {
                 sock,
                 old,
@@ -419,9 +448,43 @@ impl Correlator {
         }
     }
 
+    /// Precise mode: did tcp_close (or, unless `close_only`, tcp_shutdown) just run on `sock` in
+    /// this thread?
+    fn kernel_call_by(&self, sock: u64, tid: u32, close_only: bool) -> bool {
+        self.threads
+            .peek(&tid)
+            .and_then(|t| t.kernel_call.as_ref())
+            .is_some_and(|(s, k)| *s == sock && (!close_only || k.call == Call::Close))
+    }
+
     /// The call by this thread that may have caused a local transition of `sock`.
     fn local_cause(&mut self, sock: u64, task: &Task) -> Cause {
         let tid = task.tid;
+        let kernel = self
+            .threads
+            .peek_mut(&tid)
+            .and_then(|t| t.kernel_call.take_if(|(s, _)| *s == sock))
+            .map(|(_, k)| k);
+        if let Some(k) = kernel {
+            // The kernel itself says this task ended this socket. The syscall that led there, if
+            // one was seen, names the fd; otherwise the path had none we follow (io_uring, the
+            // last reference of a file shared with another process, ...).
+            let syscall = self
+                .socks
+                .peek_mut(&sock)
+                .and_then(|s| s.pending.take())
+                .filter(|p| {
+                    p.task.tid == tid && (p.call == Call::Shutdown) == (k.call == Call::Shutdown)
+                });
+            let exiting = self.threads.peek(&tid).is_some_and(|t| t.exiting);
+            let mut cause = match syscall {
+                Some(p) => p.cause(),
+                None if exiting && k.call == Call::Close => Cause::exit(task),
+                None => k.cause(),
+            };
+            cause.exact = true;
+            return cause;
+        }
         if let Some(p) = self.socks.peek_mut(&sock).and_then(|s| s.pending.take()) {
             if p.task.tid == tid {
                 return p.cause();
@@ -440,12 +503,7 @@ impl Correlator {
             }
             if t.exiting {
                 // Exit closes in the exiting task's own context.
-                return Cause {
-                    kind: CauseKind::Exit,
-                    how: None,
-                    task: Some(task.clone()),
-                    fd: None,
-                };
+                return Cause::exit(task);
             }
         }
         Cause::unknown()
@@ -531,7 +589,8 @@ impl Correlator {
                     .socks
                     .peek(&sock)
                     .and_then(|s| s.pending.as_ref())
-                    .is_some_and(|p| p.task.tid == tid && p.call != Call::Shutdown);
+                    .is_some_and(|p| p.task.tid == tid && p.call != Call::Shutdown)
+                    || self.kernel_call_by(sock, tid, true);
                 let in_unresolved_close = self.threads.peek(&tid).is_some_and(|t| {
                     [&t.current, &t.after]
                         .into_iter()
@@ -551,12 +610,7 @@ impl Correlator {
                     let cause = if pending_close || in_unresolved_close {
                         self.local_cause(sock, task)
                     } else {
-                        Cause {
-                            kind: CauseKind::Exit,
-                            how: None,
-                            task: Some(task.clone()),
-                            fd: None,
-                        }
+                        Cause::exit(task)
                     };
                     r.fw2_exit = Some(if s.reset_sent {
                         Fw2Exit::Reset
@@ -608,7 +662,8 @@ impl Correlator {
             (_, st::CLOSE) => {
                 // Straight to CLOSE: a reset (SO_LINGER 0, unread data at close, the peer's RST)
                 // or an orphan that timed out.
-                let has_pending = self.socks.peek(&sock).is_some_and(|s| s.pending.is_some());
+                let has_pending = self.socks.peek(&sock).is_some_and(|s| s.pending.is_some())
+                    || self.kernel_call_by(sock, tid, false);
                 let s = self.socks.peek(&sock).cloned().unwrap_or_default();
                 r.close_wait_ns = s.close_wait_since_ns.map(|t| ts.saturating_sub(t));
                 r.since_fin_ns = s.fin_sent_ns.map(|t| ts.saturating_sub(t));
@@ -707,6 +762,96 @@ mod tests {
 
     const A: u64 = 0xa000;
     const B: u64 = 0xb000;
+
+    fn kernel(call: Call, sock: u64, how: Option<i32>) -> Decoded {
+        Decoded::KernelCall { call, how, sock }
+    }
+
+    /// Precise mode, close(): the syscall names the fd, the kernel hook confirms the task.
+    #[test]
+    fn precise_close_confirms_the_syscall() {
+        let mut c = Correlator::new(false);
+        let a = task(10, 11, "client");
+        let mut out = Vec::new();
+        c.handle(rec(1, &a, enter(Call::Close, 5, 0, A, 1)), &mut out);
+        c.handle(rec(2, &a, exit(Call::Close)), &mut out);
+        // Deferred fput: tcp_close runs after sys_exit, in the same thread.
+        c.handle(rec(3, &a, kernel(Call::Close, A, None)), &mut out);
+        c.handle(
+            rec(4, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            &mut out,
+        );
+        let cause = transitions(&out)[0].cause.clone().unwrap();
+        assert_eq!(
+            (cause.kind, cause.fd, cause.exact),
+            (CauseKind::Call(Call::Close), Some(5), true)
+        );
+        assert_eq!(cause.task.unwrap().tid, 11);
+    }
+
+    /// Precise mode, io_uring: no syscall we follow, yet the kernel names the process.
+    /// Correlated mode (no kernel record) must say unknown, even with an earlier close in `after`.
+    #[test]
+    fn io_uring_close_precise_and_correlated() {
+        for precise in [true, false] {
+            let mut c = Correlator::new(false);
+            let a = task(10, 11, "client");
+            let mut out = Vec::new();
+            // An earlier close() of another socket, still "after" for this thread.
+            c.handle(rec(1, &a, enter(Call::Close, 6, 0, B, 1)), &mut out);
+            c.handle(rec(2, &a, exit(Call::Close)), &mut out);
+            if precise {
+                c.handle(rec(3, &a, kernel(Call::Close, A, None)), &mut out);
+            }
+            c.handle(
+                rec(4, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+                &mut out,
+            );
+            let cause = transitions(&out)[0].cause.clone().unwrap();
+            if precise {
+                assert_eq!(
+                    (cause.kind, cause.fd, cause.exact, cause.task.map(|t| t.pid)),
+                    (CauseKind::Call(Call::Close), None, true, Some(10))
+                );
+            } else {
+                assert_eq!(cause.kind, CauseKind::Unknown);
+            }
+        }
+    }
+
+    /// Precise mode: a shutdown's kernel record does not stand for a later close's transition,
+    /// and a tcp_close during exit is the exit.
+    #[test]
+    fn precise_shutdown_then_exit() {
+        let mut c = Correlator::new(false);
+        let a = task(10, 11, "client");
+        let mut out = Vec::new();
+        c.handle(rec(1, &a, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
+        c.handle(rec(2, &a, kernel(Call::Shutdown, A, Some(1))), &mut out);
+        c.handle(
+            rec(3, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            &mut out,
+        );
+        c.handle(rec(4, &a, exit(Call::Shutdown)), &mut out);
+        c.handle(
+            rec(5, &a, tr(A, st::FIN_WAIT1, st::FIN_WAIT2, 0, 40000, 80)),
+            &mut out,
+        );
+        c.handle(rec(6, &a, Decoded::ProcessExit), &mut out);
+        c.handle(rec(7, &a, kernel(Call::Close, A, None)), &mut out);
+        c.handle(
+            rec(8, &a, tr(A, st::FIN_WAIT2, st::CLOSE, SOCK_DEAD, 40000, 80)),
+            &mut out,
+        );
+        let t = transitions(&out);
+        let fin = t[0].cause.clone().unwrap();
+        assert_eq!(
+            (fin.kind, fin.how, fin.fd, fin.exact),
+            (CauseKind::Call(Call::Shutdown), Some(1), Some(5), true)
+        );
+        let gone = t[2].cause.clone().unwrap();
+        assert_eq!((gone.kind, gone.exact), (CauseKind::Exit, true));
+    }
 
     /// Scenario 1 on loopback: A shuts down; the kernel runs B's CLOSE_WAIT and A's FIN_WAIT2
     /// inline, in A's thread. B is owned by pid 20.

@@ -56,6 +56,7 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
         // The demo's own connections are all that matter to it.
         snapshot: false,
         noop: false,
+        mode: crate::loader::Mode::Auto,
         stats_every: None,
     };
     let outcome = tracer::run(cfg, Stopper(Some(stop_rx)), || {

@@ -70,6 +70,12 @@ pub enum Decoded {
     SendReset {
         sock: u64,
     },
+    /// Precise mode: tcp_close/tcp_shutdown ran on `sock` in this task.
+    KernelCall {
+        call: Call,
+        how: Option<i32>,
+        sock: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +116,14 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
         EventKind::ProcessExit => Decoded::ProcessExit,
         EventKind::ReceiveReset => Decoded::ReceiveReset { sock: e.sock },
         EventKind::SendReset => Decoded::SendReset { sock: e.sock },
+        EventKind::KernelCall => {
+            let call = Call::from_u8(e.call)?;
+            Decoded::KernelCall {
+                call,
+                how: (call == Call::Shutdown).then_some(e.arg as i32),
+                sock: e.sock,
+            }
+        }
     };
     Some(Record {
         ts_ns: e.ts_ns,

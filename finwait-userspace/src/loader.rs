@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, FEntry, KProbe, TracePoint},
 };
 use finwait_common::{
     EVENTS_MAP, FilterConfig, KernelOffsets, MAX_COMMS, OtherTpLayout, StateTpLayout,
@@ -57,7 +57,22 @@ pub struct Options {
     pub wakeup_bytes: u32,
     /// Load every program as a no-op (benchmark floor).
     pub noop: bool,
+    pub mode: Mode,
 }
+
+/// How calls are tied to the sockets they end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Precise where the kernel allows it, else correlated.
+    Auto,
+    /// Hook tcp_close/tcp_shutdown (fentry, else kprobes); fail if the kernel refuses both.
+    Precise,
+    /// Syscall tracepoints only, matched to state changes by socket identity.
+    Correlated,
+}
+
+/// The kernel functions precise mode hooks: every path that ends a TCP socket goes through them.
+const PRECISE_FUNCTIONS: [(&str, &str); 2] = [("tcp_close", "close"), ("tcp_shutdown", "shutdown")];
 
 pub struct Loaded {
     pub ebpf: Ebpf,
@@ -69,6 +84,10 @@ pub struct Loaded {
     pub attach_failed: usize,
     /// How TCP state changes are hooked: "tp_btf" or "tracepoint".
     pub state_hook: &'static str,
+    /// Precise mode: "fentry" or "kprobe" on tcp_close/tcp_shutdown; None: correlated mode.
+    pub call_hook: Option<&'static str>,
+    /// Why precise mode is off (auto mode on a kernel that refuses both hooks).
+    pub precise_unavailable: Option<String>,
 }
 
 pub fn load(opts: &Options) -> Result<Loaded> {
@@ -133,6 +152,17 @@ pub fn load(opts: &Options) -> Result<Loaded> {
     let force_classic = std::env::var_os("FINWAIT_FORCE_TRACEPOINT").is_some_and(|v| v == "1");
     let btf_ok = kernel_offsets.state_btf == 1 && !force_classic;
     let state_hook = attach_state_hook(&mut ebpf, btf.as_ref().filter(|_| btf_ok), &mut degraded)?;
+    let (call_hook, precise_unavailable) = match opts.mode {
+        Mode::Correlated => (None, None),
+        mode => match attach_precise(&mut ebpf, btf.as_ref()) {
+            Ok(hook) => (Some(hook), None),
+            Err(why) if mode == Mode::Precise => bail!(
+                "--mode precise: this kernel allows neither fentry nor kprobes on tcp_close ({why}); \
+                 use --mode correlated"
+            ),
+            Err(why) => (None, Some(format!("precise hooks unavailable ({why})"))),
+        },
+    };
     drop(btf);
     let (mut attached, mut attach_failed) = (1, 0);
     for &(prog, category, name, required) in HOOKS {
@@ -163,7 +193,70 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         attached,
         attach_failed,
         state_hook,
+        call_hook,
+        precise_unavailable,
     })
+}
+
+/// Precise mode: fentry on tcp_close and tcp_shutdown, else kprobes; both functions or neither.
+/// Returns the hook kind, or why neither works (e.g. no CONFIG_KPROBES, fentry refused).
+fn attach_precise(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<&'static str, String> {
+    let mut why = Vec::new();
+    match btf {
+        Some(btf) => match attach_pair(ebpf, "fentry", |ebpf, func, call| {
+            let p: &mut FEntry = ebpf
+                .program_mut(&format!("tcp_{call}_fentry"))
+                .context("program missing")?
+                .try_into()?;
+            p.load(func, btf)?;
+            p.attach()?;
+            Ok(())
+        }) {
+            Ok(()) => return Ok("fentry"),
+            Err(e) => why.push(format!("fentry: {}", short_error(&e))),
+        },
+        None => why.push("fentry: no kernel BTF".into()),
+    }
+    match attach_pair(ebpf, "kprobe", |ebpf, func, call| {
+        let p: &mut KProbe = ebpf
+            .program_mut(&format!("tcp_{call}_kprobe"))
+            .context("program missing")?
+            .try_into()?;
+        p.load()?;
+        p.attach(func, 0)?;
+        Ok(())
+    }) {
+        Ok(()) => Ok("kprobe"),
+        Err(e) => {
+            why.push(format!("kprobe: {}", short_error(&e)));
+            Err(why.join("; "))
+        }
+    }
+}
+
+/// Attaches the hook for both functions, or unloads what it attached and fails.
+fn attach_pair(
+    ebpf: &mut Ebpf,
+    kind: &str,
+    attach_one: impl Fn(&mut Ebpf, &str, &str) -> Result<()>,
+) -> Result<()> {
+    for (i, (func, call)) in PRECISE_FUNCTIONS.iter().enumerate() {
+        if let Err(e) = attach_one(ebpf, func, call) {
+            for (_, done) in &PRECISE_FUNCTIONS[..=i] {
+                let Some(p) = ebpf.program_mut(&format!("tcp_{done}_{kind}")) else {
+                    continue;
+                };
+                // Unloading detaches: no half-attached pair is left behind.
+                if let Ok(p) = <&mut FEntry>::try_from(&mut *p) {
+                    let _ = p.unload();
+                } else if let Ok(p) = <&mut KProbe>::try_from(p) {
+                    let _ = p.unload();
+                }
+            }
+            return Err(e.context(*func));
+        }
+    }
+    Ok(())
 }
 
 /// The BTF tracepoint where the kernel has what it reads, else the classic one.

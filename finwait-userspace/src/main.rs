@@ -47,6 +47,7 @@ fn main() -> ExitCode {
             keep_reports: false,
             snapshot: !t.no_snapshot,
             noop: t.bench_noop,
+            mode: t.mode,
             stats_every: t.stats_every.map(Duration::from_secs_f64),
         };
         tracer::run(cfg, Stopper(None), || {}).await.map(|_| ())

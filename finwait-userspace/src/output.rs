@@ -101,6 +101,7 @@ fn cause_json(c: &Option<Cause>) -> Value {
         "tid": c.task.as_ref().map(|t| t.tid),
         "comm": c.task.as_ref().map(|t| t.comm.as_str()),
         "fd": c.fd,
+        "exact": c.exact,
     })
 }
 
@@ -231,6 +232,11 @@ fn who(c: &Cause) -> String {
     };
     match (&c.task, c.fd) {
         (Some(t), Some(fd)) => format!("{call} from {}[{}/{}] fd {fd}", t.comm, t.pid, t.tid),
+        // Only the kernel hook saw it: no syscall of ours carried an fd (io_uring, ...).
+        (Some(t), None) if c.exact && matches!(c.kind, CauseKind::Call(_)) => format!(
+            "{call} of {}[{}/{}] (in the kernel, not a close/shutdown syscall: io_uring?)",
+            t.comm, t.pid, t.tid
+        ),
         (Some(t), None) => format!("{call} of {}[{}/{}]", t.comm, t.pid, t.tid),
         _ => call,
     }
@@ -253,6 +259,7 @@ pub fn explain(t: &TransitionReport, fin_timeout_s: u64) -> String {
         how: None,
         task: None,
         fd: None,
+        exact: false,
     };
     let cause = t.cause.as_ref().unwrap_or(&unknown);
     let by = who(cause);

@@ -382,6 +382,7 @@ mod tests {
                 comm: "nginx".into(),
             }),
             fd: Some(3),
+            exact: false,
         })
     }
 

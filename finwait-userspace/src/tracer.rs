@@ -55,6 +55,7 @@ pub struct Config {
     pub snapshot: bool,
     /// Benchmark floor: programs attached but doing nothing.
     pub noop: bool,
+    pub mode: loader::Mode,
     /// Print the counters (JSON, to stderr) this often.
     pub stats_every: Option<Duration>,
 }
@@ -76,6 +77,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         // Wake userspace once a quarter of the ring is used; the timer drains the rest.
         wakeup_bytes: cfg.ring_bytes / 4,
         noop: cfg.noop,
+        mode: cfg.mode,
     })?;
     let mut ebpf = loaded.ebpf;
     let fin_timeout_s = crate::netns::own_fin_timeout();
@@ -88,7 +90,11 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     let stdout = std::io::stdout();
     let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
 
-    let mode = loaded.state_hook;
+    let mode = if loaded.call_hook.is_some() {
+        "precise"
+    } else {
+        "correlated"
+    };
     let fd_resolution = loaded.offsets.is_some();
     for note in &loaded.degraded {
         eprintln!("finwait-trace: warning: {note}");
@@ -97,6 +103,9 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         let start = json!({
             "event": "start",
             "mode": mode,
+            "state_hook": loaded.state_hook,
+            "call_hook": loaded.call_hook,
+            "precise_unavailable": loaded.precise_unavailable,
             "fd_resolution": fd_resolution,
             "kernel": kernel_release(),
             "tcp_fin_timeout_s": fin_timeout_s,
@@ -109,7 +118,12 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     } else {
         writeln!(
             out,
-            "finwait-trace: tracing TCP close paths (mode: {mode}, fd->socket resolution: {}, tcp_fin_timeout {fin_timeout_s} s); Ctrl-C to stop",
+            "finwait-trace: tracing TCP close paths (mode: {mode}{}, fd->socket resolution: {}, tcp_fin_timeout {fin_timeout_s} s); Ctrl-C to stop",
+            match (loaded.call_hook, &loaded.precise_unavailable) {
+                (Some(hook), _) => format!(" via {hook} on tcp_close/tcp_shutdown"),
+                (None, Some(why)) => format!(": {why}"),
+                (None, None) => String::new(),
+            },
             if fd_resolution { "on" } else { "off" }
         )?;
     }

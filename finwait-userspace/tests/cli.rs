@@ -23,6 +23,7 @@ fn trace(args: &[&str]) -> std::process::Output {
 fn spawn_attached(args: &[&str]) -> (std::process::Child, String) {
     use std::io::Read;
     let mut child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .args(mode_args())
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -227,3 +227,48 @@ fn scenario_9_v4_mapped_prints_as_ipv4() {
     );
     drop(a);
 }
+
+/// io_uring's IORING_OP_CLOSE ends a socket without a close() syscall. Precise mode sees the
+/// kernel's tcp_close and names the process (no fd: no syscall carried one); correlated mode
+/// cannot see who did it and must say `unknown`, never guess.
+#[test]
+fn io_uring_close_is_attributed_or_unknown() {
+    use io_uring::{IoUring, opcode, types};
+    let tracer = Tracer::start(&[]);
+    let precise = tracer.start["mode"] == "precise";
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    let mut ring = IoUring::new(4).expect("io_uring_setup (is kernel.io_uring_disabled set?)");
+    let close = opcode::Close::new(types::Fd(a.into_raw_fd())).build();
+    // SAFETY: the entry refers to no buffer; the fd is given up to the ring.
+    unsafe { ring.submission().push(&close).unwrap() };
+    ring.submit_and_wait(1).unwrap();
+    let res = ring.completion().next().unwrap().result();
+    assert_eq!(res, 0, "IORING_OP_CLOSE failed: {res}");
+    let all = tracer.stop_when(&[
+        (ap, bp, "ESTABLISHED", "FIN_WAIT1"),
+        (ap, bp, "FIN_WAIT1", "FIN_WAIT2"),
+    ]);
+    let ts = transitions(&all, ap, bp);
+    let fin = find(&ts, ap, "ESTABLISHED", "FIN_WAIT1");
+    let fw2 = find(&ts, ap, "FIN_WAIT1", "FIN_WAIT2");
+    if precise {
+        for v in [fin, fw2] {
+            let c = &v["cause"];
+            assert_eq!(
+                (c["call"].as_str(), c["pid"].as_u64(), c["exact"].as_bool()),
+                (Some("close"), Some(me() as u64), Some(true)),
+                "{v}"
+            );
+            assert!(c["fd"].is_null(), "{v}");
+        }
+        assert_eq!(fw2["orphan"], true, "{fw2}");
+    } else {
+        for v in [fin, fw2] {
+            assert_eq!(v["cause"]["call"], "unknown", "{v}");
+            assert!(v["cause"]["pid"].is_null(), "{v}");
+        }
+    }
+    drop(b);
+}

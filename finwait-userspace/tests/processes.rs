@@ -424,8 +424,8 @@ fn btf_and_classic_state_hooks_agree() {
             assert_eq!(one.len(), 6, "{one:#?}");
             assert_eq!(one, other);
         }
-        assert_eq!(from_btf[0]["mode"], "tp_btf");
-        assert_eq!(from_classic[0]["mode"], "tracepoint");
+        assert_eq!(from_btf[0]["state_hook"], "tp_btf");
+        assert_eq!(from_classic[0]["state_hook"], "tracepoint");
         return;
     }
 }

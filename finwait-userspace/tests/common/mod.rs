@@ -4,7 +4,10 @@ use std::{
     io::{BufRead, BufReader},
     os::fd::AsRawFd,
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
     time::Duration,
 };
@@ -15,7 +18,7 @@ pub struct Tracer {
     child: Child,
     lines: mpsc::Receiver<Value>,
     /// The `start` event; `stop_when` returns it first.
-    start: Value,
+    pub start: Value,
 }
 
 pub fn gettid() -> u32 {
@@ -42,6 +45,7 @@ impl Tracer {
         );
         let mut child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
             .arg("--json")
+            .args(mode_args())
             .args(args)
             .envs(envs.iter().copied())
             .stdout(Stdio::piped())
@@ -63,6 +67,7 @@ impl Tracer {
             .recv_timeout(Duration::from_secs(60))
             .expect("tracer did not start");
         assert_eq!(start["event"], "start", "{start}");
+        PRECISE.store(start["mode"] == "precise", Ordering::Relaxed);
         Tracer {
             child,
             lines: rx,
@@ -264,8 +269,26 @@ pub fn by_sock<'a>(all: &'a [Value], event: &str, sock: &Value) -> Vec<&'a Value
         .collect()
 }
 
+/// `FINWAIT_TEST_MODE` (set by `cargo xtask vm-test`): the tracer mode the suite runs in.
+pub fn mode_args() -> Vec<String> {
+    match std::env::var("FINWAIT_TEST_MODE") {
+        Ok(m) if !m.is_empty() => vec!["--mode".into(), m],
+        _ => Vec::new(),
+    }
+}
+
+/// The last tracer started ran in precise mode (tcp_close/tcp_shutdown hooked).
+pub static PRECISE: AtomicBool = AtomicBool::new(false);
+
 pub fn assert_cause(v: &Value, call: &str, pid: u32, tid: u32, fd: Option<i64>) {
     let c = &v["cause"];
+    // In precise mode the kernel's own hook confirms every call and exit; never otherwise.
+    let by_process = ["close", "shutdown", "close_range", "dup2", "dup3", "exit"].contains(&call);
+    assert_eq!(
+        c["exact"],
+        by_process && PRECISE.load(Ordering::Relaxed),
+        "{v}"
+    );
     assert_eq!(c["call"], call, "{v}");
     assert_eq!(c["pid"], pid, "{v}");
     assert_eq!(c["tid"], tid, "{v}");
