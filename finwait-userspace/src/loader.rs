@@ -399,3 +399,92 @@ fn raise_memlock() {
     // SAFETY: valid pointer to a rlimit.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
 }
+
+/// Layouts as seen on each kernel the matrix runs: the format files under testdata/tracefs were
+/// copied from Debian's 6.1 and 6.12 cloud kernels and this project's 6.18 host.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracefs(kernel: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/tracefs")
+            .join(kernel)
+    }
+
+    const KERNELS: [&str; 3] = ["debian-6.1", "debian-6.12", "host-6.18"];
+
+    #[test]
+    fn state_layout_is_the_same_on_6_1_6_12_and_6_18() {
+        for k in KERNELS {
+            let l = state_layout(&tracefs(k)).unwrap();
+            assert_eq!(
+                (l.skaddr, l.oldstate, l.newstate, l.sport, l.dport, l.family),
+                (8, 16, 20, 24, 26, 28),
+                "{k}"
+            );
+            assert_eq!((l.protocol, l.protocol_size), (30, 2), "{k}");
+            assert_eq!(
+                (l.saddr, l.daddr, l.saddr_v6, l.daddr_v6),
+                (32, 36, 40, 56),
+                "{k}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_byte_protocol_is_accepted() {
+        // Older kernels declare `__u8 protocol` (the classic hook then reads one byte).
+        let dir = std::env::temp_dir().join(format!("finwait-u8-{}", std::process::id()));
+        let tp = dir.join("events/sock/inet_sock_set_state");
+        std::fs::create_dir_all(&tp).unwrap();
+        let text = std::fs::read_to_string(
+            tracefs("debian-6.1").join("events/sock/inet_sock_set_state/format"),
+        )
+        .unwrap()
+        .replace("__u16 protocol;\toffset:30;\tsize:2;", "__u8 protocol;\toffset:30;\tsize:1;");
+        std::fs::write(tp.join("format"), text).unwrap();
+        let l = state_layout(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((l.protocol, l.protocol_size), (30, 1));
+    }
+
+    #[test]
+    fn fork_child_pid_moved_in_6_18() {
+        // sched_process_fork's comms became __data_loc strings, moving child_pid from 44 to 20.
+        let seen: Vec<u32> = KERNELS
+            .iter()
+            .map(|k| other_layout(&tracefs(k)).fork_child_pid)
+            .collect();
+        assert_eq!(seen, [44, 44, 20]);
+        for k in KERNELS {
+            let o = other_layout(&tracefs(k));
+            assert_eq!((o.send_reset_skaddr, o.receive_reset_skaddr), (16, 8), "{k}");
+        }
+    }
+
+    /// The syscall programs read their arguments as 8-byte slots from offset 16: true everywhere.
+    #[test]
+    fn syscall_arguments_are_8_byte_slots_from_16() {
+        for k in KERNELS {
+            for (tp, args) in [
+                ("sys_enter_close", &["fd"][..]),
+                ("sys_enter_shutdown", &["fd", "how"]),
+                ("sys_enter_close_range", &["fd", "max_fd", "flags"]),
+                ("sys_enter_dup2", &["oldfd", "newfd"]),
+                ("sys_enter_dup3", &["oldfd", "newfd", "flags"]),
+                ("sys_exit_close", &["ret"]),
+            ] {
+                let f = Format::read(&tracefs(k), "syscalls", tp).unwrap();
+                for (i, a) in args.iter().enumerate() {
+                    let field = f.field(a).unwrap();
+                    assert_eq!(
+                        (field.offset, field.size),
+                        (16 + 8 * i as u32, 8),
+                        "{k} {tp} {a}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -124,7 +124,7 @@ format:
 \tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
 ";
 
-    // Debian 6.1: protocol is one byte.
+    // Older kernels declare protocol as one byte.
     const STATE_6_1: &str = "\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
 \tfield:__u8 protocol;\toffset:30;\tsize:1;\tsigned:0;
 ";
