@@ -213,7 +213,7 @@ fn attach_precise(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<&'static st
             Ok(())
         }) {
             Ok(()) => return Ok("fentry"),
-            Err(e) => why.push(format!("fentry: {}", short_error(&e))),
+            Err(e) => why.push(format!("fentry: {}", hook_refusal(&e))),
         },
         None => why.push("fentry: no kernel BTF".into()),
     }
@@ -228,9 +228,23 @@ fn attach_precise(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<&'static st
     }) {
         Ok(()) => Ok("kprobe"),
         Err(e) => {
-            why.push(format!("kprobe: {}", short_error(&e)));
+            why.push(format!("kprobe: {}", hook_refusal(&e)));
             Err(why.join("; "))
         }
+    }
+}
+
+/// Why the kernel refused a precise hook, in a few words.
+fn hook_refusal(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    if text.contains("devices/kprobe") {
+        "this kernel has no kprobes (CONFIG_KPROBES)".into()
+    } else if text.contains("os error 1)") {
+        "refused by the kernel (EPERM)".into()
+    } else if text.contains("os error 524)") || text.contains("os error 95)") {
+        "not supported by this kernel".into()
+    } else {
+        e.root_cause().to_string()
     }
 }
 
@@ -442,7 +456,10 @@ mod tests {
             tracefs("debian-6.1").join("events/sock/inet_sock_set_state/format"),
         )
         .unwrap()
-        .replace("__u16 protocol;\toffset:30;\tsize:2;", "__u8 protocol;\toffset:30;\tsize:1;");
+        .replace(
+            "__u16 protocol;\toffset:30;\tsize:2;",
+            "__u8 protocol;\toffset:30;\tsize:1;",
+        );
         std::fs::write(tp.join("format"), text).unwrap();
         let l = state_layout(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -459,7 +476,11 @@ mod tests {
         assert_eq!(seen, [44, 44, 20]);
         for k in KERNELS {
             let o = other_layout(&tracefs(k));
-            assert_eq!((o.send_reset_skaddr, o.receive_reset_skaddr), (16, 8), "{k}");
+            assert_eq!(
+                (o.send_reset_skaddr, o.receive_reset_skaddr),
+                (16, 8),
+                "{k}"
+            );
         }
     }
 

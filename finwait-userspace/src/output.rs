@@ -317,6 +317,29 @@ pub struct Style {
     pub color: bool,
     /// Some(start): seconds since then; None: wall-clock time of day.
     pub relative_to: Option<u64>,
+    /// On a terminal: its width; a report longer than that continues on indented lines. Piped
+    /// output keeps one line per report, for grep.
+    pub width: Option<usize>,
+}
+
+/// Width of the time column (`   12.345` or `12:34:56.789`).
+const TIME_WIDTH: usize = 12;
+
+/// The terminal's width (TIOCGWINSZ on stdout), 80 when it does not say.
+fn terminal_width() -> usize {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into the pointer we pass.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col >= 40 {
+        ws.ws_col as usize
+    } else {
+        80
+    }
 }
 
 impl Style {
@@ -327,12 +350,31 @@ impl Style {
         Self {
             color,
             relative_to: (!wall_clock).then_some(start_ns),
+            width: std::io::stdout().is_terminal().then(terminal_width),
+        }
+    }
+
+    /// `head` then `text`, on one line when it fits the terminal, else `text` wrapped below
+    /// `head`, indented past the time column. `head_width` is `head` without colour codes.
+    fn fit(&self, head: &str, head_width: usize, text: &str) -> String {
+        match self.width {
+            Some(width) if head_width + 1 + text.len() > width => {
+                let indent = " ".repeat(TIME_WIDTH + 1);
+                let opts = textwrap::Options::new(width.max(TIME_WIDTH + 21))
+                    .initial_indent(&indent)
+                    .subsequent_indent(&indent);
+                format!("{}\n{}", head.trim_end(), textwrap::fill(text, opts))
+            }
+            _ => format!("{head} {text}"),
         }
     }
 
     fn time(&self, clock: &Clock, ts_ns: u64) -> String {
         match self.relative_to {
-            Some(start) => format!("{:>9.3}", ts_ns.saturating_sub(start) as f64 / 1e9),
+            Some(start) => format!(
+                "{:>TIME_WIDTH$.3}",
+                ts_ns.saturating_sub(start) as f64 / 1e9
+            ),
             None => {
                 let t = humantime::format_rfc3339_millis(clock.wall(ts_ns)).to_string();
                 t.get(11..23).unwrap_or(&t).to_string()
@@ -364,13 +406,15 @@ pub fn human_line(r: &Report, clock: &Clock, fin_timeout_s: u64, style: &Style) 
                 "{}:{} > {}:{}",
                 t.ends.local, t.ends.lport, t.ends.remote, t.ends.rport
             );
-            format!(
-                "{} {} -> {} {conn:<31} {}",
+            // 12 + 1 + 11 + 4 + 11 + 1 + 31 = 71 columns before the explanation.
+            let head = format!(
+                "{} {} -> {} {conn:<31}",
                 style.time(clock, t.ts_ns),
                 style.state(t.old, 11),
                 style.state(t.effective_new(), 11),
-                explain(t, fin_timeout_s)
-            )
+            );
+            let head_width = TIME_WIDTH + 28 + conn.len().max(31);
+            style.fit(&head, head_width, &explain(t, fin_timeout_s))
         }
         Report::CloseNoFin(n) => {
             let holders: Vec<String> = n
@@ -383,14 +427,16 @@ pub fn human_line(r: &Report, clock: &Clock, fin_timeout_s: u64, style: &Style) 
             } else {
                 holders.join(", ")
             };
-            format!(
+            let text = format!(
                 "{}() from {}[{}/{}] fd {} sent no FIN: the socket is still held by {holders}",
                 CauseKind::Call(n.call).name(),
                 n.task.comm,
                 n.task.pid,
                 n.task.tid,
                 n.fd
-            )
+            );
+            let head = style.time(clock, n.ts_ns);
+            style.fit(&head, head.len(), &text)
         }
     }
 }
@@ -404,10 +450,12 @@ mod tests {
         let plain = Style {
             color: false,
             relative_to: Some(1_000_000_000),
+            width: None,
         };
         let color = Style {
             color: true,
             relative_to: None,
+            width: None,
         };
         assert_eq!(plain.state(st::CLOSE_WAIT, 11), "CLOSE_WAIT ");
         assert_eq!(
@@ -419,6 +467,63 @@ mod tests {
             "ESTABLISHED",
             "no colour where nothing is wrong"
         );
-        assert_eq!(plain.time(&Clock::new(), 3_500_000_000), "    2.500");
+        assert_eq!(plain.time(&Clock::new(), 3_500_000_000), "       2.500");
+    }
+
+    /// On an 80-column terminal every line of a report fits; piped, a report is one line.
+    #[test]
+    fn reports_fit_an_80_column_terminal() {
+        use crate::correlate::{Cause, CauseKind};
+        use crate::event::{Endpoints, Task};
+        let lo = "127.0.0.1".parse().unwrap();
+        let mut t = TransitionReport::new(
+            1_500_000_000,
+            0xffff_8881_0000_0000,
+            Endpoints {
+                local: lo,
+                lport: 40123,
+                remote: lo,
+                rport: 8080,
+            },
+            st::FIN_WAIT1,
+            st::FIN_WAIT2,
+            42,
+        );
+        t.orphan = Some(false);
+        t.cause = Some(Cause {
+            kind: CauseKind::Call(Call::Shutdown),
+            how: Some(1),
+            task: Some(Task {
+                pid: 123456,
+                tid: 123457,
+                comm: "nginx-worker-15".into(),
+            }),
+            fd: Some(1017),
+            exact: true,
+        });
+        let report = Report::Transition(t);
+        let clock = Clock::new();
+        let mut style = Style {
+            color: true,
+            relative_to: Some(0),
+            width: Some(80),
+        };
+        let text = human_line(&report, &clock, 60, &style);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() >= 2, "{text}");
+        for line in &lines {
+            let visible = line.replace("\x1b[33m", "").replace("\x1b[0m", "");
+            assert!(
+                visible.len() <= 80,
+                "{} columns: {visible:?}",
+                visible.len()
+            );
+        }
+        assert!(
+            lines[1].starts_with("             half-closed by shutdown(SHUT_WR)"),
+            "{text}"
+        );
+        style.width = None;
+        assert_eq!(human_line(&report, &clock, 60, &style).lines().count(), 1);
     }
 }

@@ -99,6 +99,12 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     for note in &loaded.degraded {
         eprintln!("finwait-trace: warning: {note}");
     }
+    if let Some(why) = &loaded.precise_unavailable {
+        eprintln!(
+            "finwait-trace: note: correlated mode, {why}; io_uring closes and other paths without \
+             a close()/shutdown() syscall will show as unknown"
+        );
+    }
     if cfg.json {
         let start = json!({
             "event": "start",
@@ -119,10 +125,9 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         writeln!(
             out,
             "finwait-trace: tracing TCP close paths (mode: {mode}{}, fd->socket resolution: {}, tcp_fin_timeout {fin_timeout_s} s); Ctrl-C to stop",
-            match (loaded.call_hook, &loaded.precise_unavailable) {
-                (Some(hook), _) => format!(" via {hook} on tcp_close/tcp_shutdown"),
-                (None, Some(why)) => format!(": {why}"),
-                (None, None) => String::new(),
+            match loaded.call_hook {
+                Some(hook) => format!(" via {hook} on tcp_close/tcp_shutdown"),
+                None => String::new(),
             },
             if fd_resolution { "on" } else { "off" }
         )?;
@@ -332,6 +337,7 @@ fn stats_json(
         "records": stats.records,
         "transitions": stats.transitions,
         "calls": stats.calls,
+        "kernel_calls": stats.kernel_calls,
         "lost_ring_full": sum(counters, counter::RING_FULL),
         "kernel_skipped_nested": nested_misses(ebpf),
         "kernel_read_failed": sum(counters, counter::READ_FAILED),

@@ -57,7 +57,7 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     for spec in &opts.kernels {
         let kernel = fetch_kernel(&vm_dir, spec)?;
         let initrd = vm_dir.join(format!("initramfs-{}.cpio", kernel.label));
-        build_initramfs(&initrd, &kernel, &tests, &tracer, &opts.filter)?;
+        build_initramfs(root, &initrd, &kernel, &tests, &tracer, &opts.filter)?;
         eprintln!("xtask: booting {} under qemu (TCG)...", kernel.label);
         let outcome = boot(&vm_dir, &kernel, &initrd, opts.timeout)?;
         report(&outcome);
@@ -298,6 +298,7 @@ fn test_name(exe: &Path) -> String {
 }
 
 fn build_initramfs(
+    root: &Path,
     out: &Path,
     kernel: &Kernel,
     tests: &[PathBuf],
@@ -324,6 +325,10 @@ fn build_initramfs(
     }
     for tool in HOST_TOOLS {
         files.push((tool.to_string(), fs::read(tool)?, 0o755));
+    }
+    // Fixtures the unit tests read (through CARGO_MANIFEST_DIR, an absolute path).
+    for f in files_under(&root.join("finwait-userspace/testdata"))? {
+        files.push((path_str(&f), fs::read(&f)?, 0o644));
     }
     for lib in shared_libraries(&elfs)? {
         let data = fs::read(&lib)?;
@@ -386,6 +391,21 @@ fn build_initramfs(
     Ok(())
 }
 
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if dir.is_dir() {
+        for e in fs::read_dir(dir)? {
+            let p = e?.path();
+            if p.is_dir() {
+                out.extend(files_under(&p)?);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -433,7 +453,18 @@ fn boot(vm_dir: &Path, kernel: &Kernel, initrd: &Path, timeout: Duration) -> Res
     let mut log = fs::File::create(&log_path)?;
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
+        // Single-threaded TCG: with one host thread per vCPU, the kernel's int3-based live code
+        // patching (attaching fentry, flipping static keys) raced and oopsed in the guest.
+        .args([
+            "-accel",
+            "tcg,thread=single",
+            "-cpu",
+            "max",
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+        ])
         .args([
             "-nographic",
             "-no-reboot",
