@@ -230,10 +230,16 @@ pub struct FilterConfig {
     pub comm_count: u32,
     /// 1: every program returns at once (the benchmark's floor: the cost of the hooks alone).
     pub noop: u32,
-    pub _pad: u32,
+    /// How many entries of `ports` are in use (0: every port).
+    pub port_count: u32,
     /// Process names (`comm`, NUL-padded) whose calls are followed, with their children.
     pub comms: [[u8; 16]; MAX_COMMS],
+    /// `--port`: only transitions of sockets with one of these local or remote ports.
+    pub ports: [u16; MAX_PORTS],
 }
+
+/// `--port` values the kernel filters on; with more, userspace alone filters.
+pub const MAX_PORTS: usize = 8;
 
 /// Per-CPU loss counters, indexes into the `COUNTERS` array.
 pub mod counter {

@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
 use finwait_common::{
-    Call, Event, EventKind, FilterConfig, KernelOffsets, MAX_COMMS, OtherTpLayout, StateTpLayout,
-    counter, flags, tcp_state,
+    Call, Event, EventKind, FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OtherTpLayout,
+    StateTpLayout, counter, flags, tcp_state,
 };
 
 // Globals rewritten by userspace before load (`EbpfLoader::override_global`).
@@ -72,8 +72,9 @@ static FILTER: FilterConfig = FilterConfig {
     wakeup_bytes: 0,
     comm_count: 0,
     noop: 0,
-    _pad: 0,
+    port_count: 0,
     comms: [[0; 16]; MAX_COMMS],
+    ports: [0; MAX_PORTS],
 };
 #[unsafe(no_mangle)]
 static OTHER_TP: OtherTpLayout = OtherTpLayout {
@@ -239,8 +240,27 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
+/// `--port`: does this socket have one of the wanted ports (local or remote)?
+#[inline(always)]
+fn port_wanted(sport: u16, dport: u16) -> bool {
+    let count = config(&FILTER.port_count);
+    if count == 0 {
+        return true;
+    }
+    for i in 0..MAX_PORTS {
+        let p = config(&FILTER.ports[i]);
+        if (i as u32) < count && (p == sport || p == dport) {
+            return true;
+        }
+    }
+    false
+}
+
 #[inline(always)]
 fn emit_state(mut e: Event) {
+    if !port_wanted(e.sport, e.dport) {
+        return;
+    }
     sock_details(&mut e);
     submit(&e);
 }

@@ -11,7 +11,7 @@ use aya::{
     programs::{BtfTracePoint, FEntry, KProbe, TracePoint},
 };
 use finwait_common::{
-    EVENTS_MAP, FilterConfig, KernelOffsets, MAX_COMMS, OtherTpLayout, StateTpLayout,
+    EVENTS_MAP, FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OtherTpLayout, StateTpLayout,
     TRACED_PIDS_MAP,
 };
 
@@ -58,6 +58,8 @@ pub struct Options {
     /// Load every program as a no-op (benchmark floor).
     pub noop: bool,
     pub mode: Mode,
+    /// `--port`: transitions of other sockets are dropped in the kernel.
+    pub ports: Vec<u16>,
 }
 
 /// How calls are tied to the sockets they end.
@@ -110,6 +112,14 @@ pub fn load(opts: &Options) -> Result<Loaded> {
             None
         }
     };
+    // More ports than the kernel filter holds: userspace alone filters.
+    let ports_in_kernel: &[u16] = if opts.ports.len() <= MAX_PORTS {
+        &opts.ports
+    } else {
+        &[]
+    };
+    let mut ports = [0u16; MAX_PORTS];
+    ports[..ports_in_kernel.len()].copy_from_slice(ports_in_kernel);
     let mut comms = [[0u8; 16]; MAX_COMMS];
     for (slot, name) in comms.iter_mut().zip(&opts.comms) {
         slot[..name.len()].copy_from_slice(name.as_bytes());
@@ -120,8 +130,9 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         wakeup_bytes: opts.wakeup_bytes,
         comm_count: opts.comms.len().min(MAX_COMMS) as u32,
         noop: opts.noop as u32,
-        _pad: 0,
+        port_count: ports_in_kernel.len() as u32,
         comms,
+        ports,
     };
     let kernel_offsets = offsets.unwrap_or_default();
     // Parsed once, for the loader's relocations and for the BTF tracepoint.

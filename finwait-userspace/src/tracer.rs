@@ -78,6 +78,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         wakeup_bytes: cfg.ring_bytes / 4,
         noop: cfg.noop,
         mode: cfg.mode,
+        ports: cfg.ports.clone(),
     })?;
     let mut ebpf = loaded.ebpf;
     let fin_timeout_s = crate::netns::own_fin_timeout();

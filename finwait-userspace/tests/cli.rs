@@ -282,3 +282,28 @@ fn ring_overruns_are_reported() {
         "{err}"
     );
 }
+
+/// `--port` is applied in the kernel: another port's transitions never reach userspace (the
+/// tracer's own count of transition records equals the lines it printed).
+#[test]
+fn port_filter_drops_other_sockets_in_the_kernel() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&["--port", &lp.to_string(), "--no-snapshot"]);
+    for _ in 0..20 {
+        drop(pair(&other));
+    }
+    let (a, b) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    drop(a);
+    let all = tracer.stop_when(&[
+        (ap, bp, "ESTABLISHED", "FIN_WAIT1"),
+        (ap, bp, "FIN_WAIT1", "FIN_WAIT2"),
+    ]);
+    let printed = all.iter().filter(|v| v["event"] == "transition").count() as u64;
+    assert!(printed >= 2);
+    let stats = all.last().unwrap();
+    assert_eq!(stats["transitions"].as_u64(), Some(printed), "{stats}");
+    drop(b);
+}

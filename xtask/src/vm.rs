@@ -18,8 +18,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-/// How the tests are run in each guest: once per tracer mode (`FINWAIT_TEST_MODE`).
-pub const MODES: &[&str] = &["auto", "correlated"];
+/// How the tests are run in each guest: once per tracer mode (`FINWAIT_TEST_MODE`). `precise`
+/// fails rather than falls back, so a pass proves the kernel hooks were used.
+pub const MODES: &[&str] = &["precise", "correlated"];
 const MARK: &str = "@@finwait-vm";
 /// Modules the snapshot needs (sock_diag for TCP), in load order.
 const MODULES: &[&str] = &["inet_diag", "tcp_diag"];
