@@ -213,7 +213,9 @@ pub fn load(opts: &Options) -> Result<Loaded> {
 /// Returns the hook kind, or why neither works (e.g. no CONFIG_KPROBES, fentry refused).
 fn attach_precise(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<&'static str, String> {
     let mut why = Vec::new();
-    match btf {
+    // FINWAIT_FORCE_KPROBE=1 skips fentry (tests run both hooks where the kernel has both).
+    let force_kprobe = std::env::var_os("FINWAIT_FORCE_KPROBE").is_some_and(|v| v == "1");
+    match btf.filter(|_| !force_kprobe) {
         Some(btf) => match attach_pair(ebpf, "fentry", |ebpf, func, call| {
             let p: &mut FEntry = ebpf
                 .program_mut(&format!("tcp_{call}_fentry"))
@@ -226,6 +228,7 @@ fn attach_precise(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<&'static st
             Ok(()) => return Ok("fentry"),
             Err(e) => why.push(format!("fentry: {}", hook_refusal(&e))),
         },
+        None if force_kprobe => why.push("fentry: skipped (FINWAIT_FORCE_KPROBE=1)".into()),
         None => why.push("fentry: no kernel BTF".into()),
     }
     match attach_pair(ebpf, "kprobe", |ebpf, func, call| {

@@ -37,6 +37,10 @@ pub fn ensure_mounted() -> Result<PathBuf> {
             std::io::Error::last_os_error()
         );
     }
+    eprintln!(
+        "finwait-trace: note: tracefs was not mounted; mounted it at {}",
+        CANDIDATES[0]
+    );
     Ok(target.to_path_buf())
 }
 

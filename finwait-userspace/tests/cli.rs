@@ -307,3 +307,110 @@ fn port_filter_drops_other_sockets_in_the_kernel() {
     assert_eq!(stats["transitions"].as_u64(), Some(printed), "{stats}");
     drop(b);
 }
+
+/// Runs the tracer in a mount namespace of its own, after `setup` (run in the child, between
+/// fork and exec: libc calls only) changed what it sees of /sys. The host is untouched.
+fn trace_in_mount_ns(args: &[&str], setup: fn() -> i32) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_finwait-trace"));
+    cmd.args(mode_args()).args(args);
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                || setup() != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    cmd.output().unwrap()
+}
+
+fn tmpfs_over(path: &std::ffi::CStr) -> i32 {
+    // SAFETY: valid NUL-terminated strings.
+    unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            path.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    }
+}
+
+/// tracefs not mounted: finwait mounts it, says so, and traces.
+#[test]
+fn tracefs_is_mounted_when_missing() {
+    let out = trace_in_mount_ns(&["--json", "--duration", "1", "--no-snapshot"], || {
+        // SAFETY: valid paths; either may not be a mount point (then nothing happens).
+        unsafe {
+            libc::umount2(c"/sys/kernel/tracing".as_ptr(), libc::MNT_DETACH);
+            libc::umount2(c"/sys/kernel/debug".as_ptr(), libc::MNT_DETACH);
+        }
+        0
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("tracefs was not mounted; mounted it at /sys/kernel/tracing"),
+        "{err}"
+    );
+    let start = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        start.starts_with("{\"") && start.contains("\"event\":\"start\""),
+        "{start}"
+    );
+}
+
+/// The state tracepoint missing (a tracefs without it): a clear error naming the kernel needed.
+#[test]
+fn missing_tracepoint_names_the_kernel_needed() {
+    let out = trace_in_mount_ns(&["--duration", "1", "--no-snapshot"], || {
+        // SAFETY: valid paths.
+        unsafe {
+            if tmpfs_over(c"/sys/kernel/tracing") != 0 {
+                return -1;
+            }
+            libc::mkdir(c"/sys/kernel/tracing/events".as_ptr(), 0o755)
+        }
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("sock:inet_sock_set_state tracepoint (Linux 4.16 or newer)"),
+        "{err}"
+    );
+}
+
+/// No kernel BTF: tracing still works; what is off (and why) is said, and precise mode, which
+/// needs BTF for fentry, is refused with the reason when asked for explicitly.
+#[test]
+fn missing_btf_says_which_features_are_off() {
+    let hide_btf = || tmpfs_over(c"/sys/kernel/btf");
+    let out = trace_in_mount_ns(&["--json", "--duration", "1", "--no-snapshot"], hide_btf);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("fd -> socket resolution is off"), "{err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let start: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(start["fd_resolution"], false, "{start}");
+    assert_eq!(start["state_hook"], "tracepoint", "{start}");
+    if start["mode"] == "correlated" {
+        assert!(
+            start["precise_unavailable"]
+                .as_str()
+                .is_some_and(|w| w.contains("fentry: no kernel BTF")),
+            "{start}"
+        );
+    }
+}

@@ -272,3 +272,70 @@ fn io_uring_close_is_attributed_or_unknown() {
     }
     drop(b);
 }
+
+/// Precise mode with kprobes instead of fentry (FINWAIT_FORCE_KPROBE=1): the same exact answers
+/// for a shutdown, a close of the half-closed socket, and an io_uring close. Where the kernel has
+/// no kprobes the tracer must say so and fall back, not pretend.
+#[test]
+fn precise_mode_with_kprobes() {
+    use io_uring::{IoUring, opcode, types};
+    let tracer = Tracer::start_env(&[], &[("FINWAIT_FORCE_KPROBE", "1")]);
+    if tracer.start["mode"] != "precise" {
+        assert!(tracer.start["call_hook"].is_null(), "{}", tracer.start);
+        assert!(
+            tracer.start["precise_unavailable"]
+                .as_str()
+                .is_some_and(|w| w.contains("kprobe")),
+            "{}",
+            tracer.start
+        );
+        return;
+    }
+    assert_eq!(tracer.start["call_hook"], "kprobe", "{}", tracer.start);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = pair(&listener);
+    let (c, d) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    let (cp, dp) = ports(&c, &d);
+    let tid = gettid();
+    let afd = fd(&a);
+    a.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    drop(a);
+    let mut ring = IoUring::new(4).unwrap();
+    let close = opcode::Close::new(types::Fd(c.into_raw_fd())).build();
+    // SAFETY: the entry refers to no buffer; the fd is given up to the ring.
+    unsafe { ring.submission().push(&close).unwrap() };
+    ring.submit_and_wait(1).unwrap();
+    let all = tracer.stop_when(&[
+        (ap, bp, "FIN_WAIT2", "CLOSE"),
+        (cp, dp, "ESTABLISHED", "FIN_WAIT1"),
+    ]);
+    let ts = transitions(&all, ap, bp);
+    assert_cause(
+        find(&ts, ap, "ESTABLISHED", "FIN_WAIT1"),
+        "shutdown",
+        me(),
+        tid,
+        Some(afd),
+    );
+    assert_cause(
+        find(&ts, ap, "FIN_WAIT2", "CLOSE"),
+        "close",
+        me(),
+        tid,
+        Some(afd),
+    );
+    let ts = transitions(&all, cp, dp);
+    let fin = find(&ts, cp, "ESTABLISHED", "FIN_WAIT1");
+    assert_eq!(
+        (
+            fin["cause"]["call"].as_str(),
+            fin["cause"]["pid"].as_u64(),
+            fin["cause"]["exact"].as_bool()
+        ),
+        (Some("close"), Some(me() as u64), Some(true)),
+        "{fin}"
+    );
+    drop((b, d));
+}

@@ -161,6 +161,16 @@ impl Tracer {
     }
 }
 
+/// A test that ends early (or panics) must not leave its tracer running, holding the test
+/// harness's output pipe open.
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        // Both are no-ops for a tracer `stop_when` already reaped.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Transitions of the connection between these two ports, in order.
 pub fn transitions(all: &[Value], port_a: u16, port_b: u16) -> Vec<Value> {
     all.iter()
