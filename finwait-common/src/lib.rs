@@ -211,6 +211,11 @@ pub struct KernelOffsets {
     pub sock_daddr: u32,
     pub sock_v6_rcv_saddr: u32,
     pub sock_v6_daddr: u32,
+    /// `task_struct.signal` and `signal_struct.live` (threads not yet exiting): a `--pid`
+    /// target leaves the set when its last thread exits, not when its main thread does. 0: not
+    /// found (then the main thread's exit ends it).
+    pub task_signal: u32,
+    pub signal_live: u32,
 }
 
 /// How many `--comm` names the kernel matches.

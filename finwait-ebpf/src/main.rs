@@ -64,6 +64,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sock_daddr: 0,
     sock_v6_rcv_saddr: 0,
     sock_v6_daddr: 0,
+    task_signal: 0,
+    signal_live: 0,
 };
 #[unsafe(no_mangle)]
 static FILTER: FilterConfig = FilterConfig {
@@ -517,6 +519,23 @@ syscall_hooks! {
     sys_enter_dup3, sys_exit_dup3 => Call::Dup3;
 }
 
+/// Is the exiting thread its process's last? do_exit() has already counted it out of
+/// `signal->live` when the tracepoint fires. Without the offsets: whether it is the main thread.
+#[inline(always)]
+fn group_dead(is_main_thread: bool) -> bool {
+    let o = config(&OFFSETS);
+    if o.task_signal == 0 || o.signal_live == 0 {
+        return is_main_thread;
+    }
+    // SAFETY: plain helper call; the pointer is only used through probe reads.
+    let task = unsafe { bpf_get_current_task() };
+    match read::<u64>(task, o.task_signal as u64).and_then(|s| read::<i32>(s, o.signal_live as u64))
+    {
+        Some(live) => live == 0,
+        None => is_main_thread,
+    }
+}
+
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if noop() {
@@ -527,7 +546,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if pid_traced(tgid) {
         submit(&new_event(EventKind::ProcessExit));
     }
-    if config(&FILTER.pid_filter) != 0 && pid_tgid as u32 == tgid {
+    if config(&FILTER.pid_filter) != 0 && group_dead(pid_tgid as u32 == tgid) {
         let _ = TRACED_PIDS.remove(tgid);
     }
     0

@@ -43,6 +43,8 @@ fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
         socket_to_inode: (inode_in_alloc - socket_in_alloc) as i32,
         inode_ino: off("inode", "i_ino")?,
         inode_mode: off("inode", "i_mode")?,
+        task_signal: off("task_struct", "signal").unwrap_or(0),
+        signal_live: off("signal_struct", "live").unwrap_or(0),
         ..state_btf_offsets(btf).unwrap_or_default()
     })
 }

@@ -23,7 +23,7 @@ fn trace(args: &[&str]) -> std::process::Output {
 fn spawn_attached(args: &[&str]) -> (std::process::Child, String) {
     use std::io::Read;
     let mut child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
-        .args(mode_args())
+        .args(mode_args(args))
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -313,7 +313,7 @@ fn port_filter_drops_other_sockets_in_the_kernel() {
 fn trace_in_mount_ns(args: &[&str], setup: fn() -> i32) -> std::process::Output {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_finwait-trace"));
-    cmd.args(mode_args()).args(args);
+    cmd.args(mode_args(args)).args(args);
     // SAFETY: only async-signal-safe libc calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -397,7 +397,15 @@ fn missing_tracepoint_names_the_kernel_needed() {
 #[test]
 fn missing_btf_says_which_features_are_off() {
     let hide_btf = || tmpfs_over(c"/sys/kernel/btf");
-    let out = trace_in_mount_ns(&["--json", "--duration", "1", "--no-snapshot"], hide_btf);
+    let args = [
+        "--json",
+        "--duration",
+        "1",
+        "--no-snapshot",
+        "--mode",
+        "auto",
+    ];
+    let out = trace_in_mount_ns(&args, hide_btf);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("fd -> socket resolution is off"), "{err}");

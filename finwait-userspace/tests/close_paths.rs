@@ -279,7 +279,7 @@ fn io_uring_close_is_attributed_or_unknown() {
 #[test]
 fn precise_mode_with_kprobes() {
     use io_uring::{IoUring, opcode, types};
-    let tracer = Tracer::start_env(&[], &[("FINWAIT_FORCE_KPROBE", "1")]);
+    let tracer = Tracer::start_env(&["--mode", "auto"], &[("FINWAIT_FORCE_KPROBE", "1")]);
     if tracer.start["mode"] != "precise" {
         assert!(tracer.start["call_hook"].is_null(), "{}", tracer.start);
         assert!(

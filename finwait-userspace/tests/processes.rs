@@ -320,6 +320,67 @@ fn loopback_up() {
     let _ = AsRawFd::as_raw_fd(&std::io::stdin());
 }
 
+/// `--pid` of a process whose main thread exits first (the exit syscall, not exit_group) while another thread goes
+/// on: the process is still followed, and that thread's later shutdown is attributed to it.
+#[test]
+fn pid_outlives_its_main_thread() {
+    let _g = serial();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut go = [0i32; 2];
+    // SAFETY: valid array for two fds.
+    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+    extern "C" fn worker(port: *mut libc::c_void) -> *mut libc::c_void {
+        // Give the main thread time to be gone.
+        // SAFETY: plain syscall.
+        unsafe { libc::usleep(300_000) };
+        connect_and_shut_down(port as usize as u16)
+    }
+    let child = fork_child(move || {
+        let mut byte = 0u8;
+        let mut thread: libc::pthread_t = 0;
+        // SAFETY: wait for the tracer, start the worker, then end only the main thread: the raw
+        // exit syscall (pthread_exit would unwind through the test harness's frames).
+        unsafe {
+            libc::read(go[0], (&mut byte as *mut u8).cast(), 1);
+            libc::pthread_create(
+                &mut thread,
+                std::ptr::null(),
+                worker,
+                port as usize as *mut libc::c_void,
+            );
+            libc::syscall(libc::SYS_exit, 0);
+        }
+        unreachable!()
+    });
+    let tracer = Tracer::start(&["--pid", &child.to_string()]);
+    // SAFETY: the pipe's write end.
+    unsafe { libc::write(go[1], b"g".as_ptr().cast(), 1) };
+    // The connection completes in the backlog: accept only after the child is gone, so a child
+    // that died early fails the test instead of hanging it.
+    wait_child(child);
+    listener.set_nonblocking(true).unwrap();
+    let (b, _) = listener
+        .accept()
+        .expect("the worker thread never connected");
+    let cport = b.peer_addr().unwrap().port();
+    let all = tracer.stop_when(&[(cport, port, "ESTABLISHED", "FIN_WAIT1")]);
+    let ts = transitions(&all, cport, port);
+    let fin = find(&ts, cport, "ESTABLISHED", "FIN_WAIT1");
+    let c = &fin["cause"];
+    assert_eq!(
+        (c["call"].as_str(), c["pid"].as_u64()),
+        (Some("shutdown"), Some(child as u64)),
+        "{fin}"
+    );
+    assert_ne!(
+        c["tid"].as_u64(),
+        Some(child as u64),
+        "made by the worker thread: {fin}"
+    );
+    drop(b);
+}
+
 /// In a forked child: connect to 127.0.0.1:port, shutdown(SHUT_WR) after 100 ms, exit 300 ms later.
 fn connect_and_shut_down(port: u16) -> ! {
     // SAFETY: raw syscalls only (called in a forked child of a multi-threaded process).

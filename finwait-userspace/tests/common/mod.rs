@@ -45,7 +45,7 @@ impl Tracer {
         );
         let mut child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
             .arg("--json")
-            .args(mode_args())
+            .args(mode_args(args))
             .args(args)
             .envs(envs.iter().copied())
             .stdout(Stdio::piped())
@@ -279,10 +279,11 @@ pub fn by_sock<'a>(all: &'a [Value], event: &str, sock: &Value) -> Vec<&'a Value
         .collect()
 }
 
-/// `FINWAIT_TEST_MODE` (set by `cargo xtask vm-test`): the tracer mode the suite runs in.
-pub fn mode_args() -> Vec<String> {
+/// `FINWAIT_TEST_MODE` (set by `cargo xtask vm-test`): the tracer mode the suite runs in,
+/// unless the test's own `args` choose one (tests of mode selection itself).
+pub fn mode_args(args: &[&str]) -> Vec<String> {
     match std::env::var("FINWAIT_TEST_MODE") {
-        Ok(m) if !m.is_empty() => vec!["--mode".into(), m],
+        Ok(m) if !m.is_empty() && !args.contains(&"--mode") => vec!["--mode".into(), m],
         _ => Vec::new(),
     }
 }
