@@ -54,15 +54,36 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     let (tests, tracer) = build_tests(root)?;
     let vm_dir = root.join("target/vm");
     fs::create_dir_all(&vm_dir)?;
-    let mut outcomes = Vec::new();
+    let mut guests = Vec::new();
     for spec in &opts.kernels {
         let kernel = fetch_kernel(&vm_dir, spec)?;
         let initrd = vm_dir.join(format!("initramfs-{}.cpio", kernel.label));
         build_initramfs(root, &initrd, &kernel, &tests, &tracer, &opts.filter)?;
-        eprintln!("xtask: booting {} under qemu (TCG)...", kernel.label);
-        let outcome = boot(&vm_dir, &kernel, &initrd, opts.timeout)?;
-        report(&outcome);
-        outcomes.push(outcome);
+        guests.push((kernel, initrd));
+    }
+    // Single-threaded TCG keeps one host CPU busy per guest: boot as many at once as there
+    // are CPUs (the time limit is per guest, and each still gets a whole CPU).
+    let parallel = thread::available_parallelism().map_or(1, |n| n.get());
+    let mut outcomes = Vec::new();
+    for batch in guests.chunks(parallel) {
+        let results: Vec<Result<Outcome>> = thread::scope(|scope| {
+            let running: Vec<_> = batch
+                .iter()
+                .map(|(kernel, initrd)| {
+                    eprintln!("xtask: booting {} under qemu (TCG)...", kernel.label);
+                    scope.spawn(|| boot(&vm_dir, kernel, initrd, opts.timeout))
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|t| t.join().expect("boot thread panicked"))
+                .collect()
+        });
+        for outcome in results {
+            let outcome = outcome?;
+            report(&outcome);
+            outcomes.push(outcome);
+        }
     }
     println!("\nkernel matrix:");
     let mut failed = false;

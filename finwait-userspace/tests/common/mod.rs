@@ -4,10 +4,7 @@ use std::{
     io::{BufRead, BufReader},
     os::fd::AsRawFd,
     process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
+    sync::mpsc,
     thread,
     time::Duration,
 };
@@ -67,7 +64,7 @@ impl Tracer {
             .recv_timeout(Duration::from_secs(60))
             .expect("tracer did not start");
         assert_eq!(start["event"], "start", "{start}");
-        PRECISE.store(start["mode"] == "precise", Ordering::Relaxed);
+        PRECISE.set(start["mode"] == "precise");
         Tracer {
             child,
             lines: rx,
@@ -288,18 +285,17 @@ pub fn mode_args(args: &[&str]) -> Vec<String> {
     }
 }
 
-/// The last tracer started ran in precise mode (tcp_close/tcp_shutdown hooked).
-pub static PRECISE: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// The last tracer this test (thread) started ran in precise mode (tcp_close/tcp_shutdown
+    /// hooked). Per thread: tests of one binary run in parallel, in different modes.
+    pub static PRECISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 pub fn assert_cause(v: &Value, call: &str, pid: u32, tid: u32, fd: Option<i64>) {
     let c = &v["cause"];
     // In precise mode the kernel's own hook confirms every call and exit; never otherwise.
     let by_process = ["close", "shutdown", "close_range", "dup2", "dup3", "exit"].contains(&call);
-    assert_eq!(
-        c["exact"],
-        by_process && PRECISE.load(Ordering::Relaxed),
-        "{v}"
-    );
+    assert_eq!(c["exact"], by_process && PRECISE.get(), "{v}");
     assert_eq!(c["call"], call, "{v}");
     assert_eq!(c["pid"], pid, "{v}");
     assert_eq!(c["tid"], tid, "{v}");
