@@ -2,6 +2,7 @@
 //! tracer, in interleaved rounds, compared as ratios to the untraced rate measured in the same run.
 //!
 //! bench FINWAIT_TRACE CHURN [--rounds R] [--seconds S] [--threads N] [--json PATH] [--soak MINUTES]
+//!       [--peer-wait SECONDS]
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
@@ -9,6 +10,8 @@ use std::{
     thread,
     time::{Duration, Instant},
 };
+
+const TCPSTATES: &str = "/usr/sbin/tcpstates";
 
 struct Mode {
     name: &'static str,
@@ -41,6 +44,7 @@ fn main() {
     let threads = opt("--threads", "1");
     let json_path = opt("--json", "target/bench/overhead.json");
     let soak: f64 = opt("--soak", "0").parse().unwrap();
+    let peer_wait = Duration::from_secs_f64(opt("--peer-wait", "2.5").parse().unwrap());
     if soak > 0.0 {
         return run_soak(&finwait, &churn, &threads, soak);
     }
@@ -58,14 +62,69 @@ fn main() {
         Some(v)
     };
     let idle_pid = idle.id().to_string();
-    let modes = vec![
-        Mode { name: "untraced", cmd: None, finwait: false },
-        Mode { name: "finwait (default)", cmd: fw(&[]), finwait: true },
-        Mode { name: "finwait --all", cmd: fw(&["--all"]), finwait: true },
-        Mode { name: "finwait --pid (other)", cmd: fw(&["--pid", &idle_pid]), finwait: true },
-        Mode { name: "no-op programs (floor)", cmd: fw(&["--bench-noop"]), finwait: true },
-        Mode { name: "tcpstates (libbpf-tools)", cmd: Some(vec!["/usr/sbin/tcpstates".into()]), finwait: false },
+    // Where the kernel allows precise mode, the default runs it: measure correlated beside it.
+    let precise = Command::new(&finwait)
+        .args(["--mode", "precise", "--no-snapshot", "--duration", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut modes = vec![
         Mode {
+            name: "untraced",
+            cmd: None,
+            finwait: false,
+        },
+        Mode {
+            name: if precise {
+                "finwait (default: precise)"
+            } else {
+                "finwait (default: correlated)"
+            },
+            cmd: fw(&[]),
+            finwait: true,
+        },
+    ];
+    if precise {
+        modes.push(Mode {
+            name: "finwait --mode correlated",
+            cmd: fw(&["--mode", "correlated"]),
+            finwait: true,
+        });
+    }
+    modes.extend([
+        Mode {
+            name: "finwait --all",
+            cmd: fw(&["--all"]),
+            finwait: true,
+        },
+        Mode {
+            name: "finwait --pid (other)",
+            cmd: fw(&["--pid", &idle_pid]),
+            finwait: true,
+        },
+        Mode {
+            name: "no-op programs (floor)",
+            cmd: fw(&["--bench-noop"]),
+            finwait: true,
+        },
+    ]);
+    // The peers, where installed (a VM guest has tcpstates at most).
+    if std::path::Path::new(TCPSTATES).exists() {
+        modes.push(Mode {
+            name: "tcpstates (libbpf-tools)",
+            cmd: Some(vec![TCPSTATES.into()]),
+            finwait: false,
+        });
+    } else {
+        eprintln!("bench: no {TCPSTATES}; not compared");
+    }
+    if Command::new("bpftrace")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        modes.push(Mode {
             name: "bpftrace one-liner",
             cmd: Some(vec![
                 "bpftrace".into(),
@@ -73,14 +132,16 @@ fn main() {
                 "tracepoint:sock:inet_sock_set_state { printf(\"%d %d %d\\n\", pid, args->oldstate, args->newstate); }".into(),
             ]),
             finwait: false,
-        },
-    ];
+        });
+    } else {
+        eprintln!("bench: no bpftrace; not compared");
+    }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
     for round in 0..rounds {
         // Rotate the order each round so no mode always follows the same one.
         for k in 0..modes.len() {
             let i = (k + round) % modes.len();
-            let s = measure(&modes[i], &churn, &threads, seconds);
+            let s = measure(&modes[i], &churn, &threads, seconds, peer_wait);
             eprintln!(
                 "round {} {:<26} {:>9.0} conn/s",
                 round + 1,
@@ -109,12 +170,10 @@ fn report(
     threads: &str,
 ) {
     let base = median(samples[0].iter().map(|s| s.conn_per_s).collect());
-    let tcpstates_i = modes
+    let tcpstates_ratio = modes
         .iter()
         .position(|m| m.name.starts_with("tcpstates"))
-        .unwrap();
-    let tcpstates_ratio =
-        median(samples[tcpstates_i].iter().map(|s| s.conn_per_s).collect()) / base;
+        .map(|i| median(samples[i].iter().map(|s| s.conn_per_s).collect()) / base);
     println!(
         "Loopback churn, {threads} thread(s), {rounds} interleaved rounds of {seconds} s; untraced median {base:.0} conn/s.\n"
     );
@@ -153,10 +212,9 @@ fn report(
             m.name,
             rate,
             ratio,
-            if m.cmd.is_some() {
-                format!("{:.2}", ratio / tcpstates_ratio)
-            } else {
-                dash()
+            match tcpstates_ratio {
+                Some(t) if m.cmd.is_some() => format!("{:.2}", ratio / t),
+                _ => dash(),
             },
             if m.finwait {
                 records.to_string()
@@ -202,8 +260,11 @@ fn report(
 }
 
 /// Starts the tracer (if any), waits until it is attached, runs the churn, stops the tracer.
-fn measure(mode: &Mode, churn: &str, threads: &str, seconds: f64) -> Sample {
-    let mut tracer = mode.cmd.as_ref().map(|cmd| start_tracer(cmd));
+fn measure(mode: &Mode, churn: &str, threads: &str, seconds: f64, peer_wait: Duration) -> Sample {
+    let mut tracer = mode
+        .cmd
+        .as_ref()
+        .map(|cmd| start_tracer(cmd, mode.finwait, peer_wait));
     let out = Command::new(churn)
         .args(["--threads", threads, "--seconds", &seconds.to_string()])
         .output()
@@ -229,13 +290,28 @@ fn measure(mode: &Mode, churn: &str, threads: &str, seconds: f64) -> Sample {
     s
 }
 
-fn start_tracer(cmd: &[String]) -> (Child, mpsc::Receiver<String>) {
+/// Starts a tracer and returns once it is attached: finwait prints its first line then (a fixed
+/// sleep is too short on an emulated machine); the peers' output is block-buffered in a pipe, so
+/// for them it waits `peer_wait`. The rest of the output is read and dropped.
+fn start_tracer(
+    cmd: &[String],
+    finwait: bool,
+    peer_wait: Duration,
+) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(&cmd[0])
         .args(&cmd[1..])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("start {}: {e}", cmd[0]));
+    let (attached_tx, attached) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = lines.next();
+        let _ = attached_tx.send(());
+        lines.map_while(Result::ok).for_each(drop);
+    });
     let (tx, rx) = mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     thread::spawn(move || {
@@ -243,8 +319,13 @@ fn start_tracer(cmd: &[String]) -> (Child, mpsc::Receiver<String>) {
             let _ = tx.send(line);
         }
     });
-    // Attaching takes well under this for every tool here; the tracers' start is not measured.
-    thread::sleep(Duration::from_millis(2500));
+    if finwait {
+        attached
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("{} did not start", cmd[0]));
+    } else {
+        thread::sleep(peer_wait);
+    }
     (child, rx)
 }
 

@@ -41,8 +41,12 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u32,
         /// Instead: churn for this many minutes under finwait, sampling its RSS and socket table.
-        #[arg(long, value_name = "MINUTES")]
+        #[arg(long, value_name = "MINUTES", conflicts_with = "vm")]
         soak: Option<f64>,
+        /// Run it inside qemu on this kernel instead (as `vm-test --kernel`): where precise
+        /// mode can run, it is measured beside correlated. Repeatable.
+        #[arg(long, value_name = "KERNEL")]
+        vm: Vec<String>,
     },
     /// Write the man page and shell completions to target/dist/.
     Docs,
@@ -113,22 +117,48 @@ fn run(cli: Cli) -> Result<()> {
             if host_only {
                 return Ok(());
             }
-            vm_test(vec!["6.1".into(), "6.12".into()], 1500, args)
+            vm_test(
+                vec!["6.1".into(), "6.12".into()],
+                1500,
+                vm::Payload::Tests { filter: args },
+            )
         }
         Cmd::VmTest {
             kernels,
             timeout,
             filter,
-        } => vm_test(kernels, timeout, filter),
+        } => vm_test(kernels, timeout, vm::Payload::Tests { filter }),
         Cmd::Bench {
             rounds,
             seconds,
             soak,
+            vm,
         } => {
             let bin = build(true)?;
             install_peers()?;
             build_examples(&["bench", "churn"])?;
             let examples = workspace().join("target/release/examples");
+            if !vm.is_empty() {
+                let args = [
+                    "--rounds",
+                    &rounds.to_string(),
+                    "--seconds",
+                    &seconds.to_string(),
+                ]
+                .into_iter()
+                .chain(["--peer-wait", "15", "--json", "/tmp/overhead.json"])
+                .map(String::from)
+                .collect();
+                let payload = vm::Payload::Bench {
+                    bench: examples.join("bench"),
+                    churn: examples.join("churn"),
+                    tracer: bin,
+                    args,
+                };
+                // Each round runs every mode: allow for slow emulated start-ups.
+                let timeout = 600 + u64::from(rounds) * 8 * (u64::from(seconds) + 30);
+                return vm_test(vm, timeout, payload);
+            }
             let mut args = vec![
                 bin.display().to_string(),
                 examples.join("churn").display().to_string(),
@@ -170,7 +200,7 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn vm_test(kernels: Vec<String>, timeout: u64, filter: Vec<String>) -> Result<()> {
+fn vm_test(kernels: Vec<String>, timeout: u64, payload: vm::Payload) -> Result<()> {
     if !is_root() {
         bail!("vm-test installs packages and builds an initramfs: run it as root");
     }
@@ -179,7 +209,7 @@ fn vm_test(kernels: Vec<String>, timeout: u64, filter: Vec<String>) -> Result<()
         &vm::Options {
             kernels,
             timeout: std::time::Duration::from_secs(timeout),
-            filter,
+            payload,
         },
     )
 }

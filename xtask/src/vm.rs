@@ -1,4 +1,5 @@
-//! `cargo xtask vm-test`: the root integration tests on other kernels, in qemu.
+//! `cargo xtask vm-test`: the root integration tests on other kernels, in qemu (and
+//! `cargo xtask bench --vm`: the overhead benchmark there, where precise mode can run).
 //!
 //! Each kernel comes from Debian's cloud kernel packages (`apt-get download`, cached in
 //! target/vm). The initramfs holds busybox, a small init, the test binaries and `finwait-trace`
@@ -30,7 +31,28 @@ const HOST_TOOLS: &[&str] = &["/usr/bin/ss", "/usr/bin/setpriv"];
 pub struct Options {
     pub kernels: Vec<String>,
     pub timeout: Duration,
-    pub filter: Vec<String>,
+    pub payload: Payload,
+}
+
+/// What each guest runs.
+pub enum Payload {
+    /// Every test binary once per mode in `MODES`, with this name filter.
+    Tests { filter: Vec<String> },
+    /// `bench FINWAIT_TRACE CHURN ARGS...`; its report is printed whatever the outcome.
+    Bench {
+        bench: PathBuf,
+        churn: PathBuf,
+        tracer: PathBuf,
+        args: Vec<String>,
+    },
+}
+
+/// One command the guest runs between markers: `mode` and `name` label it in the report.
+struct Run {
+    mode: String,
+    name: String,
+    dir: PathBuf,
+    command: String,
 }
 
 /// A kernel ready to boot: its image, release and the directory holding its modules.
@@ -51,14 +73,45 @@ struct Outcome {
 
 pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     install_host_packages()?;
-    let (tests, tracer) = build_tests(root)?;
+    let (exes, runs) = match &opts.payload {
+        Payload::Tests { filter } => {
+            let (tests, tracer) = build_tests(root)?;
+            let runs = test_runs(&tests, filter);
+            (tests.into_iter().chain([tracer]).collect::<Vec<_>>(), runs)
+        }
+        Payload::Bench {
+            bench,
+            churn,
+            tracer,
+            args,
+        } => {
+            let mut command = [bench, tracer, churn].map(|p| path_str(p)).join(" ");
+            for a in args {
+                command += &format!(" '{}'", a.replace('\'', "'\\''"));
+            }
+            let run = Run {
+                mode: "bench".into(),
+                name: "overhead".into(),
+                dir: PathBuf::from("/root"),
+                command,
+            };
+            let mut exes = vec![bench.clone(), churn.clone(), tracer.clone()];
+            // The one peer that runs in the guest without a toolchain of its own.
+            let tcpstates = PathBuf::from("/usr/sbin/tcpstates");
+            if tcpstates.exists() {
+                exes.push(tcpstates);
+            }
+            (exes, vec![run])
+        }
+    };
+    let always_show = matches!(opts.payload, Payload::Bench { .. });
     let vm_dir = root.join("target/vm");
     fs::create_dir_all(&vm_dir)?;
     let mut guests = Vec::new();
     for spec in &opts.kernels {
         let kernel = fetch_kernel(&vm_dir, spec)?;
         let initrd = vm_dir.join(format!("initramfs-{}.cpio", kernel.label));
-        build_initramfs(root, &initrd, &kernel, &tests, &tracer, &opts.filter)?;
+        build_initramfs(root, &initrd, &kernel, &exes, &runs)?;
         guests.push((kernel, initrd));
     }
     // Single-threaded TCG keeps one host CPU busy per guest: boot as many at once as there
@@ -81,7 +134,7 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
         });
         for outcome in results {
             let outcome = outcome?;
-            report(&outcome);
+            report(&outcome, always_show);
             outcomes.push(outcome);
         }
     }
@@ -252,7 +305,8 @@ fn download(vm_dir: &Path, meta: &str) -> Result<PathBuf> {
     eprintln!("xtask: downloading {pkg}...");
     crate::sh(
         Command::new("apt-get")
-            .args(["download", "-q", &pkg])
+            // apt's _apt sandbox user cannot write into target/: download as ourselves.
+            .args(["download", "-q", "-o", "APT::Sandbox::User=root", &pkg])
             .current_dir(&cache),
     )?;
     cached(&cache).with_context(|| format!("apt-get download {pkg} left no .deb"))
@@ -264,8 +318,35 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The guest's init: mounts, modules, then every test binary once per mode, between markers.
-fn init_script(tests: &[PathBuf], modules: &[String], filter: &[String]) -> String {
+/// Every test binary once per mode, from its package directory (as cargo runs it).
+fn test_runs(tests: &[PathBuf], filter: &[String]) -> Vec<Run> {
+    let filter = filter
+        .iter()
+        .map(|f| format!(" '{}'", f.replace('\'', "'\\''")))
+        .collect::<String>();
+    let mut runs = Vec::new();
+    for mode in MODES {
+        for t in tests {
+            let dir = t
+                .parent()
+                .and_then(Path::parent)
+                .and_then(Path::parent)
+                .and_then(Path::parent)
+                .map(|ws| ws.join("finwait-userspace"))
+                .unwrap_or_else(|| PathBuf::from("/"));
+            runs.push(Run {
+                mode: mode.to_string(),
+                name: test_name(t),
+                dir,
+                command: format!("FINWAIT_TEST_MODE={mode} {}{filter}", t.display()),
+            });
+        }
+    }
+    runs
+}
+
+/// The guest's init: mounts, modules, then every run between markers.
+fn init_script(runs: &[Run], modules: &[String]) -> String {
     let mut s = String::from(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
@@ -280,31 +361,20 @@ fn init_script(tests: &[PathBuf], modules: &[String], filter: &[String]) -> Stri
         s += &format!("insmod /lib/modules/{m}.ko || echo '{MARK} module {m} failed'\n");
     }
     s += &format!("echo \"{MARK} kernel $(uname -r)\"\n");
-    let filter = filter
-        .iter()
-        .map(|f| format!("'{}'", f.replace('\'', "'\\''")))
-        .collect::<Vec<_>>()
-        .join(" ");
-    for mode in MODES {
-        for t in tests {
-            let name = test_name(t);
-            // cargo runs a test binary from its package directory.
-            let dir = t
-                .parent()
-                .and_then(Path::parent)
-                .and_then(Path::parent)
-                .and_then(Path::parent)
-                .map(|ws| ws.join("finwait-userspace"))
-                .unwrap_or_else(|| PathBuf::from("/"));
-            s += &format!(
-                "mkdir -p {dir}; cd {dir}\n\
-                 echo '{MARK} begin {mode} {name}'\n\
-                 FINWAIT_TEST_MODE={mode} {exe} {filter} 2>&1\n\
-                 echo \"{MARK} end {mode} {name} $?\"\n",
-                dir = dir.display(),
-                exe = t.display(),
-            );
-        }
+    for Run {
+        mode,
+        name,
+        dir,
+        command,
+    } in runs
+    {
+        s += &format!(
+            "mkdir -p {dir}; cd {dir}\n\
+             echo '{MARK} begin {mode} {name}'\n\
+             {command} 2>&1\n\
+             echo \"{MARK} end {mode} {name} $?\"\n",
+            dir = dir.display(),
+        );
     }
     s += &format!("echo '{MARK} done'\npoweroff -f\n");
     s
@@ -323,9 +393,8 @@ fn build_initramfs(
     root: &Path,
     out: &Path,
     kernel: &Kernel,
-    tests: &[PathBuf],
-    tracer: &Path,
-    filter: &[String],
+    exes: &[PathBuf],
+    runs: &[Run],
 ) -> Result<()> {
     let stage = out.with_extension("d");
     let _ = fs::remove_dir_all(&stage);
@@ -333,7 +402,7 @@ fn build_initramfs(
     let mut files: Vec<(String, Vec<u8>, u32)> = Vec::new();
     let mut elfs: Vec<PathBuf> = HOST_TOOLS.iter().map(PathBuf::from).collect();
     // Debug info is most of a test binary's size: strip it (the guest unpacks into RAM).
-    for exe in tests.iter().chain([&tracer.to_path_buf()]) {
+    for exe in exes {
         let stripped = stage.join(file_name(exe));
         crate::sh(
             Command::new("strip")
@@ -368,7 +437,7 @@ fn build_initramfs(
     }
     files.push((
         "init".into(),
-        init_script(tests, &loaded, filter).into_bytes(),
+        init_script(runs, &loaded).into_bytes(),
         0o755,
     ));
     files.push((
@@ -564,14 +633,16 @@ fn boot(vm_dir: &Path, kernel: &Kernel, initrd: &Path, timeout: Duration) -> Res
     })
 }
 
-/// Per kernel: each run's result, and for a failing run its whole output from the console.
-fn report(o: &Outcome) {
+/// Per kernel: each run's result, and for a failing run (or every run, `always_show`) its whole
+/// output from the console.
+fn report(o: &Outcome, always_show: bool) {
     let log = fs::read_to_string(&o.log).unwrap_or_default();
     for (mode, name, passed) in &o.runs {
-        if *passed {
+        if *passed && !always_show {
             continue;
         }
-        println!("---- {} {mode} {name}: FAILED; its output:", o.label);
+        let how = if *passed { "passed" } else { "FAILED" };
+        println!("---- {} {mode} {name}: {how}; its output:", o.label);
         let begin = format!("{MARK} begin {mode} {name}");
         let end = format!("{MARK} end {mode} {name}");
         let mut inside = false;
