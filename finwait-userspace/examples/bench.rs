@@ -154,6 +154,61 @@ fn main() {
     let _ = idle.kill();
     let _ = idle.wait();
     report(&modes, &samples, &json_path, rounds, seconds, &threads);
+    let mut costed = vec![("default", fw(&[]).unwrap())];
+    if precise {
+        costed.push(("correlated", fw(&["--mode", "correlated"]).unwrap()));
+    }
+    kernel_cost(&costed, &churn, &threads, seconds, peer_wait);
+}
+
+/// The kernel side alone: one more churn per mode with `kernel.bpf_stats_enabled` on (not part
+/// of the ratios above: the kernel's accounting costs two clock reads per run), and each
+/// program's runs per connection and mean time per run.
+fn kernel_cost(
+    modes: &[(&str, Vec<String>)],
+    churn: &str,
+    threads: &str,
+    seconds: f64,
+    peer_wait: Duration,
+) {
+    const KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let Ok(before) = std::fs::read_to_string(KNOB) else {
+        return eprintln!("bench: no {KNOB}; kernel time per program not measured");
+    };
+    if std::fs::write(KNOB, "1").is_err() {
+        return eprintln!("bench: cannot write {KNOB}; kernel time per program not measured");
+    }
+    println!("\nKernel time per program ({KNOB}=1, one churn of {seconds} s per mode):\n");
+    println!("| mode | program | runs per connection | ns per run |");
+    println!("|---|---|---:|---:|");
+    for (name, cmd) in modes {
+        let (tracer, lines) = start_tracer(cmd, true, peer_wait);
+        let out = Command::new(churn)
+            .args(["--threads", threads, "--seconds", &seconds.to_string()])
+            .output()
+            .unwrap();
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("churn output");
+        let conns = result["connections"].as_f64().unwrap_or(0.0).max(1.0);
+        let (_, _, stats) = stop(tracer, lines);
+        let stats: serde_json::Value = stats
+            .and_then(|l| serde_json::from_str(&l).ok())
+            .unwrap_or_default();
+        let Some(progs) = stats["kernel_run_time"].as_object() else {
+            continue;
+        };
+        let mut progs: Vec<_> = progs.iter().collect();
+        progs.sort_by_key(|(p, _)| p.as_str());
+        for (prog, v) in progs {
+            let runs = v["runs"].as_f64().unwrap_or(0.0);
+            println!(
+                "| {} | {prog} | {:.2} | {} |",
+                name,
+                runs / conns,
+                v["ns_per_run"]
+            );
+        }
+    }
+    let _ = std::fs::write(KNOB, before.trim());
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -14,8 +14,8 @@ struct InfoAttr {
     info: u64,
 }
 
-/// The program's `recursion_misses`, or None where the kernel does not report it.
-pub fn recursion_misses(prog: BorrowedFd<'_>) -> Option<u64> {
+/// The kernel's info on a program, and how much of it this kernel wrote.
+fn prog_info(prog: BorrowedFd<'_>) -> Option<(bpf_prog_info, usize)> {
     // SAFETY: bpf_prog_info is plain old data; zero is a valid value.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
     let mut attr = InfoAttr {
@@ -32,7 +32,21 @@ pub fn recursion_misses(prog: BorrowedFd<'_>) -> Option<u64> {
             size_of::<InfoAttr>(),
         )
     };
+    (rc == 0).then_some((info, attr.info_len as usize))
+}
+
+/// The program's `recursion_misses`, or None where the kernel does not report it.
+pub fn recursion_misses(prog: BorrowedFd<'_>) -> Option<u64> {
+    let (info, len) = prog_info(prog)?;
     // Older kernels return a shorter struct: only trust the field if it was written.
     let end = std::mem::offset_of!(bpf_prog_info, recursion_misses) + 8;
-    (rc == 0 && attr.info_len as usize >= end).then_some(info.recursion_misses)
+    (len >= end).then_some(info.recursion_misses)
+}
+
+/// (runs, nanoseconds spent) of the program: counted only while `kernel.bpf_stats_enabled` is
+/// on (it costs two clock reads per run, so it is the operator's choice, not finwait's).
+pub fn run_time(prog: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let (info, len) = prog_info(prog)?;
+    let end = std::mem::offset_of!(bpf_prog_info, run_cnt) + 8;
+    (len >= end && info.run_cnt > 0).then_some((info.run_cnt, info.run_time_ns))
 }

@@ -350,7 +350,21 @@ fn stats_json(
         "owner_scans": resolver.scans(),
         "owner_lookups_timed_out": resolver.timed_out,
         "rss_kib": rss_kib(),
+        "kernel_run_time": run_time(ebpf),
     })
+}
+
+/// Per program: runs and mean nanoseconds per run, where `kernel.bpf_stats_enabled` is on.
+fn run_time(ebpf: &aya::Ebpf) -> serde_json::Map<String, serde_json::Value> {
+    ebpf.programs()
+        .filter_map(|(name, p)| {
+            let (runs, ns) = crate::prog_stats::run_time(p.fd().ok()?.as_fd())?;
+            Some((
+                name.to_string(),
+                json!({"runs": runs, "ns_per_run": ns / runs}),
+            ))
+        })
+        .collect()
 }
 
 /// Events the kernel dropped because one of our programs (or another) was already running on
