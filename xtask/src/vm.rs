@@ -347,6 +347,7 @@ fn test_runs(tests: &[PathBuf], filter: &[String]) -> Vec<Run> {
 
 /// The guest's init: mounts, modules, then every run between markers.
 fn init_script(runs: &[Run], modules: &[String]) -> String {
+    // No tmpfs over /tmp: the root is already in RAM, and a checkout under /tmp would vanish.
     let mut s = String::from(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
@@ -354,7 +355,6 @@ fn init_script(runs: &[Run], modules: &[String]) -> String {
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev\n\
-         mount -t tmpfs tmp /tmp\n\
          ip link set lo up\n",
     );
     for m in modules {
@@ -463,7 +463,9 @@ fn build_initramfs(
     let mut w = std::io::BufWriter::new(fs::File::create(out)?);
     let mut ino = 1;
     for d in &dirs {
-        let b = cpio::NewcBuilder::new(d).ino(ino).mode(0o40755).nlink(2);
+        // /tmp as on a host: world-writable, sticky (the unprivileged tests may write there).
+        let mode = if d == "tmp" { 0o41777 } else { 0o40755 };
+        let b = cpio::NewcBuilder::new(d).ino(ino).mode(mode).nlink(2);
         w = b.write(w, 0).finish()?;
         ino += 1;
     }
