@@ -30,11 +30,18 @@ pub fn ensure_mounted() -> Result<PathBuf> {
             std::ptr::null(),
         )
     };
-    if rc != 0 || !target.join("events").is_dir() {
+    let err = std::io::Error::last_os_error();
+    let mounted = target.join("events").is_dir();
+    if rc != 0 && mounted {
+        // Another process (a second finwait starting at the same time) mounted it first: the
+        // kernel refuses the same tracefs twice on one mount point (EBUSY).
+        return Ok(target.to_path_buf());
+    }
+    if rc != 0 || !mounted {
         bail!(
             "tracefs is not mounted and mounting it failed ({}).\n  \
              Fix: mount -t tracefs tracefs /sys/kernel/tracing",
-            std::io::Error::last_os_error()
+            err
         );
     }
     eprintln!(
