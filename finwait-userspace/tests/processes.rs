@@ -32,8 +32,10 @@ fn scenario_5_inherited_fd() {
     let (a, b) = pair(&listener);
     let (ap, bp) = ports(&a, &b);
     let afd = a.into_raw_fd();
+    // The child holds its copy well past the parent's close: the holders come from a /proc
+    // scan made after that close, which an emulated guest may take a second to run.
     let child = fork_child(move || {
-        sleep_ms(300);
+        sleep_ms(1500);
         close_fd(afd);
         sleep_ms(100);
         0
