@@ -543,9 +543,11 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if pid_traced(tgid) {
-        submit(&new_event(EventKind::ProcessExit));
+    // Untraced processes stop here: no reads of their task for the group check.
+    if !pid_traced(tgid) {
+        return 0;
     }
+    submit(&new_event(EventKind::ProcessExit));
     if config(&FILTER.pid_filter) != 0 && group_dead(pid_tgid as u32 == tgid) {
         let _ = TRACED_PIDS.remove(tgid);
     }

@@ -29,6 +29,8 @@ struct Sample {
     records: u64,
     transitions: u64,
     lost: u64,
+    /// finwait's per-program `{"runs", "ns_per_run"}` (only with `kernel.bpf_stats_enabled`).
+    kernel_run_time: serde_json::Value,
 }
 
 fn main() {
@@ -154,23 +156,17 @@ fn main() {
     let _ = idle.kill();
     let _ = idle.wait();
     report(&modes, &samples, &json_path, rounds, seconds, &threads);
-    let mut costed = vec![("default", fw(&[]).unwrap())];
-    if precise {
-        costed.push(("correlated", fw(&["--mode", "correlated"]).unwrap()));
-    }
+    let costed: Vec<&Mode> = modes
+        .iter()
+        .filter(|m| m.name.starts_with("finwait (default") || m.name.contains("--mode"))
+        .collect();
     kernel_cost(&costed, &churn, &threads, seconds, peer_wait);
 }
 
 /// The kernel side alone: one more churn per mode with `kernel.bpf_stats_enabled` on (not part
 /// of the ratios above: the kernel's accounting costs two clock reads per run), and each
 /// program's runs per connection and mean time per run.
-fn kernel_cost(
-    modes: &[(&str, Vec<String>)],
-    churn: &str,
-    threads: &str,
-    seconds: f64,
-    peer_wait: Duration,
-) {
+fn kernel_cost(modes: &[&Mode], churn: &str, threads: &str, seconds: f64, peer_wait: Duration) {
     const KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let Ok(before) = std::fs::read_to_string(KNOB) else {
         return eprintln!("bench: no {KNOB}; kernel time per program not measured");
@@ -181,30 +177,19 @@ fn kernel_cost(
     println!("\nKernel time per program ({KNOB}=1, one churn of {seconds} s per mode):\n");
     println!("| mode | program | runs per connection | ns per run |");
     println!("|---|---|---:|---:|");
-    for (name, cmd) in modes {
-        let (tracer, lines) = start_tracer(cmd, true, peer_wait);
-        let out = Command::new(churn)
-            .args(["--threads", threads, "--seconds", &seconds.to_string()])
-            .output()
-            .unwrap();
-        let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("churn output");
-        let conns = result["connections"].as_f64().unwrap_or(0.0).max(1.0);
-        let (_, _, stats) = stop(tracer, lines);
-        let stats: serde_json::Value = stats
-            .and_then(|l| serde_json::from_str(&l).ok())
-            .unwrap_or_default();
-        let Some(progs) = stats["kernel_run_time"].as_object() else {
+    for mode in modes {
+        let s = measure(mode, churn, threads, seconds, peer_wait);
+        let Some(progs) = s.kernel_run_time.as_object() else {
             continue;
         };
         let mut progs: Vec<_> = progs.iter().collect();
         progs.sort_by_key(|(p, _)| p.as_str());
         for (prog, v) in progs {
             let runs = v["runs"].as_f64().unwrap_or(0.0);
+            let per_conn = runs / s.connections.max(1) as f64;
             println!(
-                "| {} | {prog} | {:.2} | {} |",
-                name,
-                runs / conns,
-                v["ns_per_run"]
+                "| {} | {prog} | {per_conn:.2} | {} |",
+                mode.name, v["ns_per_run"]
             );
         }
     }
@@ -340,6 +325,7 @@ fn measure(mode: &Mode, churn: &str, threads: &str, seconds: f64, peer_wait: Dur
             s.records = num("records");
             s.transitions = num("transitions");
             s.lost = num("lost_ring_full") + num("kernel_skipped_nested");
+            s.kernel_run_time = stats["kernel_run_time"].clone();
         }
     }
     s

@@ -31,23 +31,20 @@ pub fn ensure_mounted() -> Result<PathBuf> {
         )
     };
     let err = std::io::Error::last_os_error();
-    let mounted = target.join("events").is_dir();
-    if rc != 0 && mounted {
-        // Another process (a second finwait starting at the same time) mounted it first: the
-        // kernel refuses the same tracefs twice on one mount point (EBUSY).
-        return Ok(target.to_path_buf());
-    }
-    if rc != 0 || !mounted {
+    if !target.join("events").is_dir() {
         bail!(
-            "tracefs is not mounted and mounting it failed ({}).\n  \
-             Fix: mount -t tracefs tracefs /sys/kernel/tracing",
-            err
+            "tracefs is not mounted and mounting it failed ({err}).\n  \
+             Fix: mount -t tracefs tracefs /sys/kernel/tracing"
         );
     }
-    eprintln!(
-        "finwait-trace: note: tracefs was not mounted; mounted it at {}",
-        CANDIDATES[0]
-    );
+    // A failed mount that left tracefs there: another process (a second finwait starting at the
+    // same time) mounted it first, and the kernel refuses it twice on one mount point (EBUSY).
+    if rc == 0 {
+        eprintln!(
+            "finwait-trace: note: tracefs was not mounted; mounted it at {}",
+            CANDIDATES[0]
+        );
+    }
     Ok(target.to_path_buf())
 }
 

@@ -205,13 +205,10 @@ fn scenario_10_pid_follows_children_forked_later() {
     let _g = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut go = [0i32; 2];
-    // SAFETY: valid array for two fds.
-    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+    let go = Gate::new();
     let parent = fork_child(move || {
-        let mut byte = 0u8;
-        // SAFETY: raw syscalls in the child: wait for the tracer, then fork a worker.
-        unsafe { libc::read(go[0], (&mut byte as *mut u8).cast(), 1) };
+        go.wait();
+        // SAFETY: raw syscalls in the child: fork a worker once the tracer runs.
         let worker = unsafe { libc::fork() };
         if worker == 0 {
             connect_and_shut_down(port);
@@ -224,8 +221,7 @@ fn scenario_10_pid_follows_children_forked_later() {
     // An unrelated connection closed by this (untraced) process.
     let (x, y) = pair(&listener);
     let xp = x.local_addr().unwrap().port();
-    // SAFETY: the pipe's write end.
-    unsafe { libc::write(go[1], b"g".as_ptr().cast(), 1) };
+    go.open();
     let (b, _) = listener.accept().unwrap();
     x.shutdown(Shutdown::Write).unwrap();
     wait_child(parent);
@@ -329,9 +325,7 @@ fn pid_outlives_its_main_thread() {
     let _g = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut go = [0i32; 2];
-    // SAFETY: valid array for two fds.
-    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+    let go = Gate::new();
     extern "C" fn worker(port: *mut libc::c_void) -> *mut libc::c_void {
         // Give the main thread time to be gone.
         // SAFETY: plain syscall.
@@ -339,12 +333,11 @@ fn pid_outlives_its_main_thread() {
         connect_and_shut_down(port as usize as u16)
     }
     let child = fork_child(move || {
-        let mut byte = 0u8;
+        go.wait();
         let mut thread: libc::pthread_t = 0;
-        // SAFETY: wait for the tracer, start the worker, then end only the main thread: the raw
-        // exit syscall (pthread_exit would unwind through the test harness's frames).
+        // SAFETY: start the worker, then end only the main thread: the raw exit syscall
+        // (pthread_exit would unwind through the test harness's frames).
         unsafe {
-            libc::read(go[0], (&mut byte as *mut u8).cast(), 1);
             libc::pthread_create(
                 &mut thread,
                 std::ptr::null(),
@@ -356,8 +349,7 @@ fn pid_outlives_its_main_thread() {
         unreachable!()
     });
     let tracer = Tracer::start(&["--pid", &child.to_string()]);
-    // SAFETY: the pipe's write end.
-    unsafe { libc::write(go[1], b"g".as_ptr().cast(), 1) };
+    go.open();
     // The connection completes in the backlog: accept only after the child is gone, so a child
     // that died early fails the test instead of hanging it.
     wait_child(child);
@@ -381,6 +373,31 @@ fn pid_outlives_its_main_thread() {
         "made by the worker thread: {fin}"
     );
     drop(b);
+}
+
+/// A pipe a forked child waits on until the test, once the tracer runs, lets it go.
+#[derive(Clone, Copy)]
+struct Gate([i32; 2]);
+
+impl Gate {
+    fn new() -> Self {
+        let mut fds = [0i32; 2];
+        // SAFETY: valid array for two fds.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        Gate(fds)
+    }
+
+    /// In the child: blocks until `open`.
+    fn wait(self) {
+        let mut byte = 0u8;
+        // SAFETY: raw read (async-signal-safe) into a live byte.
+        unsafe { libc::read(self.0[0], (&mut byte as *mut u8).cast(), 1) };
+    }
+
+    fn open(self) {
+        // SAFETY: the pipe's write end.
+        unsafe { libc::write(self.0[1], b"g".as_ptr().cast(), 1) };
+    }
 }
 
 /// In a forked child: connect to 127.0.0.1:port, shutdown(SHUT_WR) after 100 ms, exit 300 ms later.

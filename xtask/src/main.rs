@@ -89,6 +89,8 @@ const APT_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
 ];
+/// libbpf-tools' tcpstates, the peer the benchmark compares against.
+const TCPSTATES: &str = "/usr/sbin/tcpstates";
 const BPF_RUSTC: &str = "/usr/bin/rustc";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -293,7 +295,7 @@ fn setup() -> Result<()> {
 /// The peers the benchmark compares against (Debian packages).
 fn install_peers() -> Result<()> {
     let have = |p: &str| Path::new(p).exists();
-    if have("/usr/sbin/tcpstates") && (have("/usr/bin/bpftrace") || have("/usr/sbin/bpftrace")) {
+    if have(TCPSTATES) && (have("/usr/bin/bpftrace") || have("/usr/sbin/bpftrace")) {
         return Ok(());
     }
     if !is_root() || !Path::new("/usr/bin/apt-get").exists() {

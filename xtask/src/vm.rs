@@ -85,10 +85,7 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
             tracer,
             args,
         } => {
-            let mut command = [bench, tracer, churn].map(|p| path_str(p)).join(" ");
-            for a in args {
-                command += &format!(" '{}'", a.replace('\'', "'\\''"));
-            }
+            let command = [bench, tracer, churn].map(|p| path_str(p)).join(" ") + &shell_args(args);
             let run = Run {
                 mode: "bench".into(),
                 name: "overhead".into(),
@@ -97,7 +94,7 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
             };
             let mut exes = vec![bench.clone(), churn.clone(), tracer.clone()];
             // The one peer that runs in the guest without a toolchain of its own.
-            let tcpstates = PathBuf::from("/usr/sbin/tcpstates");
+            let tcpstates = PathBuf::from(crate::TCPSTATES);
             if tcpstates.exists() {
                 exes.push(tcpstates);
             }
@@ -318,12 +315,16 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Each argument single-quoted for the guest's shell, with a space before it.
+fn shell_args(args: &[String]) -> String {
+    args.iter()
+        .map(|a| format!(" '{}'", a.replace('\'', "'\\''")))
+        .collect()
+}
+
 /// Every test binary once per mode, from its package directory (as cargo runs it).
 fn test_runs(tests: &[PathBuf], filter: &[String]) -> Vec<Run> {
-    let filter = filter
-        .iter()
-        .map(|f| format!(" '{}'", f.replace('\'', "'\\''")))
-        .collect::<String>();
+    let filter = shell_args(filter);
     let mut runs = Vec::new();
     for mode in MODES {
         for t in tests {
