@@ -64,7 +64,7 @@ pub struct Cause {
 }
 
 impl Cause {
-    fn bare(kind: CauseKind) -> Self {
+    pub(crate) fn bare(kind: CauseKind) -> Self {
         Self {
             kind,
             how: None,

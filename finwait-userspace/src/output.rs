@@ -126,6 +126,15 @@ fn frees_within_s(t: &TransitionReport, fin_timeout_s: u64) -> u64 {
     }
 }
 
+/// An orphan kept as a full socket in FIN_WAIT2 (its last ACK was processed while close() still
+/// held the socket, or tcp_fin_timeout is above 60 s with linger2 off) whose timer found no time
+/// left: the kernel resets it and frees it, tcp_fin_timeout after it entered FIN_WAIT2.
+fn orphan_timed_out(t: &TransitionReport) -> bool {
+    t.fw2_exit == Some(Fw2Exit::Reset)
+        && t.orphan == Some(true)
+        && t.cause.as_ref().is_some_and(|c| c.kind == CauseKind::Timer)
+}
+
 fn transition_json(t: &TransitionReport, clock: &Clock, fin_timeout_s: u64) -> Value {
     let fin_timeout_s = t.fin_timeout_s.unwrap_or(fin_timeout_s);
     let mut v = json!({
@@ -156,6 +165,8 @@ fn transition_json(t: &TransitionReport, clock: &Clock, fin_timeout_s: u64) -> V
             "kernel_frees_within_s".into(),
             json!(frees_within_s(t, fin_timeout_s)),
         );
+        m.insert("tcp_fin_timeout_s".into(), json!(fin_timeout_s));
+    } else if orphan_timed_out(t) {
         m.insert("tcp_fin_timeout_s".into(), json!(fin_timeout_s));
     }
     if t.at_least {
@@ -301,6 +312,9 @@ pub fn explain(t: &TransitionReport, fin_timeout_s: u64) -> String {
                     frees_within_s(t, fin_timeout_s)
                 )
             }
+            Some(Fw2Exit::Reset) if orphan_timed_out(t) => format!(
+                "orphan timed out: tcp_fin_timeout ({fin_timeout_s} s) passed without the peer's FIN; the kernel reset and freed it"
+            ),
             Some(Fw2Exit::Reset) => format!("reset ({by})"),
             _ => format!("left FIN_WAIT2 ({by})"),
         },
@@ -525,5 +539,54 @@ mod tests {
         );
         style.width = None;
         assert_eq!(human_line(&report, &clock, 60, &style).lines().count(), 1);
+    }
+
+    /// An orphan reset by its FIN_WAIT2 timer says so, with the tcp_fin_timeout that ran out;
+    /// any other reset stays a plain reset.
+    #[test]
+    fn orphan_reset_by_its_timer_names_tcp_fin_timeout() {
+        use crate::correlate::{Cause, CauseKind};
+        use crate::event::Endpoints;
+        let lo = "127.0.0.1".parse().unwrap();
+        let mut t = TransitionReport::new(
+            7_000_000_000,
+            0xffff_8881_0000_0000,
+            Endpoints {
+                local: lo,
+                lport: 40123,
+                remote: lo,
+                rport: 8080,
+            },
+            st::FIN_WAIT2,
+            st::CLOSE,
+            0,
+        );
+        t.orphan = Some(true);
+        t.fw2_exit = Some(Fw2Exit::Reset);
+        t.fin_timeout_s = Some(5);
+        t.cause = Some(Cause::bare(CauseKind::Timer));
+        assert_eq!(
+            explain(&t, 60),
+            "orphan timed out: tcp_fin_timeout (5 s) passed without the peer's FIN; the kernel reset and freed it"
+        );
+        let v: Value = serde_json::from_str(&json_line(
+            &Report::Transition(t.clone()),
+            &Clock::new(),
+            60,
+        ))
+        .unwrap();
+        assert_eq!(v["tcp_fin_timeout_s"], 5);
+        assert_eq!(v["to"], "CLOSE");
+        assert!(v.get("timewait_substate").is_none());
+
+        t.cause = Some(Cause::bare(CauseKind::PeerRst));
+        assert!(
+            explain(&t, 60).starts_with("reset ("),
+            "{}",
+            explain(&t, 60)
+        );
+        let v: Value =
+            serde_json::from_str(&json_line(&Report::Transition(t), &Clock::new(), 60)).unwrap();
+        assert!(v.get("tcp_fin_timeout_s").is_none());
     }
 }

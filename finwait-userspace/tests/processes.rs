@@ -249,7 +249,8 @@ fn scenario_10_pid_follows_children_forked_later() {
 }
 
 /// The orphan's reported expiry follows tcp_fin_timeout of the socket's own network namespace:
-/// 5 s (handed over at once), and 61 s (kept as a full socket, then handed over by the timer).
+/// 5 s (handed over at once, or rarely reset by the timer 5 s later), and 61 s (kept as a full
+/// socket, then handed over by the timer).
 #[test]
 fn orphan_expiry_follows_the_namespace_fin_timeout() {
     let _g = serial();
@@ -291,6 +292,19 @@ fn orphan_expiry_follows_the_namespace_fin_timeout() {
         let ts = transitions(&all, *ap, *bp);
         let gone = find(&ts, *ap, "FIN_WAIT2", "CLOSE");
         assert_eq!(gone["tcp_fin_timeout_s"], *fin_timeout, "{gone}");
+        let since_fin_s = gone["since_fin_ms"].as_f64().unwrap() / 1000.0;
+        if *fin_timeout <= 60 && since_fin_s > *fin_timeout as f64 / 2.0 {
+            // The kernel's other path: the peer's ACK was processed while close() still held
+            // the socket, so it stayed a full socket whose timer, tcp_fin_timeout later, found
+            // no time left and reset it (seen on an emulated guest).
+            assert_eq!(gone["cause"]["call"], "timer", "{gone}");
+            assert!(
+                since_fin_s >= *fin_timeout as f64 - 0.5,
+                "the orphan timer fired before tcp_fin_timeout: {gone}"
+            );
+            assert!(gone.get("timewait_substate").is_none(), "{gone}");
+            continue;
+        }
         assert_eq!(gone["timewait_substate"], "FIN_WAIT2", "{gone}");
         if *fin_timeout > 60 {
             assert_eq!(gone["cause"]["call"], "timer", "{gone}");
