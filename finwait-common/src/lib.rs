@@ -254,6 +254,9 @@ pub mod counter {
     pub const PID_INSERT_FAILED: u32 = 1;
     /// A kernel read needed for fd -> socket resolution failed.
     pub const READ_FAILED: u32 = 2;
+    /// The map of threads inside a forwarded call was full: that call's exit is not forwarded
+    /// (userspace then keeps the call open until the thread makes its next one).
+    pub const IN_CALL_FULL: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 

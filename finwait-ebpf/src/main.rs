@@ -13,7 +13,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
 use finwait_common::{
@@ -93,9 +93,11 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Threads inside a call whose enter was forwarded: only their exits are forwarded too.
+/// Threads inside a call whose enter was forwarded: only their exits are forwarded too. Not an
+/// LRU (its evictions would be silent): entries leave at sys_exit or at the thread's exit, and a
+/// full map is counted.
 #[map]
-static IN_CALL: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+static IN_CALL: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 
 /// Tgids to follow when `--pid` is given; children are added at fork, removed at exit.
 #[map]
@@ -426,7 +428,7 @@ fn call_enter(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
         None if config(&OFFSETS).valid != 0 => return Ok(()),
         None => {}
     }
-    let _ = IN_CALL.insert(pid_tgid as u32, 1u8, 0);
+    enter_call(pid_tgid as u32);
     submit(&e);
     Ok(())
 }
@@ -449,7 +451,7 @@ fn close_range_enter(
     if range_flags & CLOSE_RANGE_CLOEXEC != 0 {
         return Ok(()); // only marks the fds close-on-exec
     }
-    let _ = IN_CALL.insert(e.pid_tgid as u32, 1u8, 0);
+    enter_call(e.pid_tgid as u32);
     e.fd = first as i32;
     e.arg = last;
     submit(&e);
@@ -472,6 +474,14 @@ fn close_range_enter(
         }
     }
     Ok(())
+}
+
+/// Marks the thread as inside a forwarded call, so that its exit is forwarded too.
+#[inline(always)]
+fn enter_call(tid: u32) {
+    if IN_CALL.insert(tid, 1u8, 0).is_err() {
+        count(counter::IN_CALL_FULL);
+    }
 }
 
 #[inline(always)]
@@ -548,6 +558,8 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     submit(&new_event(EventKind::ProcessExit));
+    // A thread that never reached sys_exit (its exit program failed to attach) leaves here.
+    let _ = IN_CALL.remove(pid_tgid as u32);
     if config(&FILTER.pid_filter) != 0 && group_dead(pid_tgid as u32 == tgid) {
         let _ = TRACED_PIDS.remove(tgid);
     }

@@ -343,6 +343,7 @@ fn stats_json(
         "kernel_skipped_nested": nested_misses(ebpf),
         "kernel_read_failed": sum(counters, counter::READ_FAILED),
         "pid_insert_failed": sum(counters, counter::PID_INSERT_FAILED),
+        "in_call_full": sum(counters, counter::IN_CALL_FULL),
         "sockets_evicted": stats.sockets_evicted,
         "tracked_sockets": correlator.tracked_sockets(),
         "threads_evicted": stats.threads_evicted,

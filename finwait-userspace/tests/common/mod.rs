@@ -154,6 +154,7 @@ impl Tracer {
         let stats = all.last().expect("no output");
         assert_eq!(stats["event"], "stats", "{stats}");
         assert_eq!(stats["lost_ring_full"], 0, "events were lost: {stats}");
+        assert_eq!(stats["in_call_full"], 0, "call exits were lost: {stats}");
         all
     }
 }
