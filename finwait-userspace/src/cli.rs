@@ -117,6 +117,10 @@ pub struct TraceArgs {
     #[arg(long, hide = true, value_name = "WHAT")]
     pub generate: Option<String>,
 
+    /// `--demo`'s workload processes: run one side of it.
+    #[arg(long, hide = true, value_enum, value_name = "ROLE")]
+    pub demo_role: Option<crate::demo::Role>,
+
     /// Benchmark floor: attach every program as a no-op.
     #[arg(long, hide = true)]
     pub bench_noop: bool,

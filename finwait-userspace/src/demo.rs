@@ -1,14 +1,19 @@
 //! `--demo`: a loopback client and server that reproduce scenarios 1, 2 and 4 of TCP-CLOSE.md
 //! while the tracer watches, so a new user sees the answers without a target.
+//!
+//! The client and the server are separate processes (this binary again, `--demo-role`, named
+//! `demo-client` and `demo-server`), so the answers name two processes with two different jobs,
+//! as they would on a real host.
 use std::{
-    io::Read,
+    io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
+    process::{Child, ChildStdout, Command, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use finwait_common::tcp_state as st;
 
 use crate::{
@@ -18,26 +23,99 @@ use crate::{
 
 /// How long the server leaves the third connection in CLOSE_WAIT.
 const CLOSE_WAIT_MS: u64 = 300;
+/// What a role prints once its part is done.
+const DONE: &str = "done";
+
+/// The two sides of the demo workload, each run as its own process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+impl Role {
+    /// Its `--demo-role` value.
+    fn arg(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Client => "client",
+        }
+    }
+
+    /// The process name it takes, which the answers show.
+    fn comm(self) -> String {
+        format!("demo-{}", self.arg())
+    }
+}
+
+/// A role process; dropping it kills and reaps it. Its stdin is a pipe from us: should we die
+/// first, it sees EOF and exits on its own.
+struct RoleProcess {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl RoleProcess {
+    fn spawn(role: Role, port: Option<u16>) -> Result<Self> {
+        let exe = std::env::current_exe().context("finding finwait-trace's own binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["--demo-role", role.arg()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(port) = port {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting the demo's {}", role.comm()))?;
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Self { child, stdout })
+    }
+
+    /// The next line the role printed.
+    fn line(&mut self) -> Result<String> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("the demo's workload process ended early");
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+impl Drop for RoleProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
-    let port = listener.local_addr()?.port();
+    let mut server = RoleProcess::spawn(Role::Server, None)?;
+    let port: u16 = server.line()?.parse().context("the demo server's port")?;
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-    let (keep_tx, keep_rx) = mpsc::channel::<Vec<TcpStream>>();
 
-    let workload = thread::Builder::new()
-        .name("demo".into())
-        .spawn(move || -> Result<()> {
-            ready_rx.recv().ok();
-            let sockets = scenarios(listener)?;
-            // Let the last softirq transitions reach the ring, then stop tracing before cleanup,
-            // so the output holds only the scenarios.
-            thread::sleep(Duration::from_millis(300));
-            let _ = stop_tx.send(());
-            let _ = keep_tx.send(sockets);
-            Ok(())
-        })?;
+    // Started once the programs are attached; hands the processes back to be ended after tracing
+    // stops, so the output holds only the scenarios.
+    let workload =
+        thread::Builder::new()
+            .name("demo".into())
+            .spawn(move || -> Result<Vec<RoleProcess>> {
+                if ready_rx.recv().is_err() {
+                    return Ok(vec![server]); // tracing never started
+                }
+                let mut client = RoleProcess::spawn(Role::Client, Some(port))?;
+                for p in [&mut client, &mut server] {
+                    if p.line()? != DONE {
+                        bail!("the demo's workload failed");
+                    }
+                }
+                // Let the last softirq transitions reach the ring before stopping.
+                thread::sleep(Duration::from_millis(300));
+                let _ = stop_tx.send(());
+                Ok(vec![client, server])
+            })?;
 
     let cfg = Config {
         pids: Vec::new(),
@@ -62,51 +140,67 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
     let outcome = tracer::run(cfg, Stopper(Some(stop_rx)), || {
         let _ = ready_tx.send(());
     })
-    .await?;
-    workload.join().expect("demo thread panicked")?;
-    drop(keep_rx.recv().ok());
+    .await;
+    // Whatever happened, end the workload: the processes are killed as they are dropped.
+    let roles = workload.join().expect("demo thread panicked");
+    let outcome = outcome?;
+    drop(roles?);
     if !json {
         print_findings(&outcome.reports);
     }
     Ok(())
 }
 
-/// Runs the scenarios; returns the sockets that must stay open until tracing stops.
-fn scenarios(listener: TcpListener) -> Result<Vec<TcpStream>> {
-    let addr = listener.local_addr()?;
-    let server = thread::Builder::new().name("demo-server".into()).spawn(
-        move || -> Result<Vec<TcpStream>> {
-            let mut held = Vec::new();
-            for _ in 0..3 {
-                held.push(listener.accept()?.0);
-            }
-            // Scenario 4: wait for the client's FIN on the third connection, then close late.
-            let mut third = held.pop().unwrap();
-            let mut buf = [0u8; 1];
-            let _ = third.read(&mut buf);
-            thread::sleep(Duration::from_millis(CLOSE_WAIT_MS));
-            drop(third);
-            Ok(held)
-        },
-    )?;
-    let client = thread::Builder::new().name("demo-client".into()).spawn(
-        move || -> Result<Vec<TcpStream>> {
-            let half = TcpStream::connect(addr)?;
-            let closed = TcpStream::connect(addr)?;
-            let late = TcpStream::connect(addr)?;
-            thread::sleep(Duration::from_millis(50));
-            // Scenario 1: half-close and keep the fd.
-            half.shutdown(Shutdown::Write)?;
-            // Scenario 2: close; the server never closes its side.
-            drop(closed);
-            // Scenario 4: close; the server closes 300 ms later.
-            drop(late);
-            Ok(vec![half])
-        },
-    )?;
-    let mut keep = client.join().expect("client panicked")?;
-    keep.extend(server.join().expect("server panicked")?);
-    Ok(keep)
+/// `--demo-role`: one side of the workload. Prints `done` when its part is over, then holds its
+/// sockets open until stdin closes.
+pub fn role(role: Role, ports: &[u16]) -> Result<()> {
+    let name = std::ffi::CString::new(role.comm()).expect("no NUL");
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    let held = match role {
+        Role::Server => server()?,
+        Role::Client => {
+            let port = *ports.first().context("--demo-role client needs --port")?;
+            client(port)?
+        }
+    };
+    println!("{DONE}");
+    std::io::stdout().flush()?;
+    // Hold the sockets until the demo ends (it kills us, or our stdin closes with it).
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    drop(held);
+    Ok(())
+}
+
+fn server() -> Result<Vec<TcpStream>> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    println!("{}", listener.local_addr()?.port());
+    std::io::stdout().flush()?;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(listener.accept()?.0);
+    }
+    // Scenario 4: wait for the client's FIN on the third connection, then close late.
+    let mut third = held.pop().expect("three connections");
+    let _ = third.read(&mut [0u8; 1]);
+    thread::sleep(Duration::from_millis(CLOSE_WAIT_MS));
+    drop(third);
+    Ok(held)
+}
+
+fn client(port: u16) -> Result<Vec<TcpStream>> {
+    let addr = ("127.0.0.1", port);
+    let half = TcpStream::connect(addr)?;
+    let closed = TcpStream::connect(addr)?;
+    let late = TcpStream::connect(addr)?;
+    thread::sleep(Duration::from_millis(50));
+    // Scenario 1: half-close and keep the fd.
+    half.shutdown(Shutdown::Write)?;
+    // Scenario 2: close; the server never closes its side.
+    drop(closed);
+    // Scenario 4: close; the server closes 300 ms later.
+    drop(late);
+    Ok(vec![half])
 }
 
 fn print_findings(reports: &[Report]) {
@@ -128,13 +222,13 @@ fn print_findings(reports: &[Report]) {
     println!();
     println!("What the demo shows:");
     println!(
-        "  {half} socket(s) in FIN_WAIT2 half-closed by shutdown(): the application still owns them and must close them."
+        "  demo-client: {half} socket(s) in FIN_WAIT2 half-closed by shutdown(): the application still owns them and must close them."
     );
     println!(
-        "  {orphan} socket(s) in FIN_WAIT2 orphaned by close(): the kernel frees them on its own (tcp_fin_timeout)."
+        "  demo-client: {orphan} socket(s) in FIN_WAIT2 orphaned by close(): the kernel frees them on its own (tcp_fin_timeout)."
     );
     println!(
-        "  {close_wait} socket(s) entered CLOSE_WAIT on the peer's FIN; {late} were closed later by their owner (LAST_ACK), the rest are still open: a leak if that lasts."
+        "  demo-server: {close_wait} socket(s) entered CLOSE_WAIT on the peer's FIN; {late} closed later (LAST_ACK), the rest still open: a leak if that lasts."
     );
     println!("Trace a real process with: sudo finwait-trace --pid <PID>");
 }

@@ -27,6 +27,9 @@ fn main() -> ExitCode {
         if let Some(what) = &t.generate {
             return finwait_userspace::cli::generate(what, &mut std::io::stdout());
         }
+        if let Some(role) = t.demo_role {
+            return demo::role(role, &t.ports);
+        }
         let ring_bytes = t.ring_buffer_kib * 1024;
         if t.demo {
             return demo::run(t.json, ring_bytes).await;

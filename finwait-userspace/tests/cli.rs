@@ -422,3 +422,70 @@ fn missing_btf_says_which_features_are_off() {
         );
     }
 }
+
+/// `--demo` (the README's first command): the client and the server are two processes, and
+/// each answer names the right one.
+#[test]
+fn demo_names_the_client_and_the_server() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_finwait-trace"));
+    let out = cmd
+        .args(mode_args(&[]))
+        .args(["--demo", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let all: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ts: Vec<&serde_json::Value> = all.iter().filter(|v| v["event"] == "transition").collect();
+    let with = |from: &str, to: &str| -> Vec<&serde_json::Value> {
+        ts.iter()
+            .copied()
+            .filter(|v| v["from"] == from && v["to"] == to)
+            .collect()
+    };
+    let half = with("FIN_WAIT1", "FIN_WAIT2");
+    assert_eq!(half.len(), 3, "{ts:#?}");
+    let client = &half[0]["cause"]["pid"];
+    assert_eq!(half[0]["cause"]["comm"], "demo-client", "{ts:#?}");
+    let (shut, closed): (Vec<&serde_json::Value>, Vec<_>) =
+        half.iter().copied().partition(|v| v["orphan"] == false);
+    assert_eq!((shut.len(), closed.len()), (1, 2), "{ts:#?}");
+    assert_eq!(shut[0]["cause"]["call"], "shutdown");
+    assert_eq!(shut[0]["cause"]["how"], "SHUT_WR");
+    for v in &half {
+        assert_eq!(&v["cause"]["pid"], client, "{v}");
+    }
+    for v in closed {
+        assert_eq!(v["cause"]["call"], "close", "{v}");
+    }
+    let close_wait = with("ESTABLISHED", "CLOSE_WAIT");
+    assert_eq!(close_wait.len(), 3, "{ts:#?}");
+    let server = &close_wait[0]["owner"]["pid"];
+    assert_ne!(server, client);
+    assert_ne!(server, &serde_json::json!(std::process::id()));
+    for v in &close_wait {
+        assert_eq!(v["cause"]["call"], "peer_fin", "{v}");
+        assert_eq!(v["owner"]["comm"], "demo-server", "{v}");
+        assert_eq!(&v["owner"]["pid"], server, "{v}");
+    }
+    let last_ack = with("CLOSE_WAIT", "LAST_ACK");
+    assert_eq!(last_ack.len(), 1, "{ts:#?}");
+    assert_eq!(last_ack[0]["cause"]["call"], "close");
+    assert_eq!(&last_ack[0]["cause"]["pid"], server);
+    assert!(last_ack[0]["close_wait_ms"].as_f64().unwrap() >= 300.0);
+    let summary = all.iter().find(|v| v["event"] == "summary").unwrap();
+    let comms: Vec<&serde_json::Value> = summary["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["comm"])
+        .collect();
+    assert!(
+        comms.contains(&&serde_json::json!("demo-client"))
+            && comms.contains(&&serde_json::json!("demo-server")),
+        "{summary}"
+    );
+}
