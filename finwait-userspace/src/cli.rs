@@ -136,6 +136,29 @@ pub struct TraceArgs {
     pub ring_buffer_kib: u32,
 }
 
+impl Cli {
+    /// Parses the command line, with the checks clap cannot express, as usage errors (exit 2).
+    pub fn parse_checked() -> Self {
+        let cli = <Self as Parser>::parse();
+        if let Err(e) = cli.check() {
+            e.exit();
+        }
+        cli
+    }
+
+    fn check(&self) -> Result<(), clap::Error> {
+        use clap::CommandFactory;
+        let max = finwait_common::MAX_COMMS;
+        if self.trace.comms.len() > max {
+            return Err(Self::command().error(
+                clap::error::ErrorKind::TooManyValues,
+                format!("--comm is matched in the kernel, which holds {max} names at most"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `--generate`: the man page or completions, from these very definitions.
 pub fn generate(what: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     use clap::CommandFactory;
@@ -208,6 +231,12 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--comm", "a-name-longer-than-15"]).is_err());
         let c = Cli::try_parse_from(["x", "--comm", "nginx", "--comm", "python3"]).unwrap();
         assert_eq!(c.trace.comms, vec!["nginx", "python3"]);
+        let four = [
+            "x", "--comm", "a", "--comm", "b", "--comm", "c", "--comm", "d",
+        ];
+        assert!(Cli::try_parse_from(four).unwrap().check().is_ok());
+        let five = [&four[..], &["--comm", "e"]].concat();
+        assert!(Cli::try_parse_from(five).unwrap().check().is_err());
         let c = Cli::try_parse_from([
             "x",
             "--state",

@@ -1,6 +1,5 @@
 use std::{process::ExitCode, time::Duration};
 
-use clap::Parser;
 use finwait_userspace::{
     cli::{Cli, Command},
     demo, snapshot,
@@ -8,7 +7,7 @@ use finwait_userspace::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

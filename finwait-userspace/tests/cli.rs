@@ -69,6 +69,9 @@ fn clear_errors_with_the_fix() {
         &["--duration", "0"],
         &["--demo", "--pid", "1"],
         &["--comm", "name-longer-than-15"],
+        &[
+            "--comm", "a", "--comm", "b", "--comm", "c", "--comm", "d", "--comm", "e",
+        ],
     ] {
         let out = trace(bad);
         assert_eq!(
