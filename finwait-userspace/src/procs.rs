@@ -2,13 +2,21 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Result, bail};
-use procfs::process::all_processes;
+use procfs::process::{Process, all_processes};
 
-/// Fails clearly for a pid that does not exist.
+/// Fails clearly for a pid that does not exist, or that names a thread rather than a process
+/// (/proc lists threads too, but the kernel filter follows processes).
 pub fn check_exists(pids: &[u32]) -> Result<()> {
     for &pid in pids {
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            bail!("--pid {pid}: no such process");
+        let tgid = Process::new(pid as i32)
+            .and_then(|p| p.status())
+            .map(|s| s.tgid as u32);
+        match tgid {
+            Err(_) => bail!("--pid {pid}: no such process"),
+            Ok(tgid) if tgid != pid => {
+                bail!("--pid {pid} is a thread of process {tgid}: pass --pid {tgid}")
+            }
+            Ok(_) => {}
         }
     }
     Ok(())

@@ -63,6 +63,27 @@ fn clear_errors_with_the_fix() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pid 999999999: no such process"));
 
+    // A thread id (as `top -H` shows) is not a process: the error names the process.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
+        let _ = done_rx.recv();
+    });
+    let tid = tid_rx.recv().unwrap();
+    let out = trace(&["--pid", &tid.to_string(), "--duration", "1"]);
+    drop(done_tx);
+    thread.join().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let pid = std::process::id();
+    assert!(
+        err.contains(&format!(
+            "--pid {tid} is a thread of process {pid}: pass --pid {pid}"
+        )),
+        "{err}"
+    );
+
     for bad in [
         &["--state", "HALF_OPEN"][..],
         &["-4", "-6"],
