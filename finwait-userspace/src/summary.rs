@@ -16,6 +16,8 @@ use crate::{
 pub struct Counts {
     /// FIN_WAIT2 entries still owned, by the call that half-closed them (e.g. "shutdown(SHUT_WR)").
     pub half_closed: BTreeMap<String, u64>,
+    /// Of those, the ones that left FIN_WAIT2 while traced (closed, or the peer's FIN), by call.
+    pub half_closed_ended: BTreeMap<String, u64>,
     /// FIN_WAIT2 entries orphaned, by call ("close()", "process exit", ...).
     pub orphaned: BTreeMap<String, u64>,
     pub close_wait: u64,
@@ -29,6 +31,8 @@ struct Open {
     since_ns: u64,
     who: u32,
     what: String,
+    /// FIN_WAIT2 after this call (None: CLOSE_WAIT).
+    half_closed_by: Option<String>,
     ends: Endpoints,
     fd: Option<i32>,
     /// Already reported by `--stuck`.
@@ -136,6 +140,7 @@ impl Summary {
                             since_ns: t.ts_ns,
                             who: o.pid,
                             what: "CLOSE_WAIT".into(),
+                            half_closed_by: None,
                             ends: t.ends.clone(),
                             fd: Some(o.fd),
                             reported: false,
@@ -159,7 +164,12 @@ impl Summary {
                 if let Some(ns) = t.half_closed_ns {
                     self.half_closed_ms.add(ns);
                 }
-                self.open.remove(&t.sock);
+                if let Some(o) = self.open.remove(&t.sock)
+                    && let Some(call) = o.half_closed_by
+                {
+                    let counts = &mut self.by_process.entry(o.who).or_default().1;
+                    *counts.half_closed_ended.entry(call).or_default() += 1;
+                }
             }
             _ => {}
         }
@@ -186,6 +196,7 @@ impl Summary {
                     since_ns: t.ts_ns,
                     who,
                     what: format!("FIN_WAIT2 after {call}"),
+                    half_closed_by: Some(call.clone()),
                     ends: t.ends.clone(),
                     fd: c.fd,
                     reported: false,
@@ -236,8 +247,15 @@ impl Summary {
             .map(|(pid, (comm, c))| {
                 let mut parts = Vec::new();
                 for (call, n) in &c.half_closed {
+                    let ended = c.half_closed_ended.get(call).copied().unwrap_or(0).min(*n);
+                    let open = n - ended;
                     parts.push(format!(
-                        "{n} FIN_WAIT2 after {call}, still open: {comm} must close them"
+                        "{n} FIN_WAIT2 after {call}, {ended} ended later, {open} still half-closed{}",
+                        if open > 0 {
+                            format!(": {comm} must close them")
+                        } else {
+                            String::new()
+                        }
                     ));
                 }
                 for (call, n) in &c.orphaned {
@@ -284,6 +302,7 @@ impl Summary {
                     "pid": pid,
                     "comm": comm,
                     "fin_wait2_half_closed": c.half_closed,
+                    "fin_wait2_half_closed_ended": c.half_closed_ended,
                     "fin_wait2_orphaned": c.orphaned,
                     "close_wait": c.close_wait,
                     "close_wait_closed": c.close_wait_closed,
@@ -411,16 +430,22 @@ mod tests {
         let mut t = tr(5, st::CLOSE_WAIT, st::LAST_ACK);
         t.close_wait_ns = Some(300_000_000);
         s.add(&Report::Transition(t));
+        // The first half-closed socket is closed: an orphan now, no longer the process's job.
+        let mut t = tr(1, st::FIN_WAIT2, st::CLOSE);
+        t.cause = cause(CauseKind::Call(Call::Close), None);
+        t.half_closed_ns = Some(3_000_000_000);
+        s.add(&Report::Transition(t));
 
         let c = &s.counts()[&7].1;
         assert_eq!(c.half_closed["shutdown(SHUT_WR)"], 3);
+        assert_eq!(c.half_closed_ended["shutdown(SHUT_WR)"], 1);
         assert_eq!(c.orphaned["close()"], 1);
         let p = &s.counts()[&9].1;
         assert_eq!((p.close_wait, p.close_wait_closed), (2, 1));
         let sentences = s.sentences();
         assert_eq!(
             sentences[0],
-            "nginx[7]: 3 FIN_WAIT2 after shutdown(SHUT_WR), still open: nginx must close them; 1 FIN_WAIT2 after close(): orphans, the kernel frees them"
+            "nginx[7]: 3 FIN_WAIT2 after shutdown(SHUT_WR), 1 ended later, 2 still half-closed: nginx must close them; 1 FIN_WAIT2 after close(): orphans, the kernel frees them"
         );
         assert_eq!(
             sentences[1],
@@ -433,18 +458,18 @@ mod tests {
         );
         assert_eq!(
             s.json(1_000)["still_stuck"],
-            4,
-            "3 half-closed + 1 CLOSE_WAIT"
+            3,
+            "2 half-closed + 1 CLOSE_WAIT"
         );
         // --stuck: each once, oldest first; the CLOSE_WAIT names its owner's fd.
         let stuck = s.take_stuck(2_000_000_000, 1_000_000_000);
-        assert_eq!(stuck.len(), 4);
+        assert_eq!(stuck.len(), 3);
         assert!(s.take_stuck(3_000_000_000, 1_000_000_000).is_empty());
         assert!(
             stuck
                 .iter()
                 .any(|x| x.what == "CLOSE_WAIT" && x.pid == 9 && x.fd == Some(4))
         );
-        assert_eq!(s.json(0)["stuck_reported"], 4);
+        assert_eq!(s.json(0)["stuck_reported"], 3);
     }
 }

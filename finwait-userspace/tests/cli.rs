@@ -103,8 +103,8 @@ fn clear_errors_with_the_fix() {
     }
 }
 
-/// Three half-closes and two closes by this process, five CLOSE_WAITs on its server side of
-/// which one is closed: the summary says exactly that.
+/// Three half-closes (one closed later) and two closes by this process, five CLOSE_WAITs on its
+/// server side of which one is closed: the summary says exactly that.
 #[test]
 fn summary_counts_after_a_scripted_scenario() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -130,6 +130,14 @@ fn summary_counts_after_a_scripted_scenario() {
     );
     expect.push((cp, cr, "CLOSE_WAIT", "LAST_ACK"));
     drop(closed);
+    // The first half-closed socket is closed once in FIN_WAIT2: it ended, the other two did not.
+    let first = keep.remove(0);
+    let (fp, fr) = (
+        first.local_addr().unwrap().port(),
+        first.peer_addr().unwrap().port(),
+    );
+    wait_for_kernel_state(fp, fr, "FIN_WAIT2");
+    drop(first);
     let all = tracer.stop_when_summary(&expect);
     assert!(
         all.iter().all(|v| v["event"] != "transition"),
@@ -146,6 +154,10 @@ fn summary_counts_after_a_scripted_scenario() {
         .find(|p| p["pid"] == std::process::id())
         .expect("this process");
     assert_eq!(me["fin_wait2_half_closed"]["shutdown(SHUT_WR)"], 3, "{me}");
+    assert_eq!(
+        me["fin_wait2_half_closed_ended"]["shutdown(SHUT_WR)"], 1,
+        "{me}"
+    );
     assert_eq!(me["fin_wait2_orphaned"]["close()"], 2, "{me}");
     assert_eq!(
         (me["close_wait"].as_u64(), me["close_wait_closed"].as_u64()),
@@ -154,7 +166,8 @@ fn summary_counts_after_a_scripted_scenario() {
     );
     let answer = me["answer"].as_str().unwrap();
     assert!(
-        answer.contains("3 FIN_WAIT2 after shutdown(SHUT_WR), still open")
+        answer
+            .contains("3 FIN_WAIT2 after shutdown(SHUT_WR), 1 ended later, 2 still half-closed: ")
             && answer.contains("4 never closed while traced"),
         "{answer}"
     );

@@ -92,25 +92,8 @@ impl Tracer {
     /// As `stop_when`, for a tracer run with `--summary-only`: there are no transition lines to
     /// wait for, so it waits for the kernel's view of each socket instead (`ss`), then stops.
     pub fn stop_when_summary(self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         for (l, r, _, to) in expect {
-            let state = to.replace('_', "-");
-            while std::time::Instant::now() < deadline {
-                let ss = Command::new("ss")
-                    .args(["-tanH", &format!("( sport = :{l} and dport = :{r} )")])
-                    .output()
-                    .unwrap();
-                let now = String::from_utf8_lossy(&ss.stdout).to_string();
-                // Closed sockets vanish or sit in TIME-WAIT/LAST-ACK: any of them means "past".
-                if now.is_empty()
-                    || now.contains(&state)
-                    || now.contains("TIME-WAIT")
-                    || now.contains("LAST-ACK")
-                {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(50));
-            }
+            wait_for_kernel_state(*l, *r, to);
         }
         self.stop_when(&[])
     }
@@ -166,6 +149,32 @@ impl Drop for Tracer {
         // Both are no-ops for a tracer `stop_when` already reaped.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits (up to 10 s) until the kernel shows the socket `lport` -> `rport` in `state` (or past
+/// it: closed sockets vanish or sit in TIME-WAIT/LAST-ACK), as `ss` sees it.
+pub fn wait_for_kernel_state(lport: u16, rport: u16, state: &str) {
+    // `ss` spells FIN_WAIT2 as FIN-WAIT-2: compare without separators.
+    let state = state.replace(['_', '-'], "");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let ss = Command::new("ss")
+            .args([
+                "-tanH",
+                &format!("( sport = :{lport} and dport = :{rport} )"),
+            ])
+            .output()
+            .unwrap();
+        let now = String::from_utf8_lossy(&ss.stdout).replace('-', "");
+        if now.is_empty()
+            || now.contains(&state)
+            || now.contains("TIMEWAIT")
+            || now.contains("LASTACK")
+        {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
     }
 }
 
