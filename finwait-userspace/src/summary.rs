@@ -30,13 +30,21 @@ pub struct Counts {
 struct Open {
     since_ns: u64,
     who: u32,
-    what: String,
     /// FIN_WAIT2 after this call (None: CLOSE_WAIT).
     half_closed_by: Option<String>,
     ends: Endpoints,
     fd: Option<i32>,
     /// Already reported by `--stuck`.
     reported: bool,
+}
+
+impl Open {
+    fn what(&self) -> String {
+        match &self.half_closed_by {
+            Some(call) => format!("FIN_WAIT2 after {call}"),
+            None => "CLOSE_WAIT".into(),
+        }
+    }
 }
 
 /// A socket still half-closed or in CLOSE_WAIT after the `--stuck` threshold.
@@ -139,7 +147,6 @@ impl Summary {
                         Open {
                             since_ns: t.ts_ns,
                             who: o.pid,
-                            what: "CLOSE_WAIT".into(),
                             half_closed_by: None,
                             ends: t.ends.clone(),
                             fd: Some(o.fd),
@@ -195,7 +202,6 @@ impl Summary {
                 Open {
                     since_ns: t.ts_ns,
                     who,
-                    what: format!("FIN_WAIT2 after {call}"),
                     half_closed_by: Some(call.clone()),
                     ends: t.ends.clone(),
                     fd: c.fd,
@@ -223,7 +229,7 @@ impl Summary {
                 .unwrap_or_default();
             out.push(Stuck {
                 sock: *sock,
-                what: o.what.clone(),
+                what: o.what(),
                 pid: o.who,
                 comm,
                 fd: o.fd,
@@ -315,7 +321,7 @@ impl Summary {
             .into_iter()
             .map(|(sock, o, age)| {
                 let comm = self.by_process.get(&o.who).map(|(c, _)| c.as_str()).unwrap_or("");
-                json!({"sock": format!("{sock:#x}"), "state": o.what, "pid": o.who, "comm": comm, "stuck_ms": age as f64 / 1e6})
+                json!({"sock": format!("{sock:#x}"), "state": o.what(), "pid": o.who, "comm": comm, "stuck_ms": age as f64 / 1e6})
             })
             .collect();
         json!({
@@ -355,7 +361,7 @@ impl Summary {
                     .unwrap_or("");
                 out.push(format!(
                     "    {} {comm}[{}] for {:.1} s",
-                    o.what,
+                    o.what(),
                     o.who,
                     age as f64 / 1e9
                 ));
