@@ -137,7 +137,7 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
         mode: crate::loader::Mode::Auto,
         stats_every: None,
     };
-    let outcome = tracer::run(cfg, Stopper(Some(stop_rx)), || {
+    let outcome = tracer::run(cfg, Stopper(Some(stop_rx)), move || {
         let _ = ready_tx.send(());
     })
     .await;

@@ -40,24 +40,28 @@ fn spawn_attached(args: &[&str]) -> (std::process::Child, String) {
 
 #[test]
 fn clear_errors_with_the_fix() {
-    // Not root: the capabilities are named (setpriv drops to nobody).
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_finwait-trace"),
-            "--duration",
-            "1",
-        ])
-        .output()
-        .expect("setpriv (util-linux)");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("CAP_BPF") && err.contains("CAP_PERFMON"),
-        "{err}"
-    );
+    // Not root: the capabilities are named (setpriv drops to nobody), and the demo, which
+    // starts its workload first, ends it and fails as promptly (`timeout` guards a hang).
+    for args in [&["--duration", "1"][..], &["--demo"]] {
+        let out = Command::new("timeout")
+            .args([
+                "20",
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ])
+            .arg(env!("CARGO_BIN_EXE_finwait-trace"))
+            .args(args)
+            .output()
+            .expect("timeout (coreutils) and setpriv (util-linux)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("CAP_BPF") && err.contains("CAP_PERFMON"),
+            "{err}"
+        );
+    }
 
     let out = trace(&["--pid", "999999999", "--duration", "1"]);
     assert!(!out.status.success());
