@@ -1,8 +1,10 @@
-//! Close paths without fork: half-close then close, resets, TIME_WAIT, threads, dup2, v4-mapped.
+//! Close paths without fork: half-close then close, resets, TIME_WAIT, threads, dup2/dup3,
+//! v4-mapped.
 mod common;
 
 use std::{
-    net::{Shutdown, TcpListener},
+    io::Write,
+    net::{Shutdown, TcpListener, TcpStream},
     os::fd::{AsRawFd, IntoRawFd},
     thread,
     time::Duration,
@@ -116,7 +118,6 @@ fn scenario_8_linger_zero_sends_rst() {
     let tracer = Tracer::start(&[]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let (a, b) = pair(&listener);
-    let (ap, bp) = ports(&a, &b);
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -132,6 +133,25 @@ fn scenario_8_linger_zero_sends_rst() {
         )
     };
     assert_eq!(rc, 0);
+    close_resets(tracer, a, b);
+}
+
+/// close() with data still unread resets the connection too (RFC 2525), without SO_LINGER.
+#[test]
+fn unread_data_at_close_sends_rst() {
+    let tracer = Tracer::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, mut b) = pair(&listener);
+    b.write_all(b"unread").unwrap();
+    // Wait until the data sits in a's receive queue, without reading it.
+    a.peek(&mut [0u8; 1]).unwrap();
+    close_resets(tracer, a, b);
+}
+
+/// Closes `a`, which must reset the connection: `a` goes to CLOSE by this close(), `b` by the
+/// peer's RST, and neither passes through FIN_WAIT1/2.
+fn close_resets(tracer: Tracer, a: TcpStream, b: TcpStream) {
+    let (ap, bp) = ports(&a, &b);
     let (afd, tid) = (fd(&a), gettid());
     drop(a);
     let all = tracer.stop_when(&[
@@ -160,6 +180,20 @@ fn scenario_8_linger_zero_sends_rst() {
 /// Scenario 7: dup2() over a socket fd closes it: the cause is dup2, with the replaced fd.
 #[test]
 fn scenario_7_dup2_over_a_socket() {
+    // SAFETY: plain fd arguments.
+    dup_over_a_socket("dup2", |old, new| unsafe { libc::dup2(old, new) });
+}
+
+/// dup3() likewise (the flags do not change what happens to the replaced socket).
+#[test]
+fn dup3_over_a_socket() {
+    // SAFETY: plain fd arguments.
+    dup_over_a_socket("dup3", |old, new| unsafe {
+        libc::dup3(old, new, libc::O_CLOEXEC)
+    });
+}
+
+fn dup_over_a_socket(call: &str, dup: fn(i32, i32) -> i32) {
     let tracer = Tracer::start(&[]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let (a, b) = pair(&listener);
@@ -167,28 +201,17 @@ fn scenario_7_dup2_over_a_socket() {
     let devnull = std::fs::File::open("/dev/null").unwrap();
     let afd = a.into_raw_fd();
     let tid = gettid();
-    // SAFETY: both fds are ours; afd now refers to /dev/null and is closed below.
-    assert_eq!(unsafe { libc::dup2(devnull.as_raw_fd(), afd) }, afd);
+    // afd now refers to /dev/null and is closed below.
+    assert_eq!(dup(devnull.as_raw_fd(), afd), afd);
     close_fd(afd);
     let all = tracer.stop_when(&[
         (ap, bp, "ESTABLISHED", "FIN_WAIT1"),
         (ap, bp, "FIN_WAIT1", "FIN_WAIT2"),
     ]);
     let ts = transitions(&all, ap, bp);
-    assert_cause(
-        find(&ts, ap, "ESTABLISHED", "FIN_WAIT1"),
-        "dup2",
-        me(),
-        tid,
-        Some(afd as i64),
-    );
-    assert_cause(
-        find(&ts, ap, "FIN_WAIT1", "FIN_WAIT2"),
-        "dup2",
-        me(),
-        tid,
-        Some(afd as i64),
-    );
+    for (from, to) in [("ESTABLISHED", "FIN_WAIT1"), ("FIN_WAIT1", "FIN_WAIT2")] {
+        assert_cause(find(&ts, ap, from, to), call, me(), tid, Some(afd as i64));
+    }
     assert_only_callers(&ts, me(), &[tid]);
     drop(b);
 }
