@@ -41,20 +41,17 @@ fn spawn_attached(args: &[&str]) -> (std::process::Child, String) {
 #[test]
 fn clear_errors_with_the_fix() {
     // Not root: the capabilities are named (setpriv drops to nobody), and the demo, which
-    // starts its workload first, ends it and fails as promptly (`timeout` guards a hang).
+    // starts its workload first, ends it and fails as promptly.
     for args in [&["--duration", "1"][..], &["--demo"]] {
-        let out = Command::new("timeout")
-            .args([
-                "20",
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-            ])
+        let child = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(env!("CARGO_BIN_EXE_finwait-trace"))
             .args(args)
-            .output()
-            .expect("timeout (coreutils) and setpriv (util-linux)");
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("setpriv (util-linux)");
+        let out = output_within(child, std::time::Duration::from_secs(20));
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(
@@ -105,6 +102,25 @@ fn clear_errors_with_the_fix() {
             "{bad:?} should be a usage error"
         );
     }
+}
+
+/// The child's output once it exits; killed (and the test failed) if it runs past `limit`.
+fn output_within(
+    mut child: std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::Output {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "still running after {limit:?}: {:?}",
+                child.wait_with_output()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// Three half-closes (one closed later) and two closes by this process, five CLOSE_WAITs on its
