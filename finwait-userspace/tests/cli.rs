@@ -56,7 +56,7 @@ fn clear_errors_with_the_fix() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(
             err.contains("CAP_BPF") && err.contains("CAP_PERFMON"),
-            "{err}"
+            "{args:?}: {err}"
         );
     }
 
