@@ -34,12 +34,11 @@ pub enum Role {
 }
 
 impl Role {
-    /// Its `--demo-role` value.
-    fn arg(self) -> &'static str {
-        match self {
-            Role::Server => "server",
-            Role::Client => "client",
-        }
+    /// Its `--demo-role` value, as clap spells it.
+    fn arg(self) -> String {
+        use clap::ValueEnum;
+        let value = self.to_possible_value().expect("no variant is skipped");
+        value.get_name().to_string()
     }
 
     /// The process name it takes, which the answers show.
@@ -59,7 +58,7 @@ impl RoleProcess {
     fn spawn(role: Role, port: Option<u16>) -> Result<Self> {
         let exe = std::env::current_exe().context("finding finwait-trace's own binary")?;
         let mut cmd = Command::new(exe);
-        cmd.args(["--demo-role", role.arg()])
+        cmd.args(["--demo-role", &role.arg()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         if let Some(port) = port {
@@ -220,15 +219,16 @@ fn print_findings(reports: &[Report]) {
                 .is_some_and(|c| matches!(c.kind, CauseKind::Call(_)))
     });
     println!();
+    let (client, server) = (Role::Client.comm(), Role::Server.comm());
     println!("What the demo shows:");
     println!(
-        "  demo-client: {half} socket(s) in FIN_WAIT2 half-closed by shutdown(): the application still owns them and must close them."
+        "  {client}: {half} socket(s) in FIN_WAIT2 half-closed by shutdown(): the application still owns them and must close them."
     );
     println!(
-        "  demo-client: {orphan} socket(s) in FIN_WAIT2 orphaned by close(): the kernel frees them on its own (tcp_fin_timeout)."
+        "  {client}: {orphan} socket(s) in FIN_WAIT2 orphaned by close(): the kernel frees them on its own (tcp_fin_timeout)."
     );
     println!(
-        "  demo-server: {close_wait} socket(s) entered CLOSE_WAIT on the peer's FIN; {late} closed later (LAST_ACK), the rest still open: a leak if that lasts."
+        "  {server}: {close_wait} socket(s) entered CLOSE_WAIT on the peer's FIN; {late} closed later (LAST_ACK), the rest still open: a leak if that lasts."
     );
     println!("Trace a real process with: sudo finwait-trace --pid <PID>");
 }

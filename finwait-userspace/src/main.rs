@@ -8,6 +8,10 @@ use finwait_userspace::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse_checked();
+    // The demo's workload processes are plain blocking code: no runtime for them.
+    if let Some(role) = cli.trace.demo_role {
+        return exit_code(demo::role(role, &cli.trace.ports));
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -25,9 +29,6 @@ fn main() -> ExitCode {
         let t = cli.trace;
         if let Some(what) = &t.generate {
             return finwait_userspace::cli::generate(what, &mut std::io::stdout());
-        }
-        if let Some(role) = t.demo_role {
-            return demo::role(role, &t.ports);
         }
         let ring_bytes = t.ring_buffer_kib * 1024;
         if t.demo {
@@ -54,6 +55,10 @@ fn main() -> ExitCode {
         };
         tracer::run(cfg, Stopper(None), || {}).await.map(|_| ())
     });
+    exit_code(result)
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
