@@ -73,6 +73,45 @@ pub mod flags {
     pub const REFS_VALID: u8 = 1 << 1;
     /// `sk_flags` holds `sock::sk_flags` as read at the transition.
     pub const SK_FLAGS_VALID: u8 = 1 << 2;
+    /// `owner` holds the kernel's ownership record of `sock` (see [`super::OwnerRec`]).
+    pub const OWNER_VALID: u8 = 1 << 3;
+}
+
+/// `OwnerRec::flags` bits.
+pub mod owner_flags {
+    /// The recorded holder closed its fd while other references to the file remained (a forked
+    /// child, a dup, a passed fd): someone else holds the socket now, the kernel cannot say who.
+    pub const STALE: u32 = 1 << 0;
+    /// Written by userspace from the start-up snapshot (keyed by inode, not by socket).
+    pub const SEEDED: u32 = 1 << 1;
+}
+
+/// Who holds a socket, recorded in the kernel when a task obtains an fd to it (accept, connect,
+/// dup, an fd received over a unix socket, pidfd_getfd): the `OWNERS` map's value, copied into
+/// each transition's record so the owner travels with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerRec {
+    /// `bpf_get_current_cgroup_id()` of the task (cgroup v2 id; 0 where there is none).
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub fd: i32,
+    pub comm: [u8; 16],
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl OwnerRec {
+    pub const fn zeroed() -> Self {
+        Self {
+            cgroup_id: 0,
+            tgid: 0,
+            fd: 0,
+            comm: [0; 16],
+            flags: 0,
+            _pad: 0,
+        }
+    }
 }
 
 /// One ring-buffer record. The same layout serves every [`EventKind`]; unused fields are zero.
@@ -110,7 +149,14 @@ pub struct Event {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub comm: [u8; 16],
+    /// Transition, CallEnter: the socket's ownership record (see [`flags::OWNER_VALID`]).
+    pub owner: OwnerRec,
 }
+
+/// Both sides read and write this exact layout: a field added on one side only fails the build.
+pub const EVENT_SIZE: usize = 160;
+const _: () = assert!(core::mem::size_of::<Event>() == EVENT_SIZE);
+const _: () = assert!(core::mem::size_of::<OwnerRec>() == 40);
 
 impl Event {
     pub const fn zeroed() -> Self {
@@ -135,6 +181,7 @@ impl Event {
             saddr: [0; 16],
             daddr: [0; 16],
             comm: [0; 16],
+            owner: OwnerRec::zeroed(),
         }
     }
 }
@@ -257,13 +304,24 @@ pub mod counter {
     /// The map of threads inside a forwarded call was full: that call's exit is not forwarded
     /// (userspace then keeps the call open until the thread makes its next one).
     pub const IN_CALL_FULL: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// The ownership map was full: a socket obtained then has no owner record (userspace then
+    /// verifies the owner through /proc).
+    pub const OWNERS_FULL: u32 = 4;
+    /// An fd received over a unix socket (SCM_RIGHTS) could not be recorded: more fds in one
+    /// message than the program reads, or the message could not be read.
+    pub const SCM_RIGHTS_UNREAD: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Map names, shared so a rename cannot split the two sides.
 pub const EVENTS_MAP: &str = "EVENTS";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const TRACED_PIDS_MAP: &str = "TRACED_PIDS";
+/// Socket -> [`OwnerRec`]. Keys are `struct sock` addresses, or (entries seeded by userspace from
+/// the start-up snapshot) socket inode numbers: kernel addresses and inode numbers never collide.
+pub const OWNERS_MAP: &str = "OWNERS";
+/// Default size of `OWNERS`: entries leave when their socket reaches CLOSE.
+pub const OWNERS_MAX: u32 = 262_144;
 
 /// Linux TCP states as the tracepoint reports them (include/net/tcp_states.h).
 pub mod tcp_state {
@@ -303,4 +361,5 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::OtherTpLayout {}
     unsafe impl aya::Pod for super::FilterConfig {}
+    unsafe impl aya::Pod for super::OwnerRec {}
 }

@@ -9,16 +9,16 @@
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
 use finwait_common::{
-    Call, Event, EventKind, FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OtherTpLayout,
-    StateTpLayout, counter, flags, tcp_state,
+    Call, Event, EventKind, FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OWNERS_MAX,
+    OtherTpLayout, OwnerRec, StateTpLayout, counter, flags, owner_flags, tcp_state,
 };
 
 // Globals rewritten by userspace before load (`EbpfLoader::override_global`).
@@ -103,6 +103,20 @@ static IN_CALL: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 #[map]
 static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
 
+/// Who holds each socket (see `OwnerRec`): written when a task obtains an fd to a TCP socket,
+/// read by the state hook, removed when the socket reaches CLOSE. Preallocated (older kernels
+/// refuse other hash maps in tracing programs); a full map is counted.
+#[map]
+static OWNERS: HashMap<u64, OwnerRec> = HashMap::with_max_entries(OWNERS_MAX, 0);
+
+/// recvmsg() calls in progress that may carry fds (a control buffer): tid -> user msghdr.
+#[map]
+static RECVMSG: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+
+/// connect() calls in progress: tid -> fd (recorded at exit, once the call did not fail).
+#[map]
+static CONNECTING: HashMap<u32, i32> = HashMap::with_max_entries(16384, 0);
+
 const IPPROTO_TCP: u16 = 6;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -156,15 +170,13 @@ fn pid_traced(tgid: u32) -> bool {
         return false;
     }
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    for i in 0..MAX_COMMS {
-        if (i as u32) < comm_count && config(&FILTER.comms[i]) == comm {
-            if TRACED_PIDS.insert(tgid, 1u8, 0).is_err() {
-                count(counter::PID_INSERT_FAILED);
-            }
-            return true;
-        }
+    if !comm_followed(&comm) {
+        return false;
     }
-    false
+    if TRACED_PIDS.insert(tgid, 1u8, 0).is_err() {
+        count(counter::PID_INSERT_FAILED);
+    }
+    true
 }
 
 #[inline(always)]
@@ -220,11 +232,12 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         let old = ctx.read_at::<i32>(l.oldstate as usize)? as u8;
         let new = ctx.read_at::<i32>(l.newstate as usize)? as u8;
-        if config(&FILTER.all_transitions) == 0 && !tcp_state::worth_reporting(old, new) {
+        let sk = ctx.read_at::<u64>(l.skaddr as usize)?;
+        if !wanted_transition(sk, old, new) {
             return Ok(());
         }
         let mut e = new_event(EventKind::Transition);
-        e.sock = ctx.read_at::<u64>(l.skaddr as usize)?;
+        e.sock = sk;
         e.old_state = old;
         e.new_state = new;
         e.sport = ctx.read_at::<u16>(l.sport as usize)?;
@@ -242,6 +255,19 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         emit_state(e);
     }
     Ok(())
+}
+
+/// Is this transition forwarded? One that is not still ends the socket's ownership record when
+/// it reaches CLOSE (a connect() that failed, a reset in SYN_RECV, ...).
+#[inline(always)]
+fn wanted_transition(sk: u64, old: u8, new: u8) -> bool {
+    if config(&FILTER.all_transitions) != 0 || tcp_state::worth_reporting(old, new) {
+        return true;
+    }
+    if new == tcp_state::CLOSE {
+        let _ = OWNERS.remove(sk);
+    }
+    false
 }
 
 /// `--port`: does this socket have one of the wanted ports (local or remote)?
@@ -262,11 +288,66 @@ fn port_wanted(sport: u16, dport: u16) -> bool {
 
 #[inline(always)]
 fn emit_state(mut e: Event) {
+    if e.new_state == tcp_state::CLOSE {
+        // The socket is gone (its address may be reused): its record goes, after this copy.
+        // SAFETY: the value is copied out before the delete.
+        if let Some(o) = unsafe { OWNERS.get(e.sock) } {
+            e.owner = *o;
+            e.flags |= flags::OWNER_VALID;
+        }
+        let _ = OWNERS.remove(e.sock);
+    }
     if !port_wanted(e.sport, e.dport) {
         return;
     }
     sock_details(&mut e);
+    if e.flags & flags::OWNER_VALID == 0 {
+        owner_of(&mut e);
+    }
+    if !owner_followed(&e) {
+        return;
+    }
     submit(&e);
+}
+
+/// The socket's ownership record: by socket, else (sockets from before the start) by inode.
+#[inline(always)]
+fn owner_of(e: &mut Event) {
+    // SAFETY: the values are copied out at once.
+    let rec = unsafe { OWNERS.get(e.sock) }.or_else(|| {
+        (e.inode != 0)
+            .then(|| unsafe { OWNERS.get(e.inode) })
+            .flatten()
+    });
+    if let Some(o) = rec {
+        e.owner = *o;
+        e.flags |= flags::OWNER_VALID;
+    }
+}
+
+/// With `--pid`/`--comm`: a transition reaches userspace when its socket's owner is followed,
+/// when the running task is (process context), or when the owner is not known.
+#[inline(always)]
+fn owner_followed(e: &Event) -> bool {
+    if config(&FILTER.pid_filter) == 0 || e.flags & flags::OWNER_VALID == 0 {
+        return true;
+    }
+    // SAFETY: the value is a u8 copied out immediately.
+    if unsafe { TRACED_PIDS.get(e.owner.tgid) }.is_some() || comm_followed(&e.owner.comm) {
+        return true;
+    }
+    pid_traced((e.pid_tgid >> 32) as u32)
+}
+
+#[inline(always)]
+fn comm_followed(comm: &[u8; 16]) -> bool {
+    let comm_count = config(&FILTER.comm_count);
+    for i in 0..MAX_COMMS {
+        if (i as u32) < comm_count && config(&FILTER.comms[i]) == *comm {
+            return true;
+        }
+    }
+    false
 }
 
 /// The same hook as a BTF tracepoint: the kernel skips it only when it would interrupt itself,
@@ -290,7 +371,7 @@ fn try_state_btf(sk: u64, old: u8, new: u8) -> Option<()> {
     if read::<u16>(sk, o.sock_protocol as u64)? != IPPROTO_TCP {
         return None;
     }
-    if config(&FILTER.all_transitions) == 0 && !tcp_state::worth_reporting(old, new) {
+    if !wanted_transition(sk, old, new) {
         return None;
     }
     let mut e = new_event(EventKind::Transition);
@@ -423,7 +504,12 @@ fn call_enter(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
         return close_range_enter(ctx, e, arg0, arg1);
     }
     match sock_of_fd(fd) {
-        Some(s) => set_sock(&mut e, s),
+        Some(s) => {
+            set_sock(&mut e, s);
+            if call != Call::Shutdown {
+                release_owner(&mut e, s.refs);
+            }
+        }
         // Without offsets every call is forwarded; with them, only calls on stream sockets.
         None if config(&OFFSETS).valid != 0 => return Ok(()),
         None => {}
@@ -431,6 +517,171 @@ fn call_enter(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
     enter_call(pid_tgid as u32);
     submit(&e);
     Ok(())
+}
+
+/// A close of `e.fd` (close, dup2/dup3 over it, close_range): copies the socket's ownership
+/// record into the record; when other references to the file remain and the recorded holder is
+/// the one closing, the record no longer names a holder: mark it stale.
+#[inline(always)]
+fn release_owner(e: &mut Event, refs: u64) {
+    let Some(rec) = OWNERS.get_ptr_mut(e.sock) else {
+        return;
+    };
+    let o = config(&OFFSETS);
+    // file_ref_t (6.13+) counts from zero; atomic_long_t f_count from one.
+    let others_remain = refs != u64::MAX && refs > (o.file_ref_is_zero_based == 0) as u64;
+    // SAFETY: a map value pointer, valid for this program run; plain integer fields.
+    unsafe {
+        if others_remain && (*rec).tgid == (e.pid_tgid >> 32) as u32 && (*rec).fd == e.fd {
+            (*rec).flags |= owner_flags::STALE;
+        }
+        e.owner = *rec;
+    }
+    e.flags |= flags::OWNER_VALID;
+}
+
+/// Records the current task as the holder of the TCP socket behind `fd` (it just obtained it).
+#[inline(always)]
+fn record_owner(fd: i64) {
+    let Some(s) = sock_of_fd(fd) else { return };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let rec = OwnerRec {
+        // SAFETY: plain helper call.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid: (pid_tgid >> 32) as u32,
+        fd: fd as i32,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        flags: 0,
+        _pad: 0,
+    };
+    if OWNERS.insert(s.sk, rec, 0).is_err() {
+        count(counter::OWNERS_FULL);
+    }
+}
+
+/// The return value of a sys_exit tracepoint.
+#[inline(always)]
+fn syscall_ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: `ret` is at offset 16 of every sys_exit tracepoint.
+    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+}
+
+/// accept(), accept4(), dup(), pidfd_getfd(): the returned fd is the caller's new handle.
+#[tracepoint]
+pub fn sys_exit_new_fd(ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
+    let fd = syscall_ret(&ctx);
+    if fd >= 0 {
+        record_owner(fd);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
+    // SAFETY: the fd is the first 8-byte argument slot.
+    if let Ok(fd) = unsafe { ctx.read_at::<i64>(16) } {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        let _ = CONNECTING.insert(tid, fd as i32, 0);
+    }
+    0
+}
+
+const EINPROGRESS: i64 = 115;
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: the value is copied out at once.
+    let Some(fd) = (unsafe { CONNECTING.get(tid) }).copied() else {
+        return 0;
+    };
+    let _ = CONNECTING.remove(tid);
+    let ret = syscall_ret(&ctx);
+    // A connect that failed at once never made a connection (nor will its socket reach CLOSE).
+    if ret == 0 || ret == -EINPROGRESS {
+        record_owner(fd as i64);
+    }
+    0
+}
+
+// struct user_msghdr and struct cmsghdr on 64-bit kernels.
+const MSG_CONTROL: u64 = 32;
+const MSG_CONTROLLEN: u64 = 40;
+const CMSG_HDR: u64 = 16;
+const SOL_SOCKET: i32 = 1;
+const SCM_RIGHTS: i32 = 1;
+/// fds read from one SCM_RIGHTS message; the rest are counted as unread.
+const SCM_FDS: usize = 4;
+
+#[tracepoint]
+pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
+    // SAFETY: `msg` is the second 8-byte argument slot; user memory is read through the helper.
+    let Ok(msg) = (unsafe { ctx.read_at::<u64>(24) }) else {
+        return 0;
+    };
+    // Only calls with room for a control message can receive fds.
+    let room = unsafe { bpf_probe_read_user((msg + MSG_CONTROLLEN) as *const u64) }.unwrap_or(0);
+    if room >= CMSG_HDR + 4 {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        let _ = RECVMSG.insert(tid, msg, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: the value is copied out at once.
+    let Some(msg) = (unsafe { RECVMSG.get(tid) }).copied() else {
+        return 0;
+    };
+    let _ = RECVMSG.remove(tid);
+    if syscall_ret(&ctx) >= 0 && received_fds(msg).is_none() {
+        count(counter::SCM_RIGHTS_UNREAD);
+    }
+    0
+}
+
+/// Records the fds an SCM_RIGHTS message (the first control message) delivered. None: it had
+/// fds that could not all be read.
+#[inline(always)]
+fn received_fds(msg: u64) -> Option<()> {
+    // SAFETY: user memory, read through the helper; the kernel wrote the lengths back.
+    unsafe {
+        let len = bpf_probe_read_user((msg + MSG_CONTROLLEN) as *const u64).ok()?;
+        if len < CMSG_HDR + 4 {
+            return Some(()); // no control message came
+        }
+        let control = bpf_probe_read_user((msg + MSG_CONTROL) as *const u64).ok()?;
+        let hdr = bpf_probe_read_user(control as *const [u64; 2]).ok()?;
+        let (level, kind) = (hdr[1] as i32, (hdr[1] >> 32) as i32);
+        if level != SOL_SOCKET || kind != SCM_RIGHTS {
+            return Some(());
+        }
+        let n = (hdr[0].saturating_sub(CMSG_HDR) / 4) as usize;
+        let fds = bpf_probe_read_user((control + CMSG_HDR) as *const [i32; SCM_FDS]).ok()?;
+        for (i, fd) in fds.iter().enumerate() {
+            if i < n {
+                record_owner(*fd as i64);
+            }
+        }
+        (n <= SCM_FDS).then_some(())
+    }
 }
 
 /// close_range() closes many fds at once: forward one record per socket among the first
@@ -486,6 +737,12 @@ fn enter_call(tid: u32) {
 
 #[inline(always)]
 fn call_exit(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
+    if matches!(call, Call::Dup2 | Call::Dup3) {
+        let newfd = syscall_ret(ctx);
+        if newfd >= 0 {
+            record_owner(newfd);
+        }
+    }
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: the value is not kept.
     if unsafe { IN_CALL.get(tid) }.is_none() {

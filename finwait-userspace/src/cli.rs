@@ -113,6 +113,11 @@ pub struct TraceArgs {
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub stats_every: Option<f64>,
 
+    /// Size of the kernel's socket ownership map (entries; each socket holds one until it
+    /// reaches CLOSE). A full map is counted (`owner_map_full`) and those owners come from /proc.
+    #[arg(long, value_name = "ENTRIES", default_value_t = finwait_common::OWNERS_MAX, hide = true)]
+    pub owner_map_entries: u32,
+
     /// Write a man page (`man`) or shell completions (`bash`, `zsh`, `fish`) to stdout.
     #[arg(long, hide = true, value_name = "WHAT")]
     pub generate: Option<String>,

@@ -14,7 +14,7 @@ use std::num::NonZeroUsize;
 use finwait_common::{Call, tcp_state as st};
 use lru::LruCache;
 
-use crate::event::{Decoded, Endpoints, Record, Task};
+use crate::event::{Decoded, Endpoints, KernelOwner, Record, Task};
 
 /// `enum sock_flags` bits (stable since long before any kernel we support).
 const SOCK_DEAD: u64 = 1 << 0;
@@ -96,6 +96,8 @@ pub struct Owner {
     pub pid: u32,
     pub comm: String,
     pub fd: i32,
+    /// The cgroup (v2 id) the holder was in when it obtained the socket, when the kernel said.
+    pub cgroup_id: Option<u64>,
 }
 
 /// How a FIN_WAIT2 socket left that state: the tracepoint only ever says CLOSE.
@@ -133,6 +135,9 @@ pub struct TransitionReport {
     pub fin_timeout_s: Option<u64>,
     /// The task whose call sent our FIN (its namespace is the socket's).
     pub fin_by: Option<Task>,
+    /// The kernel's ownership record of the socket at the transition (`resolve` turns it into
+    /// `owner`).
+    pub recorded_owner: Option<KernelOwner>,
 }
 
 impl TransitionReport {
@@ -155,6 +160,7 @@ impl TransitionReport {
             inode,
             fin_timeout_s: None,
             fin_by: None,
+            recorded_owner: None,
         }
     }
 
@@ -183,6 +189,9 @@ pub struct CloseNoFinReport {
     pub inode: u64,
     pub ends: Option<Endpoints>,
     pub state: Option<u8>,
+    /// The kernel's ownership record as this close found it: another holder, or this caller
+    /// (then marked stale).
+    pub recorded_owner: Option<KernelOwner>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -345,6 +354,7 @@ impl Correlator {
                 sock,
                 inode,
                 file_refs,
+                owner,
             } => {
                 let how = (call == Call::Shutdown).then_some(arg as i32);
                 // close_range sends one record for the range, then one per socket it found.
@@ -387,6 +397,7 @@ impl Correlator {
                         inode,
                         ends: s.ends.clone(),
                         state: s.state,
+                        recorded_owner: owner,
                     }));
                     if let Some(t) = self.threads.get_mut(&tid).filter(|_| !per_fd) {
                         t.current = None;
@@ -440,9 +451,11 @@ impl Correlator {
                 ends,
                 sk_flags,
                 inode,
+                owner,
             } => {
-                let r =
+                let mut r =
                     self.transition(rec.ts_ns, &rec.task, sock, old, new, ends, sk_flags, inode);
+                r.recorded_owner = owner;
                 out.push(Report::Transition(r));
             }
         }
@@ -736,6 +749,7 @@ mod tests {
             sock: Some(sock),
             inode: sock + 1000,
             file_refs: Some(refs),
+            owner: None,
         }
     }
     fn exit(call: Call) -> Decoded {
@@ -749,6 +763,7 @@ mod tests {
             ends: ends(lport, rport),
             sk_flags: Some(flags),
             inode: sock + 1000,
+            owner: None,
         }
     }
     fn transitions(out: &[Report]) -> Vec<&TransitionReport> {

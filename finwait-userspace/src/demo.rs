@@ -135,6 +135,7 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
         noop: false,
         mode: crate::loader::Mode::Auto,
         stats_every: None,
+        owners_max: finwait_common::OWNERS_MAX,
     };
     let outcome = tracer::run(cfg, Stopper(Some(stop_rx)), move || {
         let _ = ready_tx.send(());

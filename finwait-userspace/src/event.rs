@@ -1,7 +1,7 @@
 //! Decoding of ring-buffer records into typed events.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use finwait_common::{Call, Event, EventKind, flags};
+use finwait_common::{Call, Event, EventKind, OwnerRec, flags, owner_flags};
 
 /// A process context: who was running when the kernel recorded the event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,13 +13,44 @@ pub struct Task {
 
 impl Task {
     fn of(e: &Event) -> Self {
-        let len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
         Self {
             pid: (e.pid_tgid >> 32) as u32,
             tid: e.pid_tgid as u32,
-            // A process names itself: escape it before it can reach a terminal.
-            comm: crate::escape::sanitize(&String::from_utf8_lossy(&e.comm[..len])),
+            comm: comm(&e.comm),
         }
+    }
+}
+
+/// A process names itself: escape it before it can reach a terminal.
+fn comm(raw: &[u8; 16]) -> String {
+    let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    crate::escape::sanitize(&String::from_utf8_lossy(&raw[..len]))
+}
+
+/// The kernel's record of who holds a socket: the task that last obtained an fd to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelOwner {
+    pub pid: u32,
+    pub fd: i32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    /// That task closed its fd while others still referenced the file: the holder is elsewhere.
+    pub stale: bool,
+}
+
+impl KernelOwner {
+    fn of(e: &Event) -> Option<Self> {
+        if e.flags & flags::OWNER_VALID == 0 {
+            return None;
+        }
+        let o: &OwnerRec = &e.owner;
+        Some(Self {
+            pid: o.tgid,
+            fd: o.fd,
+            comm: comm(&o.comm),
+            cgroup_id: o.cgroup_id,
+            stale: o.flags & owner_flags::STALE != 0,
+        })
     }
 }
 
@@ -47,6 +78,7 @@ pub enum Decoded {
         /// Kernel socket flags at the transition, when known.
         sk_flags: Option<u64>,
         inode: u64,
+        owner: Option<KernelOwner>,
     },
     CallEnter {
         call: Call,
@@ -58,6 +90,8 @@ pub enum Decoded {
         inode: u64,
         /// Raw reference count of the file, when known (its meaning depends on the kernel).
         file_refs: Option<u64>,
+        /// The socket's ownership record, as this close found it.
+        owner: Option<KernelOwner>,
     },
     CallExit {
         call: Call,
@@ -100,6 +134,7 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
             ends: endpoints(&e),
             sk_flags: (e.flags & flags::SK_FLAGS_VALID != 0).then_some(e.sk_flags),
             inode: e.inode,
+            owner: KernelOwner::of(&e),
         },
         EventKind::CallEnter => Decoded::CallEnter {
             call: Call::from_u8(e.call)?,
@@ -108,6 +143,7 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
             sock: (e.flags & flags::SOCK_RESOLVED != 0).then_some(e.sock),
             inode: e.inode,
             file_refs: (e.flags & flags::REFS_VALID != 0).then_some(e.file_refs),
+            owner: KernelOwner::of(&e),
         },
         EventKind::CallExit => Decoded::CallExit {
             call: Call::from_u8(e.call)?,

@@ -11,8 +11,8 @@ use aya::{
     programs::{BtfTracePoint, FEntry, KProbe, TracePoint},
 };
 use finwait_common::{
-    EVENTS_MAP, FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OtherTpLayout, StateTpLayout,
-    TRACED_PIDS_MAP,
+    EVENTS_MAP, FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OWNERS_MAP, OtherTpLayout,
+    OwnerRec, StateTpLayout, TRACED_PIDS_MAP, owner_flags,
 };
 
 use crate::{kernel_btf, tracefs::Format};
@@ -45,6 +45,15 @@ const HOOKS: &[(&str, &str, &str, bool)] = &[
     ("sched_process_fork", "sched", "sched_process_fork", false),
     ("tcp_receive_reset", "tcp", "tcp_receive_reset", false),
     ("tcp_send_reset", "tcp", "tcp_send_reset", false),
+    // Ownership: where a task obtains an fd to a TCP socket (one program, several syscalls).
+    ("sys_exit_new_fd", "syscalls", "sys_exit_accept4", false),
+    ("sys_exit_new_fd", "syscalls", "sys_exit_accept", false),
+    ("sys_exit_new_fd", "syscalls", "sys_exit_dup", false),
+    ("sys_exit_new_fd", "syscalls", "sys_exit_pidfd_getfd", false),
+    ("sys_enter_connect", "syscalls", "sys_enter_connect", false),
+    ("sys_exit_connect", "syscalls", "sys_exit_connect", false),
+    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg", false),
+    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg", false),
 ];
 
 pub struct Options {
@@ -60,6 +69,8 @@ pub struct Options {
     pub mode: Mode,
     /// `--port`: transitions of other sockets are dropped in the kernel.
     pub ports: Vec<u16>,
+    /// Size of the kernel's ownership map.
+    pub owners_max: u32,
 }
 
 /// How calls are tied to the sockets they end.
@@ -144,6 +155,7 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         .override_global("OFFSETS", &kernel_offsets, true)
         .override_global("FILTER", &filter, true)
         .map_max_entries(EVENTS_MAP, opts.ring_bytes)
+        .map_max_entries(OWNERS_MAP, opts.owners_max.max(1))
         .load(OBJECT)
         .map_err(|e| {
             if euid != 0 {
@@ -349,7 +361,8 @@ fn effect_of_missing(tracepoint: &str) -> &'static str {
         t if t.contains("dup") => "dup2()/dup3() causes will show as unknown",
         "sched_process_exit" => "process-exit causes will show as unknown",
         "sched_process_fork" => "--pid will not follow children forked from now on",
-        _ => "resets will not be told apart",
+        t if t.contains("reset") => "resets will not be told apart",
+        _ => "owners of sockets obtained through it are looked up in /proc instead",
     }
 }
 
@@ -358,7 +371,10 @@ fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<()>
         .program_mut(prog)
         .with_context(|| format!("program {prog} missing from the object"))?
         .try_into()?;
-    p.load()?;
+    // One program may serve several tracepoints: load it once.
+    if p.fd().is_err() {
+        p.load()?;
+    }
     p.attach(category, name)?;
     Ok(())
 }
@@ -415,6 +431,31 @@ fn seed_pids(ebpf: &mut Ebpf, pids: &[u32]) -> Result<()> {
         map.insert(pid, 1, 0).context("seeding the pid filter")?;
     }
     Ok(())
+}
+
+/// Seeds the kernel's ownership map with holders found in /proc (sockets that existed before
+/// finwait started), keyed by inode. Returns how many did not fit (the map was full).
+pub fn seed_owners<'a>(
+    ebpf: &mut Ebpf,
+    owners: impl IntoIterator<Item = (u64, &'a crate::correlate::Owner)>,
+) -> Result<u64> {
+    let mut map: BpfHashMap<&mut MapData, u64, OwnerRec> =
+        BpfHashMap::try_from(ebpf.map_mut(OWNERS_MAP).context("OWNERS map missing")?)?;
+    let mut full = 0;
+    for (inode, o) in owners {
+        let mut comm = [0u8; 16];
+        let n = o.comm.len().min(15);
+        comm[..n].copy_from_slice(&o.comm.as_bytes()[..n]);
+        let rec = OwnerRec {
+            tgid: o.pid,
+            fd: o.fd,
+            comm,
+            flags: owner_flags::SEEDED,
+            ..OwnerRec::zeroed()
+        };
+        full += map.insert(inode, rec, 0).is_err() as u64;
+    }
+    Ok(full)
 }
 
 fn raise_memlock() {

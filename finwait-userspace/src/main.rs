@@ -52,6 +52,7 @@ fn main() -> ExitCode {
             noop: t.bench_noop,
             mode: t.mode,
             stats_every: t.stats_every.map(Duration::from_secs_f64),
+            owners_max: t.owner_map_entries,
         };
         tracer::run(cfg, Stopper(None), || {}).await.map(|_| ())
     });

@@ -106,7 +106,11 @@ fn cause_json(c: &Option<Cause>) -> Value {
 }
 
 fn owner_json(o: &Owner) -> Value {
-    json!({"pid": o.pid, "comm": o.comm, "fd": o.fd})
+    let mut v = json!({"pid": o.pid, "comm": o.comm, "fd": o.fd});
+    if let Some(id) = o.cgroup_id {
+        v["cgroup_id"] = id.into();
+    }
+    v
 }
 
 pub fn json_line(r: &Report, clock: &Clock, fin_timeout_s: u64) -> String {

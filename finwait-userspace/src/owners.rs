@@ -1,4 +1,5 @@
-//! Who holds a socket: socket inode -> (pid, comm, fd), from /proc/*/fd.
+//! Who holds a socket, from /proc: one process's fd links (to verify a candidate), or every
+//! process's (a full scan: socket inode -> (pid, comm, fd)).
 //!
 //! Scanning /proc costs about a millisecond per hundred processes, so the live tracer never
 //! scans on its event path: a background [`Scanner`] thread does, on request, coalescing
@@ -11,7 +12,7 @@ use std::{
 
 use procfs::process::{FDTarget, all_processes};
 
-use crate::{correlate::Owner, escape};
+use crate::{correlate::Owner, escape, event::KernelOwner};
 
 /// Socket inode -> holders, as seen by a scan that started at `built_ns`.
 #[derive(Default)]
@@ -56,6 +57,7 @@ pub fn scan() -> Index {
                         pid: p.pid as u32,
                         comm: comm.clone(),
                         fd: fd.fd,
+                        cgroup_id: None,
                     });
                 }
             }
@@ -65,6 +67,93 @@ pub fn scan() -> Index {
         owners.sort_by_key(|o| (o.pid, o.fd));
     }
     Index { map, built_ns }
+}
+
+/// Does the process exist? (kill with signal 0 checks without signalling.)
+pub fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid != 0
+        && (unsafe { libc::kill(pid as i32, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Does `pid`'s fd `fd` refer to socket `inode`? One readlink.
+fn holds(pid: u32, fd: i32, inode: u64) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .is_ok_and(|l| l.as_os_str().as_encoded_bytes() == format!("socket:[{inode}]").as_bytes())
+}
+
+/// `pid`'s fds that refer to socket `inode`.
+fn fds_of(pid: u32, inode: u64) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&fd| holds(pid, fd, inode))
+        .collect()
+}
+
+/// `pid`'s children (every thread's), from /proc/PID/task/*/children.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_ascii_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+fn comm_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| escape::sanitize(c.trim_end_matches('\n')))
+        .unwrap_or_default()
+}
+
+fn owner(pid: u32, fd: i32) -> Owner {
+    Owner {
+        pid,
+        comm: comm_of(pid),
+        fd,
+        cgroup_id: None,
+    }
+}
+
+/// The holder of socket `inode` among the processes that can hold it after the kernel's record
+/// `hint`: the recorded process at its fd, its children at the same fd (an inherited copy), then
+/// the recorded process's other fds (a dup). None: a full scan must answer.
+pub fn verify(inode: u64, hint: Option<&KernelOwner>) -> Option<Owner> {
+    let k = hint?;
+    if holds(k.pid, k.fd, inode) {
+        return Some(owner(k.pid, k.fd));
+    }
+    if let Some(child) = children(k.pid).into_iter().find(|&c| holds(c, k.fd, inode)) {
+        return Some(owner(child, k.fd));
+    }
+    fds_of(k.pid, inode).first().map(|&fd| owner(k.pid, fd))
+}
+
+/// Who else holds socket `inode` after `pid` closed its `fd` and references remained: its
+/// children at the same fd, and its own other fds. Empty: a full scan must answer.
+pub fn verify_others(inode: u64, pid: u32, fd: i32) -> Vec<Owner> {
+    let mut found: Vec<Owner> = children(pid)
+        .into_iter()
+        .filter(|&c| holds(c, fd, inode))
+        .map(|c| owner(c, fd))
+        .collect();
+    found.extend(
+        fds_of(pid, inode)
+            .into_iter()
+            .filter(|&f| f != fd)
+            .map(|f| owner(pid, f)),
+    );
+    found
 }
 
 #[derive(Default)]

@@ -1,6 +1,13 @@
-//! Fills in who holds a socket (CLOSE_WAIT owners, the holders left after a close without FIN)
-//! without ever blocking the event path: reports wait, in order, until a /proc index taken after
-//! their event exists, while the ring buffer keeps being drained.
+//! Decides who holds a socket (CLOSE_WAIT owners, the holders left after a close without FIN),
+//! never blocking the event path.
+//!
+//! The kernel records a socket's holder when a task obtains an fd to it (accept, connect, dup,
+//! SCM_RIGHTS, pidfd_getfd) and the record travels with each transition: that answers almost
+//! always, with no /proc access. Where the record cannot know (none: a socket obtained another
+//! way, or a full map; stale: its holder closed its fd while others kept the file; its holder
+//! exited), the few processes that can hold it are checked in /proc (the recorded holder, its
+//! children, one link each), and only then does the report wait, in order, for a full /proc
+//! scan made after its event, off this thread.
 use std::{
     collections::{HashMap, VecDeque},
     sync::Arc,
@@ -10,43 +17,66 @@ use std::{
 use finwait_common::tcp_state as st;
 
 use crate::{
-    correlate::{Owner, Report},
-    owners::{Index, Scanner},
+    correlate::{Owner, Report, TransitionReport},
+    event::KernelOwner,
+    owners::{self, Index, Scanner},
 };
 
 /// Past this, a report goes out with the owner it has (possibly none) rather than waiting on.
 const MAX_WAIT: Duration = Duration::from_secs(2);
-/// Owners remembered from CLOSE_WAIT entries, for the later LAST_ACK (bounded).
-const REMEMBER: usize = 65_536;
 
-pub struct Resolver {
-    scanner: Scanner,
-    queue: VecDeque<(Report, Instant)>,
-    /// inode -> owner at CLOSE_WAIT entry.
-    close_wait_owner: HashMap<u64, Owner>,
+/// How owners were found, for the stats line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerStats {
+    /// Taken from the kernel's record as it came.
+    pub from_kernel: u64,
+    /// Found by checking the few processes that could hold the socket in /proc.
+    pub verified: u64,
+    /// Waited for a full scan that did not come in time: the owner stayed unknown.
     pub timed_out: u64,
 }
 
+struct Pending {
+    report: Report,
+    since: Instant,
+    /// The owner is still unknown: wait for a full scan made after the event.
+    needs_scan: bool,
+}
+
+pub struct Resolver {
+    scanner: Scanner,
+    queue: VecDeque<Pending>,
+    /// Owners of sockets the start-up snapshot found in CLOSE_WAIT, by inode (for their close).
+    snapshot_owner: HashMap<u64, Owner>,
+    pub stats: OwnerStats,
+}
+
+impl From<&KernelOwner> for Owner {
+    fn from(k: &KernelOwner) -> Self {
+        Owner {
+            pid: k.pid,
+            comm: k.comm.clone(),
+            fd: k.fd,
+            cgroup_id: Some(k.cgroup_id),
+        }
+    }
+}
+
 /// The task whose call ended this transition's socket, as its owner (it held an fd to it).
-fn closer(t: &crate::correlate::TransitionReport) -> Option<Owner> {
+fn closer(t: &TransitionReport) -> Option<Owner> {
     let c = t.cause.as_ref()?;
     let task = c.task.as_ref()?;
     Some(Owner {
         pid: task.pid,
         comm: task.comm.clone(),
         fd: c.fd?,
+        cgroup_id: None,
     })
 }
 
-/// Does this report need the holders of its inode, as of after its event?
-fn needs_scan(r: &Report) -> Option<(u64, u64)> {
-    match r {
-        Report::Transition(t) if t.new == st::CLOSE_WAIT && t.inode != 0 => {
-            Some((t.inode, t.ts_ns))
-        }
-        Report::CloseNoFin(n) if n.inode != 0 => Some((n.inode, n.ts_ns)),
-        _ => None,
-    }
+/// The kernel's record, when it still names a live holder.
+fn trusted(k: Option<&KernelOwner>) -> Option<&KernelOwner> {
+    k.filter(|k| !k.stale && owners::alive(k.pid))
 }
 
 impl Resolver {
@@ -54,88 +84,150 @@ impl Resolver {
         Self {
             scanner,
             queue: VecDeque::new(),
-            close_wait_owner: HashMap::new(),
-            timed_out: 0,
+            snapshot_owner: HashMap::new(),
+            stats: OwnerStats::default(),
         }
     }
 
     /// The owner of a socket found in CLOSE_WAIT by the start-up snapshot.
     pub fn remember(&mut self, inode: u64, owner: Owner) {
-        self.close_wait_owner.insert(inode, owner);
+        self.snapshot_owner.insert(inode, owner);
     }
 
     pub fn scans(&self) -> u64 {
         self.scanner.scans()
     }
 
-    pub fn push(&mut self, r: Report) {
-        self.queue.push_back((r, Instant::now()));
-    }
-
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
 
-    /// Moves every report that can go out now, in order, to `out`. `flush`: do not wait.
-    pub fn ready(&mut self, out: &mut Vec<Report>, flush: bool) {
-        let mut latest: Option<Arc<Index>> = self.scanner.latest();
-        while let Some((head, since)) = self.queue.front() {
-            if let Some((_, event_ns)) = needs_scan(head) {
+    /// Resolves what can be resolved now; a report that needs a scan (and every report after it,
+    /// to keep the order) waits in the queue.
+    pub fn push(&mut self, mut report: Report, out: &mut Vec<Report>) {
+        let needs_scan = !self.resolve_now(&mut report);
+        if self.queue.is_empty() && !needs_scan {
+            out.push(report);
+            return;
+        }
+        if needs_scan {
+            self.scanner.request();
+        }
+        self.queue.push_back(Pending {
+            report,
+            since: Instant::now(),
+            needs_scan,
+        });
+    }
+
+    /// Moves every queued report that can go out now, in order, to `out`.
+    pub fn ready(&mut self, out: &mut Vec<Report>) {
+        let mut latest: Option<Arc<Index>> = None;
+        while let Some(head) = self.queue.front() {
+            if head.needs_scan {
+                latest = latest.or_else(|| self.scanner.latest());
+                let event_ns = event_ns(&head.report);
                 let fresh = latest.as_ref().is_some_and(|i| i.built_ns > event_ns);
-                if !fresh && !flush && since.elapsed() < MAX_WAIT {
+                if !fresh && head.since.elapsed() < MAX_WAIT {
                     self.scanner.request();
                     return;
                 }
-                if !fresh {
-                    self.timed_out += 1;
-                    latest = None;
+                let mut p = self.queue.pop_front().unwrap();
+                if fresh {
+                    self.fill_from_scan(&mut p.report, latest.as_deref().unwrap());
+                } else {
+                    self.stats.timed_out += 1;
                 }
+                out.push(p.report);
+            } else {
+                out.push(self.queue.pop_front().unwrap().report);
             }
-            let (mut r, _) = self.queue.pop_front().unwrap();
-            self.fill(&mut r, latest.as_deref());
-            out.push(r);
+        }
+    }
+
+    /// True when the report is complete without a full scan.
+    fn resolve_now(&mut self, r: &mut Report) -> bool {
+        match r {
+            Report::Transition(t) if t.new == st::CLOSE_WAIT => {
+                if let Some(k) = trusted(t.recorded_owner.as_ref()) {
+                    t.owner = Some(k.into());
+                    self.stats.from_kernel += 1;
+                    return true;
+                }
+                // Inode 0: the FIN came before accept(); the socket has no holder yet.
+                if t.inode == 0 {
+                    return true;
+                }
+                t.owner = owners::verify(t.inode, t.recorded_owner.as_ref()).map(|mut o| {
+                    o.cgroup_id = t.recorded_owner.as_ref().map(|k| k.cgroup_id);
+                    o
+                });
+                self.stats.verified += t.owner.is_some() as u64;
+                t.owner.is_some()
+            }
+            Report::Transition(t) if t.old == st::CLOSE_WAIT => {
+                t.owner = trusted(t.recorded_owner.as_ref())
+                    .map(Owner::from)
+                    .or_else(|| self.snapshot_owner.remove(&t.inode))
+                    .or_else(|| closer(t));
+                true
+            }
+            Report::CloseNoFin(n) => {
+                let other = n
+                    .recorded_owner
+                    .as_ref()
+                    .filter(|k| (k.pid, k.fd) != (n.task.pid, n.fd));
+                if let Some(k) = trusted(other) {
+                    n.holders = vec![k.into()];
+                    self.stats.from_kernel += 1;
+                    return true;
+                }
+                if n.inode == 0 {
+                    return true;
+                }
+                n.holders = owners::verify_others(n.inode, n.task.pid, n.fd);
+                self.stats.verified += !n.holders.is_empty() as u64;
+                !n.holders.is_empty()
+            }
+            _ => true,
         }
     }
 
     /// The task that closed `sock` out of CLOSE_WAIT, if that close is already queued: it held
     /// the socket, so it is the owner even when it closed before /proc could be read.
     fn closer_of(&self, sock: u64) -> Option<Owner> {
-        self.queue.iter().find_map(|(r, _)| match r {
+        self.queue.iter().find_map(|p| match &p.report {
             Report::Transition(t) if t.sock == sock && t.old == st::CLOSE_WAIT => closer(t),
             _ => None,
         })
     }
 
-    fn fill(&mut self, r: &mut Report, index: Option<&Index>) {
+    fn fill_from_scan(&self, r: &mut Report, index: &Index) {
         match r {
-            Report::Transition(t) if t.new == st::CLOSE_WAIT => {
+            Report::Transition(t) => {
                 t.owner = index
-                    .and_then(|i| i.get(t.inode).first().cloned())
+                    .get(t.inode)
+                    .first()
+                    .cloned()
                     .or_else(|| self.closer_of(t.sock));
-                if let Some(o) = &t.owner {
-                    if self.close_wait_owner.len() >= REMEMBER {
-                        self.close_wait_owner.clear();
-                    }
-                    self.close_wait_owner.insert(t.inode, o.clone());
-                }
-            }
-            Report::Transition(t) if t.old == st::CLOSE_WAIT => {
-                t.owner = self.close_wait_owner.remove(&t.inode).or_else(|| closer(t));
             }
             Report::CloseNoFin(n) => {
                 let (pid, fd) = (n.task.pid, n.fd);
                 n.holders = index
-                    .map(|i| {
-                        i.get(n.inode)
-                            .iter()
-                            .filter(|h| h.pid != pid || h.fd != fd)
-                            .cloned()
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                    .get(n.inode)
+                    .iter()
+                    .filter(|h| h.pid != pid || h.fd != fd)
+                    .cloned()
+                    .collect();
             }
-            _ => {}
         }
+    }
+}
+
+fn event_ns(r: &Report) -> u64 {
+    match r {
+        Report::Transition(t) => t.ts_ns,
+        Report::CloseNoFin(n) => n.ts_ns,
     }
 }
 
@@ -144,9 +236,9 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::{correlate::TransitionReport, event::Endpoints, owners::monotonic_ns};
+    use crate::{event::Endpoints, owners::monotonic_ns};
 
-    fn transition(ts_ns: u64, old: u8, new: u8, inode: u64) -> Report {
+    fn transition(ts_ns: u64, old: u8, new: u8, inode: u64) -> TransitionReport {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let ends = Endpoints {
             local: lo,
@@ -154,7 +246,7 @@ mod tests {
             remote: lo,
             rport: 2,
         };
-        Report::Transition(TransitionReport::new(ts_ns, 1, ends, old, new, inode))
+        TransitionReport::new(ts_ns, 1, ends, old, new, inode)
     }
 
     fn owner_of(r: &Report) -> Option<Owner> {
@@ -164,35 +256,66 @@ mod tests {
         }
     }
 
-    /// A CLOSE_WAIT waits for an index newer than itself, keeps later reports behind it, and its
-    /// owner is remembered for the LAST_ACK.
+    fn recorded(pid: u32, fd: i32, stale: bool) -> Option<KernelOwner> {
+        Some(KernelOwner {
+            pid,
+            fd,
+            comm: "srv".into(),
+            cgroup_id: 7,
+            stale,
+        })
+    }
+
+    /// A fresh kernel record of a live process is the owner at once: no scan, nothing queued.
     #[test]
-    fn waits_for_a_fresh_index_and_keeps_order() {
+    fn a_kernel_record_answers_without_proc() {
+        let mut r = Resolver::new(Scanner::start(|| panic!("no scan expected")));
+        let mut t = transition(1, st::ESTABLISHED, st::CLOSE_WAIT, 7);
+        t.recorded_owner = recorded(std::process::id(), 9, false);
+        let mut out = Vec::new();
+        r.push(Report::Transition(t), &mut out);
+        let o = owner_of(&out[0]).unwrap();
+        assert_eq!((o.pid, o.fd, o.cgroup_id), (std::process::id(), 9, Some(7)));
+        assert_eq!(r.stats.from_kernel, 1);
+        assert!(r.is_empty());
+    }
+
+    /// A stale record (or none) waits for a fresh scan, keeps later reports behind it, and its
+    /// close takes the owner from the record again.
+    #[test]
+    fn without_a_record_waits_for_a_fresh_scan_and_keeps_order() {
         let scanner = Scanner::start(|| Index {
             map: HashMap::from([(
-                7,
+                u64::MAX - 7,
                 vec![Owner {
                     pid: 20,
                     comm: "srv".into(),
                     fd: 9,
+                    cgroup_id: None,
                 }],
             )]),
             built_ns: monotonic_ns(),
         });
         let mut r = Resolver::new(scanner);
         let now = monotonic_ns();
-        r.push(transition(now, st::ESTABLISHED, st::CLOSE_WAIT, 7));
-        r.push(transition(now + 1, st::ESTABLISHED, st::FIN_WAIT1, 8));
+        let mut cw = transition(now, st::ESTABLISHED, st::CLOSE_WAIT, u64::MAX - 7);
+        cw.recorded_owner = recorded(u32::MAX - 1, 3, true);
         let mut out = Vec::new();
+        r.push(Report::Transition(cw), &mut out);
+        let fw1 = transition(now + 1, st::ESTABLISHED, st::FIN_WAIT1, 8);
+        r.push(Report::Transition(fw1), &mut out);
+        assert!(out.is_empty(), "the FIN_WAIT1 waits behind the CLOSE_WAIT");
         let deadline = Instant::now() + Duration::from_secs(5);
         while out.len() < 2 && Instant::now() < deadline {
-            r.ready(&mut out, false);
+            r.ready(&mut out);
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(out.len(), 2);
         assert_eq!(owner_of(&out[0]).unwrap().pid, 20);
-        r.push(transition(now + 2, st::CLOSE_WAIT, st::LAST_ACK, 7));
-        r.ready(&mut out, false);
+        let mut last_ack = transition(now + 2, st::CLOSE_WAIT, st::LAST_ACK, u64::MAX - 7);
+        last_ack.recorded_owner = recorded(std::process::id(), 9, false);
+        r.push(Report::Transition(last_ack), &mut out);
         assert_eq!(owner_of(&out[2]).unwrap().fd, 9);
+        assert_eq!(r.stats.timed_out, 0);
     }
 }

@@ -160,6 +160,9 @@ pub struct Snapshot {
     pub entries: Vec<Entry>,
     /// CLOCK_MONOTONIC when the dump was taken.
     pub taken_ns: u64,
+    /// Every socket's holders, as the scan found them (live tracing seeds the kernel's
+    /// ownership map from it).
+    pub owners: crate::owners::Index,
 }
 
 /// Reads the sockets and their owners. `pids`: keep only sockets held by (or inferred to belong
@@ -171,6 +174,7 @@ pub fn take(pids: &[u32]) -> Result<Snapshot> {
     Ok(Snapshot {
         entries: build(sockets, |inode| owners.get(inode).to_vec(), pids),
         taken_ns,
+        owners,
     })
 }
 
@@ -427,6 +431,7 @@ mod tests {
             pid,
             comm: comm.into(),
             fd,
+            cgroup_id: None,
         }
     }
 

@@ -430,6 +430,7 @@ mod tests {
                 pid: 9,
                 comm: "python3".into(),
                 fd: 4,
+                cgroup_id: None,
             });
             s.add(&Report::Transition(t));
         }

@@ -58,6 +58,8 @@ pub struct Config {
     pub mode: loader::Mode,
     /// Print the counters (JSON, to stderr) this often.
     pub stats_every: Option<Duration>,
+    /// Size of the kernel's socket ownership map.
+    pub owners_max: u32,
 }
 
 /// How the run ended, for callers that drive a workload (the demo).
@@ -79,6 +81,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         noop: cfg.noop,
         mode: cfg.mode,
         ports: cfg.ports.clone(),
+        owners_max: cfg.owners_max,
     })?;
     let mut ebpf = loaded.ebpf;
     let fin_timeout_s = crate::netns::own_fin_timeout();
@@ -134,7 +137,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         )?;
     }
     if cfg.snapshot {
-        start_snapshot(&cfg, &mut correlator, &mut resolver, &mut out);
+        start_snapshot(&cfg, &mut ebpf, &mut correlator, &mut resolver, &mut out);
     }
     out.flush()?;
     on_ready();
@@ -201,8 +204,8 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
             _ = &mut deadline => break,
             _ = async { stop_rx.as_mut().unwrap().await }, if stop_rx.is_some() => break,
         }
-        batch.drain(..).for_each(|r| resolver.push(r));
-        resolver.ready(&mut ready, false);
+        resolver.ready(&mut ready);
+        batch.drain(..).for_each(|r| resolver.push(r, &mut ready));
         view.emit(&mut ready, &mut out, &clock, fin_timeout_s)?;
         if let Some(after) = cfg.stuck {
             for s in view
@@ -236,10 +239,11 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         }
     }
     drain(ring.get_mut(), &mut correlator, &mut batch);
-    batch.drain(..).for_each(|r| resolver.push(r));
+    batch.drain(..).for_each(|r| resolver.push(r, &mut ready));
+    view.emit(&mut ready, &mut out, &clock, fin_timeout_s)?;
     // Let owner lookups for the last reports finish (bounded inside the resolver).
     while !resolver.is_empty() {
-        resolver.ready(&mut ready, false);
+        resolver.ready(&mut ready);
         view.emit(&mut ready, &mut out, &clock, fin_timeout_s)?;
         if !resolver.is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -286,6 +290,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
 /// between the two: printed first, and handed to the correlator so their closes are timed.
 fn start_snapshot(
     cfg: &Config,
+    ebpf: &mut aya::Ebpf,
     correlator: &mut Correlator,
     resolver: &mut Resolver,
     out: &mut impl Write,
@@ -304,6 +309,7 @@ fn start_snapshot(
             return;
         }
     };
+    seed_owners(ebpf, &snap);
     for e in &snap.entries {
         match e.class {
             Class::CloseWait | Class::HalfClosed => correlator.seed(e.sock.inode, snap.taken_ns),
@@ -314,6 +320,34 @@ fn start_snapshot(
         }
     }
     let _ = snapshot::print(&snap.entries, cfg.json, false, out);
+}
+
+/// The kernel records holders as sockets are obtained; those obtained before it started come
+/// from the snapshot's /proc scan: every established TCP socket and every one on the close path.
+fn seed_owners(ebpf: &mut aya::Ebpf, snap: &snapshot::Snapshot) {
+    use netlink_packet_sock_diag::inet::StateFlags;
+    let established = match crate::sockdiag::dump(StateFlags::ESTABLISHED | StateFlags::SYN_SENT) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "finwait-trace: warning: established sockets not read ({e:#}); their owners will come from /proc"
+            );
+            Vec::new()
+        }
+    };
+    let inodes = established
+        .iter()
+        .map(|s| s.inode)
+        .chain(snap.entries.iter().map(|e| e.sock.inode))
+        .filter(|&i| i != 0);
+    let held = inodes.filter_map(|i| snap.owners.get(i).first().map(|o| (i, o)));
+    match loader::seed_owners(ebpf, held) {
+        Ok(0) => {}
+        Ok(full) => eprintln!(
+            "finwait-trace: warning: the ownership map is full: {full} sockets from before the start have no kernel owner (their owners will come from /proc)"
+        ),
+        Err(e) => eprintln!("finwait-trace: warning: ownership not seeded ({e:#})"),
+    }
 }
 
 fn drain(ring: &mut RingBuf<MapData>, c: &mut Correlator, batch: &mut Vec<Report>) {
@@ -344,12 +378,16 @@ fn stats_json(
         "kernel_read_failed": sum(counters, counter::READ_FAILED),
         "pid_insert_failed": sum(counters, counter::PID_INSERT_FAILED),
         "in_call_full": sum(counters, counter::IN_CALL_FULL),
+        "owner_map_full": sum(counters, counter::OWNERS_FULL),
+        "scm_rights_unread": sum(counters, counter::SCM_RIGHTS_UNREAD),
         "sockets_evicted": stats.sockets_evicted,
         "tracked_sockets": correlator.tracked_sockets(),
         "threads_evicted": stats.threads_evicted,
         "attach_failed": attach_failed,
+        "owners_from_kernel": resolver.stats.from_kernel,
+        "owners_verified": resolver.stats.verified,
         "owner_scans": resolver.scans(),
-        "owner_lookups_timed_out": resolver.timed_out,
+        "owner_lookups_timed_out": resolver.stats.timed_out,
         "rss_kib": rss_kib(),
         "kernel_run_time": run_time(ebpf),
     })
