@@ -24,6 +24,9 @@ pub enum EventKind {
     /// (`call` is Close or Shutdown; `arg` is shutdown's `how`). Whatever path dropped the last
     /// reference (close(), exit, io_uring, ...), this is the task that ended the socket.
     KernelCall = 7,
+    /// A task obtained an fd (`fd`, in `owner`) to a socket already in CLOSE_WAIT: the peer's FIN
+    /// came before accept() returned, so the CLOSE_WAIT transition could not name it.
+    Obtained = 8,
 }
 
 impl EventKind {
@@ -36,6 +39,7 @@ impl EventKind {
             5 => Self::ReceiveReset,
             6 => Self::SendReset,
             7 => Self::KernelCall,
+            8 => Self::Obtained,
             _ => return None,
         })
     }
@@ -94,6 +98,9 @@ pub mod owner_flags {
 pub struct OwnerRec {
     /// `bpf_get_current_cgroup_id()` of the task (cgroup v2 id; 0 where there is none).
     pub cgroup_id: u64,
+    /// The socket's inode when the record was made: a record whose inode is not the socket's is
+    /// of an earlier socket at the same address (its removal at CLOSE was missed).
+    pub inode: u64,
     pub tgid: u32,
     pub fd: i32,
     pub comm: [u8; 16],
@@ -105,6 +112,7 @@ impl OwnerRec {
     pub const fn zeroed() -> Self {
         Self {
             cgroup_id: 0,
+            inode: 0,
             tgid: 0,
             fd: 0,
             comm: [0; 16],
@@ -154,9 +162,9 @@ pub struct Event {
 }
 
 /// Both sides read and write this exact layout: a field added on one side only fails the build.
-pub const EVENT_SIZE: usize = 160;
+pub const EVENT_SIZE: usize = 168;
 const _: () = assert!(core::mem::size_of::<Event>() == EVENT_SIZE);
-const _: () = assert!(core::mem::size_of::<OwnerRec>() == 40);
+const _: () = assert!(core::mem::size_of::<OwnerRec>() == 48);
 
 impl Event {
     pub const fn zeroed() -> Self {
@@ -263,6 +271,9 @@ pub struct KernelOffsets {
     /// found (then the main thread's exit ends it).
     pub task_signal: u32,
     pub signal_live: u32,
+    /// `sock_common.skc_state` (one byte).
+    pub sock_state: u32,
+    pub _pad: u32,
 }
 
 /// How many `--comm` names the kernel matches.

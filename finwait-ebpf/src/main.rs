@@ -66,6 +66,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sock_v6_daddr: 0,
     task_signal: 0,
     signal_live: 0,
+    sock_state: 0,
+    _pad: 0,
 };
 #[unsafe(no_mangle)]
 static FILTER: FilterConfig = FilterConfig {
@@ -313,15 +315,23 @@ fn emit_state(mut e: Event) {
 /// The socket's ownership record: by socket, else (sockets from before the start) by inode.
 #[inline(always)]
 fn owner_of(e: &mut Event) {
-    // SAFETY: the values are copied out at once.
-    let rec = unsafe { OWNERS.get(e.sock) }.or_else(|| {
-        (e.inode != 0)
-            .then(|| unsafe { OWNERS.get(e.inode) })
-            .flatten()
-    });
-    if let Some(o) = rec {
-        e.owner = *o;
-        e.flags |= flags::OWNER_VALID;
+    // SAFETY: the value is copied out at once.
+    let by_sock = unsafe { OWNERS.get(e.sock) }.copied();
+    if let Some(o) = by_sock {
+        if e.inode == 0 || o.inode == e.inode {
+            e.owner = o;
+            e.flags |= flags::OWNER_VALID;
+            return;
+        }
+        // An earlier socket's record at this address (its CLOSE was missed): not this one's.
+        let _ = OWNERS.remove(e.sock);
+    }
+    if e.inode != 0 {
+        // SAFETY: the value is copied out at once.
+        if let Some(o) = unsafe { OWNERS.get(e.inode) } {
+            e.owner = *o;
+            e.flags |= flags::OWNER_VALID;
+        }
     }
 }
 
@@ -527,6 +537,11 @@ fn release_owner(e: &mut Event, refs: u64) {
     let Some(rec) = OWNERS.get_ptr_mut(e.sock) else {
         return;
     };
+    // SAFETY: a map value pointer, valid for this program run.
+    if unsafe { (*rec).inode } != e.inode {
+        let _ = OWNERS.remove(e.sock); // an earlier socket's record
+        return;
+    }
     let o = config(&OFFSETS);
     // file_ref_t (6.13+) counts from zero; atomic_long_t f_count from one.
     let others_remain = refs != u64::MAX && refs > (o.file_ref_is_zero_based == 0) as u64;
@@ -541,6 +556,8 @@ fn release_owner(e: &mut Event, refs: u64) {
 }
 
 /// Records the current task as the holder of the TCP socket behind `fd` (it just obtained it).
+/// A socket the peer already closed (its FIN came before accept() returned) is also reported:
+/// its CLOSE_WAIT transition could not name an owner.
 #[inline(always)]
 fn record_owner(fd: i64) {
     let Some(s) = sock_of_fd(fd) else { return };
@@ -548,6 +565,7 @@ fn record_owner(fd: i64) {
     let rec = OwnerRec {
         // SAFETY: plain helper call.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        inode: s.inode,
         tgid: (pid_tgid >> 32) as u32,
         fd: fd as i32,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
@@ -556,6 +574,16 @@ fn record_owner(fd: i64) {
     };
     if OWNERS.insert(s.sk, rec, 0).is_err() {
         count(counter::OWNERS_FULL);
+    }
+    let state = read::<u8>(s.sk, config(&OFFSETS).sock_state as u64);
+    if state == Some(tcp_state::CLOSE_WAIT) {
+        let mut e = new_event(EventKind::Obtained);
+        e.sock = s.sk;
+        e.inode = s.inode;
+        e.fd = fd as i32;
+        e.owner = rec;
+        e.flags |= flags::OWNER_VALID;
+        submit(&e);
     }
 }
 

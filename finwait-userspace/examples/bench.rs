@@ -184,14 +184,18 @@ fn kernel_cost(modes: &[&Mode], churn: &str, threads: &str, seconds: f64, peer_w
         };
         let mut progs: Vec<_> = progs.iter().collect();
         progs.sort_by_key(|(p, _)| p.as_str());
+        let mut total_ns = 0.0;
         for (prog, v) in progs {
             let runs = v["runs"].as_f64().unwrap_or(0.0);
             let per_conn = runs / s.connections.max(1) as f64;
-            println!(
-                "| {} | {prog} | {per_conn:.2} | {} |",
-                mode.name, v["ns_per_run"]
-            );
+            let ns = v["ns_per_run"].as_f64().unwrap_or(0.0);
+            total_ns += per_conn * ns;
+            println!("| {} | {prog} | {per_conn:.2} | {ns} |", mode.name);
         }
+        println!(
+            "| {} | **all programs: kernel time per connection** | | {:.0} |",
+            mode.name, total_ns
+        );
     }
     let _ = std::fs::write(KNOB, before.trim());
 }

@@ -434,6 +434,8 @@ impl Correlator {
                 }
             }
             Decoded::SendReset { sock } => self.sock(sock).reset_sent = true,
+            // Ownership news is the resolver's (the tracer hands it over directly).
+            Decoded::Obtained { .. } => {}
             Decoded::KernelCall { call, how, sock } => {
                 self.stats.kernel_calls += 1;
                 let call = PendingCall {

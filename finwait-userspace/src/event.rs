@@ -110,6 +110,11 @@ pub enum Decoded {
         how: Option<i32>,
         sock: u64,
     },
+    /// A task obtained an fd to a socket already in CLOSE_WAIT (accepted after the peer's FIN).
+    Obtained {
+        sock: u64,
+        owner: KernelOwner,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +165,10 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
                 sock: e.sock,
             }
         }
+        EventKind::Obtained => Decoded::Obtained {
+            sock: e.sock,
+            owner: KernelOwner::of(&e)?,
+        },
     };
     Some(Record {
         ts_ns: e.ts_ns,

@@ -45,6 +45,7 @@ fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
         inode_mode: off("inode", "i_mode")?,
         task_signal: off("task_struct", "signal").unwrap_or(0),
         signal_live: off("signal_struct", "live").unwrap_or(0),
+        sock_state: off("sock", "__sk_common.skc_state")?,
         ..state_btf_offsets(btf).unwrap_or_default()
     })
 }

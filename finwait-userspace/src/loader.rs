@@ -447,6 +447,7 @@ pub fn seed_owners<'a>(
         let n = o.comm.len().min(15);
         comm[..n].copy_from_slice(&o.comm.as_bytes()[..n]);
         let rec = OwnerRec {
+            inode,
             tgid: o.pid,
             fd: o.fd,
             comm,

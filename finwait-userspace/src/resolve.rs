@@ -7,7 +7,8 @@
 //! way, or a full map; stale: its holder closed its fd while others kept the file; its holder
 //! exited), the few processes that can hold it are checked in /proc (the recorded holder, its
 //! children, one link each), and only then does the report wait, in order, for a full /proc
-//! scan made after its event, off this thread.
+//! scan made after its event, off this thread. A CLOSE_WAIT whose FIN came before accept()
+//! returned has no record yet: it waits for the kernel's word that the socket was obtained.
 use std::{
     collections::{HashMap, VecDeque},
     sync::Arc,
@@ -24,6 +25,9 @@ use crate::{
 
 /// Past this, a report goes out with the owner it has (possibly none) rather than waiting on.
 const MAX_WAIT: Duration = Duration::from_secs(2);
+/// A socket with no record is usually being accepted right now: give the accept's record this
+/// long before asking for a full scan.
+const ACCEPT_GRACE: Duration = Duration::from_millis(200);
 
 /// How owners were found, for the stats line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -32,15 +36,17 @@ pub struct OwnerStats {
     pub from_kernel: u64,
     /// Found by checking the few processes that could hold the socket in /proc.
     pub verified: u64,
-    /// Waited for a full scan that did not come in time: the owner stayed unknown.
+    /// Waited for a full scan (or an accept) that did not come in time: the owner stayed
+    /// unknown.
     pub timed_out: u64,
 }
 
 struct Pending {
     report: Report,
     since: Instant,
-    /// The owner is still unknown: wait for a full scan made after the event.
-    needs_scan: bool,
+    /// The owner is still unknown: wait for the kernel's record of an accept, or a full scan
+    /// made after the event.
+    waiting: bool,
 }
 
 pub struct Resolver {
@@ -89,6 +95,24 @@ impl Resolver {
         }
     }
 
+    /// The kernel recorded a holder for a socket already in CLOSE_WAIT, at `ts_ns`: it owns the
+    /// latest CLOSE_WAIT of that socket still waiting for its owner (reports reach the resolver
+    /// in kernel order, so that one came before this accept).
+    pub fn obtained(&mut self, sock: u64, ts_ns: u64, owner: &KernelOwner) {
+        let waiting = self.queue.iter_mut().rev().find(|p| {
+            p.waiting
+                && matches!(&p.report, Report::Transition(t)
+                    if t.sock == sock && t.new == st::CLOSE_WAIT && t.ts_ns <= ts_ns)
+        });
+        if let Some(p) = waiting
+            && let Report::Transition(t) = &mut p.report
+        {
+            t.owner = Some(owner.into());
+            p.waiting = false;
+            self.stats.from_kernel += 1;
+        }
+    }
+
     /// The owner of a socket found in CLOSE_WAIT by the start-up snapshot.
     pub fn remember(&mut self, inode: u64, owner: Owner) {
         self.snapshot_owner.insert(inode, owner);
@@ -102,21 +126,18 @@ impl Resolver {
         self.queue.is_empty()
     }
 
-    /// Resolves what can be resolved now; a report that needs a scan (and every report after it,
+    /// Resolves what can be resolved now; a report that must wait (and every report after it,
     /// to keep the order) waits in the queue.
     pub fn push(&mut self, mut report: Report, out: &mut Vec<Report>) {
-        let needs_scan = !self.resolve_now(&mut report);
-        if self.queue.is_empty() && !needs_scan {
+        let waiting = !self.resolve_now(&mut report);
+        if self.queue.is_empty() && !waiting {
             out.push(report);
             return;
-        }
-        if needs_scan {
-            self.scanner.request();
         }
         self.queue.push_back(Pending {
             report,
             since: Instant::now(),
-            needs_scan,
+            waiting,
         });
     }
 
@@ -124,12 +145,15 @@ impl Resolver {
     pub fn ready(&mut self, out: &mut Vec<Report>) {
         let mut latest: Option<Arc<Index>> = None;
         while let Some(head) = self.queue.front() {
-            if head.needs_scan {
+            if head.waiting {
                 latest = latest.or_else(|| self.scanner.latest());
                 let event_ns = event_ns(&head.report);
                 let fresh = latest.as_ref().is_some_and(|i| i.built_ns > event_ns);
-                if !fresh && head.since.elapsed() < MAX_WAIT {
-                    self.scanner.request();
+                let waited = head.since.elapsed();
+                if !fresh && waited < MAX_WAIT {
+                    if waited >= ACCEPT_GRACE && report_inode(&head.report) != 0 {
+                        self.scanner.request();
+                    }
                     return;
                 }
                 let mut p = self.queue.pop_front().unwrap();
@@ -149,14 +173,16 @@ impl Resolver {
     fn resolve_now(&mut self, r: &mut Report) -> bool {
         match r {
             Report::Transition(t) if t.new == st::CLOSE_WAIT => {
-                if let Some(k) = trusted(t.recorded_owner.as_ref()) {
+                if let Some(k) = trusted(t.recorded_owner.as_ref()).filter(|_| t.inode != 0) {
                     t.owner = Some(k.into());
                     self.stats.from_kernel += 1;
                     return true;
                 }
-                // Inode 0: the FIN came before accept(); the socket has no holder yet.
+                // Inode 0: still in the accept queue; no record can be this socket's yet (one
+                // would be of an earlier socket at this address): the accept will say.
                 if t.inode == 0 {
-                    return true;
+                    t.recorded_owner = None;
+                    return false;
                 }
                 t.owner = owners::verify(t.inode, t.recorded_owner.as_ref()).map(|mut o| {
                     o.cgroup_id = t.recorded_owner.as_ref().map(|k| k.cgroup_id);
@@ -224,6 +250,13 @@ impl Resolver {
     }
 }
 
+fn report_inode(r: &Report) -> u64 {
+    match r {
+        Report::Transition(t) => t.inode,
+        Report::CloseNoFin(n) => n.inode,
+    }
+}
+
 fn event_ns(r: &Report) -> u64 {
     match r {
         Report::Transition(t) => t.ts_ns,
@@ -278,6 +311,32 @@ mod tests {
         assert_eq!((o.pid, o.fd, o.cgroup_id), (std::process::id(), 9, Some(7)));
         assert_eq!(r.stats.from_kernel, 1);
         assert!(r.is_empty());
+    }
+
+    /// A FIN before accept(): the CLOSE_WAIT (inode 0) waits for the accept's record, which
+    /// names it; an accept that came before a CLOSE_WAIT (an earlier socket at the same address)
+    /// does not.
+    #[test]
+    fn a_close_wait_in_the_accept_queue_waits_for_its_accept() {
+        let mut r = Resolver::new(Scanner::start(|| panic!("no scan expected")));
+        let me = std::process::id();
+        let mut out = Vec::new();
+        let mut cw = transition(10, st::ESTABLISHED, st::CLOSE_WAIT, 0);
+        // A record left by an earlier socket at this address is not this socket's.
+        cw.recorded_owner = recorded(me, 4, false);
+        r.push(Report::Transition(cw), &mut out);
+        r.push(
+            Report::Transition(transition(11, st::ESTABLISHED, st::FIN_WAIT1, 8)),
+            &mut out,
+        );
+        r.obtained(1, 5, &recorded(me, 6, false).unwrap()); // before the FIN: another socket
+        r.ready(&mut out);
+        assert!(out.is_empty(), "{out:?}");
+        r.obtained(1, 12, &recorded(me, 7, false).unwrap());
+        r.ready(&mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(owner_of(&out[0]).unwrap().fd, 7);
+        assert_eq!(r.stats.from_kernel, 1);
     }
 
     /// A stale record (or none) waits for a fresh scan, keeps later reports behind it, and its

@@ -184,10 +184,10 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut correlator, &mut batch);
+                drain(guard.get_inner_mut(), &mut correlator, &mut resolver, &mut batch, &mut ready);
                 guard.clear_ready();
             }
-            _ = tick.tick() => drain(ring.get_mut(), &mut correlator, &mut batch),
+            _ = tick.tick() => drain(ring.get_mut(), &mut correlator, &mut resolver, &mut batch, &mut ready),
             _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
                 eprintln!("{}", stats_json(&correlator, &resolver, &counters, &ebpf, loaded.attach_failed));
             }
@@ -205,7 +205,6 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
             _ = async { stop_rx.as_mut().unwrap().await }, if stop_rx.is_some() => break,
         }
         resolver.ready(&mut ready);
-        batch.drain(..).for_each(|r| resolver.push(r, &mut ready));
         view.emit(&mut ready, &mut out, &clock, fin_timeout_s)?;
         if let Some(after) = cfg.stuck {
             for s in view
@@ -238,8 +237,13 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
             lost_reported = lost;
         }
     }
-    drain(ring.get_mut(), &mut correlator, &mut batch);
-    batch.drain(..).for_each(|r| resolver.push(r, &mut ready));
+    drain(
+        ring.get_mut(),
+        &mut correlator,
+        &mut resolver,
+        &mut batch,
+        &mut ready,
+    );
     view.emit(&mut ready, &mut out, &clock, fin_timeout_s)?;
     // Let owner lookups for the last reports finish (bounded inside the resolver).
     while !resolver.is_empty() {
@@ -350,10 +354,28 @@ fn seed_owners(ebpf: &mut aya::Ebpf, snap: &snapshot::Snapshot) {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, c: &mut Correlator, batch: &mut Vec<Report>) {
+/// Decodes and correlates every record waiting in the ring; the reports go to the resolver in
+/// kernel order (an accept's ownership news must follow the CLOSE_WAIT it names), and what is
+/// complete goes on to `ready`.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    c: &mut Correlator,
+    resolver: &mut Resolver,
+    batch: &mut Vec<Report>,
+    ready: &mut Vec<Report>,
+) {
     while let Some(item) = ring.next() {
-        if let Some(rec) = event::decode(&item) {
-            c.handle(rec, batch);
+        match event::decode(&item) {
+            Some(event::Record {
+                what: event::Decoded::Obtained { sock, owner },
+                ts_ns,
+                ..
+            }) => resolver.obtained(sock, ts_ns, &owner),
+            Some(rec) => {
+                c.handle(rec, batch);
+                batch.drain(..).for_each(|r| resolver.push(r, ready));
+            }
+            None => {}
         }
     }
 }

@@ -136,6 +136,30 @@ fn accepting_server_and_connecting_client() {
     assert_eq!(stats(&all)["owners_verified"], 0, "{}", stats(&all));
 }
 
+/// The client's FIN arrives before the server has accept()ed: the CLOSE_WAIT happens in the
+/// accept queue, with no holder yet. It names the process and fd that accept() it later.
+#[test]
+fn close_wait_before_accept_names_the_acceptor() {
+    let _g = serial();
+    let tracer = Tracer::start(&["--no-snapshot"]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let cp = client.local_addr().unwrap().port();
+    let sp = listener.local_addr().unwrap().port();
+    drop(client);
+    wait_for_kernel_state(sp, cp, "CLOSE_WAIT");
+    sleep_ms(300);
+    let (server, _) = listener.accept().unwrap();
+    let all = tracer.stop_when(&[(sp, cp, "ESTABLISHED", "CLOSE_WAIT")]);
+    let cw = find(&transitions(&all, sp, cp), sp, "ESTABLISHED", "CLOSE_WAIT").clone();
+    assert!(
+        cw["inode"].is_null(),
+        "no socket file before accept(): {cw}"
+    );
+    assert_owner(&cw["owner"], std::process::id() as i32, server.as_raw_fd());
+    assert_no_proc(&all);
+}
+
 /// inetd-style: the parent accepts, forks a worker for the connection and closes its copy (no
 /// FIN: the worker holds it). The kernel's record named the parent, which closed its fd: the
 /// worker is found among its children by one link, not by a scan.

@@ -47,6 +47,12 @@ enum Cmd {
         /// mode can run, it is measured beside correlated. Repeatable.
         #[arg(long, value_name = "KERNEL")]
         vm: Vec<String>,
+        /// Instead: the busy-host benchmark (2,000 idle processes holding 100,000 socket fds in
+        /// a network namespace it creates, a CLOSE_WAIT-leaking and a closing back-end under
+        /// churn): owners named, lookups timed out, finwait's CPU per connection and peak RSS,
+        /// beside the same run on an empty host.
+        #[arg(long, conflicts_with_all = ["vm", "soak"])]
+        busy_host: bool,
     },
     /// Write the man page and shell completions to target/dist/.
     Docs,
@@ -135,8 +141,14 @@ fn run(cli: Cli) -> Result<()> {
             seconds,
             soak,
             vm,
+            busy_host,
         } => {
             let bin = build(true)?;
+            if busy_host {
+                build_examples(&["busy_host"])?;
+                let driver = workspace().join("target/release/examples/busy_host");
+                return as_root(&driver, &[bin.display().to_string()], &[]);
+            }
             install_peers()?;
             build_examples(&["bench", "churn"])?;
             let examples = workspace().join("target/release/examples");
