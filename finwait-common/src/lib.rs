@@ -79,6 +79,8 @@ pub mod flags {
     pub const SK_FLAGS_VALID: u8 = 1 << 2;
     /// `owner` holds the kernel's ownership record of `sock` (see [`super::OwnerRec`]).
     pub const OWNER_VALID: u8 = 1 << 3;
+    /// ProcessExit: the exiting thread was its process's last (the process is gone).
+    pub const GROUP_DEAD: u8 = 1 << 4;
 }
 
 /// `OwnerRec::flags` bits.
@@ -101,6 +103,9 @@ pub struct OwnerRec {
     /// The socket's inode when the record was made: a record whose inode is not the socket's is
     /// of an earlier socket at the same address (its removal at CLOSE was missed).
     pub inode: u64,
+    /// When the record was made (`bpf_ktime_get_ns`): a holder that exited after this and before
+    /// a transition no longer holds the socket at that transition.
+    pub ts_ns: u64,
     pub tgid: u32,
     pub fd: i32,
     pub comm: [u8; 16],
@@ -113,6 +118,7 @@ impl OwnerRec {
         Self {
             cgroup_id: 0,
             inode: 0,
+            ts_ns: 0,
             tgid: 0,
             fd: 0,
             comm: [0; 16],
@@ -162,9 +168,9 @@ pub struct Event {
 }
 
 /// Both sides read and write this exact layout: a field added on one side only fails the build.
-pub const EVENT_SIZE: usize = 168;
+pub const EVENT_SIZE: usize = 176;
 const _: () = assert!(core::mem::size_of::<Event>() == EVENT_SIZE);
-const _: () = assert!(core::mem::size_of::<OwnerRec>() == 48);
+const _: () = assert!(core::mem::size_of::<OwnerRec>() == 56);
 
 impl Event {
     pub const fn zeroed() -> Self {

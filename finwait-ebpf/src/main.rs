@@ -566,6 +566,8 @@ fn record_owner(fd: i64) {
         // SAFETY: plain helper call.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         inode: s.inode,
+        // SAFETY: plain helper call.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
         tgid: (pid_tgid >> 32) as u32,
         fd: fd as i32,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
@@ -842,10 +844,15 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if !pid_traced(tgid) {
         return 0;
     }
-    submit(&new_event(EventKind::ProcessExit));
+    let dead = group_dead(pid_tgid as u32 == tgid);
+    let mut e = new_event(EventKind::ProcessExit);
+    if dead {
+        e.flags |= flags::GROUP_DEAD;
+    }
+    submit(&e);
     // A thread that never reached sys_exit (its exit program failed to attach) leaves here.
     let _ = IN_CALL.remove(pid_tgid as u32);
-    if config(&FILTER.pid_filter) != 0 && group_dead(pid_tgid as u32 == tgid) {
+    if config(&FILTER.pid_filter) != 0 && dead {
         let _ = TRACED_PIDS.remove(tgid);
     }
     0

@@ -422,7 +422,7 @@ impl Correlator {
                 }
                 t.after = Some((call, sock));
             }
-            Decoded::ProcessExit => {
+            Decoded::ProcessExit { .. } => {
                 self.retire_after(tid);
                 self.thread(tid).exiting = true;
             }
@@ -854,7 +854,10 @@ mod tests {
             rec(5, &a, tr(A, st::FIN_WAIT1, st::FIN_WAIT2, 0, 40000, 80)),
             &mut out,
         );
-        c.handle(rec(6, &a, Decoded::ProcessExit), &mut out);
+        c.handle(
+            rec(6, &a, Decoded::ProcessExit { group_dead: true }),
+            &mut out,
+        );
         c.handle(rec(7, &a, kernel(Call::Close, A, None)), &mut out);
         c.handle(
             rec(8, &a, tr(A, st::FIN_WAIT2, st::CLOSE, SOCK_DEAD, 40000, 80)),
@@ -1177,7 +1180,10 @@ mod tests {
         let mut c = Correlator::new(false);
         let a = task(10, 10, "victim");
         let mut out = Vec::new();
-        c.handle(rec(1, &a, Decoded::ProcessExit), &mut out);
+        c.handle(
+            rec(1, &a, Decoded::ProcessExit { group_dead: true }),
+            &mut out,
+        );
         c.handle(
             rec(2, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
             &mut out,

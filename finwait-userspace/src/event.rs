@@ -36,6 +36,8 @@ pub struct KernelOwner {
     pub cgroup_id: u64,
     /// That task closed its fd while others still referenced the file: the holder is elsewhere.
     pub stale: bool,
+    /// When the record was made (CLOCK_MONOTONIC ns).
+    pub since_ns: u64,
 }
 
 impl KernelOwner {
@@ -50,6 +52,7 @@ impl KernelOwner {
             comm: comm(&o.comm),
             cgroup_id: o.cgroup_id,
             stale: o.flags & owner_flags::STALE != 0,
+            since_ns: o.ts_ns,
         })
     }
 }
@@ -97,7 +100,10 @@ pub enum Decoded {
         call: Call,
         ret: i64,
     },
-    ProcessExit,
+    /// A thread exited; `group_dead`: it was its process's last.
+    ProcessExit {
+        group_dead: bool,
+    },
     ReceiveReset {
         sock: u64,
     },
@@ -154,7 +160,9 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
             call: Call::from_u8(e.call)?,
             ret: e.arg,
         },
-        EventKind::ProcessExit => Decoded::ProcessExit,
+        EventKind::ProcessExit => Decoded::ProcessExit {
+            group_dead: e.flags & flags::GROUP_DEAD != 0,
+        },
         EventKind::ReceiveReset => Decoded::ReceiveReset { sock: e.sock },
         EventKind::SendReset => Decoded::SendReset { sock: e.sock },
         EventKind::KernelCall => {

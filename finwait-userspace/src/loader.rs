@@ -448,6 +448,7 @@ pub fn seed_owners<'a>(
         comm[..n].copy_from_slice(&o.comm.as_bytes()[..n]);
         let rec = OwnerRec {
             inode,
+            ts_ns: crate::owners::monotonic_ns(),
             tgid: o.pid,
             fd: o.fd,
             comm,

@@ -12,10 +12,15 @@ const REREAD_AFTER: Duration = Duration::from_secs(1);
 
 const FIN_TIMEOUT: &str = "/proc/sys/net/ipv4/tcp_fin_timeout";
 
+/// Threads whose namespace is remembered (a thread rarely changes namespace; bounded).
+const MAX_THREADS: usize = 4096;
+
 #[derive(Default)]
 pub struct FinTimeouts {
     /// By namespace identity (`net:[inode]`): value and when it was read.
     by_ns: HashMap<String, (u64, Instant)>,
+    /// By thread: the value, and when its namespace was looked up (one /proc link a second).
+    by_tid: HashMap<u32, (u64, Instant)>,
 }
 
 pub fn own_fin_timeout() -> u64 {
@@ -29,6 +34,20 @@ fn parse(s: Option<String>) -> Option<u64> {
 impl FinTimeouts {
     /// The fin timeout in force in `tid`'s network namespace, if the thread still exists.
     pub fn for_thread(&mut self, tid: u32) -> Option<u64> {
+        if let Some(&(v, at)) = self.by_tid.get(&tid)
+            && at.elapsed() < REREAD_AFTER
+        {
+            return Some(v);
+        }
+        let v = self.lookup(tid)?;
+        if self.by_tid.len() >= MAX_THREADS {
+            self.by_tid.clear();
+        }
+        self.by_tid.insert(tid, (v, Instant::now()));
+        Some(v)
+    }
+
+    fn lookup(&mut self, tid: u32) -> Option<u64> {
         let ns_path = format!("/proc/{tid}/ns/net");
         let ns = fs::read_link(&ns_path).ok()?.to_string_lossy().into_owned();
         if let Some(&(v, at)) = self.by_ns.get(&ns)

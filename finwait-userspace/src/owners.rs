@@ -69,14 +69,6 @@ pub fn scan() -> Index {
     Index { map, built_ns }
 }
 
-/// Does the process exist? (kill with signal 0 checks without signalling.)
-pub fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    pid != 0
-        && (unsafe { libc::kill(pid as i32, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
-}
-
 /// Does `pid`'s fd `fd` refer to socket `inode`? One readlink.
 fn holds(pid: u32, fd: i32, inode: u64) -> bool {
     std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))

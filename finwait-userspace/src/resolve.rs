@@ -5,15 +5,19 @@
 //! SCM_RIGHTS, pidfd_getfd) and the record travels with each transition: that answers almost
 //! always, with no /proc access. Where the record cannot know (none: a socket obtained another
 //! way, or a full map; stale: its holder closed its fd while others kept the file; its holder
-//! exited), the few processes that can hold it are checked in /proc (the recorded holder, its
+//! exited since it was recorded, which the kernel's exit records say, in order), the few processes
+//! that can hold it are checked in /proc (the recorded holder, its
 //! children, one link each), and only then does the report wait, in order, for a full /proc
 //! scan made after its event, off this thread. A CLOSE_WAIT whose FIN came before accept()
 //! returned has no record yet: it waits for the kernel's word that the socket was obtained.
 use std::{
     collections::{HashMap, VecDeque},
+    num::NonZeroUsize,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use lru::LruCache;
 
 use finwait_common::tcp_state as st;
 
@@ -54,6 +58,8 @@ pub struct Resolver {
     queue: VecDeque<Pending>,
     /// Owners of sockets the start-up snapshot found in CLOSE_WAIT, by inode (for their close).
     snapshot_owner: HashMap<u64, Owner>,
+    /// Processes that exited, and when (bounded: the oldest are forgotten).
+    exited: LruCache<u32, u64>,
     pub stats: OwnerStats,
 }
 
@@ -80,10 +86,8 @@ fn closer(t: &TransitionReport) -> Option<Owner> {
     })
 }
 
-/// The kernel's record, when it still names a live holder.
-fn trusted(k: Option<&KernelOwner>) -> Option<&KernelOwner> {
-    k.filter(|k| !k.stale && owners::alive(k.pid))
-}
+/// Exited processes remembered (a record made before one of them exited is not trusted).
+const MAX_EXITED: usize = 65_536;
 
 impl Resolver {
     pub fn new(scanner: Scanner) -> Self {
@@ -91,6 +95,7 @@ impl Resolver {
             scanner,
             queue: VecDeque::new(),
             snapshot_owner: HashMap::new(),
+            exited: LruCache::new(NonZeroUsize::new(MAX_EXITED).unwrap()),
             stats: OwnerStats::default(),
         }
     }
@@ -111,6 +116,23 @@ impl Resolver {
             p.waiting = false;
             self.stats.from_kernel += 1;
         }
+    }
+
+    /// Process `pid` exited (its last thread) at `ts_ns`.
+    pub fn exited(&mut self, pid: u32, ts_ns: u64) {
+        self.exited.push(pid, ts_ns);
+    }
+
+    /// The kernel's record, when it still named the holder at `at_ns`: not stale, and its
+    /// process had not exited since it was recorded.
+    fn trusted<'a>(&self, k: Option<&'a KernelOwner>, at_ns: u64) -> Option<&'a KernelOwner> {
+        k.filter(|k| {
+            !k.stale
+                && self
+                    .exited
+                    .peek(&k.pid)
+                    .is_none_or(|&e| e < k.since_ns || e > at_ns)
+        })
     }
 
     /// The owner of a socket found in CLOSE_WAIT by the start-up snapshot.
@@ -173,7 +195,10 @@ impl Resolver {
     fn resolve_now(&mut self, r: &mut Report) -> bool {
         match r {
             Report::Transition(t) if t.new == st::CLOSE_WAIT => {
-                if let Some(k) = trusted(t.recorded_owner.as_ref()).filter(|_| t.inode != 0) {
+                if let Some(k) = self
+                    .trusted(t.recorded_owner.as_ref(), t.ts_ns)
+                    .filter(|_| t.inode != 0)
+                {
                     t.owner = Some(k.into());
                     self.stats.from_kernel += 1;
                     return true;
@@ -192,7 +217,11 @@ impl Resolver {
                 t.owner.is_some()
             }
             Report::Transition(t) if t.old == st::CLOSE_WAIT => {
-                t.owner = trusted(t.recorded_owner.as_ref())
+                // Who held it while in CLOSE_WAIT (its exit may be what closed it).
+                t.owner = t
+                    .recorded_owner
+                    .as_ref()
+                    .filter(|k| !k.stale)
                     .map(Owner::from)
                     .or_else(|| self.snapshot_owner.remove(&t.inode))
                     .or_else(|| closer(t));
@@ -203,7 +232,7 @@ impl Resolver {
                     .recorded_owner
                     .as_ref()
                     .filter(|k| (k.pid, k.fd) != (n.task.pid, n.fd));
-                if let Some(k) = trusted(other) {
+                if let Some(k) = self.trusted(other, n.ts_ns) {
                     n.holders = vec![k.into()];
                     self.stats.from_kernel += 1;
                     return true;
@@ -296,6 +325,7 @@ mod tests {
             comm: "srv".into(),
             cgroup_id: 7,
             stale,
+            since_ns: 0,
         })
     }
 

@@ -372,6 +372,9 @@ fn drain(
                 ..
             }) => resolver.obtained(sock, ts_ns, &owner),
             Some(rec) => {
+                if rec.what == (event::Decoded::ProcessExit { group_dead: true }) {
+                    resolver.exited(rec.task.pid, rec.ts_ns);
+                }
                 c.handle(rec, batch);
                 batch.drain(..).for_each(|r| resolver.push(r, ready));
             }
