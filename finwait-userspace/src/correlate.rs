@@ -94,7 +94,7 @@ impl Cause {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,
-    pub comm: String,
+    pub comm: crate::event::Comm,
     pub fd: i32,
     /// The cgroup (v2 id) the holder was in when it obtained the socket, when the kernel said.
     pub cgroup_id: Option<u64>,

@@ -1,14 +1,22 @@
 //! Decoding of ring-buffer records into typed events.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use finwait_common::{Call, Event, EventKind, OwnerRec, flags, owner_flags};
+
+/// A process name, escaped for terminals; shared, so copies cost nothing.
+pub type Comm = Arc<str>;
 
 /// A process context: who was running when the kernel recorded the event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Task {
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    pub comm: Comm,
 }
 
 impl Task {
@@ -21,10 +29,28 @@ impl Task {
     }
 }
 
-/// A process names itself: escape it before it can reach a terminal.
-fn comm(raw: &[u8; 16]) -> String {
-    let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    crate::escape::sanitize(&String::from_utf8_lossy(&raw[..len]))
+/// Distinct names decoded so far (a host has few; bounded all the same).
+const MAX_COMMS: usize = 4096;
+
+thread_local! {
+    static COMMS: RefCell<HashMap<[u8; 16], Comm>> = RefCell::new(HashMap::new());
+}
+
+/// A process names itself: escape it before it can reach a terminal. Each distinct name is
+/// decoded once.
+fn comm(raw: &[u8; 16]) -> Comm {
+    COMMS.with_borrow_mut(|known| {
+        if let Some(c) = known.get(raw) {
+            return c.clone();
+        }
+        let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        let c: Comm = crate::escape::sanitize(&String::from_utf8_lossy(&raw[..len])).into();
+        if known.len() >= MAX_COMMS {
+            known.clear();
+        }
+        known.insert(*raw, c.clone());
+        c
+    })
 }
 
 /// The kernel's record of who holds a socket: the task that last obtained an fd to it.
@@ -32,7 +58,7 @@ fn comm(raw: &[u8; 16]) -> String {
 pub struct KernelOwner {
     pub pid: u32,
     pub fd: i32,
-    pub comm: String,
+    pub comm: Comm,
     pub cgroup_id: u64,
     /// That task closed its fd while others still referenced the file: the holder is elsewhere.
     pub stale: bool,

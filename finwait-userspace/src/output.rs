@@ -1,6 +1,9 @@
 //! Rendering of reports: one JSON object per line (the documented contract) or one readable line
 //! that states the answer in words.
-use std::time::{Duration, SystemTime};
+use std::{
+    fmt::Write,
+    time::{Duration, SystemTime},
+};
 
 use finwait_common::{Call, tcp_state as st};
 use serde_json::{Value, json};
@@ -99,7 +102,7 @@ fn cause_json(c: &Option<Cause>) -> Value {
         "how": c.how.map(how_name),
         "pid": c.task.as_ref().map(|t| t.pid),
         "tid": c.task.as_ref().map(|t| t.tid),
-        "comm": c.task.as_ref().map(|t| t.comm.as_str()),
+        "comm": c.task.as_ref().map(|t| &*t.comm),
         "fd": c.fd,
         "exact": c.exact,
     })
@@ -238,93 +241,140 @@ pub fn stuck_line(s: &crate::summary::Stuck) -> String {
     )
 }
 
-fn who(c: &Cause) -> String {
-    let call = match (c.kind, c.how) {
-        (CauseKind::Call(Call::Shutdown), Some(how)) => format!("shutdown({})", how_name(how)),
-        (CauseKind::Call(_), _) => format!("{}()", c.kind.name()),
-        (CauseKind::Exit, _) => "process exit".to_string(),
-        (k, _) => k.name().to_string(),
+/// The call and the task that made it, e.g. `shutdown(SHUT_WR) from nginx[12/13] fd 9`.
+fn write_who(out: &mut String, c: &Cause) {
+    let _ = match (c.kind, c.how) {
+        (CauseKind::Call(Call::Shutdown), Some(how)) => write!(out, "shutdown({})", how_name(how)),
+        (CauseKind::Call(_), _) => write!(out, "{}()", c.kind.name()),
+        (CauseKind::Exit, _) => write!(out, "process exit"),
+        (k, _) => write!(out, "{}", k.name()),
     };
-    match (&c.task, c.fd) {
-        (Some(t), Some(fd)) => format!("{call} from {}[{}/{}] fd {fd}", t.comm, t.pid, t.tid),
+    let _ = match (&c.task, c.fd) {
+        (Some(t), Some(fd)) => write!(out, " from {}[{}/{}] fd {fd}", t.comm, t.pid, t.tid),
         // Only the kernel hook saw it: no syscall of ours carried an fd (io_uring, ...).
-        (Some(t), None) if c.exact && matches!(c.kind, CauseKind::Call(_)) => format!(
-            "{call} of {}[{}/{}] (in the kernel, not a close/shutdown syscall: io_uring?)",
+        (Some(t), None) if c.exact && matches!(c.kind, CauseKind::Call(_)) => write!(
+            out,
+            " of {}[{}/{}] (in the kernel, not a close/shutdown syscall: io_uring?)",
             t.comm, t.pid, t.tid
         ),
-        (Some(t), None) => format!("{call} of {}[{}/{}]", t.comm, t.pid, t.tid),
-        _ => call,
-    }
+        (Some(t), None) => write!(out, " of {}[{}/{}]", t.comm, t.pid, t.tid),
+        _ => Ok(()),
+    };
 }
 
-fn dur(ns: u64) -> String {
-    let ms = ns as f64 / 1e6;
-    if ms >= 1000.0 {
-        format!("{:.1} s", ms / 1000.0)
-    } else {
-        format!("{ms:.0} ms")
+/// `N ms`, or `N.N s` from a second on.
+struct Dur(u64);
+
+impl std::fmt::Display for Dur {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0 as f64 / 1e6;
+        if ms >= 1000.0 {
+            write!(f, "{:.1} s", ms / 1000.0)
+        } else {
+            write!(f, "{ms:.0} ms")
+        }
     }
 }
 
 /// The answer in words for one transition.
 pub fn explain(t: &TransitionReport, fin_timeout_s: u64) -> String {
+    let mut out = String::new();
+    let _ = write_explain(&mut out, t, fin_timeout_s);
+    out
+}
+
+fn write_explain(out: &mut String, t: &TransitionReport, fin_timeout_s: u64) -> std::fmt::Result {
     let fin_timeout_s = t.fin_timeout_s.unwrap_or(fin_timeout_s);
-    let unknown = Cause {
-        kind: CauseKind::Unknown,
-        how: None,
-        task: None,
-        fd: None,
-        exact: false,
-    };
+    let unknown = Cause::bare(CauseKind::Unknown);
     let cause = t.cause.as_ref().unwrap_or(&unknown);
-    let by = who(cause);
-    let owner = |o: &Option<Owner>| match o {
-        Some(o) => format!("{}[{}] fd {}", o.comm, o.pid, o.fd),
-        None => "its owner (not found)".to_string(),
-    };
     match (t.old, t.new) {
-        (_, st::FIN_WAIT1) => format!("FIN sent by {by}"),
-        (st::FIN_WAIT1, st::FIN_WAIT2) if t.orphan == Some(false) => {
-            format!(
-                "half-closed by {by}; the application still owns it and must close it (no kernel timeout)"
-            )
+        (_, st::FIN_WAIT1) => {
+            out.push_str("FIN sent by ");
+            write_who(out, cause);
+            Ok(())
         }
-        (st::FIN_WAIT1, st::FIN_WAIT2) => format!(
-            "orphaned by {by}; the kernel frees it within tcp_fin_timeout ({fin_timeout_s} s)"
-        ),
-        (st::ESTABLISHED, st::CLOSE_WAIT) => format!(
-            "peer sent FIN; {} must close it (CLOSE_WAIT never times out)",
-            owner(&t.owner)
-        ),
+        (st::FIN_WAIT1, st::FIN_WAIT2) => {
+            let half = t.orphan == Some(false);
+            out.push_str(if half {
+                "half-closed by "
+            } else {
+                "orphaned by "
+            });
+            write_who(out, cause);
+            if half {
+                write!(
+                    out,
+                    "; the application still owns it and must close it (no kernel timeout)"
+                )
+            } else {
+                write!(
+                    out,
+                    "; the kernel frees it within tcp_fin_timeout ({fin_timeout_s} s)"
+                )
+            }
+        }
+        (st::ESTABLISHED, st::CLOSE_WAIT) => {
+            out.push_str("peer sent FIN; ");
+            match &t.owner {
+                Some(o) => write!(out, "{}[{}] fd {}", o.comm, o.pid, o.fd),
+                None => write!(out, "its owner (not found)"),
+            }?;
+            write!(out, " must close it (CLOSE_WAIT never times out)")
+        }
         (st::CLOSE_WAIT, st::LAST_ACK) => {
-            let at_least = if t.at_least { "at least " } else { "" };
-            let waited = t
-                .close_wait_ns
-                .map(|n| format!(" after {at_least}{} in CLOSE_WAIT", dur(n)))
-                .unwrap_or_default();
-            format!("closed by {by}{waited}")
+            out.push_str("closed by ");
+            write_who(out, cause);
+            match t.close_wait_ns {
+                Some(n) => {
+                    let at_least = if t.at_least { "at least " } else { "" };
+                    write!(out, " after {at_least}{} in CLOSE_WAIT", Dur(n))
+                }
+                None => Ok(()),
+            }
         }
         (st::FIN_WAIT2, st::CLOSE) => match t.fw2_exit {
-            Some(Fw2Exit::TimeWait) => "peer's FIN arrived: now TIME_WAIT".to_string(),
+            Some(Fw2Exit::TimeWait) => write!(out, "peer's FIN arrived: now TIME_WAIT"),
             Some(Fw2Exit::OrphanTimewait) => {
-                let half = t
-                    .half_closed_ns
-                    .map(|n| format!(" after {} half-closed", dur(n)))
-                    .unwrap_or_default();
-                format!(
-                    "orphaned by {by}{half}; `ss` still lists it as FIN-WAIT-2 (ino 0) until the kernel frees it within {} s",
+                out.push_str("orphaned by ");
+                write_who(out, cause);
+                if let Some(n) = t.half_closed_ns {
+                    write!(out, " after {} half-closed", Dur(n))?;
+                }
+                write!(
+                    out,
+                    "; `ss` still lists it as FIN-WAIT-2 (ino 0) until the kernel frees it within {} s",
                     frees_within_s(t, fin_timeout_s)
                 )
             }
-            Some(Fw2Exit::Reset) if orphan_timed_out(t) => format!(
+            Some(Fw2Exit::Reset) if orphan_timed_out(t) => write!(
+                out,
                 "orphan timed out: tcp_fin_timeout ({fin_timeout_s} s) passed without the peer's FIN; the kernel reset and freed it"
             ),
-            Some(Fw2Exit::Reset) => format!("reset ({by})"),
-            _ => format!("left FIN_WAIT2 ({by})"),
+            Some(Fw2Exit::Reset) => {
+                out.push_str("reset (");
+                write_who(out, cause);
+                write!(out, ")")
+            }
+            _ => {
+                out.push_str("left FIN_WAIT2 (");
+                write_who(out, cause);
+                write!(out, ")")
+            }
         },
-        (st::LAST_ACK, st::CLOSE) => format!("peer acknowledged our FIN ({by}); socket freed"),
-        (_, st::CLOSE) => format!("closed by {by}"),
-        _ => by,
+        (st::LAST_ACK, st::CLOSE) => {
+            out.push_str("peer acknowledged our FIN (");
+            write_who(out, cause);
+            write!(out, "); socket freed")
+        }
+        (_, st::CLOSE) => {
+            out.push_str("closed by ");
+            write_who(out, cause);
+            Ok(())
+        }
+        _ => {
+            write_who(out, cause);
+            Ok(())
+        }
     }
 }
 
@@ -374,87 +424,136 @@ impl Style {
 
     /// `head` then `text`, on one line when it fits the terminal, else `text` wrapped below
     /// `head`, indented past the time column. `head_width` is `head` without colour codes.
-    fn fit(&self, head: &str, head_width: usize, text: &str) -> String {
+    fn fit(&self, head: &str, head_width: usize, text: &str, out: &mut String) {
         match self.width {
             Some(width) if head_width + 1 + text.len() > width => {
                 let indent = " ".repeat(TIME_WIDTH + 1);
                 let opts = textwrap::Options::new(width.max(TIME_WIDTH + 21))
                     .initial_indent(&indent)
                     .subsequent_indent(&indent);
-                format!("{}\n{}", head.trim_end(), textwrap::fill(text, opts))
+                let _ = write!(out, "{}\n{}", head.trim_end(), textwrap::fill(text, opts));
             }
-            _ => format!("{head} {text}"),
+            _ => {
+                out.push_str(head);
+                out.push(' ');
+                out.push_str(text);
+            }
         }
     }
 
-    fn time(&self, clock: &Clock, ts_ns: u64) -> String {
+    fn write_time(&self, out: &mut String, clock: &Clock, ts_ns: u64) {
         match self.relative_to {
-            Some(start) => format!(
-                "{:>TIME_WIDTH$.3}",
-                ts_ns.saturating_sub(start) as f64 / 1e9
-            ),
+            Some(start) => {
+                // Seconds with milliseconds, right-aligned: integer formatting (no floats).
+                let ms = ts_ns.saturating_sub(start) / 1_000_000;
+                let _ = write!(
+                    out,
+                    "{:>w$}.{:03}",
+                    ms / 1000,
+                    ms % 1000,
+                    w = TIME_WIDTH - 4
+                );
+            }
             None => {
                 let t = humantime::format_rfc3339_millis(clock.wall(ts_ns)).to_string();
-                t.get(11..23).unwrap_or(&t).to_string()
+                out.push_str(t.get(11..23).unwrap_or(&t));
             }
         }
     }
 
     /// States that need someone's attention stand out.
-    fn state(&self, s: u8, width: usize) -> String {
-        let name = format!("{:<width$}", state_name(s));
+    fn write_state(&self, out: &mut String, s: u8, width: usize) {
         let code = match s {
             st::CLOSE_WAIT => "31",                // red: a process must act
             st::FIN_WAIT2 | st::FIN_WAIT1 => "33", // yellow
             st::TIME_WAIT | st::CLOSE => "2",      // dim: done
             _ => "",
         };
-        if self.color && !code.is_empty() {
-            format!("\x1b[{code}m{name}\x1b[0m")
-        } else {
-            name
+        let colored = self.color && !code.is_empty();
+        if colored {
+            let _ = write!(out, "\x1b[{code}m");
         }
+        let _ = write!(out, "{:<width$}", state_name(s));
+        if colored {
+            out.push_str("\x1b[0m");
+        }
+    }
+
+    #[cfg(test)]
+    fn time(&self, clock: &Clock, ts_ns: u64) -> String {
+        let mut out = String::new();
+        self.write_time(&mut out, clock, ts_ns);
+        out
+    }
+
+    #[cfg(test)]
+    fn state(&self, s: u8, width: usize) -> String {
+        let mut out = String::new();
+        self.write_state(&mut out, s, width);
+        out
     }
 }
 
+/// Buffers a human line is built in, reused from line to line (no allocation once grown).
+#[derive(Default)]
+pub struct LineBuf {
+    head: String,
+    text: String,
+    pub line: String,
+}
+
 pub fn human_line(r: &Report, clock: &Clock, fin_timeout_s: u64, style: &Style) -> String {
+    let mut b = LineBuf::default();
+    write_human(&mut b, r, clock, fin_timeout_s, style);
+    b.line
+}
+
+/// Renders `r` into `b.line`.
+pub fn write_human(b: &mut LineBuf, r: &Report, clock: &Clock, fin_timeout_s: u64, style: &Style) {
+    b.head.clear();
+    b.text.clear();
+    b.line.clear();
     match r {
         Report::Transition(t) => {
-            let conn = format!(
+            style.write_time(&mut b.head, clock, t.ts_ns);
+            b.head.push(' ');
+            style.write_state(&mut b.head, t.old, 11);
+            b.head.push_str(" -> ");
+            style.write_state(&mut b.head, t.effective_new(), 11);
+            b.head.push(' ');
+            // 12 + 1 + 11 + 4 + 11 + 1 + 31 = 71 columns before the explanation.
+            let start = b.head.len();
+            let _ = write!(
+                b.head,
                 "{}:{} > {}:{}",
                 t.ends.local, t.ends.lport, t.ends.remote, t.ends.rport
             );
-            // 12 + 1 + 11 + 4 + 11 + 1 + 31 = 71 columns before the explanation.
-            let head = format!(
-                "{} {} -> {} {conn:<31}",
-                style.time(clock, t.ts_ns),
-                style.state(t.old, 11),
-                style.state(t.effective_new(), 11),
-            );
-            let head_width = TIME_WIDTH + 28 + conn.len().max(31);
-            style.fit(&head, head_width, &explain(t, fin_timeout_s))
+            let conn = b.head.len() - start;
+            b.head
+                .extend(std::iter::repeat_n(' ', 31usize.saturating_sub(conn)));
+            let head_width = TIME_WIDTH + 28 + conn.max(31);
+            let _ = write_explain(&mut b.text, t, fin_timeout_s);
+            style.fit(&b.head, head_width, &b.text, &mut b.line);
         }
         Report::CloseNoFin(n) => {
-            let holders: Vec<String> = n
-                .holders
-                .iter()
-                .map(|o| format!("{}[{}] fd {}", o.comm, o.pid, o.fd))
-                .collect();
-            let holders = if holders.is_empty() {
-                "other references".into()
-            } else {
-                holders.join(", ")
-            };
-            let text = format!(
-                "{}() from {}[{}/{}] fd {} sent no FIN: the socket is still held by {holders}",
+            let _ = write!(
+                b.text,
+                "{}() from {}[{}/{}] fd {} sent no FIN: the socket is still held by ",
                 CauseKind::Call(n.call).name(),
                 n.task.comm,
                 n.task.pid,
                 n.task.tid,
                 n.fd
             );
-            let head = style.time(clock, n.ts_ns);
-            style.fit(&head, head.len(), &text)
+            if n.holders.is_empty() {
+                b.text.push_str("other references");
+            }
+            for (i, o) in n.holders.iter().enumerate() {
+                let sep = if i > 0 { ", " } else { "" };
+                let _ = write!(b.text, "{sep}{}[{}] fd {}", o.comm, o.pid, o.fd);
+            }
+            style.write_time(&mut b.head, clock, n.ts_ns);
+            style.fit(&b.head, b.head.len(), &b.text, &mut b.line);
         }
     }
 }

@@ -45,13 +45,14 @@ pub fn scan() -> Index {
     if let Ok(procs) = all_processes() {
         for p in procs.flatten() {
             let Ok(fds) = p.fd() else { continue };
-            let mut comm = None;
+            let mut comm: Option<crate::event::Comm> = None;
             for fd in fds.flatten() {
                 if let FDTarget::Socket(inode) = fd.target {
                     let comm = comm.get_or_insert_with(|| {
                         p.stat()
                             .map(|s| escape::sanitize(&s.comm))
                             .unwrap_or_default()
+                            .into()
                     });
                     map.entry(inode).or_default().push(Owner {
                         pid: p.pid as u32,
@@ -102,10 +103,11 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn comm_of(pid: u32) -> String {
+fn comm_of(pid: u32) -> crate::event::Comm {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|c| escape::sanitize(c.trim_end_matches('\n')))
         .unwrap_or_default()
+        .into()
 }
 
 fn owner(pid: u32, fd: i32) -> Owner {

@@ -49,7 +49,7 @@ impl Class {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Inferred {
     pub pid: u32,
-    pub comm: String,
+    pub comm: crate::event::Comm,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,9 +66,7 @@ impl Entry {
         if let Some(o) = self.owners.first() {
             return Some((o.pid, &o.comm, false));
         }
-        self.inferred
-            .as_ref()
-            .map(|i| (i.pid, i.comm.as_str(), true))
+        self.inferred.as_ref().map(|i| (i.pid, &*i.comm, true))
     }
 
     /// The answer in words.

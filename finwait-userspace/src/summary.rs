@@ -53,7 +53,7 @@ pub struct Stuck {
     pub sock: u64,
     pub what: String,
     pub pid: u32,
-    pub comm: String,
+    pub comm: crate::event::Comm,
     pub fd: Option<i32>,
     pub ends: Endpoints,
     pub stuck_ns: u64,
@@ -63,7 +63,7 @@ pub struct Stuck {
 pub struct Summary {
     /// pid -> (name, counts). The name is the process's (from /proc, via CLOSE_WAIT owners) once
     /// known, else the calling thread's.
-    by_process: BTreeMap<u32, (String, Counts)>,
+    by_process: BTreeMap<u32, (crate::event::Comm, Counts)>,
     open: HashMap<u64, Open>,
     half_closed_ms: Histogram,
     close_wait_ms: Histogram,
@@ -242,7 +242,7 @@ impl Summary {
         out
     }
 
-    pub fn counts(&self) -> &BTreeMap<u32, (String, Counts)> {
+    pub fn counts(&self) -> &BTreeMap<u32, (crate::event::Comm, Counts)> {
         &self.by_process
     }
 
@@ -320,7 +320,7 @@ impl Summary {
             .longest(now_ns, 10)
             .into_iter()
             .map(|(sock, o, age)| {
-                let comm = self.by_process.get(&o.who).map(|(c, _)| c.as_str()).unwrap_or("");
+                let comm = self.by_process.get(&o.who).map(|(c, _)| &**c).unwrap_or("");
                 json!({"sock": format!("{sock:#x}"), "state": o.what(), "pid": o.who, "comm": comm, "stuck_ms": age as f64 / 1e6})
             })
             .collect();
@@ -354,11 +354,7 @@ impl Summary {
         if !longest.is_empty() {
             out.push("  Longest stuck, still open:".into());
             for (_, o, age) in longest {
-                let comm = self
-                    .by_process
-                    .get(&o.who)
-                    .map(|(c, _)| c.as_str())
-                    .unwrap_or("");
+                let comm = self.by_process.get(&o.who).map(|(c, _)| &**c).unwrap_or("");
                 out.push(format!(
                     "    {} {comm}[{}] for {:.1} s",
                     o.what(),

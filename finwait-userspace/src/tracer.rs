@@ -175,6 +175,7 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
         fin_timeouts: FinTimeouts::default(),
         summary: Summary::default(),
         style: output::Style::for_stdout(cfg.wall_clock, owners::monotonic_ns()),
+        line: output::LineBuf::default(),
     };
     let mut batch = Vec::new();
     let mut ready = Vec::new();
@@ -455,6 +456,7 @@ struct View<'a> {
     fin_timeouts: FinTimeouts,
     summary: Summary,
     style: output::Style,
+    line: output::LineBuf,
 }
 
 impl View<'_> {
@@ -503,7 +505,7 @@ impl View<'_> {
                         .filter_map(|c| c.task.as_ref())
                         .any(|task| self.is_traced(task.pid))
                         || t.owner.as_ref().is_some_and(|o| {
-                            self.cfg.comms.contains(&o.comm) || self.is_traced(o.pid)
+                            self.cfg.comms.iter().any(|c| **c == *o.comm) || self.is_traced(o.pid)
                         })
                 }
                 Report::CloseNoFin(n) => self.is_traced(n.task.pid),
@@ -548,12 +550,13 @@ impl View<'_> {
             if self.cfg.summary_only {
                 continue;
             }
-            let line = if self.cfg.json {
-                output::json_line(&r, clock, fin_timeout_s)
+            if self.cfg.json {
+                writeln!(out, "{}", output::json_line(&r, clock, fin_timeout_s))?;
             } else {
-                output::human_line(&r, clock, fin_timeout_s, &self.style)
-            };
-            writeln!(out, "{line}")?;
+                output::write_human(&mut self.line, &r, clock, fin_timeout_s, &self.style);
+                out.write_all(self.line.line.as_bytes())?;
+                out.write_all(b"\n")?;
+            }
             if self.cfg.keep_reports {
                 self.kept.push(r);
             }
