@@ -12,6 +12,7 @@
 use std::num::NonZeroUsize;
 
 use finwait_common::{Call, tcp_state as st};
+use foldhash::fast::RandomState as FastHash;
 use lru::LruCache;
 
 use crate::event::{Decoded, Endpoints, KernelOwner, Record, Task};
@@ -265,8 +266,9 @@ struct ThreadState {
 }
 
 pub struct Correlator {
-    socks: LruCache<u64, SockState>,
-    threads: LruCache<u32, ThreadState>,
+    // Keys are kernel addresses and thread ids, which no process chooses: a fast hasher.
+    socks: LruCache<u64, SockState, FastHash>,
+    threads: LruCache<u32, ThreadState, FastHash>,
     /// Sockets that were already in CLOSE_WAIT or half-closed FIN_WAIT2 when finwait started:
     /// inode -> CLOSE_WAIT or FIN_WAIT2 since (at least) this time.
     seeds: std::collections::HashMap<u64, u64>,
@@ -285,8 +287,14 @@ impl Correlator {
 
     pub fn with_capacity(refs_zero_based: bool, socks: usize, threads: usize) -> Self {
         Self {
-            socks: LruCache::new(NonZeroUsize::new(socks.max(1)).unwrap()),
-            threads: LruCache::new(NonZeroUsize::new(threads.max(1)).unwrap()),
+            socks: LruCache::with_hasher(
+                NonZeroUsize::new(socks.max(1)).unwrap(),
+                FastHash::default(),
+            ),
+            threads: LruCache::with_hasher(
+                NonZeroUsize::new(threads.max(1)).unwrap(),
+                FastHash::default(),
+            ),
             seeds: Default::default(),
             refs_zero_based,
             stats: Stats::default(),

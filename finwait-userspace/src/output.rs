@@ -444,15 +444,20 @@ impl Style {
     fn write_time(&self, out: &mut String, clock: &Clock, ts_ns: u64) {
         match self.relative_to {
             Some(start) => {
-                // Seconds with milliseconds, right-aligned: integer formatting (no floats).
+                // Seconds with milliseconds, right-aligned: integers, no floats, no fmt.
                 let ms = ts_ns.saturating_sub(start) / 1_000_000;
-                let _ = write!(
-                    out,
-                    "{:>w$}.{:03}",
-                    ms / 1000,
-                    ms % 1000,
-                    w = TIME_WIDTH - 4
-                );
+                let mut secs = itoa::Buffer::new();
+                let secs = secs.format(ms / 1000);
+                out.extend(std::iter::repeat_n(
+                    ' ',
+                    (TIME_WIDTH - 4).saturating_sub(secs.len()),
+                ));
+                out.push_str(secs);
+                let frac = ms % 1000;
+                out.push('.');
+                out.push(char::from(b'0' + (frac / 100) as u8));
+                out.push(char::from(b'0' + (frac / 10 % 10) as u8));
+                out.push(char::from(b'0' + (frac % 10) as u8));
             }
             None => {
                 let t = humantime::format_rfc3339_millis(clock.wall(ts_ns)).to_string();
@@ -494,6 +499,26 @@ impl Style {
     }
 }
 
+/// `ip:port` (IPv4 without `core::fmt`: this runs for every line).
+fn push_addr(out: &mut String, ip: std::net::IpAddr, port: u16) {
+    let mut n = itoa::Buffer::new();
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(n.format(*octet));
+            }
+        }
+        v6 => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+    out.push(':');
+    out.push_str(n.format(port));
+}
+
 /// Buffers a human line is built in, reused from line to line (no allocation once grown).
 #[derive(Default)]
 pub struct LineBuf {
@@ -523,11 +548,9 @@ pub fn write_human(b: &mut LineBuf, r: &Report, clock: &Clock, fin_timeout_s: u6
             b.head.push(' ');
             // 12 + 1 + 11 + 4 + 11 + 1 + 31 = 71 columns before the explanation.
             let start = b.head.len();
-            let _ = write!(
-                b.head,
-                "{}:{} > {}:{}",
-                t.ends.local, t.ends.lport, t.ends.remote, t.ends.rport
-            );
+            push_addr(&mut b.head, t.ends.local, t.ends.lport);
+            b.head.push_str(" > ");
+            push_addr(&mut b.head, t.ends.remote, t.ends.rport);
             let conn = b.head.len() - start;
             b.head
                 .extend(std::iter::repeat_n(' ', 31usize.saturating_sub(conn)));
