@@ -68,18 +68,18 @@ pub struct KernelOwner {
 
 impl KernelOwner {
     fn of(e: &Event) -> Option<Self> {
-        if e.flags & flags::OWNER_VALID == 0 {
-            return None;
-        }
-        let o: &OwnerRec = &e.owner;
-        Some(Self {
+        (e.flags & flags::OWNER_VALID != 0).then(|| Self::from_rec(&e.owner))
+    }
+
+    pub fn from_rec(o: &OwnerRec) -> Self {
+        Self {
             pid: o.tgid,
             fd: o.fd,
             comm: comm(&o.comm),
             cgroup_id: o.cgroup_id,
             stale: o.flags & owner_flags::STALE != 0,
             since_ns: o.ts_ns,
-        })
+        }
     }
 }
 

@@ -17,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use finwait_common::OwnerRec;
 use lru::LruCache;
 
 use finwait_common::tcp_state as st;
@@ -56,6 +58,9 @@ struct Pending {
 pub struct Resolver {
     scanner: Scanner,
     queue: VecDeque<Pending>,
+    /// The kernel's ownership map, read directly for a CLOSE_WAIT whose transition raced its
+    /// accept (the state hook runs before the new state is stored: the accept can miss it).
+    owner_map: Option<BpfHashMap<MapData, u64, OwnerRec>>,
     /// Owners of sockets the start-up snapshot found in CLOSE_WAIT, by inode (for their close).
     snapshot_owner: HashMap<u64, Owner>,
     /// Processes that exited, and when (bounded: the oldest are forgotten).
@@ -94,6 +99,7 @@ impl Resolver {
         Self {
             scanner,
             queue: VecDeque::new(),
+            owner_map: None,
             snapshot_owner: HashMap::new(),
             exited: LruCache::new(NonZeroUsize::new(MAX_EXITED).unwrap()),
             stats: OwnerStats::default(),
@@ -104,10 +110,17 @@ impl Resolver {
     /// latest CLOSE_WAIT of that socket still waiting for its owner (reports reach the resolver
     /// in kernel order, so that one came before this accept).
     pub fn obtained(&mut self, sock: u64, ts_ns: u64, owner: &KernelOwner) {
+        self.fill_waiting(sock, None, ts_ns, owner);
+    }
+
+    /// Names the owner of the latest CLOSE_WAIT of `sock` (with `inode`, when known) that came
+    /// before `ts_ns` and still waits for one.
+    fn fill_waiting(&mut self, sock: u64, inode: Option<u64>, ts_ns: u64, owner: &KernelOwner) {
         let waiting = self.queue.iter_mut().rev().find(|p| {
             p.waiting
                 && matches!(&p.report, Report::Transition(t)
-                    if t.sock == sock && t.new == st::CLOSE_WAIT && t.ts_ns <= ts_ns)
+                    if t.sock == sock && t.new == st::CLOSE_WAIT && t.ts_ns <= ts_ns
+                        && inode.is_none_or(|i| i == t.inode))
         });
         if let Some(p) = waiting
             && let Report::Transition(t) = &mut p.report
@@ -116,6 +129,29 @@ impl Resolver {
             p.waiting = false;
             self.stats.from_kernel += 1;
         }
+    }
+
+    pub fn set_owner_map(&mut self, map: BpfHashMap<MapData, u64, OwnerRec>) {
+        self.owner_map = Some(map);
+    }
+
+    /// The kernel's record of socket `sock` (with this inode) as it is now.
+    fn recorded_now(&self, sock: u64, inode: u64) -> Option<KernelOwner> {
+        let rec = self.owner_map.as_ref()?.get(&sock, 0).ok()?;
+        (rec.inode == inode && inode != 0).then(|| KernelOwner::from_rec(&rec))
+    }
+
+    /// A CLOSE_WAIT with no record: has the kernel recorded its socket since?
+    fn owner_in_map(&mut self, r: &mut Report) -> bool {
+        let Report::Transition(t) = r else {
+            return false;
+        };
+        let Some(k) = self.recorded_now(t.sock, t.inode).filter(|k| !k.stale) else {
+            return false;
+        };
+        t.owner = Some((&k).into());
+        self.stats.from_kernel += 1;
+        true
     }
 
     /// Process `pid` exited (its last thread) at `ts_ns`.
@@ -151,6 +187,17 @@ impl Resolver {
     /// Resolves what can be resolved now; a report that must wait (and every report after it,
     /// to keep the order) waits in the queue.
     pub fn push(&mut self, mut report: Report, out: &mut Vec<Report>) {
+        // A socket's later transition carries the record its CLOSE_WAIT could not (the record
+        // was made by an accept that raced the FIN, and may be gone by now).
+        if let Report::Transition(t) = &report
+            && t.old == st::CLOSE_WAIT
+            && t.inode != 0
+            && let Some(k) = t.recorded_owner.as_ref().filter(|k| !k.stale)
+            && !self.queue.is_empty()
+        {
+            let k = k.clone();
+            self.fill_waiting(t.sock, Some(t.inode), t.ts_ns, &k);
+        }
         let waiting = !self.resolve_now(&mut report);
         if self.queue.is_empty() && !waiting {
             out.push(report);
@@ -174,6 +221,12 @@ impl Resolver {
                 let waited = head.since.elapsed();
                 if !fresh && waited < MAX_WAIT {
                     if waited >= ACCEPT_GRACE && report_inode(&head.report) != 0 {
+                        let mut p = self.queue.pop_front().unwrap();
+                        if self.owner_in_map(&mut p.report) {
+                            out.push(p.report);
+                            continue;
+                        }
+                        self.queue.push_front(p);
                         self.scanner.request();
                     }
                     return;
@@ -208,6 +261,14 @@ impl Resolver {
                 if t.inode == 0 {
                     t.recorded_owner = None;
                     return false;
+                }
+                // No record at the transition: its accept may have raced it and recorded since.
+                if t.recorded_owner.is_none()
+                    && let Some(k) = self.recorded_now(t.sock, t.inode).filter(|k| !k.stale)
+                {
+                    t.owner = Some((&k).into());
+                    self.stats.from_kernel += 1;
+                    return true;
                 }
                 t.owner = owners::verify(t.inode, t.recorded_owner.as_ref()).map(|mut o| {
                     o.cgroup_id = t.recorded_owner.as_ref().map(|k| k.cgroup_id);

@@ -8,7 +8,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use finwait_common::{COUNTERS_MAP, EVENTS_MAP, TRACED_PIDS_MAP, counter, tcp_state as st};
+use finwait_common::{
+    COUNTERS_MAP, EVENTS_MAP, OWNERS_MAP, TRACED_PIDS_MAP, counter, tcp_state as st,
+};
 use serde_json::json;
 use tokio::{
     io::unix::AsyncFd,
@@ -29,6 +31,8 @@ use crate::{
 
 /// Drains at least this often even without a wake-up (the kernel side batches wake-ups).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// Warn about lost or skipped events at most this often.
+const LOSS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Config {
     pub pids: Vec<u32>,
@@ -150,6 +154,9 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
                 ebpf.take_map(TRACED_PIDS_MAP).context("pid map")?,
             )?)
         };
+    if let Some(map) = ebpf.take_map(OWNERS_MAP) {
+        resolver.set_owner_map(BpfHashMap::try_from(map)?);
+    }
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(ebpf.take_map(COUNTERS_MAP).context("counters map")?)?;
     let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("events map")?)?;
@@ -179,8 +186,8 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
     };
     let mut batch = Vec::new();
     let mut ready = Vec::new();
-    let mut lost_reported = 0u64;
-    let mut skipped_reported = 0u64;
+    let mut warned = Warned::default();
+    let mut losses_checked = std::time::Instant::now();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -221,23 +228,14 @@ pub async fn run(cfg: Config, stop: Stopper, mut on_ready: impl FnMut()) -> Resu
             }
             out.flush()?;
         }
-        let skipped = nested_misses(&ebpf);
-        if skipped > skipped_reported {
-            eprintln!(
-                "finwait-trace: warning: {} events skipped by the kernel (a BPF program was already running on that CPU)",
-                skipped - skipped_reported
-            );
-            skipped_reported = skipped;
+        // The loss counters cost a syscall per program: read them once a second, not per wake-up.
+        if losses_checked.elapsed() < LOSS_CHECK_EVERY {
+            continue;
         }
-        let lost = sum(&counters, counter::RING_FULL);
-        if lost > lost_reported {
-            eprintln!(
-                "finwait-trace: warning: {} events lost (ring buffer full; raise --ring-buffer-kib)",
-                lost - lost_reported
-            );
-            lost_reported = lost;
-        }
+        losses_checked = std::time::Instant::now();
+        warned.warn(&ebpf, &counters);
     }
+    warned.warn(&ebpf, &counters);
     drain(
         ring.get_mut(),
         &mut correlator,
@@ -380,6 +378,34 @@ fn drain(
                 batch.drain(..).for_each(|r| resolver.push(r, ready));
             }
             None => {}
+        }
+    }
+}
+
+/// Losses already warned about: each warning says what is new.
+#[derive(Default)]
+struct Warned {
+    skipped: u64,
+    lost: u64,
+}
+
+impl Warned {
+    fn warn(&mut self, ebpf: &aya::Ebpf, counters: &PerCpuArray<MapData, u64>) {
+        let skipped = nested_misses(ebpf);
+        if skipped > self.skipped {
+            eprintln!(
+                "finwait-trace: warning: {} events skipped by the kernel (a BPF program was already running on that CPU)",
+                skipped - self.skipped
+            );
+            self.skipped = skipped;
+        }
+        let lost = sum(counters, counter::RING_FULL);
+        if lost > self.lost {
+            eprintln!(
+                "finwait-trace: warning: {} events lost (ring buffer full; raise --ring-buffer-kib)",
+                lost - self.lost
+            );
+            self.lost = lost;
         }
     }
 }
