@@ -24,7 +24,10 @@ struct Mode {
 struct Sample {
     conn_per_s: f64,
     connections: u64,
+    /// The tracer's CPU (user + system) during the churn.
     cpu_s: f64,
+    /// Its CPU before the churn: attaching (BTF parsing, loading), once per run.
+    startup_cpu_s: f64,
     rss_kib: i64,
     records: u64,
     transitions: u64,
@@ -222,9 +225,9 @@ fn report(
         "Loopback churn, {threads} thread(s), {rounds} interleaved rounds of {seconds} s; untraced median {base:.0} conn/s.\n"
     );
     println!(
-        "| mode | conn/s (median) | ratio to untraced | x tcpstates' ratio | events delivered | lost | transitions/conn | tracer CPU per event | tracer CPU per conn | peak RSS |"
+        "| mode | conn/s (median) | ratio to untraced | x tcpstates' ratio | events delivered | lost | records/conn | transitions/conn | tracer CPU per event | tracer CPU per conn | start-up CPU | peak RSS |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for (m, ss) in modes.iter().zip(samples) {
         let rate = median(ss.iter().map(|s| s.conn_per_s).collect());
@@ -234,6 +237,7 @@ fn report(
         let transitions: u64 = ss.iter().map(|s| s.transitions).sum();
         let lost: u64 = ss.iter().map(|s| s.lost).sum();
         let cpu: f64 = ss.iter().map(|s| s.cpu_s).sum();
+        let startup = ss.iter().map(|s| s.startup_cpu_s).sum::<f64>() / ss.len().max(1) as f64;
         let rss = ss.iter().map(|s| s.rss_kib).max().unwrap_or(0);
         let dash = || "-".to_string();
         let per_event = if m.finwait && records > 0 {
@@ -251,8 +255,18 @@ fn report(
         } else {
             dash()
         };
+        let rpc = if m.finwait && conns > 0 {
+            format!("{:.3}", records as f64 / conns as f64)
+        } else {
+            dash()
+        };
+        let startup_col = if m.cmd.is_some() {
+            format!("{startup:.2} s")
+        } else {
+            dash()
+        };
         println!(
-            "| {} | {:.0} | {:.3} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.3} | {} | {} | {} | {rpc} | {} | {} | {} | {startup_col} | {} |",
             m.name,
             rate,
             ratio,
@@ -284,6 +298,7 @@ fn report(
             "transitions": transitions,
             "lost": lost,
             "cpu_s": cpu,
+            "startup_cpu_s": startup,
             "peak_rss_kib": rss,
             "samples": ss.iter().map(|s| s.conn_per_s).collect::<Vec<_>>(),
         }));
@@ -309,6 +324,7 @@ fn measure(mode: &Mode, churn: &str, threads: &str, seconds: f64, peer_wait: Dur
         .cmd
         .as_ref()
         .map(|cmd| start_tracer(cmd, mode.finwait, peer_wait));
+    let startup_cpu = tracer.as_ref().map_or(0.0, |(c, _)| cpu_of(c.id()));
     let out = Command::new(churn)
         .args(["--threads", threads, "--seconds", &seconds.to_string()])
         .output()
@@ -321,7 +337,8 @@ fn measure(mode: &Mode, churn: &str, threads: &str, seconds: f64, peer_wait: Dur
     };
     if let Some((child, stderr_lines)) = tracer.take() {
         let (cpu, rss, stats) = stop(child, stderr_lines);
-        s.cpu_s = cpu;
+        s.cpu_s = cpu - startup_cpu;
+        s.startup_cpu_s = startup_cpu;
         s.rss_kib = rss;
         if let Some(stats) = stats.and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
         {
@@ -372,6 +389,19 @@ fn start_tracer(
         thread::sleep(peer_wait);
     }
     (child, rx)
+}
+
+/// User + system CPU seconds of a running process so far, from /proc/PID/stat.
+fn cpu_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap_or(0) + 2..]
+        .split(' ')
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / hz
 }
 
 /// SIGINT, then (CPU seconds, peak RSS KiB, last stats line).

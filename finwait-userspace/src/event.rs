@@ -32,8 +32,11 @@ impl Task {
 /// Distinct names decoded so far (a host has few; bounded all the same).
 const MAX_COMMS: usize = 4096;
 
+type CommMap = HashMap<[u8; 16], Comm, foldhash::quality::RandomState>;
+
 thread_local! {
-    static COMMS: RefCell<HashMap<[u8; 16], Comm>> = RefCell::new(HashMap::new());
+    // Names are chosen by processes: a seeded hasher, and a bounded map.
+    static COMMS: RefCell<CommMap> = RefCell::new(CommMap::default());
 }
 
 /// A process names itself: escape it before it can reach a terminal. Each distinct name is

@@ -245,12 +245,28 @@ pub fn stuck_line(s: &crate::summary::Stuck) -> String {
 fn write_who(out: &mut String, c: &Cause) {
     let _ = match (c.kind, c.how) {
         (CauseKind::Call(Call::Shutdown), Some(how)) => write!(out, "shutdown({})", how_name(how)),
-        (CauseKind::Call(_), _) => write!(out, "{}()", c.kind.name()),
+        (CauseKind::Call(_), _) => {
+            out.push_str(c.kind.name());
+            out.push_str("()");
+            Ok(())
+        }
         (CauseKind::Exit, _) => write!(out, "process exit"),
         (k, _) => write!(out, "{}", k.name()),
     };
     let _ = match (&c.task, c.fd) {
-        (Some(t), Some(fd)) => write!(out, " from {}[{}/{}] fd {fd}", t.comm, t.pid, t.tid),
+        (Some(t), Some(fd)) => {
+            // The common case, on every line: no core::fmt.
+            let mut n = itoa::Buffer::new();
+            out.push_str(" from ");
+            out.push_str(&t.comm);
+            out.push('[');
+            out.push_str(n.format(t.pid));
+            out.push('/');
+            out.push_str(n.format(t.tid));
+            out.push_str("] fd ");
+            out.push_str(n.format(fd));
+            Ok(())
+        }
         // Only the kernel hook saw it: no syscall of ours carried an fd (io_uring, ...).
         (Some(t), None) if c.exact && matches!(c.kind, CauseKind::Call(_)) => write!(
             out,
@@ -478,7 +494,9 @@ impl Style {
         if colored {
             let _ = write!(out, "\x1b[{code}m");
         }
-        let _ = write!(out, "{:<width$}", state_name(s));
+        let name = state_name(s);
+        out.push_str(name);
+        out.extend(std::iter::repeat_n(' ', width.saturating_sub(name.len())));
         if colored {
             out.push_str("\x1b[0m");
         }
