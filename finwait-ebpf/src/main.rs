@@ -115,7 +115,8 @@ static OWNERS: HashMap<u64, OwnerRec> = HashMap::with_max_entries(OWNERS_MAX, 0)
 #[map]
 static RECVMSG: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
 
-/// connect() calls in progress: tid -> fd (recorded at exit, once the call did not fail).
+/// connect() calls in progress: tid -> fd. The socket's CLOSE -> SYN_SENT transition, which
+/// runs inside the call in the caller's context, records the owner.
 #[map]
 static CONNECTING: HashMap<u32, i32> = HashMap::with_max_entries(16384, 0);
 
@@ -263,6 +264,9 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
 /// it reaches CLOSE (a connect() that failed, a reset in SYN_RECV, ...).
 #[inline(always)]
 fn wanted_transition(sk: u64, old: u8, new: u8) -> bool {
+    if new == tcp_state::SYN_SENT {
+        connecting(sk);
+    }
     if config(&FILTER.all_transitions) != 0 || tcp_state::worth_reporting(old, new) {
         return true;
     }
@@ -270,6 +274,23 @@ fn wanted_transition(sk: u64, old: u8, new: u8) -> bool {
         let _ = OWNERS.remove(sk);
     }
     false
+}
+
+/// A socket entering SYN_SENT inside this thread's connect(): the caller holds it at the fd
+/// connect() was given.
+#[inline(always)]
+fn connecting(sk: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out at once.
+    let Some(fd) = (unsafe { CONNECTING.get(pid_tgid as u32) }).copied() else {
+        return;
+    };
+    let o = config(&OFFSETS);
+    let inode = match read::<u64>(sk, o.sock_socket as u64) {
+        Some(socket) if socket != 0 => inode_of_socket(socket, &o),
+        _ => return,
+    };
+    insert_owner(sk, inode, fd, pid_tgid);
 }
 
 /// `--port`: does this socket have one of the wanted ports (local or remote)?
@@ -562,21 +583,9 @@ fn release_owner(e: &mut Event, refs: u64) {
 fn record_owner(fd: i64) {
     let Some(s) = sock_of_fd(fd) else { return };
     let pid_tgid = bpf_get_current_pid_tgid();
-    let rec = OwnerRec {
-        // SAFETY: plain helper call.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        inode: s.inode,
-        // SAFETY: plain helper call.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        tgid: (pid_tgid >> 32) as u32,
-        fd: fd as i32,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        flags: 0,
-        _pad: 0,
+    let Some(rec) = insert_owner(s.sk, s.inode, fd as i32, pid_tgid) else {
+        return;
     };
-    if OWNERS.insert(s.sk, rec, 0).is_err() {
-        count(counter::OWNERS_FULL);
-    }
     let state = read::<u8>(s.sk, config(&OFFSETS).sock_state as u64);
     if state == Some(tcp_state::CLOSE_WAIT) {
         let mut e = new_event(EventKind::Obtained);
@@ -587,6 +596,28 @@ fn record_owner(fd: i64) {
         e.flags |= flags::OWNER_VALID;
         submit(&e);
     }
+}
+
+/// Records the current task as the holder of `sk` at `fd`; None when the map was full.
+#[inline(always)]
+fn insert_owner(sk: u64, inode: u64, fd: i32, pid_tgid: u64) -> Option<OwnerRec> {
+    let rec = OwnerRec {
+        // SAFETY: plain helper call.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        inode,
+        // SAFETY: plain helper call.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        tgid: (pid_tgid >> 32) as u32,
+        fd,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        flags: 0,
+        _pad: 0,
+    };
+    if OWNERS.insert(sk, rec, 0).is_err() {
+        count(counter::OWNERS_FULL);
+        return None;
+    }
+    Some(rec)
 }
 
 /// The return value of a sys_exit tracepoint.
@@ -622,24 +653,13 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     0
 }
 
-const EINPROGRESS: i64 = 115;
-
 #[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+pub fn sys_exit_connect(_ctx: TracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: the value is copied out at once.
-    let Some(fd) = (unsafe { CONNECTING.get(tid) }).copied() else {
-        return 0;
-    };
-    let _ = CONNECTING.remove(tid);
-    let ret = syscall_ret(&ctx);
-    // A connect that failed at once never made a connection (nor will its socket reach CLOSE).
-    if ret == 0 || ret == -EINPROGRESS {
-        record_owner(fd as i64);
-    }
+    // The owner was recorded at SYN_SENT, if the call got that far.
+    let _ = CONNECTING.remove(bpf_get_current_pid_tgid() as u32);
     0
 }
 

@@ -430,6 +430,29 @@ mod tests {
         assert_eq!(r.stats.from_kernel, 1);
     }
 
+    /// A record made before its process exited does not name the holder of a CLOSE_WAIT after
+    /// that exit (a child kept the socket); one whose process exited after the transition does.
+    #[test]
+    fn a_holder_that_exited_since_the_record_is_not_trusted() {
+        let mut r = Resolver::new(Scanner::start(|| Index::default()));
+        let me = std::process::id();
+        let mut k = recorded(me, 9, false).unwrap();
+        k.since_ns = 100;
+        r.exited(me, 150);
+        assert!(
+            r.trusted(Some(&k), 200).is_none(),
+            "exited between record and transition"
+        );
+        assert!(
+            r.trusted(Some(&k), 120).is_some(),
+            "exited after the transition"
+        );
+        k.since_ns = 160; // recorded after the exit: a new process with the same pid
+        assert!(r.trusted(Some(&k), 200).is_some());
+        k.stale = true;
+        assert!(r.trusted(Some(&k), 200).is_none());
+    }
+
     /// A stale record (or none) waits for a fresh scan, keeps later reports behind it, and its
     /// close takes the owner from the record again.
     #[test]
