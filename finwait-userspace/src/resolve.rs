@@ -434,7 +434,7 @@ mod tests {
     /// that exit (a child kept the socket); one whose process exited after the transition does.
     #[test]
     fn a_holder_that_exited_since_the_record_is_not_trusted() {
-        let mut r = Resolver::new(Scanner::start(|| Index::default()));
+        let mut r = Resolver::new(Scanner::start(Index::default));
         let me = std::process::id();
         let mut k = recorded(me, 9, false).unwrap();
         k.since_ns = 100;
