@@ -146,10 +146,12 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         ports,
     };
     let kernel_offsets = offsets.unwrap_or_default();
-    // Parsed once, for the loader's relocations and for the BTF tracepoint.
-    let btf = aya::Btf::from_sys_fs().ok();
-    let mut ebpf = EbpfLoader::new()
-        .btf(btf.as_ref())
+    // The programs need no CO-RE relocation (offsets come from userspace): the kernel BTF that
+    // `EbpfLoader::new()` parses is dropped before loading, and parsed again afterwards for the
+    // BTF tracepoint and fentry, so two copies (about 19 MB each) are never alive at once.
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    let mut ebpf = loader
         .override_global("STATE_TP", &state, true)
         .override_global("OTHER_TP", &other, true)
         .override_global("OFFSETS", &kernel_offsets, true)
@@ -164,6 +166,7 @@ pub fn load(opts: &Options) -> Result<Loaded> {
                 anyhow::Error::new(e).context("loading the eBPF programs")
             }
         })?;
+    let btf = aya::Btf::from_sys_fs().ok();
 
     if !opts.pids.is_empty() || !opts.comms.is_empty() {
         let mut pids = opts.pids.clone();
