@@ -437,15 +437,20 @@ fn seed_pids(ebpf: &mut Ebpf, pids: &[u32]) -> Result<()> {
 }
 
 /// Seeds the kernel's ownership map with holders found in /proc (sockets that existed before
-/// finwait started), keyed by inode. Returns how many did not fit (the map was full).
-pub fn seed_owners<'a>(
-    ebpf: &mut Ebpf,
-    owners: impl IntoIterator<Item = (u64, &'a crate::correlate::Owner)>,
-) -> Result<u64> {
-    let mut map: BpfHashMap<&mut MapData, u64, OwnerRec> =
-        BpfHashMap::try_from(ebpf.map_mut(OWNERS_MAP).context("OWNERS map missing")?)?;
-    let mut full = 0;
-    for (inode, o) in owners {
+/// finwait started), keyed by inode.
+pub struct OwnerSeeder<'a> {
+    map: BpfHashMap<&'a mut MapData, u64, OwnerRec>,
+    /// Sockets that did not fit (the map was full).
+    pub full: u64,
+}
+
+impl<'a> OwnerSeeder<'a> {
+    pub fn new(ebpf: &'a mut Ebpf) -> Result<Self> {
+        let map = BpfHashMap::try_from(ebpf.map_mut(OWNERS_MAP).context("OWNERS map missing")?)?;
+        Ok(Self { map, full: 0 })
+    }
+
+    pub fn seed(&mut self, inode: u64, o: &crate::correlate::Owner) {
         let mut comm = [0u8; 16];
         let n = o.comm.len().min(15);
         comm[..n].copy_from_slice(&o.comm.as_bytes()[..n]);
@@ -458,9 +463,8 @@ pub fn seed_owners<'a>(
             flags: owner_flags::SEEDED,
             ..OwnerRec::zeroed()
         };
-        full += map.insert(inode, rec, 0).is_err() as u64;
+        self.full += self.map.insert(inode, rec, 0).is_err() as u64;
     }
-    Ok(full)
 }
 
 fn raise_memlock() {

@@ -63,22 +63,29 @@ pub struct DiagSocket {
 /// Every TCP socket (IPv4 and IPv6) in one of `states`.
 pub fn dump(states: StateFlags) -> Result<Vec<DiagSocket>> {
     let mut out = Vec::new();
+    dump_each(states, |s| out.push(s))?;
+    Ok(out)
+}
+
+/// Hands every TCP socket (IPv4 and IPv6) in one of `states` to `each`, as the kernel sends
+/// them (nothing is kept: a host's 100,000 sockets cost no memory).
+pub fn dump_each(states: StateFlags, mut each: impl FnMut(DiagSocket)) -> Result<()> {
     for family in [AF_INET, AF_INET6] {
-        dump_family(family, states.clone(), &mut out).with_context(|| {
+        dump_family(family, states.clone(), &mut each).with_context(|| {
             format!(
                 "sock_diag dump of {} TCP sockets",
                 if family == AF_INET { "IPv4" } else { "IPv6" }
             )
         })?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Offset of `idiag_expires` in `struct inet_diag_msg`, after the 16-byte netlink header. The
 /// crate drops it for time-wait sockets, which is exactly the time an orphan has left.
 const EXPIRES_OFFSET: usize = 16 + 52;
 
-fn dump_family(family: u8, states: StateFlags, out: &mut Vec<DiagSocket>) -> Result<()> {
+fn dump_family(family: u8, states: StateFlags, each: &mut impl FnMut(DiagSocket)) -> Result<()> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -120,7 +127,7 @@ fn dump_family(family: u8, states: StateFlags, out: &mut Vec<DiagSocket>) -> Res
                         .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
                         .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
                         .unwrap_or(0);
-                    out.push(convert(&r, expires));
+                    each(convert(&r, expires));
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => bail!("sock_diag error: {e:?}"),

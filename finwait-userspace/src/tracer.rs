@@ -329,27 +329,28 @@ fn start_snapshot(
 /// from the snapshot's /proc scan: every established TCP socket and every one on the close path.
 fn seed_owners(ebpf: &mut aya::Ebpf, snap: &snapshot::Snapshot) {
     use netlink_packet_sock_diag::inet::StateFlags;
-    let established = match crate::sockdiag::dump(StateFlags::ESTABLISHED | StateFlags::SYN_SENT) {
+    let mut seeder = match loader::OwnerSeeder::new(ebpf) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!(
-                "finwait-trace: warning: established sockets not read ({e:#}); their owners will come from /proc"
-            );
-            Vec::new()
+        Err(e) => return eprintln!("finwait-trace: warning: ownership not seeded ({e:#})"),
+    };
+    let mut seed = |inode: u64| {
+        if let Some(o) = snap.owners.get(inode).first().filter(|_| inode != 0) {
+            seeder.seed(inode, o);
         }
     };
-    let inodes = established
-        .iter()
-        .map(|s| s.inode)
-        .chain(snap.entries.iter().map(|e| e.sock.inode))
-        .filter(|&i| i != 0);
-    let held = inodes.filter_map(|i| snap.owners.get(i).first().map(|o| (i, o)));
-    match loader::seed_owners(ebpf, held) {
-        Ok(0) => {}
-        Ok(full) => eprintln!(
-            "finwait-trace: warning: the ownership map is full: {full} sockets from before the start have no kernel owner (their owners will come from /proc)"
-        ),
-        Err(e) => eprintln!("finwait-trace: warning: ownership not seeded ({e:#})"),
+    snap.entries.iter().for_each(|e| seed(e.sock.inode));
+    // Streamed: a host's 100,000 established sockets are never held in memory at once.
+    let established = StateFlags::ESTABLISHED | StateFlags::SYN_SENT;
+    if let Err(e) = crate::sockdiag::dump_each(established, |s| seed(s.inode)) {
+        eprintln!(
+            "finwait-trace: warning: established sockets not read ({e:#}); their owners will come from /proc"
+        );
+    }
+    if seeder.full > 0 {
+        eprintln!(
+            "finwait-trace: warning: the ownership map is full: {} sockets from before the start have no kernel owner (their owners will come from /proc)",
+            seeder.full
+        );
     }
 }
 
