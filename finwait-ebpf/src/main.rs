@@ -545,7 +545,15 @@ fn call_enter(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
         None if config(&OFFSETS).valid != 0 => return Ok(()),
         None => {}
     }
-    enter_call(pid_tgid as u32);
+    let resolved = e.flags & flags::SOCK_RESOLVED != 0;
+    enter_call(
+        pid_tgid as u32,
+        if resolved {
+            EXIT_ON_FAILURE
+        } else {
+            EXIT_ALWAYS
+        },
+    );
     submit(&e);
     Ok(())
 }
@@ -752,7 +760,7 @@ fn close_range_enter(
     if range_flags & CLOSE_RANGE_CLOEXEC != 0 {
         return Ok(()); // only marks the fds close-on-exec
     }
-    enter_call(e.pid_tgid as u32);
+    enter_call(e.pid_tgid as u32, EXIT_ALWAYS);
     e.fd = first as i32;
     e.arg = last;
     submit(&e);
@@ -777,10 +785,16 @@ fn close_range_enter(
     Ok(())
 }
 
+/// `IN_CALL` values: which exits of the call are forwarded.
+const EXIT_ALWAYS: u8 = 1;
+/// The call named its socket: userspace matches its effects by socket and retires it at the
+/// thread's next call, so only a failure (it changed nothing) needs saying.
+const EXIT_ON_FAILURE: u8 = 2;
+
 /// Marks the thread as inside a forwarded call, so that its exit is forwarded too.
 #[inline(always)]
-fn enter_call(tid: u32) {
-    if IN_CALL.insert(tid, 1u8, 0).is_err() {
+fn enter_call(tid: u32, exits: u8) {
+    if IN_CALL.insert(tid, exits, 0).is_err() {
         count(counter::IN_CALL_FULL);
     }
 }
@@ -794,15 +808,18 @@ fn call_exit(ctx: &TracePointContext, call: Call) -> Result<(), i32> {
         }
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: the value is not kept.
-    if unsafe { IN_CALL.get(tid) }.is_none() {
+    // SAFETY: the value is copied out at once.
+    let Some(exits) = (unsafe { IN_CALL.get(tid) }).copied() else {
+        return Ok(());
+    };
+    let _ = IN_CALL.remove(tid);
+    let ret = syscall_ret(ctx);
+    if exits == EXIT_ON_FAILURE && ret >= 0 {
         return Ok(());
     }
-    let _ = IN_CALL.remove(tid);
     let mut e = new_event(EventKind::CallExit);
     e.call = call as u8;
-    // SAFETY: `ret` is at offset 16 of every sys_exit tracepoint.
-    e.arg = unsafe { ctx.read_at::<i64>(16)? };
+    e.arg = ret;
     submit(&e);
     Ok(())
 }

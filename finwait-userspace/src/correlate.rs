@@ -335,14 +335,20 @@ impl Correlator {
         self.threads.get_mut(&tid).unwrap()
     }
 
-    /// Forgets what a thread's previous call may still cause: it is making a new one (or exiting).
+    /// Forgets what a thread's previous call may still cause: it is making a new one (or exiting),
+    /// so that call has returned and its last fput has run. A call that named its socket and
+    /// succeeded sends no exit record: it is still `current` here.
     fn retire_after(&mut self, tid: u32) {
-        let after = self.threads.get_mut(&tid).and_then(|t| t.after.take());
-        if let Some((_, Some(sock))) = after
-            && let Some(s) = self.socks.peek_mut(&sock)
-            && s.pending.as_ref().is_some_and(|p| p.task.tid == tid)
-        {
-            s.pending = None;
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return;
+        };
+        for (_, sock) in [t.after.take(), t.current.take()].into_iter().flatten() {
+            if let Some(sock) = sock
+                && let Some(s) = self.socks.peek_mut(&sock)
+                && s.pending.as_ref().is_some_and(|p| p.task.tid == tid)
+            {
+                s.pending = None;
+            }
         }
     }
 
@@ -879,6 +885,41 @@ mod tests {
         );
         let gone = t[2].cause.clone().unwrap();
         assert_eq!((gone.kind, gone.exact), (CauseKind::Exit, true));
+    }
+
+    /// A call that named its socket and succeeded sends no exit record: it stays the thread's
+    /// current call until the thread's next call or exit retires it. Here shutdown(SHUT_RD)
+    /// changes no state; the FIN the exit sends later is the exit's, not the shutdown's.
+    #[test]
+    fn a_successful_resolved_call_without_exit_is_retired_by_the_next() {
+        let mut c = Correlator::new(false);
+        let a = task(10, 11, "client");
+        let mut out = Vec::new();
+        c.handle(rec(1, &a, enter(Call::Shutdown, 5, 0, A, 1)), &mut out);
+        c.handle(
+            rec(2, &a, Decoded::ProcessExit { group_dead: true }),
+            &mut out,
+        );
+        c.handle(
+            rec(3, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            &mut out,
+        );
+        let cause = transitions(&out)[0].cause.clone().unwrap();
+        assert_eq!(cause.kind, CauseKind::Exit);
+        // The next call retires it too: a later close's FIN is that close's.
+        let mut c = Correlator::new(false);
+        c.handle(rec(1, &a, enter(Call::Shutdown, 5, 0, A, 1)), &mut out);
+        c.handle(rec(2, &a, enter(Call::Close, 6, 0, B, 1)), &mut out);
+        out.clear();
+        c.handle(
+            rec(3, &a, tr(B, st::ESTABLISHED, st::FIN_WAIT1, 0, 40001, 80)),
+            &mut out,
+        );
+        let cause = transitions(&out)[0].cause.clone().unwrap();
+        assert_eq!(
+            (cause.kind, cause.fd),
+            (CauseKind::Call(Call::Close), Some(6))
+        );
     }
 
     /// Scenario 1 on loopback: A shuts down; the kernel runs B's CLOSE_WAIT and A's FIN_WAIT2
