@@ -141,11 +141,9 @@ impl Resolver {
         (rec.inode == inode && inode != 0).then(|| KernelOwner::from_rec(&rec))
     }
 
-    /// A CLOSE_WAIT with no record: has the kernel recorded its socket since?
-    fn owner_in_map(&mut self, r: &mut Report) -> bool {
-        let Report::Transition(t) = r else {
-            return false;
-        };
+    /// A CLOSE_WAIT with no record: has the kernel recorded its socket since? (Its accept may
+    /// have raced the transition.)
+    fn owner_in_map(&mut self, t: &mut TransitionReport) -> bool {
         let Some(k) = self.recorded_now(t.sock, t.inode).filter(|k| !k.stale) else {
             return false;
         };
@@ -222,7 +220,9 @@ impl Resolver {
                 if !fresh && waited < MAX_WAIT {
                     if waited >= ACCEPT_GRACE && report_inode(&head.report) != 0 {
                         let mut p = self.queue.pop_front().unwrap();
-                        if self.owner_in_map(&mut p.report) {
+                        if let Report::Transition(t) = &mut p.report
+                            && self.owner_in_map(t)
+                        {
                             out.push(p.report);
                             continue;
                         }
@@ -262,12 +262,7 @@ impl Resolver {
                     t.recorded_owner = None;
                     return false;
                 }
-                // No record at the transition: its accept may have raced it and recorded since.
-                if t.recorded_owner.is_none()
-                    && let Some(k) = self.recorded_now(t.sock, t.inode).filter(|k| !k.stale)
-                {
-                    t.owner = Some((&k).into());
-                    self.stats.from_kernel += 1;
+                if t.recorded_owner.is_none() && self.owner_in_map(t) {
                     return true;
                 }
                 t.owner = owners::verify(t.inode, t.recorded_owner.as_ref()).map(|mut o| {
