@@ -407,6 +407,14 @@ fn cpu_of(pid: u32) -> f64 {
 /// SIGINT, then (CPU seconds, peak RSS KiB, last stats line).
 fn stop(child: Child, lines: mpsc::Receiver<String>) -> (f64, i64, Option<String>) {
     let pid = child.id() as i32;
+    // Its own high-water mark (ru_maxrss would also count the pre-exec copy of this driver).
+    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<i64>().ok())
+        });
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid, libc::SIGINT) };
     let mut status = 0;
@@ -421,7 +429,7 @@ fn stop(child: Child, lines: mpsc::Receiver<String>) -> (f64, i64, Option<String
         .iter()
         .filter(|l| l.contains("\"event\":\"stats\""))
         .last();
-    (cpu, ru.ru_maxrss, stats)
+    (cpu, hwm.unwrap_or(ru.ru_maxrss), stats)
 }
 
 /// Churn for `minutes` under finwait (default mode), sampling its RSS and socket table.

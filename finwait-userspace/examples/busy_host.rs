@@ -156,9 +156,12 @@ fn run(o: &Opts) -> Result {
     let connections = churn(&[leaky.port, closing.port], o.rate, o.seconds);
     thread::sleep(Duration::from_millis(1500)); // the last FINs, and finwait drains them
     let (user1, sys1) = cpu_of(tracer.id());
+    // The tracer's own high-water mark: wait4's ru_maxrss would also count the forked copy of
+    // this (by now large) driver that existed before the exec.
+    let rss_kib = peak_rss_kib(tracer.id());
     // SAFETY: our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
-    let (_, rss_kib) = wait_rusage(&mut tracer);
+    let _ = wait_rusage(&mut tracer);
     seen.extend(rx.iter());
     let fds = [leaky.stop(), closing.stop()];
 
@@ -340,6 +343,18 @@ fn cpu_of(pid: u32) -> (f64, f64) {
         f[11].parse::<f64>().unwrap() / hz,
         f[12].parse::<f64>().unwrap() / hz,
     )
+}
+
+/// VmHWM of a running process (its peak RSS since exec), KiB.
+fn peak_rss_kib(pid: u32) -> i64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn wait_rusage(child: &mut Child) -> (i32, i64) {
