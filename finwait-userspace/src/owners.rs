@@ -14,17 +14,65 @@ use procfs::process::{FDTarget, all_processes};
 
 use crate::{correlate::Owner, escape, event::KernelOwner};
 
-/// Socket inode -> holders, as seen by a scan that started at `built_ns`.
+/// Socket inode -> holders, as seen by a scan that started at `built_ns`. Compact, since a busy
+/// host has 100,000 sockets: one (pid, fd) per inode, the rare further holders aside, and each
+/// process's name once.
 #[derive(Default)]
 pub struct Index {
-    pub map: HashMap<u64, Vec<Owner>>,
+    first: HashMap<u64, (u32, i32)>,
+    more: HashMap<u64, Vec<(u32, i32)>>,
+    comms: HashMap<u32, crate::event::Comm>,
     /// CLOCK_MONOTONIC (the kernel's event clock) when the scan started.
     pub built_ns: u64,
 }
 
 impl Index {
-    pub fn get(&self, inode: u64) -> &[Owner] {
-        self.map.get(&inode).map(Vec::as_slice).unwrap_or_default()
+    /// `pid` holds socket `inode` at `fd`.
+    pub fn add(&mut self, inode: u64, pid: u32, comm: &crate::event::Comm, fd: i32) {
+        self.comms.entry(pid).or_insert_with(|| comm.clone());
+        match self.first.entry(inode) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((pid, fd));
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                // The lowest (pid, fd) stays first, as in a sorted list.
+                let other = if (pid, fd) < *o.get() {
+                    std::mem::replace(o.get_mut(), (pid, fd))
+                } else {
+                    (pid, fd)
+                };
+                self.more.entry(inode).or_default().push(other);
+            }
+        }
+    }
+
+    /// Every holder of socket `inode`, by (pid, fd).
+    pub fn get(&self, inode: u64) -> Vec<Owner> {
+        let Some(&first) = self.first.get(&inode) else {
+            return Vec::new();
+        };
+        let mut all = vec![first];
+        if let Some(more) = self.more.get(&inode) {
+            all.extend(more);
+            all.sort_unstable();
+        }
+        all.into_iter()
+            .map(|(pid, fd)| self.owner(pid, fd))
+            .collect()
+    }
+
+    /// The first holder of socket `inode` (lowest pid, then fd).
+    pub fn first(&self, inode: u64) -> Option<Owner> {
+        self.get(inode).into_iter().next()
+    }
+
+    fn owner(&self, pid: u32, fd: i32) -> Owner {
+        Owner {
+            pid,
+            comm: self.comms.get(&pid).cloned().unwrap_or_else(|| "".into()),
+            fd,
+            cgroup_id: None,
+        }
     }
 }
 
@@ -40,8 +88,10 @@ pub fn monotonic_ns() -> u64 {
 
 /// Reads every process's fd table.
 pub fn scan() -> Index {
-    let built_ns = monotonic_ns();
-    let mut map: HashMap<u64, Vec<Owner>> = HashMap::new();
+    let mut index = Index {
+        built_ns: monotonic_ns(),
+        ..Index::default()
+    };
     if let Ok(procs) = all_processes() {
         for p in procs.flatten() {
             let Ok(fds) = p.fd() else { continue };
@@ -54,20 +104,12 @@ pub fn scan() -> Index {
                             .unwrap_or_default()
                             .into()
                     });
-                    map.entry(inode).or_default().push(Owner {
-                        pid: p.pid as u32,
-                        comm: comm.clone(),
-                        fd: fd.fd,
-                        cgroup_id: None,
-                    });
+                    index.add(inode, p.pid as u32, comm, fd.fd);
                 }
             }
         }
     }
-    for owners in map.values_mut() {
-        owners.sort_by_key(|o| (o.pid, o.fd));
-    }
-    Index { map, built_ns }
+    index
 }
 
 /// Does `pid`'s fd `fd` refer to socket `inode`? One readlink.
@@ -226,6 +268,11 @@ mod tests {
         let index = scan();
         let owners = index.get(inode);
         assert_eq!(owners.len(), 1);
+        let mut two = Index::default();
+        two.add(7, 20, &"b".into(), 5);
+        two.add(7, 10, &"a".into(), 9);
+        let all: Vec<_> = two.get(7).into_iter().map(|o| (o.pid, o.fd)).collect();
+        assert_eq!(all, [(10, 9), (20, 5)], "sorted by pid, then fd");
         assert_eq!((owners[0].pid, owners[0].fd), (std::process::id(), fd));
     }
 }

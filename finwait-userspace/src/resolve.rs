@@ -316,19 +316,14 @@ impl Resolver {
     fn fill_from_scan(&self, r: &mut Report, index: &Index) {
         match r {
             Report::Transition(t) => {
-                t.owner = index
-                    .get(t.inode)
-                    .first()
-                    .cloned()
-                    .or_else(|| self.closer_of(t.sock));
+                t.owner = index.first(t.inode).or_else(|| self.closer_of(t.sock));
             }
             Report::CloseNoFin(n) => {
                 let (pid, fd) = (n.task.pid, n.fd);
                 n.holders = index
                     .get(n.inode)
-                    .iter()
+                    .into_iter()
                     .filter(|h| h.pid != pid || h.fd != fd)
-                    .cloned()
                     .collect();
             }
         }
@@ -452,17 +447,11 @@ mod tests {
     /// close takes the owner from the record again.
     #[test]
     fn without_a_record_waits_for_a_fresh_scan_and_keeps_order() {
-        let scanner = Scanner::start(|| Index {
-            map: HashMap::from([(
-                u64::MAX - 7,
-                vec![Owner {
-                    pid: 20,
-                    comm: "srv".into(),
-                    fd: 9,
-                    cgroup_id: None,
-                }],
-            )]),
-            built_ns: monotonic_ns(),
+        let scanner = Scanner::start(|| {
+            let mut index = Index::default();
+            index.built_ns = monotonic_ns();
+            index.add(u64::MAX - 7, 20, &"srv".into(), 9);
+            index
         });
         let mut r = Resolver::new(scanner);
         let now = monotonic_ns();

@@ -170,7 +170,7 @@ pub fn take(pids: &[u32]) -> Result<Snapshot> {
     let sockets = sockdiag::dump(states())?;
     let owners = crate::owners::scan();
     Ok(Snapshot {
-        entries: build(sockets, |inode| owners.get(inode).to_vec(), pids),
+        entries: build(sockets, |inode| owners.get(inode), pids),
         taken_ns,
         owners,
     })

@@ -334,8 +334,8 @@ fn seed_owners(ebpf: &mut aya::Ebpf, snap: &snapshot::Snapshot) {
         Err(e) => return eprintln!("finwait-trace: warning: ownership not seeded ({e:#})"),
     };
     let mut seed = |inode: u64| {
-        if let Some(o) = snap.owners.get(inode).first().filter(|_| inode != 0) {
-            seeder.seed(inode, o);
+        if let Some(o) = snap.owners.first(inode).filter(|_| inode != 0) {
+            seeder.seed(inode, &o);
         }
     };
     snap.entries.iter().for_each(|e| seed(e.sock.inode));

@@ -209,6 +209,8 @@ fn fd_passed_over_a_unix_socket() {
     let (ufd, their_fd) = (ours.as_raw_fd(), theirs.into_raw_fd());
     // The receiver is forked before the TCP sockets exist: it holds only what it receives.
     let receiver = fork_child(move || {
+        // Only its own end: if this test dies, the receive sees EOF and the child exits.
+        close_fd(ufd);
         let fd = recv_fd(their_fd);
         send_i32(their_fd, fd);
         sleep_ms(3000);
@@ -308,12 +310,16 @@ fn pid_filter_keeps_other_processes_transitions_in_the_kernel() {
     let _ = idle.wait();
 }
 
+/// A control-message buffer aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct Control([u8; 64]);
+
 /// A one-byte message whose control buffer is `control` (raw parts: used in forked children).
 /// SAFETY: the pointers in the result refer to the three arguments, which must outlive it.
 unsafe fn one_byte_msg(
     byte: &mut u8,
     iov: &mut libc::iovec,
-    control: &mut [u8; 64],
+    control: &mut Control,
 ) -> libc::msghdr {
     *iov = libc::iovec {
         iov_base: (byte as *mut u8).cast(),
@@ -323,13 +329,13 @@ unsafe fn one_byte_msg(
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len();
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control.0.len();
     msg
 }
 
 fn send_fd(sock: i32, fd: i32) {
-    let (mut byte, mut control) = (0u8, [0u8; 64]);
+    let (mut byte, mut control) = (0u8, Control([0; 64]));
     let mut iov = libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
@@ -349,7 +355,7 @@ fn send_fd(sock: i32, fd: i32) {
 
 /// Receives one fd (raw calls only: it runs in a forked child).
 fn recv_fd(sock: i32) -> i32 {
-    let (mut byte, mut control) = (0u8, [0u8; 64]);
+    let (mut byte, mut control) = (0u8, Control([0; 64]));
     let mut iov = libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
