@@ -4,7 +4,8 @@
 //! - `loader`: loads and attaches the embedded eBPF programs.
 //! - `event`: decodes ring-buffer records.
 //! - `correlate`: the attribution state machine (pure, unit-tested).
-//! - `owners`, `procs`: /proc lookups (socket owners, process trees).
+//! - `resolve`: who holds a socket (the kernel's ownership record first, /proc only where it
+//!   cannot know); `owners`, `procs`: /proc lookups (socket holders, process trees).
 //! - `output`, `escape`: JSON and human rendering.
 //! - `tracer`: the live loop; `demo`: the built-in workload; `cli`: options.
 pub mod cli;
