@@ -311,26 +311,18 @@ fn port_wanted(sport: u16, dport: u16) -> bool {
 
 #[inline(always)]
 fn emit_state(mut e: Event) {
-    if e.new_state == tcp_state::CLOSE {
-        // The socket is gone (its address may be reused): its record goes, after this copy.
-        // SAFETY: the value is copied out before the delete.
-        if let Some(o) = unsafe { OWNERS.get(e.sock) } {
-            e.owner = *o;
-            e.flags |= flags::OWNER_VALID;
-        }
-        let _ = OWNERS.remove(e.sock);
-    }
-    if !port_wanted(e.sport, e.dport) {
-        return;
-    }
-    sock_details(&mut e);
-    if e.flags & flags::OWNER_VALID == 0 {
+    let wanted = port_wanted(e.sport, e.dport);
+    if wanted {
+        sock_details(&mut e);
         owner_of(&mut e);
     }
-    if !owner_followed(&e) {
-        return;
+    if e.new_state == tcp_state::CLOSE {
+        // The socket is gone (its address may be reused): its record goes, after the copy.
+        let _ = OWNERS.remove(e.sock);
     }
-    submit(&e);
+    if wanted && owner_followed(&e) {
+        submit(&e);
+    }
 }
 
 /// The socket's ownership record: by socket, else (sockets from before the start) by inode.
