@@ -18,132 +18,132 @@ use clap::{Args, Parser, Subcommand};
   sudo finwait-trace --demo",
     args_conflicts_with_subcommands = true
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub(crate) command: Option<Command>,
 
     #[command(flatten)]
-    pub trace: TraceArgs,
+    pub(crate) trace: TraceArgs,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// List the TCP sockets on the close path now: who holds each one and whose job it is.
     Snapshot(SnapshotArgs),
 }
 
 #[derive(Debug, Args)]
-pub struct SnapshotArgs {
+pub(crate) struct SnapshotArgs {
     /// Only sockets held by (or inferred to belong to) these processes and their descendants.
     #[arg(long = "pid", value_name = "PID")]
-    pub pids: Vec<u32>,
+    pub(crate) pids: Vec<u32>,
 
     /// One JSON object per line: a summary, then every socket.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 
     /// After the summary, one line per socket.
     #[arg(long)]
-    pub detail: bool,
+    pub(crate) detail: bool,
 }
 
 #[derive(Debug, Args)]
-pub struct TraceArgs {
+pub(crate) struct TraceArgs {
     /// Trace only these processes and their descendants (repeatable).
     #[arg(long = "pid", value_name = "PID")]
-    pub pids: Vec<u32>,
+    pub(crate) pids: Vec<u32>,
 
     /// Trace only processes with this name (as in /proc/PID/comm; repeatable, up to 4), and
     /// their descendants. Combines with --pid.
     #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
-    pub comms: Vec<String>,
+    pub(crate) comms: Vec<String>,
 
     /// One JSON object per line (see README.md for the fields).
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub duration: Option<f64>,
+    pub(crate) duration: Option<f64>,
 
     /// Show every TCP state transition, not only those on the close path.
     #[arg(long)]
-    pub all: bool,
+    pub(crate) all: bool,
 
     /// Run a built-in loopback client and server that reproduce the common cases, trace them,
     /// print what was found and exit.
     #[arg(long, conflicts_with_all = ["pids", "comms"])]
-    pub demo: bool,
+    pub(crate) demo: bool,
 
     /// Only sockets with this local or remote port (repeatable).
     #[arg(long = "port", value_name = "PORT")]
-    pub ports: Vec<u16>,
+    pub(crate) ports: Vec<u16>,
 
     /// Only transitions into or out of this state (repeatable): FIN_WAIT1, FIN_WAIT2,
     /// CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, CLOSE, ...
     #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
-    pub states: Vec<u8>,
+    pub(crate) states: Vec<u8>,
 
     /// IPv4 only.
     #[arg(short = '4', conflicts_with = "ipv6")]
-    pub ipv4: bool,
+    pub(crate) ipv4: bool,
 
     /// IPv6 only.
     #[arg(short = '6')]
-    pub ipv6: bool,
+    pub(crate) ipv6: bool,
 
     /// Report each socket still half-closed (FIN_WAIT2 after shutdown()) or in CLOSE_WAIT after
     /// this many seconds, once, with its owner.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub stuck: Option<f64>,
+    pub(crate) stuck: Option<f64>,
 
     /// Wall-clock times in the human output (default: seconds since start).
     #[arg(long)]
-    pub timestamp: bool,
+    pub(crate) timestamp: bool,
 
     /// Print only the summary when tracing ends, not each transition.
     #[arg(long)]
-    pub summary_only: bool,
+    pub(crate) summary_only: bool,
 
     /// Do not start with a snapshot of the sockets already on the close path.
     #[arg(long)]
-    pub no_snapshot: bool,
+    pub(crate) no_snapshot: bool,
 
     /// Print the counters (records, lost, tracked sockets, RSS) as JSON to stderr this often.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub stats_every: Option<f64>,
+    pub(crate) stats_every: Option<f64>,
 
     /// Size of the kernel's socket ownership map (entries; each socket holds one until it
     /// reaches CLOSE). A full map is counted (`owner_map_full`) and those owners come from /proc.
     #[arg(long, value_name = "ENTRIES", default_value_t = finwait_common::OWNERS_MAX, hide = true)]
-    pub owner_map_entries: u32,
+    pub(crate) owner_map_entries: u32,
 
     /// Write a man page (`man`) or shell completions (`bash`, `zsh`, `fish`) to stdout.
     #[arg(long, hide = true, value_name = "WHAT")]
-    pub generate: Option<String>,
+    pub(crate) generate: Option<String>,
 
     /// `--demo`'s workload processes: run one side of it.
     #[arg(long, hide = true, value_enum, value_name = "ROLE")]
-    pub demo_role: Option<crate::demo::Role>,
+    pub(crate) demo_role: Option<crate::demo::Role>,
 
     /// Benchmark floor: attach every program as a no-op.
     #[arg(long, hide = true)]
-    pub bench_noop: bool,
+    pub(crate) bench_noop: bool,
 
     /// How calls are tied to sockets. `precise`: also hook the kernel's tcp_close/tcp_shutdown
     /// (fentry, else kprobes), which sees every path that ends a socket (io_uring included);
     /// `correlated`: syscall tracepoints only; `auto`: precise where the kernel allows it.
-    #[arg(long, value_enum, default_value_t = crate::loader::Mode::Auto)]
-    pub mode: crate::loader::Mode,
+    #[arg(long, value_enum, default_value_t = crate::kernel::loader::Mode::Auto)]
+    pub(crate) mode: crate::kernel::loader::Mode,
 
     /// Ring buffer size in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
-    pub ring_buffer_kib: u32,
+    pub(crate) ring_buffer_kib: u32,
 }
 
 impl Cli {
     /// Parses the command line, with the checks clap cannot express, as usage errors (exit 2).
-    pub fn parse_checked() -> Self {
+    pub(crate) fn parse_checked() -> Self {
         let cli = <Self as Parser>::parse();
         if let Err(e) = cli.check() {
             e.exit();
@@ -165,7 +165,7 @@ impl Cli {
 }
 
 /// `--generate`: the man page or completions, from these very definitions.
-pub fn generate(what: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+pub(crate) fn generate(what: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     use clap::CommandFactory;
     let mut cmd = Cli::command();
     let shell = match what {
@@ -185,7 +185,7 @@ fn parse_state(s: &str) -> Result<u8, String> {
     let want = bare(s.trim());
     let want = want.strip_prefix("TCP").unwrap_or(&want);
     (1..=12)
-        .find(|&v| bare(crate::output::state_name(v)) == want)
+        .find(|&v| bare(crate::model::state_name(v)) == want)
         .ok_or_else(|| {
             format!("`{s}` is not a TCP state (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, ...)")
         })

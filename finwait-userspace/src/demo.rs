@@ -14,12 +14,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use finwait_common::tcp_state as st;
 
-use crate::{
-    correlate::{CauseKind, Report},
-    tracer::{self, Config, Stopper},
-};
+use crate::trace::{self, Options};
 
 /// How long the server leaves the third connection in CLOSE_WAIT.
 const CLOSE_WAIT_MS: u64 = 300;
@@ -28,7 +24,7 @@ const DONE: &str = "done";
 
 /// The two sides of the demo workload, each run as its own process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
+pub(crate) enum Role {
     Server,
     Client,
 }
@@ -89,7 +85,9 @@ impl Drop for RoleProcess {
     }
 }
 
-pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
+/// `--demo`: starts the workload once tracing is ready and traces it through the same pipeline
+/// as any run (its own port only), ending with the same summary.
+pub(crate) async fn run(mut opts: Options) -> Result<()> {
     let mut server = RoleProcess::spawn(Role::Server, None)?;
     let port: u16 = server.line()?.parse().context("the demo server's port")?;
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
@@ -116,44 +114,28 @@ pub async fn run(json: bool, ring_bytes: u32) -> Result<()> {
                 Ok(vec![client, server])
             })?;
 
-    let cfg = Config {
-        pids: Vec::new(),
-        comms: Vec::new(),
-        json,
-        all: false,
-        duration: Some(Duration::from_secs(30)),
-        ring_bytes,
-        ports: vec![port],
-        states: Vec::new(),
-        ipv6: None,
-        summary_only: false,
-        stuck: None,
-        wall_clock: false,
-        keep_reports: true,
-        // The demo's own connections are all that matter to it.
-        snapshot: false,
-        noop: false,
-        mode: crate::loader::Mode::Auto,
-        stats_every: None,
-        owners_max: finwait_common::OWNERS_MAX,
-    };
-    let outcome = tracer::run(cfg, Stopper(Some(stop_rx)), move || {
+    opts.ports = vec![port];
+    opts.duration = Some(Duration::from_secs(30));
+    // The demo's own connections are all that matter to it.
+    opts.snapshot = false;
+    let json = opts.json;
+    let outcome = trace::run(opts, Some(stop_rx), move || {
         let _ = ready_tx.send(());
     })
     .await;
     // Whatever happened, end the workload: the processes are killed as they are dropped.
     let roles = workload.join().expect("demo thread panicked");
-    let outcome = outcome?;
+    outcome?;
     drop(roles?);
     if !json {
-        print_findings(&outcome.reports);
+        println!("Trace a real process with: sudo finwait-trace --pid <PID>");
     }
     Ok(())
 }
 
 /// `--demo-role`: one side of the workload. Prints `done` when its part is over, then holds its
 /// sockets open until stdin closes.
-pub fn role(role: Role, ports: &[u16]) -> Result<()> {
+pub(crate) fn role(role: Role, ports: &[u16]) -> Result<()> {
     let name = std::ffi::CString::new(role.comm()).expect("no NUL");
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
@@ -201,35 +183,4 @@ fn client(port: u16) -> Result<Vec<TcpStream>> {
     // Scenario 4: close; the server closes 300 ms later.
     drop(late);
     Ok(vec![half])
-}
-
-fn print_findings(reports: &[Report]) {
-    let count = |f: &dyn Fn(&crate::correlate::TransitionReport) -> bool| {
-        reports
-            .iter()
-            .filter(|r| matches!(r, Report::Transition(t) if f(t)))
-            .count()
-    };
-    let half = count(&|t| t.new == st::FIN_WAIT2 && t.orphan == Some(false));
-    let orphan = count(&|t| t.new == st::FIN_WAIT2 && t.orphan == Some(true));
-    let close_wait = count(&|t| t.new == st::CLOSE_WAIT);
-    let late = count(&|t| {
-        t.new == st::LAST_ACK
-            && t.cause
-                .as_ref()
-                .is_some_and(|c| matches!(c.kind, CauseKind::Call(_)))
-    });
-    println!();
-    let (client, server) = (Role::Client.comm(), Role::Server.comm());
-    println!("What the demo shows:");
-    println!(
-        "  {client}: {half} socket(s) in FIN_WAIT2 half-closed by shutdown(): the application still owns them and must close them."
-    );
-    println!(
-        "  {client}: {orphan} socket(s) in FIN_WAIT2 orphaned by close(): the kernel frees them on its own (tcp_fin_timeout)."
-    );
-    println!(
-        "  {server}: {close_wait} socket(s) entered CLOSE_WAIT on the peer's FIN; {late} closed later (LAST_ACK), the rest still open: a leak if that lasts."
-    );
-    println!("Trace a real process with: sudo finwait-trace --pid <PID>");
 }

@@ -1,28 +1,75 @@
 //! finwait-trace: attributes TCP FIN_WAIT2 / CLOSE_WAIT sockets to the process and call
-//! responsible. Modules, each with one job:
-//! - `tracefs`, `kernel_btf`: this kernel's layouts, read at run time.
-//! - `loader`: loads and attaches the embedded eBPF programs.
-//! - `event`: decodes ring-buffer records.
-//! - `correlate`: the attribution state machine (pure, unit-tested).
-//! - `resolve`: who holds a socket (the kernel's ownership record first, /proc only where it
-//!   cannot know); `owners`, `procs`: /proc lookups (socket holders, process trees).
-//! - `output`, `escape`: JSON and human rendering.
-//! - `tracer`: the live loop; `demo`: the built-in workload; `cli`: options.
-pub mod cli;
-pub mod correlate;
-pub mod demo;
-pub mod escape;
-pub mod event;
-pub mod kernel_btf;
-pub mod loader;
-pub mod netns;
-pub mod output;
-pub mod owners;
-pub mod procs;
-pub mod prog_stats;
-pub mod resolve;
-pub mod snapshot;
-pub mod sockdiag;
-pub mod summary;
-pub mod tracefs;
-pub mod tracer;
+//! responsible, and says whose job the rest of the close is.
+//!
+//! Module map (each module opens with its one job):
+//! - `cli`: the flags, defined once (the man page and completions are generated from them).
+//! - `model`: the domain (tasks, connections, causes, owners, reports) and `model::verdict`,
+//!   the one place that decides whose job a socket is, with the words for it.
+//! - `kernel`: this kernel's layouts (`tracefs`, `btf`), loading and attaching the eBPF
+//!   programs (`loader`), per-program statistics (`prog_stats`).
+//! - `host`: facts from /proc and netlink: processes (`procs`), socket holders (`owners`),
+//!   sockets by state (`sockdiag`), per-namespace sysctls (`netns`), the event clock (`clock`).
+//! - `trace`: live tracing as a pipeline: `decode` -> `correlate` (what caused each
+//!   transition) -> `resolve` (who holds the socket) -> `filter` -> enrich -> `summary` and a
+//!   sink; `health` gathers the counters; `trace` itself runs the loop.
+//! - `snapshot`: the sockets on the close path now, with their holders and verdicts.
+//! - `output`: sinks, one per output mode (`human`, `json`: the JSON contract as types), and
+//!   `escape` for names that reach a terminal.
+//! - `demo`: the built-in loopback workload, traced by the same pipeline.
+mod cli;
+mod demo;
+mod host;
+mod kernel;
+mod model;
+mod output;
+mod snapshot;
+mod trace;
+
+use std::process::ExitCode;
+
+use cli::{Cli, Command};
+
+/// The binary's entry point.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse_checked();
+    // The demo's workload processes are plain blocking code: no runtime for them.
+    if let Some(role) = cli.trace.demo_role {
+        return exit_code(demo::role(role, &cli.trace.ports));
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("finwait-trace: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    exit_code(runtime.block_on(dispatch(cli)))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Snapshot(args)) = cli.command {
+        return snapshot::run(&args.pids, args.json, args.detail);
+    }
+    let t = cli.trace;
+    if let Some(what) = &t.generate {
+        return cli::generate(what, &mut std::io::stdout());
+    }
+    let opts = trace::Options::from(&t);
+    if t.demo {
+        return demo::run(opts).await;
+    }
+    trace::run(opts, None, || {}).await
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("finwait-trace: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -2,7 +2,7 @@
 
 /// Replaces control characters (escape sequences, newlines) and invalid UTF-8 with visible
 /// escapes, so a hostile `comm` cannot move the cursor or forge an output line.
-pub fn sanitize(s: &str) -> String {
+pub(crate) fn sanitize(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if c.is_control() || c == '\u{fffd}' {

@@ -1,5 +1,5 @@
 //! A dump of TCP sockets through netlink sock_diag (what `ss` uses): state, addresses, inode,
-//! uid, timer with its remaining time, queues, and the shutdown bits of full sockets.
+//! uid, timer with its remaining time, queues.
 use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context, Result, bail};
@@ -9,13 +9,13 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, Timer, nlas::Nla},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, Timer},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
 /// The timer the kernel runs for a socket, with the time left.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimerLeft {
+pub(crate) enum TimerLeft {
     Retransmit(Duration),
     /// Also the orphan FIN_WAIT2 timer of a full socket (tcp_fin_timeout above 60 s).
     KeepAlive(Duration),
@@ -25,7 +25,7 @@ pub enum TimerLeft {
 }
 
 impl TimerLeft {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             TimerLeft::Retransmit(_) => "retransmit",
             TimerLeft::KeepAlive(_) => "keepalive",
@@ -33,7 +33,7 @@ impl TimerLeft {
             TimerLeft::Probe(_) => "probe",
         }
     }
-    pub fn left(self) -> Duration {
+    pub(crate) fn left(self) -> Duration {
         match self {
             TimerLeft::Retransmit(d)
             | TimerLeft::KeepAlive(d)
@@ -44,24 +44,22 @@ impl TimerLeft {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiagSocket {
-    pub state: u8,
-    pub local: IpAddr,
-    pub lport: u16,
-    pub remote: IpAddr,
-    pub rport: u16,
+pub(crate) struct DiagSocket {
+    pub(crate) state: u8,
+    pub(crate) local: IpAddr,
+    pub(crate) lport: u16,
+    pub(crate) remote: IpAddr,
+    pub(crate) rport: u16,
     /// 0 for a socket no file refers to (an orphan, or a time-wait mini-socket).
-    pub inode: u64,
-    pub uid: u32,
-    pub timer: Option<TimerLeft>,
-    pub recv_queue: u32,
-    pub send_queue: u32,
-    /// `sk_shutdown` bits (1: receive side shut, 2: send side shut); full sockets only.
-    pub shutdown: Option<u8>,
+    pub(crate) inode: u64,
+    pub(crate) uid: u32,
+    pub(crate) timer: Option<TimerLeft>,
+    pub(crate) recv_queue: u32,
+    pub(crate) send_queue: u32,
 }
 
 /// Every TCP socket (IPv4 and IPv6) in one of `states`.
-pub fn dump(states: StateFlags) -> Result<Vec<DiagSocket>> {
+pub(crate) fn dump(states: StateFlags) -> Result<Vec<DiagSocket>> {
     let mut out = Vec::new();
     dump_each(states, |s| out.push(s))?;
     Ok(out)
@@ -69,7 +67,7 @@ pub fn dump(states: StateFlags) -> Result<Vec<DiagSocket>> {
 
 /// Hands every TCP socket (IPv4 and IPv6) in one of `states` to `each`, as the kernel sends
 /// them (nothing is kept: a host's 100,000 sockets cost no memory).
-pub fn dump_each(states: StateFlags, mut each: impl FnMut(DiagSocket)) -> Result<()> {
+pub(crate) fn dump_each(states: StateFlags, mut each: impl FnMut(DiagSocket)) -> Result<()> {
     for family in [AF_INET, AF_INET6] {
         dump_family(family, states.clone(), &mut each).with_context(|| {
             format!(
@@ -101,7 +99,7 @@ fn dump_family(family: u8, states: StateFlags, each: &mut impl FnMut(DiagSocket)
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::SHUTDOWN,
+            extensions: ExtensionFlags::empty(),
             states,
             socket_id,
         })
@@ -156,10 +154,6 @@ fn convert(r: &InetResponse, raw_expires_ms: u32) -> DiagSocket {
         Timer::TimeWait => TimerLeft::TimeWait(Duration::from_millis(raw_expires_ms as u64)),
         Timer::Probe(d) => TimerLeft::Probe(d),
     });
-    let shutdown = r.nlas.iter().find_map(|n| match n {
-        Nla::Shutdown(s) => Some(*s),
-        _ => None,
-    });
     DiagSocket {
         state: h.state,
         local: unmap(h.socket_id.source_address),
@@ -171,6 +165,5 @@ fn convert(r: &InetResponse, raw_expires_ms: u32) -> DiagSocket {
         timer,
         recv_queue: h.recv_queue,
         send_queue: h.send_queue,
-        shutdown,
     }
 }

@@ -12,23 +12,26 @@ use std::{
 
 use procfs::process::{FDTarget, all_processes};
 
-use crate::{correlate::Owner, escape, event::KernelOwner};
+use crate::{
+    model::{Comm, KernelOwner, Owner},
+    output::escape,
+};
 
 /// Socket inode -> holders, as seen by a scan that started at `built_ns`. Compact, since a busy
 /// host has 100,000 sockets: one (pid, fd) per inode, the rare further holders aside, and each
 /// process's name once.
 #[derive(Default)]
-pub struct Index {
+pub(crate) struct Index {
     first: HashMap<u64, (u32, i32)>,
     more: HashMap<u64, Vec<(u32, i32)>>,
-    comms: HashMap<u32, crate::event::Comm>,
+    comms: HashMap<u32, Comm>,
     /// CLOCK_MONOTONIC (the kernel's event clock) when the scan started.
-    pub built_ns: u64,
+    pub(crate) built_ns: u64,
 }
 
 impl Index {
     /// `pid` holds socket `inode` at `fd`.
-    pub fn add(&mut self, inode: u64, pid: u32, comm: &crate::event::Comm, fd: i32) {
+    pub(crate) fn add(&mut self, inode: u64, pid: u32, comm: &Comm, fd: i32) {
         self.comms.entry(pid).or_insert_with(|| comm.clone());
         match self.first.entry(inode) {
             std::collections::hash_map::Entry::Vacant(v) => {
@@ -47,7 +50,7 @@ impl Index {
     }
 
     /// Every holder of socket `inode`, by (pid, fd).
-    pub fn get(&self, inode: u64) -> Vec<Owner> {
+    pub(crate) fn get(&self, inode: u64) -> Vec<Owner> {
         let Some(&first) = self.first.get(&inode) else {
             return Vec::new();
         };
@@ -62,7 +65,7 @@ impl Index {
     }
 
     /// The first holder of socket `inode` (lowest pid, then fd).
-    pub fn first(&self, inode: u64) -> Option<Owner> {
+    pub(crate) fn first(&self, inode: u64) -> Option<Owner> {
         self.get(inode).into_iter().next()
     }
 
@@ -76,26 +79,16 @@ impl Index {
     }
 }
 
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Reads every process's fd table.
-pub fn scan() -> Index {
+pub(crate) fn scan() -> Index {
     let mut index = Index {
-        built_ns: monotonic_ns(),
+        built_ns: super::clock::monotonic_ns(),
         ..Index::default()
     };
     if let Ok(procs) = all_processes() {
         for p in procs.flatten() {
             let Ok(fds) = p.fd() else { continue };
-            let mut comm: Option<crate::event::Comm> = None;
+            let mut comm: Option<Comm> = None;
             for fd in fds.flatten() {
                 if let FDTarget::Socket(inode) = fd.target {
                     let comm = comm.get_or_insert_with(|| {
@@ -145,7 +138,7 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn comm_of(pid: u32) -> crate::event::Comm {
+fn comm_of(pid: u32) -> Comm {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|c| escape::sanitize(c.trim_end_matches('\n')))
         .unwrap_or_default()
@@ -164,7 +157,7 @@ fn owner(pid: u32, fd: i32) -> Owner {
 /// The holder of socket `inode` among the processes that can hold it after the kernel's record
 /// `hint`: the recorded process at its fd, its children at the same fd (an inherited copy), then
 /// the recorded process's other fds (a dup). None: a full scan must answer.
-pub fn verify(inode: u64, hint: Option<&KernelOwner>) -> Option<Owner> {
+pub(crate) fn verify(inode: u64, hint: Option<&KernelOwner>) -> Option<Owner> {
     let k = hint?;
     if holds(k.pid, k.fd, inode) {
         return Some(owner(k.pid, k.fd));
@@ -177,7 +170,7 @@ pub fn verify(inode: u64, hint: Option<&KernelOwner>) -> Option<Owner> {
 
 /// Who else holds socket `inode` after `pid` closed its `fd` and references remained: its
 /// children at the same fd, and its own other fds. Empty: a full scan must answer.
-pub fn verify_others(inode: u64, pid: u32, fd: i32) -> Vec<Owner> {
+pub(crate) fn verify_others(inode: u64, pid: u32, fd: i32) -> Vec<Owner> {
     let mut found: Vec<Owner> = children(pid)
         .into_iter()
         .filter(|&c| holds(c, fd, inode))
@@ -201,12 +194,12 @@ struct Shared {
 
 /// A thread that rescans /proc when asked; requests made while a scan runs share the next one.
 #[derive(Clone)]
-pub struct Scanner {
+pub(crate) struct Scanner {
     shared: Arc<(Mutex<Shared>, Condvar)>,
 }
 
 impl Scanner {
-    pub fn start(scan_fn: impl Fn() -> Index + Send + 'static) -> Self {
+    pub(crate) fn start(scan_fn: impl Fn() -> Index + Send + 'static) -> Self {
         let shared = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
         let worker = shared.clone();
         thread::Builder::new()
@@ -232,17 +225,17 @@ impl Scanner {
     }
 
     /// The newest index, if any scan finished.
-    pub fn latest(&self) -> Option<Arc<Index>> {
+    pub(crate) fn latest(&self) -> Option<Arc<Index>> {
         self.shared.0.lock().unwrap().latest.clone()
     }
 
-    pub fn request(&self) {
+    pub(crate) fn request(&self) {
         let (lock, cv) = &*self.shared;
         lock.lock().unwrap().wanted = true;
         cv.notify_one();
     }
 
-    pub fn scans(&self) -> u64 {
+    pub(crate) fn scans(&self) -> u64 {
         self.shared.0.lock().unwrap().scans
     }
 }

@@ -3,29 +3,17 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::Arc,
 };
 
 use finwait_common::{Call, Event, EventKind, OwnerRec, flags, owner_flags};
 
-/// A process name, escaped for terminals; shared, so copies cost nothing.
-pub type Comm = Arc<str>;
+use crate::model::{Comm, Endpoints, KernelOwner, Task};
 
-/// A process context: who was running when the kernel recorded the event.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Task {
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: Comm,
-}
-
-impl Task {
-    fn of(e: &Event) -> Self {
-        Self {
-            pid: (e.pid_tgid >> 32) as u32,
-            tid: e.pid_tgid as u32,
-            comm: comm(&e.comm),
-        }
+fn task_of(e: &Event) -> Task {
+    Task {
+        pid: (e.pid_tgid >> 32) as u32,
+        tid: e.pid_tgid as u32,
+        comm: comm(&e.comm),
     }
 }
 
@@ -47,7 +35,7 @@ fn comm(raw: &[u8; 16]) -> Comm {
             return c.clone();
         }
         let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        let c: Comm = crate::escape::sanitize(&String::from_utf8_lossy(&raw[..len])).into();
+        let c: Comm = crate::output::escape::sanitize(&String::from_utf8_lossy(&raw[..len])).into();
         if known.len() >= MAX_COMMS {
             known.clear();
         }
@@ -56,75 +44,56 @@ fn comm(raw: &[u8; 16]) -> Comm {
     })
 }
 
-/// The kernel's record of who holds a socket: the task that last obtained an fd to it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KernelOwner {
-    pub pid: u32,
-    pub fd: i32,
-    pub comm: Comm,
-    pub cgroup_id: u64,
-    /// That task closed its fd while others still referenced the file: the holder is elsewhere.
-    pub stale: bool,
-    /// When the record was made (CLOCK_MONOTONIC ns).
-    pub since_ns: u64,
+fn kernel_owner_of(e: &Event) -> Option<KernelOwner> {
+    (e.flags & flags::OWNER_VALID != 0).then(|| kernel_owner(&e.owner))
 }
 
-impl KernelOwner {
-    fn of(e: &Event) -> Option<Self> {
-        (e.flags & flags::OWNER_VALID != 0).then(|| Self::from_rec(&e.owner))
-    }
-
-    pub fn from_rec(o: &OwnerRec) -> Self {
-        Self {
-            pid: o.tgid,
-            fd: o.fd,
-            comm: comm(&o.comm),
-            cgroup_id: o.cgroup_id,
-            stale: o.flags & owner_flags::STALE != 0,
-            since_ns: o.ts_ns,
-        }
+/// An entry of the kernel's ownership map.
+pub(crate) fn kernel_owner(o: &OwnerRec) -> KernelOwner {
+    KernelOwner {
+        pid: o.tgid,
+        fd: o.fd,
+        comm: comm(&o.comm),
+        cgroup_id: o.cgroup_id,
+        stale: o.flags & owner_flags::STALE != 0,
+        since_ns: o.ts_ns,
     }
 }
 
+/// A TCP state change.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoints {
-    pub local: IpAddr,
-    pub lport: u16,
-    pub remote: IpAddr,
-    pub rport: u16,
+pub(crate) struct StateChange {
+    pub(crate) sock: u64,
+    pub(crate) old: u8,
+    pub(crate) new: u8,
+    pub(crate) ends: Endpoints,
+    /// Kernel socket flags at the transition, when known.
+    pub(crate) sk_flags: Option<u64>,
+    pub(crate) inode: u64,
+    pub(crate) owner: Option<KernelOwner>,
 }
 
-impl Endpoints {
-    pub fn is_ipv6(&self) -> bool {
-        self.local.is_ipv6()
-    }
+/// A close-path call entered (close, shutdown, close_range, dup2, dup3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CallEnter {
+    pub(crate) call: Call,
+    pub(crate) fd: i32,
+    /// `how` for shutdown, the last fd for close_range.
+    pub(crate) arg: i64,
+    /// The socket behind `fd`, when the kernel could resolve it.
+    pub(crate) sock: Option<u64>,
+    pub(crate) inode: u64,
+    /// Raw reference count of the file, when known (its meaning depends on the kernel).
+    pub(crate) file_refs: Option<u64>,
+    /// The socket's ownership record, as this close found it.
+    pub(crate) owner: Option<KernelOwner>,
 }
 
+/// One ring-buffer record, by kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decoded {
-    Transition {
-        sock: u64,
-        old: u8,
-        new: u8,
-        ends: Endpoints,
-        /// Kernel socket flags at the transition, when known.
-        sk_flags: Option<u64>,
-        inode: u64,
-        owner: Option<KernelOwner>,
-    },
-    CallEnter {
-        call: Call,
-        fd: i32,
-        /// `how` for shutdown, the last fd for close_range.
-        arg: i64,
-        /// The socket behind `fd`, when the kernel could resolve it.
-        sock: Option<u64>,
-        inode: u64,
-        /// Raw reference count of the file, when known (its meaning depends on the kernel).
-        file_refs: Option<u64>,
-        /// The socket's ownership record, as this close found it.
-        owner: Option<KernelOwner>,
-    },
+pub(crate) enum Decoded {
+    Transition(StateChange),
+    CallEnter(CallEnter),
     CallExit {
         call: Call,
         ret: i64,
@@ -153,38 +122,38 @@ pub enum Decoded {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
-    pub ts_ns: u64,
-    pub task: Task,
-    pub what: Decoded,
+pub(crate) struct Record {
+    pub(crate) ts_ns: u64,
+    pub(crate) task: Task,
+    pub(crate) what: Decoded,
 }
 
 /// Decodes one ring-buffer item. Returns None for a short or unknown record.
-pub fn decode(bytes: &[u8]) -> Option<Record> {
+pub(crate) fn decode(bytes: &[u8]) -> Option<Record> {
     if bytes.len() < size_of::<Event>() {
         return None;
     }
     // SAFETY: length checked; Event is plain old data; the ring gives no alignment guarantee.
     let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let what = match EventKind::from_u8(e.kind)? {
-        EventKind::Transition => Decoded::Transition {
+        EventKind::Transition => Decoded::Transition(StateChange {
             sock: e.sock,
             old: e.old_state,
             new: e.new_state,
             ends: endpoints(&e),
             sk_flags: (e.flags & flags::SK_FLAGS_VALID != 0).then_some(e.sk_flags),
             inode: e.inode,
-            owner: KernelOwner::of(&e),
-        },
-        EventKind::CallEnter => Decoded::CallEnter {
+            owner: kernel_owner_of(&e),
+        }),
+        EventKind::CallEnter => Decoded::CallEnter(CallEnter {
             call: Call::from_u8(e.call)?,
             fd: e.fd,
             arg: e.arg,
             sock: (e.flags & flags::SOCK_RESOLVED != 0).then_some(e.sock),
             inode: e.inode,
             file_refs: (e.flags & flags::REFS_VALID != 0).then_some(e.file_refs),
-            owner: KernelOwner::of(&e),
-        },
+            owner: kernel_owner_of(&e),
+        }),
         EventKind::CallExit => Decoded::CallExit {
             call: Call::from_u8(e.call)?,
             ret: e.arg,
@@ -204,12 +173,12 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
         }
         EventKind::Obtained => Decoded::Obtained {
             sock: e.sock,
-            owner: KernelOwner::of(&e)?,
+            owner: kernel_owner_of(&e)?,
         },
     };
     Some(Record {
         ts_ns: e.ts_ns,
-        task: Task::of(&e),
+        task: task_of(&e),
         what,
     })
 }
@@ -267,7 +236,7 @@ mod tests {
                 comm: "nginx".into()
             }
         );
-        let Decoded::Transition { ends, sk_flags, .. } = r.what else {
+        let Decoded::Transition(StateChange { ends, sk_flags, .. }) = r.what else {
             panic!()
         };
         assert_eq!(ends.local, "127.0.0.1".parse::<IpAddr>().unwrap());

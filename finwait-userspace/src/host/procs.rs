@@ -6,7 +6,7 @@ use procfs::process::{Process, all_processes};
 
 /// Fails clearly for a pid that does not exist, or that names a thread rather than a process
 /// (/proc lists threads too, but the kernel filter follows processes).
-pub fn check_exists(pids: &[u32]) -> Result<()> {
+pub(crate) fn check_exists(pids: &[u32]) -> Result<()> {
     for &pid in pids {
         let tgid = Process::new(pid as i32)
             .and_then(|p| p.status())
@@ -23,7 +23,7 @@ pub fn check_exists(pids: &[u32]) -> Result<()> {
 }
 
 /// Running processes whose name (`comm`) is one of `names`.
-pub fn with_comm(names: &[String]) -> Vec<u32> {
+pub(crate) fn with_comm(names: &[String]) -> Vec<u32> {
     if names.is_empty() {
         return Vec::new();
     }
@@ -38,7 +38,7 @@ pub fn with_comm(names: &[String]) -> Vec<u32> {
 }
 
 /// The given pids and all their current descendants.
-pub fn with_descendants(pids: &[u32]) -> Vec<u32> {
+pub(crate) fn with_descendants(pids: &[u32]) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     if let Ok(procs) = all_processes() {
         for p in procs.flatten() {

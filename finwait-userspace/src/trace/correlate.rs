@@ -1,4 +1,4 @@
-//! The attribution state machine: kernel records in, answers out.
+//! The attribution state machine: kernel records in, reports of what caused each transition out.
 //!
 //! Rules (see shared/TCP-CLOSE.md):
 //! - Only a socket's own close()/shutdown() (or its owner's exit) moves it into FIN_WAIT1 or
@@ -9,207 +9,38 @@
 //!   calling thread before its next syscall: a call stays pending for its thread until then.
 //! - Softirq transitions (FIN_WAIT2, CLOSE_WAIT, TIME_WAIT, LAST_ACK -> CLOSE) inherit or are the
 //!   peer's doing; the pid of whatever ran in softirq is never used.
-use std::num::NonZeroUsize;
+use std::{collections::HashMap, num::NonZeroUsize};
 
 use finwait_common::{Call, tcp_state as st};
 use foldhash::fast::RandomState as FastHash;
 use lru::LruCache;
 
-use crate::event::{Decoded, Endpoints, KernelOwner, Record, Task};
+use crate::{
+    model::{Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Task, TransitionReport},
+    trace::decode::{CallEnter, Decoded, Record, StateChange},
+};
 
 /// `enum sock_flags` bits (stable since long before any kernel we support).
 const SOCK_DEAD: u64 = 1 << 0;
 const SOCK_DONE: u64 = 1 << 1;
 
-/// What made a transition happen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CauseKind {
-    Call(Call),
-    /// The owning process exited (or was killed) holding the socket.
-    Exit,
-    PeerFin,
-    PeerRst,
-    /// A kernel timer (the orphan FIN_WAIT2 timeout).
-    Timer,
-    Unknown,
-}
+/// An orphan whose FIN_WAIT2 ends within this of its start, in the thread that entered it, was
+/// handed to the time-wait timer at entry (default settings), not later by the orphan timer.
+const HANDOVER_WINDOW_NS: u64 = 50_000_000;
 
-impl CauseKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            CauseKind::Call(Call::Shutdown) => "shutdown",
-            CauseKind::Call(Call::Close) => "close",
-            CauseKind::Call(Call::CloseRange) => "close_range",
-            CauseKind::Call(Call::Dup2) => "dup2",
-            CauseKind::Call(Call::Dup3) => "dup3",
-            CauseKind::Exit => "exit",
-            CauseKind::PeerFin => "peer_fin",
-            CauseKind::PeerRst => "peer_rst",
-            CauseKind::Timer => "timer",
-            CauseKind::Unknown => "unknown",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cause {
-    pub kind: CauseKind,
-    /// shutdown's `how`.
-    pub how: Option<i32>,
-    /// The task that made the call (None for peer and timer causes).
-    pub task: Option<Task>,
-    pub fd: Option<i32>,
-    /// Precise mode: the kernel's own tcp_close/tcp_shutdown on this socket named the task
-    /// (rather than matching a syscall to the transition).
-    pub exact: bool,
-}
-
-impl Cause {
-    pub(crate) fn bare(kind: CauseKind) -> Self {
-        Self {
-            kind,
-            how: None,
-            task: None,
-            fd: None,
-            exact: false,
-        }
-    }
-    fn exit(task: &Task) -> Self {
-        Self {
-            kind: CauseKind::Exit,
-            how: None,
-            task: Some(task.clone()),
-            fd: None,
-            exact: false,
-        }
-    }
-    fn unknown() -> Self {
-        Self::bare(CauseKind::Unknown)
-    }
-    pub fn is_close_like(&self) -> bool {
-        !matches!(self.kind, CauseKind::Call(Call::Shutdown))
-    }
-}
-
-/// A process holding the socket's file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    pub comm: crate::event::Comm,
-    pub fd: i32,
-    /// The cgroup (v2 id) the holder was in when it obtained the socket, when the kernel said.
-    pub cgroup_id: Option<u64>,
-}
-
-/// How a FIN_WAIT2 socket left that state: the tracepoint only ever says CLOSE.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fw2Exit {
-    /// The peer's FIN arrived: the socket is now in TIME_WAIT.
-    TimeWait,
-    /// The socket became a time-wait mini-socket in substate FIN_WAIT2: `ss` still shows
-    /// FIN-WAIT-2 (ino 0) until the kernel frees it.
-    OrphanTimewait,
-    Reset,
-    Other,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TransitionReport {
-    pub ts_ns: u64,
-    pub sock: u64,
-    pub ends: Endpoints,
-    pub old: u8,
-    pub new: u8,
-    pub cause: Option<Cause>,
-    /// FIN_WAIT2 entries and exits: true once no process holds the socket any more.
-    pub orphan: Option<bool>,
-    /// CLOSE_WAIT entries: who must close it.
-    pub owner: Option<Owner>,
-    pub fw2_exit: Option<Fw2Exit>,
-    pub since_fin_ns: Option<u64>,
-    pub half_closed_ns: Option<u64>,
-    pub close_wait_ns: Option<u64>,
-    /// The durations count from the snapshot taken at start: the real ones are longer.
-    pub at_least: bool,
-    pub inode: u64,
-    /// `tcp_fin_timeout` of the socket's network namespace, filled in by the tracer.
-    pub fin_timeout_s: Option<u64>,
-    /// The task whose call sent our FIN (its namespace is the socket's).
-    pub fin_by: Option<Task>,
-    /// The kernel's ownership record of the socket at the transition (`resolve` turns it into
-    /// `owner`).
-    pub recorded_owner: Option<KernelOwner>,
-}
-
-impl TransitionReport {
-    /// A transition with nothing attributed yet.
-    pub fn new(ts_ns: u64, sock: u64, ends: Endpoints, old: u8, new: u8, inode: u64) -> Self {
-        Self {
-            ts_ns,
-            sock,
-            ends,
-            old,
-            new,
-            cause: None,
-            orphan: None,
-            owner: None,
-            fw2_exit: None,
-            since_fin_ns: None,
-            half_closed_ns: None,
-            close_wait_ns: None,
-            at_least: false,
-            inode,
-            fin_timeout_s: None,
-            fin_by: None,
-            recorded_owner: None,
-        }
-    }
-
-    /// The state as an operator sees it: the tracepoint says CLOSE where the socket went on to
-    /// TIME_WAIT.
-    pub fn effective_new(&self) -> u8 {
-        match self.fw2_exit {
-            Some(Fw2Exit::TimeWait) => st::TIME_WAIT,
-            _ => self.new,
-        }
-    }
-}
-
-/// close() on an fd whose file has other references: no FIN, no state change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CloseNoFinReport {
-    pub ts_ns: u64,
-    pub sock: u64,
-    pub call: Call,
-    pub task: Task,
-    pub fd: i32,
-    /// References left after this close.
-    pub remaining_refs: u64,
-    /// Who still holds it (filled in from /proc by `resolve`).
-    pub holders: Vec<Owner>,
-    pub inode: u64,
-    pub ends: Option<Endpoints>,
-    pub state: Option<u8>,
-    /// The kernel's ownership record as this close found it: another holder, or this caller
-    /// (then marked stale).
-    pub recorded_owner: Option<KernelOwner>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Report {
-    Transition(TransitionReport),
-    CloseNoFin(CloseNoFinReport),
-}
+/// Bounds of the tables (LRU: the least recently seen entry goes first, counted).
+const MAX_SOCKETS: usize = 262_144;
+const MAX_THREADS: usize = 65_536;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub records: u64,
-    pub transitions: u64,
-    pub calls: u64,
+pub(crate) struct Stats {
+    pub(crate) records: u64,
+    pub(crate) transitions: u64,
+    pub(crate) calls: u64,
     /// Precise mode: tcp_close/tcp_shutdown records.
-    pub kernel_calls: u64,
-    pub sockets_evicted: u64,
-    pub threads_evicted: u64,
+    pub(crate) kernel_calls: u64,
+    pub(crate) sockets_evicted: u64,
+    pub(crate) threads_evicted: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -217,7 +48,8 @@ struct PendingCall {
     call: Call,
     how: Option<i32>,
     task: Task,
-    fd: i32,
+    /// None: the call covered a range of fds, or only the kernel hook saw it.
+    fd: Option<i32>,
 }
 
 impl PendingCall {
@@ -226,8 +58,7 @@ impl PendingCall {
             kind: CauseKind::Call(self.call),
             how: self.how,
             task: Some(self.task.clone()),
-            // -1: the call covered a range of fds and the kernel could not say which one.
-            fd: (self.fd >= 0).then_some(self.fd),
+            fd: self.fd,
             exact: false,
         }
     }
@@ -236,7 +67,7 @@ impl PendingCall {
 #[derive(Clone, Debug, Default)]
 struct SockState {
     state: Option<u8>,
-    ends: Option<Endpoints>,
+    ends: Option<crate::model::Endpoints>,
     /// A call on this socket whose effect may still be on its way (see module docs).
     pending: Option<PendingCall>,
     /// The close()/shutdown()/exit that sent our FIN.
@@ -253,6 +84,21 @@ struct SockState {
     since_snapshot: bool,
 }
 
+impl SockState {
+    /// How an orphan left FIN_WAIT2: reset if we sent one, else into the time-wait mini-socket.
+    fn orphan_exit(&self) -> Fw2Exit {
+        if self.reset_sent {
+            Fw2Exit::Reset
+        } else {
+            Fw2Exit::OrphanTimewait
+        }
+    }
+
+    fn fin_cause(&self) -> Cause {
+        self.fin_cause.clone().unwrap_or_else(Cause::unknown)
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct ThreadState {
     /// The call in progress, with the socket it resolved (if any).
@@ -265,74 +111,102 @@ struct ThreadState {
     exiting: bool,
 }
 
-pub struct Correlator {
+impl ThreadState {
+    /// A call of this thread whose socket is unknown (no fd -> socket resolution).
+    fn unresolved(&self) -> impl Iterator<Item = &PendingCall> {
+        [&self.current, &self.after]
+            .into_iter()
+            .flatten()
+            .filter(|(_, sock)| sock.is_none())
+            .map(|(p, _)| p)
+    }
+}
+
+/// One state change, as the correlator works on it.
+struct Change<'a> {
+    ts: u64,
+    task: &'a Task,
+    c: &'a StateChange,
+}
+
+impl Change<'_> {
+    /// The kernel's own flag: no process holds the socket any more.
+    fn dead(&self) -> Option<bool> {
+        self.c.sk_flags.map(|f| f & SOCK_DEAD != 0)
+    }
+
+    /// The peer's FIN was received.
+    fn peer_fin_seen(&self) -> bool {
+        self.c.sk_flags.is_some_and(|f| f & SOCK_DONE != 0)
+    }
+
+    /// Nanoseconds since `since`.
+    fn since(&self, since: Option<u64>) -> Option<u64> {
+        since.map(|t| self.ts.saturating_sub(t))
+    }
+}
+
+pub(crate) struct Correlator {
     // Keys are kernel addresses and thread ids, which no process chooses: a fast hasher.
     socks: LruCache<u64, SockState, FastHash>,
     threads: LruCache<u32, ThreadState, FastHash>,
     /// Sockets that were already in CLOSE_WAIT or half-closed FIN_WAIT2 when finwait started:
     /// inode -> CLOSE_WAIT or FIN_WAIT2 since (at least) this time.
-    seeds: std::collections::HashMap<u64, u64>,
+    seeds: HashMap<u64, u64>,
     /// file_ref_t (6.13+) counts from zero.
     refs_zero_based: bool,
     stats: Stats,
 }
 
-const MAX_SOCKETS: usize = 262_144;
-const MAX_THREADS: usize = 65_536;
-
 impl Correlator {
-    pub fn new(refs_zero_based: bool) -> Self {
+    pub(crate) fn new(refs_zero_based: bool) -> Self {
         Self::with_capacity(refs_zero_based, MAX_SOCKETS, MAX_THREADS)
     }
 
-    pub fn with_capacity(refs_zero_based: bool, socks: usize, threads: usize) -> Self {
+    pub(crate) fn with_capacity(refs_zero_based: bool, socks: usize, threads: usize) -> Self {
+        let cap = |n: usize| NonZeroUsize::new(n.max(1)).expect("at least 1");
         Self {
-            socks: LruCache::with_hasher(
-                NonZeroUsize::new(socks.max(1)).unwrap(),
-                FastHash::default(),
-            ),
-            threads: LruCache::with_hasher(
-                NonZeroUsize::new(threads.max(1)).unwrap(),
-                FastHash::default(),
-            ),
-            seeds: Default::default(),
+            socks: LruCache::with_hasher(cap(socks), FastHash::default()),
+            threads: LruCache::with_hasher(cap(threads), FastHash::default()),
+            seeds: HashMap::new(),
             refs_zero_based,
             stats: Stats::default(),
         }
     }
 
-    pub fn stats(&self) -> Stats {
+    pub(crate) fn stats(&self) -> Stats {
         self.stats
     }
 
     /// A socket found by the start-up snapshot in CLOSE_WAIT or half-closed FIN_WAIT2, keyed by
     /// inode (what sock_diag and the kernel hooks have in common).
-    pub fn seed(&mut self, inode: u64, since_ns: u64) {
+    pub(crate) fn seed(&mut self, inode: u64, since_ns: u64) {
         if inode != 0 {
             self.seeds.insert(inode, since_ns);
         }
     }
 
-    pub fn tracked_sockets(&self) -> usize {
+    pub(crate) fn tracked_sockets(&self) -> usize {
         self.socks.len()
     }
 
     fn sock(&mut self, sock: u64) -> &mut SockState {
-        if !self.socks.contains(&sock)
-            && let Some((_, _)) = self.socks.push(sock, SockState::default())
-        {
+        if !self.socks.contains(&sock) && self.socks.push(sock, SockState::default()).is_some() {
             self.stats.sockets_evicted += 1;
         }
-        self.socks.get_mut(&sock).unwrap()
+        self.socks.get_mut(&sock).expect("just inserted")
     }
 
     fn thread(&mut self, tid: u32) -> &mut ThreadState {
-        if !self.threads.contains(&tid)
-            && let Some((_, _)) = self.threads.push(tid, ThreadState::default())
+        if !self.threads.contains(&tid) && self.threads.push(tid, ThreadState::default()).is_some()
         {
             self.stats.threads_evicted += 1;
         }
-        self.threads.get_mut(&tid).unwrap()
+        self.threads.get_mut(&tid).expect("just inserted")
+    }
+
+    fn exiting(&self, tid: u32) -> bool {
+        self.threads.peek(&tid).is_some_and(|t| t.exiting)
     }
 
     /// Forgets what a thread's previous call may still cause: it is making a new one (or exiting),
@@ -352,128 +226,111 @@ impl Correlator {
         }
     }
 
-    pub fn handle(&mut self, rec: Record, out: &mut Vec<Report>) {
+    /// Takes one record; what it explains goes to `out`.
+    pub(crate) fn handle(&mut self, rec: Record, out: &mut Vec<Report>) {
         self.stats.records += 1;
-        match rec.what {
-            Decoded::Transition { .. } => self.stats.transitions += 1,
-            Decoded::CallEnter { .. } => self.stats.calls += 1,
-            _ => {}
-        }
         let tid = rec.task.tid;
         match rec.what {
-            Decoded::CallEnter {
-                call,
-                fd,
-                arg,
-                sock,
-                inode,
-                file_refs,
-                owner,
-            } => {
-                let how = (call == Call::Shutdown).then_some(arg as i32);
-                // close_range sends one record for the range, then one per socket it found.
-                let per_fd = call == Call::CloseRange && sock.is_some();
-                let fd = if call == Call::CloseRange && sock.is_none() {
-                    -1
-                } else {
-                    fd
-                };
-                let pending = PendingCall {
-                    call,
-                    how,
-                    task: rec.task.clone(),
-                    fd,
-                };
-                if !per_fd {
-                    self.retire_after(tid);
-                    self.thread(tid).current = Some((pending.clone(), sock));
-                }
-                let Some(sock) = sock else { return };
-                // close(), dup2() over the fd, close_range(): the socket only ends when this
-                // drops the file's last reference.
-                let remaining = file_refs.map(|r| {
-                    if self.refs_zero_based {
-                        r
-                    } else {
-                        r.saturating_sub(1)
-                    }
-                });
-                if call != Call::Shutdown && remaining.is_some_and(|r| r > 0) {
-                    let s = self.sock(sock);
-                    out.push(Report::CloseNoFin(CloseNoFinReport {
-                        ts_ns: rec.ts_ns,
-                        sock,
-                        call,
-                        task: rec.task,
-                        fd,
-                        remaining_refs: remaining.unwrap_or(0),
-                        holders: Vec::new(),
-                        inode,
-                        ends: s.ends.clone(),
-                        state: s.state,
-                        recorded_owner: owner,
-                    }));
-                    if let Some(t) = self.threads.get_mut(&tid).filter(|_| !per_fd) {
-                        t.current = None;
-                    }
-                    return;
-                }
-                self.sock(sock).pending = Some(pending);
+            Decoded::CallEnter(e) => {
+                self.stats.calls += 1;
+                self.call_enter(rec.ts_ns, rec.task, e, out);
             }
-            Decoded::CallExit { ret, .. } => {
-                let t = self.thread(tid);
-                let Some((call, sock)) = t.current.take() else {
-                    return;
-                };
-                if ret < 0 {
-                    // The call failed: it changed nothing.
-                    if let Some(sock) = sock
-                        && let Some(s) = self.socks.peek_mut(&sock)
-                    {
-                        s.pending = None;
-                    }
-                    return;
-                }
-                t.after = Some((call, sock));
-            }
+            Decoded::CallExit { ret, .. } => self.call_exit(tid, ret),
             Decoded::ProcessExit { .. } => {
                 self.retire_after(tid);
                 self.thread(tid).exiting = true;
             }
-            Decoded::ReceiveReset { sock } => {
-                if let Some(s) = self.socks.peek_mut(&sock) {
-                    s.reset_received = true;
-                } else {
-                    self.sock(sock).reset_received = true;
-                }
-            }
+            Decoded::ReceiveReset { sock } => self.sock(sock).reset_received = true,
             Decoded::SendReset { sock } => self.sock(sock).reset_sent = true,
             // Ownership news is the resolver's (the tracer hands it over directly).
             Decoded::Obtained { .. } => {}
             Decoded::KernelCall { call, how, sock } => {
                 self.stats.kernel_calls += 1;
+                let task = rec.task;
                 let call = PendingCall {
                     call,
                     how,
-                    task: rec.task,
-                    fd: -1,
+                    task,
+                    fd: None,
                 };
                 self.thread(tid).kernel_call = Some((sock, call));
             }
-            Decoded::Transition {
-                sock,
-                old,
-                new,
-                ends,
-                sk_flags,
-                inode,
-                owner,
-            } => {
-                let mut r =
-                    self.transition(rec.ts_ns, &rec.task, sock, old, new, ends, sk_flags, inode);
-                r.recorded_owner = owner;
+            Decoded::Transition(c) => {
+                self.stats.transitions += 1;
+                let change = Change {
+                    ts: rec.ts_ns,
+                    task: &rec.task,
+                    c: &c,
+                };
+                let mut r = self.transition(&change);
+                r.recorded_owner = c.owner;
                 out.push(Report::Transition(r));
             }
+        }
+    }
+
+    fn call_enter(&mut self, ts: u64, task: Task, e: CallEnter, out: &mut Vec<Report>) {
+        let tid = task.tid;
+        // close_range sends one record for the range, then one per socket it found.
+        let range = e.call == Call::CloseRange && e.sock.is_none();
+        let per_fd = e.call == Call::CloseRange && e.sock.is_some();
+        let pending = PendingCall {
+            call: e.call,
+            how: (e.call == Call::Shutdown).then_some(e.arg as i32),
+            task,
+            fd: (!range).then_some(e.fd),
+        };
+        if !per_fd {
+            self.retire_after(tid);
+            self.thread(tid).current = Some((pending.clone(), e.sock));
+        }
+        let Some(sock) = e.sock else { return };
+        // close(), dup2() over the fd, close_range(): the socket only ends when this drops the
+        // file's last reference.
+        let remaining = e.file_refs.map(|r| {
+            if self.refs_zero_based {
+                r
+            } else {
+                r.saturating_sub(1)
+            }
+        });
+        if e.call == Call::Shutdown || remaining.is_none_or(|r| r == 0) {
+            self.sock(sock).pending = Some(pending);
+            return;
+        }
+        let s = self.sock(sock);
+        out.push(Report::CloseNoFin(CloseNoFinReport {
+            ts_ns: ts,
+            sock,
+            call: e.call,
+            task: pending.task,
+            fd: e.fd,
+            remaining_refs: remaining.unwrap_or(0),
+            holders: Vec::new(),
+            inode: e.inode,
+            ends: s.ends.clone(),
+            state: s.state,
+            recorded_owner: e.owner,
+        }));
+        if let Some(t) = self.threads.get_mut(&tid).filter(|_| !per_fd) {
+            t.current = None;
+        }
+    }
+
+    fn call_exit(&mut self, tid: u32, ret: i64) {
+        let t = self.thread(tid);
+        let Some((call, sock)) = t.current.take() else {
+            return;
+        };
+        if ret >= 0 {
+            t.after = Some((call, sock));
+            return;
+        }
+        // The call failed: it changed nothing.
+        if let Some(sock) = sock
+            && let Some(s) = self.socks.peek_mut(&sock)
+        {
+            s.pending = None;
         }
     }
 
@@ -495,222 +352,71 @@ impl Correlator {
             .and_then(|t| t.kernel_call.take_if(|(s, _)| *s == sock))
             .map(|(_, k)| k);
         if let Some(k) = kernel {
-            // The kernel itself says this task ended this socket. The syscall that led there, if
-            // one was seen, names the fd; otherwise the path had none we follow (io_uring, the
-            // last reference of a file shared with another process, ...).
-            let syscall = self
-                .socks
-                .peek_mut(&sock)
-                .and_then(|s| s.pending.take())
-                .filter(|p| {
-                    p.task.tid == tid && (p.call == Call::Shutdown) == (k.call == Call::Shutdown)
-                });
-            let exiting = self.threads.peek(&tid).is_some_and(|t| t.exiting);
-            let mut cause = match syscall {
-                Some(p) => p.cause(),
-                None if exiting && k.call == Call::Close => Cause::exit(task),
-                None => k.cause(),
-            };
-            cause.exact = true;
-            return cause;
+            return self.kernel_confirmed_cause(sock, task, &k);
         }
         if let Some(p) = self.socks.peek_mut(&sock).and_then(|s| s.pending.take()) {
-            if p.task.tid == tid {
-                return p.cause();
-            }
-            // The socket's file was last released elsewhere (io_uring, another path): not ours
-            // to guess.
-            return Cause::unknown();
+            // Not this thread's: the file was last released elsewhere (io_uring, another path):
+            // not ours to guess.
+            return if p.task.tid == tid {
+                p.cause()
+            } else {
+                Cause::unknown()
+            };
         }
-        if let Some(t) = self.threads.peek(&tid) {
-            // Without fd -> socket resolution, a call whose socket is unknown is the best lead:
-            // FIN_WAIT1 and LAST_ACK are only ever entered by the socket's own close/shutdown.
-            for (p, resolved) in [&t.current, &t.after].into_iter().flatten() {
-                if resolved.is_none() {
-                    return p.cause();
-                }
-            }
-            if t.exiting {
-                // Exit closes in the exiting task's own context.
-                return Cause::exit(task);
-            }
+        let Some(t) = self.threads.peek(&tid) else {
+            return Cause::unknown();
+        };
+        // Without fd -> socket resolution, a call whose socket is unknown is the best lead:
+        // FIN_WAIT1 and LAST_ACK are only ever entered by the socket's own close/shutdown.
+        if let Some(p) = t.unresolved().next() {
+            return p.cause();
+        }
+        if t.exiting {
+            // Exit closes in the exiting task's own context.
+            return Cause::exit(task);
         }
         Cause::unknown()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn transition(
-        &mut self,
-        ts: u64,
-        task: &Task,
-        sock: u64,
-        old: u8,
-        new: u8,
-        ends: Endpoints,
-        sk_flags: Option<u64>,
-        inode: u64,
-    ) -> TransitionReport {
-        let tid = task.tid;
-        let exiting = self.threads.peek(&tid).is_some_and(|t| t.exiting);
-        let mut r = TransitionReport::new(ts, sock, ends.clone(), old, new, inode);
-        let dead = sk_flags.map(|f| f & SOCK_DEAD != 0);
-        let peer_fin_seen = sk_flags.is_some_and(|f| f & SOCK_DONE != 0);
-        // Leaving a state whose start finwait never saw: if the start-up snapshot found the
-        // socket there, time it from the snapshot, as a lower bound.
-        let unknown_since = match (old, self.socks.peek(&sock)) {
-            (st::CLOSE_WAIT, s) => s.is_none_or(|s| s.close_wait_since_ns.is_none()),
-            (st::FIN_WAIT2, s) => s.is_none_or(|s| s.half_closed_since_ns.is_none() && !s.orphan),
-            _ => false,
+    /// The kernel itself says this task ended this socket. The syscall that led there, if one
+    /// was seen, names the fd; otherwise the path had none we follow (io_uring, the last
+    /// reference of a file shared with another process, ...).
+    fn kernel_confirmed_cause(&mut self, sock: u64, task: &Task, k: &PendingCall) -> Cause {
+        let shutdown = k.call == Call::Shutdown;
+        let syscall = self
+            .socks
+            .peek_mut(&sock)
+            .and_then(|s| s.pending.take())
+            .filter(|p| p.task.tid == task.tid && (p.call == Call::Shutdown) == shutdown);
+        let mut cause = match syscall {
+            Some(p) => p.cause(),
+            None if self.exiting(task.tid) && k.call == Call::Close => Cause::exit(task),
+            None => k.cause(),
         };
-        let seed = if unknown_since {
-            self.seeds.remove(&inode)
-        } else {
-            None
-        };
-        {
-            let s = self.sock(sock);
-            s.ends = Some(ends);
-            s.state = Some(new);
-            if let Some(since) = seed {
-                match old {
-                    st::CLOSE_WAIT => s.close_wait_since_ns = Some(since),
-                    _ => s.half_closed_since_ns = Some(since),
-                }
-                s.since_snapshot = true;
-            }
-        }
-        r.at_least = self.socks.peek(&sock).is_some_and(|s| s.since_snapshot);
+        cause.exact = true;
+        cause
+    }
 
+    /// One state change: what caused it, and what it ends.
+    fn transition(&mut self, c: &Change<'_>) -> TransitionReport {
+        let (sock, old, new) = (c.c.sock, c.c.old, c.c.new);
+        let mut r = TransitionReport::new(c.ts, sock, c.c.ends.clone(), old, new, c.c.inode);
+        self.track(c);
+        r.at_least = self.socks.peek(&sock).is_some_and(|s| s.since_snapshot);
         match (old, new) {
             // Our FIN: only a local close/shutdown (or exit) does this.
-            (_, st::FIN_WAIT1) | (st::CLOSE_WAIT, st::LAST_ACK) => {
-                let cause = self.local_cause(sock, task);
-                let s = self.sock(sock);
-                if new == st::LAST_ACK {
-                    r.close_wait_ns = s.close_wait_since_ns.map(|t| ts.saturating_sub(t));
-                }
-                s.fin_cause = Some(cause.clone());
-                s.fin_sent_ns = Some(ts);
-                if cause.kind == CauseKind::Call(Call::Shutdown) {
-                    s.half_closed_since_ns = Some(ts);
-                }
-                r.cause = Some(cause);
-            }
-            (st::FIN_WAIT1, st::FIN_WAIT2) => {
-                let s = self.sock(sock);
-                let cause = s.fin_cause.clone().unwrap_or_else(Cause::unknown);
-                // The kernel's own flag says whether a process still holds the socket.
-                let orphan = dead.unwrap_or_else(|| cause.is_close_like());
-                s.orphan = orphan;
-                s.fw2_since_ns = Some(ts);
-                s.fw2_entered_by_tid = tid;
-                r.orphan = Some(orphan);
-                r.since_fin_ns = s.fin_sent_ns.map(|t| ts.saturating_sub(t));
-                r.cause = Some(cause);
-            }
+            (_, st::FIN_WAIT1) | (st::CLOSE_WAIT, st::LAST_ACK) => self.our_fin(c, &mut r),
+            (st::FIN_WAIT1, st::FIN_WAIT2) => self.fin_wait2_entered(c, &mut r),
             (st::ESTABLISHED, st::CLOSE_WAIT) => {
-                // The owner is found from the inode in /proc, off this path (see `resolve`).
-                self.sock(sock).close_wait_since_ns = Some(ts);
+                // The owner comes from the kernel's record, off this path (see `resolve`).
+                self.sock(sock).close_wait_since_ns = Some(c.ts);
                 r.cause = Some(Cause::bare(CauseKind::PeerFin));
             }
-            (st::FIN_WAIT2, st::CLOSE) => {
-                let pending_close = self
-                    .socks
-                    .peek(&sock)
-                    .and_then(|s| s.pending.as_ref())
-                    .is_some_and(|p| p.task.tid == tid && p.call != Call::Shutdown)
-                    || self.kernel_call_by(sock, tid, true);
-                let in_unresolved_close = self.threads.peek(&tid).is_some_and(|t| {
-                    [&t.current, &t.after]
-                        .into_iter()
-                        .flatten()
-                        .any(|(p, s)| s.is_none() && p.call != Call::Shutdown)
-                });
-                let s = self.socks.peek(&sock).cloned().unwrap_or_default();
-                r.since_fin_ns = s.fin_sent_ns.map(|t| ts.saturating_sub(t));
-                let half_closed =
-                    |s: &SockState| s.half_closed_since_ns.map(|t| ts.saturating_sub(t));
-                if s.reset_received {
-                    r.fw2_exit = Some(Fw2Exit::Reset);
-                    r.cause = Some(Cause::bare(CauseKind::PeerRst));
-                } else if pending_close || (!s.orphan && (in_unresolved_close || exiting)) {
-                    // The owner closed a half-closed socket: it becomes an orphan and, with the
-                    // default tcp_fin_timeout, a time-wait mini-socket in substate FIN_WAIT2.
-                    let cause = if pending_close || in_unresolved_close {
-                        self.local_cause(sock, task)
-                    } else {
-                        Cause::exit(task)
-                    };
-                    r.fw2_exit = Some(if s.reset_sent {
-                        Fw2Exit::Reset
-                    } else {
-                        Fw2Exit::OrphanTimewait
-                    });
-                    r.orphan = Some(true);
-                    r.half_closed_ns = half_closed(&s);
-                    r.cause = Some(cause);
-                } else if peer_fin_seen {
-                    r.fw2_exit = Some(Fw2Exit::TimeWait);
-                    r.orphan = Some(s.orphan);
-                    r.half_closed_ns = if s.orphan { None } else { half_closed(&s) };
-                    r.cause = Some(Cause::bare(CauseKind::PeerFin));
-                } else if s.orphan {
-                    // Handed to the time-wait timer right at FIN_WAIT2 entry (default settings),
-                    // or later by the orphan timer (tcp_fin_timeout above 60 s).
-                    let immediate = s.fw2_entered_by_tid == tid
-                        && s.fw2_since_ns
-                            .is_some_and(|t| ts.saturating_sub(t) < 50_000_000);
-                    r.fw2_exit = Some(if s.reset_sent {
-                        Fw2Exit::Reset
-                    } else {
-                        Fw2Exit::OrphanTimewait
-                    });
-                    r.orphan = Some(true);
-                    r.cause = Some(if immediate {
-                        s.fin_cause.clone().unwrap_or_else(Cause::unknown)
-                    } else {
-                        Cause::bare(CauseKind::Timer)
-                    });
-                } else {
-                    r.fw2_exit = Some(Fw2Exit::Other);
-                    r.cause = Some(Cause::unknown());
-                }
+            (st::FIN_WAIT2, st::CLOSE) => self.fin_wait2_left(c, &mut r),
+            (st::LAST_ACK | st::CLOSING, st::CLOSE) | (st::FIN_WAIT1, st::CLOSING) => {
+                self.both_closed(c, &mut r);
             }
-            (st::LAST_ACK, st::CLOSE) | (st::CLOSING, st::CLOSE) | (st::FIN_WAIT1, st::CLOSING) => {
-                let s = self.socks.peek(&sock).cloned().unwrap_or_default();
-                r.since_fin_ns = s.fin_sent_ns.map(|t| ts.saturating_sub(t));
-                r.cause = Some(if s.reset_received {
-                    Cause::bare(CauseKind::PeerRst)
-                } else {
-                    s.fin_cause.clone().unwrap_or_else(Cause::unknown)
-                });
-                if (old, new) == (st::CLOSING, st::CLOSE) {
-                    r.fw2_exit = Some(Fw2Exit::TimeWait);
-                }
-            }
-            (_, st::CLOSE) => {
-                // Straight to CLOSE: a reset (SO_LINGER 0, unread data at close, the peer's RST)
-                // or an orphan that timed out.
-                let has_pending = self.socks.peek(&sock).is_some_and(|s| s.pending.is_some())
-                    || self.kernel_call_by(sock, tid, false);
-                let s = self.socks.peek(&sock).cloned().unwrap_or_default();
-                r.close_wait_ns = s.close_wait_since_ns.map(|t| ts.saturating_sub(t));
-                r.since_fin_ns = s.fin_sent_ns.map(|t| ts.saturating_sub(t));
-                r.cause = Some(if has_pending {
-                    self.local_cause(sock, task)
-                } else if s.reset_received {
-                    Cause::bare(CauseKind::PeerRst)
-                } else if matches!(old, st::ESTABLISHED | st::CLOSE_WAIT | st::FIN_WAIT1) {
-                    let c = self.local_cause(sock, task);
-                    if c.kind == CauseKind::Unknown && old == st::FIN_WAIT1 && s.orphan {
-                        Cause::bare(CauseKind::Timer)
-                    } else {
-                        c
-                    }
-                } else {
-                    Cause::unknown()
-                });
-            }
+            (_, st::CLOSE) => self.straight_to_close(c, &mut r),
             _ => {}
         }
         r.fin_by = self
@@ -724,6 +430,152 @@ impl Correlator {
         }
         r
     }
+
+    /// Records the new state. Leaving a state whose start finwait never saw: if the start-up
+    /// snapshot found the socket there, it is timed from the snapshot, as a lower bound.
+    fn track(&mut self, c: &Change<'_>) {
+        let (sock, old) = (c.c.sock, c.c.old);
+        let unknown_since = match (old, self.socks.peek(&sock)) {
+            (st::CLOSE_WAIT, s) => s.is_none_or(|s| s.close_wait_since_ns.is_none()),
+            (st::FIN_WAIT2, s) => s.is_none_or(|s| s.half_closed_since_ns.is_none() && !s.orphan),
+            _ => false,
+        };
+        let seed = unknown_since
+            .then(|| self.seeds.remove(&c.c.inode))
+            .flatten();
+        let s = self.sock(sock);
+        s.ends = Some(c.c.ends.clone());
+        s.state = Some(c.c.new);
+        if let Some(since) = seed {
+            match old {
+                st::CLOSE_WAIT => s.close_wait_since_ns = Some(since),
+                _ => s.half_closed_since_ns = Some(since),
+            }
+            s.since_snapshot = true;
+        }
+    }
+
+    /// FIN_WAIT1 or LAST_ACK: our FIN went out, sent by a local call (or exit).
+    fn our_fin(&mut self, c: &Change<'_>, r: &mut TransitionReport) {
+        let cause = self.local_cause(c.c.sock, c.task);
+        let s = self.sock(c.c.sock);
+        if c.c.new == st::LAST_ACK {
+            r.close_wait_ns = c.since(s.close_wait_since_ns);
+        }
+        s.fin_cause = Some(cause.clone());
+        s.fin_sent_ns = Some(c.ts);
+        if cause.kind == CauseKind::Call(Call::Shutdown) {
+            s.half_closed_since_ns = Some(c.ts);
+        }
+        r.cause = Some(cause);
+    }
+
+    /// FIN_WAIT1 -> FIN_WAIT2: half-closed (still held) or orphaned, by the call that sent the FIN.
+    fn fin_wait2_entered(&mut self, c: &Change<'_>, r: &mut TransitionReport) {
+        let s = self.sock(c.c.sock);
+        let cause = s.fin_cause();
+        // The kernel's own flag says whether a process still holds the socket.
+        let orphan = c.dead().unwrap_or_else(|| cause.is_close_like());
+        s.orphan = orphan;
+        s.fw2_since_ns = Some(c.ts);
+        s.fw2_entered_by_tid = c.task.tid;
+        r.orphan = Some(orphan);
+        r.since_fin_ns = c.since(s.fin_sent_ns);
+        r.cause = Some(cause);
+    }
+
+    /// FIN_WAIT2 -> CLOSE: the peer's FIN (TIME_WAIT), a reset, the owner closing a half-closed
+    /// socket, or an orphan's hand-over to the time-wait timer.
+    fn fin_wait2_left(&mut self, c: &Change<'_>, r: &mut TransitionReport) {
+        let (sock, tid) = (c.c.sock, c.task.tid);
+        let pending_close = self
+            .socks
+            .peek(&sock)
+            .and_then(|s| s.pending.as_ref())
+            .is_some_and(|p| p.task.tid == tid && p.call != Call::Shutdown)
+            || self.kernel_call_by(sock, tid, true);
+        let in_unresolved_close = self
+            .threads
+            .peek(&tid)
+            .is_some_and(|t| t.unresolved().any(|p| p.call != Call::Shutdown));
+        let s = self.socks.peek(&sock).cloned().unwrap_or_default();
+        r.since_fin_ns = c.since(s.fin_sent_ns);
+        let half_closed = c.since(s.half_closed_since_ns);
+        let (exit, cause) = if s.reset_received {
+            (Fw2Exit::Reset, Cause::bare(CauseKind::PeerRst))
+        } else if pending_close || (!s.orphan && (in_unresolved_close || self.exiting(tid))) {
+            // The owner closed a half-closed socket: it becomes an orphan and, with the default
+            // tcp_fin_timeout, a time-wait mini-socket in substate FIN_WAIT2.
+            let cause = if pending_close || in_unresolved_close {
+                self.local_cause(sock, c.task)
+            } else {
+                Cause::exit(c.task)
+            };
+            r.orphan = Some(true);
+            r.half_closed_ns = half_closed;
+            (s.orphan_exit(), cause)
+        } else if c.peer_fin_seen() {
+            r.orphan = Some(s.orphan);
+            r.half_closed_ns = if s.orphan { None } else { half_closed };
+            (Fw2Exit::TimeWait, Cause::bare(CauseKind::PeerFin))
+        } else if s.orphan {
+            // Handed to the time-wait timer right at FIN_WAIT2 entry (default settings), or later
+            // by the orphan timer (tcp_fin_timeout above 60 s).
+            let immediate = s.fw2_entered_by_tid == tid
+                && c.since(s.fw2_since_ns)
+                    .is_some_and(|d| d < HANDOVER_WINDOW_NS);
+            r.orphan = Some(true);
+            let cause = if immediate {
+                s.fin_cause()
+            } else {
+                Cause::bare(CauseKind::Timer)
+            };
+            (s.orphan_exit(), cause)
+        } else {
+            (Fw2Exit::Other, Cause::unknown())
+        };
+        r.fw2_exit = Some(exit);
+        r.cause = Some(cause);
+    }
+
+    /// LAST_ACK or CLOSING -> CLOSE, FIN_WAIT1 -> CLOSING: both FINs are out.
+    fn both_closed(&mut self, c: &Change<'_>, r: &mut TransitionReport) {
+        let s = self.socks.peek(&c.c.sock).cloned().unwrap_or_default();
+        r.since_fin_ns = c.since(s.fin_sent_ns);
+        r.cause = Some(if s.reset_received {
+            Cause::bare(CauseKind::PeerRst)
+        } else {
+            s.fin_cause()
+        });
+        if (c.c.old, c.c.new) == (st::CLOSING, st::CLOSE) {
+            r.fw2_exit = Some(Fw2Exit::TimeWait);
+        }
+    }
+
+    /// Straight to CLOSE: a reset (SO_LINGER 0, unread data at close, the peer's RST) or an
+    /// orphan that timed out.
+    fn straight_to_close(&mut self, c: &Change<'_>, r: &mut TransitionReport) {
+        let (sock, old) = (c.c.sock, c.c.old);
+        let has_pending = self.socks.peek(&sock).is_some_and(|s| s.pending.is_some())
+            || self.kernel_call_by(sock, c.task.tid, false);
+        let s = self.socks.peek(&sock).cloned().unwrap_or_default();
+        r.close_wait_ns = c.since(s.close_wait_since_ns);
+        r.since_fin_ns = c.since(s.fin_sent_ns);
+        r.cause = Some(if has_pending {
+            self.local_cause(sock, c.task)
+        } else if s.reset_received {
+            Cause::bare(CauseKind::PeerRst)
+        } else if matches!(old, st::ESTABLISHED | st::CLOSE_WAIT | st::FIN_WAIT1) {
+            let cause = self.local_cause(sock, c.task);
+            if cause.kind == CauseKind::Unknown && old == st::FIN_WAIT1 && s.orphan {
+                Cause::bare(CauseKind::Timer)
+            } else {
+                cause
+            }
+        } else {
+            Cause::unknown()
+        });
+    }
 }
 
 /// Unit tests drive the state machine with the exact record sequences the kernel produces on
@@ -733,6 +585,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
+    use crate::model::Endpoints;
 
     fn task(pid: u32, tid: u32, comm: &str) -> Task {
         Task {
@@ -758,7 +611,7 @@ mod tests {
         }
     }
     fn enter(call: Call, fd: i32, arg: i64, sock: u64, refs: u64) -> Decoded {
-        Decoded::CallEnter {
+        Decoded::CallEnter(CallEnter {
             call,
             fd,
             arg,
@@ -766,13 +619,13 @@ mod tests {
             inode: sock + 1000,
             file_refs: Some(refs),
             owner: None,
-        }
+        })
     }
     fn exit(call: Call) -> Decoded {
         Decoded::CallExit { call, ret: 0 }
     }
     fn tr(sock: u64, old: u8, new: u8, flags: u64, lport: u16, rport: u16) -> Decoded {
-        Decoded::Transition {
+        Decoded::Transition(StateChange {
             sock,
             old,
             new,
@@ -780,7 +633,7 @@ mod tests {
             sk_flags: Some(flags),
             inode: sock + 1000,
             owner: None,
-        }
+        })
     }
     fn transitions(out: &[Report]) -> Vec<&TransitionReport> {
         out.iter()

@@ -36,7 +36,7 @@ fn prog_info(prog: BorrowedFd<'_>) -> Option<(bpf_prog_info, usize)> {
 }
 
 /// The program's `recursion_misses`, or None where the kernel does not report it.
-pub fn recursion_misses(prog: BorrowedFd<'_>) -> Option<u64> {
+pub(crate) fn recursion_misses(prog: BorrowedFd<'_>) -> Option<u64> {
     let (info, len) = prog_info(prog)?;
     // Older kernels return a shorter struct: only trust the field if it was written.
     let end = std::mem::offset_of!(bpf_prog_info, recursion_misses) + 8;
@@ -45,7 +45,7 @@ pub fn recursion_misses(prog: BorrowedFd<'_>) -> Option<u64> {
 
 /// (runs, nanoseconds spent) of the program: counted only while `kernel.bpf_stats_enabled` is
 /// on (it costs two clock reads per run, so it is the operator's choice, not finwait's).
-pub fn run_time(prog: BorrowedFd<'_>) -> Option<(u64, u64)> {
+pub(crate) fn run_time(prog: BorrowedFd<'_>) -> Option<(u64, u64)> {
     let (info, len) = prog_info(prog)?;
     let end = std::mem::offset_of!(bpf_prog_info, run_cnt) + 8;
     (len >= end && info.run_cnt > 0).then_some((info.run_cnt, info.run_time_ns))

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 /// Returns the tracefs mount, mounting it at /sys/kernel/tracing when it is missing.
-pub fn ensure_mounted() -> Result<PathBuf> {
+pub(crate) fn ensure_mounted() -> Result<PathBuf> {
     if let Some(found) = CANDIDATES
         .iter()
         .map(Path::new)
@@ -50,19 +50,19 @@ pub fn ensure_mounted() -> Result<PathBuf> {
 
 /// One field of a tracepoint record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Field {
-    pub offset: u32,
-    pub size: u32,
+pub(crate) struct Field {
+    pub(crate) offset: u32,
+    pub(crate) size: u32,
 }
 
 /// The fields of a tracepoint, parsed from its `format` file.
 #[derive(Debug, Default)]
-pub struct Format {
+pub(crate) struct Format {
     fields: HashMap<String, Field>,
 }
 
 impl Format {
-    pub fn read(tracefs: &Path, category: &str, name: &str) -> Result<Self> {
+    pub(crate) fn read(tracefs: &Path, category: &str, name: &str) -> Result<Self> {
         let path = tracefs
             .join("events")
             .join(category)
@@ -78,7 +78,7 @@ impl Format {
     }
 
     /// Parses lines like `field:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;`.
-    pub fn parse(text: &str) -> Self {
+    pub(crate) fn parse(text: &str) -> Self {
         let mut fields = HashMap::new();
         for line in text.lines() {
             let line = line.trim();
@@ -111,7 +111,7 @@ impl Format {
         Self { fields }
     }
 
-    pub fn field(&self, name: &str) -> Result<Field> {
+    pub(crate) fn field(&self, name: &str) -> Result<Field> {
         self.fields
             .get(name)
             .copied()

@@ -15,7 +15,7 @@ use finwait_common::{
     OwnerRec, StateTpLayout, TRACED_PIDS_MAP, owner_flags,
 };
 
-use crate::{kernel_btf, tracefs::Format};
+use super::{btf as kernel_btf, tracefs::Format};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
 
@@ -107,7 +107,7 @@ pub fn load(opts: &Options) -> Result<Loaded> {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     raise_memlock();
-    let tracefs = crate::tracefs::ensure_mounted()
+    let tracefs = super::tracefs::ensure_mounted()
         .map_err(|e| if euid != 0 { privileges_error() } else { e })?;
     let mut degraded = Vec::new();
 
@@ -170,7 +170,7 @@ pub fn load(opts: &Options) -> Result<Loaded> {
 
     if !opts.pids.is_empty() || !opts.comms.is_empty() {
         let mut pids = opts.pids.clone();
-        pids.extend(crate::procs::with_comm(&opts.comms));
+        pids.extend(crate::host::procs::with_comm(&opts.comms));
         seed_pids(&mut ebpf, &pids)?;
     }
 
@@ -430,7 +430,7 @@ fn seed_pids(ebpf: &mut Ebpf, pids: &[u32]) -> Result<()> {
         ebpf.map_mut(TRACED_PIDS_MAP)
             .context("TRACED_PIDS map missing")?,
     )?;
-    for pid in crate::procs::with_descendants(pids) {
+    for pid in crate::host::procs::with_descendants(pids) {
         map.insert(pid, 1, 0).context("seeding the pid filter")?;
     }
     Ok(())
@@ -450,13 +450,13 @@ impl<'a> OwnerSeeder<'a> {
         Ok(Self { map, full: 0 })
     }
 
-    pub fn seed(&mut self, inode: u64, o: &crate::correlate::Owner) {
+    pub fn seed(&mut self, inode: u64, o: &crate::model::Owner) {
         let mut comm = [0u8; 16];
         let n = o.comm.len().min(15);
         comm[..n].copy_from_slice(&o.comm.as_bytes()[..n]);
         let rec = OwnerRec {
             inode,
-            ts_ns: crate::owners::monotonic_ns(),
+            ts_ns: crate::host::clock::monotonic_ns(),
             tgid: o.pid,
             fd: o.fd,
             comm,

@@ -24,9 +24,8 @@ use lru::LruCache;
 use finwait_common::tcp_state as st;
 
 use crate::{
-    correlate::{Owner, Report, TransitionReport},
-    event::KernelOwner,
-    owners::{self, Index, Scanner},
+    host::owners::{self, Index, Scanner},
+    model::{KernelOwner, Owner, Report, TransitionReport},
 };
 
 /// Past this, a report goes out with the owner it has (possibly none) rather than waiting on.
@@ -37,14 +36,14 @@ const ACCEPT_GRACE: Duration = Duration::from_millis(200);
 
 /// How owners were found, for the stats line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OwnerStats {
+pub(crate) struct OwnerStats {
     /// Taken from the kernel's record as it came.
-    pub from_kernel: u64,
+    pub(crate) from_kernel: u64,
     /// Found by checking the few processes that could hold the socket in /proc.
-    pub verified: u64,
+    pub(crate) verified: u64,
     /// Waited for a full scan (or an accept) that did not come in time: the owner stayed
     /// unknown.
-    pub timed_out: u64,
+    pub(crate) timed_out: u64,
 }
 
 struct Pending {
@@ -55,7 +54,7 @@ struct Pending {
     waiting: bool,
 }
 
-pub struct Resolver {
+pub(crate) struct Resolver {
     scanner: Scanner,
     queue: VecDeque<Pending>,
     /// The kernel's ownership map, read directly for a CLOSE_WAIT whose transition raced its
@@ -65,18 +64,7 @@ pub struct Resolver {
     snapshot_owner: HashMap<u64, Owner>,
     /// Processes that exited, and when (bounded: the oldest are forgotten).
     exited: LruCache<u32, u64>,
-    pub stats: OwnerStats,
-}
-
-impl From<&KernelOwner> for Owner {
-    fn from(k: &KernelOwner) -> Self {
-        Owner {
-            pid: k.pid,
-            comm: k.comm.clone(),
-            fd: k.fd,
-            cgroup_id: Some(k.cgroup_id),
-        }
-    }
+    pub(crate) stats: OwnerStats,
 }
 
 /// The task whose call ended this transition's socket, as its owner (it held an fd to it).
@@ -95,7 +83,7 @@ fn closer(t: &TransitionReport) -> Option<Owner> {
 const MAX_EXITED: usize = 65_536;
 
 impl Resolver {
-    pub fn new(scanner: Scanner) -> Self {
+    pub(crate) fn new(scanner: Scanner) -> Self {
         Self {
             scanner,
             queue: VecDeque::new(),
@@ -109,7 +97,7 @@ impl Resolver {
     /// The kernel recorded a holder for a socket already in CLOSE_WAIT, at `ts_ns`: it owns the
     /// latest CLOSE_WAIT of that socket still waiting for its owner (reports reach the resolver
     /// in kernel order, so that one came before this accept).
-    pub fn obtained(&mut self, sock: u64, ts_ns: u64, owner: &KernelOwner) {
+    pub(crate) fn obtained(&mut self, sock: u64, ts_ns: u64, owner: &KernelOwner) {
         self.fill_waiting(sock, None, ts_ns, owner);
     }
 
@@ -131,14 +119,14 @@ impl Resolver {
         }
     }
 
-    pub fn set_owner_map(&mut self, map: BpfHashMap<MapData, u64, OwnerRec>) {
+    pub(crate) fn set_owner_map(&mut self, map: BpfHashMap<MapData, u64, OwnerRec>) {
         self.owner_map = Some(map);
     }
 
     /// The kernel's record of socket `sock` (with this inode) as it is now.
     fn recorded_now(&self, sock: u64, inode: u64) -> Option<KernelOwner> {
         let rec = self.owner_map.as_ref()?.get(&sock, 0).ok()?;
-        (rec.inode == inode && inode != 0).then(|| KernelOwner::from_rec(&rec))
+        (rec.inode == inode && inode != 0).then(|| crate::trace::decode::kernel_owner(&rec))
     }
 
     /// A CLOSE_WAIT with no record: has the kernel recorded its socket since? (Its accept may
@@ -153,7 +141,7 @@ impl Resolver {
     }
 
     /// Process `pid` exited (its last thread) at `ts_ns`.
-    pub fn exited(&mut self, pid: u32, ts_ns: u64) {
+    pub(crate) fn exited(&mut self, pid: u32, ts_ns: u64) {
         self.exited.push(pid, ts_ns);
     }
 
@@ -170,21 +158,21 @@ impl Resolver {
     }
 
     /// The owner of a socket found in CLOSE_WAIT by the start-up snapshot.
-    pub fn remember(&mut self, inode: u64, owner: Owner) {
+    pub(crate) fn remember(&mut self, inode: u64, owner: Owner) {
         self.snapshot_owner.insert(inode, owner);
     }
 
-    pub fn scans(&self) -> u64 {
+    pub(crate) fn scans(&self) -> u64 {
         self.scanner.scans()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
 
     /// Resolves what can be resolved now; a report that must wait (and every report after it,
     /// to keep the order) waits in the queue.
-    pub fn push(&mut self, mut report: Report, out: &mut Vec<Report>) {
+    pub(crate) fn push(&mut self, mut report: Report, out: &mut Vec<Report>) {
         // A socket's later transition carries the record its CLOSE_WAIT could not (the record
         // was made by an accept that raced the FIN, and may be gone by now).
         if let Report::Transition(t) = &report
@@ -209,16 +197,16 @@ impl Resolver {
     }
 
     /// Moves every queued report that can go out now, in order, to `out`.
-    pub fn ready(&mut self, out: &mut Vec<Report>) {
+    pub(crate) fn ready(&mut self, out: &mut Vec<Report>) {
         let mut latest: Option<Arc<Index>> = None;
         while let Some(head) = self.queue.front() {
             if head.waiting {
                 latest = latest.or_else(|| self.scanner.latest());
-                let event_ns = event_ns(&head.report);
+                let event_ns = head.report.ts_ns();
                 let fresh = latest.as_ref().is_some_and(|i| i.built_ns > event_ns);
                 let waited = head.since.elapsed();
                 if !fresh && waited < MAX_WAIT {
-                    if waited >= ACCEPT_GRACE && report_inode(&head.report) != 0 {
+                    if waited >= ACCEPT_GRACE && head.report.inode() != 0 {
                         let mut p = self.queue.pop_front().unwrap();
                         if let Report::Transition(t) = &mut p.report
                             && self.owner_in_map(t)
@@ -330,26 +318,12 @@ impl Resolver {
     }
 }
 
-fn report_inode(r: &Report) -> u64 {
-    match r {
-        Report::Transition(t) => t.inode,
-        Report::CloseNoFin(n) => n.inode,
-    }
-}
-
-fn event_ns(r: &Report) -> u64 {
-    match r {
-        Report::Transition(t) => t.ts_ns,
-        Report::CloseNoFin(n) => n.ts_ns,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::{event::Endpoints, owners::monotonic_ns};
+    use crate::{host::clock::monotonic_ns, model::Endpoints};
 
     fn transition(ts_ns: u64, old: u8, new: u8, inode: u64) -> TransitionReport {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();

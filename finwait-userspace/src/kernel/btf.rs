@@ -4,10 +4,10 @@ use anyhow::{Context, Result, bail};
 use btf_rs::{Backend, Btf, Type};
 use finwait_common::KernelOffsets;
 
-pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Reads every offset the programs need. An error means the fd -> socket lookup is unavailable.
-pub fn kernel_offsets() -> Result<KernelOffsets> {
+pub(crate) fn kernel_offsets() -> Result<KernelOffsets> {
     // Mmap: a handful of lookups do not need every type parsed into memory.
     let btf = Btf::from_file_with_backend(VMLINUX_BTF, Backend::Mmap)
         .or_else(|_| Btf::from_file(VMLINUX_BTF))
@@ -70,7 +70,7 @@ fn state_btf_offsets(btf: &Btf) -> Result<KernelOffsets> {
 
 /// Byte offset of `path` (dot-separated members) inside `struct name`. Members of anonymous
 /// structs and unions are found as if they were direct members, as in C.
-pub fn member_offset(btf: &Btf, name: &str, path: &str) -> Result<u32> {
+pub(crate) fn member_offset(btf: &Btf, name: &str, path: &str) -> Result<u32> {
     let mut ty = find_struct(btf, name)?;
     let mut total_bits = 0u32;
     let mut parts = path.split('.').peekable();

@@ -16,14 +16,14 @@ const FIN_TIMEOUT: &str = "/proc/sys/net/ipv4/tcp_fin_timeout";
 const MAX_THREADS: usize = 4096;
 
 #[derive(Default)]
-pub struct FinTimeouts {
+pub(crate) struct FinTimeouts {
     /// By namespace identity (`net:[inode]`): value and when it was read.
     by_ns: HashMap<String, (u64, Instant)>,
     /// By thread: the value, and when its namespace was looked up (one /proc link a second).
     by_tid: HashMap<u32, (u64, Instant)>,
 }
 
-pub fn own_fin_timeout() -> u64 {
+pub(crate) fn own_fin_timeout() -> u64 {
     parse(fs::read_to_string(FIN_TIMEOUT).ok()).unwrap_or(60)
 }
 
@@ -33,7 +33,7 @@ fn parse(s: Option<String>) -> Option<u64> {
 
 impl FinTimeouts {
     /// The fin timeout in force in `tid`'s network namespace, if the thread still exists.
-    pub fn for_thread(&mut self, tid: u32) -> Option<u64> {
+    pub(crate) fn for_thread(&mut self, tid: u32) -> Option<u64> {
         if let Some(&(v, at)) = self.by_tid.get(&tid)
             && at.elapsed() < REREAD_AFTER
         {

@@ -1,0 +1,375 @@
+//! The domain, as every stage sees it: tasks, connections, causes, owners, and the reports the
+//! tracer and the snapshot produce. No I/O here; whose job a socket is lives in [`verdict`].
+use std::{fmt, net::IpAddr, sync::Arc};
+
+use finwait_common::{Call, tcp_state as st};
+
+pub(crate) mod verdict;
+
+pub(crate) use verdict::{Holder, Verdict};
+
+/// A process name, escaped for terminals; shared, so copies cost nothing.
+pub(crate) type Comm = Arc<str>;
+
+/// A process context: who was running when the kernel recorded the event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Task {
+    pub(crate) pid: u32,
+    pub(crate) tid: u32,
+    pub(crate) comm: Comm,
+}
+
+/// A connection's two ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Endpoints {
+    pub(crate) local: IpAddr,
+    pub(crate) lport: u16,
+    pub(crate) remote: IpAddr,
+    pub(crate) rport: u16,
+}
+
+impl Endpoints {
+    pub(crate) fn is_ipv6(&self) -> bool {
+        self.local.is_ipv6()
+    }
+}
+
+/// The kernel's record of who holds a socket: the task that last obtained an fd to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct KernelOwner {
+    pub(crate) pid: u32,
+    pub(crate) fd: i32,
+    pub(crate) comm: Comm,
+    pub(crate) cgroup_id: u64,
+    /// That task closed its fd while others still referenced the file: the holder is elsewhere.
+    pub(crate) stale: bool,
+    /// When the record was made (CLOCK_MONOTONIC ns).
+    pub(crate) since_ns: u64,
+}
+
+/// A process holding the socket's file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Owner {
+    pub(crate) pid: u32,
+    pub(crate) comm: Comm,
+    pub(crate) fd: i32,
+    /// The cgroup (v2 id) the holder was in when it obtained the socket, when the kernel said.
+    pub(crate) cgroup_id: Option<u64>,
+}
+
+impl From<&KernelOwner> for Owner {
+    fn from(k: &KernelOwner) -> Self {
+        Owner {
+            pid: k.pid,
+            comm: k.comm.clone(),
+            fd: k.fd,
+            cgroup_id: Some(k.cgroup_id),
+        }
+    }
+}
+
+/// `TCP_FIN_WAIT2` -> `FIN_WAIT2`: the names every output uses.
+pub(crate) fn state_name(s: u8) -> &'static str {
+    match s {
+        st::ESTABLISHED => "ESTABLISHED",
+        st::SYN_SENT => "SYN_SENT",
+        st::SYN_RECV => "SYN_RECV",
+        st::FIN_WAIT1 => "FIN_WAIT1",
+        st::FIN_WAIT2 => "FIN_WAIT2",
+        st::TIME_WAIT => "TIME_WAIT",
+        st::CLOSE => "CLOSE",
+        st::CLOSE_WAIT => "CLOSE_WAIT",
+        st::LAST_ACK => "LAST_ACK",
+        st::LISTEN => "LISTEN",
+        st::CLOSING => "CLOSING",
+        st::NEW_SYN_RECV => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+/// shutdown()'s `how`.
+pub(crate) fn how_name(how: i32) -> &'static str {
+    match how {
+        0 => "SHUT_RD",
+        1 => "SHUT_WR",
+        2 => "SHUT_RDWR",
+        _ => "SHUT_?",
+    }
+}
+
+/// What made a transition happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CauseKind {
+    Call(Call),
+    /// The owning process exited (or was killed) holding the socket.
+    Exit,
+    PeerFin,
+    PeerRst,
+    /// A kernel timer (the orphan FIN_WAIT2 timeout).
+    Timer,
+    Unknown,
+}
+
+impl CauseKind {
+    /// The JSON contract's name (`call` in a cause).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            CauseKind::Call(Call::Shutdown) => "shutdown",
+            CauseKind::Call(Call::Close) => "close",
+            CauseKind::Call(Call::CloseRange) => "close_range",
+            CauseKind::Call(Call::Dup2) => "dup2",
+            CauseKind::Call(Call::Dup3) => "dup3",
+            CauseKind::Exit => "exit",
+            CauseKind::PeerFin => "peer_fin",
+            CauseKind::PeerRst => "peer_rst",
+            CauseKind::Timer => "timer",
+            CauseKind::Unknown => "unknown",
+        }
+    }
+}
+
+/// The call as a person writes it: `shutdown(SHUT_WR)`, `close()`, `process exit`, `peer_fin`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CallName(pub(crate) CauseKind, pub(crate) Option<i32>);
+
+impl fmt::Display for CallName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            CallName(CauseKind::Call(Call::Shutdown), Some(how)) => {
+                write!(f, "shutdown({})", how_name(how))
+            }
+            CallName(k @ CauseKind::Call(_), _) => write!(f, "{}()", k.name()),
+            CallName(CauseKind::Exit, _) => f.write_str("process exit"),
+            CallName(k, _) => f.write_str(k.name()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Cause {
+    pub(crate) kind: CauseKind,
+    /// shutdown's `how`.
+    pub(crate) how: Option<i32>,
+    /// The task that made the call (None for peer and timer causes).
+    pub(crate) task: Option<Task>,
+    pub(crate) fd: Option<i32>,
+    /// Precise mode: the kernel's own tcp_close/tcp_shutdown on this socket named the task
+    /// (rather than matching a syscall to the transition).
+    pub(crate) exact: bool,
+}
+
+impl Cause {
+    pub(crate) fn bare(kind: CauseKind) -> Self {
+        Self {
+            kind,
+            how: None,
+            task: None,
+            fd: None,
+            exact: false,
+        }
+    }
+
+    pub(crate) fn exit(task: &Task) -> Self {
+        Self {
+            task: Some(task.clone()),
+            ..Self::bare(CauseKind::Exit)
+        }
+    }
+
+    pub(crate) fn unknown() -> Self {
+        Self::bare(CauseKind::Unknown)
+    }
+
+    /// Anything but shutdown() gives the socket up.
+    pub(crate) fn is_close_like(&self) -> bool {
+        !matches!(self.kind, CauseKind::Call(Call::Shutdown))
+    }
+
+    pub(crate) fn call_name(&self) -> CallName {
+        CallName(self.kind, self.how)
+    }
+}
+
+/// How a FIN_WAIT2 socket left that state: the tracepoint only ever says CLOSE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fw2Exit {
+    /// The peer's FIN arrived: the socket is now in TIME_WAIT.
+    TimeWait,
+    /// The socket became a time-wait mini-socket in substate FIN_WAIT2: `ss` still shows
+    /// FIN-WAIT-2 (ino 0) until the kernel frees it.
+    OrphanTimewait,
+    Reset,
+    Other,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TransitionReport {
+    pub(crate) ts_ns: u64,
+    pub(crate) sock: u64,
+    pub(crate) ends: Endpoints,
+    pub(crate) old: u8,
+    pub(crate) new: u8,
+    pub(crate) cause: Option<Cause>,
+    /// FIN_WAIT2 entries and exits: true once no process holds the socket any more.
+    pub(crate) orphan: Option<bool>,
+    /// CLOSE_WAIT entries: who must close it.
+    pub(crate) owner: Option<Owner>,
+    pub(crate) fw2_exit: Option<Fw2Exit>,
+    pub(crate) since_fin_ns: Option<u64>,
+    pub(crate) half_closed_ns: Option<u64>,
+    pub(crate) close_wait_ns: Option<u64>,
+    /// The durations count from the snapshot taken at start: the real ones are longer.
+    pub(crate) at_least: bool,
+    pub(crate) inode: u64,
+    /// `tcp_fin_timeout` of the socket's network namespace (enriched), else the tracer's own.
+    pub(crate) fin_timeout_s: u64,
+    /// The task whose call sent our FIN (its namespace is the socket's).
+    pub(crate) fin_by: Option<Task>,
+    /// The kernel's ownership record of the socket at the transition (`resolve` turns it into
+    /// `owner`).
+    pub(crate) recorded_owner: Option<KernelOwner>,
+}
+
+impl TransitionReport {
+    /// A transition with nothing attributed yet.
+    pub(crate) fn new(
+        ts_ns: u64,
+        sock: u64,
+        ends: Endpoints,
+        old: u8,
+        new: u8,
+        inode: u64,
+    ) -> Self {
+        Self {
+            ts_ns,
+            sock,
+            ends,
+            old,
+            new,
+            cause: None,
+            orphan: None,
+            owner: None,
+            fw2_exit: None,
+            since_fin_ns: None,
+            half_closed_ns: None,
+            close_wait_ns: None,
+            at_least: false,
+            inode,
+            fin_timeout_s: DEFAULT_FIN_TIMEOUT_S,
+            fin_by: None,
+            recorded_owner: None,
+        }
+    }
+
+    /// The state as an operator sees it: the tracepoint says CLOSE where the socket went on to
+    /// TIME_WAIT.
+    pub(crate) fn effective_new(&self) -> u8 {
+        match self.fw2_exit {
+            Some(Fw2Exit::TimeWait) => st::TIME_WAIT,
+            _ => self.new,
+        }
+    }
+
+    /// An orphan kept as a full socket in FIN_WAIT2 whose timer found no time left: the kernel
+    /// reset and freed it, tcp_fin_timeout after it entered FIN_WAIT2.
+    pub(crate) fn orphan_timed_out(&self) -> bool {
+        self.fw2_exit == Some(Fw2Exit::Reset)
+            && self.orphan == Some(true)
+            && self
+                .cause
+                .as_ref()
+                .is_some_and(|c| c.kind == CauseKind::Timer)
+    }
+
+    /// Seconds until the kernel frees an orphan handed to the time-wait timer: `tcp_fin_timeout`
+    /// when handed over at FIN_WAIT2 entry, what is left beyond 60 s when the orphan timer did.
+    pub(crate) fn frees_within_s(&self) -> u64 {
+        match self.cause.as_ref().map(|c| c.kind) {
+            Some(CauseKind::Timer) => self.fin_timeout_s.saturating_sub(60),
+            _ => self.fin_timeout_s,
+        }
+    }
+
+    /// FIN_WAIT2 entered or left: the answers depend on tcp_fin_timeout.
+    pub(crate) fn touches_fin_wait2(&self) -> bool {
+        self.new == st::FIN_WAIT2 || self.old == st::FIN_WAIT2
+    }
+
+    /// CLOSE_WAIT entered or left: the answers name its owner.
+    pub(crate) fn touches_close_wait(&self) -> bool {
+        self.new == st::CLOSE_WAIT || self.old == st::CLOSE_WAIT
+    }
+}
+
+/// Linux's default `net.ipv4.tcp_fin_timeout`.
+pub(crate) const DEFAULT_FIN_TIMEOUT_S: u64 = 60;
+
+/// close() on an fd whose file has other references: no FIN, no state change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CloseNoFinReport {
+    pub(crate) ts_ns: u64,
+    pub(crate) sock: u64,
+    pub(crate) call: Call,
+    pub(crate) task: Task,
+    pub(crate) fd: i32,
+    /// References left after this close.
+    pub(crate) remaining_refs: u64,
+    /// Who still holds it (filled in by `resolve`).
+    pub(crate) holders: Vec<Owner>,
+    pub(crate) inode: u64,
+    pub(crate) ends: Option<Endpoints>,
+    pub(crate) state: Option<u8>,
+    /// The kernel's ownership record as this close found it: another holder, or this caller
+    /// (then marked stale).
+    pub(crate) recorded_owner: Option<KernelOwner>,
+}
+
+/// What the correlator says about one kernel record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Report {
+    Transition(TransitionReport),
+    CloseNoFin(CloseNoFinReport),
+}
+
+impl Report {
+    pub(crate) fn ts_ns(&self) -> u64 {
+        match self {
+            Report::Transition(t) => t.ts_ns,
+            Report::CloseNoFin(n) => n.ts_ns,
+        }
+    }
+
+    pub(crate) fn sock(&self) -> u64 {
+        match self {
+            Report::Transition(t) => t.sock,
+            Report::CloseNoFin(n) => n.sock,
+        }
+    }
+
+    pub(crate) fn inode(&self) -> u64 {
+        match self {
+            Report::Transition(t) => t.inode,
+            Report::CloseNoFin(n) => n.inode,
+        }
+    }
+
+    pub(crate) fn ends(&self) -> Option<&Endpoints> {
+        match self {
+            Report::Transition(t) => Some(&t.ends),
+            Report::CloseNoFin(n) => n.ends.as_ref(),
+        }
+    }
+}
+
+/// A socket still half-closed or in CLOSE_WAIT after the `--stuck` threshold.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Stuck {
+    pub(crate) sock: u64,
+    /// `CLOSE_WAIT`, or `FIN_WAIT2 after shutdown(SHUT_WR)`.
+    pub(crate) what: String,
+    pub(crate) holder: Holder,
+    /// Whose job it is (names `holder`).
+    pub(crate) verdict: Verdict,
+    pub(crate) ends: Endpoints,
+    pub(crate) stuck_ns: u64,
+}

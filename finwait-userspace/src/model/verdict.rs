@@ -1,0 +1,291 @@
+//! Whose job it is to finish closing a socket: decided once, in [`whose_job`], for every output
+//! (live reports, the summary, `--stuck`, the snapshot), and put into words here too.
+//!
+//! The rules (shared/TCP-CLOSE.md): CLOSE_WAIT never times out, so its owner must close it; a
+//! socket whose FIN we sent and that a process still holds was half-closed by shutdown(), and
+//! that process must close it (no kernel timeout); one no process holds any more is an orphan,
+//! which the kernel frees within a bound; LAST_ACK, CLOSING, TIME_WAIT and CLOSE need nobody.
+use std::{fmt, time::Duration};
+
+use finwait_common::tcp_state as st;
+
+use super::{Comm, Fw2Exit, Owner, TransitionReport};
+
+/// Who holds a socket, as the answers name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Holder {
+    pub(crate) pid: u32,
+    pub(crate) comm: Comm,
+    pub(crate) fd: Option<i32>,
+    /// Further processes holding it too.
+    pub(crate) others: usize,
+}
+
+impl Holder {
+    /// The first of `owners`, naming how many more there are.
+    pub(crate) fn of(owners: &[Owner]) -> Option<Self> {
+        let o = owners.first()?;
+        Some(Self {
+            others: owners.len() - 1,
+            ..Self::from(o)
+        })
+    }
+}
+
+impl From<&Owner> for Holder {
+    fn from(o: &Owner) -> Self {
+        Self {
+            pid: o.pid,
+            comm: o.comm.clone(),
+            fd: Some(o.fd),
+            others: 0,
+        }
+    }
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.comm, self.pid)?;
+        match (self.others, self.fd) {
+            (0, Some(fd)) => write!(f, " fd {fd}"),
+            (0, None) => Ok(()),
+            (n, _) => write!(f, " and {n} other holder(s)"),
+        }
+    }
+}
+
+/// How long the kernel may keep an orphan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bound {
+    /// tcp_fin_timeout of the socket's namespace, in seconds.
+    FinTimeout(u64),
+    /// At most this many seconds (what is left of tcp_fin_timeout).
+    Within(u64),
+    /// The socket's own timer says what is left.
+    Left(Duration),
+    /// Bounded by retransmissions (tcp_orphan_retries), not a timeout finwait knows.
+    Retries,
+}
+
+/// Whose job the rest of the close is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Half-closed by shutdown() and still held: the application must close it; no kernel
+    /// timeout. The holder, where the answer names it apart from the call.
+    ApplicationMustClose(Option<Holder>),
+    /// An orphan: the kernel frees it, within this bound.
+    KernelFrees(Bound),
+    /// CLOSE_WAIT: the peer closed; the owner (None: not found) must close it. Never times out.
+    OwnerMustClose(Option<Holder>),
+    /// Nobody needs to act: closed, or the kernel finishing a normal close.
+    Done,
+    /// It cannot be known (the call that sent our FIN was not seen).
+    Unknown,
+}
+
+/// What the verdict rests on, from a live transition or a socket in the snapshot.
+#[derive(Clone, Debug)]
+pub(crate) struct Facts {
+    /// The socket's state as `ss` shows it now.
+    pub(crate) state: u8,
+    /// A process still holds the socket's file (None: not known).
+    pub(crate) held: Option<bool>,
+    pub(crate) holder: Option<Holder>,
+    /// For an orphan: how long the kernel may keep it.
+    pub(crate) bound: Bound,
+}
+
+/// The one place that decides whose job a socket is. None: the socket is not on the close path.
+pub(crate) fn whose_job(f: Facts) -> Option<Verdict> {
+    Some(match (f.state, f.held) {
+        (st::CLOSE_WAIT, _) => Verdict::OwnerMustClose(f.holder),
+        (st::FIN_WAIT1 | st::FIN_WAIT2, Some(true)) => Verdict::ApplicationMustClose(f.holder),
+        (st::FIN_WAIT1 | st::FIN_WAIT2, Some(false)) => Verdict::KernelFrees(f.bound),
+        (st::FIN_WAIT1 | st::FIN_WAIT2, None) => Verdict::Unknown,
+        (st::LAST_ACK | st::CLOSING | st::TIME_WAIT | st::CLOSE, _) => Verdict::Done,
+        _ => return None,
+    })
+}
+
+impl TransitionReport {
+    /// The facts after this transition.
+    pub(crate) fn facts(&self) -> Facts {
+        let mut bound = Bound::FinTimeout(self.fin_timeout_s);
+        let (state, held) = match (self.new, self.fw2_exit) {
+            // Our FIN is out: after shutdown() the caller still holds the socket.
+            (st::FIN_WAIT1, _) => {
+                bound = Bound::Retries;
+                let known = self
+                    .cause
+                    .as_ref()
+                    .filter(|c| c.kind != super::CauseKind::Unknown);
+                (st::FIN_WAIT1, known.map(|c| !c.is_close_like()))
+            }
+            (st::FIN_WAIT2, _) => (st::FIN_WAIT2, self.orphan.map(|o| !o)),
+            // A time-wait mini-socket in substate FIN_WAIT2: `ss` still shows FIN-WAIT-2.
+            (st::CLOSE, Some(Fw2Exit::OrphanTimewait)) => {
+                bound = Bound::Within(self.frees_within_s());
+                (st::FIN_WAIT2, Some(false))
+            }
+            _ => (self.effective_new(), None),
+        };
+        let holder = self.owner.as_ref().map(Holder::from);
+        Facts {
+            state,
+            held,
+            holder,
+            bound,
+        }
+    }
+
+    /// Whose job the socket is after this transition (None: not on the close path).
+    pub(crate) fn verdict(&self) -> Option<Verdict> {
+        whose_job(self.facts())
+    }
+}
+
+impl Verdict {
+    /// The JSON contract's name.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Verdict::ApplicationMustClose(_) => "application_must_close",
+            Verdict::KernelFrees(_) => "kernel_frees",
+            Verdict::OwnerMustClose(_) => "owner_must_close",
+            Verdict::Done => "done",
+            Verdict::Unknown => "unknown",
+        }
+    }
+
+    /// The answer for one socket: `the kernel frees it within tcp_fin_timeout (60 s)`.
+    pub(crate) fn clause(&self) -> Clause<'_> {
+        Clause(self)
+    }
+
+    /// The answer for many sockets of one process (`who`): `nginx must close them`.
+    pub(crate) fn plural<'a>(&'a self, who: &'a str) -> Plural<'a> {
+        Plural(self, who)
+    }
+}
+
+/// See [`Verdict::clause`].
+pub(crate) struct Clause<'a>(&'a Verdict);
+
+impl fmt::Display for Clause<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Verdict::ApplicationMustClose(None) => {
+                f.write_str("the application still owns it and must close it (no kernel timeout)")
+            }
+            Verdict::ApplicationMustClose(Some(h)) => {
+                write!(
+                    f,
+                    "{h} still holds it and must close it (no kernel timeout)"
+                )
+            }
+            Verdict::KernelFrees(bound) => {
+                f.write_str("the kernel frees it")?;
+                match bound {
+                    Bound::FinTimeout(s) => write!(f, " within tcp_fin_timeout ({s} s)"),
+                    Bound::Within(s) => write!(f, " within {s} s"),
+                    Bound::Left(d) => write!(f, " (about {} left)", Secs(*d)),
+                    Bound::Retries => f.write_str(" once its retransmissions end"),
+                }
+            }
+            Verdict::OwnerMustClose(who) => {
+                match who {
+                    Some(h) => write!(f, "{h}")?,
+                    None => f.write_str("its owner (not found)")?,
+                }
+                f.write_str(" must close it (CLOSE_WAIT never times out)")
+            }
+            Verdict::Done => f.write_str("nobody needs to act"),
+            Verdict::Unknown => {
+                f.write_str("whose job it is is unknown (the call that sent the FIN was not seen)")
+            }
+        }
+    }
+}
+
+/// See [`Verdict::plural`].
+pub(crate) struct Plural<'a>(&'a Verdict, &'a str);
+
+impl fmt::Display for Plural<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let who = self.1;
+        match self.0 {
+            Verdict::ApplicationMustClose(_) => write!(f, "{who} must close them"),
+            Verdict::KernelFrees(_) => f.write_str("the kernel frees them"),
+            Verdict::OwnerMustClose(_) => write!(f, "{who} must close them (a leak if they stay)"),
+            Verdict::Done => f.write_str("nobody needs to act"),
+            Verdict::Unknown => f.write_str("whose job they are is unknown"),
+        }
+    }
+}
+
+/// `42 s`, or `250 ms` under a second.
+pub(crate) struct Secs(pub(crate) Duration);
+
+impl fmt::Display for Secs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 >= Duration::from_secs(1) {
+            write!(f, "{} s", self.0.as_secs())
+        } else {
+            write!(f, "{} ms", self.0.as_millis())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(state: u8, held: Option<bool>) -> Facts {
+        Facts {
+            state,
+            held,
+            holder: None,
+            bound: Bound::FinTimeout(60),
+        }
+    }
+
+    /// Every state on the close path has exactly one answer.
+    #[test]
+    fn one_answer_per_state() {
+        let v = |state, held| whose_job(facts(state, held)).map(|v| v.name());
+        assert_eq!(v(st::CLOSE_WAIT, None), Some("owner_must_close"));
+        assert_eq!(v(st::FIN_WAIT2, Some(true)), Some("application_must_close"));
+        assert_eq!(v(st::FIN_WAIT2, Some(false)), Some("kernel_frees"));
+        assert_eq!(v(st::FIN_WAIT1, None), Some("unknown"));
+        assert_eq!(v(st::TIME_WAIT, None), Some("done"));
+        assert_eq!(v(st::LAST_ACK, None), Some("done"));
+        assert_eq!(v(st::ESTABLISHED, None), None);
+    }
+
+    #[test]
+    fn words_name_the_holder_and_the_bound() {
+        let h = Holder {
+            pid: 9,
+            comm: "python3".into(),
+            fd: Some(4),
+            others: 0,
+        };
+        assert_eq!(
+            Verdict::OwnerMustClose(Some(h.clone()))
+                .clause()
+                .to_string(),
+            "python3[9] fd 4 must close it (CLOSE_WAIT never times out)"
+        );
+        assert_eq!(
+            Verdict::KernelFrees(Bound::Left(Duration::from_secs(42)))
+                .clause()
+                .to_string(),
+            "the kernel frees it (about 42 s left)"
+        );
+        let two = Holder { others: 1, ..h };
+        assert_eq!(two.to_string(), "python3[9] and 1 other holder(s)");
+        assert_eq!(
+            Verdict::OwnerMustClose(None).plural("java").to_string(),
+            "java must close them (a leak if they stay)"
+        );
+    }
+}

@@ -1,0 +1,739 @@
+//! The JSON lines contract (`--json`), as types: every event finwait prints is one of these,
+//! serialized as one object per line. README.md's field list is checked against them by a test.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Serialize, Serializer};
+
+use super::{Out, Sink};
+use crate::{
+    host::clock::{Clock, monotonic_ns},
+    model::{
+        Cause, CloseNoFinReport, Endpoints, Fw2Exit, Owner, Report, Stuck, TransitionReport,
+        how_name, state_name,
+    },
+    snapshot::Entry,
+    trace::summary::Summary,
+};
+
+/// One line of output.
+#[derive(Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub(crate) enum Event<'a> {
+    Start(&'a Start),
+    Transition(Transition<'a>),
+    CloseNoFin(CloseNoFin<'a>),
+    Stuck(StuckEvent<'a>),
+    Summary(SummaryEvent<'a>),
+    Stats(&'a Stats),
+    Snapshot(SnapshotEvent<'a>),
+    SnapshotSummary(SnapshotSummary),
+}
+
+/// Printed once the programs are attached.
+#[derive(Serialize, Clone, Debug, Default)]
+pub(crate) struct Start {
+    pub(crate) mode: &'static str,
+    pub(crate) state_hook: &'static str,
+    pub(crate) call_hook: Option<&'static str>,
+    pub(crate) precise_unavailable: Option<String>,
+    pub(crate) fd_resolution: bool,
+    pub(crate) kernel: String,
+    pub(crate) tcp_fin_timeout_s: u64,
+    pub(crate) attached: usize,
+    pub(crate) attach_failed: usize,
+    pub(crate) pids: Vec<u32>,
+    pub(crate) comms: Vec<String>,
+}
+
+/// Every counter: at exit, and with `--stats-every`.
+#[derive(Serialize, Clone, Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) records: u64,
+    pub(crate) transitions: u64,
+    pub(crate) calls: u64,
+    pub(crate) kernel_calls: u64,
+    pub(crate) lost_ring_full: u64,
+    pub(crate) kernel_skipped_nested: u64,
+    pub(crate) kernel_read_failed: u64,
+    pub(crate) pid_insert_failed: u64,
+    pub(crate) in_call_full: u64,
+    pub(crate) owner_map_full: u64,
+    pub(crate) scm_rights_unread: u64,
+    pub(crate) sockets_evicted: u64,
+    pub(crate) tracked_sockets: usize,
+    pub(crate) threads_evicted: u64,
+    pub(crate) attach_failed: usize,
+    pub(crate) owners_from_kernel: u64,
+    pub(crate) owners_verified: u64,
+    pub(crate) owner_scans: u64,
+    pub(crate) owner_lookups_timed_out: u64,
+    pub(crate) rss_kib: u64,
+    pub(crate) kernel_run_time: BTreeMap<String, RunTime>,
+}
+
+/// One program's run time, from the kernel's own accounting.
+#[derive(Serialize, Clone, Copy, Debug, Default)]
+pub(crate) struct RunTime {
+    pub(crate) runs: u64,
+    pub(crate) ns_per_run: u64,
+}
+
+/// A time as RFC 3339 with microseconds, written without an intermediate String.
+struct Time(std::time::SystemTime);
+
+impl Serialize for Time {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(self.0))
+    }
+}
+
+/// A kernel address, as `0xffff...`.
+struct Hex(u64);
+
+impl Serialize for Hex {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:#x}", self.0))
+    }
+}
+
+/// Milliseconds, from nanoseconds.
+fn ms(ns: Option<u64>) -> Option<f64> {
+    ns.map(|n| n as f64 / 1e6)
+}
+
+/// A connection's fields, the same in every event that names one.
+#[derive(Serialize)]
+pub(crate) struct Conn {
+    family: &'static str,
+    laddr: IpAddr,
+    lport: u16,
+    raddr: IpAddr,
+    rport: u16,
+}
+
+impl From<&Endpoints> for Conn {
+    fn from(e: &Endpoints) -> Self {
+        Self {
+            family: if e.is_ipv6() { "ipv6" } else { "ipv4" },
+            laddr: e.local,
+            lport: e.lport,
+            raddr: e.remote,
+            rport: e.rport,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct CauseJson<'a> {
+    call: &'static str,
+    how: Option<&'static str>,
+    pid: Option<u32>,
+    tid: Option<u32>,
+    comm: Option<&'a str>,
+    fd: Option<i32>,
+    exact: bool,
+}
+
+impl<'a> From<&'a Cause> for CauseJson<'a> {
+    fn from(c: &'a Cause) -> Self {
+        Self {
+            call: c.kind.name(),
+            how: c.how.map(how_name),
+            pid: c.task.as_ref().map(|t| t.pid),
+            tid: c.task.as_ref().map(|t| t.tid),
+            comm: c.task.as_ref().map(|t| &*t.comm),
+            fd: c.fd,
+            exact: c.exact,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct OwnerJson<'a> {
+    pid: u32,
+    comm: &'a str,
+    fd: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup_id: Option<u64>,
+}
+
+impl<'a> From<&'a Owner> for OwnerJson<'a> {
+    fn from(o: &'a Owner) -> Self {
+        Self {
+            pid: o.pid,
+            comm: &o.comm,
+            fd: o.fd,
+            cgroup_id: o.cgroup_id,
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Serialize)]
+pub(crate) struct Transition<'a> {
+    time: Time,
+    sock: Hex,
+    from: &'static str,
+    to: &'static str,
+    kernel_to: &'static str,
+    cause: Option<CauseJson<'a>>,
+    inode: Option<u64>,
+    #[serde(flatten)]
+    conn: Conn,
+    /// FIN_WAIT2 entries and exits only (then possibly null).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    orphan: Option<Option<bool>>,
+    /// CLOSE_WAIT entries and exits only (then possibly null).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<Option<OwnerJson<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verdict: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timewait_substate: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernel_frees_within_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp_fin_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "is_false")]
+    at_least: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    since_fin_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    half_closed_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    close_wait_ms: Option<f64>,
+}
+
+impl<'a> Transition<'a> {
+    pub(crate) fn new(t: &'a TransitionReport, clock: &Clock) -> Self {
+        let handed_over = t.fw2_exit == Some(Fw2Exit::OrphanTimewait);
+        Self {
+            time: Time(clock.wall(t.ts_ns)),
+            sock: Hex(t.sock),
+            from: state_name(t.old),
+            to: state_name(t.effective_new()),
+            kernel_to: state_name(t.new),
+            cause: t.cause.as_ref().map(CauseJson::from),
+            inode: (t.inode != 0).then_some(t.inode),
+            conn: Conn::from(&t.ends),
+            orphan: t.touches_fin_wait2().then_some(t.orphan),
+            owner: t
+                .touches_close_wait()
+                .then(|| t.owner.as_ref().map(OwnerJson::from)),
+            verdict: t.verdict().map(|v| v.name()),
+            // `ss` keeps listing it as FIN-WAIT-2 (ino 0) until the kernel frees it.
+            timewait_substate: handed_over.then_some("FIN_WAIT2"),
+            kernel_frees_within_s: handed_over.then(|| t.frees_within_s()),
+            tcp_fin_timeout_s: (handed_over || t.orphan_timed_out()).then_some(t.fin_timeout_s),
+            at_least: t.at_least,
+            since_fin_ms: ms(t.since_fin_ns),
+            half_closed_ms: ms(t.half_closed_ns),
+            close_wait_ms: ms(t.close_wait_ns),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct CloseNoFin<'a> {
+    time: Time,
+    sock: Hex,
+    call: &'static str,
+    pid: u32,
+    tid: u32,
+    comm: &'a str,
+    fd: i32,
+    remaining_refs: u64,
+    holders: Vec<OwnerJson<'a>>,
+    state: Option<&'static str>,
+    laddr: Option<IpAddr>,
+    lport: Option<u16>,
+    raddr: Option<IpAddr>,
+    rport: Option<u16>,
+}
+
+impl<'a> CloseNoFin<'a> {
+    pub(crate) fn new(n: &'a CloseNoFinReport, clock: &Clock) -> Self {
+        let e = n.ends.as_ref();
+        Self {
+            time: Time(clock.wall(n.ts_ns)),
+            sock: Hex(n.sock),
+            call: crate::model::CauseKind::Call(n.call).name(),
+            pid: n.task.pid,
+            tid: n.task.tid,
+            comm: &n.task.comm,
+            fd: n.fd,
+            remaining_refs: n.remaining_refs,
+            holders: n.holders.iter().map(OwnerJson::from).collect(),
+            state: n.state.map(state_name),
+            laddr: e.map(|e| e.local),
+            lport: e.map(|e| e.lport),
+            raddr: e.map(|e| e.remote),
+            rport: e.map(|e| e.rport),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct StuckEvent<'a> {
+    time: Time,
+    sock: Hex,
+    state: &'a str,
+    pid: u32,
+    comm: &'a str,
+    fd: Option<i32>,
+    stuck_s: f64,
+    verdict: &'static str,
+    #[serde(flatten)]
+    conn: Conn,
+}
+
+impl<'a> StuckEvent<'a> {
+    pub(crate) fn new(s: &'a Stuck, clock: &Clock) -> Self {
+        Self {
+            time: Time(clock.wall(monotonic_ns())),
+            sock: Hex(s.sock),
+            state: &s.what,
+            pid: s.holder.pid,
+            comm: &s.holder.comm,
+            fd: s.holder.fd,
+            stuck_s: s.stuck_ns as f64 / 1e9,
+            verdict: s.verdict.name(),
+            conn: Conn::from(&s.ends),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct ProcessJson<'a> {
+    pid: u32,
+    comm: &'a str,
+    fin_wait2_half_closed: &'a BTreeMap<String, u64>,
+    fin_wait2_half_closed_ended: &'a BTreeMap<String, u64>,
+    fin_wait2_orphaned: &'a BTreeMap<String, u64>,
+    close_wait: u64,
+    close_wait_closed: u64,
+    answer: String,
+}
+
+#[derive(Serialize)]
+pub(crate) struct Bucket {
+    below_ms: u64,
+    count: u64,
+}
+
+#[derive(Serialize)]
+pub(crate) struct LongestJson {
+    sock: Hex,
+    state: String,
+    pid: u32,
+    comm: String,
+    stuck_ms: f64,
+}
+
+#[derive(Serialize)]
+pub(crate) struct SummaryEvent<'a> {
+    processes: Vec<ProcessJson<'a>>,
+    half_closed_ms: Vec<Bucket>,
+    close_wait_ms: Vec<Bucket>,
+    still_stuck: usize,
+    longest_stuck: Vec<LongestJson>,
+    stuck_reported: u64,
+}
+
+impl<'a> SummaryEvent<'a> {
+    pub(crate) fn new(s: &'a Summary, now_ns: u64) -> Self {
+        let buckets = |h: &crate::trace::summary::Histogram| {
+            h.buckets()
+                .map(|(below_ms, count)| Bucket { below_ms, count })
+                .collect()
+        };
+        Self {
+            processes: s
+                .processes()
+                .map(|p| ProcessJson {
+                    pid: p.pid,
+                    comm: p.comm,
+                    fin_wait2_half_closed: &p.counts.half_closed,
+                    fin_wait2_half_closed_ended: &p.counts.half_closed_ended,
+                    fin_wait2_orphaned: &p.counts.orphaned,
+                    close_wait: p.counts.close_wait,
+                    close_wait_closed: p.counts.close_wait_closed,
+                    answer: p.answer,
+                })
+                .collect(),
+            half_closed_ms: buckets(&s.half_closed_ms),
+            close_wait_ms: buckets(&s.close_wait_ms),
+            still_stuck: s.still_stuck(),
+            longest_stuck: s
+                .longest(now_ns, 10)
+                .into_iter()
+                .map(|(sock, state, pid, comm, age)| LongestJson {
+                    sock: Hex(sock),
+                    state,
+                    pid,
+                    comm: comm.to_string(),
+                    stuck_ms: age as f64 / 1e6,
+                })
+                .collect(),
+            stuck_reported: s.stuck_reported,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct TimerJson {
+    kind: &'static str,
+    left_ms: u64,
+}
+
+#[derive(Serialize)]
+pub(crate) struct InferredJson<'a> {
+    pid: u32,
+    comm: &'a str,
+}
+
+#[derive(Serialize)]
+pub(crate) struct SnapshotEvent<'a> {
+    #[serde(flatten)]
+    conn: Conn,
+    state: &'static str,
+    class: &'static str,
+    verdict: &'static str,
+    inode: Option<u64>,
+    uid: u32,
+    timer: Option<TimerJson>,
+    recv_queue: u32,
+    send_queue: u32,
+    owners: Vec<OwnerJson<'a>>,
+    inferred_owner: Option<InferredJson<'a>>,
+    answer: String,
+}
+
+impl<'a> From<&'a Entry> for SnapshotEvent<'a> {
+    fn from(e: &'a Entry) -> Self {
+        let s = &e.sock;
+        let ends = Endpoints {
+            local: s.local,
+            lport: s.lport,
+            remote: s.remote,
+            rport: s.rport,
+        };
+        Self {
+            conn: Conn::from(&ends),
+            state: state_name(s.state),
+            class: e.class(),
+            verdict: e.verdict.name(),
+            inode: (s.inode != 0).then_some(s.inode),
+            uid: s.uid,
+            timer: s.timer.map(|t| TimerJson {
+                kind: t.name(),
+                left_ms: t.left().as_millis() as u64,
+            }),
+            recv_queue: s.recv_queue,
+            send_queue: s.send_queue,
+            // The snapshot's owners come from /proc: no cgroup id.
+            owners: e.owners.iter().map(OwnerJson::from).collect(),
+            inferred_owner: e.inferred.as_ref().map(|i| InferredJson {
+                pid: i.pid,
+                comm: &i.comm,
+            }),
+            answer: e.answer(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct GroupJson {
+    pid: Option<u32>,
+    comm: String,
+    counts: BTreeMap<&'static str, usize>,
+    inferred: usize,
+}
+
+#[derive(Serialize)]
+pub(crate) struct SnapshotSummary {
+    sockets: usize,
+    time_wait: usize,
+    processes: Vec<GroupJson>,
+}
+
+impl SnapshotSummary {
+    pub(crate) fn new(entries: &[Entry]) -> Self {
+        let processes = crate::snapshot::summarize(entries)
+            .into_iter()
+            .map(|((pid, comm), g)| GroupJson {
+                pid: (pid != 0).then_some(pid),
+                comm,
+                counts: g.counts,
+                inferred: g.inferred,
+            })
+            .collect();
+        let time_wait = entries.iter().filter(|e| e.is_time_wait()).count();
+        Self {
+            sockets: entries.len() - time_wait,
+            time_wait,
+            processes,
+        }
+    }
+}
+
+/// The `--json` sink.
+pub(crate) struct JsonSink {
+    out: Out,
+    clock: Clock,
+}
+
+impl JsonSink {
+    pub(crate) fn new(out: Out) -> Self {
+        Self {
+            out,
+            clock: Clock::new(),
+        }
+    }
+
+    fn event(&mut self, e: &Event<'_>) -> std::io::Result<()> {
+        self.out.json_line(e)
+    }
+}
+
+impl Sink for JsonSink {
+    fn start(&mut self, s: &Start) -> std::io::Result<()> {
+        self.event(&Event::Start(s))
+    }
+
+    fn snapshot(&mut self, entries: &[Entry], _detail: bool) -> std::io::Result<()> {
+        self.event(&Event::SnapshotSummary(SnapshotSummary::new(entries)))?;
+        for e in entries.iter().filter(|e| !e.is_time_wait()) {
+            self.event(&Event::Snapshot(SnapshotEvent::from(e)))?;
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, r: &Report) -> std::io::Result<()> {
+        let clock = self.clock;
+        match r {
+            Report::Transition(t) => self.event(&Event::Transition(Transition::new(t, &clock))),
+            Report::CloseNoFin(n) => self.event(&Event::CloseNoFin(CloseNoFin::new(n, &clock))),
+        }
+    }
+
+    fn stuck(&mut self, s: &Stuck) -> std::io::Result<()> {
+        let clock = self.clock;
+        self.event(&Event::Stuck(StuckEvent::new(s, &clock)))
+    }
+
+    fn summary(&mut self, s: &Summary, now_ns: u64) -> std::io::Result<()> {
+        self.event(&Event::Summary(SummaryEvent::new(s, now_ns)))
+    }
+
+    fn stats(&mut self, s: &Stats) -> std::io::Result<()> {
+        self.event(&Event::Stats(s))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The README's field lists are the documentation of this contract: each must name exactly the
+/// fields these types write (a list ending in `...` names some of them).
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use finwait_common::{Call, tcp_state as st};
+
+    use super::*;
+    use crate::{
+        host::sockdiag::{DiagSocket, TimerLeft},
+        model::{CauseKind, Holder, Task, Verdict},
+    };
+
+    const README: &str = include_str!("../../../README.md");
+
+    /// Every `{"event": "NAME", ...}` in the README: (name, top-level fields, complete?).
+    fn documented() -> Vec<(String, BTreeSet<String>, bool)> {
+        let mut out = Vec::new();
+        let mut rest = README;
+        while let Some(at) = rest.find("{\"event\": \"") {
+            let body = &rest[at + 1..];
+            let (mut depth, mut end) = (1, body.len());
+            for (i, ch) in body.char_indices() {
+                depth += match ch {
+                    '{' | '[' => 1,
+                    '}' | ']' => -1,
+                    _ => 0,
+                };
+                if depth == 0 {
+                    end = i;
+                    break;
+                }
+            }
+            let inner = &body[..end];
+            let (mut names, mut depth, mut complete) = (Vec::new(), 0, true);
+            let mut chars = inner.char_indices().peekable();
+            while let Some((i, ch)) = chars.next() {
+                match ch {
+                    '{' | '[' => depth += 1,
+                    '}' | ']' => depth -= 1,
+                    '.' if depth == 0 && inner[i..].starts_with("...") => complete = false,
+                    '"' => {
+                        let close = inner[i + 1..].find('"').unwrap() + i + 1;
+                        if depth == 0 {
+                            names.push(inner[i + 1..close].to_string());
+                        }
+                        while chars.peek().is_some_and(|(j, _)| *j <= close) {
+                            chars.next();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // "event": "NAME" come first.
+            let name = names[1].clone();
+            let fields = names[2..].iter().cloned().chain(["event".into()]).collect();
+            out.push((name, fields, complete));
+            rest = &body[end..];
+        }
+        out
+    }
+
+    fn keys(e: &Event<'_>) -> BTreeSet<String> {
+        let serde_json::Value::Object(m) = serde_json::to_value(e).unwrap() else {
+            panic!("an event is an object")
+        };
+        m.into_iter().map(|(k, _)| k).collect()
+    }
+
+    fn ends() -> Endpoints {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        Endpoints {
+            local: lo,
+            lport: 1,
+            remote: lo,
+            rport: 2,
+        }
+    }
+
+    fn task() -> Task {
+        Task {
+            pid: 1,
+            tid: 1,
+            comm: "x".into(),
+        }
+    }
+
+    /// Transitions that between them write every field a transition can have.
+    fn transitions() -> Vec<TransitionReport> {
+        let mut handed_over = TransitionReport::new(1, 1, ends(), st::FIN_WAIT2, st::CLOSE, 0);
+        handed_over.fw2_exit = Some(Fw2Exit::OrphanTimewait);
+        handed_over.orphan = Some(true);
+        handed_over.cause = Some(Cause::bare(CauseKind::Call(Call::Close)));
+        handed_over.since_fin_ns = Some(1);
+        handed_over.half_closed_ns = Some(1);
+        handed_over.at_least = true;
+        let mut closed = TransitionReport::new(1, 1, ends(), st::CLOSE_WAIT, st::LAST_ACK, 9);
+        closed.owner = Some(Owner {
+            pid: 1,
+            comm: "x".into(),
+            fd: 3,
+            cgroup_id: Some(1),
+        });
+        closed.close_wait_ns = Some(1);
+        vec![handed_over, closed]
+    }
+
+    /// The fields each kind of event writes, from samples that fill every optional one.
+    fn written() -> BTreeMap<&'static str, BTreeSet<String>> {
+        let clock = Clock::new();
+        let ts = transitions();
+        let mut m = BTreeMap::new();
+        let t = ts
+            .iter()
+            .flat_map(|t| keys(&Event::Transition(Transition::new(t, &clock))));
+        m.insert("transition", t.collect());
+        let n = CloseNoFinReport {
+            ts_ns: 1,
+            sock: 1,
+            call: Call::Close,
+            task: task(),
+            fd: 3,
+            remaining_refs: 1,
+            holders: Vec::new(),
+            inode: 1,
+            ends: Some(ends()),
+            state: Some(st::ESTABLISHED),
+            recorded_owner: None,
+        };
+        m.insert(
+            "close_no_fin",
+            keys(&Event::CloseNoFin(CloseNoFin::new(&n, &clock))),
+        );
+        let holder = Holder::from(ts[1].owner.as_ref().unwrap());
+        let s = Stuck {
+            sock: 1,
+            what: "CLOSE_WAIT".into(),
+            holder: holder.clone(),
+            verdict: Verdict::OwnerMustClose(Some(holder)),
+            ends: ends(),
+            stuck_ns: 1,
+        };
+        m.insert("stuck", keys(&Event::Stuck(StuckEvent::new(&s, &clock))));
+        let summary = Summary::default();
+        m.insert(
+            "summary",
+            keys(&Event::Summary(SummaryEvent::new(&summary, 0))),
+        );
+        m.insert("start", keys(&Event::Start(&Start::default())));
+        m.insert("stats", keys(&Event::Stats(&Stats::default())));
+        let sock = DiagSocket {
+            state: st::FIN_WAIT2,
+            local: ends().local,
+            lport: 1,
+            remote: ends().remote,
+            rport: 2,
+            inode: 0,
+            uid: 0,
+            timer: Some(TimerLeft::TimeWait(std::time::Duration::from_secs(1))),
+            recv_queue: 0,
+            send_queue: 0,
+        };
+        let entries = crate::snapshot::build(vec![sock], |_| Vec::new(), &[]);
+        let snap = keys(&Event::Snapshot(SnapshotEvent::from(&entries[0])));
+        m.insert("snapshot", snap);
+        let ss = keys(&Event::SnapshotSummary(SnapshotSummary::new(&entries)));
+        m.insert("snapshot_summary", ss);
+        m
+    }
+
+    #[test]
+    fn the_readme_documents_every_field() {
+        let written = written();
+        let documented = documented();
+        for (name, fields, complete) in &documented {
+            let Some(have) = written.get(name.as_str()) else {
+                panic!("README documents an event `{name}` that finwait never writes")
+            };
+            let unknown: Vec<_> = fields.difference(have).collect();
+            assert!(
+                unknown.is_empty(),
+                "README's `{name}` names {unknown:?}, not written"
+            );
+            if *complete {
+                let missing: Vec<_> = have.difference(fields).collect();
+                assert!(missing.is_empty(), "README's `{name}` omits {missing:?}");
+            }
+        }
+        for name in written.keys() {
+            assert!(
+                documented
+                    .iter()
+                    .any(|(n, _, complete)| n == name && *complete),
+                "README has no complete field list for `{name}`"
+            );
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Output as sinks, one per mode behind one interface (as ripgrep's printers): [`human`] lines
+//! that state the answer in words, [`json`] lines that are the documented contract. Every
+//! kind of output (start, snapshot, reports, `--stuck`, summary, stats) goes through a sink.
+use std::io::{self, Write};
+
+use bytes::{BufMut, BytesMut};
+
+use crate::{
+    model::{Report, Stuck},
+    snapshot::Entry,
+    trace::summary::Summary,
+};
+
+pub(crate) mod escape;
+pub(crate) mod human;
+pub(crate) mod json;
+
+pub(crate) use json::{Start, Stats};
+
+/// Where finwait's findings go.
+pub(crate) trait Sink {
+    /// The programs are attached: what runs, and how.
+    fn start(&mut self, s: &Start) -> io::Result<()>;
+    /// The sockets on the close path now; `detail`: one line each, besides the summary.
+    fn snapshot(&mut self, entries: &[Entry], detail: bool) -> io::Result<()>;
+    /// One live report.
+    fn report(&mut self, r: &Report) -> io::Result<()>;
+    /// A socket still half-closed or in CLOSE_WAIT past `--stuck`.
+    fn stuck(&mut self, s: &Stuck) -> io::Result<()>;
+    /// What the session found, per process.
+    fn summary(&mut self, s: &Summary, now_ns: u64) -> io::Result<()>;
+    /// The counters, at exit.
+    fn stats(&mut self, s: &Stats) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// The sink `--json` asks for, on stdout.
+pub(crate) fn for_stdout(json: bool, style: human::Style) -> Box<dyn Sink> {
+    let out = Out::new(Box::new(io::stdout().lock()));
+    if json {
+        Box::new(json::JsonSink::new(out))
+    } else {
+        Box::new(human::HumanSink::new(out, style))
+    }
+}
+
+/// Lines gathered in one buffer and written in large pieces (a busy host makes thousands a
+/// second).
+pub(crate) struct Out {
+    buf: BytesMut,
+    w: Box<dyn Write>,
+}
+
+/// Written out once this much is gathered (and at every flush).
+const OUT_CHUNK: usize = 64 * 1024;
+
+impl Out {
+    pub(crate) fn new(w: Box<dyn Write>) -> Self {
+        Self {
+            buf: BytesMut::with_capacity(OUT_CHUNK),
+            w,
+        }
+    }
+
+    /// One line (the newline is added).
+    pub(crate) fn line(&mut self, text: &str) -> io::Result<()> {
+        self.buf.put_slice(text.as_bytes());
+        self.end_line()
+    }
+
+    /// One JSON object on a line.
+    pub(crate) fn json_line(&mut self, v: &impl serde::Serialize) -> io::Result<()> {
+        serde_json::to_writer((&mut self.buf).writer(), v)?;
+        self.end_line()
+    }
+
+    fn end_line(&mut self) -> io::Result<()> {
+        self.buf.put_u8(b'\n');
+        if self.buf.len() >= OUT_CHUNK {
+            self.write_out()?;
+        }
+        Ok(())
+    }
+
+    fn write_out(&mut self) -> io::Result<()> {
+        self.w.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
+        self.write_out()?;
+        self.w.flush()
+    }
+}

@@ -1,0 +1,344 @@
+//! Live tracing: load the programs, say what runs, take the start-up snapshot, then feed the ring
+//! buffer through the [`pipeline`] until stopped, and end with the summary and the counters.
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use finwait_common::{COUNTERS_MAP, EVENTS_MAP, OWNERS_MAP, TRACED_PIDS_MAP, tcp_state as st};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::oneshot,
+};
+
+use crate::{
+    cli::TraceArgs,
+    host::{clock::monotonic_ns, netns, owners, procs, sockdiag},
+    kernel::loader::{self, Loaded, Mode, OwnerSeeder},
+    output::{self, Start, human::Style},
+    snapshot,
+};
+
+pub(crate) mod correlate;
+pub(crate) mod decode;
+pub(crate) mod filter;
+pub(crate) mod health;
+pub(crate) mod pipeline;
+pub(crate) mod resolve;
+pub(crate) mod summary;
+
+use correlate::Correlator;
+use filter::Filter;
+use health::{KernelCounters, Warned};
+use pipeline::Pipeline;
+use resolve::Resolver;
+
+/// Drains at least this often even without a wake-up (the kernel side batches wake-ups).
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// Read the loss counters (a syscall per program) at most this often.
+const LOSS_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Wake userspace once this fraction of the ring is used; the timer drains the rest.
+const WAKEUP_FRACTION: u32 = 4;
+
+/// What to trace and how to show it, built once from the command line.
+#[derive(Clone, Debug)]
+pub(crate) struct Options {
+    pub(crate) pids: Vec<u32>,
+    pub(crate) comms: Vec<String>,
+    pub(crate) json: bool,
+    pub(crate) all: bool,
+    pub(crate) duration: Option<Duration>,
+    pub(crate) ring_bytes: u32,
+    /// Only sockets with one of these local or remote ports (empty: all).
+    pub(crate) ports: Vec<u16>,
+    /// Only transitions into or out of these states (empty: all).
+    pub(crate) states: Vec<u8>,
+    /// Only this family: Some(false) IPv4, Some(true) IPv6.
+    pub(crate) ipv6: Option<bool>,
+    /// Print only the summary at the end.
+    pub(crate) summary_only: bool,
+    /// Report sockets half-closed or in CLOSE_WAIT for this long, once each.
+    pub(crate) stuck: Option<Duration>,
+    /// Human lines show wall-clock time instead of seconds since start.
+    pub(crate) wall_clock: bool,
+    /// Start with a snapshot of the sockets already on the close path.
+    pub(crate) snapshot: bool,
+    /// Benchmark floor: programs attached but doing nothing.
+    pub(crate) noop: bool,
+    pub(crate) mode: Mode,
+    /// Print the counters (JSON, to stderr) this often.
+    pub(crate) stats_every: Option<Duration>,
+    /// Size of the kernel's socket ownership map.
+    pub(crate) owners_max: u32,
+}
+
+impl From<&TraceArgs> for Options {
+    fn from(t: &TraceArgs) -> Self {
+        Self {
+            pids: t.pids.clone(),
+            comms: t.comms.clone(),
+            json: t.json,
+            all: t.all,
+            duration: t.duration.map(Duration::from_secs_f64),
+            ring_bytes: t.ring_buffer_kib * 1024,
+            ports: t.ports.clone(),
+            states: t.states.clone(),
+            ipv6: (t.ipv4 || t.ipv6).then_some(t.ipv6),
+            summary_only: t.summary_only,
+            stuck: t.stuck.map(Duration::from_secs_f64),
+            wall_clock: t.timestamp,
+            snapshot: !t.no_snapshot,
+            noop: t.bench_noop,
+            mode: t.mode,
+            stats_every: t.stats_every.map(Duration::from_secs_f64),
+            owners_max: t.owner_map_entries,
+        }
+    }
+}
+
+impl Options {
+    fn follows_processes(&self) -> bool {
+        !self.pids.is_empty() || !self.comms.is_empty()
+    }
+
+    fn loader_options(&self) -> loader::Options {
+        loader::Options {
+            all_transitions: self.all,
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            ring_bytes: self.ring_bytes,
+            wakeup_bytes: self.ring_bytes / WAKEUP_FRACTION,
+            noop: self.noop,
+            mode: self.mode,
+            ports: self.ports.clone(),
+            owners_max: self.owners_max,
+        }
+    }
+}
+
+/// Ends a run early (the demo, once its workload is done).
+pub(crate) type Stopper = Option<oneshot::Receiver<()>>;
+
+/// Traces until Ctrl-C, SIGTERM, `--duration`, `stop`, or (with `--pid` alone) every followed
+/// process has exited. `on_ready` runs once the programs are attached.
+pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -> Result<()> {
+    procs::check_exists(&opts.pids)?;
+    let mut loaded = loader::load(&opts.loader_options())?;
+    let fin_timeout_s = netns::own_fin_timeout();
+    let style = Style::for_stdout(opts.wall_clock, monotonic_ns());
+    let sink = output::for_stdout(opts.json, style);
+    let refs_zero_based = loaded
+        .offsets
+        .is_some_and(|o| o.file_ref_is_zero_based == 1);
+    let mut p = Pipeline::new(
+        Correlator::new(refs_zero_based),
+        Resolver::new(owners::Scanner::start(owners::scan)),
+        Filter::new(&opts),
+        sink,
+        fin_timeout_s,
+        opts.summary_only,
+    );
+    announce(&opts, &loaded, fin_timeout_s, &mut p)?;
+    if opts.snapshot {
+        start_snapshot(&opts, &mut loaded.ebpf, &mut p)?;
+    }
+    p.sink.flush()?;
+    on_ready();
+    let kernel = take_maps(&opts, &mut loaded, &mut p)?;
+    trace(&opts, &loaded.ebpf, kernel, &mut p, stop).await
+}
+
+/// Warnings about what is off, and the start event.
+fn announce(o: &Options, l: &Loaded, fin_timeout_s: u64, p: &mut Pipeline) -> Result<()> {
+    for note in &l.degraded {
+        eprintln!("finwait-trace: warning: {note}");
+    }
+    if let Some(why) = &l.precise_unavailable {
+        eprintln!(
+            "finwait-trace: note: correlated mode, {why}; io_uring closes and other paths without \
+             a close()/shutdown() syscall will show as unknown"
+        );
+    }
+    let start = Start {
+        mode: if l.call_hook.is_some() {
+            "precise"
+        } else {
+            "correlated"
+        },
+        state_hook: l.state_hook,
+        call_hook: l.call_hook,
+        precise_unavailable: l.precise_unavailable.clone(),
+        fd_resolution: l.offsets.is_some(),
+        kernel: kernel_release(),
+        tcp_fin_timeout_s: fin_timeout_s,
+        attached: l.attached,
+        attach_failed: l.attach_failed,
+        pids: o.pids.clone(),
+        comms: o.comms.clone(),
+    };
+    Ok(p.sink.start(&start)?)
+}
+
+/// The maps userspace reads while tracing: the pid filter and the ownership map go to their
+/// stages; the counters and the ring come back.
+fn take_maps(
+    o: &Options,
+    l: &mut Loaded,
+    p: &mut Pipeline,
+) -> Result<(KernelCounters, RingBuf<MapData>)> {
+    let ebpf = &mut l.ebpf;
+    if o.follows_processes() {
+        let map = ebpf.take_map(TRACED_PIDS_MAP).context("pid map")?;
+        p.filter.follow(BpfHashMap::try_from(map)?);
+    }
+    if let Some(map) = ebpf.take_map(OWNERS_MAP) {
+        p.resolver.set_owner_map(BpfHashMap::try_from(map)?);
+    }
+    let counters = ebpf.take_map(COUNTERS_MAP).context("counters map")?;
+    let counters = KernelCounters::new(PerCpuArray::try_from(counters)?, l.attach_failed);
+    let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("events map")?)?;
+    Ok((counters, ring))
+}
+
+/// The event loop, then the summary and the counters.
+async fn trace(
+    o: &Options,
+    ebpf: &aya::Ebpf,
+    (kernel, ring): (KernelCounters, RingBuf<MapData>),
+    p: &mut Pipeline,
+    mut stop: Stopper,
+) -> Result<()> {
+    // SAFETY: the ring's fd is owned by `ring`, which the AsyncFd owns and drops last.
+    let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let deadline = tokio::time::sleep(o.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
+    let mut stats_tick = o.stats_every.map(tokio::time::interval);
+    let mut gone_check = tokio::time::interval(Duration::from_secs(1));
+    // --pid only (a --comm may match a process started later).
+    let watch_targets = !o.pids.is_empty() && o.comms.is_empty();
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut warned, mut losses_checked) = (Warned::default(), Instant::now());
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), p);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => drain(ring.get_mut(), p),
+            _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
+                eprintln!("{}", serde_json::to_string(&kernel.stats(ebpf, p))?);
+            }
+            _ = gone_check.tick(), if watch_targets => if p.filter.none_left() {
+                eprintln!("finwait-trace: every traced process has exited (and no descendant is left); stopping");
+                break;
+            },
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+            _ = async { stop.as_mut().unwrap().await }, if stop.is_some() => break,
+        }
+        p.emit()?;
+        if let Some(after) = o.stuck {
+            p.stuck(after.as_nanos() as u64)?;
+        }
+        if losses_checked.elapsed() >= LOSS_CHECK_EVERY {
+            losses_checked = Instant::now();
+            warned.warn(ebpf, &kernel);
+        }
+    }
+    warned.warn(ebpf, &kernel);
+    drain(ring.get_mut(), p);
+    finish(o, ebpf, &kernel, p).await
+}
+
+/// The last reports, the summary and the counters.
+async fn finish(o: &Options, ebpf: &aya::Ebpf, k: &KernelCounters, p: &mut Pipeline) -> Result<()> {
+    p.drain_resolver().await?;
+    p.sink.summary(&p.summary, monotonic_ns())?;
+    let stats = k.stats(ebpf, p);
+    if o.stats_every.is_some() {
+        eprintln!("{}", serde_json::to_string(&stats)?);
+    }
+    p.sink.stats(&stats)?;
+    p.sink.flush()?;
+    Ok(())
+}
+
+fn drain(ring: &mut RingBuf<MapData>, p: &mut Pipeline) {
+    while let Some(item) = ring.next() {
+        p.ingest(&item);
+    }
+}
+
+/// The sockets already stuck, taken after the programs are attached so that nothing falls
+/// between the two: printed first, and handed to the correlator so their closes are timed.
+fn start_snapshot(o: &Options, ebpf: &mut aya::Ebpf, p: &mut Pipeline) -> Result<()> {
+    let mut pids = o.pids.clone();
+    pids.extend(procs::with_comm(&o.comms));
+    if pids.is_empty() && o.follows_processes() {
+        return Ok(()); // a --comm that matches no process yet: nothing of theirs is stuck
+    }
+    let snap = match snapshot::take(&pids) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "finwait-trace: warning: no start-up snapshot ({e:#}); tracing new transitions only"
+            );
+            return Ok(());
+        }
+    };
+    seed_owners(ebpf, &snap);
+    for e in &snap.entries {
+        use crate::model::Verdict;
+        match &e.verdict {
+            Verdict::OwnerMustClose(_) => {
+                if let Some(o) = e.owners.first() {
+                    p.resolver.remember(e.sock.inode, o.clone());
+                }
+            }
+            Verdict::ApplicationMustClose(_) if e.sock.state == st::FIN_WAIT2 => {}
+            _ => continue,
+        }
+        p.correlator.seed(e.sock.inode, snap.taken_ns);
+    }
+    Ok(p.sink.snapshot(&snap.entries, false)?)
+}
+
+/// The kernel records holders as sockets are obtained; those obtained before it started come
+/// from the snapshot's /proc scan: every established TCP socket and every one on the close path.
+fn seed_owners(ebpf: &mut aya::Ebpf, snap: &snapshot::Snapshot) {
+    use netlink_packet_sock_diag::inet::StateFlags;
+    let mut seeder = match OwnerSeeder::new(ebpf) {
+        Ok(s) => s,
+        Err(e) => return eprintln!("finwait-trace: warning: ownership not seeded ({e:#})"),
+    };
+    let mut seed = |inode: u64| {
+        if let Some(o) = snap.owners.first(inode).filter(|_| inode != 0) {
+            seeder.seed(inode, &o);
+        }
+    };
+    snap.entries.iter().for_each(|e| seed(e.sock.inode));
+    // Streamed: a host's 100,000 established sockets are never held in memory at once.
+    let established = StateFlags::ESTABLISHED | StateFlags::SYN_SENT;
+    if let Err(e) = sockdiag::dump_each(established, |s| seed(s.inode)) {
+        eprintln!(
+            "finwait-trace: warning: established sockets not read ({e:#}); their owners will come from /proc"
+        );
+    }
+    if seeder.full > 0 {
+        eprintln!(
+            "finwait-trace: warning: the ownership map is full: {} sockets from before the start have no kernel owner (their owners will come from /proc)",
+            seeder.full
+        );
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

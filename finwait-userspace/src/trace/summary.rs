@@ -1,0 +1,407 @@
+//! What a tracing session found, per process: counted as reports pass, answered when tracing
+//! ends, and the sockets still open that `--stuck` names.
+use std::collections::{BTreeMap, HashMap};
+
+use finwait_common::tcp_state as st;
+
+use crate::model::{
+    Comm, Endpoints, Holder, Report, Stuck, TransitionReport, Verdict,
+    verdict::{Bound, Facts, whose_job},
+};
+
+/// Per-process counts. Keyed by the process that made the call (FIN_WAIT2) or holds the socket
+/// (CLOSE_WAIT).
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// FIN_WAIT2 entries still owned, by the call that half-closed them (e.g. "shutdown(SHUT_WR)").
+    pub(crate) half_closed: BTreeMap<String, u64>,
+    /// Of those, the ones that left FIN_WAIT2 while traced (closed, or the peer's FIN), by call.
+    pub(crate) half_closed_ended: BTreeMap<String, u64>,
+    /// FIN_WAIT2 entries orphaned, by call ("close()", "process exit", ...).
+    pub(crate) orphaned: BTreeMap<String, u64>,
+    pub(crate) close_wait: u64,
+    /// CLOSE_WAIT sockets their owner then closed.
+    pub(crate) close_wait_closed: u64,
+}
+
+/// A socket someone must close, still open.
+#[derive(Debug, Clone)]
+pub(crate) struct Open {
+    pub(crate) since_ns: u64,
+    pub(crate) who: u32,
+    /// FIN_WAIT2 after this call (None: CLOSE_WAIT).
+    pub(crate) half_closed_by: Option<String>,
+    pub(crate) ends: Endpoints,
+    pub(crate) fd: Option<i32>,
+    /// Already reported by `--stuck`.
+    reported: bool,
+}
+
+impl Open {
+    /// `CLOSE_WAIT`, or `FIN_WAIT2 after shutdown(SHUT_WR)`.
+    pub(crate) fn what(&self) -> String {
+        match &self.half_closed_by {
+            Some(call) => format!("FIN_WAIT2 after {call}"),
+            None => "CLOSE_WAIT".into(),
+        }
+    }
+}
+
+/// One process's line in the summary.
+pub(crate) struct ProcessSummary<'a> {
+    pub(crate) pid: u32,
+    pub(crate) comm: &'a Comm,
+    pub(crate) counts: &'a Counts,
+    pub(crate) answer: String,
+}
+
+#[derive(Default)]
+pub(crate) struct Summary {
+    /// pid -> (name, counts). The name is the process's (from its CLOSE_WAIT owners) once known,
+    /// else the calling thread's.
+    by_process: BTreeMap<u32, (Comm, Counts)>,
+    open: HashMap<u64, Open>,
+    pub(crate) half_closed_ms: Histogram,
+    pub(crate) close_wait_ms: Histogram,
+    pub(crate) stuck_reported: u64,
+}
+
+/// Power-of-two buckets in milliseconds: `counts[i]` holds values in [2^(i-1), 2^i) ms.
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Histogram {
+    pub(crate) counts: Vec<u64>,
+}
+
+impl Histogram {
+    pub(crate) fn add(&mut self, ns: u64) {
+        let ms = ns / 1_000_000;
+        let bucket = (u64::BITS - ms.leading_zeros()) as usize;
+        if self.counts.len() <= bucket {
+            self.counts.resize(bucket + 1, 0);
+        }
+        self.counts[bucket] += 1;
+    }
+
+    /// (upper bound in ms, count) of every bucket that has values.
+    pub(crate) fn buckets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (1u64 << i, *n))
+    }
+}
+
+impl Summary {
+    pub(crate) fn add(&mut self, r: &Report) {
+        let Report::Transition(t) = r else { return };
+        match (t.old, t.new) {
+            (st::FIN_WAIT1, st::FIN_WAIT2) => self.fin_wait2(t),
+            (st::ESTABLISHED, st::CLOSE_WAIT) => self.close_wait(t),
+            (st::CLOSE_WAIT, _) => {
+                if let Some(ns) = t.close_wait_ns {
+                    self.close_wait_ms.add(ns);
+                }
+                if let Some(o) = self.open.remove(&t.sock) {
+                    self.counts(o.who).close_wait_closed += 1;
+                }
+            }
+            (st::FIN_WAIT2, _) => {
+                if let Some(ns) = t.half_closed_ns {
+                    self.half_closed_ms.add(ns);
+                }
+                if let Some(o) = self.open.remove(&t.sock)
+                    && let Some(call) = o.half_closed_by
+                {
+                    *self
+                        .counts(o.who)
+                        .half_closed_ended
+                        .entry(call)
+                        .or_default() += 1;
+                }
+            }
+            _ => {}
+        }
+        if t.new == st::CLOSE {
+            self.open.remove(&t.sock);
+        }
+    }
+
+    fn counts(&mut self, pid: u32) -> &mut Counts {
+        &mut self.by_process.entry(pid).or_default().1
+    }
+
+    /// FIN_WAIT2 entered: counted by call under the caller, as its verdict says.
+    fn fin_wait2(&mut self, t: &TransitionReport) {
+        let Some(c) = &t.cause else { return };
+        let Some(task) = &c.task else { return };
+        let call = c.call_name().to_string();
+        let entry = self.by_process.entry(task.pid).or_default();
+        if entry.0.is_empty() {
+            entry.0 = task.comm.clone();
+        }
+        match t.verdict() {
+            Some(Verdict::ApplicationMustClose(_)) => {
+                *entry.1.half_closed.entry(call.clone()).or_default() += 1;
+                self.open.insert(
+                    t.sock,
+                    Open {
+                        since_ns: t.ts_ns,
+                        who: task.pid,
+                        half_closed_by: Some(call),
+                        ends: t.ends.clone(),
+                        fd: c.fd,
+                        reported: false,
+                    },
+                );
+            }
+            Some(Verdict::KernelFrees(_)) => *entry.1.orphaned.entry(call).or_default() += 1,
+            _ => {}
+        }
+    }
+
+    /// CLOSE_WAIT entered: counted under its owner, when known.
+    fn close_wait(&mut self, t: &TransitionReport) {
+        let Some(o) = &t.owner else { return };
+        let entry = self.by_process.entry(o.pid).or_default();
+        entry.0 = o.comm.clone(); // the process's own name
+        entry.1.close_wait += 1;
+        self.open.insert(
+            t.sock,
+            Open {
+                since_ns: t.ts_ns,
+                who: o.pid,
+                half_closed_by: None,
+                ends: t.ends.clone(),
+                fd: Some(o.fd),
+                reported: false,
+            },
+        );
+    }
+
+    fn comm(&self, pid: u32) -> Comm {
+        self.by_process
+            .get(&pid)
+            .map(|(c, _)| c.clone())
+            .unwrap_or_else(|| "".into())
+    }
+
+    /// Whose job an open socket is (the same verdict a live report gives).
+    fn verdict_of(&self, o: &Open) -> (Holder, Verdict) {
+        let holder = Holder {
+            pid: o.who,
+            comm: self.comm(o.who),
+            fd: o.fd,
+            others: 0,
+        };
+        let state = match o.half_closed_by {
+            Some(_) => st::FIN_WAIT2,
+            None => st::CLOSE_WAIT,
+        };
+        let facts = Facts {
+            state,
+            held: Some(true),
+            holder: Some(holder.clone()),
+            bound: Bound::Retries,
+        };
+        (holder, whose_job(facts).unwrap_or(Verdict::Unknown))
+    }
+
+    /// Sockets stuck for at least `threshold_ns` and not reported yet (each is reported once),
+    /// oldest first.
+    pub(crate) fn take_stuck(&mut self, now_ns: u64, threshold_ns: u64) -> Vec<Stuck> {
+        let mut due = Vec::new();
+        for (sock, o) in self.open.iter_mut() {
+            let age = now_ns.saturating_sub(o.since_ns);
+            if !o.reported && age >= threshold_ns {
+                o.reported = true;
+                due.push((*sock, o.clone(), age));
+            }
+        }
+        let mut out: Vec<Stuck> = due
+            .into_iter()
+            .map(|(sock, o, age)| {
+                let (holder, verdict) = self.verdict_of(&o);
+                Stuck {
+                    sock,
+                    what: o.what(),
+                    holder,
+                    verdict,
+                    ends: o.ends,
+                    stuck_ns: age,
+                }
+            })
+            .collect();
+        self.stuck_reported += out.len() as u64;
+        out.sort_by_key(|s| std::cmp::Reverse(s.stuck_ns));
+        out
+    }
+
+    /// Every process, with its answer.
+    pub(crate) fn processes(&self) -> impl Iterator<Item = ProcessSummary<'_>> {
+        self.by_process
+            .iter()
+            .map(|(pid, (comm, counts))| ProcessSummary {
+                pid: *pid,
+                comm,
+                counts,
+                answer: answer(*pid, comm, counts),
+            })
+    }
+
+    /// Sockets still open that someone must close.
+    pub(crate) fn still_stuck(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The `n` open the longest: (socket, what, pid, comm, age in ns).
+    pub(crate) fn longest(&self, now_ns: u64, n: usize) -> Vec<(u64, String, u32, Comm, u64)> {
+        let mut v: Vec<_> = self
+            .open
+            .iter()
+            .map(|(s, o)| (*s, o, now_ns.saturating_sub(o.since_ns)))
+            .collect();
+        v.sort_by_key(|(_, _, age)| std::cmp::Reverse(*age));
+        v.truncate(n);
+        v.into_iter()
+            .map(|(s, o, age)| (s, o.what(), o.who, self.comm(o.who), age))
+            .collect()
+    }
+}
+
+/// One sentence per process: shutdown() or close(), and whose job the clean-up is.
+fn answer(pid: u32, comm: &str, c: &Counts) -> String {
+    let mut parts = Vec::new();
+    for (call, n) in &c.half_closed {
+        let ended = c.half_closed_ended.get(call).copied().unwrap_or(0).min(*n);
+        let open = n - ended;
+        let mut part =
+            format!("{n} FIN_WAIT2 after {call}, {ended} ended later, {open} still half-closed");
+        if open > 0 {
+            part += &format!(": {}", Verdict::ApplicationMustClose(None).plural(comm));
+        }
+        parts.push(part);
+    }
+    let orphans = Verdict::KernelFrees(Bound::Retries);
+    for (call, n) in &c.orphaned {
+        parts.push(format!(
+            "{n} FIN_WAIT2 after {call}: orphans, {}",
+            orphans.plural(comm)
+        ));
+    }
+    if c.close_wait > 0 {
+        let open = c.close_wait - c.close_wait_closed.min(c.close_wait);
+        let mut part = format!(
+            "{} CLOSE_WAIT, {} closed later, {open} never closed while traced",
+            c.close_wait, c.close_wait_closed
+        );
+        if open > 0 {
+            part += &format!(": {}", Verdict::OwnerMustClose(None).plural(comm));
+        }
+        parts.push(part);
+    }
+    format!("{comm}[{pid}]: {}", parts.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use finwait_common::Call;
+
+    use super::*;
+    use crate::model::{Cause, CauseKind, Owner, Task};
+
+    fn tr(sock: u64, old: u8, new: u8) -> TransitionReport {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        TransitionReport::new(
+            sock * 10,
+            sock,
+            Endpoints {
+                local: lo,
+                lport: 1,
+                remote: lo,
+                rport: 2,
+            },
+            old,
+            new,
+            0,
+        )
+    }
+    fn cause(kind: CauseKind, how: Option<i32>) -> Option<Cause> {
+        Some(Cause {
+            kind,
+            how,
+            task: Some(Task {
+                pid: 7,
+                tid: 7,
+                comm: "nginx".into(),
+            }),
+            fd: Some(3),
+            exact: false,
+        })
+    }
+
+    #[test]
+    fn counts_answers_and_histograms() {
+        let mut s = Summary::default();
+        for sock in 1..=3 {
+            let mut t = tr(sock, st::FIN_WAIT1, st::FIN_WAIT2);
+            t.cause = cause(CauseKind::Call(Call::Shutdown), Some(1));
+            t.orphan = Some(false);
+            s.add(&Report::Transition(t));
+        }
+        let mut t = tr(4, st::FIN_WAIT1, st::FIN_WAIT2);
+        t.cause = cause(CauseKind::Call(Call::Close), None);
+        t.orphan = Some(true);
+        s.add(&Report::Transition(t));
+        for sock in 5..=6 {
+            let mut t = tr(sock, st::ESTABLISHED, st::CLOSE_WAIT);
+            t.owner = Some(Owner {
+                pid: 9,
+                comm: "python3".into(),
+                fd: 4,
+                cgroup_id: None,
+            });
+            s.add(&Report::Transition(t));
+        }
+        let mut t = tr(5, st::CLOSE_WAIT, st::LAST_ACK);
+        t.close_wait_ns = Some(300_000_000);
+        s.add(&Report::Transition(t));
+        // The first half-closed socket is closed: an orphan now, no longer the process's job.
+        let mut t = tr(1, st::FIN_WAIT2, st::CLOSE);
+        t.cause = cause(CauseKind::Call(Call::Close), None);
+        t.half_closed_ns = Some(3_000_000_000);
+        s.add(&Report::Transition(t));
+
+        let c = &s.by_process[&7].1;
+        assert_eq!(c.half_closed["shutdown(SHUT_WR)"], 3);
+        assert_eq!(c.half_closed_ended["shutdown(SHUT_WR)"], 1);
+        assert_eq!(c.orphaned["close()"], 1);
+        let p = &s.by_process[&9].1;
+        assert_eq!((p.close_wait, p.close_wait_closed), (2, 1));
+        let answers: Vec<String> = s.processes().map(|p| p.answer).collect();
+        assert_eq!(
+            answers[0],
+            "nginx[7]: 3 FIN_WAIT2 after shutdown(SHUT_WR), 1 ended later, 2 still half-closed: nginx must close them; 1 FIN_WAIT2 after close(): orphans, the kernel frees them"
+        );
+        assert_eq!(
+            answers[1],
+            "python3[9]: 2 CLOSE_WAIT, 1 closed later, 1 never closed while traced: python3 must close them (a leak if they stay)"
+        );
+        // 300 ms falls in [256, 512).
+        assert_eq!(s.close_wait_ms.buckets().collect::<Vec<_>>(), [(512, 1)]);
+        assert_eq!(s.still_stuck(), 3, "2 half-closed + 1 CLOSE_WAIT");
+        // --stuck: each once, oldest first; the CLOSE_WAIT names its owner's fd.
+        let stuck = s.take_stuck(2_000_000_000, 1_000_000_000);
+        assert_eq!(stuck.len(), 3);
+        assert!(s.take_stuck(3_000_000_000, 1_000_000_000).is_empty());
+        let cw = stuck.iter().find(|x| x.what == "CLOSE_WAIT").unwrap();
+        assert_eq!((cw.holder.pid, cw.holder.fd), (9, Some(4)));
+        assert_eq!(
+            cw.verdict.clause().to_string(),
+            "python3[9] fd 4 must close it (CLOSE_WAIT never times out)"
+        );
+        assert_eq!(s.stuck_reported, 3);
+    }
+}
