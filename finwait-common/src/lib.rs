@@ -169,8 +169,8 @@ pub struct Event {
 
 /// Both sides read and write this exact layout: a field added on one side only fails the build.
 pub const EVENT_SIZE: usize = 176;
-const _: () = assert!(core::mem::size_of::<Event>() == EVENT_SIZE);
-const _: () = assert!(core::mem::size_of::<OwnerRec>() == 56);
+const _: () = assert!(size_of::<Event>() == EVENT_SIZE);
+const _: () = assert!(size_of::<OwnerRec>() == 56);
 
 impl Event {
     pub const fn zeroed() -> Self {

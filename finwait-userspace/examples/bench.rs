@@ -2,7 +2,14 @@
 //! tracer, in interleaved rounds, compared as ratios to the untraced rate measured in the same run.
 //!
 //! bench FINWAIT_TRACE CHURN [--rounds R] [--seconds S] [--threads N] [--json PATH] [--soak MINUTES]
-//!       [--peer-wait SECONDS]
+//!       [--peer-wait SECONDS] [--baseline FINWAIT_TRACE]
+// Test and bench crates share the package's dependencies (the library is where unused ones
+// show); their drivers are long by nature.
+#![allow(
+    unused_crate_dependencies,
+    clippy::too_many_lines,
+    clippy::needless_pass_by_value
+)]
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
@@ -63,7 +70,7 @@ fn main() {
             "--stats-every".into(),
             "3600".into(),
         ];
-        v.extend(extra.iter().map(|s| s.to_string()));
+        v.extend(extra.iter().map(ToString::to_string));
         Some(v)
     };
     let idle_pid = idle.id().to_string();
@@ -94,6 +101,17 @@ fn main() {
         modes.push(Mode {
             name: "finwait --mode correlated",
             cmd: fw(&["--mode", "correlated"]),
+            finwait: true,
+        });
+    }
+    // An earlier build, in the same rounds: a change's before and after.
+    let baseline = opt("--baseline", "");
+    if !baseline.is_empty() {
+        let mut cmd = fw(&[]).unwrap();
+        cmd[0] = baseline;
+        modes.push(Mode {
+            name: "finwait (baseline build)",
+            cmd: Some(cmd),
             finwait: true,
         });
     }

@@ -7,6 +7,13 @@
 //! peak RSS.
 //!
 //! busy_host FINWAIT_TRACE [--processes 2000] [--fds 50] [--rate 400] [--seconds 16]
+// Test and bench crates share the package's dependencies (the library is where unused ones
+// show); their drivers are long by nature.
+#![allow(
+    unused_crate_dependencies,
+    clippy::too_many_lines,
+    clippy::needless_pass_by_value
+)]
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Read, Write},
@@ -131,7 +138,10 @@ fn run(o: &Opts) -> Result {
     let (tx, rx) = mpsc::channel::<Value>();
     let stdout = tracer.stdout.take().unwrap();
     thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+        for line in BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
             if let Ok(v) = serde_json::from_str::<Value>(&line) {
                 let _ = tx.send(v);
             }
@@ -189,7 +199,10 @@ fn run(o: &Opts) -> Result {
         let Some((pid, table)) = fds.iter().find(|(_, t)| t.port == lport) else {
             continue;
         };
-        let want = table.fds.get(&rport).map(|&fd| (*pid as i64, fd as i64));
+        let want = table
+            .fds
+            .get(&rport)
+            .map(|&fd| (i64::from(*pid), i64::from(fd)));
         let got = v["owner"]["pid"].as_i64().zip(v["owner"]["fd"].as_i64());
         match got {
             g if g == want => r.right_owner += 1,
@@ -261,7 +274,10 @@ impl Backend {
         // SAFETY: the read end is ours; the File closes it.
         let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(self.log) };
         let mut fds = HashMap::new();
-        for line in BufReader::new(file).lines().map_while(|l| l.ok()) {
+        for line in BufReader::new(file)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
             let mut it = line.split(' ').map(|x| x.parse::<i32>().unwrap());
             let (port, fd) = (it.next().unwrap(), it.next().unwrap());
             fds.insert(port as u16, fd);

@@ -2,6 +2,13 @@
 //! and close as fast as they can (or at a set rate), for a while. Prints one JSON line.
 //!
 //! churn [--threads N] [--seconds S] [--rate PER_SECOND] [--connections MAX] [--close-first client|server]
+// Test and bench crates share the package's dependencies (the library is where unused ones
+// show); their drivers are long by nature.
+#![allow(
+    unused_crate_dependencies,
+    clippy::too_many_lines,
+    clippy::needless_pass_by_value
+)]
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},

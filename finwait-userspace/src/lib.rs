@@ -16,6 +16,9 @@
 //! - `output`: sinks, one per output mode (`human`, `json`: the JSON contract as types), and
 //!   `escape` for names that reach a terminal.
 //! - `demo`: the built-in loopback workload, traced by the same pipeline.
+// The test build also links the integration tests' dev-dependencies.
+#![cfg_attr(test, allow(unused_crate_dependencies))]
+
 mod cli;
 mod demo;
 mod host;

@@ -136,7 +136,7 @@ pub(crate) struct Snapshot {
 /// to) these processes and their descendants; empty keeps all.
 pub(crate) fn take(pids: &[u32]) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
-    let sockets = sockdiag::dump(states())?;
+    let sockets = sockdiag::dump(&states())?;
     let owners = owners::scan();
     let keep: Vec<u32> = if pids.is_empty() {
         Vec::new()
@@ -233,7 +233,7 @@ pub(crate) fn summarize(entries: &[Entry]) -> BTreeMap<(u32, String), Group> {
         g.verdicts
             .entry(e.class())
             .or_insert_with(|| e.verdict.clone());
-        g.inferred += inferred as usize;
+        g.inferred += usize::from(inferred);
     }
     groups
 }
@@ -369,7 +369,7 @@ mod tests {
             sock(st::FIN_WAIT2, 5555, 0, tw),
         ];
         let e = build(sockets, owners, &[]);
-        let classes: Vec<&str> = e.iter().map(|e| e.class()).collect();
+        let classes: Vec<&str> = e.iter().map(Entry::class).collect();
         assert_eq!(
             classes,
             [

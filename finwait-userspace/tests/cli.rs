@@ -1,4 +1,11 @@
 //! The command line as an operator meets it: errors, the summary's numbers, hostile names.
+// Test and bench crates share the package's dependencies (the library is where unused ones
+// show); their drivers are long by nature.
+#![allow(
+    unused_crate_dependencies,
+    clippy::too_many_lines,
+    clippy::needless_pass_by_value
+)]
 mod common;
 
 use std::{
@@ -127,7 +134,9 @@ fn output_within(
 /// server side of which one is closed: the summary says exactly that.
 #[test]
 fn summary_counts_after_a_scripted_scenario() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lp = listener.local_addr().unwrap().port();
     let tracer = Tracer::start(&["--port", &lp.to_string(), "--summary-only"]);
@@ -197,7 +206,9 @@ fn summary_counts_after_a_scripted_scenario() {
 /// A process that names itself with a terminal escape and a newline cannot forge output.
 #[test]
 fn hostile_process_names_are_escaped() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lp = listener.local_addr().unwrap().port();
     let (child, _) = spawn_attached(&["--port", &lp.to_string(), "--no-snapshot"]);
@@ -230,7 +241,9 @@ fn hostile_process_names_are_escaped() {
 /// each reported once, with the process and fd that must close them.
 #[test]
 fn stuck_sockets_are_reported_once() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lp = listener.local_addr().unwrap().port();
     let tracer = Tracer::start(&["--port", &lp.to_string(), "--stuck", "1"]);
@@ -256,7 +269,7 @@ fn stuck_sockets_are_reported_once() {
     let half = find(p1, "FIN_WAIT2 after shutdown(SHUT_WR)");
     assert_eq!(
         (half["pid"].as_u64(), half["fd"].as_i64()),
-        (Some(me as u64), Some(fd(&a1))),
+        (Some(u64::from(me)), Some(fd(&a1))),
         "{half}"
     );
     for (b, peer) in [(&b1, p1), (&b2, p2)] {
@@ -266,7 +279,7 @@ fn stuck_sockets_are_reported_once() {
             .expect("CLOSE_WAIT stuck");
         assert_eq!(
             (cw["pid"].as_u64(), cw["fd"].as_i64()),
-            (Some(me as u64), Some(fd(b))),
+            (Some(u64::from(me)), Some(fd(b))),
             "{cw}"
         );
         assert!(cw["stuck_s"].as_f64().unwrap() >= 1.0, "{cw}");
@@ -306,7 +319,9 @@ fn stops_when_the_traced_process_exits() {
 /// A ring buffer too small for the burst: the loss is warned about live and counted, never silent.
 #[test]
 fn ring_overruns_are_reported() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lp = listener.local_addr().unwrap().port();
     let (child, _) = spawn_attached(&[
@@ -484,7 +499,9 @@ fn missing_btf_says_which_features_are_off() {
 /// each answer names the right one.
 #[test]
 fn demo_names_the_client_and_the_server() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_finwait-trace"));
     let out = cmd
         .args(mode_args(&[]))

@@ -1,5 +1,12 @@
 //! Close paths without fork: half-close then close, resets, TIME_WAIT, threads, dup2/dup3,
 //! v4-mapped.
+// Test and bench crates share the package's dependencies (the library is where unused ones
+// show); their drivers are long by nature.
+#![allow(
+    unused_crate_dependencies,
+    clippy::too_many_lines,
+    clippy::needless_pass_by_value
+)]
 mod common;
 
 use std::{
@@ -210,7 +217,13 @@ fn dup_over_a_socket(call: &str, dup: fn(i32, i32) -> i32) {
     ]);
     let ts = transitions(&all, ap, bp);
     for (from, to) in [("ESTABLISHED", "FIN_WAIT1"), ("FIN_WAIT1", "FIN_WAIT2")] {
-        assert_cause(find(&ts, ap, from, to), call, me(), tid, Some(afd as i64));
+        assert_cause(
+            find(&ts, ap, from, to),
+            call,
+            me(),
+            tid,
+            Some(i64::from(afd)),
+        );
     }
     assert_only_callers(&ts, me(), &[tid]);
     drop(b);
@@ -222,7 +235,7 @@ fn scenario_9_v4_mapped_prints_as_ipv4() {
     let tracer = Tracer::start(&[]);
     let listener = TcpListener::bind("[::]:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let a = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let a = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let (b, _) = listener.accept().unwrap();
     assert!(
         b.local_addr().unwrap().is_ipv6(),
@@ -281,7 +294,7 @@ fn io_uring_close_is_attributed_or_unknown() {
             let c = &v["cause"];
             assert_eq!(
                 (c["call"].as_str(), c["pid"].as_u64(), c["exact"].as_bool()),
-                (Some("close"), Some(me() as u64), Some(true)),
+                (Some("close"), Some(u64::from(me())), Some(true)),
                 "{v}"
             );
             assert!(c["fd"].is_null(), "{v}");
@@ -357,7 +370,7 @@ fn precise_mode_with_kprobes() {
             fin["cause"]["pid"].as_u64(),
             fin["cause"]["exact"].as_bool()
         ),
-        (Some("close"), Some(me() as u64), Some(true)),
+        (Some("close"), Some(u64::from(me())), Some(true)),
         "{fin}"
     );
     drop((b, d));

@@ -1,6 +1,13 @@
 //! Owners from the kernel: each CLOSE_WAIT names the process and fd that hold the socket, from
 //! the kernel's ownership record, with no full /proc scan (`owner_scans` stays 0). Run one at a
 //! time: forked children inherit this process's fds.
+// Test and bench crates share the package's dependencies (the library is where unused ones
+// show); their drivers are long by nature.
+#![allow(
+    unused_crate_dependencies,
+    clippy::too_many_lines,
+    clippy::needless_pass_by_value
+)]
 mod common;
 
 use std::{
@@ -19,7 +26,9 @@ use serde_json::Value;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A pipe for a child to tell the parent a number (an fd it obtained).
@@ -70,7 +79,7 @@ fn close_wait_owner(all: &[Value], lport: u16, rport: u16) -> Value {
 fn assert_owner(owner: &Value, pid: i32, fd: i32) {
     assert_eq!(
         (owner["pid"].as_i64(), owner["fd"].as_i64()),
-        (Some(pid as i64), Some(fd as i64)),
+        (Some(i64::from(pid)), Some(i64::from(fd))),
         "{owner}"
     );
 }

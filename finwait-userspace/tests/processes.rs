@@ -1,5 +1,12 @@
 //! Scenarios with other processes (fork, exit, kill) and namespaces. They run one at a time: a
 //! forked child inherits every fd of this process and would hold other tests' sockets open.
+// Test and bench crates share the package's dependencies (the library is where unused ones
+// show); their drivers are long by nature.
+#![allow(
+    unused_crate_dependencies,
+    clippy::too_many_lines,
+    clippy::needless_pass_by_value
+)]
 mod common;
 
 use std::{
@@ -15,7 +22,9 @@ use common::*;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn me() -> u32 {
@@ -47,13 +56,17 @@ fn scenario_5_inherited_fd() {
     let all = tracer.stop_when(&[(ap, bp, "ESTABLISHED", "FIN_WAIT1")]);
     let ts = transitions(&all, ap, bp);
     let fw1 = find(&ts, ap, "ESTABLISHED", "FIN_WAIT1");
-    assert_cause(fw1, "close", child, child, Some(afd as i64));
+    assert_cause(fw1, "close", child, child, Some(i64::from(afd)));
     let no_fin = by_sock(&all, "close_no_fin", &fw1["sock"]);
     assert_eq!(no_fin.len(), 1, "{all:#?}");
     let n = no_fin[0];
     assert_eq!(
         (n["pid"].as_u64(), n["tid"].as_u64(), n["fd"].as_i64()),
-        (Some(me() as u64), Some(tid as u64), Some(afd as i64)),
+        (
+            Some(u64::from(me())),
+            Some(u64::from(tid)),
+            Some(i64::from(afd))
+        ),
         "{n}"
     );
     assert_eq!(n["remaining_refs"], 1, "{n}");
@@ -134,7 +147,7 @@ fn scenario_6_exit_and_sigkill() {
         "shutdown",
         killed,
         killed,
-        Some(fd2 as i64),
+        Some(i64::from(fd2)),
     );
     assert_eq!(find(&t2, p2, "FIN_WAIT1", "FIN_WAIT2")["orphan"], false);
     let gone = find(&t2, p2, "FIN_WAIT2", "CLOSE");
@@ -185,14 +198,14 @@ fn scenario_7_close_range_two_sockets() {
             "close_range",
             child,
             child,
-            Some(fd as i64),
+            Some(i64::from(fd)),
         );
         assert_cause(
             find(&ts, p, "FIN_WAIT1", "FIN_WAIT2"),
             "close_range",
             child,
             child,
-            Some(fd as i64),
+            Some(i64::from(fd)),
         );
     }
     drop((b1, b2));

@@ -1,4 +1,11 @@
 //! Scenarios 1, 2 and 4 of TCP-CLOSE.md on the real kernel, with exact attributions.
+// Test and bench crates share the package's dependencies (the library is where unused ones
+// show); their drivers are long by nature.
+#![allow(
+    unused_crate_dependencies,
+    clippy::too_many_lines,
+    clippy::needless_pass_by_value
+)]
 mod common;
 
 use std::{

@@ -1,4 +1,11 @@
 //! `finwait-trace snapshot` and the live tracer's start-up snapshot, on real sockets.
+// Test and bench crates share the package's dependencies (the library is where unused ones
+// show); their drivers are long by nature.
+#![allow(
+    unused_crate_dependencies,
+    clippy::too_many_lines,
+    clippy::needless_pass_by_value
+)]
 mod common;
 
 use std::{
@@ -65,8 +72,10 @@ fn owners(v: &Value) -> Vec<(u64, i64)> {
 
 #[test]
 fn classes_owners_sharing_and_pid_filter() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let me = std::process::id() as u64;
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let me = u64::from(std::process::id());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lp = listener.local_addr().unwrap().port();
     // Half-closed client; its server side in CLOSE_WAIT.
@@ -144,7 +153,7 @@ fn classes_owners_sharing_and_pid_filter() {
     let shared = get(b3p, b3r);
     assert_eq!(
         owners(shared),
-        vec![(me, b3fd as i64), (child as u64, CHILD_FD as i64)],
+        vec![(me, i64::from(b3fd)), (child as u64, i64::from(CHILD_FD))],
         "{shared}"
     );
 
@@ -165,7 +174,7 @@ fn classes_owners_sharing_and_pid_filter() {
     assert_eq!(sockets.len(), 1, "{only_child:#?}");
     assert_eq!(
         (sockets[0]["lport"].as_u64(), sockets[0]["rport"].as_u64()),
-        (Some(b3p as u64), Some(b3r as u64))
+        (Some(u64::from(b3p)), Some(u64::from(b3r)))
     );
     let summary = &only_child[0];
     assert_eq!(summary["event"], "snapshot_summary");
@@ -185,13 +194,15 @@ fn classes_owners_sharing_and_pid_filter() {
 /// its later close reports its owner and "in CLOSE_WAIT for at least" the time since.
 #[test]
 fn live_tracing_hands_over_a_stuck_close_wait_socket() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let (a, b) = pair(&listener);
     let (ap, bp) = ports(&a, &b);
     drop(a);
     thread::sleep(Duration::from_millis(300));
-    let spawned = std::time::Instant::now();
+    let spawned = Instant::now();
     let tracer = Tracer::start(&[]);
     thread::sleep(Duration::from_millis(400));
     let (bfd, tid) = (fd(&b), gettid());

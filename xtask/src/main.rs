@@ -53,6 +53,10 @@ enum Cmd {
         /// beside the same run on an empty host.
         #[arg(long, conflicts_with_all = ["vm", "soak"])]
         busy_host: bool,
+        /// Also measure this finwait-trace binary (an earlier build), side by side in the same
+        /// rounds: a change's before and after.
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["vm", "soak", "busy_host"])]
+        baseline: Option<PathBuf>,
     },
     /// Write the man page and shell completions to target/dist/.
     Docs,
@@ -142,6 +146,7 @@ fn run(cli: Cli) -> Result<()> {
             soak,
             vm,
             busy_host,
+            baseline,
         } => {
             let bin = build(true)?;
             if busy_host {
@@ -183,6 +188,11 @@ fn run(cli: Cli) -> Result<()> {
             ];
             if let Some(m) = soak {
                 args.extend(["--soak".into(), m.to_string()]);
+            }
+            if let Some(b) = baseline {
+                let b = std::fs::canonicalize(&b)
+                    .with_context(|| format!("--baseline {}", b.display()))?;
+                args.extend(["--baseline".into(), b.display().to_string()]);
             }
             as_root(&examples.join("bench"), &args, &[])
         }

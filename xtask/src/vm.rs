@@ -21,21 +21,21 @@ use anyhow::{Context, Result, bail};
 
 /// How the tests are run in each guest: once per tracer mode (`FINWAIT_TEST_MODE`). `precise`
 /// fails rather than falls back, so a pass proves the kernel hooks were used.
-pub const MODES: &[&str] = &["precise", "correlated"];
+pub(crate) const MODES: &[&str] = &["precise", "correlated"];
 const MARK: &str = "@@finwait-vm";
 /// Modules the snapshot needs (sock_diag for TCP), in load order.
 const MODULES: &[&str] = &["inet_diag", "tcp_diag"];
 /// Host programs the tests run, copied in with their libraries.
 const HOST_TOOLS: &[&str] = &["/usr/bin/ss", "/usr/bin/setpriv"];
 
-pub struct Options {
+pub(crate) struct Options {
     pub kernels: Vec<String>,
     pub timeout: Duration,
     pub payload: Payload,
 }
 
 /// What each guest runs.
-pub enum Payload {
+pub(crate) enum Payload {
     /// Every test binary once per mode in `MODES`, with this name filter.
     Tests { filter: Vec<String> },
     /// `bench FINWAIT_TRACE CHURN ARGS...`; its report is printed whatever the outcome.
@@ -71,7 +71,7 @@ struct Outcome {
     log: PathBuf,
 }
 
-pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
+pub(crate) fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     install_host_packages()?;
     let (exes, runs) = match &opts.payload {
         Payload::Tests { filter } => {
@@ -113,7 +113,7 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     }
     // Single-threaded TCG keeps one host CPU busy per guest: boot as many at once as there
     // are CPUs (the time limit is per guest, and each still gets a whole CPU).
-    let parallel = thread::available_parallelism().map_or(1, |n| n.get());
+    let parallel = thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut outcomes = Vec::new();
     for batch in guests.chunks(parallel) {
         let results: Vec<Result<Outcome>> = thread::scope(|scope| {
@@ -290,7 +290,7 @@ fn download(vm_dir: &Path, meta: &str) -> Result<PathBuf> {
     let cached = |cache: &Path| {
         fs::read_dir(cache)
             .ok()?
-            .filter_map(|e| e.ok())
+            .filter_map(std::result::Result::ok)
             .find_map(|e| {
                 let name = file_name(&e.path());
                 (name.starts_with(&format!("{pkg}_")) && name.ends_with(".deb")).then(|| e.path())
@@ -607,7 +607,7 @@ fn boot(vm_dir: &Path, kernel: &Kernel, initrd: &Path, timeout: Duration) -> Res
                     let words: Vec<&str> = rest.split_whitespace().collect();
                     match words.as_slice() {
                         ["end", mode, name, rc] => {
-                            runs.push((mode.to_string(), name.to_string(), *rc == "0"))
+                            runs.push((mode.to_string(), name.to_string(), *rc == "0"));
                         }
                         ["done"] => done = true,
                         ["module", m, ..] => failure = Some(format!("insmod {m} failed")),

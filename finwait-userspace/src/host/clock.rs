@@ -20,7 +20,7 @@ pub(crate) struct Clock {
 
 impl Clock {
     pub(crate) fn new() -> Self {
-        let mono = monotonic_ns() as i128;
+        let mono = i128::from(monotonic_ns());
         let real = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -31,7 +31,7 @@ impl Clock {
     }
 
     pub(crate) fn wall(&self, mono_ns: u64) -> SystemTime {
-        let ns = (mono_ns as i128 + self.realtime_minus_monotonic_ns).max(0) as u128;
+        let ns = (i128::from(mono_ns) + self.realtime_minus_monotonic_ns).max(0) as u128;
         SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
     }
 }

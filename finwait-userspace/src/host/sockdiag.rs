@@ -59,7 +59,7 @@ pub(crate) struct DiagSocket {
 }
 
 /// Every TCP socket (IPv4 and IPv6) in one of `states`.
-pub(crate) fn dump(states: StateFlags) -> Result<Vec<DiagSocket>> {
+pub(crate) fn dump(states: &StateFlags) -> Result<Vec<DiagSocket>> {
     let mut out = Vec::new();
     dump_each(states, |s| out.push(s))?;
     Ok(out)
@@ -67,7 +67,7 @@ pub(crate) fn dump(states: StateFlags) -> Result<Vec<DiagSocket>> {
 
 /// Hands every TCP socket (IPv4 and IPv6) in one of `states` to `each`, as the kernel sends
 /// them (nothing is kept: a host's 100,000 sockets cost no memory).
-pub(crate) fn dump_each(states: StateFlags, mut each: impl FnMut(DiagSocket)) -> Result<()> {
+pub(crate) fn dump_each(states: &StateFlags, mut each: impl FnMut(DiagSocket)) -> Result<()> {
     for family in [AF_INET, AF_INET6] {
         dump_family(family, states.clone(), &mut each).with_context(|| {
             format!(
@@ -151,7 +151,7 @@ fn convert(r: &InetResponse, raw_expires_ms: u32) -> DiagSocket {
     let timer = h.timer.as_ref().map(|t| match *t {
         Timer::Retransmit(d, _) => TimerLeft::Retransmit(d),
         Timer::KeepAlive(d) => TimerLeft::KeepAlive(d),
-        Timer::TimeWait => TimerLeft::TimeWait(Duration::from_millis(raw_expires_ms as u64)),
+        Timer::TimeWait => TimerLeft::TimeWait(Duration::from_millis(u64::from(raw_expires_ms))),
         Timer::Probe(d) => TimerLeft::Probe(d),
     });
     DiagSocket {
@@ -160,7 +160,7 @@ fn convert(r: &InetResponse, raw_expires_ms: u32) -> DiagSocket {
         lport: h.socket_id.source_port,
         remote: unmap(h.socket_id.destination_address),
         rport: h.socket_id.destination_port,
-        inode: h.inode as u64,
+        inode: u64::from(h.inode),
         uid: h.uid,
         timer,
         recv_queue: h.recv_queue,

@@ -22,8 +22,8 @@ fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
         Ok(o) => (o, 1),
         Err(_) => (off("file", "f_count")?, 0),
     };
-    let socket_in_alloc = off("socket_alloc", "socket")? as i64;
-    let inode_in_alloc = off("socket_alloc", "vfs_inode")? as i64;
+    let socket_in_alloc = i64::from(off("socket_alloc", "socket")?);
+    let inode_in_alloc = i64::from(off("socket_alloc", "vfs_inode")?);
     Ok(KernelOffsets {
         valid: 1,
         file_ref_is_zero_based: zero_based,

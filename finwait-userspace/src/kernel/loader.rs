@@ -56,7 +56,7 @@ const HOOKS: &[(&str, &str, &str, bool)] = &[
     ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg", false),
 ];
 
-pub struct Options {
+pub(crate) struct Options {
     pub all_transitions: bool,
     /// Processes to follow (with their descendants); empty with `comms` empty: everything.
     pub pids: Vec<u32>,
@@ -75,7 +75,7 @@ pub struct Options {
 
 /// How calls are tied to the sockets they end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Precise where the kernel allows it, else correlated.
     Auto,
     /// Hook tcp_close/tcp_shutdown (fentry, else kprobes); fail if the kernel refuses both.
@@ -87,7 +87,7 @@ pub enum Mode {
 /// The kernel functions precise mode hooks: every path that ends a TCP socket goes through them.
 const PRECISE_FUNCTIONS: [(&str, &str); 2] = [("tcp_close", "close"), ("tcp_shutdown", "shutdown")];
 
-pub struct Loaded {
+pub(crate) struct Loaded {
     pub ebpf: Ebpf,
     /// fd -> socket resolution is on (BTF offsets found).
     pub offsets: Option<KernelOffsets>,
@@ -103,7 +103,7 @@ pub struct Loaded {
     pub precise_unavailable: Option<String>,
 }
 
-pub fn load(opts: &Options) -> Result<Loaded> {
+pub(crate) fn load(opts: &Options) -> Result<Loaded> {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     raise_memlock();
@@ -136,11 +136,11 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         slot[..name.len()].copy_from_slice(name.as_bytes());
     }
     let filter = FilterConfig {
-        all_transitions: opts.all_transitions as u32,
-        pid_filter: (!opts.pids.is_empty() || !opts.comms.is_empty()) as u32,
+        all_transitions: u32::from(opts.all_transitions),
+        pid_filter: u32::from(!opts.pids.is_empty() || !opts.comms.is_empty()),
         wakeup_bytes: opts.wakeup_bytes,
         comm_count: opts.comms.len().min(MAX_COMMS) as u32,
-        noop: opts.noop as u32,
+        noop: u32::from(opts.noop),
         port_count: ports_in_kernel.len() as u32,
         comms,
         ports,
@@ -438,19 +438,19 @@ fn seed_pids(ebpf: &mut Ebpf, pids: &[u32]) -> Result<()> {
 
 /// Seeds the kernel's ownership map with holders found in /proc (sockets that existed before
 /// finwait started), keyed by inode.
-pub struct OwnerSeeder<'a> {
+pub(crate) struct OwnerSeeder<'a> {
     map: BpfHashMap<&'a mut MapData, u64, OwnerRec>,
     /// Sockets that did not fit (the map was full).
     pub full: u64,
 }
 
 impl<'a> OwnerSeeder<'a> {
-    pub fn new(ebpf: &'a mut Ebpf) -> Result<Self> {
+    pub(crate) fn new(ebpf: &'a mut Ebpf) -> Result<Self> {
         let map = BpfHashMap::try_from(ebpf.map_mut(OWNERS_MAP).context("OWNERS map missing")?)?;
         Ok(Self { map, full: 0 })
     }
 
-    pub fn seed(&mut self, inode: u64, o: &crate::model::Owner) {
+    pub(crate) fn seed(&mut self, inode: u64, o: &crate::model::Owner) {
         let mut comm = [0u8; 16];
         let n = o.comm.len().min(15);
         comm[..n].copy_from_slice(&o.comm.as_bytes()[..n]);
@@ -463,7 +463,7 @@ impl<'a> OwnerSeeder<'a> {
             flags: owner_flags::SEEDED,
             ..OwnerRec::zeroed()
         };
-        self.full += self.map.insert(inode, rec, 0).is_err() as u64;
+        self.full += u64::from(self.map.insert(inode, rec, 0).is_err());
     }
 }
 

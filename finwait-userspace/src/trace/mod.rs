@@ -324,7 +324,7 @@ fn seed_owners(ebpf: &mut aya::Ebpf, snap: &snapshot::Snapshot) {
     snap.entries.iter().for_each(|e| seed(e.sock.inode));
     // Streamed: a host's 100,000 established sockets are never held in memory at once.
     let established = StateFlags::ESTABLISHED | StateFlags::SYN_SENT;
-    if let Err(e) = sockdiag::dump_each(established, |s| seed(s.inode)) {
+    if let Err(e) = sockdiag::dump_each(&established, |s| seed(s.inode)) {
         eprintln!(
             "finwait-trace: warning: established sockets not read ({e:#}); their owners will come from /proc"
         );

@@ -257,7 +257,7 @@ impl Resolver {
                     o.cgroup_id = t.recorded_owner.as_ref().map(|k| k.cgroup_id);
                     o
                 });
-                self.stats.verified += t.owner.is_some() as u64;
+                self.stats.verified += u64::from(t.owner.is_some());
                 t.owner.is_some()
             }
             Report::Transition(t) if t.old == st::CLOSE_WAIT => {
@@ -285,7 +285,7 @@ impl Resolver {
                     return true;
                 }
                 n.holders = owners::verify_others(n.inode, n.task.pid, n.fd);
-                self.stats.verified += !n.holders.is_empty() as u64;
+                self.stats.verified += u64::from(!n.holders.is_empty());
                 !n.holders.is_empty()
             }
             _ => true,

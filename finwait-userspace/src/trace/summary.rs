@@ -211,7 +211,7 @@ impl Summary {
     /// oldest first.
     pub(crate) fn take_stuck(&mut self, now_ns: u64, threshold_ns: u64) -> Vec<Stuck> {
         let mut due = Vec::new();
-        for (sock, o) in self.open.iter_mut() {
+        for (sock, o) in &mut self.open {
             let age = now_ns.saturating_sub(o.since_ns);
             if !o.reported && age >= threshold_ns {
                 o.reported = true;

@@ -11,29 +11,29 @@ use std::{
 
 use serde_json::Value;
 
-pub struct Tracer {
+pub(crate) struct Tracer {
     child: Child,
     lines: mpsc::Receiver<Value>,
     /// The `start` event; `stop_when` returns it first.
     pub start: Value,
 }
 
-pub fn gettid() -> u32 {
+pub(crate) fn gettid() -> u32 {
     // SAFETY: no arguments.
     unsafe { libc::gettid() as u32 }
 }
 
-pub fn fd(s: &impl AsRawFd) -> i64 {
-    s.as_raw_fd() as i64
+pub(crate) fn fd(s: &impl AsRawFd) -> i64 {
+    i64::from(s.as_raw_fd())
 }
 
 impl Tracer {
     /// Starts the tracer and waits until its programs are attached.
-    pub fn start(args: &[&str]) -> Self {
+    pub(crate) fn start(args: &[&str]) -> Self {
         Self::start_env(args, &[])
     }
 
-    pub fn start_env(args: &[&str], envs: &[(&str, &str)]) -> Self {
+    pub(crate) fn start_env(args: &[&str], envs: &[(&str, &str)]) -> Self {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -79,7 +79,7 @@ impl Tracer {
     ///
     /// Each entry is `(lport, rport, from, to)`: the full port pair, because ephemeral ports are
     /// reused across connections to other peers, by other tests running at the same time.
-    pub fn stop_when(self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
+    pub(crate) fn stop_when(self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
         let all = self.stop_when_with_skips(expect);
         let stats = all.last().unwrap();
         assert_eq!(
@@ -91,7 +91,7 @@ impl Tracer {
 
     /// As `stop_when`, for a tracer run with `--summary-only`: there are no transition lines to
     /// wait for, so it waits for the kernel's view of each socket instead (`ss`), then stops.
-    pub fn stop_when_summary(self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
+    pub(crate) fn stop_when_summary(self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
         for (l, r, _, to) in expect {
             wait_for_kernel_state(*l, *r, to);
         }
@@ -99,7 +99,7 @@ impl Tracer {
     }
 
     /// As `stop_when`, but leaves the check of `kernel_skipped_nested` to the caller.
-    pub fn stop_when_with_skips(mut self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
+    pub(crate) fn stop_when_with_skips(mut self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
         let mut all = vec![self.start.clone()];
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let seen = |all: &[Value], (l, r, from, to): &(u16, u16, &str, &str)| {
@@ -154,7 +154,7 @@ impl Drop for Tracer {
 
 /// Waits (up to 10 s) until the kernel shows the socket `lport` -> `rport` in `state` (or past
 /// it: closed sockets vanish or sit in TIME-WAIT/LAST-ACK), as `ss` sees it.
-pub fn wait_for_kernel_state(lport: u16, rport: u16, state: &str) {
+pub(crate) fn wait_for_kernel_state(lport: u16, rport: u16, state: &str) {
     // `ss` spells FIN_WAIT2 as FIN-WAIT-2: compare without separators.
     let state = state.replace(['_', '-'], "");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -179,7 +179,7 @@ pub fn wait_for_kernel_state(lport: u16, rport: u16, state: &str) {
 }
 
 /// Transitions of the connection between these two ports, in order.
-pub fn transitions(all: &[Value], port_a: u16, port_b: u16) -> Vec<Value> {
+pub(crate) fn transitions(all: &[Value], port_a: u16, port_b: u16) -> Vec<Value> {
     all.iter()
         .filter(|v| v["event"] == "transition")
         .filter(|v| {
@@ -194,7 +194,7 @@ pub fn transitions(all: &[Value], port_a: u16, port_b: u16) -> Vec<Value> {
 }
 
 /// The one transition of socket `lport` from `from` to `to`.
-pub fn find<'a>(ts: &'a [Value], lport: u16, from: &str, to: &str) -> &'a Value {
+pub(crate) fn find<'a>(ts: &'a [Value], lport: u16, from: &str, to: &str) -> &'a Value {
     let hits: Vec<&Value> = ts
         .iter()
         .filter(|v| v["lport"] == lport && v["from"] == from && v["to"] == to)
@@ -208,7 +208,7 @@ pub fn find<'a>(ts: &'a [Value], lport: u16, from: &str, to: &str) -> &'a Value 
 }
 
 /// No transition names a task other than the ones the test made its calls from.
-pub fn assert_only_callers(ts: &[Value], pid: u32, tids: &[u32]) {
+pub(crate) fn assert_only_callers(ts: &[Value], pid: u32, tids: &[u32]) {
     for v in ts {
         let cause = &v["cause"];
         if cause.is_null() || cause["pid"].is_null() {
@@ -223,13 +223,13 @@ pub fn assert_only_callers(ts: &[Value], pid: u32, tids: &[u32]) {
     }
 }
 
-pub fn pair(listener: &std::net::TcpListener) -> (std::net::TcpStream, std::net::TcpStream) {
+pub(crate) fn pair(listener: &std::net::TcpListener) -> (std::net::TcpStream, std::net::TcpStream) {
     let a = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (b, _) = listener.accept().unwrap();
     (a, b)
 }
 
-pub fn ports(a: &std::net::TcpStream, b: &std::net::TcpStream) -> (u16, u16) {
+pub(crate) fn ports(a: &std::net::TcpStream, b: &std::net::TcpStream) -> (u16, u16) {
     (
         a.local_addr().unwrap().port(),
         b.local_addr().unwrap().port(),
@@ -238,7 +238,7 @@ pub fn ports(a: &std::net::TcpStream, b: &std::net::TcpStream) -> (u16, u16) {
 
 /// Forks; the child runs `f` (raw libc calls only: the parent is multi-threaded) and exits with
 /// its return value. Returns the child's pid.
-pub fn fork_child(f: impl FnOnce() -> i32) -> i32 {
+pub(crate) fn fork_child(f: impl FnOnce() -> i32) -> i32 {
     // SAFETY: the child only makes async-signal-safe calls before _exit.
     match unsafe { libc::fork() } {
         -1 => panic!("fork failed"),
@@ -252,7 +252,7 @@ pub fn fork_child(f: impl FnOnce() -> i32) -> i32 {
 
 /// Kills and reaps a child when dropped, so a failing test never leaves one behind (it would
 /// hold the test harness's output pipe open, and cargo would wait forever).
-pub struct ChildGuard(pub i32);
+pub(crate) struct ChildGuard(pub i32);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
@@ -262,25 +262,25 @@ impl Drop for ChildGuard {
     }
 }
 
-pub fn wait_child(pid: i32) -> i32 {
+pub(crate) fn wait_child(pid: i32) -> i32 {
     let mut status = 0;
     // SAFETY: our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     status
 }
 
-pub fn sleep_ms(ms: u32) {
+pub(crate) fn sleep_ms(ms: u32) {
     // SAFETY: async-signal-safe.
     unsafe { libc::usleep(ms * 1000) };
 }
 
-pub fn close_fd(fd: i32) {
+pub(crate) fn close_fd(fd: i32) {
     // SAFETY: the caller owns fd.
     unsafe { libc::close(fd) };
 }
 
 /// The first event with this `event` name whose `sock` matches.
-pub fn by_sock<'a>(all: &'a [Value], event: &str, sock: &Value) -> Vec<&'a Value> {
+pub(crate) fn by_sock<'a>(all: &'a [Value], event: &str, sock: &Value) -> Vec<&'a Value> {
     all.iter()
         .filter(|v| v["event"] == event && &v["sock"] == sock)
         .collect()
@@ -288,7 +288,7 @@ pub fn by_sock<'a>(all: &'a [Value], event: &str, sock: &Value) -> Vec<&'a Value
 
 /// `FINWAIT_TEST_MODE` (set by `cargo xtask vm-test`): the tracer mode the suite runs in,
 /// unless the test's own `args` choose one (tests of mode selection itself).
-pub fn mode_args(args: &[&str]) -> Vec<String> {
+pub(crate) fn mode_args(args: &[&str]) -> Vec<String> {
     match std::env::var("FINWAIT_TEST_MODE") {
         Ok(m) if !m.is_empty() && !args.contains(&"--mode") => vec!["--mode".into(), m],
         _ => Vec::new(),
@@ -301,7 +301,7 @@ thread_local! {
     pub static PRECISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-pub fn assert_cause(v: &Value, call: &str, pid: u32, tid: u32, fd: Option<i64>) {
+pub(crate) fn assert_cause(v: &Value, call: &str, pid: u32, tid: u32, fd: Option<i64>) {
     let c = &v["cause"];
     // In precise mode the kernel's own hook confirms every call and exit; never otherwise.
     let by_process = ["close", "shutdown", "close_range", "dup2", "dup3", "exit"].contains(&call);
