@@ -217,6 +217,31 @@ fn parse_ring_kib(s: &str) -> Result<u32, String> {
     }
 }
 
+/// The options, built once from the flags.
+impl From<&TraceArgs> for crate::trace::Options {
+    fn from(t: &TraceArgs) -> Self {
+        Self {
+            pids: t.pids.clone(),
+            comms: t.comms.clone(),
+            json: t.json,
+            all: t.all,
+            duration: t.duration.map(std::time::Duration::from_secs_f64),
+            ring_bytes: t.ring_buffer_kib * 1024,
+            ports: t.ports.clone(),
+            states: t.states.clone(),
+            ipv6: (t.ipv4 || t.ipv6).then_some(t.ipv6),
+            summary_only: t.summary_only,
+            stuck: t.stuck.map(std::time::Duration::from_secs_f64),
+            wall_clock: t.timestamp,
+            snapshot: !t.no_snapshot,
+            noop: t.bench_noop,
+            mode: t.mode,
+            stats_every: t.stats_every.map(std::time::Duration::from_secs_f64),
+            owners_max: t.owner_map_entries,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

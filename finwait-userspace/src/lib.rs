@@ -3,18 +3,21 @@
 //!
 //! Module map (each module opens with its one job):
 //! - `cli`: the flags, defined once (the man page and completions are generated from them).
-//! - `model`: the domain (tasks, connections, causes, owners, reports) and `model::verdict`,
-//!   the one place that decides whose job a socket is, with the words for it.
+//! - `model`: the domain (tasks, connections, causes, owners, reports); `model::verdict`, the
+//!   one place that decides whose job a socket is, with the words for it; `model::summary`,
+//!   what a session found per process; `model::escape`, names made safe for a terminal.
 //! - `kernel`: this kernel's layouts (`tracefs`, `btf`), loading and attaching the eBPF
 //!   programs (`loader`), per-program statistics (`prog_stats`).
 //! - `host`: facts from /proc and netlink: processes (`procs`), socket holders (`owners`),
 //!   sockets by state (`sockdiag`), per-namespace sysctls (`netns`), the event clock (`clock`).
-//! - `trace`: live tracing as a pipeline: `decode` -> `correlate` (what caused each
-//!   transition) -> `resolve` (who holds the socket) -> `filter` -> enrich -> `summary` and a
-//!   sink; `health` gathers the counters; `trace` itself runs the loop.
+//! - `trace`: live tracing as a `pipeline`: `decode` -> `correlate` (what caused each
+//!   transition) -> `resolve` (who holds the socket) -> `filter` -> enrich -> summary and a
+//!   sink; `health` gathers the counters; `trace` itself loads, announces and runs the loop.
 //! - `snapshot`: the sockets on the close path now, with their holders and verdicts.
-//! - `output`: sinks, one per output mode (`human`, `json`: the JSON contract as types), and
-//!   `escape` for names that reach a terminal.
+//! - `output`: sinks, one per output mode (`human`, `json`: the JSON contract as types).
+//!
+//! Layers, each using only those above it: model; host, kernel; snapshot; output; trace; demo;
+//! cli (the flags, and the options built from them).
 //! - `demo`: the built-in loopback workload, traced by the same pipeline.
 // The test build also links the integration tests' dev-dependencies.
 #![cfg_attr(test, allow(unused_crate_dependencies))]
@@ -54,7 +57,7 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Snapshot(args)) = cli.command {
-        return snapshot::run(&args.pids, args.json, args.detail);
+        return snapshot_command(&args.pids, args.json, args.detail);
     }
     let t = cli.trace;
     if let Some(what) = &t.generate {
@@ -65,6 +68,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         return demo::run(opts).await;
     }
     trace::run(opts, None, || {}).await
+}
+
+/// `finwait-trace snapshot`.
+fn snapshot_command(pids: &[u32], json: bool, detail: bool) -> anyhow::Result<()> {
+    host::procs::check_exists(pids)?;
+    let snap = snapshot::take(pids)?;
+    let mut sink = output::for_stdout(json, output::human::Style::default());
+    sink.snapshot(&snap.entries, detail)?;
+    sink.flush()?;
+    Ok(())
 }
 
 fn exit_code(result: anyhow::Result<()>) -> ExitCode {

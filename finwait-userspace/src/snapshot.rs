@@ -310,16 +310,6 @@ pub(crate) fn summary_lines(entries: &[Entry]) -> Vec<String> {
     lines
 }
 
-/// `finwait-trace snapshot`.
-pub(crate) fn run(pids: &[u32], json: bool, detail: bool) -> Result<()> {
-    procs::check_exists(pids)?;
-    let snap = take(pids)?;
-    let mut sink = crate::output::for_stdout(json, crate::output::human::Style::default());
-    sink.snapshot(&snap.entries, detail)?;
-    sink.flush()?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -13,8 +13,8 @@ use std::{
 use procfs::process::{FDTarget, all_processes};
 
 use crate::{
+    model::escape,
     model::{Comm, KernelOwner, Owner},
-    output::escape,
 };
 
 /// Socket inode -> holders, as seen by a scan that started at `built_ns`. Compact, since a busy

@@ -4,6 +4,8 @@ use std::{fmt, net::IpAddr, sync::Arc};
 
 use finwait_common::{Call, tcp_state as st};
 
+pub(crate) mod escape;
+pub(crate) mod summary;
 pub(crate) mod verdict;
 
 pub(crate) use verdict::{Holder, Verdict};

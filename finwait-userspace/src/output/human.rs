@@ -9,9 +9,9 @@ use crate::{
     host::clock::Clock,
     model::{
         Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Stuck, TransitionReport, state_name,
+        summary::{Histogram, Summary},
     },
     snapshot::{self, Entry},
-    trace::summary::{Histogram, Summary},
 };
 
 /// Width of the time column (`   12.345` or `12:34:56.789`).

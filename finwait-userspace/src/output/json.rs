@@ -9,10 +9,9 @@ use crate::{
     host::clock::{Clock, monotonic_ns},
     model::{
         Cause, CloseNoFinReport, Endpoints, Fw2Exit, Owner, Report, Stuck, TransitionReport,
-        how_name, state_name,
+        how_name, state_name, summary::Summary,
     },
     snapshot::Entry,
-    trace::summary::Summary,
 };
 
 /// One line of output.
@@ -345,7 +344,7 @@ pub(crate) struct SummaryEvent<'a> {
 
 impl<'a> SummaryEvent<'a> {
     pub(crate) fn new(s: &'a Summary, now_ns: u64) -> Self {
-        let buckets = |h: &crate::trace::summary::Histogram| {
+        let buckets = |h: &crate::model::summary::Histogram| {
             h.buckets()
                 .map(|(below_ms, count)| Bucket { below_ms, count })
                 .collect()

@@ -6,12 +6,10 @@ use std::io::{self, Write};
 use bytes::{BufMut, BytesMut};
 
 use crate::{
-    model::{Report, Stuck},
+    model::{Report, Stuck, summary::Summary},
     snapshot::Entry,
-    trace::summary::Summary,
 };
 
-pub(crate) mod escape;
 pub(crate) mod human;
 pub(crate) mod json;
 

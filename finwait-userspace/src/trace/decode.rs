@@ -35,7 +35,7 @@ fn comm(raw: &[u8; 16]) -> Comm {
             return c.clone();
         }
         let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        let c: Comm = crate::output::escape::sanitize(&String::from_utf8_lossy(&raw[..len])).into();
+        let c: Comm = crate::model::escape::sanitize(&String::from_utf8_lossy(&raw[..len])).into();
         if known.len() >= MAX_COMMS {
             known.clear();
         }

@@ -12,7 +12,6 @@ use tokio::{
 };
 
 use crate::{
-    cli::TraceArgs,
     host::{clock::monotonic_ns, netns, owners, procs, sockdiag},
     kernel::loader::{self, Loaded, Mode, OwnerSeeder},
     output::{self, Start, human::Style},
@@ -25,7 +24,6 @@ pub(crate) mod filter;
 pub(crate) mod health;
 pub(crate) mod pipeline;
 pub(crate) mod resolve;
-pub(crate) mod summary;
 
 use correlate::Correlator;
 use filter::Filter;
@@ -70,30 +68,6 @@ pub(crate) struct Options {
     pub(crate) stats_every: Option<Duration>,
     /// Size of the kernel's socket ownership map.
     pub(crate) owners_max: u32,
-}
-
-impl From<&TraceArgs> for Options {
-    fn from(t: &TraceArgs) -> Self {
-        Self {
-            pids: t.pids.clone(),
-            comms: t.comms.clone(),
-            json: t.json,
-            all: t.all,
-            duration: t.duration.map(Duration::from_secs_f64),
-            ring_bytes: t.ring_buffer_kib * 1024,
-            ports: t.ports.clone(),
-            states: t.states.clone(),
-            ipv6: (t.ipv4 || t.ipv6).then_some(t.ipv6),
-            summary_only: t.summary_only,
-            stuck: t.stuck.map(Duration::from_secs_f64),
-            wall_clock: t.timestamp,
-            snapshot: !t.no_snapshot,
-            noop: t.bench_noop,
-            mode: t.mode,
-            stats_every: t.stats_every.map(Duration::from_secs_f64),
-            owners_max: t.owner_map_entries,
-        }
-    }
 }
 
 impl Options {

@@ -10,11 +10,10 @@ use super::{
     decode::{self, Decoded, Record},
     filter::Filter,
     resolve::Resolver,
-    summary::Summary,
 };
 use crate::{
     host::{clock::monotonic_ns, netns::FinTimeouts},
-    model::Report,
+    model::{Report, summary::Summary},
     output::Sink,
 };
 

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use finwait_common::tcp_state as st;
 
-use crate::model::{
+use super::{
     Comm, Endpoints, Holder, Report, Stuck, TransitionReport, Verdict,
     verdict::{Bound, Facts, whose_job},
 };
