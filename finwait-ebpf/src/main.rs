@@ -481,8 +481,12 @@ fn sock_of_fd(fd: i64) -> Option<FdSock> {
         return None;
     }
     let sk = read::<u64>(socket, o.socket_sk as u64)?;
+    // A socket without its sock (being torn down): nothing to read through.
+    if sk == 0 {
+        return None;
+    }
     let family = read::<u16>(sk, o.sock_family as u64)?;
-    if sk == 0 || (family != AF_INET && family != AF_INET6) {
+    if family != AF_INET && family != AF_INET6 {
         return None;
     }
     Some(FdSock {
