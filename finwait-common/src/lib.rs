@@ -316,7 +316,8 @@ pub mod counter {
     pub const RING_FULL: u32 = 0;
     /// A `TRACED_PIDS` insert failed.
     pub const PID_INSERT_FAILED: u32 = 1;
-    /// A kernel read needed for fd -> socket resolution failed.
+    /// A read the programs needed failed: kernel memory (fd -> socket resolution, socket
+    /// fields) or a field of a tracepoint's record. The event or detail it served is missing.
     pub const READ_FAILED: u32 = 2;
     /// The map of threads inside a forwarded call was full: that call's exit is not forwarded
     /// (userspace then keeps the call open until the thread makes its next one).
