@@ -167,10 +167,14 @@ pub struct Event {
     pub owner: OwnerRec,
 }
 
-/// Both sides read and write this exact layout: a field added on one side only fails the build.
+/// Both sides read and write these exact layouts (the ring record, and the `OWNERS` value that
+/// userspace also seeds): a field added on one side only fails the build.
 pub const EVENT_SIZE: usize = 176;
+pub const OWNER_REC_SIZE: usize = 56;
 const _: () = assert!(core::mem::size_of::<Event>() == EVENT_SIZE);
-const _: () = assert!(core::mem::size_of::<OwnerRec>() == 56);
+const _: () = assert!(core::mem::size_of::<OwnerRec>() == OWNER_REC_SIZE);
+// The record embeds an OwnerRec at its end: no hidden padding before or after it.
+const _: () = assert!(core::mem::offset_of!(Event, owner) + OWNER_REC_SIZE == EVENT_SIZE);
 
 impl Event {
     pub const fn zeroed() -> Self {
