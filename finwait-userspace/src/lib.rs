@@ -14,6 +14,7 @@ pub mod demo;
 pub mod escape;
 pub mod event;
 pub mod kernel_btf;
+pub mod load_error;
 pub mod loader;
 pub mod netns;
 pub mod output;

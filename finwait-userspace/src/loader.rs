@@ -15,6 +15,7 @@ use finwait_common::{
     OwnerRec, StateTpLayout, TRACED_PIDS_MAP, owner_flags,
 };
 
+pub use crate::load_error::LoadError;
 use crate::{kernel_btf, tracefs::Format};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
@@ -103,15 +104,12 @@ pub struct Loaded {
     pub precise_unavailable: Option<String>,
 }
 
-pub fn load(opts: &Options) -> Result<Loaded> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+pub fn load(opts: &Options) -> Result<Loaded, LoadError> {
     raise_memlock();
-    let tracefs = crate::tracefs::ensure_mounted()
-        .map_err(|e| if euid != 0 { privileges_error() } else { e })?;
+    let tracefs = find_tracefs()?;
     let mut degraded = Vec::new();
 
-    let state = state_layout(&tracefs)?;
+    let state = state_layout(&tracefs).map_err(LoadError::classify)?;
     let other = other_layout(&tracefs);
     let offsets = match kernel_btf::kernel_offsets() {
         Ok(o) => Some(o),
@@ -159,19 +157,14 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         .map_max_entries(EVENTS_MAP, opts.ring_bytes)
         .map_max_entries(OWNERS_MAP, opts.owners_max.max(1))
         .load(OBJECT)
-        .map_err(|e| {
-            if euid != 0 {
-                privileges_error()
-            } else {
-                anyhow::Error::new(e).context("loading the eBPF programs")
-            }
-        })?;
+        .context("loading the eBPF programs")
+        .map_err(LoadError::classify)?;
     let btf = aya::Btf::from_sys_fs().ok();
 
     if !opts.pids.is_empty() || !opts.comms.is_empty() {
         let mut pids = opts.pids.clone();
         pids.extend(crate::procs::with_comm(&opts.comms));
-        seed_pids(&mut ebpf, &pids)?;
+        seed_pids(&mut ebpf, &pids).map_err(LoadError::classify)?;
     }
 
     // FINWAIT_FORCE_TRACEPOINT=1 keeps the classic hook (tests compare both; also a diagnosis aid).
@@ -182,10 +175,9 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         Mode::Correlated => (None, None),
         mode => match attach_precise(&mut ebpf, btf.as_ref()) {
             Ok(hook) => (Some(hook), None),
-            Err(why) if mode == Mode::Precise => bail!(
-                "--mode precise: this kernel allows neither fentry nor kprobes on tcp_close ({why}); \
-                 use --mode correlated"
-            ),
+            Err(why) if mode == Mode::Precise => {
+                return Err(LoadError::PreciseUnavailable { why });
+            }
             Err(why) => (None, Some(format!("precise hooks unavailable ({why})"))),
         },
     };
@@ -195,15 +187,13 @@ pub fn load(opts: &Options) -> Result<Loaded> {
         match attach(&mut ebpf, prog, category, name) {
             Ok(()) => attached += 1,
             Err(e) if required => {
-                return Err(e.context(format!(
-                    "attaching {category}:{name} failed; finwait needs it (Linux 4.16 or newer with tracepoints)"
-                )));
+                return Err(LoadError::required(&format!("{category}:{name}"), e));
             }
             Err(e) => {
                 attach_failed += 1;
                 degraded.push(format!(
                     "{category}:{name} not attached ({}); {}",
-                    short_error(&e),
+                    LoadError::classify(e).brief(),
                     effect_of_missing(name)
                 ));
             }
@@ -241,7 +231,7 @@ fn attach_precise(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<&'static st
             Ok(())
         }) {
             Ok(()) => return Ok("fentry"),
-            Err(e) => why.push(format!("fentry: {}", hook_refusal(&e))),
+            Err(e) => why.push(format!("fentry: {}", hook_refusal(e))),
         },
         None if force_kprobe => why.push("fentry: skipped (FINWAIT_FORCE_KPROBE=1)".into()),
         None => why.push("fentry: no kernel BTF".into()),
@@ -257,23 +247,17 @@ fn attach_precise(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<&'static st
     }) {
         Ok(()) => Ok("kprobe"),
         Err(e) => {
-            why.push(format!("kprobe: {}", hook_refusal(&e)));
+            why.push(format!("kprobe: {}", hook_refusal(e)));
             Err(why.join("; "))
         }
     }
 }
 
 /// Why the kernel refused a precise hook, in a few words.
-fn hook_refusal(e: &anyhow::Error) -> String {
-    let text = format!("{e:#}");
-    if text.contains("devices/kprobe") {
-        "this kernel has no kprobes (CONFIG_KPROBES)".into()
-    } else if text.contains("os error 1)") {
-        "refused by the kernel (EPERM)".into()
-    } else if text.contains("os error 524)") || text.contains("os error 95)") {
-        "not supported by this kernel".into()
-    } else {
-        e.root_cause().to_string()
+fn hook_refusal(e: anyhow::Error) -> String {
+    match LoadError::classify(e) {
+        LoadError::Other(e) => e.root_cause().to_string(),
+        refusal => refusal.brief(),
     }
 }
 
@@ -307,7 +291,7 @@ fn attach_state_hook(
     ebpf: &mut Ebpf,
     btf: Option<&aya::Btf>,
     degraded: &mut Vec<String>,
-) -> Result<&'static str> {
+) -> Result<&'static str, LoadError> {
     if let Some(btf) = btf {
         match attach_btf(ebpf, btf) {
             Ok(()) => return Ok("tp_btf"),
@@ -315,13 +299,12 @@ fn attach_state_hook(
                 "the BTF tracepoint for TCP state changes is unavailable ({}); using the classic \
                  tracepoint, which the kernel skips while another BPF program runs on the same CPU \
                  (counted as kernel_skipped_nested)",
-                short_error(&e)
+                LoadError::classify(e).brief()
             )),
         }
     }
-    attach(ebpf, "inet_sock_set_state", "sock", "inet_sock_set_state").context(
-        "attaching sock:inet_sock_set_state failed; finwait needs it (Linux 4.16 or newer with tracepoints)",
-    )?;
+    attach(ebpf, "inet_sock_set_state", "sock", "inet_sock_set_state")
+        .map_err(|e| LoadError::required("sock:inet_sock_set_state", e))?;
     Ok("tracepoint")
 }
 
@@ -335,27 +318,21 @@ fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
     Ok(())
 }
 
-/// An attach error without the verifier's full log (which can run to megabytes).
-fn short_error(e: &anyhow::Error) -> String {
-    let text = format!("{e:#}");
-    match text.find("Verifier output:") {
-        Some(at) => {
-            let tail: Vec<&str> = text.lines().rev().take(3).collect();
-            format!(
-                "{} verifier: {}",
-                text[..at].trim_end(),
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            )
-        }
-        None => text,
-    }
-}
-
-fn privileges_error() -> anyhow::Error {
-    anyhow::anyhow!(
-        "finwait-trace needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_ADMIN to mount tracefs).\n  \
-         Fix: sudo finwait-trace ..."
-    )
+/// The tracefs mount. `ensure_mounted` words its failure without the errno, so the kernel is
+/// asked once more: a mount point this process may not enter means missing privileges.
+fn find_tracefs() -> Result<std::path::PathBuf, LoadError> {
+    crate::tracefs::ensure_mounted().map_err(|e| {
+        let refused = [
+            "/sys/kernel/tracing/events",
+            "/sys/kernel/debug/tracing/events",
+        ]
+        .iter()
+        .find_map(|p| match std::fs::metadata(p) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => Some(e),
+            _ => None,
+        });
+        LoadError::classify(refused.map_or(e, anyhow::Error::new))
+    })
 }
 
 fn effect_of_missing(tracepoint: &str) -> &'static str {
