@@ -20,41 +20,82 @@ use crate::{kernel_btf, tracefs::Format};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
 
-/// (program, category, tracepoint, required)
-const HOOKS: &[(&str, &str, &str, bool)] = &[
-    ("sys_enter_close", "syscalls", "sys_enter_close", true),
-    ("sys_exit_close", "syscalls", "sys_exit_close", true),
-    ("sys_enter_shutdown", "syscalls", "sys_enter_shutdown", true),
-    ("sys_exit_shutdown", "syscalls", "sys_exit_shutdown", true),
-    (
-        "sys_enter_close_range",
-        "syscalls",
-        "sys_enter_close_range",
-        false,
-    ),
-    (
-        "sys_exit_close_range",
-        "syscalls",
-        "sys_exit_close_range",
-        false,
-    ),
-    ("sys_enter_dup2", "syscalls", "sys_enter_dup2", false),
-    ("sys_exit_dup2", "syscalls", "sys_exit_dup2", false),
-    ("sys_enter_dup3", "syscalls", "sys_enter_dup3", false),
-    ("sys_exit_dup3", "syscalls", "sys_exit_dup3", false),
-    ("sched_process_exit", "sched", "sched_process_exit", false),
-    ("sched_process_fork", "sched", "sched_process_fork", false),
-    ("tcp_receive_reset", "tcp", "tcp_receive_reset", false),
-    ("tcp_send_reset", "tcp", "tcp_send_reset", false),
-    // Ownership: where a task obtains an fd to a TCP socket (one program, several syscalls).
-    ("sys_exit_new_fd", "syscalls", "sys_exit_accept4", false),
-    ("sys_exit_new_fd", "syscalls", "sys_exit_accept", false),
-    ("sys_exit_new_fd", "syscalls", "sys_exit_dup", false),
-    ("sys_exit_new_fd", "syscalls", "sys_exit_pidfd_getfd", false),
-    ("sys_enter_connect", "syscalls", "sys_enter_connect", false),
-    ("sys_exit_connect", "syscalls", "sys_exit_connect", false),
-    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg", false),
-    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg", false),
+/// A tracepoint finwait attaches one of its programs to.
+struct Hook {
+    program: &'static str,
+    category: &'static str,
+    tracepoint: &'static str,
+    /// Tracing cannot start without it.
+    required: bool,
+    /// What is lost when an optional hook cannot be attached (said in the degraded notes).
+    lost_without: &'static str,
+}
+
+const fn required(category: &'static str, tracepoint: &'static str) -> Hook {
+    Hook {
+        program: tracepoint,
+        category,
+        tracepoint,
+        required: true,
+        lost_without: "",
+    }
+}
+
+const fn optional(
+    category: &'static str,
+    tracepoint: &'static str,
+    lost_without: &'static str,
+) -> Hook {
+    Hook {
+        program: tracepoint,
+        category,
+        tracepoint,
+        required: false,
+        lost_without,
+    }
+}
+
+/// A syscall that hands its caller an fd to an existing socket (one program for all of them).
+const fn new_fd(tracepoint: &'static str, lost_without: &'static str) -> Hook {
+    Hook {
+        program: "sys_exit_new_fd",
+        ..optional("syscalls", tracepoint, lost_without)
+    }
+}
+
+const CLOSE_RANGE_LOST: &str = "close_range() causes will show as unknown";
+const DUP_LOST: &str = "dup2()/dup3() causes will show as unknown";
+const EXIT_LOST: &str = "process-exit causes will show as unknown";
+const FORK_LOST: &str = "--pid will not follow children forked from now on";
+const RESET_LOST: &str = "resets will not be told apart";
+const OWNER_LOST: &str = "owners of sockets obtained through it are looked up in /proc instead";
+
+/// Every tracepoint but the state hook (attached first, with its BTF alternative).
+const HOOKS: &[Hook] = &[
+    required("syscalls", "sys_enter_close"),
+    required("syscalls", "sys_exit_close"),
+    required("syscalls", "sys_enter_shutdown"),
+    required("syscalls", "sys_exit_shutdown"),
+    optional("syscalls", "sys_enter_close_range", CLOSE_RANGE_LOST),
+    optional("syscalls", "sys_exit_close_range", CLOSE_RANGE_LOST),
+    optional("syscalls", "sys_enter_dup2", DUP_LOST),
+    optional("syscalls", "sys_exit_dup2", DUP_LOST),
+    optional("syscalls", "sys_enter_dup3", DUP_LOST),
+    optional("syscalls", "sys_exit_dup3", DUP_LOST),
+    optional("sched", "sched_process_exit", EXIT_LOST),
+    optional("sched", "sched_process_fork", FORK_LOST),
+    optional("tcp", "tcp_receive_reset", RESET_LOST),
+    optional("tcp", "tcp_send_reset", RESET_LOST),
+    // Ownership: where a task obtains an fd to a TCP socket.
+    new_fd("sys_exit_accept4", OWNER_LOST),
+    new_fd("sys_exit_accept", OWNER_LOST),
+    // The note the former name match gave dup() (its name contains "dup"), kept as it was.
+    new_fd("sys_exit_dup", DUP_LOST),
+    new_fd("sys_exit_pidfd_getfd", OWNER_LOST),
+    optional("syscalls", "sys_enter_connect", OWNER_LOST),
+    optional("syscalls", "sys_exit_connect", OWNER_LOST),
+    optional("syscalls", "sys_enter_recvmsg", OWNER_LOST),
+    optional("syscalls", "sys_exit_recvmsg", OWNER_LOST),
 ];
 
 pub struct Options {
@@ -183,10 +224,11 @@ pub fn load(opts: &Options) -> Result<Loaded, LoadError> {
     };
     drop(btf);
     let (mut attached, mut attach_failed) = (1, 0);
-    for &(prog, category, name, required) in HOOKS {
-        match attach(&mut ebpf, prog, category, name) {
+    for hook in HOOKS {
+        let (category, name) = (hook.category, hook.tracepoint);
+        match attach(&mut ebpf, hook.program, category, name) {
             Ok(()) => attached += 1,
-            Err(e) if required => {
+            Err(e) if hook.required => {
                 return Err(LoadError::required(&format!("{category}:{name}"), e));
             }
             Err(e) => {
@@ -194,7 +236,7 @@ pub fn load(opts: &Options) -> Result<Loaded, LoadError> {
                 degraded.push(format!(
                     "{category}:{name} not attached ({}); {}",
                     LoadError::classify(e).brief(),
-                    effect_of_missing(name)
+                    hook.lost_without
                 ));
             }
         }
@@ -333,17 +375,6 @@ fn find_tracefs() -> Result<std::path::PathBuf, LoadError> {
         });
         LoadError::classify(refused.map_or(e, anyhow::Error::new))
     })
-}
-
-fn effect_of_missing(tracepoint: &str) -> &'static str {
-    match tracepoint {
-        t if t.contains("close_range") => "close_range() causes will show as unknown",
-        t if t.contains("dup") => "dup2()/dup3() causes will show as unknown",
-        "sched_process_exit" => "process-exit causes will show as unknown",
-        "sched_process_fork" => "--pid will not follow children forked from now on",
-        t if t.contains("reset") => "resets will not be told apart",
-        _ => "owners of sockets obtained through it are looked up in /proc instead",
-    }
 }
 
 fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<()> {
