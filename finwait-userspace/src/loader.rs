@@ -149,9 +149,45 @@ pub fn load(opts: &Options) -> Result<Loaded, LoadError> {
     raise_memlock();
     let tracefs = find_tracefs()?;
     let mut degraded = Vec::new();
+    let layouts = layouts(&tracefs, &mut degraded)?;
+    let mut ebpf = load_object(opts, &layouts)?;
+    let btf = aya::Btf::from_sys_fs().ok();
+    seed_pids(&mut ebpf, opts).map_err(LoadError::classify)?;
 
-    let state = state_layout(&tracefs).map_err(LoadError::classify)?;
-    let other = other_layout(&tracefs);
+    // FINWAIT_FORCE_TRACEPOINT=1 keeps the classic hook (tests compare both; also a diagnosis aid).
+    let force_classic = std::env::var_os("FINWAIT_FORCE_TRACEPOINT").is_some_and(|v| v == "1");
+    let btf_ok = layouts.offsets.is_some_and(|o| o.state_btf == 1) && !force_classic;
+    let state_hook = attach_state_hook(&mut ebpf, btf.as_ref().filter(|_| btf_ok), &mut degraded)?;
+    let (call_hook, precise_unavailable) = attach_call_hooks(&mut ebpf, opts.mode, btf.as_ref())?;
+    drop(btf);
+    let (attached, attach_failed) = attach_table(&mut ebpf, &mut degraded)?;
+    // Loading parsed megabytes of BTF that are free now: give them back to the system.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    Ok(Loaded {
+        ebpf,
+        offsets: layouts.offsets,
+        degraded,
+        // The state hook, then the table's.
+        attached: 1 + attached,
+        attach_failed,
+        state_hook,
+        call_hook,
+        precise_unavailable,
+    })
+}
+
+/// This kernel's layouts, which the programs read as globals.
+struct Layouts {
+    state: StateTpLayout,
+    other: OtherTpLayout,
+    /// None: no usable BTF (fd -> socket resolution is off).
+    offsets: Option<KernelOffsets>,
+}
+
+fn layouts(tracefs: &Path, degraded: &mut Vec<String>) -> Result<Layouts, LoadError> {
+    let state = state_layout(tracefs).map_err(LoadError::classify)?;
+    let other = other_layout(tracefs);
     let offsets = match kernel_btf::kernel_offsets() {
         Ok(o) => Some(o),
         Err(e) => {
@@ -162,6 +198,15 @@ pub fn load(opts: &Options) -> Result<Loaded, LoadError> {
             None
         }
     };
+    Ok(Layouts {
+        state,
+        other,
+        offsets,
+    })
+}
+
+/// What the programs forward, from the options.
+fn filter_config(opts: &Options) -> FilterConfig {
     // More ports than the kernel filter holds: userspace alone filters.
     let ports_in_kernel: &[u16] = if opts.ports.len() <= MAX_PORTS {
         &opts.ports
@@ -174,65 +219,71 @@ pub fn load(opts: &Options) -> Result<Loaded, LoadError> {
     for (slot, name) in comms.iter_mut().zip(&opts.comms) {
         slot[..name.len()].copy_from_slice(name.as_bytes());
     }
-    let filter = FilterConfig {
+    FilterConfig {
         all_transitions: opts.all_transitions as u32,
-        pid_filter: (!opts.pids.is_empty() || !opts.comms.is_empty()) as u32,
+        pid_filter: following(opts) as u32,
         wakeup_bytes: opts.wakeup_bytes,
         comm_count: opts.comms.len().min(MAX_COMMS) as u32,
         noop: opts.noop as u32,
         port_count: ports_in_kernel.len() as u32,
         comms,
         ports,
-    };
-    let kernel_offsets = offsets.unwrap_or_default();
+    }
+}
+
+/// `--pid` or `--comm`: only some processes are followed.
+fn following(opts: &Options) -> bool {
+    !opts.pids.is_empty() || !opts.comms.is_empty()
+}
+
+/// Creates the maps and writes the globals; the programs are loaded as they are attached.
+fn load_object(opts: &Options, layouts: &Layouts) -> Result<Ebpf, LoadError> {
     // The programs need no CO-RE relocation (offsets come from userspace): the kernel BTF that
     // `EbpfLoader::new()` parses is dropped before loading, and parsed again afterwards for the
     // BTF tracepoint and fentry, so two copies (about 19 MB each) are never alive at once.
     let mut loader = EbpfLoader::new();
     loader.btf(None);
-    let mut ebpf = loader
-        .override_global("STATE_TP", &state, true)
-        .override_global("OTHER_TP", &other, true)
-        .override_global("OFFSETS", &kernel_offsets, true)
-        .override_global("FILTER", &filter, true)
+    loader
+        .override_global("STATE_TP", &layouts.state, true)
+        .override_global("OTHER_TP", &layouts.other, true)
+        .override_global("OFFSETS", &layouts.offsets.unwrap_or_default(), true)
+        .override_global("FILTER", &filter_config(opts), true)
         .map_max_entries(EVENTS_MAP, opts.ring_bytes)
         .map_max_entries(OWNERS_MAP, opts.owners_max.max(1))
         .load(OBJECT)
         .context("loading the eBPF programs")
-        .map_err(LoadError::classify)?;
-    let btf = aya::Btf::from_sys_fs().ok();
+        .map_err(LoadError::classify)
+}
 
-    if !opts.pids.is_empty() || !opts.comms.is_empty() {
-        let mut pids = opts.pids.clone();
-        pids.extend(crate::procs::with_comm(&opts.comms));
-        seed_pids(&mut ebpf, &pids).map_err(LoadError::classify)?;
+/// Precise mode where asked and allowed: the hook on tcp_close/tcp_shutdown, or why there is none.
+fn attach_call_hooks(
+    ebpf: &mut Ebpf,
+    mode: Mode,
+    btf: Option<&aya::Btf>,
+) -> Result<(Option<&'static str>, Option<String>), LoadError> {
+    if mode == Mode::Correlated {
+        return Ok((None, None));
     }
+    match attach_precise(ebpf, btf) {
+        Ok(hook) => Ok((Some(hook), None)),
+        Err(why) if mode == Mode::Precise => Err(LoadError::PreciseUnavailable { why }),
+        Err(why) => Ok((None, Some(format!("precise hooks unavailable ({why})")))),
+    }
+}
 
-    // FINWAIT_FORCE_TRACEPOINT=1 keeps the classic hook (tests compare both; also a diagnosis aid).
-    let force_classic = std::env::var_os("FINWAIT_FORCE_TRACEPOINT").is_some_and(|v| v == "1");
-    let btf_ok = kernel_offsets.state_btf == 1 && !force_classic;
-    let state_hook = attach_state_hook(&mut ebpf, btf.as_ref().filter(|_| btf_ok), &mut degraded)?;
-    let (call_hook, precise_unavailable) = match opts.mode {
-        Mode::Correlated => (None, None),
-        mode => match attach_precise(&mut ebpf, btf.as_ref()) {
-            Ok(hook) => (Some(hook), None),
-            Err(why) if mode == Mode::Precise => {
-                return Err(LoadError::PreciseUnavailable { why });
-            }
-            Err(why) => (None, Some(format!("precise hooks unavailable ({why})"))),
-        },
-    };
-    drop(btf);
-    let (mut attached, mut attach_failed) = (1, 0);
+/// Attaches every hook of the table: (attached, failed). A required one that fails ends the load;
+/// an optional one says what is lost.
+fn attach_table(ebpf: &mut Ebpf, degraded: &mut Vec<String>) -> Result<(usize, usize), LoadError> {
+    let (mut attached, mut failed) = (0, 0);
     for hook in HOOKS {
         let (category, name) = (hook.category, hook.tracepoint);
-        match attach(&mut ebpf, hook.program, category, name) {
+        match attach(ebpf, hook.program, category, name) {
             Ok(()) => attached += 1,
             Err(e) if hook.required => {
                 return Err(LoadError::required(&format!("{category}:{name}"), e));
             }
             Err(e) => {
-                attach_failed += 1;
+                failed += 1;
                 degraded.push(format!(
                     "{category}:{name} not attached ({}); {}",
                     LoadError::classify(e).brief(),
@@ -241,19 +292,7 @@ pub fn load(opts: &Options) -> Result<Loaded, LoadError> {
             }
         }
     }
-    // Loading parsed megabytes of BTF that are free now: give them back to the system.
-    // SAFETY: malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
-    Ok(Loaded {
-        ebpf,
-        offsets,
-        degraded,
-        attached,
-        attach_failed,
-        state_hook,
-        call_hook,
-        precise_unavailable,
-    })
+    Ok((attached, failed))
 }
 
 /// Precise mode: fentry on tcp_close and tcp_shutdown, else kprobes; both functions or neither.
@@ -432,13 +471,19 @@ fn other_layout(tracefs: &Path) -> OtherTpLayout {
     }
 }
 
-/// The given processes and every descendant that exists now; later ones are added at fork.
-fn seed_pids(ebpf: &mut Ebpf, pids: &[u32]) -> Result<()> {
+/// `--pid`, `--comm`: the processes named and every descendant that exists now; later ones
+/// are added at fork.
+fn seed_pids(ebpf: &mut Ebpf, opts: &Options) -> Result<()> {
+    if !following(opts) {
+        return Ok(());
+    }
+    let mut pids = opts.pids.clone();
+    pids.extend(crate::procs::with_comm(&opts.comms));
     let mut map: BpfHashMap<&mut MapData, u32, u8> = BpfHashMap::try_from(
         ebpf.map_mut(TRACED_PIDS_MAP)
             .context("TRACED_PIDS map missing")?,
     )?;
-    for pid in crate::procs::with_descendants(pids) {
+    for pid in crate::procs::with_descendants(&pids) {
         map.insert(pid, 1, 0).context("seeding the pid filter")?;
     }
     Ok(())
