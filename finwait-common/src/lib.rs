@@ -301,8 +301,6 @@ pub struct FilterConfig {
     pub wakeup_bytes: u32,
     /// How many entries of `comms` are in use.
     pub comm_count: u32,
-    /// 1: every program returns at once (the benchmark's floor: the cost of the hooks alone).
-    pub noop: u32,
     /// How many entries of `ports` are in use (0: every port).
     pub port_count: u32,
     /// Process names (`comm`, NUL-padded) whose calls are followed, with their children.

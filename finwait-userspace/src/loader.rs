@@ -106,7 +106,7 @@ pub struct Options {
     pub comms: Vec<String>,
     pub ring_bytes: u32,
     pub wakeup_bytes: u32,
-    /// Load every program as a no-op (benchmark floor).
+    /// Attach programs that only return, at the same hooks (the benchmark's floor).
     pub noop: bool,
     pub mode: Mode,
     /// `--port`: transitions of other sockets are dropped in the kernel.
@@ -157,10 +157,13 @@ pub fn load(opts: &Options) -> Result<Loaded, LoadError> {
     // FINWAIT_FORCE_TRACEPOINT=1 keeps the classic hook (tests compare both; also a diagnosis aid).
     let force_classic = std::env::var_os("FINWAIT_FORCE_TRACEPOINT").is_some_and(|v| v == "1");
     let btf_ok = layouts.offsets.is_some_and(|o| o.state_btf == 1) && !force_classic;
-    let state_hook = attach_state_hook(&mut ebpf, btf.as_ref().filter(|_| btf_ok), &mut degraded)?;
-    let (call_hook, precise_unavailable) = attach_call_hooks(&mut ebpf, opts.mode, btf.as_ref())?;
+    let programs = Programs { noop: opts.noop };
+    let state_btf = btf.as_ref().filter(|_| btf_ok);
+    let state_hook = attach_state_hook(&mut ebpf, programs, state_btf, &mut degraded)?;
+    let (call_hook, precise_unavailable) =
+        attach_call_hooks(&mut ebpf, programs, opts.mode, btf.as_ref())?;
     drop(btf);
-    let (attached, attach_failed) = attach_table(&mut ebpf, &mut degraded)?;
+    let (attached, attach_failed) = attach_table(&mut ebpf, programs, &mut degraded)?;
     // Loading parsed megabytes of BTF that are free now: give them back to the system.
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
@@ -224,7 +227,6 @@ fn filter_config(opts: &Options) -> FilterConfig {
         pid_filter: following(opts) as u32,
         wakeup_bytes: opts.wakeup_bytes,
         comm_count: opts.comms.len().min(MAX_COMMS) as u32,
-        noop: opts.noop as u32,
         port_count: ports_in_kernel.len() as u32,
         comms,
         ports,
@@ -258,13 +260,14 @@ fn load_object(opts: &Options, layouts: &Layouts) -> Result<Ebpf, LoadError> {
 /// Precise mode where asked and allowed: the hook on tcp_close/tcp_shutdown, or why there is none.
 fn attach_call_hooks(
     ebpf: &mut Ebpf,
+    programs: Programs,
     mode: Mode,
     btf: Option<&aya::Btf>,
 ) -> Result<(Option<&'static str>, Option<String>), LoadError> {
     if mode == Mode::Correlated {
         return Ok((None, None));
     }
-    match attach_precise(ebpf, btf) {
+    match attach_precise(ebpf, programs, btf) {
         Ok(hook) => Ok((Some(hook), None)),
         Err(why) if mode == Mode::Precise => Err(LoadError::PreciseUnavailable { why }),
         Err(why) => Ok((None, Some(format!("precise hooks unavailable ({why})")))),
@@ -273,11 +276,15 @@ fn attach_call_hooks(
 
 /// Attaches every hook of the table: (attached, failed). A required one that fails ends the load;
 /// an optional one says what is lost.
-fn attach_table(ebpf: &mut Ebpf, degraded: &mut Vec<String>) -> Result<(usize, usize), LoadError> {
+fn attach_table(
+    ebpf: &mut Ebpf,
+    programs: Programs,
+    degraded: &mut Vec<String>,
+) -> Result<(usize, usize), LoadError> {
     let (mut attached, mut failed) = (0, 0);
     for hook in HOOKS {
         let (category, name) = (hook.category, hook.tracepoint);
-        match attach(ebpf, hook.program, category, name) {
+        match attach(ebpf, programs.tracepoint(hook.program), category, name) {
             Ok(()) => attached += 1,
             Err(e) if hook.required => {
                 return Err(LoadError::required(&format!("{category}:{name}"), e));
@@ -297,16 +304,17 @@ fn attach_table(ebpf: &mut Ebpf, degraded: &mut Vec<String>) -> Result<(usize, u
 
 /// Precise mode: fentry on tcp_close and tcp_shutdown, else kprobes; both functions or neither.
 /// Returns the hook kind, or why neither works (e.g. no CONFIG_KPROBES, fentry refused).
-fn attach_precise(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<&'static str, String> {
+fn attach_precise(
+    ebpf: &mut Ebpf,
+    programs: Programs,
+    btf: Option<&aya::Btf>,
+) -> Result<&'static str, String> {
     let mut why = Vec::new();
     // FINWAIT_FORCE_KPROBE=1 skips fentry (tests run both hooks where the kernel has both).
     let force_kprobe = std::env::var_os("FINWAIT_FORCE_KPROBE").is_some_and(|v| v == "1");
     match btf.filter(|_| !force_kprobe) {
-        Some(btf) => match attach_pair(ebpf, "fentry", |ebpf, func, call| {
-            let p: &mut FEntry = ebpf
-                .program_mut(&format!("tcp_{call}_fentry"))
-                .context("program missing")?
-                .try_into()?;
+        Some(btf) => match attach_pair(ebpf, programs, "fentry", |ebpf, prog, func| {
+            let p: &mut FEntry = program(ebpf, prog)?.try_into()?;
             p.load(func, btf)?;
             p.attach()?;
             Ok(())
@@ -317,11 +325,8 @@ fn attach_precise(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<&'static st
         None if force_kprobe => why.push("fentry: skipped (FINWAIT_FORCE_KPROBE=1)".into()),
         None => why.push("fentry: no kernel BTF".into()),
     }
-    match attach_pair(ebpf, "kprobe", |ebpf, func, call| {
-        let p: &mut KProbe = ebpf
-            .program_mut(&format!("tcp_{call}_kprobe"))
-            .context("program missing")?
-            .try_into()?;
+    match attach_pair(ebpf, programs, "kprobe", |ebpf, prog, func| {
+        let p: &mut KProbe = program(ebpf, prog)?.try_into()?;
         p.load()?;
         p.attach(func, 0)?;
         Ok(())
@@ -343,15 +348,17 @@ fn hook_refusal(e: anyhow::Error) -> String {
 }
 
 /// Attaches the hook for both functions, or unloads what it attached and fails.
+/// `attach_one(ebpf, program, function)`.
 fn attach_pair(
     ebpf: &mut Ebpf,
+    programs: Programs,
     kind: &str,
     attach_one: impl Fn(&mut Ebpf, &str, &str) -> Result<()>,
 ) -> Result<()> {
     for (i, (func, call)) in PRECISE_FUNCTIONS.iter().enumerate() {
-        if let Err(e) = attach_one(ebpf, func, call) {
+        if let Err(e) = attach_one(ebpf, &programs.call_hook(call, kind), func) {
             for (_, done) in &PRECISE_FUNCTIONS[..=i] {
-                let Some(p) = ebpf.program_mut(&format!("tcp_{done}_{kind}")) else {
+                let Some(p) = ebpf.program_mut(&programs.call_hook(done, kind)) else {
                     continue;
                 };
                 // Unloading detaches: no half-attached pair is left behind.
@@ -370,11 +377,12 @@ fn attach_pair(
 /// The BTF tracepoint where the kernel has what it reads, else the classic one.
 fn attach_state_hook(
     ebpf: &mut Ebpf,
+    programs: Programs,
     btf: Option<&aya::Btf>,
     degraded: &mut Vec<String>,
 ) -> Result<&'static str, LoadError> {
     if let Some(btf) = btf {
-        match attach_btf(ebpf, btf) {
+        match attach_btf(ebpf, programs.state_btf(), btf) {
             Ok(()) => return Ok("tp_btf"),
             Err(e) => degraded.push(format!(
                 "the BTF tracepoint for TCP state changes is unavailable ({}); using the classic \
@@ -384,16 +392,14 @@ fn attach_state_hook(
             )),
         }
     }
-    attach(ebpf, "inet_sock_set_state", "sock", "inet_sock_set_state")
+    let classic = programs.tracepoint("inet_sock_set_state");
+    attach(ebpf, classic, "sock", "inet_sock_set_state")
         .map_err(|e| LoadError::required("sock:inet_sock_set_state", e))?;
     Ok("tracepoint")
 }
 
-fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
-    let p: &mut BtfTracePoint = ebpf
-        .program_mut("inet_sock_set_state_btf")
-        .context("program inet_sock_set_state_btf missing from the object")?
-        .try_into()?;
+fn attach_btf(ebpf: &mut Ebpf, prog: &str, btf: &aya::Btf) -> Result<()> {
+    let p: &mut BtfTracePoint = program(ebpf, prog)?.try_into()?;
     p.load("inet_sock_set_state", btf)?;
     p.attach()?;
     Ok(())
@@ -417,16 +423,49 @@ fn find_tracefs() -> Result<std::path::PathBuf, LoadError> {
 }
 
 fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<()> {
-    let p: &mut TracePoint = ebpf
-        .program_mut(prog)
-        .with_context(|| format!("program {prog} missing from the object"))?
-        .try_into()?;
+    let p: &mut TracePoint = program(ebpf, prog)?.try_into()?;
     // One program may serve several tracepoints: load it once.
     if p.fd().is_err() {
         p.load()?;
     }
     p.attach(category, name)?;
     Ok(())
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))
+}
+
+/// Which programs are attached: finwait's, or under `--bench-noop` programs that only return,
+/// at the same hooks (the benchmark's floor: the cost of the hooks alone).
+#[derive(Clone, Copy)]
+struct Programs {
+    noop: bool,
+}
+
+impl Programs {
+    fn tracepoint(self, program: &'static str) -> &'static str {
+        if self.noop {
+            "noop_tracepoint"
+        } else {
+            program
+        }
+    }
+
+    fn state_btf(self) -> &'static str {
+        if self.noop {
+            "noop_state_btf"
+        } else {
+            "inet_sock_set_state_btf"
+        }
+    }
+
+    /// `call` is close or shutdown, `kind` fentry or kprobe.
+    fn call_hook(self, call: &str, kind: &str) -> String {
+        let noop = if self.noop { "noop_" } else { "" };
+        format!("{noop}tcp_{call}_{kind}")
+    }
 }
 
 fn state_layout(tracefs: &Path) -> Result<StateTpLayout> {
@@ -544,6 +583,34 @@ mod tests {
     }
 
     const KERNELS: [&str; 3] = ["debian-6.1", "debian-6.12", "host-6.18"];
+
+    /// Every program the loader may ask for, finwait's and the no-op set, is in the object.
+    #[test]
+    fn the_object_has_every_program_the_loader_names() {
+        let object = aya_obj::Object::parse(OBJECT).unwrap();
+        for noop in [false, true] {
+            let p = Programs { noop };
+            let mut names: Vec<String> = HOOKS
+                .iter()
+                .map(|h| p.tracepoint(h.program).to_string())
+                .collect();
+            names.push(p.tracepoint("inet_sock_set_state").into());
+            names.push(p.state_btf().into());
+            for (_, call) in PRECISE_FUNCTIONS {
+                names.extend(["fentry", "kprobe"].map(|kind| p.call_hook(call, kind)));
+            }
+            for name in names {
+                assert!(object.programs.contains_key(&name), "{name} (noop: {noop})");
+            }
+        }
+    }
+
+    #[test]
+    fn every_optional_hook_says_what_is_lost() {
+        for h in HOOKS {
+            assert_eq!(h.required, h.lost_without.is_empty(), "{}", h.tracepoint);
+        }
+    }
 
     #[test]
     fn state_layout_is_the_same_on_6_1_6_12_and_6_18() {
