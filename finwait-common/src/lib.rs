@@ -167,10 +167,14 @@ pub struct Event {
     pub owner: OwnerRec,
 }
 
-/// Both sides read and write this exact layout: a field added on one side only fails the build.
+/// Both sides read and write these exact layouts (the ring record, and the `OWNERS` value that
+/// userspace also seeds): a field added on one side only fails the build.
 pub const EVENT_SIZE: usize = 176;
+pub const OWNER_REC_SIZE: usize = 56;
 const _: () = assert!(size_of::<Event>() == EVENT_SIZE);
-const _: () = assert!(size_of::<OwnerRec>() == 56);
+const _: () = assert!(size_of::<OwnerRec>() == OWNER_REC_SIZE);
+// The record embeds an OwnerRec at its end: no hidden padding before or after it.
+const _: () = assert!(core::mem::offset_of!(Event, owner) + OWNER_REC_SIZE == EVENT_SIZE);
 
 impl Event {
     pub const fn zeroed() -> Self {
@@ -297,8 +301,6 @@ pub struct FilterConfig {
     pub wakeup_bytes: u32,
     /// How many entries of `comms` are in use.
     pub comm_count: u32,
-    /// 1: every program returns at once (the benchmark's floor: the cost of the hooks alone).
-    pub noop: u32,
     /// How many entries of `ports` are in use (0: every port).
     pub port_count: u32,
     /// Process names (`comm`, NUL-padded) whose calls are followed, with their children.
@@ -316,7 +318,8 @@ pub mod counter {
     pub const RING_FULL: u32 = 0;
     /// A `TRACED_PIDS` insert failed.
     pub const PID_INSERT_FAILED: u32 = 1;
-    /// A kernel read needed for fd -> socket resolution failed.
+    /// A read the programs needed failed: kernel memory (fd -> socket resolution, socket
+    /// fields) or a field of a tracepoint's record. The event or detail it served is missing.
     pub const READ_FAILED: u32 = 2;
     /// The map of threads inside a forwarded call was full: that call's exit is not forwarded
     /// (userspace then keeps the call open until the thread makes its next one).

@@ -15,10 +15,10 @@
 //!   sink; `health` gathers the counters; `trace` itself loads, announces and runs the loop.
 //! - `snapshot`: the sockets on the close path now, with their holders and verdicts.
 //! - `output`: sinks, one per output mode (`human`, `json`: the JSON contract as types).
+//! - `demo`: the built-in loopback workload, traced by the same pipeline.
 //!
 //! Layers, each using only those above it: model; host, kernel; snapshot; output; trace; demo;
 //! cli (the flags, and the options built from them).
-//! - `demo`: the built-in loopback workload, traced by the same pipeline.
 // The test build also links the integration tests' dev-dependencies.
 #![cfg_attr(test, allow(unused_crate_dependencies))]
 

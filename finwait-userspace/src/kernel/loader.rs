@@ -15,62 +15,104 @@ use finwait_common::{
     OwnerRec, StateTpLayout, TRACED_PIDS_MAP, owner_flags,
 };
 
+pub(crate) use super::load_error::LoadError;
 use super::{btf as kernel_btf, tracefs::Format};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
 
-/// (program, category, tracepoint, required)
-const HOOKS: &[(&str, &str, &str, bool)] = &[
-    ("sys_enter_close", "syscalls", "sys_enter_close", true),
-    ("sys_exit_close", "syscalls", "sys_exit_close", true),
-    ("sys_enter_shutdown", "syscalls", "sys_enter_shutdown", true),
-    ("sys_exit_shutdown", "syscalls", "sys_exit_shutdown", true),
-    (
-        "sys_enter_close_range",
-        "syscalls",
-        "sys_enter_close_range",
-        false,
-    ),
-    (
-        "sys_exit_close_range",
-        "syscalls",
-        "sys_exit_close_range",
-        false,
-    ),
-    ("sys_enter_dup2", "syscalls", "sys_enter_dup2", false),
-    ("sys_exit_dup2", "syscalls", "sys_exit_dup2", false),
-    ("sys_enter_dup3", "syscalls", "sys_enter_dup3", false),
-    ("sys_exit_dup3", "syscalls", "sys_exit_dup3", false),
-    ("sched_process_exit", "sched", "sched_process_exit", false),
-    ("sched_process_fork", "sched", "sched_process_fork", false),
-    ("tcp_receive_reset", "tcp", "tcp_receive_reset", false),
-    ("tcp_send_reset", "tcp", "tcp_send_reset", false),
-    // Ownership: where a task obtains an fd to a TCP socket (one program, several syscalls).
-    ("sys_exit_new_fd", "syscalls", "sys_exit_accept4", false),
-    ("sys_exit_new_fd", "syscalls", "sys_exit_accept", false),
-    ("sys_exit_new_fd", "syscalls", "sys_exit_dup", false),
-    ("sys_exit_new_fd", "syscalls", "sys_exit_pidfd_getfd", false),
-    ("sys_enter_connect", "syscalls", "sys_enter_connect", false),
-    ("sys_exit_connect", "syscalls", "sys_exit_connect", false),
-    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg", false),
-    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg", false),
+/// A tracepoint finwait attaches one of its programs to.
+struct Hook {
+    program: &'static str,
+    category: &'static str,
+    tracepoint: &'static str,
+    /// Tracing cannot start without it.
+    required: bool,
+    /// What is lost when an optional hook cannot be attached (said in the degraded notes).
+    lost_without: &'static str,
+}
+
+const fn required(category: &'static str, tracepoint: &'static str) -> Hook {
+    Hook {
+        program: tracepoint,
+        category,
+        tracepoint,
+        required: true,
+        lost_without: "",
+    }
+}
+
+const fn optional(
+    category: &'static str,
+    tracepoint: &'static str,
+    lost_without: &'static str,
+) -> Hook {
+    Hook {
+        program: tracepoint,
+        category,
+        tracepoint,
+        required: false,
+        lost_without,
+    }
+}
+
+/// A syscall that hands its caller an fd to an existing socket (one program for all of them).
+const fn new_fd(tracepoint: &'static str, lost_without: &'static str) -> Hook {
+    Hook {
+        program: "sys_exit_new_fd",
+        ..optional("syscalls", tracepoint, lost_without)
+    }
+}
+
+const CLOSE_RANGE_LOST: &str = "close_range() causes will show as unknown";
+const DUP_LOST: &str = "dup2()/dup3() causes will show as unknown";
+const EXIT_LOST: &str = "process-exit causes will show as unknown";
+const FORK_LOST: &str = "--pid will not follow children forked from now on";
+const RESET_LOST: &str = "resets will not be told apart";
+const OWNER_LOST: &str = "owners of sockets obtained through it are looked up in /proc instead";
+
+/// Every tracepoint but the state hook (attached first, with its BTF alternative).
+const HOOKS: &[Hook] = &[
+    required("syscalls", "sys_enter_close"),
+    required("syscalls", "sys_exit_close"),
+    required("syscalls", "sys_enter_shutdown"),
+    required("syscalls", "sys_exit_shutdown"),
+    optional("syscalls", "sys_enter_close_range", CLOSE_RANGE_LOST),
+    optional("syscalls", "sys_exit_close_range", CLOSE_RANGE_LOST),
+    optional("syscalls", "sys_enter_dup2", DUP_LOST),
+    optional("syscalls", "sys_exit_dup2", DUP_LOST),
+    optional("syscalls", "sys_enter_dup3", DUP_LOST),
+    optional("syscalls", "sys_exit_dup3", DUP_LOST),
+    optional("sched", "sched_process_exit", EXIT_LOST),
+    optional("sched", "sched_process_fork", FORK_LOST),
+    optional("tcp", "tcp_receive_reset", RESET_LOST),
+    optional("tcp", "tcp_send_reset", RESET_LOST),
+    // Ownership: where a task obtains an fd to a TCP socket.
+    new_fd("sys_exit_accept4", OWNER_LOST),
+    new_fd("sys_exit_accept", OWNER_LOST),
+    // The note the former name match gave dup() (its name contains "dup"), kept as it was.
+    new_fd("sys_exit_dup", DUP_LOST),
+    new_fd("sys_exit_pidfd_getfd", OWNER_LOST),
+    optional("syscalls", "sys_enter_connect", OWNER_LOST),
+    optional("syscalls", "sys_exit_connect", OWNER_LOST),
+    optional("syscalls", "sys_enter_recvmsg", OWNER_LOST),
+    optional("syscalls", "sys_exit_recvmsg", OWNER_LOST),
 ];
 
 pub(crate) struct Options {
-    pub all_transitions: bool,
+    pub(crate) all_transitions: bool,
     /// Processes to follow (with their descendants); empty with `comms` empty: everything.
-    pub pids: Vec<u32>,
+    pub(crate) pids: Vec<u32>,
     /// Process names to follow (with their descendants).
-    pub comms: Vec<String>,
-    pub ring_bytes: u32,
-    pub wakeup_bytes: u32,
-    /// Load every program as a no-op (benchmark floor).
-    pub noop: bool,
-    pub mode: Mode,
+    pub(crate) comms: Vec<String>,
+    pub(crate) ring_bytes: u32,
+    pub(crate) wakeup_bytes: u32,
+    /// Attach programs that only return, at the same hooks (the benchmark's floor).
+    pub(crate) noop: bool,
+    pub(crate) mode: Mode,
     /// `--port`: transitions of other sockets are dropped in the kernel.
-    pub ports: Vec<u16>,
+    pub(crate) ports: Vec<u16>,
     /// Size of the kernel's ownership map.
-    pub owners_max: u32,
+    pub(crate) owners_max: u32,
 }
 
 /// How calls are tied to the sockets they end.
@@ -88,31 +130,67 @@ pub(crate) enum Mode {
 const PRECISE_FUNCTIONS: [(&str, &str); 2] = [("tcp_close", "close"), ("tcp_shutdown", "shutdown")];
 
 pub(crate) struct Loaded {
-    pub ebpf: Ebpf,
+    pub(crate) ebpf: Ebpf,
     /// fd -> socket resolution is on (BTF offsets found).
-    pub offsets: Option<KernelOffsets>,
+    pub(crate) offsets: Option<KernelOffsets>,
     /// Human-readable notes about features that are off, and why.
-    pub degraded: Vec<String>,
-    pub attached: usize,
-    pub attach_failed: usize,
+    pub(crate) degraded: Vec<String>,
+    pub(crate) attached: usize,
+    pub(crate) attach_failed: usize,
     /// How TCP state changes are hooked: "tp_btf" or "tracepoint".
-    pub state_hook: &'static str,
+    pub(crate) state_hook: &'static str,
     /// Precise mode: "fentry" or "kprobe" on tcp_close/tcp_shutdown; None: correlated mode.
-    pub call_hook: Option<&'static str>,
+    pub(crate) call_hook: Option<&'static str>,
     /// Why precise mode is off (auto mode on a kernel that refuses both hooks).
-    pub precise_unavailable: Option<String>,
+    pub(crate) precise_unavailable: Option<String>,
 }
 
-pub(crate) fn load(opts: &Options) -> Result<Loaded> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+pub(crate) fn load(opts: &Options) -> Result<Loaded, LoadError> {
     raise_memlock();
-    let tracefs = super::tracefs::ensure_mounted()
-        .map_err(|e| if euid != 0 { privileges_error() } else { e })?;
+    let tracefs = find_tracefs()?;
     let mut degraded = Vec::new();
+    let layouts = layouts(&tracefs, &mut degraded)?;
+    let mut ebpf = load_object(opts, &layouts)?;
+    let btf = aya::Btf::from_sys_fs().ok();
+    seed_pids(&mut ebpf, opts).map_err(LoadError::classify)?;
 
-    let state = state_layout(&tracefs)?;
-    let other = other_layout(&tracefs);
+    // FINWAIT_FORCE_TRACEPOINT=1 keeps the classic hook (tests compare both; also a diagnosis aid).
+    let force_classic = std::env::var_os("FINWAIT_FORCE_TRACEPOINT").is_some_and(|v| v == "1");
+    let btf_ok = layouts.offsets.is_some_and(|o| o.state_btf == 1) && !force_classic;
+    let programs = Programs { noop: opts.noop };
+    let state_btf = btf.as_ref().filter(|_| btf_ok);
+    let state_hook = attach_state_hook(&mut ebpf, programs, state_btf, &mut degraded)?;
+    let (call_hook, precise_unavailable) =
+        attach_call_hooks(&mut ebpf, programs, opts.mode, btf.as_ref())?;
+    drop(btf);
+    let (attached, attach_failed) = attach_table(&mut ebpf, programs, &mut degraded)?;
+    // Loading parsed megabytes of BTF that are free now: give them back to the system.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    Ok(Loaded {
+        ebpf,
+        offsets: layouts.offsets,
+        degraded,
+        // The state hook, then the table's.
+        attached: 1 + attached,
+        attach_failed,
+        state_hook,
+        call_hook,
+        precise_unavailable,
+    })
+}
+
+/// This kernel's layouts, which the programs read as globals.
+struct Layouts {
+    state: StateTpLayout,
+    other: OtherTpLayout,
+    /// None: no usable BTF (fd -> socket resolution is off).
+    offsets: Option<KernelOffsets>,
+}
+
+fn layouts(tracefs: &Path, degraded: &mut Vec<String>) -> Result<Layouts, LoadError> {
+    let state = state_layout(tracefs).map_err(LoadError::classify)?;
+    let other = other_layout(tracefs);
     let offsets = match kernel_btf::kernel_offsets() {
         Ok(o) => Some(o),
         Err(e) => {
@@ -123,6 +201,15 @@ pub(crate) fn load(opts: &Options) -> Result<Loaded> {
             None
         }
     };
+    Ok(Layouts {
+        state,
+        other,
+        offsets,
+    })
+}
+
+/// What the programs forward, from the options.
+fn filter_config(opts: &Options) -> FilterConfig {
     // More ports than the kernel filter holds: userspace alone filters.
     let ports_in_kernel: &[u16] = if opts.ports.len() <= MAX_PORTS {
         &opts.ports
@@ -135,158 +222,143 @@ pub(crate) fn load(opts: &Options) -> Result<Loaded> {
     for (slot, name) in comms.iter_mut().zip(&opts.comms) {
         slot[..name.len()].copy_from_slice(name.as_bytes());
     }
-    let filter = FilterConfig {
+    FilterConfig {
         all_transitions: u32::from(opts.all_transitions),
-        pid_filter: u32::from(!opts.pids.is_empty() || !opts.comms.is_empty()),
+        pid_filter: u32::from(following(opts)),
         wakeup_bytes: opts.wakeup_bytes,
         comm_count: opts.comms.len().min(MAX_COMMS) as u32,
-        noop: u32::from(opts.noop),
         port_count: ports_in_kernel.len() as u32,
         comms,
         ports,
-    };
-    let kernel_offsets = offsets.unwrap_or_default();
+    }
+}
+
+/// `--pid` or `--comm`: only some processes are followed.
+fn following(opts: &Options) -> bool {
+    !opts.pids.is_empty() || !opts.comms.is_empty()
+}
+
+/// Creates the maps and writes the globals; the programs are loaded as they are attached.
+fn load_object(opts: &Options, layouts: &Layouts) -> Result<Ebpf, LoadError> {
     // The programs need no CO-RE relocation (offsets come from userspace): the kernel BTF that
     // `EbpfLoader::new()` parses is dropped before loading, and parsed again afterwards for the
     // BTF tracepoint and fentry, so two copies (about 19 MB each) are never alive at once.
     let mut loader = EbpfLoader::new();
     loader.btf(None);
-    let mut ebpf = loader
-        .override_global("STATE_TP", &state, true)
-        .override_global("OTHER_TP", &other, true)
-        .override_global("OFFSETS", &kernel_offsets, true)
-        .override_global("FILTER", &filter, true)
+    loader
+        .override_global("STATE_TP", &layouts.state, true)
+        .override_global("OTHER_TP", &layouts.other, true)
+        .override_global("OFFSETS", &layouts.offsets.unwrap_or_default(), true)
+        .override_global("FILTER", &filter_config(opts), true)
         .map_max_entries(EVENTS_MAP, opts.ring_bytes)
         .map_max_entries(OWNERS_MAP, opts.owners_max.max(1))
         .load(OBJECT)
-        .map_err(|e| {
-            if euid != 0 {
-                privileges_error()
-            } else {
-                anyhow::Error::new(e).context("loading the eBPF programs")
-            }
-        })?;
-    let btf = aya::Btf::from_sys_fs().ok();
+        .context("loading the eBPF programs")
+        .map_err(LoadError::classify)
+}
 
-    if !opts.pids.is_empty() || !opts.comms.is_empty() {
-        let mut pids = opts.pids.clone();
-        pids.extend(crate::host::procs::with_comm(&opts.comms));
-        seed_pids(&mut ebpf, &pids)?;
+/// Precise mode where asked and allowed: the hook on tcp_close/tcp_shutdown, or why there is none.
+fn attach_call_hooks(
+    ebpf: &mut Ebpf,
+    programs: Programs,
+    mode: Mode,
+    btf: Option<&aya::Btf>,
+) -> Result<(Option<&'static str>, Option<String>), LoadError> {
+    if mode == Mode::Correlated {
+        return Ok((None, None));
     }
+    match attach_precise(ebpf, programs, btf) {
+        Ok(hook) => Ok((Some(hook), None)),
+        Err(why) if mode == Mode::Precise => Err(LoadError::PreciseUnavailable { why }),
+        Err(why) => Ok((None, Some(format!("precise hooks unavailable ({why})")))),
+    }
+}
 
-    // FINWAIT_FORCE_TRACEPOINT=1 keeps the classic hook (tests compare both; also a diagnosis aid).
-    let force_classic = std::env::var_os("FINWAIT_FORCE_TRACEPOINT").is_some_and(|v| v == "1");
-    let btf_ok = kernel_offsets.state_btf == 1 && !force_classic;
-    let state_hook = attach_state_hook(&mut ebpf, btf.as_ref().filter(|_| btf_ok), &mut degraded)?;
-    let (call_hook, precise_unavailable) = match opts.mode {
-        Mode::Correlated => (None, None),
-        mode => match attach_precise(&mut ebpf, btf.as_ref()) {
-            Ok(hook) => (Some(hook), None),
-            Err(why) if mode == Mode::Precise => bail!(
-                "--mode precise: this kernel allows neither fentry nor kprobes on tcp_close ({why}); \
-                 use --mode correlated"
-            ),
-            Err(why) => (None, Some(format!("precise hooks unavailable ({why})"))),
-        },
-    };
-    drop(btf);
-    let (mut attached, mut attach_failed) = (1, 0);
-    for &(prog, category, name, required) in HOOKS {
-        match attach(&mut ebpf, prog, category, name) {
+/// Attaches every hook of the table: (attached, failed). A required one that fails ends the load;
+/// an optional one says what is lost.
+fn attach_table(
+    ebpf: &mut Ebpf,
+    programs: Programs,
+    degraded: &mut Vec<String>,
+) -> Result<(usize, usize), LoadError> {
+    let (mut attached, mut failed) = (0, 0);
+    for hook in HOOKS {
+        let (category, name) = (hook.category, hook.tracepoint);
+        match attach(ebpf, programs.tracepoint(hook.program), category, name) {
             Ok(()) => attached += 1,
-            Err(e) if required => {
-                return Err(e.context(format!(
-                    "attaching {category}:{name} failed; finwait needs it (Linux 4.16 or newer with tracepoints)"
-                )));
+            Err(e) if hook.required => {
+                return Err(LoadError::required(&format!("{category}:{name}"), e));
             }
             Err(e) => {
-                attach_failed += 1;
+                failed += 1;
                 degraded.push(format!(
                     "{category}:{name} not attached ({}); {}",
-                    short_error(&e),
-                    effect_of_missing(name)
+                    LoadError::classify(e).brief(),
+                    hook.lost_without
                 ));
             }
         }
     }
-    // Loading parsed megabytes of BTF that are free now: give them back to the system.
-    // SAFETY: malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
-    Ok(Loaded {
-        ebpf,
-        offsets,
-        degraded,
-        attached,
-        attach_failed,
-        state_hook,
-        call_hook,
-        precise_unavailable,
-    })
+    Ok((attached, failed))
 }
 
 /// Precise mode: fentry on tcp_close and tcp_shutdown, else kprobes; both functions or neither.
 /// Returns the hook kind, or why neither works (e.g. no CONFIG_KPROBES, fentry refused).
-fn attach_precise(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<&'static str, String> {
+fn attach_precise(
+    ebpf: &mut Ebpf,
+    programs: Programs,
+    btf: Option<&aya::Btf>,
+) -> Result<&'static str, String> {
     let mut why = Vec::new();
     // FINWAIT_FORCE_KPROBE=1 skips fentry (tests run both hooks where the kernel has both).
     let force_kprobe = std::env::var_os("FINWAIT_FORCE_KPROBE").is_some_and(|v| v == "1");
     match btf.filter(|_| !force_kprobe) {
-        Some(btf) => match attach_pair(ebpf, "fentry", |ebpf, func, call| {
-            let p: &mut FEntry = ebpf
-                .program_mut(&format!("tcp_{call}_fentry"))
-                .context("program missing")?
-                .try_into()?;
+        Some(btf) => match attach_pair(ebpf, programs, "fentry", |ebpf, prog, func| {
+            let p: &mut FEntry = program(ebpf, prog)?.try_into()?;
             p.load(func, btf)?;
             p.attach()?;
             Ok(())
         }) {
             Ok(()) => return Ok("fentry"),
-            Err(e) => why.push(format!("fentry: {}", hook_refusal(&e))),
+            Err(e) => why.push(format!("fentry: {}", hook_refusal(e))),
         },
         None if force_kprobe => why.push("fentry: skipped (FINWAIT_FORCE_KPROBE=1)".into()),
         None => why.push("fentry: no kernel BTF".into()),
     }
-    match attach_pair(ebpf, "kprobe", |ebpf, func, call| {
-        let p: &mut KProbe = ebpf
-            .program_mut(&format!("tcp_{call}_kprobe"))
-            .context("program missing")?
-            .try_into()?;
+    match attach_pair(ebpf, programs, "kprobe", |ebpf, prog, func| {
+        let p: &mut KProbe = program(ebpf, prog)?.try_into()?;
         p.load()?;
         p.attach(func, 0)?;
         Ok(())
     }) {
         Ok(()) => Ok("kprobe"),
         Err(e) => {
-            why.push(format!("kprobe: {}", hook_refusal(&e)));
+            why.push(format!("kprobe: {}", hook_refusal(e)));
             Err(why.join("; "))
         }
     }
 }
 
 /// Why the kernel refused a precise hook, in a few words.
-fn hook_refusal(e: &anyhow::Error) -> String {
-    let text = format!("{e:#}");
-    if text.contains("devices/kprobe") {
-        "this kernel has no kprobes (CONFIG_KPROBES)".into()
-    } else if text.contains("os error 1)") {
-        "refused by the kernel (EPERM)".into()
-    } else if text.contains("os error 524)") || text.contains("os error 95)") {
-        "not supported by this kernel".into()
-    } else {
-        e.root_cause().to_string()
+fn hook_refusal(e: anyhow::Error) -> String {
+    match LoadError::classify(e) {
+        LoadError::Other(e) => e.root_cause().to_string(),
+        refusal => refusal.brief(),
     }
 }
 
 /// Attaches the hook for both functions, or unloads what it attached and fails.
+/// `attach_one(ebpf, program, function)`.
 fn attach_pair(
     ebpf: &mut Ebpf,
+    programs: Programs,
     kind: &str,
     attach_one: impl Fn(&mut Ebpf, &str, &str) -> Result<()>,
 ) -> Result<()> {
     for (i, (func, call)) in PRECISE_FUNCTIONS.iter().enumerate() {
-        if let Err(e) = attach_one(ebpf, func, call) {
+        if let Err(e) = attach_one(ebpf, &programs.call_hook(call, kind), func) {
             for (_, done) in &PRECISE_FUNCTIONS[..=i] {
-                let Some(p) = ebpf.program_mut(&format!("tcp_{done}_{kind}")) else {
+                let Some(p) = ebpf.program_mut(&programs.call_hook(done, kind)) else {
                     continue;
                 };
                 // Unloading detaches: no half-attached pair is left behind.
@@ -305,81 +377,95 @@ fn attach_pair(
 /// The BTF tracepoint where the kernel has what it reads, else the classic one.
 fn attach_state_hook(
     ebpf: &mut Ebpf,
+    programs: Programs,
     btf: Option<&aya::Btf>,
     degraded: &mut Vec<String>,
-) -> Result<&'static str> {
+) -> Result<&'static str, LoadError> {
     if let Some(btf) = btf {
-        match attach_btf(ebpf, btf) {
+        match attach_btf(ebpf, programs.state_btf(), btf) {
             Ok(()) => return Ok("tp_btf"),
             Err(e) => degraded.push(format!(
                 "the BTF tracepoint for TCP state changes is unavailable ({}); using the classic \
                  tracepoint, which the kernel skips while another BPF program runs on the same CPU \
                  (counted as kernel_skipped_nested)",
-                short_error(&e)
+                LoadError::classify(e).brief()
             )),
         }
     }
-    attach(ebpf, "inet_sock_set_state", "sock", "inet_sock_set_state").context(
-        "attaching sock:inet_sock_set_state failed; finwait needs it (Linux 4.16 or newer with tracepoints)",
-    )?;
+    let classic = programs.tracepoint("inet_sock_set_state");
+    attach(ebpf, classic, "sock", "inet_sock_set_state")
+        .map_err(|e| LoadError::required("sock:inet_sock_set_state", e))?;
     Ok("tracepoint")
 }
 
-fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
-    let p: &mut BtfTracePoint = ebpf
-        .program_mut("inet_sock_set_state_btf")
-        .context("program inet_sock_set_state_btf missing from the object")?
-        .try_into()?;
+fn attach_btf(ebpf: &mut Ebpf, prog: &str, btf: &aya::Btf) -> Result<()> {
+    let p: &mut BtfTracePoint = program(ebpf, prog)?.try_into()?;
     p.load("inet_sock_set_state", btf)?;
     p.attach()?;
     Ok(())
 }
 
-/// An attach error without the verifier's full log (which can run to megabytes).
-fn short_error(e: &anyhow::Error) -> String {
-    let text = format!("{e:#}");
-    match text.find("Verifier output:") {
-        Some(at) => {
-            let tail: Vec<&str> = text.lines().rev().take(3).collect();
-            format!(
-                "{} verifier: {}",
-                text[..at].trim_end(),
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            )
-        }
-        None => text,
-    }
-}
-
-fn privileges_error() -> anyhow::Error {
-    anyhow::anyhow!(
-        "finwait-trace needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_ADMIN to mount tracefs).\n  \
-         Fix: sudo finwait-trace ..."
-    )
-}
-
-fn effect_of_missing(tracepoint: &str) -> &'static str {
-    match tracepoint {
-        t if t.contains("close_range") => "close_range() causes will show as unknown",
-        t if t.contains("dup") => "dup2()/dup3() causes will show as unknown",
-        "sched_process_exit" => "process-exit causes will show as unknown",
-        "sched_process_fork" => "--pid will not follow children forked from now on",
-        t if t.contains("reset") => "resets will not be told apart",
-        _ => "owners of sockets obtained through it are looked up in /proc instead",
-    }
+/// The tracefs mount. `ensure_mounted` words its failure without the errno, so the kernel is
+/// asked once more: a mount point this process may not enter means missing privileges.
+fn find_tracefs() -> Result<std::path::PathBuf, LoadError> {
+    super::tracefs::ensure_mounted().map_err(|e| {
+        let refused = [
+            "/sys/kernel/tracing/events",
+            "/sys/kernel/debug/tracing/events",
+        ]
+        .iter()
+        .find_map(|p| match std::fs::metadata(p) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => Some(e),
+            _ => None,
+        });
+        LoadError::classify(refused.map_or(e, anyhow::Error::new))
+    })
 }
 
 fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<()> {
-    let p: &mut TracePoint = ebpf
-        .program_mut(prog)
-        .with_context(|| format!("program {prog} missing from the object"))?
-        .try_into()?;
+    let p: &mut TracePoint = program(ebpf, prog)?.try_into()?;
     // One program may serve several tracepoints: load it once.
     if p.fd().is_err() {
         p.load()?;
     }
     p.attach(category, name)?;
     Ok(())
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))
+}
+
+/// Which programs are attached: finwait's, or under `--bench-noop` programs that only return,
+/// at the same hooks (the benchmark's floor: the cost of the hooks alone).
+#[derive(Clone, Copy)]
+struct Programs {
+    noop: bool,
+}
+
+impl Programs {
+    fn tracepoint(self, program: &'static str) -> &'static str {
+        if self.noop {
+            "noop_tracepoint"
+        } else {
+            program
+        }
+    }
+
+    fn state_btf(self) -> &'static str {
+        if self.noop {
+            "noop_state_btf"
+        } else {
+            "inet_sock_set_state_btf"
+        }
+    }
+
+    /// `call` is close or shutdown, `kind` fentry or kprobe.
+    fn call_hook(self, call: &str, kind: &str) -> String {
+        let noop = if self.noop { "noop_" } else { "" };
+        format!("{noop}tcp_{call}_{kind}")
+    }
 }
 
 fn state_layout(tracefs: &Path) -> Result<StateTpLayout> {
@@ -424,13 +510,19 @@ fn other_layout(tracefs: &Path) -> OtherTpLayout {
     }
 }
 
-/// The given processes and every descendant that exists now; later ones are added at fork.
-fn seed_pids(ebpf: &mut Ebpf, pids: &[u32]) -> Result<()> {
+/// `--pid`, `--comm`: the processes named and every descendant that exists now; later ones
+/// are added at fork.
+fn seed_pids(ebpf: &mut Ebpf, opts: &Options) -> Result<()> {
+    if !following(opts) {
+        return Ok(());
+    }
+    let mut pids = opts.pids.clone();
+    pids.extend(crate::host::procs::with_comm(&opts.comms));
     let mut map: BpfHashMap<&mut MapData, u32, u8> = BpfHashMap::try_from(
         ebpf.map_mut(TRACED_PIDS_MAP)
             .context("TRACED_PIDS map missing")?,
     )?;
-    for pid in crate::host::procs::with_descendants(pids) {
+    for pid in crate::host::procs::with_descendants(&pids) {
         map.insert(pid, 1, 0).context("seeding the pid filter")?;
     }
     Ok(())
@@ -441,7 +533,7 @@ fn seed_pids(ebpf: &mut Ebpf, pids: &[u32]) -> Result<()> {
 pub(crate) struct OwnerSeeder<'a> {
     map: BpfHashMap<&'a mut MapData, u64, OwnerRec>,
     /// Sockets that did not fit (the map was full).
-    pub full: u64,
+    pub(crate) full: u64,
 }
 
 impl<'a> OwnerSeeder<'a> {
@@ -491,6 +583,34 @@ mod tests {
     }
 
     const KERNELS: [&str; 3] = ["debian-6.1", "debian-6.12", "host-6.18"];
+
+    /// Every program the loader may ask for, finwait's and the no-op set, is in the object.
+    #[test]
+    fn the_object_has_every_program_the_loader_names() {
+        let object = aya_obj::Object::parse(OBJECT).unwrap();
+        for noop in [false, true] {
+            let p = Programs { noop };
+            let mut names: Vec<String> = HOOKS
+                .iter()
+                .map(|h| p.tracepoint(h.program).to_string())
+                .collect();
+            names.push(p.tracepoint("inet_sock_set_state").into());
+            names.push(p.state_btf().into());
+            for (_, call) in PRECISE_FUNCTIONS {
+                names.extend(["fentry", "kprobe"].map(|kind| p.call_hook(call, kind)));
+            }
+            for name in names {
+                assert!(object.programs.contains_key(&name), "{name} (noop: {noop})");
+            }
+        }
+    }
+
+    #[test]
+    fn every_optional_hook_says_what_is_lost() {
+        for h in HOOKS {
+            assert_eq!(h.required, h.lost_without.is_empty(), "{}", h.tracepoint);
+        }
+    }
 
     #[test]
     fn state_layout_is_the_same_on_6_1_6_12_and_6_18() {

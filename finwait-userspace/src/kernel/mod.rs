@@ -1,6 +1,7 @@
 //! The kernel side, from userspace: this kernel's layouts (tracefs formats, BTF), loading and
 //! attaching the embedded eBPF programs, and the kernel's per-program statistics.
 pub(crate) mod btf;
+pub(crate) mod load_error;
 pub(crate) mod loader;
 pub(crate) mod prog_stats;
 pub(crate) mod tracefs;
