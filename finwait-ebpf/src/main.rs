@@ -238,13 +238,7 @@ fn try_state(ctx: &TracePointContext) -> Option<()> {
     let old = field::<i32>(ctx, l.oldstate)? as u8;
     let new = field::<i32>(ctx, l.newstate)? as u8;
     let sk = field::<u64>(ctx, l.skaddr)?;
-    if !wanted_transition(sk, old, new) {
-        return None;
-    }
-    let mut e = new_event(EventKind::Transition);
-    e.sock = sk;
-    e.old_state = old;
-    e.new_state = new;
+    let mut e = transition_event(sk, old, new)?;
     e.sport = field::<u16>(ctx, l.sport)?;
     e.dport = field::<u16>(ctx, l.dport)?;
     e.family = field::<u16>(ctx, l.family)?;
@@ -387,11 +381,9 @@ fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-fn try_state_btf(sk: u64, old: u8, new: u8) -> Option<()> {
-    let o = config(&OFFSETS);
-    if read::<u16>(sk, o.sock_protocol as u64)? != IPPROTO_TCP {
-        return None;
-    }
+/// A transition record for `sk`, if this transition is one to report.
+#[inline(always)]
+fn transition_event(sk: u64, old: u8, new: u8) -> Option<Event> {
     if !wanted_transition(sk, old, new) {
         return None;
     }
@@ -399,6 +391,15 @@ fn try_state_btf(sk: u64, old: u8, new: u8) -> Option<()> {
     e.sock = sk;
     e.old_state = old;
     e.new_state = new;
+    Some(e)
+}
+
+fn try_state_btf(sk: u64, old: u8, new: u8) -> Option<()> {
+    let o = config(&OFFSETS);
+    if read::<u16>(sk, o.sock_protocol as u64)? != IPPROTO_TCP {
+        return None;
+    }
+    let mut e = transition_event(sk, old, new)?;
     e.family = read::<u16>(sk, o.sock_family as u64)?;
     e.sport = u16::from_be(read::<u16>(sk, o.inet_sport as u64)?);
     e.dport = u16::from_be(read::<u16>(sk, o.sock_dport as u64)?);
