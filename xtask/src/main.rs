@@ -115,26 +115,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Makes sure the toolchain is there, then hands the command to its function.
 fn run(cli: Cli) -> Result<()> {
     setup()?;
     match cli.cmd {
+        // `setup()` above is the whole command.
         Cmd::Setup => Ok(()),
-        Cmd::Build { release } => build(release).map(|bin| println!("built {}", bin.display())),
-        Cmd::Run { release, args } => {
-            let bin = build(release)?;
-            as_root(&bin, &args, &[])
-        }
-        Cmd::Test { host_only, args } => {
-            test(&args)?;
-            if host_only {
-                return Ok(());
-            }
-            vm_test(
-                vec!["6.1".into(), "6.12".into()],
-                1500,
-                vm::Payload::Tests { filter: args },
-            )
-        }
+        Cmd::Build { release } => build(release),
+        Cmd::Run { release, args } => run_tracer(release, &args),
+        Cmd::Test { host_only, args } => test(host_only, args),
         Cmd::VmTest {
             kernels,
             timeout,
@@ -147,81 +136,148 @@ fn run(cli: Cli) -> Result<()> {
             vm,
             busy_host,
             baseline,
-        } => {
-            let bin = build(true)?;
-            if busy_host {
-                build_examples(&["busy_host"])?;
-                let driver = workspace().join("target/release/examples/busy_host");
-                return as_root(&driver, &[bin.display().to_string()], &[]);
-            }
-            install_peers()?;
-            build_examples(&["bench", "churn"])?;
-            let examples = workspace().join("target/release/examples");
-            if !vm.is_empty() {
-                let args = [
-                    "--rounds",
-                    &rounds.to_string(),
-                    "--seconds",
-                    &seconds.to_string(),
-                ]
-                .into_iter()
-                .chain(["--peer-wait", "15", "--json", "/tmp/overhead.json"])
-                .map(String::from)
-                .collect();
-                let payload = vm::Payload::Bench {
-                    bench: examples.join("bench"),
-                    churn: examples.join("churn"),
-                    tracer: bin,
-                    args,
-                };
-                // Each round runs every mode: allow for slow emulated start-ups.
-                let timeout = 600 + u64::from(rounds) * 8 * (u64::from(seconds) + 30);
-                return vm_test(vm, timeout, payload);
-            }
-            let mut args = vec![
-                bin.display().to_string(),
-                examples.join("churn").display().to_string(),
-                "--rounds".into(),
-                rounds.to_string(),
-                "--seconds".into(),
-                seconds.to_string(),
-            ];
-            if let Some(m) = soak {
-                args.extend(["--soak".into(), m.to_string()]);
-            }
-            if let Some(b) = baseline {
-                let b = std::fs::canonicalize(&b)
-                    .with_context(|| format!("--baseline {}", b.display()))?;
-                args.extend(["--baseline".into(), b.display().to_string()]);
-            }
-            as_root(&examples.join("bench"), &args, &[])
-        }
-        Cmd::Docs => {
-            let bin = build(true)?;
-            let dist = workspace().join("target/dist");
-            std::fs::create_dir_all(&dist)?;
-            for (what, file) in [
-                ("man", "finwait-trace.1"),
-                ("bash", "finwait-trace.bash"),
-                ("zsh", "_finwait-trace"),
-                ("fish", "finwait-trace.fish"),
-            ] {
-                let out = Command::new(&bin).args(["--generate", what]).output()?;
-                if !out.status.success() {
-                    bail!("finwait-trace --generate {what} failed");
-                }
-                std::fs::write(dist.join(file), out.stdout)?;
-                println!("wrote {}", dist.join(file).display());
-            }
-            Ok(())
-        }
-        Cmd::BenchSnapshot => {
-            let bin = build(true)?;
-            build_examples(&["snapshot_load"])?;
-            let load = workspace().join("target/release/examples/snapshot_load");
-            as_root(&load, &[bin.display().to_string()], &[])
-        }
+        } => bench(rounds, seconds, soak, vm, busy_host, baseline.as_deref()),
+        Cmd::Docs => docs(),
+        Cmd::BenchSnapshot => bench_snapshot(),
     }
+}
+
+/// `build`: builds `finwait-trace` and says where it is.
+fn build(release: bool) -> Result<()> {
+    let bin = build_tracer(release)?;
+    println!("built {}", bin.display());
+    Ok(())
+}
+
+/// `run`: builds `finwait-trace` and runs it as root with `args`.
+fn run_tracer(release: bool, args: &[String]) -> Result<()> {
+    let bin = build_tracer(release)?;
+    as_root(&bin, args)
+}
+
+/// `test`: the root integration tests on this kernel, then (unless `host_only`) in qemu.
+fn test(host_only: bool, args: Vec<String>) -> Result<()> {
+    host_tests(&args)?;
+    if host_only {
+        return Ok(());
+    }
+    vm_test(
+        vec!["6.1".into(), "6.12".into()],
+        1500,
+        vm::Payload::Tests { filter: args },
+    )
+}
+
+/// `bench`: builds the release tracer and picks the benchmark the flags ask for.
+fn bench(
+    rounds: u32,
+    seconds: u32,
+    soak: Option<f64>,
+    vm: Vec<String>,
+    busy_host: bool,
+    baseline: Option<&Path>,
+) -> Result<()> {
+    let bin = build_tracer(true)?;
+    if busy_host {
+        return bench_busy_host(&bin);
+    }
+    install_peers()?;
+    build_examples(&["bench", "churn"])?;
+    if !vm.is_empty() {
+        return bench_in_vm(bin, rounds, seconds, vm);
+    }
+    bench_on_host(&bin, rounds, seconds, soak, baseline)
+}
+
+/// `bench --busy-host`: runs the busy-host driver as root against `bin`.
+fn bench_busy_host(bin: &Path) -> Result<()> {
+    build_examples(&["busy_host"])?;
+    as_root(&example("busy_host"), &[bin.display().to_string()])
+}
+
+/// `bench --vm`: the overhead benchmark inside qemu on each of `kernels`.
+fn bench_in_vm(bin: PathBuf, rounds: u32, seconds: u32, kernels: Vec<String>) -> Result<()> {
+    let args = [
+        "--rounds",
+        &rounds.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+        "--peer-wait",
+        "15",
+        "--json",
+        "/tmp/overhead.json",
+    ]
+    .map(String::from)
+    .to_vec();
+    let payload = vm::Payload::Bench {
+        bench: example("bench"),
+        churn: example("churn"),
+        tracer: bin,
+        args,
+    };
+    // Each round runs every mode: allow for slow emulated start-ups.
+    let timeout = 600 + u64::from(rounds) * 8 * (u64::from(seconds) + 30);
+    vm_test(kernels, timeout, payload)
+}
+
+/// `bench` on this host: the overhead rounds, or a soak, as root.
+fn bench_on_host(
+    bin: &Path,
+    rounds: u32,
+    seconds: u32,
+    soak: Option<f64>,
+    baseline: Option<&Path>,
+) -> Result<()> {
+    let mut args = vec![
+        bin.display().to_string(),
+        example("churn").display().to_string(),
+        "--rounds".into(),
+        rounds.to_string(),
+        "--seconds".into(),
+        seconds.to_string(),
+    ];
+    if let Some(m) = soak {
+        args.extend(["--soak".into(), m.to_string()]);
+    }
+    if let Some(b) = baseline {
+        // Absolute: the driver runs from the workspace root, maybe under sudo.
+        let b = std::fs::canonicalize(b).with_context(|| format!("--baseline {}", b.display()))?;
+        args.extend(["--baseline".into(), b.display().to_string()]);
+    }
+    as_root(&example("bench"), &args)
+}
+
+/// `docs`: writes the man page and shell completions the release binary generates.
+fn docs() -> Result<()> {
+    let bin = build_tracer(true)?;
+    let dist = workspace().join("target/dist");
+    std::fs::create_dir_all(&dist)?;
+    for (what, file) in [
+        ("man", "finwait-trace.1"),
+        ("bash", "finwait-trace.bash"),
+        ("zsh", "_finwait-trace"),
+        ("fish", "finwait-trace.fish"),
+    ] {
+        let out = Command::new(&bin).args(["--generate", what]).output()?;
+        if !out.status.success() {
+            bail!("finwait-trace --generate {what} failed");
+        }
+        std::fs::write(dist.join(file), out.stdout)?;
+        println!("wrote {}", dist.join(file).display());
+    }
+    Ok(())
+}
+
+/// `bench-snapshot`: runs the snapshot load driver as root against the release binary.
+fn bench_snapshot() -> Result<()> {
+    let bin = build_tracer(true)?;
+    build_examples(&["snapshot_load"])?;
+    as_root(&example("snapshot_load"), &[bin.display().to_string()])
+}
+
+/// A release build of one of finwait-userspace's examples (see `build_examples`).
+fn example(name: &str) -> PathBuf {
+    workspace().join("target/release/examples").join(name)
 }
 
 fn vm_test(kernels: Vec<String>, timeout: u64, payload: vm::Payload) -> Result<()> {
@@ -345,7 +401,8 @@ fn build_examples(names: &[&str]) -> Result<()> {
     sh(&mut cmd)
 }
 
-fn build(release: bool) -> Result<PathBuf> {
+/// Builds `finwait-trace` (debug or release); returns its path.
+fn build_tracer(release: bool) -> Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args([
         "build",
@@ -365,7 +422,8 @@ fn build(release: bool) -> Result<PathBuf> {
         .join("finwait-trace"))
 }
 
-fn test(extra: &[String]) -> Result<()> {
+/// Runs the workspace's tests on this kernel, as root, with `extra` after `--`.
+fn host_tests(extra: &[String]) -> Result<()> {
     // Build first as the invoking user, so a sudo run only executes.
     sh(cargo().args([
         "test",
@@ -382,7 +440,7 @@ fn test(extra: &[String]) -> Result<()> {
         args.extend(extra.iter().cloned());
     }
     let cargo_bin = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    as_root(Path::new(&cargo_bin), &args, &[])
+    as_root(Path::new(&cargo_bin), &args)
 }
 
 fn cargo() -> Command {
@@ -392,7 +450,7 @@ fn cargo() -> Command {
 }
 
 /// Runs `program args` as root: directly when we are root, else through `sudo -E`.
-fn as_root(program: &Path, args: &[String], envs: &[(&str, &str)]) -> Result<()> {
+fn as_root(program: &Path, args: &[String]) -> Result<()> {
     let mut cmd = if is_root() {
         Command::new(program)
     } else {
@@ -401,9 +459,7 @@ fn as_root(program: &Path, args: &[String], envs: &[(&str, &str)]) -> Result<()>
         c.arg("-E").arg(program);
         c
     };
-    cmd.args(args)
-        .current_dir(workspace())
-        .envs(envs.iter().copied());
+    cmd.args(args).current_dir(workspace());
     sh(&mut cmd)
 }
 

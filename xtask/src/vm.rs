@@ -11,7 +11,7 @@ use std::{
     fs,
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -71,79 +71,148 @@ struct Outcome {
     log: PathBuf,
 }
 
+impl Outcome {
+    /// Whether the guest finished and every run in it passed.
+    fn passed(&self) -> bool {
+        self.failure.is_none() && self.runs.iter().all(|r| r.2)
+    }
+}
+
+/// A file for the initramfs: its path in the guest, its contents and its permission bits.
+type Entry = (String, Vec<u8>, u32);
+
+/// Boots every kernel with the payload; fails unless every guest ran it all and passed.
 pub(crate) fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     install_host_packages()?;
-    let (exes, runs) = match &opts.payload {
-        Payload::Tests { filter } => {
-            let (tests, tracer) = build_tests(root)?;
-            let runs = test_runs(&tests, filter);
-            (tests.into_iter().chain([tracer]).collect::<Vec<_>>(), runs)
-        }
+    let (exes, runs) = plan(root, &opts.payload)?;
+    // A benchmark's report is the point of it: show it even when it passed.
+    let always_show = matches!(opts.payload, Payload::Bench { .. });
+    let vm_dir = root.join("target/vm");
+    fs::create_dir_all(&vm_dir)?;
+    let guests = prepare_guests(root, &vm_dir, &opts.kernels, &exes, &runs)?;
+    let outcomes = boot_all(&vm_dir, &guests, opts.timeout, always_show)?;
+    print_matrix(&outcomes);
+    if outcomes.iter().any(|o| !o.passed()) {
+        bail!("the VM tests failed (logs in {})", vm_dir.display());
+    }
+    Ok(())
+}
+
+/// What a payload needs in the guest: the executables to copy in, and the runs to make.
+fn plan(root: &Path, payload: &Payload) -> Result<(Vec<PathBuf>, Vec<Run>)> {
+    match payload {
+        Payload::Tests { filter } => plan_tests(root, filter),
         Payload::Bench {
             bench,
             churn,
             tracer,
             args,
-        } => {
-            let command = [bench, tracer, churn].map(|p| path_str(p)).join(" ") + &shell_args(args);
-            let run = Run {
-                mode: "bench".into(),
-                name: "overhead".into(),
-                dir: PathBuf::from("/root"),
-                command,
-            };
-            let mut exes = vec![bench.clone(), churn.clone(), tracer.clone()];
-            // The one peer that runs in the guest without a toolchain of its own.
-            let tcpstates = PathBuf::from(crate::TCPSTATES);
-            if tcpstates.exists() {
-                exes.push(tcpstates);
-            }
-            (exes, vec![run])
-        }
+        } => Ok(plan_bench(bench, churn, tracer, args)),
+    }
+}
+
+/// The test binaries (built here) and the tracer they run; each binary runs once per mode.
+fn plan_tests(root: &Path, filter: &[String]) -> Result<(Vec<PathBuf>, Vec<Run>)> {
+    let (tests, tracer) = build_tests(root)?;
+    let runs = test_runs(&tests, filter);
+    Ok((tests.into_iter().chain([tracer]).collect(), runs))
+}
+
+/// The benchmark's programs, and its one run: `bench TRACER CHURN ARGS...`.
+fn plan_bench(
+    bench: &Path,
+    churn: &Path,
+    tracer: &Path,
+    args: &[String],
+) -> (Vec<PathBuf>, Vec<Run>) {
+    let command = [bench, tracer, churn].map(path_str).join(" ") + &shell_args(args);
+    let run = Run {
+        mode: "bench".into(),
+        name: "overhead".into(),
+        dir: PathBuf::from("/root"),
+        command,
     };
-    let always_show = matches!(opts.payload, Payload::Bench { .. });
-    let vm_dir = root.join("target/vm");
-    fs::create_dir_all(&vm_dir)?;
+    let mut exes = vec![
+        bench.to_path_buf(),
+        churn.to_path_buf(),
+        tracer.to_path_buf(),
+    ];
+    // The one peer that runs in the guest without a toolchain of its own.
+    let tcpstates = PathBuf::from(crate::TCPSTATES);
+    if tcpstates.exists() {
+        exes.push(tcpstates);
+    }
+    (exes, vec![run])
+}
+
+/// Fetches each kernel and builds its initramfs: the guests to boot, in order.
+fn prepare_guests(
+    root: &Path,
+    vm_dir: &Path,
+    kernels: &[String],
+    exes: &[PathBuf],
+    runs: &[Run],
+) -> Result<Vec<(Kernel, PathBuf)>> {
     let mut guests = Vec::new();
-    for spec in &opts.kernels {
-        let kernel = fetch_kernel(&vm_dir, spec)?;
+    for spec in kernels {
+        let kernel = fetch_kernel(vm_dir, spec)?;
         let initrd = vm_dir.join(format!("initramfs-{}.cpio", kernel.label));
-        build_initramfs(root, &initrd, &kernel, &exes, &runs)?;
+        build_initramfs(root, &initrd, &kernel, exes, runs)?;
         guests.push((kernel, initrd));
     }
+    Ok(guests)
+}
+
+/// Boots the guests in batches, reporting each guest when its batch is over.
+fn boot_all(
+    vm_dir: &Path,
+    guests: &[(Kernel, PathBuf)],
+    timeout: Duration,
+    always_show: bool,
+) -> Result<Vec<Outcome>> {
     // Single-threaded TCG keeps one host CPU busy per guest: boot as many at once as there
     // are CPUs (the time limit is per guest, and each still gets a whole CPU).
     let parallel = thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut outcomes = Vec::new();
     for batch in guests.chunks(parallel) {
-        let results: Vec<Result<Outcome>> = thread::scope(|scope| {
-            let running: Vec<_> = batch
-                .iter()
-                .map(|(kernel, initrd)| {
-                    eprintln!("xtask: booting {} under qemu (TCG)...", kernel.label);
-                    scope.spawn(|| boot(&vm_dir, kernel, initrd, opts.timeout))
-                })
-                .collect();
-            running
-                .into_iter()
-                .map(|t| t.join().expect("boot thread panicked"))
-                .collect()
-        });
-        for outcome in results {
+        for outcome in boot_batch(vm_dir, batch, timeout) {
             let outcome = outcome?;
             report(&outcome, always_show);
             outcomes.push(outcome);
         }
     }
+    Ok(outcomes)
+}
+
+/// Boots a batch of guests at once, one thread each; their outcomes in the batch's order.
+fn boot_batch(
+    vm_dir: &Path,
+    batch: &[(Kernel, PathBuf)],
+    timeout: Duration,
+) -> Vec<Result<Outcome>> {
+    thread::scope(|scope| {
+        let running: Vec<_> = batch
+            .iter()
+            .map(|(kernel, initrd)| {
+                eprintln!("xtask: booting {} under qemu (TCG)...", kernel.label);
+                scope.spawn(|| boot(vm_dir, kernel, initrd, timeout))
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| t.join().expect("boot thread panicked"))
+            .collect()
+    })
+}
+
+/// The summary: one line per kernel, with each run's result.
+fn print_matrix(outcomes: &[Outcome]) {
     println!("\nkernel matrix:");
-    let mut failed = false;
-    for o in &outcomes {
-        let ok = o.failure.is_none() && o.runs.iter().all(|r| r.2);
-        failed |= !ok;
+    for o in outcomes {
         println!(
             "  {:<28} {:<4} {:>5.0} s  {}",
             o.label,
-            if ok { "ok" } else { "FAIL" },
+            if o.passed() { "ok" } else { "FAIL" },
             o.elapsed.as_secs_f64(),
             o.runs
                 .iter()
@@ -152,10 +221,6 @@ pub(crate) fn vm_test(root: &Path, opts: &Options) -> Result<()> {
                 .join(" ")
         );
     }
-    if failed {
-        bail!("the VM tests failed (logs in {})", vm_dir.display());
-    }
-    Ok(())
 }
 
 fn install_host_packages() -> Result<()> {
@@ -390,6 +455,7 @@ fn test_name(exe: &Path) -> String {
     }
 }
 
+/// Writes the guest's initramfs to `out`: the programs, their libraries, the modules and init.
 fn build_initramfs(
     root: &Path,
     out: &Path,
@@ -400,8 +466,44 @@ fn build_initramfs(
     let stage = out.with_extension("d");
     let _ = fs::remove_dir_all(&stage);
     fs::create_dir_all(&stage)?;
-    let mut files: Vec<(String, Vec<u8>, u32)> = Vec::new();
-    let mut elfs: Vec<PathBuf> = HOST_TOOLS.iter().map(PathBuf::from).collect();
+    let mut files = stripped_exes(&stage, exes)?;
+    for tool in HOST_TOOLS {
+        files.push((tool.to_string(), fs::read(tool)?, 0o755));
+    }
+    // Fixtures the unit tests read (through CARGO_MANIFEST_DIR, an absolute path).
+    for f in files_under(&root.join("finwait-userspace/testdata"))? {
+        files.push((path_str(&f), fs::read(&f)?, 0o644));
+    }
+    let elfs: Vec<PathBuf> = HOST_TOOLS
+        .iter()
+        .map(PathBuf::from)
+        .chain(exes.iter().cloned())
+        .collect();
+    for lib in shared_libraries(&elfs)? {
+        let data = fs::read(&lib)?;
+        files.push((path_str(&lib), data, 0o755));
+    }
+    files.push(("bin/busybox".into(), fs::read("/bin/busybox")?, 0o755));
+    let (modules, loaded) = diag_modules(kernel)?;
+    files.extend(modules);
+    files.push((
+        "init".into(),
+        init_script(runs, &loaded).into_bytes(),
+        0o755,
+    ));
+    files.push((
+        "etc/passwd".into(),
+        b"root:x:0:0::/root:/bin/sh\n".to_vec(),
+        0o644,
+    ));
+    write_cpio(out, &dirs_for(&files), &files)?;
+    let _ = fs::remove_dir_all(&stage);
+    Ok(())
+}
+
+/// The executables, stripped through `stage`, at their host paths.
+fn stripped_exes(stage: &Path, exes: &[PathBuf]) -> Result<Vec<Entry>> {
+    let mut files = Vec::new();
     // Debug info is most of a test binary's size: strip it (the guest unpacks into RAM).
     for exe in exes {
         let stripped = stage.join(file_name(exe));
@@ -413,20 +515,13 @@ fn build_initramfs(
                 .arg(exe),
         )?;
         files.push((path_str(exe), fs::read(&stripped)?, 0o755));
-        elfs.push(exe.clone());
     }
-    for tool in HOST_TOOLS {
-        files.push((tool.to_string(), fs::read(tool)?, 0o755));
-    }
-    // Fixtures the unit tests read (through CARGO_MANIFEST_DIR, an absolute path).
-    for f in files_under(&root.join("finwait-userspace/testdata"))? {
-        files.push((path_str(&f), fs::read(&f)?, 0o644));
-    }
-    for lib in shared_libraries(&elfs)? {
-        let data = fs::read(&lib)?;
-        files.push((path_str(&lib), data, 0o755));
-    }
-    files.push(("bin/busybox".into(), fs::read("/bin/busybox")?, 0o755));
+    Ok(files)
+}
+
+/// The sock_diag modules the kernel's package has, and their names for init to load.
+fn diag_modules(kernel: &Kernel) -> Result<(Vec<Entry>, Vec<String>)> {
+    let mut files = Vec::new();
     let mut loaded = Vec::new();
     if let Some(dir) = &kernel.modules {
         for m in MODULES {
@@ -436,22 +531,16 @@ fn build_initramfs(
             }
         }
     }
-    files.push((
-        "init".into(),
-        init_script(runs, &loaded).into_bytes(),
-        0o755,
-    ));
-    files.push((
-        "etc/passwd".into(),
-        b"root:x:0:0::/root:/bin/sh\n".to_vec(),
-        0o644,
-    ));
+    Ok((files, loaded))
+}
 
+/// Every directory the files need, with the mount points and init's usual ones.
+fn dirs_for(files: &[Entry]) -> BTreeSet<String> {
     let mut dirs = BTreeSet::new();
     for d in ["proc", "sys", "dev", "tmp", "root", "sbin", "usr/sbin"] {
         dirs.insert(d.to_string());
     }
-    for (name, _, _) in &files {
+    for (name, _, _) in files {
         let mut p = Path::new(name.trim_start_matches('/'));
         while let Some(parent) = p.parent() {
             if parent.as_os_str().is_empty() {
@@ -461,16 +550,21 @@ fn build_initramfs(
             p = parent;
         }
     }
+    dirs
+}
+
+/// Writes the directories, then the files, as a newc cpio archive.
+fn write_cpio(out: &Path, dirs: &BTreeSet<String>, files: &[Entry]) -> Result<()> {
     let mut w = std::io::BufWriter::new(fs::File::create(out)?);
     let mut ino = 1;
-    for d in &dirs {
+    for d in dirs {
         // /tmp as on a host: world-writable, sticky (the unprivileged tests may write there).
         let mode = if d == "tmp" { 0o41777 } else { 0o40755 };
         let b = cpio::NewcBuilder::new(d).ino(ino).mode(mode).nlink(2);
         w = b.write(w, 0).finish()?;
         ino += 1;
     }
-    for (name, data, mode) in &files {
+    for (name, data, mode) in files {
         let b = cpio::NewcBuilder::new(name.trim_start_matches('/'))
             .ino(ino)
             .mode(0o100000 | mode)
@@ -481,7 +575,6 @@ fn build_initramfs(
         ino += 1;
     }
     cpio::newc::trailer(w)?.flush()?;
-    let _ = fs::remove_dir_all(&stage);
     Ok(())
 }
 
@@ -542,11 +635,30 @@ fn module(dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
     Ok(None)
 }
 
+/// Boots one guest and follows its console until it powers off, or kills it at `timeout`.
 fn boot(vm_dir: &Path, kernel: &Kernel, initrd: &Path, timeout: Duration) -> Result<Outcome> {
     let log_path = vm_dir.join(format!("{}.log", kernel.label));
     let mut log = fs::File::create(&log_path)?;
     let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut child = start_qemu(kernel, initrd)?;
+    let lines = console_lines(&mut child);
+    let mut console = follow_console(&mut child, &lines, &mut log, start, timeout)?;
+    let _ = child.wait();
+    if console.failure.is_none() && !console.done {
+        console.failure = Some("the guest stopped before the tests finished".into());
+    }
+    Ok(Outcome {
+        label: kernel.label.clone(),
+        elapsed: start.elapsed(),
+        runs: console.runs,
+        failure: console.failure,
+        log: log_path,
+    })
+}
+
+/// Starts qemu on the kernel and initramfs, its serial console on stdout.
+fn start_qemu(kernel: &Kernel, initrd: &Path) -> Result<Child> {
+    Command::new("qemu-system-x86_64")
         // Single-threaded TCG: with one host thread per vCPU, the kernel's int3-based live code
         // patching (attaching fentry, flipping static keys) raced and oopsed in the guest.
         .args([
@@ -575,7 +687,11 @@ fn boot(vm_dir: &Path, kernel: &Kernel, initrd: &Path, timeout: Duration) -> Res
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting qemu-system-x86_64")?;
+        .context("starting qemu-system-x86_64")
+}
+
+/// qemu's stdout and stderr lines on one channel (stderr's marked `qemu: `), read by two threads.
+fn console_lines(child: &mut Child) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
@@ -590,50 +706,65 @@ fn boot(vm_dir: &Path, kernel: &Kernel, initrd: &Path, timeout: Duration) -> Res
             let _ = tx2.send(format!("qemu: {line}"));
         }
     });
-    let mut runs = Vec::new();
-    let mut failure = None;
-    let mut done = false;
+    rx
+}
+
+/// What a guest's console said: the runs that ended, the last failure seen, whether init finished.
+#[derive(Default)]
+struct Console {
+    runs: Vec<(String, String, bool)>,
+    failure: Option<String>,
+    done: bool,
+}
+
+impl Console {
+    /// Takes in one console line: a kernel panic, or a marker from the init script.
+    fn read(&mut self, line: &str) {
+        if line.contains("Kernel panic") {
+            self.failure = Some(format!("kernel panic: {line}"));
+        }
+        // The console may put terminal escapes before a marker.
+        if let Some(rest) = line.find(MARK).map(|i| &line[i + MARK.len()..]) {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            match words.as_slice() {
+                ["end", mode, name, rc] => {
+                    self.runs
+                        .push((mode.to_string(), name.to_string(), *rc == "0"));
+                }
+                ["done"] => self.done = true,
+                ["module", m, ..] => self.failure = Some(format!("insmod {m} failed")),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Logs the console's lines and reads them until qemu exits; kills a guest that outlives `timeout`.
+fn follow_console(
+    child: &mut Child,
+    lines: &mpsc::Receiver<String>,
+    log: &mut fs::File,
+    start: Instant,
+    timeout: Duration,
+) -> Result<Console> {
+    let mut console = Console::default();
     loop {
         let left = timeout.saturating_sub(start.elapsed());
-        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
+        match lines.recv_timeout(left.max(Duration::from_millis(1))) {
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_string();
                 writeln!(log, "{line}")?;
-                if line.contains("Kernel panic") {
-                    failure = Some(format!("kernel panic: {line}"));
-                }
-                // The console may put terminal escapes before a marker.
-                if let Some(rest) = line.find(MARK).map(|i| &line[i + MARK.len()..]) {
-                    let words: Vec<&str> = rest.split_whitespace().collect();
-                    match words.as_slice() {
-                        ["end", mode, name, rc] => {
-                            runs.push((mode.to_string(), name.to_string(), *rc == "0"));
-                        }
-                        ["done"] => done = true,
-                        ["module", m, ..] => failure = Some(format!("insmod {m} failed")),
-                        _ => {}
-                    }
-                }
+                console.read(&line);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
-                failure = Some(format!("no result after {} s (hung)", timeout.as_secs()));
+                console.failure = Some(format!("no result after {} s (hung)", timeout.as_secs()));
                 break;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    let _ = child.wait();
-    if failure.is_none() && !done {
-        failure = Some("the guest stopped before the tests finished".into());
-    }
-    Ok(Outcome {
-        label: kernel.label.clone(),
-        elapsed: start.elapsed(),
-        runs,
-        failure,
-        log: log_path,
-    })
+    Ok(console)
 }
 
 /// Per kernel: each run's result, and for a failing run (or every run, `always_show`) its whole
@@ -669,11 +800,7 @@ fn report(o: &Outcome, always_show: bool) {
     println!(
         "xtask: {}: {} in {:.0} s (log {})",
         o.label,
-        if o.failure.is_none() && o.runs.iter().all(|r| r.2) {
-            "passed"
-        } else {
-            "FAILED"
-        },
+        if o.passed() { "passed" } else { "FAILED" },
         o.elapsed.as_secs_f64(),
         o.log.display()
     );
