@@ -563,3 +563,30 @@ fn demo_names_the_client_and_the_server() {
         "{summary}"
     );
 }
+
+/// `--stats-every`: the counters as `stats` events on stderr while tracing, and once more at
+/// the end (the benches read them).
+#[test]
+fn stats_every_writes_stats_events_to_stderr() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .args(["--no-snapshot", "--stats-every", "0.3", "--duration", "1.2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = output_within(child, std::time::Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stats: Vec<serde_json::Value> = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "stats")
+        .collect();
+    assert!(stats.len() >= 3, "{err}");
+    assert!(
+        stats
+            .iter()
+            .all(|s| s["records"].is_u64() && s["lost_ring_full"] == 0),
+        "{err}"
+    );
+}

@@ -204,7 +204,7 @@ async fn trace(
             }
             _ = tick.tick() => drain(ring.get_mut(), p),
             _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
-                eprintln!("{}", serde_json::to_string(&kernel.stats(ebpf, p))?);
+                stats_to_stderr(&kernel.stats(ebpf, p))?;
             }
             _ = gone_check.tick(), if watch_targets => if p.filter.none_left() {
                 eprintln!("finwait-trace: every traced process has exited (and no descendant is left); stopping");
@@ -235,10 +235,17 @@ async fn finish(o: &Options, ebpf: &aya::Ebpf, k: &KernelCounters, p: &mut Pipel
     p.sink.summary(&p.summary, monotonic_ns())?;
     let stats = k.stats(ebpf, p);
     if o.stats_every.is_some() {
-        eprintln!("{}", serde_json::to_string(&stats)?);
+        stats_to_stderr(&stats)?;
     }
     p.sink.stats(&stats)?;
     p.sink.flush()?;
+    Ok(())
+}
+
+/// `--stats-every`: the stats event, as a JSON line on stderr.
+fn stats_to_stderr(stats: &output::Stats) -> Result<()> {
+    let line = serde_json::to_string(&output::json::Event::Stats(stats))?;
+    eprintln!("{line}");
     Ok(())
 }
 

@@ -83,18 +83,23 @@ impl Pipeline {
     /// Every report whose owner is known: filtered, enriched, counted and written.
     pub(crate) fn emit(&mut self) -> io::Result<()> {
         self.resolver.ready(&mut self.ready);
-        for mut r in std::mem::take(&mut self.ready) {
+        // Taken and put back: the buffer keeps its capacity from wake-up to wake-up.
+        let mut ready = std::mem::take(&mut self.ready);
+        let written = ready.drain(..).try_for_each(|mut r| {
             if !self.filter.wanted(&r) {
-                continue;
+                return Ok(());
             }
             if let Report::Transition(t) = &mut r {
                 self.enrich(t);
             }
             self.summary.add(&r);
-            if !self.summary_only {
-                self.sink.report(&r)?;
+            if self.summary_only {
+                return Ok(());
             }
-        }
+            self.sink.report(&r)
+        });
+        self.ready = ready;
+        written?;
         self.sink.flush()
     }
 
