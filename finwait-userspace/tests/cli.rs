@@ -568,7 +568,9 @@ fn demo_names_the_client_and_the_server() {
 /// the end (the benches read them).
 #[test]
 fn stats_every_writes_stats_events_to_stderr() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
         .args(["--no-snapshot", "--stats-every", "0.3", "--duration", "1.2"])
         .stdout(std::process::Stdio::null())
