@@ -12,12 +12,14 @@ use netlink_packet_sock_diag::inet::StateFlags;
 use crate::{
     host::{
         clock::monotonic_ns,
+        inspect::{self, EpollSets},
         owners::{self, Index},
         procs,
         sockdiag::{self, DiagSocket},
     },
     model::{
         Comm, Holder, Owner, Verdict,
+        diagnosis::{FinReading, OwnerState, Threads},
         verdict::{Bound, Facts, whose_job},
     },
 };
@@ -35,6 +37,8 @@ pub(crate) struct Entry {
     pub(crate) owners: Vec<Owner>,
     pub(crate) inferred: Option<Inferred>,
     pub(crate) verdict: Verdict,
+    /// A socket its owner must close: what the owner is doing about it.
+    pub(crate) owner_state: Option<OwnerState>,
 }
 
 impl Entry {
@@ -52,11 +56,18 @@ impl Entry {
             bound,
         };
         let verdict = whose_job(facts)?;
+        let must_close = match verdict {
+            Verdict::OwnerMustClose(_) => true,
+            Verdict::ApplicationMustClose(_) => sock.state == st::FIN_WAIT2,
+            _ => false,
+        };
+        let owner_state = must_close.then(|| OwnerState::new(sock.state, sock.recv_queue));
         Some(Self {
             sock,
             owners,
             inferred: None,
             verdict,
+            owner_state,
         })
     }
 
@@ -108,7 +119,14 @@ impl Entry {
             (st::CLOSING, _) => "both sides closed at once; waiting for the peer's ACK".into(),
             _ => "TIME_WAIT, normal after an active close".into(),
         };
-        format!("{what}; {}", self.verdict.clause())
+        let mut answer = format!("{what}; {}", self.verdict.clause());
+        if let (Some(o), Some(h)) = (&self.owner_state, self.owners.first()) {
+            answer += &format!(
+                "; {}",
+                o.sentence(&format!("{}[{}]", h.comm, h.pid), Some(h.fd))
+            );
+        }
+        answer
     }
 }
 
@@ -143,11 +161,35 @@ pub(crate) fn take(pids: &[u32]) -> Result<Snapshot> {
     } else {
         procs::with_descendants(pids)
     };
+    let mut entries = build(sockets, |inode| owners.get(inode), &keep);
+    inspect_owners(&mut entries);
     Ok(Snapshot {
-        entries: build(sockets, |inode| owners.get(inode), &keep),
+        entries,
         taken_ns,
         owners,
     })
+}
+
+/// Owners inspected at most (each costs a read of its fds and threads in /proc).
+const MAX_INSPECTED: usize = 256;
+
+/// For each socket its owner must close: is the fd still in one of the owner's epoll sets, and
+/// what are its threads doing. Each owner is read once.
+fn inspect_owners(entries: &mut [Entry]) {
+    let mut seen: HashMap<u32, (Option<EpollSets>, Option<Threads>)> = HashMap::new();
+    for e in entries.iter_mut() {
+        let (Some(state), Some(o)) = (e.owner_state.as_mut(), e.owners.first()) else {
+            continue;
+        };
+        if !seen.contains_key(&o.pid) && seen.len() >= MAX_INSPECTED {
+            continue;
+        }
+        let (sets, threads) = seen
+            .entry(o.pid)
+            .or_insert_with(|| (EpollSets::of(o.pid), inspect::threads(o.pid)));
+        state.polled = sets.as_ref().map(|s| s.polled(o.fd));
+        state.threads.clone_from(threads);
+    }
 }
 
 /// Listening sockets by (address, port; None: any address), to infer who accepted a
@@ -215,6 +257,8 @@ pub(crate) fn build(
 pub(crate) struct Group {
     pub(crate) counts: BTreeMap<&'static str, usize>,
     pub(crate) inferred: usize,
+    /// CLOSE_WAIT by what the owner did with the FIN (`fin_not_read`, `read_eof_not_closed`).
+    pub(crate) readings: BTreeMap<&'static str, usize>,
     /// The verdict of each class, for the words.
     verdicts: BTreeMap<&'static str, Verdict>,
 }
@@ -234,6 +278,9 @@ pub(crate) fn summarize(entries: &[Entry]) -> BTreeMap<(u32, String), Group> {
             .entry(e.class())
             .or_insert_with(|| e.verdict.clone());
         g.inferred += usize::from(inferred);
+        if let Some(r) = e.owner_state.as_ref().and_then(|o| o.reading) {
+            *g.readings.entry(r.name()).or_default() += 1;
+        }
     }
     groups
 }
@@ -275,7 +322,11 @@ fn group_line(pid: u32, comm: &str, g: &Group) -> String {
     }
     if n("close_wait") > 0 {
         let whose = whose("close_wait");
-        parts.push(format!("{} CLOSE_WAIT held open: {whose}", n("close_wait")));
+        parts.push(format!(
+            "{} CLOSE_WAIT held open{}: {whose}",
+            n("close_wait"),
+            readings(&g.readings)
+        ));
     }
     for (c, label) in [
         ("fin_wait1", "FIN_WAIT1"),
@@ -292,6 +343,26 @@ fn group_line(pid: u32, comm: &str, g: &Group) -> String {
         format!("{comm}[{pid}]")
     };
     format!("{who}: {}", parts.join("; "))
+}
+
+/// `(1790 never read the peer's FIN: not reading these sockets; 3 read EOF and did not close)`.
+fn readings(r: &BTreeMap<&'static str, usize>) -> String {
+    let not_read = FinReading::NotRead { unread_bytes: 0 }.name();
+    let parts: Vec<String> = [
+        (
+            not_read,
+            "never read the peer's FIN: not reading these sockets",
+        ),
+        (FinReading::ReadEof.name(), "read EOF and did not close"),
+    ]
+    .into_iter()
+    .filter_map(|(k, words)| r.get(k).map(|n| format!("{n} {words}")))
+    .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join("; "))
+    }
 }
 
 /// One sentence per process, most stuck sockets first, then the TIME_WAIT count.

@@ -230,3 +230,136 @@ fn live_tracing_hands_over_a_stuck_close_wait_socket() {
         "timed from the snapshot, not from the FIN: {waited} ms (tracer started {since_spawn} ms before the close)"
     );
 }
+
+/// Why each CLOSE_WAIT is still open, one owner behaviour per socket: read EOF and kept the fd;
+/// never read after the FIN; 5 bytes left unread; registered in epoll and never acted on;
+/// removed from epoll and forgotten; held by a process whose only thread waits in a futex.
+#[test]
+fn close_wait_diagnosis_by_owner_behaviour() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // The futex-bound owner first, before this process holds the others (it would inherit them).
+    let (client_f, server_f) = pair(&listener);
+    let client_fd = client_f.as_raw_fd();
+    let futex_owner = fork_child(|| {
+        // Only the server end is the child's: the client's FIN must go out when we drop ours.
+        // SAFETY: an fd the child inherited.
+        unsafe { libc::close(client_fd) };
+        let word = 0u32;
+        loop {
+            // SAFETY: waits on a word nobody changes.
+            unsafe {
+                libc::syscall(libc::SYS_futex, &word, libc::FUTEX_WAIT, 0, 0usize);
+            }
+        }
+    });
+    let _child = ChildGuard(futex_owner);
+    drop(server_f);
+    let (eof, eof_s) = pair(&listener);
+    let (never, never_s) = pair(&listener);
+    let (data, data_s) = pair(&listener);
+    let (polled, polled_s) = pair(&listener);
+    let (forgot, forgot_s) = pair(&listener);
+    // SAFETY: plain epoll calls on fds we own.
+    let ep = unsafe { libc::epoll_create1(0) };
+    for (s, keep) in [(&polled_s, true), (&forgot_s, false)] {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: 0,
+        };
+        // SAFETY: as above.
+        unsafe {
+            libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev);
+            if !keep {
+                libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, s.as_raw_fd(), std::ptr::null_mut());
+            }
+        }
+    }
+    (&data).write_all(b"hello").unwrap();
+    let clients = [client_f, eof, never, data, polled, forgot];
+    let keys: Vec<(u16, u16)> = clients
+        .iter()
+        .map(|c| {
+            (
+                c.peer_addr().unwrap().port(),
+                c.local_addr().unwrap().port(),
+            )
+        })
+        .collect();
+    drop(clients);
+    // Read to EOF on one, and keep it.
+    let mut eof_s = eof_s;
+    eof_s
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    while eof_s.read(&mut buf).unwrap() > 0 {}
+    for (l, r) in &keys {
+        wait_for_kernel_state(*l, *r, "CLOSE-WAIT");
+    }
+    let me = std::process::id().to_string();
+    let all = snapshot(&["--pid", &me]);
+    let state = |i: usize| {
+        let (l, r) = keys[i];
+        entry(&all, l, r).unwrap_or_else(|| panic!("no {l} > {r} in {all:?}"))["owner_state"]
+            .clone()
+    };
+    let diag = |i: usize| state(i)["diagnosis"].as_str().unwrap().to_string();
+    assert_eq!(diag(1), "read_eof_not_closed", "{}", state(1));
+    assert_eq!(state(1)["fin_read"], true);
+    for i in [0, 2, 3, 4, 5] {
+        assert_eq!(diag(i), "fin_not_read", "{}", state(i));
+    }
+    assert_eq!(state(3)["unread_bytes"], 5, "{}", state(3));
+    assert_eq!(state(2)["unread_bytes"], 0);
+    assert_eq!(state(4)["epoll"]["registered"], true, "{}", state(4));
+    let events = state(4)["epoll"]["sets"][0]["events"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        events.contains("EPOLLIN") && events.contains("EPOLLRDHUP"),
+        "{events}"
+    );
+    assert_eq!(state(5)["epoll"]["registered"], false, "{}", state(5));
+    assert!(
+        state(5)["answer"].as_str().unwrap().contains(&format!(
+            "fd {} is not in any epoll set",
+            forgot_s.as_raw_fd()
+        )),
+        "{}",
+        state(5)
+    );
+    // The futex-bound owner: its one thread, in futex().
+    let futex = state(0);
+    assert_eq!(futex["threads"]["total"], 1, "{futex}");
+    assert_eq!(futex["threads"]["waiting"]["futex()"], 1, "{futex}");
+    assert_eq!(
+        futex["epoll"],
+        Value::Null,
+        "no epoll set in that process: {futex}"
+    );
+    // The per-process split.
+    let summary = all
+        .iter()
+        .find(|v| v["event"] == "snapshot_summary")
+        .unwrap();
+    let mine = summary["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == std::process::id())
+        .unwrap();
+    assert_eq!(mine["close_wait_readings"]["fin_not_read"], 4, "{mine}");
+    assert_eq!(
+        mine["close_wait_readings"]["read_eof_not_closed"], 1,
+        "{mine}"
+    );
+    drop((never_s, data_s, polled_s, forgot_s, eof_s));
+    // SAFETY: our own fd.
+    unsafe { libc::close(ep) };
+}

@@ -84,32 +84,73 @@ pub(crate) fn dump_each(states: &StateFlags, mut each: impl FnMut(DiagSocket)) -
 const EXPIRES_OFFSET: usize = 16 + 52;
 
 fn dump_family(family: u8, states: StateFlags, each: &mut impl FnMut(DiagSocket)) -> Result<()> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let socket_id = if family == AF_INET {
         SocketId::new_v4()
     } else {
         SocketId::new_v6()
     };
-    let mut packet = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
+    let request = InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        states,
+        socket_id,
+    };
+    exchange(request, NLM_F_REQUEST | NLM_F_DUMP, each)
+}
+
+/// The one TCP socket with these ends, asked of the kernel by its 4-tuple (no dump). An IPv4
+/// peer of a dual-stack socket is looked up as IPv4, then as its v4-mapped IPv6 address.
+pub(crate) fn find(
+    local: IpAddr,
+    lport: u16,
+    remote: IpAddr,
+    rport: u16,
+) -> Result<Option<DiagSocket>> {
+    let mut tries = vec![(local, remote)];
+    if let (IpAddr::V4(l), IpAddr::V4(r)) = (local, remote) {
+        tries.push((l.to_ipv6_mapped().into(), r.to_ipv6_mapped().into()));
+    }
+    for (local, remote) in tries {
+        let socket_id = SocketId {
+            source_port: lport,
+            destination_port: rport,
+            source_address: local,
+            destination_address: remote,
+            interface_id: 0,
+            // INET_DIAG_NOCOOKIE: match by address alone.
+            cookie: [0xff; 8],
+        };
+        let request = InetRequest {
+            family: if local.is_ipv4() { AF_INET } else { AF_INET6 },
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::empty(),
-            states,
+            states: StateFlags::all(),
             socket_id,
-        })
-        .into(),
-    );
-    packet.finalize();
-    let mut request = vec![0; packet.buffer_len()];
-    packet.serialize(&mut request);
-    socket.send(&request, 0)?;
+        };
+        let mut found = None;
+        match exchange(request, NLM_F_REQUEST, &mut |s| found = Some(s)) {
+            Ok(()) if found.is_some() => return Ok(found),
+            // ENOENT: not under this family; a real failure is said by the caller.
+            Ok(()) | Err(_) => {}
+        }
+    }
+    Ok(None)
+}
 
+/// Sends one sock_diag request and hands every socket of the answer to `each`.
+fn exchange(request: InetRequest, flags: u16, each: &mut impl FnMut(DiagSocket)) -> Result<()> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let dump = flags & NLM_F_DUMP != 0;
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let size = socket.recv(&mut &mut buf[..], 0)?;
@@ -123,9 +164,11 @@ fn dump_family(family: u8, states: StateFlags, each: &mut impl FnMut(DiagSocket)
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                     let expires = bytes
                         .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
-                        .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
-                        .unwrap_or(0);
+                        .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()));
                     each(convert(&r, expires));
+                    if !dump {
+                        return Ok(());
+                    }
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => bail!("sock_diag error: {e:?}"),

@@ -4,7 +4,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
@@ -32,10 +32,12 @@ pub(crate) fn ensure_mounted() -> Result<PathBuf> {
     };
     let err = std::io::Error::last_os_error();
     if !target.join("events").is_dir() {
-        bail!(
-            "tracefs is not mounted and mounting it failed ({err}).\n  \
-             Fix: mount -t tracefs tracefs /sys/kernel/tracing"
-        );
+        // The OS error stays in the chain: without the privilege to mount, the load error says
+        // which privileges are missing.
+        return Err(anyhow::Error::new(err).context(
+            "tracefs is not mounted and mounting it failed.\n  \
+             Fix: mount -t tracefs tracefs /sys/kernel/tracing",
+        ));
     }
     // A failed mount that left tracefs there: another process (a second finwait starting at the
     // same time) mounted it first, and the kernel refuses it twice on one mount point (EBUSY).

@@ -4,6 +4,7 @@ use std::{fmt, net::IpAddr, sync::Arc};
 
 use finwait_common::{Call, tcp_state as st};
 
+pub(crate) mod diagnosis;
 pub(crate) mod escape;
 pub(crate) mod summary;
 pub(crate) mod verdict;
@@ -230,6 +231,9 @@ pub(crate) struct TransitionReport {
     /// The kernel's ownership record of the socket at the transition (`resolve` turns it into
     /// `owner`).
     pub(crate) recorded_owner: Option<KernelOwner>,
+    /// Whose job the socket is now, decided once ([`TransitionReport::judge`]) when everything
+    /// above is known; every output reads it.
+    pub(crate) verdict: Option<Verdict>,
 }
 
 impl TransitionReport {
@@ -260,6 +264,7 @@ impl TransitionReport {
             fin_timeout_s: DEFAULT_FIN_TIMEOUT_S,
             fin_by: None,
             recorded_owner: None,
+            verdict: None,
         }
     }
 
@@ -372,6 +377,8 @@ pub(crate) struct Stuck {
     pub(crate) holder: Holder,
     /// Whose job it is (names `holder`).
     pub(crate) verdict: Verdict,
+    /// What the holder is doing about it, where it could be read.
+    pub(crate) owner_state: Option<diagnosis::OwnerState>,
     pub(crate) ends: Endpoints,
     pub(crate) stuck_ns: u64,
 }

@@ -6,6 +6,7 @@ use finwait_common::tcp_state as st;
 
 use super::{
     Comm, Endpoints, Holder, Report, Stuck, TransitionReport, Verdict,
+    diagnosis::FinReading,
     verdict::{Bound, Facts, whose_job},
 };
 
@@ -22,6 +23,9 @@ pub(crate) struct Counts {
     pub(crate) close_wait: u64,
     /// CLOSE_WAIT sockets their owner then closed.
     pub(crate) close_wait_closed: u64,
+    /// Those still open when tracing ended, by what the owner did with the peer's FIN
+    /// (`fin_not_read`, `read_eof_not_closed`).
+    pub(crate) close_wait_readings: BTreeMap<&'static str, u64>,
 }
 
 /// A socket someone must close, still open.
@@ -140,7 +144,7 @@ impl Summary {
         if entry.0.is_empty() {
             entry.0 = task.comm.clone();
         }
-        match t.verdict() {
+        match &t.verdict {
             Some(Verdict::ApplicationMustClose(_)) => {
                 *entry.1.half_closed.entry(call.clone()).or_default() += 1;
                 self.open.insert(
@@ -227,6 +231,7 @@ impl Summary {
                     what: o.what(),
                     holder,
                     verdict,
+                    owner_state: None,
                     ends: o.ends,
                     stuck_ns: age,
                 }
@@ -247,6 +252,28 @@ impl Summary {
                 counts,
                 answer: answer(*pid, comm, counts),
             })
+    }
+
+    /// Reads each CLOSE_WAIT still open: `recv_queue` gives a socket's Recv-Q, if it is still
+    /// in CLOSE_WAIT. At most `max` are read.
+    pub(crate) fn read_close_waits(
+        &mut self,
+        max: usize,
+        mut recv_queue: impl FnMut(&Endpoints) -> Option<u32>,
+    ) {
+        let open: Vec<(u32, Endpoints)> = self
+            .open
+            .values()
+            .filter(|o| o.half_closed_by.is_none())
+            .take(max)
+            .map(|o| (o.who, o.ends.clone()))
+            .collect();
+        for (who, ends) in open {
+            if let Some(q) = recv_queue(&ends) {
+                let r = FinReading::of_close_wait(q).name();
+                *self.counts(who).close_wait_readings.entry(r).or_default() += 1;
+            }
+        }
     }
 
     /// Sockets still open that someone must close.
@@ -295,6 +322,13 @@ fn answer(pid: u32, comm: &str, c: &Counts) -> String {
             "{} CLOSE_WAIT, {} closed later, {open} never closed while traced",
             c.close_wait, c.close_wait_closed
         );
+        let read = |k: &str| c.close_wait_readings.get(k).copied().unwrap_or(0);
+        let (not_read, eof) = (read("fin_not_read"), read("read_eof_not_closed"));
+        if not_read + eof > 0 {
+            part += &format!(
+                " ({not_read} never read the peer's FIN: not reading these sockets; {eof} read EOF and did not close)"
+            );
+        }
         if open > 0 {
             part += &format!(": {}", Verdict::OwnerMustClose(None).plural(comm));
         }
@@ -349,11 +383,13 @@ mod tests {
             let mut t = tr(sock, st::FIN_WAIT1, st::FIN_WAIT2);
             t.cause = cause(CauseKind::Call(Call::Shutdown), Some(1));
             t.orphan = Some(false);
+            t.judge();
             s.add(&Report::Transition(t));
         }
         let mut t = tr(4, st::FIN_WAIT1, st::FIN_WAIT2);
         t.cause = cause(CauseKind::Call(Call::Close), None);
         t.orphan = Some(true);
+        t.judge();
         s.add(&Report::Transition(t));
         for sock in 5..=6 {
             let mut t = tr(sock, st::ESTABLISHED, st::CLOSE_WAIT);
@@ -363,15 +399,18 @@ mod tests {
                 fd: 4,
                 cgroup_id: None,
             });
+            t.judge();
             s.add(&Report::Transition(t));
         }
         let mut t = tr(5, st::CLOSE_WAIT, st::LAST_ACK);
         t.close_wait_ns = Some(300_000_000);
+        t.judge();
         s.add(&Report::Transition(t));
         // The first half-closed socket is closed: an orphan now, no longer the process's job.
         let mut t = tr(1, st::FIN_WAIT2, st::CLOSE);
         t.cause = cause(CauseKind::Call(Call::Close), None);
         t.half_closed_ns = Some(3_000_000_000);
+        t.judge();
         s.add(&Report::Transition(t));
 
         let c = &s.by_process[&7].1;

@@ -138,9 +138,10 @@ impl TransitionReport {
         }
     }
 
-    /// Whose job the socket is after this transition (None: not on the close path).
-    pub(crate) fn verdict(&self) -> Option<Verdict> {
-        whose_job(self.facts())
+    /// Decides whose job the socket is after this transition (None: not on the close path),
+    /// once its owner and tcp_fin_timeout are known.
+    pub(crate) fn judge(&mut self) {
+        self.verdict = whose_job(self.facts());
     }
 }
 

@@ -197,8 +197,10 @@ impl std::fmt::Display for Dur {
 /// The answer in words for one transition.
 #[cfg(test)]
 pub(crate) fn explain(t: &TransitionReport) -> String {
+    let mut t = t.clone();
+    t.judge();
     let mut out = String::new();
-    write_explain(&mut out, t);
+    write_explain(&mut out, &t);
     out
 }
 
@@ -207,7 +209,7 @@ pub(crate) fn explain(t: &TransitionReport) -> String {
 fn write_explain(out: &mut String, t: &TransitionReport) {
     let unknown = Cause::unknown();
     let cause = t.cause.as_ref().unwrap_or(&unknown);
-    let verdict = t.verdict();
+    let verdict = t.verdict.as_ref();
     let whose = |out: &mut String| {
         if let Some(v) = &verdict {
             let _ = write!(out, "; {}", v.clause());
@@ -240,7 +242,7 @@ fn write_explain(out: &mut String, t: &TransitionReport) {
                 let _ = write!(out, " after {at_least}{} in CLOSE_WAIT", Dur(n));
             }
         }
-        (st::FIN_WAIT2, st::CLOSE) => write_fin_wait2_exit(out, t, cause, verdict.as_ref()),
+        (st::FIN_WAIT2, st::CLOSE) => write_fin_wait2_exit(out, t, cause, verdict),
         (st::LAST_ACK, st::CLOSE) => {
             out.push_str("peer acknowledged our FIN (");
             write_who(out, cause);
@@ -434,7 +436,7 @@ impl Sink for HumanSink {
 
     fn stuck(&mut self, s: &Stuck) -> std::io::Result<()> {
         let e = &s.ends;
-        self.out.line(&format!(
+        let mut line = format!(
             "STUCK {}:{} > {}:{} {} for {:.1} s: {}",
             e.local,
             e.lport,
@@ -443,7 +445,12 @@ impl Sink for HumanSink {
             s.what,
             s.stuck_ns as f64 / 1e9,
             s.verdict.clause()
-        ))
+        );
+        if let Some(o) = &s.owner_state {
+            let who = format!("{}[{}]", s.holder.comm, s.holder.pid);
+            line += &format!("; {}", o.sentence(&who, s.holder.fd));
+        }
+        self.out.line(&line)
     }
 
     fn summary(&mut self, s: &Summary, now_ns: u64) -> std::io::Result<()> {
@@ -512,14 +519,18 @@ mod tests {
     }
 
     fn human_line(t: &TransitionReport, clock: &Clock, style: &Style) -> String {
+        let mut t = t.clone();
+        t.judge();
         let mut b = LineBuf::default();
-        write_transition(&mut b, t, clock, style);
+        write_transition(&mut b, &t, clock, style);
         b.line
     }
 
     fn json(t: &TransitionReport) -> serde_json::Value {
+        let mut t = t.clone();
+        t.judge();
         let e = super::super::json::Event::Transition(super::super::json::Transition::new(
-            t,
+            &t,
             &Clock::new(),
         ));
         serde_json::to_value(&e).unwrap()

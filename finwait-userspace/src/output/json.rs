@@ -9,7 +9,9 @@ use crate::{
     host::clock::{Clock, monotonic_ns},
     model::{
         Cause, CloseNoFinReport, Endpoints, Fw2Exit, Owner, Report, Stuck, TransitionReport,
-        how_name, state_name, summary::Summary,
+        diagnosis::{FinReading, OwnerState, Polled, epoll_events},
+        how_name, state_name,
+        summary::Summary,
     },
     snapshot::Entry,
 };
@@ -222,7 +224,7 @@ impl<'a> Transition<'a> {
             owner: t
                 .touches_close_wait()
                 .then(|| t.owner.as_ref().map(OwnerJson::from)),
-            verdict: t.verdict().map(|v| v.name()),
+            verdict: t.verdict.as_ref().map(crate::model::Verdict::name),
             // `ss` keeps listing it as FIN-WAIT-2 (ino 0) until the kernel frees it.
             timewait_substate: handed_over.then_some("FIN_WAIT2"),
             kernel_frees_within_s: handed_over.then(|| t.frees_within_s()),
@@ -285,6 +287,7 @@ pub(crate) struct StuckEvent<'a> {
     fd: Option<i32>,
     stuck_s: f64,
     verdict: &'static str,
+    owner_state: Option<OwnerStateJson>,
     #[serde(flatten)]
     conn: Conn,
 }
@@ -300,6 +303,10 @@ impl<'a> StuckEvent<'a> {
             fd: s.holder.fd,
             stuck_s: s.stuck_ns as f64 / 1e9,
             verdict: s.verdict.name(),
+            owner_state: s.owner_state.as_ref().map(|o| {
+                let who = format!("{}[{}]", s.holder.comm, s.holder.pid);
+                OwnerStateJson::new(o, &who, s.holder.fd)
+            }),
             conn: Conn::from(&s.ends),
         }
     }
@@ -314,6 +321,7 @@ pub(crate) struct ProcessJson<'a> {
     fin_wait2_orphaned: &'a BTreeMap<String, u64>,
     close_wait: u64,
     close_wait_closed: u64,
+    close_wait_readings: &'a BTreeMap<&'static str, u64>,
     answer: String,
 }
 
@@ -360,6 +368,7 @@ impl<'a> SummaryEvent<'a> {
                     fin_wait2_orphaned: &p.counts.orphaned,
                     close_wait: p.counts.close_wait,
                     close_wait_closed: p.counts.close_wait_closed,
+                    close_wait_readings: &p.counts.close_wait_readings,
                     answer: p.answer,
                 })
                 .collect(),
@@ -378,6 +387,67 @@ impl<'a> SummaryEvent<'a> {
                 })
                 .collect(),
             stuck_reported: s.stuck_reported,
+        }
+    }
+}
+
+/// What the owner of a socket it must close is doing (see `model::diagnosis`).
+#[derive(Serialize)]
+pub(crate) struct OwnerStateJson {
+    /// CLOSE_WAIT: `fin_not_read` or `read_eof_not_closed`.
+    diagnosis: Option<&'static str>,
+    fin_read: Option<bool>,
+    unread_bytes: u32,
+    /// null: the owner has no epoll set (or its fds could not be read).
+    epoll: Option<EpollJson>,
+    threads: Option<ThreadsJson>,
+    answer: String,
+}
+
+#[derive(Serialize)]
+pub(crate) struct EpollJson {
+    registered: bool,
+    sets: Vec<EpollSetJson>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct EpollSetJson {
+    epfd: i32,
+    events: String,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ThreadsJson {
+    total: usize,
+    waiting: BTreeMap<String, usize>,
+}
+
+impl OwnerStateJson {
+    pub(crate) fn new(o: &OwnerState, who: &str, fd: Option<i32>) -> Self {
+        let epoll = o.polled.as_ref().and_then(|p| {
+            let registered = p.registered()?;
+            let sets = match p {
+                Polled::Registered(sets) => sets
+                    .iter()
+                    .map(|(epfd, ev)| EpollSetJson {
+                        epfd: *epfd,
+                        events: epoll_events(*ev),
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            Some(EpollJson { registered, sets })
+        });
+        Self {
+            diagnosis: o.reading.map(FinReading::name),
+            fin_read: o.reading.map(|r| r == FinReading::ReadEof),
+            unread_bytes: o.unread_bytes,
+            epoll,
+            threads: o.threads.as_ref().map(|t| ThreadsJson {
+                total: t.total,
+                waiting: t.by_wait.clone(),
+            }),
+            answer: o.sentence(who, fd),
         }
     }
 }
@@ -408,6 +478,7 @@ pub(crate) struct SnapshotEvent<'a> {
     send_queue: u32,
     owners: Vec<OwnerJson<'a>>,
     inferred_owner: Option<InferredJson<'a>>,
+    owner_state: Option<OwnerStateJson>,
     answer: String,
 }
 
@@ -439,6 +510,9 @@ impl<'a> From<&'a Entry> for SnapshotEvent<'a> {
                 pid: i.pid,
                 comm: &i.comm,
             }),
+            owner_state: e.owner_state.as_ref().zip(e.owners.first()).map(|(o, h)| {
+                OwnerStateJson::new(o, &format!("{}[{}]", h.comm, h.pid), Some(h.fd))
+            }),
             answer: e.answer(),
         }
     }
@@ -450,6 +524,7 @@ pub(crate) struct GroupJson {
     comm: String,
     counts: BTreeMap<&'static str, usize>,
     inferred: usize,
+    close_wait_readings: BTreeMap<&'static str, usize>,
 }
 
 #[derive(Serialize)]
@@ -468,6 +543,7 @@ impl SnapshotSummary {
                 comm,
                 counts: g.counts,
                 inferred: g.inferred,
+                close_wait_readings: g.readings,
             })
             .collect();
         let time_wait = entries.iter().filter(|e| e.is_time_wait()).count();
@@ -642,7 +718,9 @@ mod tests {
             cgroup_id: Some(1),
         });
         closed.close_wait_ns = Some(1);
-        vec![handed_over, closed]
+        let mut all = vec![handed_over, closed];
+        all.iter_mut().for_each(TransitionReport::judge);
+        all
     }
 
     /// The fields each kind of event writes, from samples that fill every optional one.
@@ -677,6 +755,7 @@ mod tests {
             what: "CLOSE_WAIT".into(),
             holder: holder.clone(),
             verdict: Verdict::OwnerMustClose(Some(holder)),
+            owner_state: None,
             ends: ends(),
             stuck_ns: 1,
         };

@@ -232,6 +232,7 @@ async fn trace(
 /// The last reports, the summary and the counters.
 async fn finish(o: &Options, ebpf: &aya::Ebpf, k: &KernelCounters, p: &mut Pipeline) -> Result<()> {
     p.drain_resolver().await?;
+    p.read_open_close_waits();
     p.sink.summary(&p.summary, monotonic_ns())?;
     let stats = k.stats(ebpf, p);
     if o.stats_every.is_some() {

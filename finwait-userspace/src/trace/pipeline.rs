@@ -1,9 +1,11 @@
 //! The tracer's stages, in order: decode -> correlate -> resolve owners -> filter -> enrich ->
 //! summary and sink. Each report passes once; nothing here blocks on /proc (owners that need a
 //! full scan wait in the resolver, in order).
-use std::io;
-
-use finwait_common::tcp_state as st;
+use std::{
+    collections::HashMap,
+    io,
+    time::{Duration, Instant},
+};
 
 use super::{
     correlate::Correlator,
@@ -12,8 +14,17 @@ use super::{
     resolve::Resolver,
 };
 use crate::{
-    host::{clock::monotonic_ns, netns::FinTimeouts},
-    model::{Report, summary::Summary},
+    host::{
+        clock::monotonic_ns,
+        inspect::{self, EpollSets},
+        netns::FinTimeouts,
+        sockdiag,
+    },
+    model::{
+        Report, Stuck,
+        diagnosis::{OwnerState, Threads},
+        summary::Summary,
+    },
     output::Sink,
 };
 
@@ -27,6 +38,7 @@ pub(crate) struct Pipeline {
     pub(crate) summary: Summary,
     pub(crate) sink: Box<dyn Sink>,
     summary_only: bool,
+    inspector: Inspector,
     /// Reports of the record being correlated.
     batch: Vec<Report>,
     /// Reports whose owners are known, in kernel order.
@@ -51,6 +63,7 @@ impl Pipeline {
             summary: Summary::default(),
             sink,
             summary_only,
+            inspector: Inspector::default(),
             batch: Vec::new(),
             ready: Vec::new(),
         }
@@ -104,38 +117,93 @@ impl Pipeline {
     }
 
     /// The tcp_fin_timeout of the socket's network namespace, read in the namespace of the task
-    /// that closed it (a timer cause has none: the FIN's sender's). Only for FIN_WAIT2 reports
-    /// that are shown: it may cost a /proc lookup.
+    /// that closed it (a timer cause has none: the FIN's sender's), then the verdict. Only for
+    /// reports that are shown: the namespace may cost a /proc lookup.
     fn enrich(&mut self, t: &mut crate::model::TransitionReport) {
         t.fin_timeout_s = self.own_fin_timeout_s;
-        if t.new != st::FIN_WAIT2 && t.old != st::FIN_WAIT2 {
-            return;
+        if t.touches_fin_wait2()
+            && let Some(s) = self.fin_timeout_of(t)
+        {
+            t.fin_timeout_s = s;
         }
+        t.judge();
+    }
+
+    fn fin_timeout_of(&mut self, t: &crate::model::TransitionReport) -> Option<u64> {
         let by = t
             .cause
             .as_ref()
             .and_then(|c| c.task.as_ref())
             .or(t.fin_by.as_ref());
-        if let Some(s) = by.and_then(|task| self.fin_timeouts.for_thread(task.tid)) {
-            t.fin_timeout_s = s;
-        }
+        self.fin_timeouts.for_thread(by?.tid)
     }
 
-    /// `--stuck`: sockets half-closed or in CLOSE_WAIT for `threshold_ns`, once each.
+    /// `--stuck`: sockets half-closed or in CLOSE_WAIT for `threshold_ns`, once each, with what
+    /// their owner is doing about them.
     pub(crate) fn stuck(&mut self, threshold_ns: u64) -> io::Result<()> {
-        for s in self.summary.take_stuck(monotonic_ns(), threshold_ns) {
+        for mut s in self.summary.take_stuck(monotonic_ns(), threshold_ns) {
+            s.owner_state = self.inspector.owner_state(&s);
             self.sink.stuck(&s)?;
         }
         self.sink.flush()
+    }
+
+    /// Why the CLOSE_WAIT sockets still open are: each one's Recv-Q, asked of the kernel.
+    pub(crate) fn read_open_close_waits(&mut self) {
+        self.summary.read_close_waits(MAX_READ_AT_END, |e| {
+            let s = sockdiag::find(e.local, e.lport, e.remote, e.rport).ok()??;
+            (s.state == finwait_common::tcp_state::CLOSE_WAIT).then_some(s.recv_queue)
+        });
     }
 
     /// Waits (bounded inside the resolver) for the owners of the last reports, then writes them.
     pub(crate) async fn drain_resolver(&mut self) -> io::Result<()> {
         self.emit()?;
         while !self.resolver.is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
             self.emit()?;
         }
         Ok(())
+    }
+}
+
+/// Reads what the owner of a stuck socket is doing: the socket's Recv-Q (sock_diag, that one
+/// socket), the owner's epoll sets and threads, each owner at most once per [`REINSPECT_AFTER`].
+#[derive(Default)]
+struct Inspector {
+    owners: HashMap<u32, (Instant, Option<EpollSets>, Option<Threads>)>,
+}
+
+/// CLOSE_WAIT sockets read at the end at most (one sock_diag query each).
+const MAX_READ_AT_END: usize = 20_000;
+
+const REINSPECT_AFTER: Duration = Duration::from_secs(1);
+/// Owners remembered at most (a burst of stuck sockets of many processes).
+const MAX_OWNERS: usize = 1024;
+
+impl Inspector {
+    fn owner_state(&mut self, s: &Stuck) -> Option<OwnerState> {
+        let e = &s.ends;
+        let sock = sockdiag::find(e.local, e.lport, e.remote, e.rport).ok()??;
+        let mut state = OwnerState::new(sock.state, sock.recv_queue);
+        let pid = s.holder.pid;
+        let fresh = self
+            .owners
+            .get(&pid)
+            .is_some_and(|(at, _, _)| at.elapsed() < REINSPECT_AFTER);
+        if !fresh {
+            if self.owners.len() >= MAX_OWNERS {
+                self.owners.clear();
+            }
+            let read = (Instant::now(), EpollSets::of(pid), inspect::threads(pid));
+            self.owners.insert(pid, read);
+        }
+        let (_, sets, threads) = &self.owners[&pid];
+        state.polled = sets
+            .as_ref()
+            .zip(s.holder.fd)
+            .map(|(sets, fd)| sets.polled(fd));
+        state.threads.clone_from(threads);
+        Some(state)
     }
 }
