@@ -280,6 +280,30 @@ fn close_wait_diagnosis_by_owner_behaviour() {
         }
     }
     (&data).write_all(b"hello").unwrap();
+    // Half-closed by shutdown(), held here: one still read through epoll (lingering), one with
+    // 3 bytes of the peer's data unread and in no epoll set.
+    let (linger, linger_peer) = pair(&listener);
+    let (deaf, deaf_peer) = pair(&listener);
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 0,
+    };
+    // SAFETY: as above.
+    unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, linger.as_raw_fd(), &mut ev) };
+    (&deaf_peer).write_all(b"abc").unwrap();
+    let half: Vec<(u16, u16)> = [&linger, &deaf]
+        .iter()
+        .map(|c| {
+            c.shutdown(Shutdown::Write).unwrap();
+            (
+                c.local_addr().unwrap().port(),
+                c.peer_addr().unwrap().port(),
+            )
+        })
+        .collect();
+    for (l, r) in &half {
+        wait_for_kernel_state(*l, *r, "FIN-WAIT-2");
+    }
     let clients = [client_f, eof, never, data, polled, forgot];
     let keys: Vec<(u16, u16)> = clients
         .iter()
@@ -354,12 +378,22 @@ fn close_wait_diagnosis_by_owner_behaviour() {
         .iter()
         .find(|p| p["pid"] == std::process::id())
         .unwrap();
-    assert_eq!(mine["close_wait_readings"]["fin_not_read"], 4, "{mine}");
+    // The four above, and the two peers of the half-closed sockets (held here too).
+    assert_eq!(mine["close_wait_readings"]["fin_not_read"], 6, "{mine}");
+    let half_state = |i: usize| {
+        let (l, r) = half[i];
+        entry(&all, l, r).unwrap_or_else(|| panic!("no {l} > {r}"))["owner_state"].clone()
+    };
+    assert_eq!(half_state(0)["still_reading"], true, "{}", half_state(0));
+    assert_eq!(half_state(1)["still_reading"], false, "{}", half_state(1));
+    assert_eq!(half_state(1)["unread_bytes"], 3, "{}", half_state(1));
+    assert_eq!(half_state(1)["diagnosis"], Value::Null);
     assert_eq!(
         mine["close_wait_readings"]["read_eof_not_closed"], 1,
         "{mine}"
     );
     drop((never_s, data_s, polled_s, forgot_s, eof_s));
+    drop((linger, linger_peer, deaf, deaf_peer));
     // SAFETY: our own fd.
     unsafe { libc::close(ep) };
 }

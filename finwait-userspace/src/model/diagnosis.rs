@@ -155,16 +155,8 @@ impl OwnerState {
 
     /// The diagnosis in words, for the owner `who` holding it at `fd`.
     pub(crate) fn sentence(&self, who: &str, fd: Option<i32>) -> String {
-        let mut parts = Vec::new();
-        match self.reading {
-            Some(r) => parts.push(r.to_string()),
-            None if self.unread_bytes > 0 => parts.push(format!(
-                "{} byte(s) of the peer's data unread: it is not reading the half-closed socket",
-                self.unread_bytes
-            )),
-            None => parts.push("it has read everything the peer sent so far".into()),
-        }
-        let fd = fd.map(|fd| format!("fd {fd}")).unwrap_or("the fd".into());
+        let fd = fd.map_or_else(|| "the fd".to_string(), |fd| format!("fd {fd}"));
+        let mut parts = vec![self.reading_words()];
         match &self.polled {
             Some(Polled::NotRegistered { sets }) => parts.push(format!(
                 "{fd} is not in any epoll set of {who} (it has {sets})"
@@ -182,6 +174,37 @@ impl OwnerState {
             parts.push(format!("{who} has {t}"));
         }
         parts.join("; ")
+    }
+
+    /// What the Recv-Q (and, half-closed, the epoll registration) says about the reading.
+    fn reading_words(&self) -> String {
+        if let Some(r) = self.reading {
+            return r.to_string();
+        }
+        // Half-closed by shutdown(): the peer may still send; is the application reading?
+        match (self.unread_bytes, self.polls_input()) {
+            (0, true) => "it is still reading it (EPOLLIN registered: lingering, as nginx and httpd do on purpose)".into(),
+            (0, false) => "it has read everything the peer sent so far".into(),
+            (n, _) => format!("{n} byte(s) of the peer's data unread: it is not reading the half-closed socket"),
+        }
+    }
+
+    /// The fd is in an epoll set for EPOLLIN.
+    fn polls_input(&self) -> bool {
+        match &self.polled {
+            Some(Polled::Registered(sets)) => sets.iter().any(|(_, ev)| ev & 0x001 != 0),
+            _ => false,
+        }
+    }
+
+    /// Half-closed: is the application still reading (EPOLLIN registered, nothing unread)?
+    /// None where not half-closed, or where the owner has no epoll set to tell.
+    pub(crate) fn still_reading(&self) -> Option<bool> {
+        if self.reading.is_some() {
+            return None;
+        }
+        self.polled.as_ref()?.registered()?;
+        Some(self.unread_bytes == 0 && self.polls_input())
     }
 }
 

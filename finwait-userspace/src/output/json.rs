@@ -398,6 +398,8 @@ pub(crate) struct OwnerStateJson {
     diagnosis: Option<&'static str>,
     fin_read: Option<bool>,
     unread_bytes: u32,
+    /// FIN_WAIT2 half-closed: the application still reads it (lingering).
+    still_reading: Option<bool>,
     /// null: the owner has no epoll set (or its fds could not be read).
     epoll: Option<EpollJson>,
     threads: Option<ThreadsJson>,
@@ -442,6 +444,7 @@ impl OwnerStateJson {
             diagnosis: o.reading.map(FinReading::name),
             fin_read: o.reading.map(|r| r == FinReading::ReadEof),
             unread_bytes: o.unread_bytes,
+            still_reading: o.still_reading(),
             epoll,
             threads: o.threads.as_ref().map(|t| ThreadsJson {
                 total: t.total,
