@@ -52,17 +52,17 @@ struct RoleProcess {
 
 impl RoleProcess {
     fn spawn(role: Role, port: Option<u16>) -> Result<Self> {
-        let exe = std::env::current_exe().context("finding finwait-trace's own binary")?;
-        let mut cmd = Command::new(exe);
+        // This very binary, through the kernel's link to it: it runs even where its path is
+        // not reachable by the user running it (a clone in a 0700 directory, run by another
+        // user with the capabilities).
+        let mut cmd = Command::new("/proc/self/exe");
         cmd.args(["--demo-role", &role.arg()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         if let Some(port) = port {
             cmd.args(["--port", &port.to_string()]);
         }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting the demo's {}", role.comm()))?;
+        let mut child = cmd.spawn().map_err(|e| spawn_error(role, &e))?;
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
         Ok(Self { child, stdout })
     }
@@ -76,6 +76,21 @@ impl RoleProcess {
         }
         Ok(line.trim().to_string())
     }
+}
+
+/// Why a workload process could not start, and what to do about it.
+fn spawn_error(role: Role, e: &std::io::Error) -> anyhow::Error {
+    let exe = std::env::current_exe()
+        .map_or_else(|_| "finwait-trace".into(), |p| p.display().to_string());
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        return anyhow::anyhow!(
+            "starting the demo's {}: this user cannot execute {exe} again ({e}); the demo runs \
+             its workload as processes of this binary. Install it where every user can run it \
+             (e.g. /usr/local/bin) or run the demo as root",
+            role.comm()
+        );
+    }
+    anyhow::anyhow!("starting the demo's {} from {exe}: {e}", role.comm())
 }
 
 impl Drop for RoleProcess {

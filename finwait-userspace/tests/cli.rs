@@ -592,3 +592,31 @@ fn stats_every_writes_stats_events_to_stderr() {
         "{err}"
     );
 }
+
+/// A clone in a private (0700) directory, run by a user without root: the demo's workload
+/// processes still start (the binary is re-run through /proc/self/exe), so the user is told
+/// what is really missing, the capabilities.
+#[test]
+fn demo_from_a_private_directory_names_the_missing_capabilities() {
+    let dir = std::env::temp_dir().join(format!("finwait-private-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let bin = dir.join("finwait-trace");
+    std::fs::copy(env!("CARGO_BIN_EXE_finwait-trace"), &bin).unwrap();
+    let child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .arg("--demo")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux)");
+    let out = output_within(child, std::time::Duration::from_secs(20));
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("CAP_BPF") && err.contains("CAP_PERFMON"),
+        "{err}"
+    );
+}
