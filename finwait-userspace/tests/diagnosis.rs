@@ -42,8 +42,9 @@ fn process(all: &[Value], pid: u32) -> Value {
         .clone()
 }
 
-/// One owner reads the EOF and keeps the socket, another never reads after the FIN: each
-/// `--stuck` report and the summary say which.
+/// Owners that read the EOF and keep the socket, never read after the FIN, leave 5 bytes
+/// unread, keep the fd in epoll, or drop it from epoll: each `--stuck` report and the summary
+/// say which.
 #[test]
 fn stuck_reports_say_whether_the_owner_read_the_fin() {
     let _g = SERIAL
@@ -54,13 +55,32 @@ fn stuck_reports_say_whether_the_owner_read_the_fin() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let (eof_c, mut eof_s) = pair(&listener);
     let (never_c, never_s) = pair(&listener);
-    let keys = [&eof_c, &never_c].map(|c| {
+    let (data_c, data_s) = pair(&listener);
+    let (polled_c, polled_s) = pair(&listener);
+    let (forgot_c, forgot_s) = pair(&listener);
+    // SAFETY: plain epoll calls on fds we own.
+    let ep = unsafe { libc::epoll_create1(0) };
+    for (s, keep) in [(&polled_s, true), (&forgot_s, false)] {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0,
+        };
+        // SAFETY: as above.
+        unsafe {
+            libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev);
+            if !keep {
+                libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, s.as_raw_fd(), std::ptr::null_mut());
+            }
+        }
+    }
+    std::io::Write::write_all(&mut &data_c, b"hello").unwrap();
+    let keys = [&eof_c, &never_c, &data_c, &polled_c, &forgot_c].map(|c| {
         (
             c.peer_addr().unwrap().port(),
             c.local_addr().unwrap().port(),
         )
     });
-    drop((eof_c, never_c));
+    drop((eof_c, never_c, data_c, polled_c, forgot_c));
     eof_s
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -82,13 +102,28 @@ fn stuck_reports_say_whether_the_owner_read_the_fin() {
     let never = stuck_of(&all, keys[1].0, keys[1].1);
     assert_eq!(never["owner_state"]["diagnosis"], "fin_not_read", "{never}");
     assert_eq!(never["fd"], never_s.as_raw_fd(), "{never}");
+    let data = stuck_of(&all, keys[2].0, keys[2].1);
+    assert_eq!(data["owner_state"]["diagnosis"], "fin_not_read", "{data}");
+    assert_eq!(data["owner_state"]["unread_bytes"], 5, "{data}");
+    let polled = stuck_of(&all, keys[3].0, keys[3].1);
+    assert_eq!(
+        polled["owner_state"]["epoll"]["registered"], true,
+        "{polled}"
+    );
+    let forgot = stuck_of(&all, keys[4].0, keys[4].1);
+    assert_eq!(
+        forgot["owner_state"]["epoll"]["registered"], false,
+        "{forgot}"
+    );
     let mine = process(&all, me);
-    assert_eq!(mine["close_wait_readings"]["fin_not_read"], 1, "{mine}");
+    assert_eq!(mine["close_wait_readings"]["fin_not_read"], 4, "{mine}");
     assert_eq!(
         mine["close_wait_readings"]["read_eof_not_closed"], 1,
         "{mine}"
     );
-    drop((eof_s, never_s));
+    drop((eof_s, never_s, data_s, polled_s, forgot_s));
+    // SAFETY: our own fd.
+    unsafe { libc::close(ep) };
 }
 
 /// The nginx mailing-list case: an IMAP back-end behind a proxy. The back-end greets each
