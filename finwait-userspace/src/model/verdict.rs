@@ -43,14 +43,35 @@ impl From<&Owner> for Holder {
     }
 }
 
+impl Holder {
+    /// `nginx[12] fd 9`, or `nginx[12] and 2 other holder(s)`, into `out` (on every line that
+    /// names an owner: no `core::fmt`).
+    pub(crate) fn write(&self, out: &mut String) {
+        let mut n = itoa::Buffer::new();
+        out.push_str(&self.comm);
+        out.push('[');
+        out.push_str(n.format(self.pid));
+        out.push(']');
+        match (self.others, self.fd) {
+            (0, Some(fd)) => {
+                out.push_str(" fd ");
+                out.push_str(n.format(fd));
+            }
+            (0, None) => {}
+            (others, _) => {
+                out.push_str(" and ");
+                out.push_str(n.format(others));
+                out.push_str(" other holder(s)");
+            }
+        }
+    }
+}
+
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}[{}]", self.comm, self.pid)?;
-        match (self.others, self.fd) {
-            (0, Some(fd)) => write!(f, " fd {fd}"),
-            (0, None) => Ok(()),
-            (n, _) => write!(f, " and {n} other holder(s)"),
-        }
+        let mut s = String::new();
+        self.write(&mut s);
+        f.write_str(&s)
     }
 }
 
@@ -173,36 +194,53 @@ pub(crate) struct Clause<'a>(&'a Verdict);
 
 impl fmt::Display for Clause<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Verdict::ApplicationMustClose(None) => {
-                f.write_str("the application still owns it and must close it (no kernel timeout)")
-            }
+        let mut s = String::new();
+        self.0.write_clause(&mut s);
+        f.write_str(&s)
+    }
+}
+
+impl Verdict {
+    /// [`Verdict::clause`] into `out`: the human sink writes it on many lines, without
+    /// `core::fmt` for the words.
+    pub(crate) fn write_clause(&self, out: &mut String) {
+        let mut n = itoa::Buffer::new();
+        match self {
+            Verdict::ApplicationMustClose(None) => out.push_str(
+                "the application still owns it and must close it (no kernel timeout)",
+            ),
             Verdict::ApplicationMustClose(Some(h)) => {
-                write!(
-                    f,
-                    "{h} still holds it and must close it (no kernel timeout)"
-                )
+                h.write(out);
+                out.push_str(" still holds it and must close it (no kernel timeout)");
             }
             Verdict::KernelFrees(bound) => {
-                f.write_str("the kernel frees it")?;
+                out.push_str("the kernel frees it");
                 match bound {
-                    Bound::FinTimeout(s) => write!(f, " within tcp_fin_timeout ({s} s)"),
-                    Bound::Within(s) => write!(f, " within {s} s"),
-                    Bound::Left(d) => write!(f, " (about {} left)", Secs(*d)),
-                    Bound::Retries => f.write_str(" once its retransmissions end"),
+                    Bound::FinTimeout(s) => {
+                        out.push_str(" within tcp_fin_timeout (");
+                        out.push_str(n.format(*s));
+                        out.push_str(" s)");
+                    }
+                    Bound::Within(s) => {
+                        out.push_str(" within ");
+                        out.push_str(n.format(*s));
+                        out.push_str(" s");
+                    }
+                    Bound::Left(d) => out.push_str(&format!(" (about {} left)", Secs(*d))),
+                    Bound::Retries => out.push_str(" once its retransmissions end"),
                 }
             }
             Verdict::OwnerMustClose(who) => {
                 match who {
-                    Some(h) => write!(f, "{h}")?,
-                    None => f.write_str("its owner (not found)")?,
+                    Some(h) => h.write(out),
+                    None => out.push_str("its owner (not found)"),
                 }
-                f.write_str(" must close it (CLOSE_WAIT never times out)")
+                out.push_str(" must close it (CLOSE_WAIT never times out)");
             }
-            Verdict::Done => f.write_str("nobody needs to act"),
-            Verdict::Unknown => {
-                f.write_str("whose job it is is unknown (the call that sent the FIN was not seen)")
-            }
+            Verdict::Done => out.push_str("nobody needs to act"),
+            Verdict::Unknown => out.push_str(
+                "whose job it is is unknown (the call that sent the FIN was not seen)",
+            ),
         }
     }
 }

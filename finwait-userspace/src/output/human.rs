@@ -211,8 +211,9 @@ fn write_explain(out: &mut String, t: &TransitionReport) {
     let cause = t.cause.as_ref().unwrap_or(&unknown);
     let verdict = t.verdict.as_ref();
     let whose = |out: &mut String| {
-        if let Some(v) = &verdict {
-            let _ = write!(out, "; {}", v.clause());
+        if let Some(v) = verdict {
+            out.push_str("; ");
+            v.write_clause(out);
         }
     };
     match (t.old, t.new) {
@@ -273,7 +274,8 @@ fn write_fin_wait2_exit(
             }
             out.push_str("; `ss` still lists it as FIN-WAIT-2 (ino 0)");
             if let Some(v) = verdict {
-                let _ = write!(out, "; {}", v.clause());
+                out.push_str("; ");
+                v.write_clause(out);
             }
         }
         Some(Fw2Exit::Reset) if t.orphan_timed_out() => {

@@ -64,6 +64,10 @@ pub(crate) struct Resolver {
     snapshot_owner: HashMap<u64, Owner>,
     /// Processes that exited, and when (bounded: the oldest are forgotten).
     exited: LruCache<u32, u64>,
+    /// Sockets with a queued CLOSE_WAIT that waits for its owner, and how many: news of any
+    /// other socket skips the queue walk (a long queue behind one waiting report made each
+    /// walk cost its whole length).
+    waiting_socks: HashMap<u64, u32>,
     pub(crate) stats: OwnerStats,
 }
 
@@ -90,6 +94,7 @@ impl Resolver {
             owner_map: None,
             snapshot_owner: HashMap::new(),
             exited: LruCache::new(NonZeroUsize::new(MAX_EXITED).unwrap()),
+            waiting_socks: HashMap::new(),
             stats: OwnerStats::default(),
         }
     }
@@ -104,6 +109,9 @@ impl Resolver {
     /// Names the owner of the latest CLOSE_WAIT of `sock` (with `inode`, when known) that came
     /// before `ts_ns` and still waits for one.
     fn fill_waiting(&mut self, sock: u64, inode: Option<u64>, ts_ns: u64, owner: &KernelOwner) {
+        if !self.waiting_socks.contains_key(&sock) {
+            return;
+        }
         let waiting = self.queue.iter_mut().rev().find(|p| {
             p.waiting
                 && matches!(&p.report, Report::Transition(t)
@@ -116,7 +124,38 @@ impl Resolver {
             t.owner = Some(owner.into());
             p.waiting = false;
             self.stats.from_kernel += 1;
+            self.stop_waiting(sock);
         }
+    }
+
+    /// A queued CLOSE_WAIT of `sock` waits for its owner.
+    fn start_waiting(&mut self, r: &Report) {
+        if let Report::Transition(t) = r
+            && t.new == st::CLOSE_WAIT
+        {
+            *self.waiting_socks.entry(t.sock).or_default() += 1;
+        }
+    }
+
+    /// A queued CLOSE_WAIT of `sock` no longer waits (named, or given up on).
+    fn stop_waiting(&mut self, sock: u64) {
+        if let Some(n) = self.waiting_socks.get_mut(&sock) {
+            *n -= 1;
+            if *n == 0 {
+                self.waiting_socks.remove(&sock);
+            }
+        }
+    }
+
+    /// Takes the head of the queue; if it was waiting, it no longer is.
+    fn pop_head(&mut self) -> Option<Pending> {
+        let p = self.queue.pop_front()?;
+        if let (true, Report::Transition(t)) = (p.waiting, &p.report)
+            && t.new == st::CLOSE_WAIT
+        {
+            self.stop_waiting(t.sock);
+        }
+        Some(p)
     }
 
     pub(crate) fn set_owner_map(&mut self, map: BpfHashMap<MapData, u64, OwnerRec>) {
@@ -189,6 +228,9 @@ impl Resolver {
             out.push(report);
             return;
         }
+        if waiting {
+            self.start_waiting(&report);
+        }
         self.queue.push_back(Pending {
             report,
             since: Instant::now(),
@@ -211,6 +253,7 @@ impl Resolver {
                         if let Report::Transition(t) = &mut p.report
                             && self.owner_in_map(t)
                         {
+                            self.stop_waiting(t.sock);
                             out.push(p.report);
                             continue;
                         }
@@ -219,7 +262,7 @@ impl Resolver {
                     }
                     return;
                 }
-                let mut p = self.queue.pop_front().unwrap();
+                let mut p = self.pop_head().expect("a head");
                 if fresh {
                     self.fill_from_scan(&mut p.report, latest.as_deref().unwrap());
                 } else {
@@ -227,7 +270,7 @@ impl Resolver {
                 }
                 out.push(p.report);
             } else {
-                out.push(self.queue.pop_front().unwrap().report);
+                out.push(self.pop_head().expect("a head").report);
             }
         }
     }
@@ -380,10 +423,13 @@ mod tests {
         // A record left by an earlier socket at this address is not this socket's.
         cw.recorded_owner = recorded(me, 4, false);
         r.push(Report::Transition(cw), &mut out);
+        assert_eq!(r.waiting_socks.get(&1), Some(&1));
         r.push(
             Report::Transition(transition(11, st::ESTABLISHED, st::FIN_WAIT1, 8)),
             &mut out,
         );
+        // News of a socket nothing waits for does not walk the queue.
+        r.obtained(2, 12, &recorded(me, 9, false).unwrap());
         r.obtained(1, 5, &recorded(me, 6, false).unwrap()); // before the FIN: another socket
         r.ready(&mut out);
         assert!(out.is_empty(), "{out:?}");
@@ -392,6 +438,7 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(owner_of(&out[0]).unwrap().fd, 7);
         assert_eq!(r.stats.from_kernel, 1);
+        assert!(r.waiting_socks.is_empty(), "{:?}", r.waiting_socks);
     }
 
     /// A record made before its process exited does not name the holder of a CLOSE_WAIT after
