@@ -231,9 +231,6 @@ pub(crate) struct TransitionReport {
     /// The kernel's ownership record of the socket at the transition (`resolve` turns it into
     /// `owner`).
     pub(crate) recorded_owner: Option<KernelOwner>,
-    /// Whose job the socket is now, decided once ([`TransitionReport::judge`]) when everything
-    /// above is known; every output reads it.
-    pub(crate) verdict: Option<Verdict>,
 }
 
 impl TransitionReport {
@@ -264,7 +261,6 @@ impl TransitionReport {
             fin_timeout_s: DEFAULT_FIN_TIMEOUT_S,
             fin_by: None,
             recorded_owner: None,
-            verdict: None,
         }
     }
 

@@ -97,10 +97,11 @@ impl Histogram {
 }
 
 impl Summary {
-    pub(crate) fn add(&mut self, r: &Report) {
+    /// Counts one report, with its verdict.
+    pub(crate) fn add(&mut self, r: &Report, verdict: Option<&Verdict>) {
         let Report::Transition(t) = r else { return };
         match (t.old, t.new) {
-            (st::FIN_WAIT1, st::FIN_WAIT2) => self.fin_wait2(t),
+            (st::FIN_WAIT1, st::FIN_WAIT2) => self.fin_wait2(t, verdict),
             (st::ESTABLISHED, st::CLOSE_WAIT) => self.close_wait(t),
             (st::CLOSE_WAIT, _) => {
                 if let Some(ns) = t.close_wait_ns {
@@ -136,7 +137,7 @@ impl Summary {
     }
 
     /// FIN_WAIT2 entered: counted by call under the caller, as its verdict says.
-    fn fin_wait2(&mut self, t: &TransitionReport) {
+    fn fin_wait2(&mut self, t: &TransitionReport, verdict: Option<&Verdict>) {
         let Some(c) = &t.cause else { return };
         let Some(task) = &c.task else { return };
         let call = c.call_name().to_string();
@@ -144,7 +145,7 @@ impl Summary {
         if entry.0.is_empty() {
             entry.0 = task.comm.clone();
         }
-        match &t.verdict {
+        match verdict {
             Some(Verdict::ApplicationMustClose(_)) => {
                 *entry.1.half_closed.entry(call.clone()).or_default() += 1;
                 self.open.insert(
@@ -383,14 +384,14 @@ mod tests {
             let mut t = tr(sock, st::FIN_WAIT1, st::FIN_WAIT2);
             t.cause = cause(CauseKind::Call(Call::Shutdown), Some(1));
             t.orphan = Some(false);
-            t.judge();
-            s.add(&Report::Transition(t));
+            let v = t.verdict();
+            s.add(&Report::Transition(t), v.as_ref());
         }
         let mut t = tr(4, st::FIN_WAIT1, st::FIN_WAIT2);
         t.cause = cause(CauseKind::Call(Call::Close), None);
         t.orphan = Some(true);
-        t.judge();
-        s.add(&Report::Transition(t));
+        let v = t.verdict();
+        s.add(&Report::Transition(t), v.as_ref());
         for sock in 5..=6 {
             let mut t = tr(sock, st::ESTABLISHED, st::CLOSE_WAIT);
             t.owner = Some(Owner {
@@ -399,19 +400,19 @@ mod tests {
                 fd: 4,
                 cgroup_id: None,
             });
-            t.judge();
-            s.add(&Report::Transition(t));
+            let v = t.verdict();
+            s.add(&Report::Transition(t), v.as_ref());
         }
         let mut t = tr(5, st::CLOSE_WAIT, st::LAST_ACK);
         t.close_wait_ns = Some(300_000_000);
-        t.judge();
-        s.add(&Report::Transition(t));
+        let v = t.verdict();
+        s.add(&Report::Transition(t), v.as_ref());
         // The first half-closed socket is closed: an orphan now, no longer the process's job.
         let mut t = tr(1, st::FIN_WAIT2, st::CLOSE);
         t.cause = cause(CauseKind::Call(Call::Close), None);
         t.half_closed_ns = Some(3_000_000_000);
-        t.judge();
-        s.add(&Report::Transition(t));
+        let v = t.verdict();
+        s.add(&Report::Transition(t), v.as_ref());
 
         let c = &s.by_process[&7].1;
         assert_eq!(c.half_closed["shutdown(SHUT_WR)"], 3);

@@ -159,10 +159,11 @@ impl TransitionReport {
         }
     }
 
-    /// Decides whose job the socket is after this transition (None: not on the close path),
-    /// once its owner and tcp_fin_timeout are known.
-    pub(crate) fn judge(&mut self) {
-        self.verdict = whose_job(self.facts());
+    /// Whose job the socket is after this transition (None: not on the close path), once its
+    /// owner and tcp_fin_timeout are known. The pipeline asks once per report and hands the
+    /// answer to every output.
+    pub(crate) fn verdict(&self) -> Option<Verdict> {
+        whose_job(self.facts())
     }
 }
 
@@ -206,9 +207,9 @@ impl Verdict {
     pub(crate) fn write_clause(&self, out: &mut String) {
         let mut n = itoa::Buffer::new();
         match self {
-            Verdict::ApplicationMustClose(None) => out.push_str(
-                "the application still owns it and must close it (no kernel timeout)",
-            ),
+            Verdict::ApplicationMustClose(None) => {
+                out.push_str("the application still owns it and must close it (no kernel timeout)");
+            }
             Verdict::ApplicationMustClose(Some(h)) => {
                 h.write(out);
                 out.push_str(" still holds it and must close it (no kernel timeout)");
@@ -238,9 +239,11 @@ impl Verdict {
                 out.push_str(" must close it (CLOSE_WAIT never times out)");
             }
             Verdict::Done => out.push_str("nobody needs to act"),
-            Verdict::Unknown => out.push_str(
-                "whose job it is is unknown (the call that sent the FIN was not seen)",
-            ),
+            Verdict::Unknown => {
+                out.push_str(
+                    "whose job it is is unknown (the call that sent the FIN was not seen)",
+                );
+            }
         }
     }
 }

@@ -8,7 +8,8 @@ use super::{Out, Sink, Start, Stats};
 use crate::{
     host::clock::Clock,
     model::{
-        Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Stuck, TransitionReport, state_name,
+        Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Stuck, TransitionReport, Verdict,
+        state_name,
         summary::{Histogram, Summary},
     },
     snapshot::{self, Entry},
@@ -197,19 +198,16 @@ impl std::fmt::Display for Dur {
 /// The answer in words for one transition.
 #[cfg(test)]
 pub(crate) fn explain(t: &TransitionReport) -> String {
-    let mut t = t.clone();
-    t.judge();
     let mut out = String::new();
-    write_explain(&mut out, &t);
+    write_explain(&mut out, t, t.verdict().as_ref());
     out
 }
 
 /// What caused the transition, then whose job the socket is (the verdict's words) where that is
 /// the point of the line.
-fn write_explain(out: &mut String, t: &TransitionReport) {
+fn write_explain(out: &mut String, t: &TransitionReport, verdict: Option<&Verdict>) {
     let unknown = Cause::unknown();
     let cause = t.cause.as_ref().unwrap_or(&unknown);
-    let verdict = t.verdict.as_ref();
     let whose = |out: &mut String| {
         if let Some(v) = verdict {
             out.push_str("; ");
@@ -262,7 +260,7 @@ fn write_fin_wait2_exit(
     out: &mut String,
     t: &TransitionReport,
     cause: &Cause,
-    verdict: Option<&crate::model::Verdict>,
+    verdict: Option<&Verdict>,
 ) {
     match t.fw2_exit {
         Some(Fw2Exit::TimeWait) => out.push_str("peer's FIN arrived: now TIME_WAIT"),
@@ -315,7 +313,13 @@ impl LineBuf {
 }
 
 /// Renders a transition into `b.line`.
-fn write_transition(b: &mut LineBuf, t: &TransitionReport, clock: &Clock, style: &Style) {
+fn write_transition(
+    b: &mut LineBuf,
+    t: &TransitionReport,
+    verdict: Option<&Verdict>,
+    clock: &Clock,
+    style: &Style,
+) {
     style.write_time(&mut b.head, clock, t.ts_ns);
     b.head.push(' ');
     style.write_state(&mut b.head, t.old, 11);
@@ -331,7 +335,7 @@ fn write_transition(b: &mut LineBuf, t: &TransitionReport, clock: &Clock, style:
     b.head
         .extend(std::iter::repeat_n(' ', 31usize.saturating_sub(conn)));
     let head_width = TIME_WIDTH + 28 + conn.max(31);
-    write_explain(&mut b.text, t);
+    write_explain(&mut b.text, t, verdict);
     style.fit(&b.head, head_width, &b.text, &mut b.line);
 }
 
@@ -426,11 +430,11 @@ impl Sink for HumanSink {
         Ok(())
     }
 
-    fn report(&mut self, r: &Report) -> std::io::Result<()> {
+    fn report(&mut self, r: &Report, verdict: Option<&Verdict>) -> std::io::Result<()> {
         let b = &mut self.line;
         b.clear();
         match r {
-            Report::Transition(t) => write_transition(b, t, &self.clock, &self.style),
+            Report::Transition(t) => write_transition(b, t, verdict, &self.clock, &self.style),
             Report::CloseNoFin(n) => write_close_no_fin(b, n, &self.clock, &self.style),
         }
         self.out.line(&self.line.line)
@@ -521,18 +525,16 @@ mod tests {
     }
 
     fn human_line(t: &TransitionReport, clock: &Clock, style: &Style) -> String {
-        let mut t = t.clone();
-        t.judge();
         let mut b = LineBuf::default();
-        write_transition(&mut b, &t, clock, style);
+        write_transition(&mut b, t, t.verdict().as_ref(), clock, style);
         b.line
     }
 
     fn json(t: &TransitionReport) -> serde_json::Value {
-        let mut t = t.clone();
-        t.judge();
+        let v = t.verdict();
         let e = super::super::json::Event::Transition(super::super::json::Transition::new(
-            &t,
+            t,
+            v.as_ref(),
             &Clock::new(),
         ));
         serde_json::to_value(&e).unwrap()

@@ -9,6 +9,7 @@ use crate::{
     host::clock::{Clock, monotonic_ns},
     model::{
         Cause, CloseNoFinReport, Endpoints, Fw2Exit, Owner, Report, Stuck, TransitionReport,
+        Verdict,
         diagnosis::{FinReading, OwnerState, Polled, epoll_events},
         how_name, state_name,
         summary::Summary,
@@ -209,7 +210,7 @@ pub(crate) struct Transition<'a> {
 }
 
 impl<'a> Transition<'a> {
-    pub(crate) fn new(t: &'a TransitionReport, clock: &Clock) -> Self {
+    pub(crate) fn new(t: &'a TransitionReport, verdict: Option<&Verdict>, clock: &Clock) -> Self {
         let handed_over = t.fw2_exit == Some(Fw2Exit::OrphanTimewait);
         Self {
             time: Time(clock.wall(t.ts_ns)),
@@ -224,7 +225,7 @@ impl<'a> Transition<'a> {
             owner: t
                 .touches_close_wait()
                 .then(|| t.owner.as_ref().map(OwnerJson::from)),
-            verdict: t.verdict.as_ref().map(crate::model::Verdict::name),
+            verdict: verdict.map(Verdict::name),
             // `ss` keeps listing it as FIN-WAIT-2 (ino 0) until the kernel frees it.
             timewait_substate: handed_over.then_some("FIN_WAIT2"),
             kernel_frees_within_s: handed_over.then(|| t.frees_within_s()),
@@ -590,10 +591,12 @@ impl Sink for JsonSink {
         Ok(())
     }
 
-    fn report(&mut self, r: &Report) -> std::io::Result<()> {
+    fn report(&mut self, r: &Report, verdict: Option<&Verdict>) -> std::io::Result<()> {
         let clock = self.clock;
         match r {
-            Report::Transition(t) => self.event(&Event::Transition(Transition::new(t, &clock))),
+            Report::Transition(t) => {
+                self.event(&Event::Transition(Transition::new(t, verdict, &clock)))
+            }
             Report::CloseNoFin(n) => self.event(&Event::CloseNoFin(CloseNoFin::new(n, &clock))),
         }
     }
@@ -721,21 +724,12 @@ mod tests {
             cgroup_id: Some(1),
         });
         closed.close_wait_ns = Some(1);
-        let mut all = vec![handed_over, closed];
-        all.iter_mut().for_each(TransitionReport::judge);
-        all
+        vec![handed_over, closed]
     }
 
-    /// The fields each kind of event writes, from samples that fill every optional one.
-    fn written() -> BTreeMap<&'static str, BTreeSet<String>> {
-        let clock = Clock::new();
-        let ts = transitions();
-        let mut m = BTreeMap::new();
-        let t = ts
-            .iter()
-            .flat_map(|t| keys(&Event::Transition(Transition::new(t, &clock))));
-        m.insert("transition", t.collect());
-        let n = CloseNoFinReport {
+    /// A close without FIN with every field filled.
+    fn close_no_fin() -> CloseNoFinReport {
+        CloseNoFinReport {
             ts_ns: 1,
             sock: 1,
             call: Call::Close,
@@ -747,7 +741,20 @@ mod tests {
             ends: Some(ends()),
             state: Some(st::ESTABLISHED),
             recorded_owner: None,
-        };
+        }
+    }
+
+    /// The fields each kind of event writes, from samples that fill every optional one.
+    fn written() -> BTreeMap<&'static str, BTreeSet<String>> {
+        let clock = Clock::new();
+        let ts = transitions();
+        let mut m = BTreeMap::new();
+        let t = ts.iter().flat_map(|t| {
+            let v = t.verdict();
+            keys(&Event::Transition(Transition::new(t, v.as_ref(), &clock)))
+        });
+        m.insert("transition", t.collect());
+        let n = close_no_fin();
         m.insert(
             "close_no_fin",
             keys(&Event::CloseNoFin(CloseNoFin::new(&n, &clock))),

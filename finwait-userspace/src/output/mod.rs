@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use bytes::{BufMut, BytesMut};
 
 use crate::{
-    model::{Report, Stuck, summary::Summary},
+    model::{Report, Stuck, Verdict, summary::Summary},
     snapshot::Entry,
 };
 
@@ -21,8 +21,8 @@ pub(crate) trait Sink {
     fn start(&mut self, s: &Start) -> io::Result<()>;
     /// The sockets on the close path now; `detail`: one line each, besides the summary.
     fn snapshot(&mut self, entries: &[Entry], detail: bool) -> io::Result<()>;
-    /// One live report.
-    fn report(&mut self, r: &Report) -> io::Result<()>;
+    /// One live report, with its verdict (decided once, by the pipeline).
+    fn report(&mut self, r: &Report, verdict: Option<&Verdict>) -> io::Result<()>;
     /// A socket still half-closed or in CLOSE_WAIT past `--stuck`.
     fn stuck(&mut self, s: &Stuck) -> io::Result<()>;
     /// What the session found, per process.

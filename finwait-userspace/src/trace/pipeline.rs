@@ -105,11 +105,16 @@ impl Pipeline {
             if let Report::Transition(t) = &mut r {
                 self.enrich(t);
             }
-            self.summary.add(&r);
+            // Whose job it is: decided once, here, for the summary and the sink.
+            let verdict = match &r {
+                Report::Transition(t) => t.verdict(),
+                Report::CloseNoFin(_) => None,
+            };
+            self.summary.add(&r, verdict.as_ref());
             if self.summary_only {
                 return Ok(());
             }
-            self.sink.report(&r)
+            self.sink.report(&r, verdict.as_ref())
         });
         self.ready = ready;
         written?;
@@ -117,8 +122,8 @@ impl Pipeline {
     }
 
     /// The tcp_fin_timeout of the socket's network namespace, read in the namespace of the task
-    /// that closed it (a timer cause has none: the FIN's sender's), then the verdict. Only for
-    /// reports that are shown: the namespace may cost a /proc lookup.
+    /// that closed it (a timer cause has none: the FIN's sender's). Only for reports that are
+    /// shown: the namespace may cost a /proc lookup.
     fn enrich(&mut self, t: &mut crate::model::TransitionReport) {
         t.fin_timeout_s = self.own_fin_timeout_s;
         if t.touches_fin_wait2()
@@ -126,7 +131,6 @@ impl Pipeline {
         {
             t.fin_timeout_s = s;
         }
-        t.judge();
     }
 
     fn fin_timeout_of(&mut self, t: &crate::model::TransitionReport) -> Option<u64> {
