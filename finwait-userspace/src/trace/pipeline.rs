@@ -96,26 +96,28 @@ impl Pipeline {
     /// Every report whose owner is known: filtered, enriched, counted and written.
     pub(crate) fn emit(&mut self) -> io::Result<()> {
         self.resolver.ready(&mut self.ready);
-        // Taken and put back: the buffer keeps its capacity from wake-up to wake-up.
+        // Taken and put back: the buffer keeps its capacity from wake-up to wake-up, and each
+        // report is worked on in place (a report is a few hundred bytes: no moves).
         let mut ready = std::mem::take(&mut self.ready);
-        let written = ready.drain(..).try_for_each(|mut r| {
-            if !self.filter.wanted(&r) {
+        let written = ready.iter_mut().try_for_each(|r| {
+            if !self.filter.wanted(r) {
                 return Ok(());
             }
-            if let Report::Transition(t) = &mut r {
+            if let Report::Transition(t) = r {
                 self.enrich(t);
             }
             // Whose job it is: decided once, here, for the summary and the sink.
-            let verdict = match &r {
+            let verdict = match r {
                 Report::Transition(t) => t.verdict(),
                 Report::CloseNoFin(_) => None,
             };
-            self.summary.add(&r, verdict.as_ref());
+            self.summary.add(r, verdict.as_ref());
             if self.summary_only {
                 return Ok(());
             }
-            self.sink.report(&r, verdict.as_ref())
+            self.sink.report(r, verdict.as_ref())
         });
+        ready.clear();
         self.ready = ready;
         written?;
         self.sink.flush()
