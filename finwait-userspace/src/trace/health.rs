@@ -43,6 +43,7 @@ impl KernelCounters {
             kernel_calls: c.kernel_calls,
             lost_ring_full: self.sum(counter::RING_FULL),
             kernel_skipped_nested: nested_misses(ebpf),
+            kernel_skipped_by_program: misses_by_program(ebpf),
             kernel_read_failed: self.sum(counter::READ_FAILED),
             pid_insert_failed: self.sum(counter::PID_INSERT_FAILED),
             in_call_full: self.sum(counter::IN_CALL_FULL),
@@ -80,6 +81,16 @@ fn nested_misses(ebpf: &aya::Ebpf) -> u64 {
         .filter_map(|(_, p)| p.fd().ok())
         .filter_map(|fd| prog_stats::recursion_misses(fd.as_fd()))
         .sum()
+}
+
+/// Per program that skipped any: the runs the kernel skipped (which hook loses events).
+fn misses_by_program(ebpf: &aya::Ebpf) -> std::collections::BTreeMap<String, u64> {
+    ebpf.programs()
+        .filter_map(|(name, p)| {
+            let misses = prog_stats::recursion_misses(p.fd().ok()?.as_fd())?;
+            (misses > 0).then(|| (name.to_string(), misses))
+        })
+        .collect()
 }
 
 fn rss_kib() -> u64 {
