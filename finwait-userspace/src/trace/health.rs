@@ -112,9 +112,14 @@ impl Warned {
     pub(crate) fn warn(&mut self, ebpf: &aya::Ebpf, k: &KernelCounters) {
         let skipped = nested_misses(ebpf);
         if skipped > self.skipped {
+            let by: Vec<String> = misses_by_program(ebpf)
+                .iter()
+                .map(|(name, n)| format!("{name}: {n}"))
+                .collect();
             eprintln!(
-                "finwait-trace: warning: {} events skipped by the kernel (a BPF program was already running on that CPU)",
-                skipped - self.skipped
+                "finwait-trace: warning: {} events skipped by the kernel (a BPF program was already running on that CPU; so far per program: {})",
+                skipped - self.skipped,
+                by.join(", ")
             );
             self.skipped = skipped;
         }
