@@ -61,9 +61,18 @@ pub(crate) fn fetch(vm_dir: &Path, spec: &str) -> Result<Option<PathBuf>> {
         }
         Some(Named::Suite { suite, package }) => {
             let apt = SuiteApt::new(vm_dir, suite)?;
-            fetch_deb(&cache, &apt.options(), package)?
+            fetch_deb(&cache, &apt.options(), package).or_else(|e| {
+                // Lists read on an earlier day may name a version the mirror dropped since.
+                eprintln!("xtask: {e:#}; reading the lists of {suite} again");
+                apt.update()?;
+                fetch_deb(&cache, &apt.options(), package)
+            })?
         }
-        Some(Named::Split { prefix }) => fetch_split(vm_dir, &cache, &prefix)?,
+        Some(Named::Split { prefix }) => fetch_split(vm_dir, &cache, &prefix).or_else(|e| {
+            eprintln!("xtask: {e:#}; reading the lists of sid again");
+            SuiteApt::new(vm_dir, "sid")?.update()?;
+            fetch_split(vm_dir, &cache, &prefix)
+        })?,
     };
     Ok(Some(path))
 }
@@ -167,13 +176,18 @@ impl SuiteApt {
         fs::write(&apt.sources, line)?;
         if !apt.has_lists()? {
             eprintln!("xtask: reading the package lists of Debian {suite}...");
-            crate::sh(
-                Command::new("apt-get")
-                    .args(apt.options())
-                    .args(["update", "-q"]),
-            )?;
+            apt.update()?;
         }
         Ok(apt)
+    }
+
+    /// `apt-get update` of this suite's lists alone.
+    fn update(&self) -> Result<()> {
+        crate::sh(
+            Command::new("apt-get")
+                .args(self.options())
+                .args(["update", "-q"]),
+        )
     }
 
     /// The options that make one apt call use this suite alone.
