@@ -8,6 +8,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod debian;
 mod vm;
 
 #[derive(Parser)]
@@ -76,8 +77,9 @@ enum Cmd {
     /// Run the integration tests inside qemu (software emulation) on other kernels, in both
     /// tracer modes; fails on a test failure, a panic or a hang.
     VmTest {
-        /// `6.1`, `6.12` (Debian cloud kernels, downloaded and cached), or a path to a kernel
-        /// `.deb`, an extracted package or a vmlinuz. Repeatable.
+        /// `6.1`, `6.12` (Debian cloud kernels, downloaded and cached), `5.10` (Debian 11's),
+        /// `7.2`/`7` (the newest such in Debian unstable), `sid` (its newest), or a path to a
+        /// kernel `.deb`, an extracted package or a vmlinuz. Repeatable.
         #[arg(long = "kernel", default_values_t = ["6.1".to_string(), "6.12".to_string()])]
         kernels: Vec<String>,
         /// Give up on a guest after this many seconds.

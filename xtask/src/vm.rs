@@ -285,16 +285,11 @@ fn build_tests(root: &Path) -> Result<(Vec<PathBuf>, PathBuf)> {
     Ok((tests, tracer))
 }
 
-/// `6.1` and `6.12` name Debian's cloud kernels; anything else is a path to a `.deb`, an
-/// extracted package directory, or a bare `vmlinuz` (no modules).
+/// A Debian cloud kernel by name (`6.1`, `6.12`, `5.10`, `7.2`, `sid`: see `debian`); anything
+/// else is a path to a `.deb`, an unpacked package directory, or a bare `vmlinuz` (no modules).
 fn fetch_kernel(vm_dir: &Path, spec: &str) -> Result<Kernel> {
-    let meta = match spec {
-        "6.1" => Some("linux-image-cloud-amd64"),
-        "6.12" => Some("linux-image-6.12-cloud-amd64"),
-        _ => None,
-    };
-    let path = match meta {
-        Some(meta) => download(vm_dir, meta)?,
+    let path = match crate::debian::fetch(vm_dir, spec)? {
+        Some(path) => path,
         None => PathBuf::from(spec),
     };
     if path.is_file() && path.extension().is_none_or(|e| e != "deb") {
@@ -316,65 +311,47 @@ fn fetch_kernel(vm_dir: &Path, spec: &str) -> Result<Kernel> {
         }
         dir
     };
-    let vmlinuz = fs::read_dir(dir.join("boot"))
-        .with_context(|| format!("{}: no boot/ directory", dir.display()))?
+    unpacked_kernel(&dir)
+}
+
+/// The kernel in an unpacked package: boot/vmlinuz-RELEASE with lib/modules/RELEASE, or (the
+/// split packages of Linux 7.x) usr/lib/modules/RELEASE/vmlinuz beside its modules.
+fn unpacked_kernel(dir: &Path) -> Result<Kernel> {
+    let in_boot = fs::read_dir(dir.join("boot"))
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| file_name(p).starts_with("vmlinuz-"))
-        .with_context(|| format!("{}: no boot/vmlinuz-*", dir.display()))?;
-    let release = file_name(&vmlinuz)
-        .trim_start_matches("vmlinuz-")
-        .to_string();
-    let modules = dir.join("lib/modules").join(&release);
+        .find(|p| file_name(p).starts_with("vmlinuz-"));
+    if let Some(vmlinuz) = in_boot {
+        let release = file_name(&vmlinuz)
+            .trim_start_matches("vmlinuz-")
+            .to_string();
+        let modules = dir.join("lib/modules").join(&release);
+        return Ok(Kernel {
+            label: release,
+            modules: modules.is_dir().then_some(modules),
+            vmlinuz,
+        });
+    }
+    let beside_modules = fs::read_dir(dir.join("usr/lib/modules"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|m| m.join("vmlinuz").is_file());
+    let modules = beside_modules.with_context(|| {
+        format!(
+            "{}: no boot/vmlinuz-* nor usr/lib/modules/*/vmlinuz",
+            dir.display()
+        )
+    })?;
     Ok(Kernel {
-        label: release,
-        vmlinuz,
-        modules: modules.is_dir().then_some(modules),
+        label: file_name(&modules),
+        vmlinuz: modules.join("vmlinuz"),
+        modules: Some(modules),
     })
 }
 
-/// The package a Debian meta-package points to, downloaded once into target/vm/kernels.
-fn download(vm_dir: &Path, meta: &str) -> Result<PathBuf> {
-    let cache = vm_dir.join("kernels");
-    fs::create_dir_all(&cache)?;
-    let depends = |meta: &str| -> Option<String> {
-        let out = Command::new("apt-cache")
-            .args(["depends", meta])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_string))
-    };
-    let pkg = match depends(meta) {
-        Some(p) => p,
-        None => {
-            crate::sh(Command::new("apt-get").args(["update", "-q"]))?;
-            depends(meta).with_context(|| format!("apt-cache depends {meta}: no kernel package"))?
-        }
-    };
-    let cached = |cache: &Path| {
-        fs::read_dir(cache)
-            .ok()?
-            .filter_map(std::result::Result::ok)
-            .find_map(|e| {
-                let name = file_name(&e.path());
-                (name.starts_with(&format!("{pkg}_")) && name.ends_with(".deb")).then(|| e.path())
-            })
-    };
-    if let Some(deb) = cached(&cache) {
-        return Ok(deb);
-    }
-    eprintln!("xtask: downloading {pkg}...");
-    crate::sh(
-        Command::new("apt-get")
-            // apt's _apt sandbox user cannot write into target/: download as ourselves.
-            .args(["download", "-q", "-o", "APT::Sandbox::User=root", &pkg])
-            .current_dir(&cache),
-    )?;
-    cached(&cache).with_context(|| format!("apt-get download {pkg} left no .deb"))
-}
-
-fn file_name(p: &Path) -> String {
+pub(crate) fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()

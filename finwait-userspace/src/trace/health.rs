@@ -43,6 +43,7 @@ impl KernelCounters {
             kernel_calls: c.kernel_calls,
             lost_ring_full: self.sum(counter::RING_FULL),
             kernel_skipped_nested: nested_misses(ebpf),
+            kernel_skipped_by_program: misses_by_program(ebpf),
             kernel_read_failed: self.sum(counter::READ_FAILED),
             pid_insert_failed: self.sum(counter::PID_INSERT_FAILED),
             in_call_full: self.sum(counter::IN_CALL_FULL),
@@ -82,6 +83,16 @@ fn nested_misses(ebpf: &aya::Ebpf) -> u64 {
         .sum()
 }
 
+/// Per program that skipped any: the runs the kernel skipped (which hook loses events).
+fn misses_by_program(ebpf: &aya::Ebpf) -> std::collections::BTreeMap<String, u64> {
+    ebpf.programs()
+        .filter_map(|(name, p)| {
+            let misses = prog_stats::recursion_misses(p.fd().ok()?.as_fd())?;
+            (misses > 0).then(|| (name.to_string(), misses))
+        })
+        .collect()
+}
+
 fn rss_kib() -> u64 {
     procfs::process::Process::myself()
         .and_then(|p| p.status())
@@ -101,9 +112,14 @@ impl Warned {
     pub(crate) fn warn(&mut self, ebpf: &aya::Ebpf, k: &KernelCounters) {
         let skipped = nested_misses(ebpf);
         if skipped > self.skipped {
+            let by: Vec<String> = misses_by_program(ebpf)
+                .iter()
+                .map(|(name, n)| format!("{name}: {n}"))
+                .collect();
             eprintln!(
-                "finwait-trace: warning: {} events skipped by the kernel (a BPF program was already running on that CPU)",
-                skipped - self.skipped
+                "finwait-trace: warning: {} events skipped by the kernel (a BPF program was already running on that CPU; so far per program: {})",
+                skipped - self.skipped,
+                by.join(", ")
             );
             self.skipped = skipped;
         }
