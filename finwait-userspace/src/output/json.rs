@@ -56,6 +56,8 @@ pub(crate) struct Stats {
     pub(crate) kernel_calls: u64,
     pub(crate) lost_ring_full: u64,
     pub(crate) kernel_skipped_nested: u64,
+    /// False where the kernel does not count skipped runs (before 5.12).
+    pub(crate) kernel_skips_counted: bool,
     /// `kernel_skipped_nested` per program, the programs that skipped none left out.
     pub(crate) kernel_skipped_by_program: BTreeMap<String, u64>,
     pub(crate) kernel_read_failed: u64,

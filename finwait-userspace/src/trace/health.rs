@@ -43,6 +43,7 @@ impl KernelCounters {
             kernel_calls: c.kernel_calls,
             lost_ring_full: self.sum(counter::RING_FULL),
             kernel_skipped_nested: nested_misses(ebpf),
+            kernel_skips_counted: skips_counted(ebpf),
             kernel_skipped_by_program: misses_by_program(ebpf),
             kernel_read_failed: self.sum(counter::READ_FAILED),
             pid_insert_failed: self.sum(counter::PID_INSERT_FAILED),
@@ -72,6 +73,14 @@ fn run_time(ebpf: &aya::Ebpf) -> std::collections::BTreeMap<String, RunTime> {
             Some((name.to_string(), RunTime { runs, ns_per_run }))
         })
         .collect()
+}
+
+/// Whether this kernel counts the runs it skips (`bpf_prog_info.recursion_misses`, Linux 5.12
+/// and later): where it does not, `kernel_skipped_nested` reads 0 without meaning.
+pub(crate) fn skips_counted(ebpf: &aya::Ebpf) -> bool {
+    ebpf.programs()
+        .filter_map(|(_, p)| p.fd().ok())
+        .any(|fd| prog_stats::recursion_misses(fd.as_fd()).is_some())
 }
 
 /// Events the kernel dropped because one of our programs (or another) was already running on

@@ -113,6 +113,14 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
         opts.summary_only,
     );
     announce(&opts, &loaded, fin_timeout_s, &mut p)?;
+    if !health::skips_counted(&loaded.ebpf) {
+        eprintln!(
+            "finwait-trace: note: this kernel does not count the runs of BPF programs it skips \
+             (bpf_prog_info.recursion_misses arrives in Linux 5.12): events it drops while another \
+             BPF program runs on the same CPU cannot be counted (kernel_skipped_nested stays 0; \
+             kernel_skips_counted is false)"
+        );
+    }
     if opts.snapshot {
         start_snapshot(&opts, &mut loaded.ebpf, &mut p)?;
     }
