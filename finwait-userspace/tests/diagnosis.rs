@@ -58,21 +58,10 @@ fn stuck_reports_say_whether_the_owner_read_the_fin() {
     let (data_c, data_s) = pair(&listener);
     let (polled_c, polled_s) = pair(&listener);
     let (forgot_c, forgot_s) = pair(&listener);
-    // SAFETY: plain epoll calls on fds we own.
-    let ep = unsafe { libc::epoll_create1(0) };
-    for (s, keep) in [(&polled_s, true), (&forgot_s, false)] {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: 0,
-        };
-        // SAFETY: as above.
-        unsafe {
-            libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev);
-            if !keep {
-                libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, s.as_raw_fd(), std::ptr::null_mut());
-            }
-        }
-    }
+    let ep = Epoll::new();
+    ep.add(&polled_s, libc::EPOLLIN);
+    ep.add(&forgot_s, libc::EPOLLIN);
+    ep.remove(&forgot_s);
     std::io::Write::write_all(&mut &data_c, b"hello").unwrap();
     let keys = [&eof_c, &never_c, &data_c, &polled_c, &forgot_c].map(|c| {
         (
@@ -122,8 +111,7 @@ fn stuck_reports_say_whether_the_owner_read_the_fin() {
         "{mine}"
     );
     drop((eof_s, never_s, data_s, polled_s, forgot_s));
-    // SAFETY: our own fd.
-    unsafe { libc::close(ep) };
+    drop(ep);
 }
 
 /// The nginx mailing-list case: an IMAP back-end behind a proxy. The back-end greets each

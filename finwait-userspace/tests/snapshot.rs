@@ -264,32 +264,16 @@ fn close_wait_diagnosis_by_owner_behaviour() {
     let (data, data_s) = pair(&listener);
     let (polled, polled_s) = pair(&listener);
     let (forgot, forgot_s) = pair(&listener);
-    // SAFETY: plain epoll calls on fds we own.
-    let ep = unsafe { libc::epoll_create1(0) };
-    for (s, keep) in [(&polled_s, true), (&forgot_s, false)] {
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
-            u64: 0,
-        };
-        // SAFETY: as above.
-        unsafe {
-            libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev);
-            if !keep {
-                libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, s.as_raw_fd(), std::ptr::null_mut());
-            }
-        }
-    }
+    let ep = Epoll::new();
+    ep.add(&polled_s, libc::EPOLLIN | libc::EPOLLRDHUP);
+    ep.add(&forgot_s, libc::EPOLLIN | libc::EPOLLRDHUP);
+    ep.remove(&forgot_s);
     (&data).write_all(b"hello").unwrap();
     // Half-closed by shutdown(), held here: one still read through epoll (lingering), one with
     // 3 bytes of the peer's data unread and in no epoll set.
     let (linger, linger_peer) = pair(&listener);
     let (deaf, deaf_peer) = pair(&listener);
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: 0,
-    };
-    // SAFETY: as above.
-    unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, linger.as_raw_fd(), &mut ev) };
+    ep.add(&linger, libc::EPOLLIN);
     (&deaf_peer).write_all(b"abc").unwrap();
     let half: Vec<(u16, u16)> = [&linger, &deaf]
         .iter()
@@ -394,6 +378,5 @@ fn close_wait_diagnosis_by_owner_behaviour() {
     );
     drop((never_s, data_s, polled_s, forgot_s, eof_s));
     drop((linger, linger_peer, deaf, deaf_peer));
-    // SAFETY: our own fd.
-    unsafe { libc::close(ep) };
+    drop(ep);
 }

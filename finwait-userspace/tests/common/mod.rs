@@ -314,3 +314,43 @@ pub(crate) fn assert_cause(v: &Value, call: &str, pid: u32, tid: u32, fd: Option
         None => assert!(c["fd"].is_null(), "{v}"),
     }
 }
+
+/// An epoll set of this process, for owners that poll their sockets; closed when dropped.
+pub(crate) struct Epoll(i32);
+
+impl Epoll {
+    pub(crate) fn new() -> Self {
+        // SAFETY: no arguments to get wrong.
+        Self(unsafe { libc::epoll_create1(0) })
+    }
+
+    /// Registers `fd` for `events`.
+    pub(crate) fn add(&self, fd: &impl AsRawFd, events: i32) {
+        let mut ev = libc::epoll_event {
+            events: events as u32,
+            u64: 0,
+        };
+        // SAFETY: our epoll fd, a valid event.
+        unsafe { libc::epoll_ctl(self.0, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) };
+    }
+
+    /// Forgets `fd` (the "removed from epoll and forgotten" owner).
+    pub(crate) fn remove(&self, fd: &impl AsRawFd) {
+        // SAFETY: our epoll fd.
+        unsafe {
+            libc::epoll_ctl(
+                self.0,
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        // SAFETY: our own fd.
+        unsafe { libc::close(self.0) };
+    }
+}
