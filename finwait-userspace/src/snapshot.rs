@@ -19,7 +19,7 @@ use crate::{
     },
     model::{
         Comm, Holder, Owner, Verdict,
-        diagnosis::{FinReading, OwnerState, Threads},
+        diagnosis::{OwnerState, Threads, readings_words},
         verdict::{Bound, Facts, whose_job},
     },
 };
@@ -325,7 +325,7 @@ fn group_line(pid: u32, comm: &str, g: &Group) -> String {
         parts.push(format!(
             "{} CLOSE_WAIT held open{}: {whose}",
             n("close_wait"),
-            readings(&g.readings)
+            readings_words(|k| g.readings.get(k).map_or(0, |n| *n as u64))
         ));
     }
     for (c, label) in [
@@ -343,26 +343,6 @@ fn group_line(pid: u32, comm: &str, g: &Group) -> String {
         format!("{comm}[{pid}]")
     };
     format!("{who}: {}", parts.join("; "))
-}
-
-/// `(1790 never read the peer's FIN: not reading these sockets; 3 read EOF and did not close)`.
-fn readings(r: &BTreeMap<&'static str, usize>) -> String {
-    let not_read = FinReading::NotRead { unread_bytes: 0 }.name();
-    let parts: Vec<String> = [
-        (
-            not_read,
-            "never read the peer's FIN: not reading these sockets",
-        ),
-        (FinReading::ReadEof.name(), "read EOF and did not close"),
-    ]
-    .into_iter()
-    .filter_map(|(k, words)| r.get(k).map(|n| format!("{n} {words}")))
-    .collect();
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", parts.join("; "))
-    }
 }
 
 /// One sentence per process, most stuck sockets first, then the TIME_WAIT count.

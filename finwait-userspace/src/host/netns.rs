@@ -24,7 +24,7 @@ pub(crate) struct FinTimeouts {
 }
 
 pub(crate) fn own_fin_timeout() -> u64 {
-    parse(fs::read_to_string(FIN_TIMEOUT).ok()).unwrap_or(60)
+    parse(fs::read_to_string(FIN_TIMEOUT).ok()).unwrap_or(crate::model::DEFAULT_FIN_TIMEOUT_S)
 }
 
 fn parse(s: Option<String>) -> Option<u64> {

@@ -54,6 +54,30 @@ impl fmt::Display for FinReading {
     }
 }
 
+/// The split of many CLOSE_WAIT sockets by what their owner did with the FIN, from counts by
+/// [`FinReading::name`]: ` (1790 never read the peer's FIN: not reading these sockets; 3 read
+/// EOF and did not close)`, or nothing when none was read.
+pub(crate) fn readings_words(count: impl Fn(&str) -> u64) -> String {
+    let parts: Vec<String> = [
+        (
+            FinReading::NotRead { unread_bytes: 0 },
+            "never read the peer's FIN: not reading these sockets",
+        ),
+        (FinReading::ReadEof, "read EOF and did not close"),
+    ]
+    .into_iter()
+    .filter_map(|(r, words)| {
+        let n = count(r.name());
+        (n > 0).then(|| format!("{n} {words}"))
+    })
+    .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join("; "))
+    }
+}
+
 /// Whether the owner still has the fd in one of its epoll sets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Polled {

@@ -6,7 +6,7 @@ use finwait_common::tcp_state as st;
 
 use super::{
     Comm, Endpoints, Holder, Report, Stuck, TransitionReport, Verdict,
-    diagnosis::FinReading,
+    diagnosis::{FinReading, readings_words},
     verdict::{Bound, Facts, whose_job},
 };
 
@@ -323,13 +323,7 @@ fn answer(pid: u32, comm: &str, c: &Counts) -> String {
             "{} CLOSE_WAIT, {} closed later, {open} never closed while traced",
             c.close_wait, c.close_wait_closed
         );
-        let read = |k: &str| c.close_wait_readings.get(k).copied().unwrap_or(0);
-        let (not_read, eof) = (read("fin_not_read"), read("read_eof_not_closed"));
-        if not_read + eof > 0 {
-            part += &format!(
-                " ({not_read} never read the peer's FIN: not reading these sockets; {eof} read EOF and did not close)"
-            );
-        }
+        part += &readings_words(|k| c.close_wait_readings.get(k).copied().unwrap_or(0));
         if open > 0 {
             part += &format!(": {}", Verdict::OwnerMustClose(None).plural(comm));
         }
