@@ -144,6 +144,9 @@ pub struct Event {
     pub file_refs: u64,
     /// Transition: `sock::sk_flags` (SOCK_DEAD, SOCK_DONE, ...), see [`flags::SK_FLAGS_VALID`].
     pub sk_flags: u64,
+    /// `bpf_get_current_cgroup_id()` of the task that made the call or exited (records made
+    /// in process context only; 0 in transitions, which run wherever the packet arrived).
+    pub cgroup_id: u64,
     pub kind: u8,
     pub old_state: u8,
     pub new_state: u8,
@@ -169,7 +172,7 @@ pub struct Event {
 
 /// Both sides read and write these exact layouts (the ring record, and the `OWNERS` value that
 /// userspace also seeds): a field added on one side only fails the build.
-pub const EVENT_SIZE: usize = 176;
+pub const EVENT_SIZE: usize = 184;
 pub const OWNER_REC_SIZE: usize = 56;
 const _: () = assert!(size_of::<Event>() == EVENT_SIZE);
 const _: () = assert!(size_of::<OwnerRec>() == OWNER_REC_SIZE);
@@ -185,6 +188,7 @@ impl Event {
             inode: 0,
             file_refs: 0,
             sk_flags: 0,
+            cgroup_id: 0,
             kind: 0,
             old_state: 0,
             new_state: 0,

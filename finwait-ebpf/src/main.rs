@@ -216,6 +216,14 @@ fn new_event(kind: EventKind) -> Event {
     e.ts_ns = unsafe { bpf_ktime_get_ns() };
     e.pid_tgid = bpf_get_current_pid_tgid();
     e.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // The caller's container; a transition's task is whoever the packet interrupted.
+    if !matches!(
+        kind,
+        EventKind::Transition | EventKind::ReceiveReset | EventKind::SendReset
+    ) {
+        // SAFETY: a plain helper call.
+        e.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    }
     e
 }
 

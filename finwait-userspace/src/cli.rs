@@ -105,6 +105,21 @@ pub(crate) struct TraceArgs {
     #[arg(long)]
     pub(crate) summary_only: bool,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics while tracing (`[::]:9977`,
+    /// `0.0.0.0:9977`, `127.0.0.1:9977`): sockets half-closed and in CLOSE_WAIT now, entries by
+    /// cause, durations, and finwait's own health, by workload (process name and container).
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["states", "demo"])]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
+
+    /// With --metrics: workloads with series of their own at most; beyond it idle ones lose
+    /// theirs and, if none is idle, newcomers count under comm="other".
+    #[arg(long, value_name = "N", default_value_t = 500, requires = "metrics", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) metrics_max_workloads: u32,
+
+    /// Print nothing on stdout (with --metrics: the endpoint is the output).
+    #[arg(long, short = 'q', conflicts_with_all = ["json", "summary_only"])]
+    pub(crate) quiet: bool,
+
     /// Do not start with a snapshot of the sockets already on the close path.
     #[arg(long)]
     pub(crate) no_snapshot: bool,
@@ -231,6 +246,9 @@ impl From<&TraceArgs> for crate::trace::Options {
             states: t.states.clone(),
             ipv6: (t.ipv4 || t.ipv6).then_some(t.ipv6),
             summary_only: t.summary_only,
+            quiet: t.quiet,
+            metrics: t.metrics,
+            metrics_max_workloads: t.metrics_max_workloads as usize,
             stuck: t.stuck.map(std::time::Duration::from_secs_f64),
             wall_clock: t.timestamp,
             snapshot: !t.no_snapshot,
@@ -284,6 +302,12 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["x", "--state", "HALF_OPEN"]).is_err());
         assert!(Cli::try_parse_from(["x", "-4", "-6"]).is_err());
+        // Gauges need every transition out of a state: no --state with --metrics.
+        assert!(Cli::try_parse_from(["x", "--metrics", "[::]:9977", "--state", "CLOSE_WAIT"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--metrics", "9977"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--metrics-max-workloads", "5"]).is_err());
+        let m = Cli::try_parse_from(["x", "--metrics", "127.0.0.1:9977", "-q"]).unwrap();
+        assert_eq!(m.trace.metrics, Some("127.0.0.1:9977".parse().unwrap()));
         let mut man = Vec::new();
         generate("man", &mut man).unwrap();
         assert!(String::from_utf8(man).unwrap().contains("snapshot"));

@@ -74,7 +74,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 fn snapshot_command(pids: &[u32], json: bool, detail: bool) -> anyhow::Result<()> {
     host::procs::check_exists(pids)?;
     let snap = snapshot::take(pids)?;
-    let mut sink = output::for_stdout(json, output::human::Style::default());
+    let mut sink = output::for_stdout(json, output::human::Style::default(), false);
     sink.snapshot(&snap.entries, detail)?;
     sink.flush()?;
     Ok(())

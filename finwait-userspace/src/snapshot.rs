@@ -1,8 +1,10 @@
 //! The sockets already on the close path when finwait starts (or when `snapshot` is asked):
 //! who holds each one and whose job it is.
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use anyhow::Result;
@@ -11,6 +13,7 @@ use netlink_packet_sock_diag::inet::StateFlags;
 
 use crate::{
     host::{
+        cgroup::Cgroups,
         clock::monotonic_ns,
         inspect::{self, EpollSets},
         owners::{self, Index},
@@ -18,7 +21,7 @@ use crate::{
         sockdiag::{self, DiagSocket},
     },
     model::{
-        Comm, Holder, Owner, Verdict,
+        Comm, Container, Holder, Owner, Verdict,
         diagnosis::{OwnerState, Threads, readings_words},
         verdict::{Bound, Facts, whose_job},
     },
@@ -161,13 +164,38 @@ pub(crate) fn take(pids: &[u32]) -> Result<Snapshot> {
     } else {
         procs::with_descendants(pids)
     };
-    let mut entries = build(sockets, |inode| owners.get(inode), &keep);
+    let containers = RefCell::new(Containers::default());
+    let owners_of = |inode| {
+        let mut found = owners.get(inode);
+        for o in &mut found {
+            o.container = containers.borrow_mut().of(o.pid);
+        }
+        found
+    };
+    let mut entries = build(sockets, owners_of, &keep);
     inspect_owners(&mut entries);
     Ok(Snapshot {
         entries,
         taken_ns,
         owners,
     })
+}
+
+/// Each owner's container, read once per process.
+#[derive(Default)]
+struct Containers {
+    cgroups: Option<Cgroups>,
+    by_pid: HashMap<u32, Option<Arc<Container>>>,
+}
+
+impl Containers {
+    fn of(&mut self, pid: u32) -> Option<Arc<Container>> {
+        let cgroups = self.cgroups.get_or_insert_with(Cgroups::new);
+        self.by_pid
+            .entry(pid)
+            .or_insert_with(|| cgroups.of(0, pid))
+            .clone()
+    }
 }
 
 /// Owners inspected at most (each costs a read of its fds and threads in /proc).
@@ -389,6 +417,7 @@ mod tests {
             comm: comm.into(),
             fd,
             cgroup_id: None,
+            container: None,
         }
     }
 

@@ -75,6 +75,7 @@ impl Index {
             comm: self.comms.get(&pid).cloned().unwrap_or_else(|| "".into()),
             fd,
             cgroup_id: None,
+            container: None,
         }
     }
 }
@@ -151,6 +152,7 @@ fn owner(pid: u32, fd: i32) -> Owner {
         comm: comm_of(pid),
         fd,
         cgroup_id: None,
+        container: None,
     }
 }
 

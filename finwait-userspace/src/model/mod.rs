@@ -4,22 +4,28 @@ use std::{fmt, net::IpAddr, sync::Arc};
 
 use finwait_common::{Call, tcp_state as st};
 
+pub(crate) mod container;
 pub(crate) mod diagnosis;
 pub(crate) mod escape;
 pub(crate) mod summary;
 pub(crate) mod verdict;
 
+pub(crate) use container::Container;
 pub(crate) use verdict::{Holder, Verdict};
 
 /// A process name, escaped for terminals; shared, so copies cost nothing.
 pub(crate) type Comm = Arc<str>;
 
 /// A process context: who was running when the kernel recorded the event.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Task {
     pub(crate) pid: u32,
     pub(crate) tid: u32,
     pub(crate) comm: Comm,
+    /// The task's cgroup v2 id when it made the call (0: not recorded).
+    pub(crate) cgroup_id: u64,
+    /// What that cgroup says (enriched for reports that are shown).
+    pub(crate) container: Option<Arc<Container>>,
 }
 
 /// A connection's two ends.
@@ -51,13 +57,15 @@ pub(crate) struct KernelOwner {
 }
 
 /// A process holding the socket's file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Owner {
     pub(crate) pid: u32,
     pub(crate) comm: Comm,
     pub(crate) fd: i32,
     /// The cgroup (v2 id) the holder was in when it obtained the socket, when the kernel said.
     pub(crate) cgroup_id: Option<u64>,
+    /// What the holder's cgroup says (enriched for what is shown).
+    pub(crate) container: Option<Arc<Container>>,
 }
 
 impl From<&KernelOwner> for Owner {
@@ -67,6 +75,7 @@ impl From<&KernelOwner> for Owner {
             comm: k.comm.clone(),
             fd: k.fd,
             cgroup_id: Some(k.cgroup_id),
+            container: None,
         }
     }
 }

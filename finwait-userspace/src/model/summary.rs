@@ -1,11 +1,14 @@
 //! What a tracing session found, per process: counted as reports pass, answered when tracing
 //! ends, and the sockets still open that `--stuck` names.
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use finwait_common::tcp_state as st;
 
 use super::{
-    Comm, Endpoints, Holder, Report, Stuck, TransitionReport, Verdict,
+    Comm, Container, Endpoints, Holder, Report, Stuck, TransitionReport, Verdict,
     diagnosis::{FinReading, readings_words},
     verdict::{Bound, Facts, whose_job},
 };
@@ -37,6 +40,7 @@ pub(crate) struct Open {
     pub(crate) half_closed_by: Option<String>,
     pub(crate) ends: Endpoints,
     pub(crate) fd: Option<i32>,
+    pub(crate) container: Option<Arc<Container>>,
     /// Already reported by `--stuck`.
     reported: bool,
 }
@@ -55,20 +59,35 @@ impl Open {
 pub(crate) struct ProcessSummary<'a> {
     pub(crate) pid: u32,
     pub(crate) comm: &'a Comm,
+    pub(crate) container: Option<&'a Container>,
     pub(crate) counts: &'a Counts,
     pub(crate) answer: String,
 }
 
 #[derive(Default)]
 pub(crate) struct Summary {
-    /// pid -> (name, counts). The name is the process's (from its CLOSE_WAIT owners) once known,
+    /// pid -> its line. The name is the process's (from its CLOSE_WAIT owners) once known,
     /// else the calling thread's.
-    by_process: BTreeMap<u32, (Comm, Counts)>,
+    by_process: BTreeMap<u32, Process>,
+    /// Processes dropped to keep the summary bounded: at [`MAX_PROCESSES`], those with nothing
+    /// left open (a long run on a host that forks constantly).
+    pub(crate) processes_dropped: u64,
     open: HashMap<u64, Open>,
     pub(crate) half_closed_ms: Histogram,
     pub(crate) close_wait_ms: Histogram,
     pub(crate) stuck_reported: u64,
 }
+
+/// One process's name, container and counts.
+#[derive(Default)]
+struct Process {
+    comm: Comm,
+    container: Option<Arc<Container>>,
+    counts: Counts,
+}
+
+/// Processes kept in the summary at most.
+const MAX_PROCESSES: usize = 10_000;
 
 /// Power-of-two buckets in milliseconds: `counts[i]` holds values in [2^(i-1), 2^i) ms.
 #[derive(Default, Debug, Clone, PartialEq, Eq)]
@@ -133,7 +152,18 @@ impl Summary {
     }
 
     fn counts(&mut self, pid: u32) -> &mut Counts {
-        &mut self.by_process.entry(pid).or_default().1
+        &mut self.process(pid).counts
+    }
+
+    /// `pid`'s entry, made room for at [`MAX_PROCESSES`].
+    fn process(&mut self, pid: u32) -> &mut Process {
+        if self.by_process.len() >= MAX_PROCESSES && !self.by_process.contains_key(&pid) {
+            let holding: HashSet<u32> = self.open.values().map(|o| o.who).collect();
+            let before = self.by_process.len();
+            self.by_process.retain(|p, _| holding.contains(p));
+            self.processes_dropped += (before - self.by_process.len()) as u64;
+        }
+        self.by_process.entry(pid).or_default()
     }
 
     /// FIN_WAIT2 entered: counted by call under the caller, as its verdict says.
@@ -141,13 +171,16 @@ impl Summary {
         let Some(c) = &t.cause else { return };
         let Some(task) = &c.task else { return };
         let call = c.call_name().to_string();
-        let entry = self.by_process.entry(task.pid).or_default();
-        if entry.0.is_empty() {
-            entry.0 = task.comm.clone();
+        let entry = self.process(task.pid);
+        if entry.comm.is_empty() {
+            entry.comm = task.comm.clone();
+        }
+        if entry.container.is_none() {
+            entry.container.clone_from(&task.container);
         }
         match verdict {
             Some(Verdict::ApplicationMustClose(_)) => {
-                *entry.1.half_closed.entry(call.clone()).or_default() += 1;
+                *entry.counts.half_closed.entry(call.clone()).or_default() += 1;
                 self.open.insert(
                     t.sock,
                     Open {
@@ -156,11 +189,12 @@ impl Summary {
                         half_closed_by: Some(call),
                         ends: t.ends.clone(),
                         fd: c.fd,
+                        container: task.container.clone(),
                         reported: false,
                     },
                 );
             }
-            Some(Verdict::KernelFrees(_)) => *entry.1.orphaned.entry(call).or_default() += 1,
+            Some(Verdict::KernelFrees(_)) => *entry.counts.orphaned.entry(call).or_default() += 1,
             _ => {}
         }
     }
@@ -168,9 +202,12 @@ impl Summary {
     /// CLOSE_WAIT entered: counted under its owner, when known.
     fn close_wait(&mut self, t: &TransitionReport) {
         let Some(o) = &t.owner else { return };
-        let entry = self.by_process.entry(o.pid).or_default();
-        entry.0 = o.comm.clone(); // the process's own name
-        entry.1.close_wait += 1;
+        let entry = self.process(o.pid);
+        entry.comm = o.comm.clone(); // the process's own name
+        if o.container.is_some() {
+            entry.container.clone_from(&o.container);
+        }
+        entry.counts.close_wait += 1;
         self.open.insert(
             t.sock,
             Open {
@@ -179,6 +216,7 @@ impl Summary {
                 half_closed_by: None,
                 ends: t.ends.clone(),
                 fd: Some(o.fd),
+                container: o.container.clone(),
                 reported: false,
             },
         );
@@ -187,7 +225,7 @@ impl Summary {
     fn comm(&self, pid: u32) -> Comm {
         self.by_process
             .get(&pid)
-            .map(|(c, _)| c.clone())
+            .map(|p| p.comm.clone())
             .unwrap_or_else(|| "".into())
     }
 
@@ -198,6 +236,7 @@ impl Summary {
             comm: self.comm(o.who),
             fd: o.fd,
             others: 0,
+            container: o.container.clone(),
         };
         let state = match o.half_closed_by {
             Some(_) => st::FIN_WAIT2,
@@ -247,11 +286,12 @@ impl Summary {
     pub(crate) fn processes(&self) -> impl Iterator<Item = ProcessSummary<'_>> {
         self.by_process
             .iter()
-            .map(|(pid, (comm, counts))| ProcessSummary {
+            .map(|(pid, p)| ProcessSummary {
                 pid: *pid,
-                comm,
-                counts,
-                answer: answer(*pid, comm, counts),
+                comm: &p.comm,
+                container: p.container.as_deref(),
+                counts: &p.counts,
+                answer: answer(*pid, &p.comm, p.container.as_deref(), &p.counts),
             })
     }
 
@@ -298,7 +338,7 @@ impl Summary {
 }
 
 /// One sentence per process: shutdown() or close(), and whose job the clean-up is.
-fn answer(pid: u32, comm: &str, c: &Counts) -> String {
+fn answer(pid: u32, comm: &str, container: Option<&Container>, c: &Counts) -> String {
     let mut parts = Vec::new();
     for (call, n) in &c.half_closed {
         let ended = c.half_closed_ended.get(call).copied().unwrap_or(0).min(*n);
@@ -329,7 +369,9 @@ fn answer(pid: u32, comm: &str, c: &Counts) -> String {
         }
         parts.push(part);
     }
-    format!("{comm}[{pid}]: {}", parts.join("; "))
+    let mut who = format!("{comm}[{pid}]");
+    super::container::write_short(&mut who, container);
+    format!("{who}: {}", parts.join("; "))
 }
 
 #[cfg(test)]
@@ -365,6 +407,7 @@ mod tests {
                 pid: 7,
                 tid: 7,
                 comm: "nginx".into(),
+                ..Default::default()
             }),
             fd: Some(3),
             exact: false,
@@ -393,6 +436,7 @@ mod tests {
                 comm: "python3".into(),
                 fd: 4,
                 cgroup_id: None,
+                container: None,
             });
             let v = t.verdict();
             s.add(&Report::Transition(t), v.as_ref());
@@ -408,11 +452,11 @@ mod tests {
         let v = t.verdict();
         s.add(&Report::Transition(t), v.as_ref());
 
-        let c = &s.by_process[&7].1;
+        let c = &s.by_process[&7].counts;
         assert_eq!(c.half_closed["shutdown(SHUT_WR)"], 3);
         assert_eq!(c.half_closed_ended["shutdown(SHUT_WR)"], 1);
         assert_eq!(c.orphaned["close()"], 1);
-        let p = &s.by_process[&9].1;
+        let p = &s.by_process[&9].counts;
         assert_eq!((p.close_wait, p.close_wait_closed), (2, 1));
         let answers: Vec<String> = s.processes().map(|p| p.answer).collect();
         assert_eq!(

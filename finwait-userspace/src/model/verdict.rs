@@ -5,11 +5,11 @@
 //! socket whose FIN we sent and that a process still holds was half-closed by shutdown(), and
 //! that process must close it (no kernel timeout); one no process holds any more is an orphan,
 //! which the kernel frees within a bound; LAST_ACK, CLOSING, TIME_WAIT and CLOSE need nobody.
-use std::{fmt, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use finwait_common::tcp_state as st;
 
-use super::{Comm, Fw2Exit, Owner, TransitionReport};
+use super::{Comm, Container, Fw2Exit, Owner, TransitionReport, container};
 
 /// Who holds a socket, as the answers name it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,6 +19,7 @@ pub(crate) struct Holder {
     pub(crate) fd: Option<i32>,
     /// Further processes holding it too.
     pub(crate) others: usize,
+    pub(crate) container: Option<Arc<Container>>,
 }
 
 impl Holder {
@@ -39,6 +40,7 @@ impl From<&Owner> for Holder {
             comm: o.comm.clone(),
             fd: Some(o.fd),
             others: 0,
+            container: o.container.clone(),
         }
     }
 }
@@ -52,6 +54,7 @@ impl Holder {
         out.push('[');
         out.push_str(n.format(self.pid));
         out.push(']');
+        container::write_short(out, self.container.as_deref());
         match (self.others, self.fd) {
             (0, Some(fd)) => {
                 out.push_str(" fd ");
@@ -310,6 +313,7 @@ mod tests {
             comm: "python3".into(),
             fd: Some(4),
             others: 0,
+            container: None,
         };
         assert_eq!(
             Verdict::OwnerMustClose(Some(h.clone()))

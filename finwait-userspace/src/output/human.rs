@@ -8,7 +8,7 @@ use super::{Out, Sink, Start, Stats};
 use crate::{
     host::clock::Clock,
     model::{
-        Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Stuck, TransitionReport, Verdict,
+        Cause, CauseKind, container, CloseNoFinReport, Fw2Exit, Report, Stuck, TransitionReport, Verdict,
         state_name,
         summary::{Histogram, Summary},
     },
@@ -164,7 +164,9 @@ fn write_who(out: &mut String, c: &Cause) {
             out.push_str(n.format(t.pid));
             out.push('/');
             out.push_str(n.format(t.tid));
-            out.push_str("] fd ");
+            out.push(']');
+            container::write_short(out, t.container.as_deref());
+            out.push_str(" fd ");
             out.push_str(n.format(fd));
         }
         // Only the kernel hook saw it: no syscall of ours carried an fd (io_uring, ...).
@@ -590,6 +592,7 @@ mod tests {
                 pid: 123456,
                 tid: 123457,
                 comm: "nginx-worker-15".into(),
+                ..Default::default()
             }),
             fd: Some(1017),
             exact: true,

@@ -8,7 +8,7 @@ use super::{Out, Sink};
 use crate::{
     host::clock::{Clock, monotonic_ns},
     model::{
-        Cause, CloseNoFinReport, Endpoints, Fw2Exit, Owner, Report, Stuck, TransitionReport,
+        Cause, CloseNoFinReport, Container, Endpoints, Fw2Exit, Owner, Report, Stuck, TransitionReport,
         Verdict,
         diagnosis::{FinReading, OwnerState, Polled, epoll_events},
         how_name, state_name,
@@ -73,6 +73,8 @@ pub(crate) struct Stats {
     pub(crate) owners_verified: u64,
     pub(crate) owner_scans: u64,
     pub(crate) owner_lookups_timed_out: u64,
+    /// Tasks whose container could not be found (their cgroup was gone).
+    pub(crate) containers_unresolved: u64,
     pub(crate) rss_kib: u64,
     pub(crate) kernel_run_time: BTreeMap<String, RunTime>,
 }
@@ -129,6 +131,35 @@ impl From<&Endpoints> for Conn {
     }
 }
 
+/// Where a task runs: OpenTelemetry's resource attribute names where they exist.
+#[derive(Serialize)]
+pub(crate) struct ContainerJson<'a> {
+    cgroup: &'a str,
+    #[serde(rename = "container.id", skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(rename = "container.runtime", skip_serializing_if = "Option::is_none")]
+    runtime: Option<&'static str>,
+    #[serde(rename = "k8s.pod.uid", skip_serializing_if = "Option::is_none")]
+    pod_uid: Option<&'a str>,
+    #[serde(rename = "k8s.pod.qos_class", skip_serializing_if = "Option::is_none")]
+    qos: Option<&'static str>,
+    #[serde(rename = "systemd.unit", skip_serializing_if = "Option::is_none")]
+    systemd_unit: Option<&'a str>,
+}
+
+impl<'a> ContainerJson<'a> {
+    fn of(c: Option<&'a Container>) -> Option<Self> {
+        c.map(|c| Self {
+            cgroup: &c.cgroup,
+            id: c.id.as_deref(),
+            runtime: c.runtime,
+            pod_uid: c.pod_uid.as_deref(),
+            qos: c.qos,
+            systemd_unit: c.systemd_unit.as_deref(),
+        })
+    }
+}
+
 #[derive(Serialize)]
 pub(crate) struct CauseJson<'a> {
     call: &'static str,
@@ -138,6 +169,8 @@ pub(crate) struct CauseJson<'a> {
     comm: Option<&'a str>,
     fd: Option<i32>,
     exact: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<ContainerJson<'a>>,
 }
 
 impl<'a> From<&'a Cause> for CauseJson<'a> {
@@ -150,6 +183,7 @@ impl<'a> From<&'a Cause> for CauseJson<'a> {
             comm: c.task.as_ref().map(|t| &*t.comm),
             fd: c.fd,
             exact: c.exact,
+            container: ContainerJson::of(c.task.as_ref().and_then(|t| t.container.as_deref())),
         }
     }
 }
@@ -161,6 +195,8 @@ pub(crate) struct OwnerJson<'a> {
     fd: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<ContainerJson<'a>>,
 }
 
 impl<'a> From<&'a Owner> for OwnerJson<'a> {
@@ -170,6 +206,7 @@ impl<'a> From<&'a Owner> for OwnerJson<'a> {
             comm: &o.comm,
             fd: o.fd,
             cgroup_id: o.cgroup_id,
+            container: ContainerJson::of(o.container.as_deref()),
         }
     }
 }
@@ -251,6 +288,8 @@ pub(crate) struct CloseNoFin<'a> {
     tid: u32,
     comm: &'a str,
     fd: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<ContainerJson<'a>>,
     remaining_refs: u64,
     holders: Vec<OwnerJson<'a>>,
     state: Option<&'static str>,
@@ -271,6 +310,7 @@ impl<'a> CloseNoFin<'a> {
             tid: n.task.tid,
             comm: &n.task.comm,
             fd: n.fd,
+            container: ContainerJson::of(n.task.container.as_deref()),
             remaining_refs: n.remaining_refs,
             holders: n.holders.iter().map(OwnerJson::from).collect(),
             state: n.state.map(state_name),
@@ -290,6 +330,8 @@ pub(crate) struct StuckEvent<'a> {
     pid: u32,
     comm: &'a str,
     fd: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<ContainerJson<'a>>,
     stuck_s: f64,
     verdict: &'static str,
     owner_state: Option<OwnerStateJson>,
@@ -306,6 +348,7 @@ impl<'a> StuckEvent<'a> {
             pid: s.holder.pid,
             comm: &s.holder.comm,
             fd: s.holder.fd,
+            container: ContainerJson::of(s.holder.container.as_deref()),
             stuck_s: s.stuck_ns as f64 / 1e9,
             verdict: s.verdict.name(),
             owner_state: s.owner_state.as_ref().map(|o| {
@@ -321,6 +364,8 @@ impl<'a> StuckEvent<'a> {
 pub(crate) struct ProcessJson<'a> {
     pid: u32,
     comm: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<ContainerJson<'a>>,
     fin_wait2_half_closed: &'a BTreeMap<String, u64>,
     fin_wait2_half_closed_ended: &'a BTreeMap<String, u64>,
     fin_wait2_orphaned: &'a BTreeMap<String, u64>,
@@ -353,6 +398,8 @@ pub(crate) struct SummaryEvent<'a> {
     still_stuck: usize,
     longest_stuck: Vec<LongestJson>,
     stuck_reported: u64,
+    /// Processes left out to keep a long run's summary bounded (nothing of theirs still open).
+    processes_dropped: u64,
 }
 
 impl<'a> SummaryEvent<'a> {
@@ -368,6 +415,7 @@ impl<'a> SummaryEvent<'a> {
                 .map(|p| ProcessJson {
                     pid: p.pid,
                     comm: p.comm,
+                    container: ContainerJson::of(p.container),
                     fin_wait2_half_closed: &p.counts.half_closed,
                     fin_wait2_half_closed_ended: &p.counts.half_closed_ended,
                     fin_wait2_orphaned: &p.counts.orphaned,
@@ -392,6 +440,7 @@ impl<'a> SummaryEvent<'a> {
                 })
                 .collect(),
             stuck_reported: s.stuck_reported,
+            processes_dropped: s.processes_dropped,
         }
     }
 }
@@ -708,6 +757,7 @@ mod tests {
             pid: 1,
             tid: 1,
             comm: "x".into(),
+            ..Default::default()
         }
     }
 
@@ -726,6 +776,7 @@ mod tests {
             comm: "x".into(),
             fd: 3,
             cgroup_id: Some(1),
+            container: None,
         });
         closed.close_wait_ns = Some(1);
         vec![handed_over, closed]

@@ -10,8 +10,10 @@ use crate::{
     snapshot::Entry,
 };
 
+pub(crate) mod endpoint;
 pub(crate) mod human;
 pub(crate) mod json;
+pub(crate) mod metrics;
 
 pub(crate) use json::{Start, Stats};
 
@@ -29,16 +31,82 @@ pub(crate) trait Sink {
     fn summary(&mut self, s: &Summary, now_ns: u64) -> io::Result<()>;
     /// The counters, at exit.
     fn stats(&mut self, s: &Stats) -> io::Result<()>;
+    /// The counters, every second while tracing (for sinks that keep them current).
+    fn health(&mut self, _s: &Stats) -> io::Result<()> {
+        Ok(())
+    }
     fn flush(&mut self) -> io::Result<()>;
 }
 
-/// The sink `--json` asks for, on stdout.
-pub(crate) fn for_stdout(json: bool, style: human::Style) -> Box<dyn Sink> {
+/// The sink `--json` asks for, on stdout; with `summary_only`, without the live reports.
+pub(crate) fn for_stdout(json: bool, style: human::Style, summary_only: bool) -> Box<dyn Sink> {
     let out = Out::new(Box::new(io::stdout().lock()));
-    if json {
+    let sink: Box<dyn Sink> = if json {
         Box::new(json::JsonSink::new(out))
     } else {
         Box::new(human::HumanSink::new(out, style))
+    };
+    if summary_only {
+        Box::new(SummaryOnly(sink))
+    } else {
+        sink
+    }
+}
+
+/// Every sink gets everything (stdout and the metrics endpoint, side by side).
+pub(crate) struct Tee(pub(crate) Vec<Box<dyn Sink>>);
+
+impl Sink for Tee {
+    fn start(&mut self, s: &Start) -> io::Result<()> {
+        self.0.iter_mut().try_for_each(|k| k.start(s))
+    }
+    fn snapshot(&mut self, entries: &[Entry], detail: bool) -> io::Result<()> {
+        self.0.iter_mut().try_for_each(|k| k.snapshot(entries, detail))
+    }
+    fn report(&mut self, r: &Report, verdict: Option<&Verdict>) -> io::Result<()> {
+        self.0.iter_mut().try_for_each(|k| k.report(r, verdict))
+    }
+    fn stuck(&mut self, s: &Stuck) -> io::Result<()> {
+        self.0.iter_mut().try_for_each(|k| k.stuck(s))
+    }
+    fn summary(&mut self, s: &Summary, now_ns: u64) -> io::Result<()> {
+        self.0.iter_mut().try_for_each(|k| k.summary(s, now_ns))
+    }
+    fn stats(&mut self, s: &Stats) -> io::Result<()> {
+        self.0.iter_mut().try_for_each(|k| k.stats(s))
+    }
+    fn health(&mut self, s: &Stats) -> io::Result<()> {
+        self.0.iter_mut().try_for_each(|k| k.health(s))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.iter_mut().try_for_each(|k| k.flush())
+    }
+}
+
+/// `--summary-only`: a sink without the live reports.
+struct SummaryOnly(Box<dyn Sink>);
+
+impl Sink for SummaryOnly {
+    fn start(&mut self, s: &Start) -> io::Result<()> {
+        self.0.start(s)
+    }
+    fn snapshot(&mut self, entries: &[Entry], detail: bool) -> io::Result<()> {
+        self.0.snapshot(entries, detail)
+    }
+    fn report(&mut self, _r: &Report, _verdict: Option<&Verdict>) -> io::Result<()> {
+        Ok(())
+    }
+    fn stuck(&mut self, s: &Stuck) -> io::Result<()> {
+        self.0.stuck(s)
+    }
+    fn summary(&mut self, s: &Summary, now_ns: u64) -> io::Result<()> {
+        self.0.summary(s, now_ns)
+    }
+    fn stats(&mut self, s: &Stats) -> io::Result<()> {
+        self.0.stats(s)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
     }
 }
 

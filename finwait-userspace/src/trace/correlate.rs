@@ -592,6 +592,7 @@ mod tests {
             pid,
             tid,
             comm: comm.into(),
+            ..Default::default()
         }
     }
     fn ends(lport: u16, rport: u16) -> Endpoints {

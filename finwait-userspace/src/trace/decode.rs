@@ -14,6 +14,8 @@ fn task_of(e: &Event) -> Task {
         pid: (e.pid_tgid >> 32) as u32,
         tid: e.pid_tgid as u32,
         comm: comm(&e.comm),
+        cgroup_id: e.cgroup_id,
+        container: None,
     }
 }
 
@@ -233,7 +235,8 @@ mod tests {
             Task {
                 pid: 10,
                 tid: 11,
-                comm: "nginx".into()
+                comm: "nginx".into(),
+                ..Default::default()
             }
         );
         let Decoded::Transition(StateChange { ends, sk_flags, .. }) = r.what else {

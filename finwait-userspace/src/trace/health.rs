@@ -58,6 +58,7 @@ impl KernelCounters {
             owners_verified: o.verified,
             owner_scans: p.resolver.scans(),
             owner_lookups_timed_out: o.timed_out,
+            containers_unresolved: p.cgroups.unresolved,
             rss_kib: rss_kib(),
             kernel_run_time: run_time(ebpf),
         }

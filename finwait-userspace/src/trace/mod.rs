@@ -33,6 +33,8 @@ use resolve::Resolver;
 
 /// Drains at least this often even without a wake-up (the kernel side batches wake-ups).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// `--metrics`: finwait's own counters are brought up to date this often.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// Read the loss counters (a syscall per program) at most this often.
 const LOSS_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Wake userspace once this fraction of the ring is used; the timer drains the rest.
@@ -55,6 +57,11 @@ pub(crate) struct Options {
     pub(crate) ipv6: Option<bool>,
     /// Print only the summary at the end.
     pub(crate) summary_only: bool,
+    /// Print nothing on stdout.
+    pub(crate) quiet: bool,
+    /// Serve metrics here.
+    pub(crate) metrics: Option<std::net::SocketAddr>,
+    pub(crate) metrics_max_workloads: usize,
     /// Report sockets half-closed or in CLOSE_WAIT for this long, once each.
     pub(crate) stuck: Option<Duration>,
     /// Human lines show wall-clock time instead of seconds since start.
@@ -97,10 +104,9 @@ pub(crate) type Stopper = Option<oneshot::Receiver<()>>;
 /// process has exited. `on_ready` runs once the programs are attached.
 pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -> Result<()> {
     procs::check_exists(&opts.pids)?;
+    let sinks = sinks(&opts).await?;
     let mut loaded = loader::load(&opts.loader_options())?;
     let fin_timeout_s = netns::own_fin_timeout();
-    let style = Style::for_stdout(opts.wall_clock, monotonic_ns());
-    let sink = output::for_stdout(opts.json, style);
     let refs_zero_based = loaded
         .offsets
         .is_some_and(|o| o.file_ref_is_zero_based == 1);
@@ -108,9 +114,8 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
         Correlator::new(refs_zero_based),
         Resolver::new(owners::Scanner::start(owners::scan)),
         Filter::new(&opts),
-        sink,
+        sinks,
         fin_timeout_s,
-        opts.summary_only,
     );
     announce(&opts, &loaded, fin_timeout_s, &mut p)?;
     if !health::skips_counted(&loaded.ebpf) {
@@ -128,6 +133,23 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
     on_ready();
     let kernel = take_maps(&opts, &mut loaded, &mut p)?;
     trace(&opts, &loaded.ebpf, kernel, &mut p, stop).await
+}
+
+/// Where the findings go: stdout (unless `--quiet`), and the `--metrics` endpoint, whose
+/// port is taken here, before anything loads.
+async fn sinks(o: &Options) -> Result<Box<dyn output::Sink>> {
+    let mut sinks: Vec<Box<dyn output::Sink>> = Vec::new();
+    if !o.quiet {
+        let style = Style::for_stdout(o.wall_clock, monotonic_ns());
+        sinks.push(output::for_stdout(o.json, style, o.summary_only));
+    }
+    if let Some(addr) = o.metrics {
+        let listener = output::endpoint::bind(addr).await?;
+        let (sink, registry) = output::metrics::MetricsSink::new(o.metrics_max_workloads);
+        tokio::spawn(output::endpoint::serve(listener, std::sync::Arc::new(registry)));
+        sinks.push(Box::new(sink));
+    }
+    Ok(Box::new(output::Tee(sinks)))
 }
 
 /// Warnings about what is off, and the start event.
@@ -198,6 +220,7 @@ async fn trace(
     tokio::pin!(deadline);
     let mut stats_tick = o.stats_every.map(tokio::time::interval);
     let mut gone_check = tokio::time::interval(Duration::from_secs(1));
+    let mut health_tick = tokio::time::interval(HEALTH_EVERY);
     // --pid only (a --comm may match a process started later).
     let watch_targets = !o.pids.is_empty() && o.comms.is_empty();
     let mut tick = tokio::time::interval(DRAIN_EVERY);
@@ -214,6 +237,7 @@ async fn trace(
             _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
                 stats_to_stderr(&kernel.stats(ebpf, p))?;
             }
+            _ = health_tick.tick(), if o.metrics.is_some() => p.sink.health(&kernel.stats(ebpf, p))?,
             _ = gone_check.tick(), if watch_targets => if p.filter.none_left() {
                 eprintln!("finwait-trace: every traced process has exited (and no descendant is left); stopping");
                 break;

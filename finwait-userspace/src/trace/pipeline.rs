@@ -15,13 +15,14 @@ use super::{
 };
 use crate::{
     host::{
+        cgroup::Cgroups,
         clock::monotonic_ns,
         inspect::{self, EpollSets},
         netns::FinTimeouts,
         sockdiag,
     },
     model::{
-        Report, Stuck,
+        Owner, Report, Stuck, Task,
         diagnosis::{OwnerState, Threads},
         summary::Summary,
     },
@@ -33,11 +34,11 @@ pub(crate) struct Pipeline {
     pub(crate) resolver: Resolver,
     pub(crate) filter: Filter,
     fin_timeouts: FinTimeouts,
+    pub(crate) cgroups: Cgroups,
     /// `tcp_fin_timeout` of the tracer's own namespace (where a socket's cannot be read).
     own_fin_timeout_s: u64,
     pub(crate) summary: Summary,
     pub(crate) sink: Box<dyn Sink>,
-    summary_only: bool,
     inspector: Inspector,
     /// Reports of the record being correlated.
     batch: Vec<Report>,
@@ -52,17 +53,16 @@ impl Pipeline {
         filter: Filter,
         sink: Box<dyn Sink>,
         own_fin_timeout_s: u64,
-        summary_only: bool,
     ) -> Self {
         Self {
             correlator,
             resolver,
             filter,
             fin_timeouts: FinTimeouts::default(),
+            cgroups: Cgroups::new(),
             own_fin_timeout_s,
             summary: Summary::default(),
             sink,
-            summary_only,
             inspector: Inspector::default(),
             batch: Vec::new(),
             ready: Vec::new(),
@@ -106,21 +106,42 @@ impl Pipeline {
             if let Report::Transition(t) = r {
                 self.enrich(t);
             }
+            self.identify(r);
             // Whose job it is: decided once, here, for the summary and the sink.
             let verdict = match r {
                 Report::Transition(t) => t.verdict(),
                 Report::CloseNoFin(_) => None,
             };
             self.summary.add(r, verdict.as_ref());
-            if self.summary_only {
-                return Ok(());
-            }
             self.sink.report(r, verdict.as_ref())
         });
         ready.clear();
         self.ready = ready;
         written?;
         self.sink.flush()
+    }
+
+    /// The container of every task the report names, from the cgroup the kernel recorded.
+    fn identify(&mut self, r: &mut Report) {
+        let cg = &mut self.cgroups;
+        let task = |t: &mut Task, cg: &mut Cgroups| t.container = cg.of(t.cgroup_id, t.pid);
+        let owner = |o: &mut Owner, cg: &mut Cgroups| {
+            o.container = cg.of(o.cgroup_id.unwrap_or(0), o.pid);
+        };
+        match r {
+            Report::Transition(t) => {
+                if let Some(t) = t.cause.as_mut().and_then(|c| c.task.as_mut()) {
+                    task(t, cg);
+                }
+                if let Some(o) = &mut t.owner {
+                    owner(o, cg);
+                }
+            }
+            Report::CloseNoFin(n) => {
+                task(&mut n.task, cg);
+                n.holders.iter_mut().for_each(|o| owner(o, cg));
+            }
+        }
     }
 
     /// The tcp_fin_timeout of the socket's network namespace, read in the namespace of the task

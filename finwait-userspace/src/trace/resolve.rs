@@ -79,7 +79,8 @@ fn closer(t: &TransitionReport) -> Option<Owner> {
         pid: task.pid,
         comm: task.comm.clone(),
         fd: c.fd?,
-        cgroup_id: None,
+        cgroup_id: (task.cgroup_id != 0).then_some(task.cgroup_id),
+        container: task.container.clone(),
     })
 }
 

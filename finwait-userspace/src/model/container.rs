@@ -1,0 +1,259 @@
+//! Which container, pod and systemd unit a task runs in, read from its cgroup path: the
+//! identity every output names a workload by. Pure: the path comes from [`crate::host::cgroup`].
+use std::sync::Arc;
+
+/// A cgroup path's meaning. Fields are `None` where the path does not say; shared strings, as
+/// they become metric labels on every report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Container {
+    /// The cgroup v2 path (or, on v1-only hosts, the path of the systemd hierarchy).
+    pub(crate) cgroup: String,
+    /// The container's id (`container.id`): 64 hex digits for docker, containerd, cri-o and
+    /// podman; the container's name for LXC.
+    pub(crate) id: Option<Arc<str>>,
+    /// `docker`, `containerd`, `cri-o`, `podman` or `lxc` (`container.runtime`).
+    pub(crate) runtime: Option<&'static str>,
+    /// The Kubernetes pod's UID (`k8s.pod.uid`), with dashes.
+    pub(crate) pod_uid: Option<Arc<str>>,
+    /// The pod's QoS class: `guaranteed`, `burstable` or `besteffort`.
+    pub(crate) qos: Option<&'static str>,
+    /// The innermost systemd unit (`nginx.service`, `docker-<id>.scope`).
+    pub(crate) systemd_unit: Option<Arc<str>>,
+}
+
+impl Container {
+    /// Reads a cgroup path, e.g.
+    /// `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`.
+    pub(crate) fn from_path(path: &str) -> Self {
+        let mut c = Container {
+            cgroup: path.to_string(),
+            ..Default::default()
+        };
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        for (i, part) in parts.iter().enumerate() {
+            if let Some(unit) = systemd_unit(part) {
+                c.systemd_unit = Some(unit.into());
+            }
+            if let Some((runtime, id)) = container_id(part, i.checked_sub(1).map(|p| parts[p])) {
+                c.runtime = Some(runtime);
+                c.id = Some(id.into());
+            }
+            if let Some(uid) = pod_uid(part) {
+                c.pod_uid = Some(uid.into());
+            }
+            if let Some(q) = qos(part) {
+                c.qos = Some(q);
+            }
+        }
+        if c.pod_uid.is_some() && c.qos.is_none() {
+            c.qos = Some("guaranteed"); // a pod directly under kubepods
+        }
+        c
+    }
+
+    /// For human lines: `docker:3f2a9c1b7d4e` (12 digits, as `docker ps` shows), `lxc:web`;
+    /// None without a container.
+    pub(crate) fn short(&self) -> Option<String> {
+        let id = self.id.as_deref()?;
+        let shown = if is_hex_id(id) { &id[..12] } else { id };
+        Some(format!("{}:{shown}", self.runtime.unwrap_or("container")))
+    }
+}
+
+/// ` (docker:3f2a9c1b7d4e)` after a process's name, where it runs in a container.
+pub(crate) fn write_short(out: &mut String, c: Option<&Container>) {
+    if let Some(short) = c.and_then(Container::short) {
+        out.push_str(" (");
+        out.push_str(&short);
+        out.push(')');
+    }
+}
+
+/// `docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`,
+/// cgroupfs-driver directories named by the bare id, and LXC's `lxc.payload.<name>` or
+/// `lxc/<name>`. Conmon's own scopes (`crio-conmon-`, `libpod-conmon-`) are not the container.
+fn container_id<'a>(part: &'a str, parent: Option<&str>) -> Option<(&'static str, &'a str)> {
+    const SCOPES: [(&str, &str); 5] = [
+        ("docker-", "docker"),
+        ("cri-containerd-", "containerd"),
+        ("crio-", "cri-o"),
+        ("libpod-", "podman"),
+        ("containerd-", "containerd"),
+    ];
+    let bare = part.strip_suffix(".scope").unwrap_or(part);
+    for (prefix, runtime) in SCOPES {
+        if let Some(id) = bare.strip_prefix(prefix)
+            && is_hex_id(id)
+        {
+            return Some((runtime, id));
+        }
+    }
+    if let Some(name) = part.strip_prefix("lxc.payload.") {
+        return Some(("lxc", name));
+    }
+    match parent {
+        Some("lxc") => Some(("lxc", part)),
+        Some("docker") if is_hex_id(part) => Some(("docker", part)),
+        Some("libpod_parent") => bare
+            .strip_prefix("libpod-")
+            .filter(|id| is_hex_id(id))
+            .map(|id| ("podman", id)),
+        // kubepods/<qos>/pod<uid>/<id> (cgroupfs driver): the runtime is not in the path.
+        Some(p) if p.starts_with("pod") && is_hex_id(part) => Some(("containerd", part)),
+        _ => None,
+    }
+}
+
+fn is_hex_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `kubepods-burstable-pod<uid>.slice` (dashes in the uid written as `_`) or `pod<uid>`.
+fn pod_uid(part: &str) -> Option<String> {
+    let bare = part.strip_suffix(".slice").unwrap_or(part);
+    let uid = match bare.strip_prefix("pod") {
+        Some(uid) => uid,
+        None if bare.starts_with("kubepods-") => &bare[bare.rfind("-pod")? + 4..],
+        None => return None,
+    };
+    let uid = uid.replace('_', "-");
+    let looks_like_uid = uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    looks_like_uid.then_some(uid)
+}
+
+/// `kubepods-burstable.slice`, `kubepods/besteffort`.
+fn qos(part: &str) -> Option<&'static str> {
+    let bare = part.strip_suffix(".slice").unwrap_or(part);
+    let class = bare.strip_prefix("kubepods-").unwrap_or(bare);
+    match class {
+        "burstable" => Some("burstable"),
+        "besteffort" => Some("besteffort"),
+        _ => None,
+    }
+}
+
+fn systemd_unit(part: &str) -> Option<&str> {
+    (part.ends_with(".service") || part.ends_with(".scope")).then_some(part)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "3f2a9c1b7d4e5f60718293a4b5c6d7e8f0112233445566778899aabbccddeeff";
+    const UID: &str = "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
+
+    fn uid_(s: &str) -> String {
+        s.replace('-', "_")
+    }
+
+    #[test]
+    fn docker_with_the_systemd_driver() {
+        let c = Container::from_path(&format!("/system.slice/docker-{ID}.scope"));
+        assert_eq!(c.id.as_deref(), Some(ID));
+        assert_eq!(c.runtime, Some("docker"));
+        assert_eq!(c.systemd_unit.as_deref(), Some(format!("docker-{ID}.scope").as_str()));
+        assert_eq!(c.pod_uid, None);
+        assert_eq!(c.short().as_deref(), Some("docker:3f2a9c1b7d4e"));
+    }
+
+    #[test]
+    fn docker_with_the_cgroupfs_driver() {
+        let c = Container::from_path(&format!("/docker/{ID}"));
+        assert_eq!((c.runtime, c.id.as_deref()), (Some("docker"), Some(ID)));
+        assert_eq!(c.systemd_unit.as_deref(), None);
+    }
+
+    #[test]
+    fn containerd_in_a_burstable_pod() {
+        let p = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{ID}.scope",
+            uid_(UID)
+        );
+        let c = Container::from_path(&p);
+        assert_eq!((c.runtime, c.id.as_deref()), (Some("containerd"), Some(ID)));
+        assert_eq!(c.pod_uid.as_deref(), Some(UID));
+        assert_eq!(c.qos, Some("burstable"));
+    }
+
+    #[test]
+    fn containerd_in_a_besteffort_pod_with_the_cgroupfs_driver() {
+        let c = Container::from_path(&format!("/kubepods/besteffort/pod{UID}/{ID}"));
+        assert_eq!(c.id.as_deref(), Some(ID));
+        assert_eq!(c.pod_uid.as_deref(), Some(UID));
+        assert_eq!(c.qos, Some("besteffort"));
+    }
+
+    #[test]
+    fn guaranteed_pods_sit_directly_under_kubepods() {
+        let p = format!(
+            "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{ID}.scope",
+            uid_(UID)
+        );
+        let c = Container::from_path(&p);
+        assert_eq!(c.pod_uid.as_deref(), Some(UID));
+        assert_eq!(c.qos, Some("guaranteed"));
+    }
+
+    #[test]
+    fn cri_o_and_not_its_conmon() {
+        let p = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{ID}.scope",
+            uid_(UID)
+        );
+        let c = Container::from_path(&p);
+        assert_eq!((c.runtime, c.id.as_deref()), (Some("cri-o"), Some(ID)));
+        assert_eq!(c.qos, Some("besteffort"));
+        let conmon = Container::from_path(&format!("/machine.slice/crio-conmon-{ID}.scope"));
+        assert_eq!(conmon.id, None);
+    }
+
+    #[test]
+    fn podman_rootless_and_rootful() {
+        let p = format!(
+            "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope"
+        );
+        let c = Container::from_path(&p);
+        assert_eq!((c.runtime, c.id.as_deref()), (Some("podman"), Some(ID)));
+        assert_eq!(c.systemd_unit.as_deref(), Some(format!("libpod-{ID}.scope").as_str()));
+        let c = Container::from_path(&format!("/machine.slice/libpod-{ID}.scope/container"));
+        assert_eq!(c.id.as_deref(), Some(ID));
+        let c = Container::from_path(&format!("/libpod_parent/libpod-{ID}"));
+        assert_eq!(c.id.as_deref(), Some(ID));
+    }
+
+    #[test]
+    fn lxc_by_name() {
+        let c = Container::from_path("/lxc.payload.web01/system.slice/nginx.service");
+        assert_eq!((c.runtime, c.id.as_deref()), (Some("lxc"), Some("web01")));
+        assert_eq!(c.systemd_unit.as_deref(), Some("nginx.service"));
+        assert_eq!(c.short().as_deref(), Some("lxc:web01"));
+        let c = Container::from_path("/lxc/db");
+        assert_eq!(c.id.as_deref(), Some("db"));
+    }
+
+    #[test]
+    fn a_systemd_service_is_no_container() {
+        let c = Container::from_path("/system.slice/nginx.service");
+        assert_eq!(c.systemd_unit.as_deref(), Some("nginx.service"));
+        assert_eq!((c.short(), c.id, c.pod_uid), (None, None, None));
+        let root = Container::from_path("/");
+        assert_eq!(root, Container {
+            cgroup: "/".into(),
+            ..Default::default()
+        });
+    }
+
+    #[test]
+    fn names_that_only_look_alike_are_not_ids() {
+        for p in [
+            "/system.slice/docker.service",
+            "/system.slice/docker-abc.scope",
+            "/user.slice/podcast.slice",
+            "/kubepods.slice/kubepods-burstable.slice",
+        ] {
+            let c = Container::from_path(p);
+            assert_eq!((c.id.as_deref(), c.pod_uid.as_deref()), (None, None), "{p}");
+        }
+    }
+}

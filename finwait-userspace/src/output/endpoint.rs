@@ -1,0 +1,80 @@
+//! The `--metrics` HTTP endpoint: `GET /metrics` answers with the registry in the OpenMetrics
+//! text format, on the tokio runtime the tracer already runs. Nothing else is served.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// A scraper that sends no request within this long is dropped.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Scrapes served at once at most (a scraper that opens many connections cannot pile them up).
+const MAX_CONNECTIONS: usize = 64;
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Binds `addr` (before the programs load: a taken port fails at once).
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics {addr}: cannot listen there"))
+}
+
+/// Serves `registry` until the runtime stops.
+pub(crate) async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of fds, most likely: wait instead of spinning on the error.
+                eprintln!("finwait-trace: warning: --metrics: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: the scraper retries
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let r = respond(&req, &registry);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            drop(slot);
+        });
+    }
+}
+
+fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, kind: &str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        if let Ok(v) = kind.parse() {
+            r.headers_mut().insert(header::CONTENT_TYPE, v);
+        }
+        r
+    };
+    let text = "text/plain; charset=utf-8";
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, text, "finwait-trace serves /metrics\n".into());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, text, "GET /metrics\n".into());
+    }
+    let mut body = String::with_capacity(16 * 1024);
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) => reply(StatusCode::OK, OPENMETRICS, body),
+        Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, text, "encoding failed\n".into()),
+    }
+}
