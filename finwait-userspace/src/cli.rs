@@ -303,7 +303,9 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--state", "HALF_OPEN"]).is_err());
         assert!(Cli::try_parse_from(["x", "-4", "-6"]).is_err());
         // Gauges need every transition out of a state: no --state with --metrics.
-        assert!(Cli::try_parse_from(["x", "--metrics", "[::]:9977", "--state", "CLOSE_WAIT"]).is_err());
+        assert!(
+            Cli::try_parse_from(["x", "--metrics", "[::]:9977", "--state", "CLOSE_WAIT"]).is_err()
+        );
         assert!(Cli::try_parse_from(["x", "--metrics", "9977"]).is_err());
         assert!(Cli::try_parse_from(["x", "--metrics-max-workloads", "5"]).is_err());
         let m = Cli::try_parse_from(["x", "--metrics", "127.0.0.1:9977", "-q"]).unwrap();

@@ -393,6 +393,43 @@ fn install_peers() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// The metrics tests scrape finwait with a real Prometheus server (Debian's `prometheus`, also
+/// the deploy/ checks' `promtool`). Installing must not start the packaged service.
+fn install_prometheus() -> Result<()> {
+    if Path::new("/usr/bin/prometheus").exists() {
+        return Ok(());
+    }
+    if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
+        bail!("the metrics tests need Prometheus: apt-get install prometheus");
+    }
+    eprintln!("xtask: installing prometheus (for the metrics tests)...");
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let install = || {
+        sh(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "prometheus",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    let done = install().or_else(|_| {
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        install()
+    });
+    if ours {
+        std::fs::remove_file(policy)?;
+    }
+    done
+}
+
 /// Release builds of finwait-userspace's examples (the benchmark drivers).
 fn build_examples(names: &[&str]) -> Result<()> {
     let mut cmd = cargo();
@@ -426,6 +463,7 @@ fn build_tracer(release: bool) -> Result<PathBuf> {
 
 /// Runs the workspace's tests on this kernel, as root, with `extra` after `--`.
 fn host_tests(extra: &[String]) -> Result<()> {
+    install_prometheus()?;
     // Build first as the invoking user, so a sudo run only executes.
     sh(cargo().args([
         "test",

@@ -398,7 +398,9 @@ fn init_script(runs: &[Run], modules: &[String]) -> String {
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev\n\
-         ip link set lo up\n",
+         mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
+         ip link set lo up\n\
+         export FINWAIT_TEST_NO_PROMETHEUS=1\n",
     );
     for m in modules {
         s += &format!("insmod /lib/modules/{m}.ko || echo '{MARK} module {m} failed'\n");

@@ -15,6 +15,8 @@ use crate::model::Container;
 const MAX_KNOWN: usize = 16_384;
 /// The cgroup tree is walked again for an unknown id at most this often (new containers).
 const REINDEX_AFTER: Duration = Duration::from_secs(2);
+/// A process's /proc answer is reused this long (a pid is reused only after wrapping around).
+const PROC_ANSWER_FOR: Duration = Duration::from_secs(10);
 
 pub(crate) struct Cgroups {
     /// Where cgroup v2 is mounted (None on v1-only hosts).
@@ -22,6 +24,8 @@ pub(crate) struct Cgroups {
     /// id -> what its path says.
     known: HashMap<u64, Arc<Container>>,
     indexed_at: Option<Instant>,
+    /// pid -> what its /proc/PID/cgroup said, and when (where the id says nothing).
+    by_pid: HashMap<u32, (Instant, Option<Arc<Container>>)>,
     /// Tasks whose cgroup could not be found (exited, and their cgroup removed).
     pub(crate) unresolved: u64,
 }
@@ -36,6 +40,7 @@ impl Cgroups {
             root,
             known: HashMap::new(),
             indexed_at: None,
+            by_pid: HashMap::new(),
             unresolved: 0,
         }
     }
@@ -47,24 +52,43 @@ impl Cgroups {
             if let Some(c) = self.known.get(&id) {
                 return Some(c.clone());
             }
-            if self.indexed_at.is_none_or(|at| at.elapsed() >= REINDEX_AFTER) {
+            if self
+                .indexed_at
+                .is_none_or(|at| at.elapsed() >= REINDEX_AFTER)
+            {
                 self.index();
                 if let Some(c) = self.known.get(&id) {
                     return Some(c.clone());
                 }
             }
         }
+        self.of_process(pid)
+    }
+
+    /// From /proc/PID/cgroup, each process read once per [`PROC_ANSWER_FOR`].
+    fn of_process(&mut self, pid: u32) -> Option<Arc<Container>> {
+        if let Some((at, c)) = self.by_pid.get(&pid)
+            && at.elapsed() < PROC_ANSWER_FOR
+        {
+            return c.clone();
+        }
         let found = from_proc(pid).map(|p| Arc::new(Container::from_path(&p)));
         if found.is_none() {
             self.unresolved += 1;
         }
+        if self.by_pid.len() >= MAX_KNOWN {
+            self.by_pid.clear();
+        }
+        self.by_pid.insert(pid, (Instant::now(), found.clone()));
         found
     }
 
     /// Walks the cgroup v2 tree: every directory's inode is a cgroup id.
     fn index(&mut self) {
         self.indexed_at = Some(Instant::now());
-        let Some(root) = self.root.clone() else { return };
+        let Some(root) = self.root.clone() else {
+            return;
+        };
         if self.known.len() >= MAX_KNOWN {
             self.known.clear();
         }
@@ -80,9 +104,9 @@ impl Cgroups {
                 }
                 let path = e.path();
                 let rel = Path::new("/").join(path.strip_prefix(&root).unwrap_or(&path));
-                self.known.entry(meta.ino()).or_insert_with(|| {
-                    Arc::new(Container::from_path(&rel.to_string_lossy()))
-                });
+                self.known
+                    .entry(meta.ino())
+                    .or_insert_with(|| Arc::new(Container::from_path(&rel.to_string_lossy())));
                 dirs.push(path);
             }
         }
@@ -146,7 +170,10 @@ mod tests {
             path_of(hybrid).as_deref(),
             Some("/system.slice/docker-abc.scope")
         );
-        assert_eq!(path_of("4:cpu,cpuacct:/lxc/db\n").as_deref(), Some("/lxc/db"));
+        assert_eq!(
+            path_of("4:cpu,cpuacct:/lxc/db\n").as_deref(),
+            Some("/lxc/db")
+        );
         assert_eq!(path_of("0::/\n").as_deref(), Some("/"));
         assert_eq!(path_of(""), None);
     }
@@ -155,7 +182,9 @@ mod tests {
     fn ids_are_directory_inodes() {
         let dir = std::env::temp_dir().join(format!("finwait-cg-{}", std::process::id()));
         let id = ("docker-", "0".repeat(64), ".scope");
-        let scope = dir.join("system.slice").join(format!("{}{}{}", id.0, id.1, id.2));
+        let scope = dir
+            .join("system.slice")
+            .join(format!("{}{}{}", id.0, id.1, id.2));
         std::fs::create_dir_all(&scope).unwrap();
         let ino = std::fs::metadata(&scope).unwrap().ino();
         let mut cg = Cgroups::at(Some(dir.clone()));

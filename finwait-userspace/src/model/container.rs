@@ -152,7 +152,10 @@ mod tests {
         let c = Container::from_path(&format!("/system.slice/docker-{ID}.scope"));
         assert_eq!(c.id.as_deref(), Some(ID));
         assert_eq!(c.runtime, Some("docker"));
-        assert_eq!(c.systemd_unit.as_deref(), Some(format!("docker-{ID}.scope").as_str()));
+        assert_eq!(
+            c.systemd_unit.as_deref(),
+            Some(format!("docker-{ID}.scope").as_str())
+        );
         assert_eq!(c.pod_uid, None);
         assert_eq!(c.short().as_deref(), Some("docker:3f2a9c1b7d4e"));
     }
@@ -210,12 +213,14 @@ mod tests {
 
     #[test]
     fn podman_rootless_and_rootful() {
-        let p = format!(
-            "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope"
-        );
+        let p =
+            format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope");
         let c = Container::from_path(&p);
         assert_eq!((c.runtime, c.id.as_deref()), (Some("podman"), Some(ID)));
-        assert_eq!(c.systemd_unit.as_deref(), Some(format!("libpod-{ID}.scope").as_str()));
+        assert_eq!(
+            c.systemd_unit.as_deref(),
+            Some(format!("libpod-{ID}.scope").as_str())
+        );
         let c = Container::from_path(&format!("/machine.slice/libpod-{ID}.scope/container"));
         assert_eq!(c.id.as_deref(), Some(ID));
         let c = Container::from_path(&format!("/libpod_parent/libpod-{ID}"));
@@ -238,10 +243,13 @@ mod tests {
         assert_eq!(c.systemd_unit.as_deref(), Some("nginx.service"));
         assert_eq!((c.short(), c.id, c.pod_uid), (None, None, None));
         let root = Container::from_path("/");
-        assert_eq!(root, Container {
-            cgroup: "/".into(),
-            ..Default::default()
-        });
+        assert_eq!(
+            root,
+            Container {
+                cgroup: "/".into(),
+                ..Default::default()
+            }
+        );
     }
 
     #[test]

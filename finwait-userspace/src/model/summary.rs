@@ -284,15 +284,13 @@ impl Summary {
 
     /// Every process, with its answer.
     pub(crate) fn processes(&self) -> impl Iterator<Item = ProcessSummary<'_>> {
-        self.by_process
-            .iter()
-            .map(|(pid, p)| ProcessSummary {
-                pid: *pid,
-                comm: &p.comm,
-                container: p.container.as_deref(),
-                counts: &p.counts,
-                answer: answer(*pid, &p.comm, p.container.as_deref(), &p.counts),
-            })
+        self.by_process.iter().map(|(pid, p)| ProcessSummary {
+            pid: *pid,
+            comm: &p.comm,
+            container: p.container.as_deref(),
+            counts: &p.counts,
+            answer: answer(*pid, &p.comm, p.container.as_deref(), &p.counts),
+        })
     }
 
     /// Reads each CLOSE_WAIT still open: `recv_queue` gives a socket's Recv-Q, if it is still
@@ -415,6 +413,28 @@ mod tests {
     }
 
     #[test]
+    fn a_long_run_keeps_the_processes_that_still_hold_sockets() {
+        let mut s = Summary::default();
+        let close_wait = |pid: u32, sock: u64| {
+            let mut t = tr(sock, st::ESTABLISHED, st::CLOSE_WAIT);
+            t.owner = Some(Owner {
+                pid,
+                comm: "w".into(),
+                fd: 4,
+                ..Owner::default()
+            });
+            Report::Transition(t)
+        };
+        s.add(&close_wait(1, 1), None); // still open: kept
+        for pid in 2..=MAX_PROCESSES as u32 + 5 {
+            s.add(&close_wait(pid, 2), None); // each replaces the last on socket 2
+        }
+        assert!(s.by_process.len() <= MAX_PROCESSES);
+        assert!(s.by_process.contains_key(&1));
+        assert_eq!(s.processes_dropped, MAX_PROCESSES as u64 - 2);
+    }
+
+    #[test]
     fn counts_answers_and_histograms() {
         let mut s = Summary::default();
         for sock in 1..=3 {
@@ -435,8 +455,7 @@ mod tests {
                 pid: 9,
                 comm: "python3".into(),
                 fd: 4,
-                cgroup_id: None,
-                container: None,
+                ..Owner::default()
             });
             let v = t.verdict();
             s.add(&Report::Transition(t), v.as_ref());

@@ -67,14 +67,26 @@ fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>
     };
     let text = "text/plain; charset=utf-8";
     if req.uri().path() != "/metrics" {
-        return reply(StatusCode::NOT_FOUND, text, "finwait-trace serves /metrics\n".into());
+        return reply(
+            StatusCode::NOT_FOUND,
+            text,
+            "finwait-trace serves /metrics\n".into(),
+        );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, text, "GET /metrics\n".into());
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            text,
+            "GET /metrics\n".into(),
+        );
     }
     let mut body = String::with_capacity(16 * 1024);
     match prometheus_client::encoding::text::encode(&mut body, registry) {
         Ok(()) => reply(StatusCode::OK, OPENMETRICS, body),
-        Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, text, "encoding failed\n".into()),
+        Err(_) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            text,
+            "encoding failed\n".into(),
+        ),
     }
 }

@@ -8,8 +8,8 @@ use super::{Out, Sink, Start, Stats};
 use crate::{
     host::clock::Clock,
     model::{
-        Cause, CauseKind, container, CloseNoFinReport, Fw2Exit, Report, Stuck, TransitionReport, Verdict,
-        state_name,
+        Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Stuck, TransitionReport, Verdict,
+        container, state_name,
         summary::{Histogram, Summary},
     },
     snapshot::{self, Entry},

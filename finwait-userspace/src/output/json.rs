@@ -8,8 +8,8 @@ use super::{Out, Sink};
 use crate::{
     host::clock::{Clock, monotonic_ns},
     model::{
-        Cause, CloseNoFinReport, Container, Endpoints, Fw2Exit, Owner, Report, Stuck, TransitionReport,
-        Verdict,
+        Cause, CloseNoFinReport, Container, Endpoints, Fw2Exit, Owner, Report, Stuck,
+        TransitionReport, Verdict,
         diagnosis::{FinReading, OwnerState, Polled, epoll_events},
         how_name, state_name,
         summary::Summary,
@@ -131,32 +131,42 @@ impl From<&Endpoints> for Conn {
     }
 }
 
-/// Where a task runs: OpenTelemetry's resource attribute names where they exist.
-#[derive(Serialize)]
-pub(crate) struct ContainerJson<'a> {
-    cgroup: &'a str,
-    #[serde(rename = "container.id", skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    #[serde(rename = "container.runtime", skip_serializing_if = "Option::is_none")]
-    runtime: Option<&'static str>,
-    #[serde(rename = "k8s.pod.uid", skip_serializing_if = "Option::is_none")]
-    pod_uid: Option<&'a str>,
-    #[serde(rename = "k8s.pod.qos_class", skip_serializing_if = "Option::is_none")]
-    qos: Option<&'static str>,
-    #[serde(rename = "systemd.unit", skip_serializing_if = "Option::is_none")]
-    systemd_unit: Option<&'a str>,
-}
+/// Where a task runs: OpenTelemetry's resource attribute names where they exist. One pointer
+/// in the events that carry it; the fields are laid out as it is written.
+pub(crate) struct ContainerJson<'a>(&'a Container);
 
 impl<'a> ContainerJson<'a> {
     fn of(c: Option<&'a Container>) -> Option<Self> {
-        c.map(|c| Self {
+        c.map(Self)
+    }
+}
+
+impl Serialize for ContainerJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Fields<'a> {
+            cgroup: &'a str,
+            #[serde(rename = "container.id", skip_serializing_if = "Option::is_none")]
+            id: Option<&'a str>,
+            #[serde(rename = "container.runtime", skip_serializing_if = "Option::is_none")]
+            runtime: Option<&'static str>,
+            #[serde(rename = "k8s.pod.uid", skip_serializing_if = "Option::is_none")]
+            pod_uid: Option<&'a str>,
+            #[serde(rename = "k8s.pod.qos_class", skip_serializing_if = "Option::is_none")]
+            qos: Option<&'static str>,
+            #[serde(rename = "systemd.unit", skip_serializing_if = "Option::is_none")]
+            systemd_unit: Option<&'a str>,
+        }
+        let c = self.0;
+        Fields {
             cgroup: &c.cgroup,
             id: c.id.as_deref(),
             runtime: c.runtime,
             pod_uid: c.pod_uid.as_deref(),
             qos: c.qos,
             systemd_unit: c.systemd_unit.as_deref(),
-        })
+        }
+        .serialize(s)
     }
 }
 
@@ -788,7 +798,10 @@ mod tests {
             ts_ns: 1,
             sock: 1,
             call: Call::Close,
-            task: task(),
+            task: Task {
+                container: Some(Container::from_path("/system.slice/nginx.service").into()),
+                ..task()
+            },
             fd: 3,
             remaining_refs: 1,
             holders: Vec::new(),
@@ -814,7 +827,8 @@ mod tests {
             "close_no_fin",
             keys(&Event::CloseNoFin(CloseNoFin::new(&n, &clock))),
         );
-        let holder = Holder::from(ts[1].owner.as_ref().unwrap());
+        let mut holder = Holder::from(ts[1].owner.as_ref().unwrap());
+        holder.container = Some(Container::from_path("/system.slice/nginx.service").into());
         let s = Stuck {
             sock: 1,
             what: "CLOSE_WAIT".into(),

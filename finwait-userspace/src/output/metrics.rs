@@ -17,7 +17,9 @@ use prometheus_client::{
 
 use super::{Sink, Start, Stats};
 use crate::{
-    model::{Comm, Container, Owner, Report, Stuck, Task, TransitionReport, Verdict, summary::Summary},
+    model::{
+        Comm, Container, Owner, Report, Stuck, Task, TransitionReport, Verdict, summary::Summary,
+    },
     snapshot::Entry,
 };
 
@@ -41,11 +43,15 @@ impl Workload {
     }
 
     fn of_task(t: Option<&Task>) -> Self {
-        t.map_or_else(Self::unknown, |t| Self::new(&t.comm, t.container.as_deref()))
+        t.map_or_else(Self::unknown, |t| {
+            Self::new(&t.comm, t.container.as_deref())
+        })
     }
 
     fn of_owner(o: Option<&Owner>) -> Self {
-        o.map_or_else(Self::unknown, |o| Self::new(&o.comm, o.container.as_deref()))
+        o.map_or_else(Self::unknown, |o| {
+            Self::new(&o.comm, o.container.as_deref())
+        })
     }
 
     fn named(comm: &str) -> Self {
@@ -123,6 +129,55 @@ struct Health {
     workloads: Gauge,
     workloads_evicted: Counter,
     workloads_folded: Counter,
+}
+
+impl Health {
+    /// Name, help and counter of each.
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 9] {
+        [
+            ("records", "Ring-buffer records read", &self.records),
+            (
+                "events_lost",
+                "Events lost: the ring buffer was full",
+                &self.lost,
+            ),
+            (
+                "kernel_skipped",
+                "Program runs the kernel skipped (another BPF program was running on that CPU)",
+                &self.skipped,
+            ),
+            (
+                "kernel_read_failed",
+                "Kernel memory reads that failed in the programs",
+                &self.read_failed,
+            ),
+            (
+                "owner_map_full",
+                "Socket owners not recorded: the kernel's ownership map was full",
+                &self.owner_map_full,
+            ),
+            (
+                "sockets_evicted",
+                "Tracked sockets evicted from userspace's table (their later transitions lose their cause)",
+                &self.sockets_evicted,
+            ),
+            (
+                "containers_unresolved",
+                "Tasks whose cgroup could not be found",
+                &self.containers_unresolved,
+            ),
+            (
+                "workloads_evicted",
+                "Idle workloads whose series were removed to stay under --metrics-max-workloads",
+                &self.workloads_evicted,
+            ),
+            (
+                "workloads_folded",
+                "Events of new workloads counted under comm=\"other\" (every series held sockets)",
+                &self.workloads_folded,
+            ),
+        ]
+    }
 }
 
 /// Time half-closed or in CLOSE_WAIT: 1 ms to 70 minutes, by powers of four.
@@ -272,35 +327,30 @@ impl MetricsSink {
     }
 
     fn register_health(&self, r: &mut Registry) {
-        let h = &self.health;
-        let counters: [(&str, &str, &Counter); 9] = [
-            ("records", "Ring-buffer records read", &h.records),
-            ("events_lost", "Events lost: the ring buffer was full", &h.lost),
-            ("kernel_skipped", "Program runs the kernel skipped (another BPF program was running on that CPU)", &h.skipped),
-            ("kernel_read_failed", "Kernel memory reads that failed in the programs", &h.read_failed),
-            ("owner_map_full", "Socket owners not recorded: the kernel's ownership map was full", &h.owner_map_full),
-            ("sockets_evicted", "Tracked sockets evicted from userspace's table (their later transitions lose their cause)", &h.sockets_evicted),
-            ("containers_unresolved", "Tasks whose cgroup could not be found", &h.containers_unresolved),
-            ("workloads_evicted", "Idle workloads whose series were removed to stay under --metrics-max-workloads", &h.workloads_evicted),
-            ("workloads_folded", "Events of new workloads counted under comm=\"other\" (every series held sockets)", &h.workloads_folded),
-        ];
-        for (name, help, c) in counters {
+        for (name, help, c) in self.health.counters() {
             r.register(name, help, c.clone());
         }
+        let h = &self.health;
         let gauges: [(&str, &str, &Gauge); 3] = [
-            ("attach_failed", "Hooks that failed to attach", &h.attach_failed),
+            (
+                "attach_failed",
+                "Hooks that failed to attach",
+                &h.attach_failed,
+            ),
             ("workloads", "Workloads with series now", &h.workloads),
-            ("resident_memory_bytes", "finwait-trace's resident memory", &h.rss_bytes),
+            (
+                "resident_memory_bytes",
+                "finwait-trace's resident memory",
+                &h.rss_bytes,
+            ),
         ];
         for (name, help, g) in gauges {
             r.register(name, help, g.clone());
         }
     }
 
-    /// A socket someone must close, counted under `w`.
+    /// A socket someone must close, counted under `w` (a series label from [`Self::counted`]).
     fn hold(&mut self, sock: u64, kind: Kind, w: Workload) {
-        let f = &self.families;
-        let w = self.workloads.label(w, &self.health, |gone| remove_series(f, gone));
         self.gauge(kind, &w).inc();
         self.workloads.held(&w, 1);
         if let Some(old) = self.held.insert(sock, Held { kind, workload: w }) {
@@ -330,6 +380,7 @@ impl MetricsSink {
         }
     }
 
+    /// The series `w`'s events count in (its own, or `other`).
     fn counted(&mut self, w: Workload) -> Workload {
         let f = &self.families;
         self.workloads
@@ -351,7 +402,10 @@ impl MetricsSink {
                 let task = t.cause.as_ref().and_then(|c| c.task.as_ref());
                 let w = self.counted(Workload::of_task(task));
                 let cause = t.cause.as_ref().map_or("unknown", |c| c.kind.name());
-                let labels = CauseLabels { cause, workload: w.clone() };
+                let labels = CauseLabels {
+                    cause,
+                    workload: w.clone(),
+                };
                 self.families.fin_wait2_entries.get_or_create(&labels).inc();
                 if matches!(verdict, Some(Verdict::ApplicationMustClose(_))) {
                     self.hold(t.sock, Kind::HalfClosed, w);
@@ -465,3 +519,177 @@ impl Sink for MetricsSink {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use finwait_common::Call;
+
+    use super::*;
+    use crate::{
+        host::sockdiag::DiagSocket,
+        model::{Cause, CauseKind, Endpoints},
+    };
+
+    fn ends() -> Endpoints {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        Endpoints {
+            local: lo,
+            lport: 80,
+            remote: lo,
+            rport: 4000,
+        }
+    }
+
+    fn owner(comm: &str, path: &str) -> Owner {
+        Owner {
+            pid: 7,
+            comm: comm.into(),
+            fd: 9,
+            container: Some(Container::from_path(path).into()),
+            ..Owner::default()
+        }
+    }
+
+    fn close_wait(sock: u64, inode: u64, o: Owner) -> Report {
+        let mut t = TransitionReport::new(1, sock, ends(), st::ESTABLISHED, st::CLOSE_WAIT, inode);
+        t.owner = Some(o);
+        Report::Transition(t)
+    }
+
+    fn closed(sock: u64, inode: u64) -> Report {
+        let mut t = TransitionReport::new(2, sock, ends(), st::CLOSE_WAIT, st::LAST_ACK, inode);
+        t.close_wait_ns = Some(2_000_000_000);
+        Report::Transition(t)
+    }
+
+    fn send(m: &mut MetricsSink, r: &Report) {
+        let v = match r {
+            Report::Transition(t) => t.verdict(),
+            Report::CloseNoFin(_) => None,
+        };
+        m.report(r, v.as_ref()).unwrap();
+    }
+
+    fn text(r: &Registry) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, r).unwrap();
+        s
+    }
+
+    const DOCKER: &str = "/system.slice/docker-3f2a9c1b7d4e5f60718293a4b5c6d7e8f0112233445566778899aabbccddeeff.scope";
+
+    #[test]
+    fn close_wait_gauge_counts_seeded_and_live_sockets_by_container() {
+        let (mut m, reg) = MetricsSink::new(10);
+        let seeded = DiagSocket {
+            state: st::CLOSE_WAIT,
+            local: ends().local,
+            lport: 80,
+            remote: ends().remote,
+            rport: 5000,
+            inode: 77,
+            uid: 0,
+            timer: None,
+            recv_queue: 1,
+            send_queue: 0,
+        };
+        let entries = crate::snapshot::build(vec![seeded], |_| vec![owner("imapd", DOCKER)], &[]);
+        m.snapshot(&entries, false).unwrap();
+        send(&mut m, &close_wait(0x100, 55, owner("imapd", DOCKER)));
+        let series = r#"finwait_close_wait_sockets{comm="imapd",container_id="3f2a9c1b7d4e5f60718293a4b5c6d7e8f0112233445566778899aabbccddeeff",k8s_pod_uid="",systemd_unit="docker-3f2a9c1b7d4e5f60718293a4b5c6d7e8f0112233445566778899aabbccddeeff.scope"}"#;
+        assert!(
+            text(&reg).contains(&format!("{series} 2\n")),
+            "{}",
+            text(&reg)
+        );
+        // The seeded one leaves by its inode (its address was never seen), the live one by
+        // address.
+        send(&mut m, &closed(0x999, 77));
+        send(&mut m, &closed(0x100, 0));
+        let t = text(&reg);
+        assert!(t.contains(&format!("{series} 0\n")), "{t}");
+        assert!(
+            t.contains("finwait_close_wait_duration_seconds_count 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("finwait_close_wait_entries_total{comm=\"imapd\""),
+            "{t}"
+        );
+        // A socket already released is not released twice.
+        send(&mut m, &closed(0x100, 0));
+        assert!(text(&reg).contains(&format!("{series} 0\n")));
+    }
+
+    #[test]
+    fn half_closed_gauge_follows_the_verdict() {
+        let (mut m, reg) = MetricsSink::new(10);
+        let mut t = TransitionReport::new(1, 0x200, ends(), st::FIN_WAIT1, st::FIN_WAIT2, 3);
+        t.cause = Some(Cause {
+            kind: CauseKind::Call(Call::Shutdown),
+            how: Some(1),
+            task: Some(Task {
+                pid: 5,
+                tid: 5,
+                comm: "nginx".into(),
+                ..Task::default()
+            }),
+            fd: Some(4),
+            exact: false,
+        });
+        t.orphan = Some(false);
+        send(&mut m, &Report::Transition(t));
+        let t = text(&reg);
+        assert!(t.contains("finwait_half_closed_sockets{comm=\"nginx\",container_id=\"\",k8s_pod_uid=\"\",systemd_unit=\"\"} 1\n"), "{t}");
+        assert!(
+            t.contains("finwait_fin_wait2_entries_total{cause=\"shutdown\",comm=\"nginx\""),
+            "{t}"
+        );
+        let mut end = TransitionReport::new(2, 0x200, ends(), st::FIN_WAIT2, st::TIME_WAIT, 3);
+        end.half_closed_ns = Some(1_000_000);
+        send(&mut m, &Report::Transition(end));
+        let t = text(&reg);
+        assert!(t.contains("finwait_half_closed_sockets{comm=\"nginx\",container_id=\"\",k8s_pod_uid=\"\",systemd_unit=\"\"} 0\n"), "{t}");
+        assert!(
+            t.contains("finwait_half_closed_duration_seconds_count 1\n"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn workloads_beyond_the_cap_evict_idle_ones_then_fold_into_other() {
+        let (mut m, reg) = MetricsSink::new(3);
+        // Three holders: nobody idle.
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            send(&mut m, &close_wait(i as u64 + 1, 0, owner(name, "/")));
+        }
+        send(&mut m, &close_wait(4, 0, owner("d", "/")));
+        let t = text(&reg);
+        assert!(
+            t.contains("finwait_close_wait_sockets{comm=\"other\""),
+            "{t}"
+        );
+        assert!(!t.contains("comm=\"d\""), "{t}");
+        assert!(t.contains("finwait_workloads_folded_total 1\n"), "{t}");
+        // `a` closes its socket: idle, so the next newcomer takes its place.
+        send(&mut m, &closed(1, 0));
+        send(&mut m, &close_wait(5, 0, owner("e", "/")));
+        let t = text(&reg);
+        assert!(!t.contains("comm=\"a\""), "{t}");
+        assert!(t.contains("finwait_close_wait_sockets{comm=\"e\""), "{t}");
+        assert!(t.contains("finwait_workloads_evicted_total 1\n"), "{t}");
+        // The folded socket leaves the `other` series it was counted in.
+        send(&mut m, &closed(4, 0));
+        assert!(text(&reg).contains("finwait_close_wait_sockets{comm=\"other\",container_id=\"\",k8s_pod_uid=\"\",systemd_unit=\"\"} 0\n"));
+    }
+
+    #[test]
+    fn counters_follow_absolute_values() {
+        let c = Counter::default();
+        set_counter(&c, 5);
+        set_counter(&c, 3);
+        set_counter(&c, 9);
+        assert_eq!(c.get(), 9);
+    }
+}

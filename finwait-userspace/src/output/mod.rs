@@ -61,7 +61,9 @@ impl Sink for Tee {
         self.0.iter_mut().try_for_each(|k| k.start(s))
     }
     fn snapshot(&mut self, entries: &[Entry], detail: bool) -> io::Result<()> {
-        self.0.iter_mut().try_for_each(|k| k.snapshot(entries, detail))
+        self.0
+            .iter_mut()
+            .try_for_each(|k| k.snapshot(entries, detail))
     }
     fn report(&mut self, r: &Report, verdict: Option<&Verdict>) -> io::Result<()> {
         self.0.iter_mut().try_for_each(|k| k.report(r, verdict))

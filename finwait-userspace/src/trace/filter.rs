@@ -11,6 +11,8 @@ pub(crate) struct Filter {
     ports: Vec<u16>,
     states: Vec<u8>,
     ipv6: Option<bool>,
+    /// `--metrics`' own port: its scrapes are finwait's traffic, not the host's (either end).
+    own_port: Option<u16>,
     /// The kernel's set of followed processes (None: every process is followed).
     traced: Option<BpfHashMap<MapData, u32, u8>>,
     /// Sockets already shown: their later transitions are shown too.
@@ -24,6 +26,7 @@ impl Filter {
             ports: o.ports.clone(),
             states: o.states.clone(),
             ipv6: o.ipv6,
+            own_port: o.metrics.map(|a| a.port()),
             traced: None,
             shown: HashSet::new(),
         }
@@ -48,8 +51,13 @@ impl Filter {
         }
     }
 
-    /// `--state`, `-4`/`-6` and `--port`.
+    /// `--state`, `-4`/`-6` and `--port`, and not the endpoint's own connections.
     fn matches(&self, r: &Report) -> bool {
+        if let (Some(p), Some(e)) = (self.own_port, r.ends())
+            && (e.lport == p || e.rport == p)
+        {
+            return false;
+        }
         if let Report::Transition(t) = r {
             let states = &self.states;
             if !states.is_empty()

@@ -146,7 +146,10 @@ async fn sinks(o: &Options) -> Result<Box<dyn output::Sink>> {
     if let Some(addr) = o.metrics {
         let listener = output::endpoint::bind(addr).await?;
         let (sink, registry) = output::metrics::MetricsSink::new(o.metrics_max_workloads);
-        tokio::spawn(output::endpoint::serve(listener, std::sync::Arc::new(registry)));
+        tokio::spawn(output::endpoint::serve(
+            listener,
+            std::sync::Arc::new(registry),
+        ));
         sinks.push(Box::new(sink));
     }
     Ok(Box::new(output::Tee(sinks)))

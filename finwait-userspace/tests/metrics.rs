@@ -1,0 +1,485 @@
+//! `--metrics`: the endpoint scraped directly and by a real Prometheus server, while a process
+//! in a docker-like cgroup leaks CLOSE_WAIT; its gauges exact from the start-up snapshot on; and
+//! its series bounded however many process names come and go.
+// Test and bench crates share the package's dependencies (the library is where unused ones
+// show); their drivers are long by nature.
+#![allow(
+    unused_crate_dependencies,
+    clippy::too_many_lines,
+    clippy::needless_pass_by_value
+)]
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+/// Tests here fork or load the CPU: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A free loopback port (taken, then released for the server that will bind it).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One plain HTTP/1.0 GET; the body.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_string())
+}
+
+/// The endpoint's samples: (series with labels, value).
+fn scrape(port: u16) -> Vec<(String, f64)> {
+    let body = http_get(port, "/metrics").expect("the endpoint answers");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_string(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The value of the one series named `name` whose labels include every `labels` pair.
+fn value(samples: &[(String, f64)], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(s, _)| {
+            let base = s.split('{').next().unwrap();
+            base == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, v)| *v)
+}
+
+/// Polls the endpoint until `name{labels}` reads `want` (10 s at most); the last samples.
+fn wait_for(port: u16, name: &str, labels: &[(&str, &str)], want: f64) -> Vec<(String, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let samples = scrape(port);
+        let got = value(&samples, name, labels);
+        if got == Some(want) {
+            return samples;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?}: {got:?}, not {want}; scraped:\n{}",
+            samples
+                .iter()
+                .map(|(s, v)| format!("{s} {v}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Where cgroup v2 is mounted here (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
+fn cgroup2_root() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (fields, fs) = l.split_once(" - ")?;
+            fs.starts_with("cgroup2 ")
+                .then(|| PathBuf::from(fields.split(' ').nth(4).unwrap()))
+        })
+        .min_by_key(|p| p.as_os_str().len())
+        .expect("cgroup v2 is mounted")
+}
+
+/// A cgroup named as docker's systemd driver names a container's, removed when dropped.
+struct DockerLikeCgroup {
+    dir: PathBuf,
+    id: String,
+}
+
+impl DockerLikeCgroup {
+    fn new(tag: &str) -> Self {
+        let id: String = format!("{:08x}{tag}", std::process::id())
+            .bytes()
+            .map(|b| format!("{:x}", b % 16))
+            .chain(std::iter::repeat_n("f".to_string(), 64))
+            .take(64)
+            .collect();
+        let dir = cgroup2_root()
+            .join(format!("finwait-test-{}.slice", std::process::id()))
+            .join(format!("docker-{id}.scope"));
+        std::fs::create_dir_all(&dir).expect("create a cgroup (as root)");
+        Self { dir, id }
+    }
+
+    fn add(&self, pid: i32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for DockerLikeCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_dir(self.dir.parent().unwrap());
+    }
+}
+
+/// A forked back-end that accepts connections and keeps them until told to close them: the
+/// CLOSE_WAIT leak. Commands over a pipe: `a` accept one, `c` close every one, each answered.
+struct Leaker {
+    pid: i32,
+    _guard: ChildGuard,
+    cmd: i32,
+    ack: i32,
+}
+
+const LEAKER_NAME: &str = "leaky-backend";
+
+impl Leaker {
+    fn start(listener: &TcpListener) -> Self {
+        let (mut to, mut from) = ([0; 2], [0; 2]);
+        // SAFETY: plain pipes.
+        unsafe {
+            assert_eq!(libc::pipe(to.as_mut_ptr()), 0);
+            assert_eq!(libc::pipe(from.as_mut_ptr()), 0);
+        }
+        let lfd = fd(listener) as i32;
+        let pid = fork_child(move || {
+            // SAFETY: raw calls only, in the child of a multi-threaded parent.
+            unsafe {
+                libc::prctl(libc::PR_SET_NAME, c"leaky-backend".as_ptr());
+                let mut held = [0i32; 256];
+                let mut n = 0;
+                let mut c = 0u8;
+                while libc::read(to[0], (&raw mut c).cast(), 1) == 1 {
+                    match c {
+                        b'a' => {
+                            held[n] = libc::accept(lfd, std::ptr::null_mut(), std::ptr::null_mut());
+                            n += 1;
+                        }
+                        b'c' => {
+                            for fd in &held[..n] {
+                                libc::close(*fd);
+                            }
+                            n = 0;
+                        }
+                        _ => return 0,
+                    }
+                    libc::write(from[1], (&raw const c).cast(), 1);
+                }
+                0
+            }
+        });
+        Self {
+            pid,
+            _guard: ChildGuard(pid),
+            cmd: to[1],
+            ack: from[0],
+        }
+    }
+
+    fn send(&self, c: u8) {
+        let mut back = 0u8;
+        // SAFETY: our pipes.
+        unsafe {
+            assert_eq!(libc::write(self.cmd, (&raw const c).cast(), 1), 1);
+            assert_eq!(libc::read(self.ack, (&raw mut back).cast(), 1), 1);
+        }
+    }
+
+    /// `n` connections, accepted and kept by the leaker, then closed by their clients: `n`
+    /// sockets in CLOSE_WAIT that the leaker holds.
+    fn leak(&self, port: u16, n: usize) {
+        for _ in 0..n {
+            let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            self.send(b'a');
+            drop(client);
+        }
+    }
+}
+
+#[test]
+fn close_wait_gauge_by_container_is_exact_from_the_snapshot_on() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let cg = DockerLikeCgroup::new("gauge");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let leaker = Leaker::start(&listener);
+    cg.add(leaker.pid);
+    // Two leaked before finwait starts: the start-up snapshot must count them.
+    leaker.leak(port, 2);
+    let metrics = free_port();
+    let addr = format!("127.0.0.1:{metrics}");
+    let tracer = Tracer::start(&["--metrics", &addr]);
+    let who = [("comm", LEAKER_NAME), ("container_id", cg.id.as_str())];
+    let s = wait_for(metrics, "finwait_close_wait_sockets", &who, 2.0);
+    assert_eq!(
+        value(&s, "finwait_close_wait_entries_total", &who),
+        None,
+        "seeded sockets are not entries seen"
+    );
+    leaker.leak(port, 3);
+    let s = wait_for(metrics, "finwait_close_wait_sockets", &who, 5.0);
+    assert_eq!(
+        value(&s, "finwait_close_wait_entries_total", &who),
+        Some(3.0)
+    );
+    let unit = format!("docker-{}.scope", cg.id);
+    let full = [
+        &who[..],
+        &[("systemd_unit", unit.as_str()), ("k8s_pod_uid", "")],
+    ]
+    .concat();
+    assert_eq!(value(&s, "finwait_close_wait_sockets", &full), Some(5.0));
+    leaker.send(b'c');
+    wait_for(metrics, "finwait_close_wait_sockets", &who, 0.0);
+    // All five closed by their owner, the two seeded ones timed from the snapshot.
+    let s = wait_for(
+        metrics,
+        "finwait_close_wait_duration_seconds_count",
+        &[],
+        5.0,
+    );
+    assert_eq!(value(&s, "finwait_events_lost_total", &[]), Some(0.0));
+    assert_eq!(
+        value(&s, "finwait_workloads", &[]).map(|w| w >= 1.0),
+        Some(true)
+    );
+    let all = tracer.stop_when(&[]);
+    // The JSON lines name the same container.
+    let entered: Vec<&Value> = all
+        .iter()
+        .filter(|v| v["to"] == "CLOSE_WAIT" && v["owner"]["comm"] == LEAKER_NAME)
+        .collect();
+    assert_eq!(entered.len(), 3, "{all:?}");
+    for v in entered {
+        let c = &v["owner"]["container"];
+        assert_eq!(c["container.id"], cg.id.as_str(), "{v}");
+        assert_eq!(c["container.runtime"], "docker", "{v}");
+        assert_eq!(c["systemd.unit"], unit.as_str(), "{v}");
+    }
+}
+
+/// A real Prometheus server, on loopback, scraping every second; removed when dropped.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Prometheus {
+    fn start(target: u16) -> Option<Self> {
+        let bin = Path::new("/usr/bin/prometheus");
+        if !bin.exists() {
+            // The qemu guests carry the test binaries only; the host runs this test for real.
+            assert!(
+                std::env::var_os("FINWAIT_TEST_NO_PROMETHEUS").is_some(),
+                "no /usr/bin/prometheus: `cargo xtask test` installs Debian's `prometheus` package"
+            );
+            eprintln!("no Prometheus in this guest: scraped directly only");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("finwait-prom-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: finwait\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        Some(Self {
+            child,
+            port,
+            _dir: TempDir(dir),
+        })
+    }
+
+    /// An instant query's result vector, through Prometheus's HTTP API.
+    fn query(&self, promql: &str) -> Option<Vec<Value>> {
+        let q: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let body = http_get(self.port, &format!("/api/v1/query?query={q}"))?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["status"] == "success").then(|| v["data"]["result"].as_array().cloned())?
+    }
+
+    /// Polls `promql` until its one sample reads `want` (60 s at most: Prometheus starts, then
+    /// scrapes every second); that sample.
+    fn wait_for(&self, promql: &str, want: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let result = self.query(promql).unwrap_or_default();
+            if let [one] = &result[..]
+                && one["value"][1] == want
+            {
+                return one.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus: {promql} = {result:?}, not {want}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_close_wait_leak_of_a_container() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let cg = DockerLikeCgroup::new("prom");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let leaker = Leaker::start(&listener);
+    cg.add(leaker.pid);
+    let metrics = free_port();
+    let tracer = Tracer::start(&["--metrics", &format!("127.0.0.1:{metrics}")]);
+    let Some(prom) = Prometheus::start(metrics) else {
+        return;
+    };
+    leaker.leak(port, 4);
+    let promql = format!("finwait_close_wait_sockets{{container_id=\"{}\"}}", cg.id);
+    let sample = prom.wait_for(&promql, "4");
+    eprintln!("Prometheus: {promql} -> {sample}");
+    assert_eq!(sample["metric"]["comm"], LEAKER_NAME);
+    assert_eq!(sample["metric"]["job"], "finwait");
+    let unit = format!("docker-{}.scope", cg.id);
+    assert_eq!(sample["metric"]["systemd_unit"], unit.as_str());
+    let entered = format!(
+        "finwait_close_wait_entries_total{{container_id=\"{}\"}}",
+        cg.id
+    );
+    prom.wait_for(&entered, "4");
+    leaker.send(b'c');
+    let sample = prom.wait_for(&promql, "0");
+    eprintln!("Prometheus after close: {promql} -> {sample}");
+    tracer.stop_when(&[]);
+}
+
+#[test]
+fn ten_thousand_process_names_do_not_make_ten_thousand_series() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    const NAMES: usize = 10_000;
+    const CAP: usize = 50;
+    let metrics = free_port();
+    let tracer = Tracer::start(&[
+        "--metrics",
+        &format!("127.0.0.1:{metrics}"),
+        "--metrics-max-workloads",
+        &CAP.to_string(),
+        "--no-snapshot",
+        // A cardinality test, not a throughput one: room for a debug build under qemu.
+        "--ring-buffer-kib",
+        "65536",
+    ]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // One thread, renamed before each connection: every close() comes from a new name (the
+    // kernel records the calling thread's name, as for short-lived processes).
+    std::thread::spawn(move || {
+        for i in 0..NAMES {
+            let name = std::ffi::CString::new(format!("w{i}")).unwrap();
+            // SAFETY: names this thread.
+            unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+            let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            drop(client);
+            drop(server);
+            if i % 100 == 99 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = scrape(metrics);
+        let seen = value(&s, "finwait_workloads_evicted_total", &[]).unwrap_or(0.0)
+            + value(&s, "finwait_workloads", &[]).unwrap_or(0.0);
+        if seen >= NAMES as f64 || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let series = |name: &str| {
+        s.iter()
+            .filter(|(l, _)| l.starts_with(&format!("{name}{{")))
+            .count()
+    };
+    let fw2 = series("finwait_fin_wait2_entries_total");
+    eprintln!(
+        "{NAMES} names: {fw2} fin_wait2 series, {} workloads, {} evicted, {} folded",
+        value(&s, "finwait_workloads", &[]).unwrap_or(-1.0),
+        value(&s, "finwait_workloads_evicted_total", &[]).unwrap_or(-1.0),
+        value(&s, "finwait_workloads_folded_total", &[]).unwrap_or(-1.0),
+    );
+    // Each workload has at most one series per cause; the names here all close().
+    assert!(fw2 <= CAP + 1, "{fw2} series for a cap of {CAP}");
+    assert!(series("finwait_close_wait_entries_total") <= CAP + 1);
+    assert!(value(&s, "finwait_workloads", &[]).unwrap() <= CAP as f64);
+    let evicted = value(&s, "finwait_workloads_evicted_total", &[]).unwrap();
+    assert!(
+        evicted >= (NAMES - CAP) as f64,
+        "every name beyond the cap evicted an idle one: {evicted}"
+    );
+    assert_eq!(value(&s, "finwait_events_lost_total", &[]), Some(0.0));
+    tracer.stop_when_with_skips(&[]);
+}
