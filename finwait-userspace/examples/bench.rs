@@ -450,22 +450,29 @@ fn stop(child: Child, lines: mpsc::Receiver<String>) -> (f64, i64, Option<String
     (cpu, hwm.unwrap_or(ru.ru_maxrss), stats)
 }
 
-/// Churn for `minutes` under finwait (default mode), sampling its RSS and socket table.
+/// Churn for `minutes` under finwait (default mode) serving `--metrics`, scraped every second
+/// as Prometheus would: its RSS, records, losses and series over time, one row a minute.
 fn run_soak(finwait: &str, churn: &str, threads: &str, minutes: f64) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
     let mut child = Command::new(finwait)
-        .args(["--no-snapshot", "--stats-every", "10"])
+        .args(["--no-snapshot", "--quiet", "--stats-every", "10"])
+        .args(["--metrics", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let reader = thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            println!("{line}");
-        }
-    });
-    thread::sleep(Duration::from_millis(2500));
     let start = Instant::now();
+    let reader = thread::spawn(move || soak_rows(stderr, start));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let done = done.clone();
+        thread::spawn(move || scrape_every_second(port, &done))
+    };
+    thread::sleep(Duration::from_millis(2500));
     let out = Command::new(churn)
         .args([
             "--threads",
@@ -477,8 +484,62 @@ fn run_soak(finwait: &str, churn: &str, threads: &str, minutes: f64) {
         .unwrap();
     println!("churn: {}", String::from_utf8_lossy(&out.stdout).trim());
     println!("soak: {:.0} s", start.elapsed().as_secs_f64());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (scrapes, failed, series) = scraper.join().unwrap();
+    println!("scrapes: {scrapes} ok, {failed} failed; series in the last: {series}");
     // SAFETY: our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let _ = child.wait();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    println!("finwait-trace stopped by SIGTERM: {status}");
     let _ = reader.join();
+}
+
+/// One row a minute from the `--stats-every` lines: the tracer's memory and losses over time.
+fn soak_rows(stderr: std::process::ChildStderr, start: Instant) {
+    println!(
+        "{:>6} {:>9} {:>12} {:>6} {:>8} {:>8}",
+        "t_s", "rss_kib", "records", "lost", "skipped", "tracked"
+    );
+    let mut last_row = -60.0;
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            println!("{line}");
+            continue;
+        };
+        let t = start.elapsed().as_secs_f64();
+        if t - last_row >= 60.0 || v["lost_ring_full"] != 0 {
+            last_row = t;
+            println!(
+                "{t:>6.0} {:>9} {:>12} {:>6} {:>8} {:>8}",
+                v["rss_kib"],
+                v["records"],
+                v["lost_ring_full"],
+                v["kernel_skipped_nested"],
+                v["tracked_sockets"]
+            );
+        }
+    }
+}
+
+/// GETs /metrics every second until `done`: (answered, failed, series in the last answer).
+fn scrape_every_second(port: u16, done: &std::sync::atomic::AtomicBool) -> (u64, u64, usize) {
+    use std::io::{Read, Write};
+    let (mut ok, mut failed, mut series) = (0, 0, 0);
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        let body = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut b = String::new();
+            s.read_to_string(&mut b)?;
+            Ok(b)
+        });
+        match body {
+            Ok(b) if b.starts_with("HTTP/1.0 200") || b.starts_with("HTTP/1.1 200") => {
+                ok += 1;
+                series = b.lines().filter(|l| l.starts_with("finwait_")).count();
+            }
+            _ => failed += 1,
+        }
+        thread::sleep(Duration::from_secs(1));
+    }
+    (ok, failed, series)
 }

@@ -111,25 +111,6 @@ fn clear_errors_with_the_fix() {
     }
 }
 
-/// The child's output once it exits; killed (and the test failed) if it runs past `limit`.
-fn output_within(
-    mut child: std::process::Child,
-    limit: std::time::Duration,
-) -> std::process::Output {
-    let deadline = std::time::Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "still running after {limit:?}: {:?}",
-                child.wait_with_output()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
-}
-
 /// Three half-closes (one closed later) and two closes by this process, five CLOSE_WAITs on its
 /// server side of which one is closed: the summary says exactly that.
 #[test]

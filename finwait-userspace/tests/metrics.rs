@@ -483,3 +483,61 @@ fn ten_thousand_process_names_do_not_make_ten_thousand_series() {
     assert_eq!(value(&s, "finwait_events_lost_total", &[]), Some(0.0));
     tracer.stop_when_with_skips(&[]);
 }
+
+#[test]
+fn quiet_endpoint_stops_cleanly_on_sigterm_and_a_taken_port_is_a_clear_error() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .args(["--metrics", &addr, "--duration", "5"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("--metrics {addr}: cannot listen there")) && err.contains("in use"),
+        "{err}"
+    );
+    drop(taken);
+
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .args(mode_args(&[]))
+        .args(["--metrics", &format!("127.0.0.1:{port}"), "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let up = loop {
+        if let Some(body) = http_get(port, "/metrics")
+            && body.contains("finwait_info{")
+        {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "the endpoint never answered");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(up.contains("# TYPE finwait_records counter"), "{up}");
+    assert!(up.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    assert_eq!(
+        http_get(port, "/"),
+        Some("finwait-trace serves /metrics\n".into())
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = output_within(child, Duration::from_secs(20));
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(
+        out.stdout.is_empty(),
+        "--quiet printed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        http_get(port, "/metrics").is_none(),
+        "the endpoint outlived the tracer"
+    );
+}

@@ -354,3 +354,19 @@ impl Drop for Epoll {
         unsafe { libc::close(self.0) };
     }
 }
+
+/// The child's output once it exits; killed (and the test failed) if it runs past `limit`.
+pub(crate) fn output_within(mut child: Child, limit: Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "still running after {limit:?}: {:?}",
+                child.wait_with_output()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
