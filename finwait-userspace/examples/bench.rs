@@ -467,12 +467,12 @@ fn run_soak(finwait: &str, churn: &str, threads: &str, minutes: f64) {
     let stderr = child.stderr.take().unwrap();
     let start = Instant::now();
     let reader = thread::spawn(move || soak_rows(stderr, start));
+    thread::sleep(Duration::from_millis(2500));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scraper = {
         let done = done.clone();
         thread::spawn(move || scrape_every_second(port, &done))
     };
-    thread::sleep(Duration::from_millis(2500));
     let out = Command::new(churn)
         .args([
             "--threads",
@@ -500,7 +500,17 @@ fn soak_rows(stderr: std::process::ChildStderr, start: Instant) {
         "{:>6} {:>9} {:>12} {:>6} {:>8} {:>8}",
         "t_s", "rss_kib", "records", "lost", "skipped", "tracked"
     );
-    let mut last_row = -60.0;
+    let row = |t: f64, v: &serde_json::Value| {
+        println!(
+            "{t:>6.0} {:>9} {:>12} {:>6} {:>8} {:>8}",
+            v["rss_kib"],
+            v["records"],
+            v["lost_ring_full"],
+            v["kernel_skipped_nested"],
+            v["tracked_sockets"]
+        );
+    };
+    let (mut last_row, mut last) = (-60.0, None);
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             println!("{line}");
@@ -509,15 +519,15 @@ fn soak_rows(stderr: std::process::ChildStderr, start: Instant) {
         let t = start.elapsed().as_secs_f64();
         if t - last_row >= 60.0 || v["lost_ring_full"] != 0 {
             last_row = t;
-            println!(
-                "{t:>6.0} {:>9} {:>12} {:>6} {:>8} {:>8}",
-                v["rss_kib"],
-                v["records"],
-                v["lost_ring_full"],
-                v["kernel_skipped_nested"],
-                v["tracked_sockets"]
-            );
+            row(t, &v);
+            last = None;
+        } else {
+            last = Some((t, v));
         }
+    }
+    // The counters at exit.
+    if let Some((t, v)) = last {
+        row(t, &v);
     }
 }
 
