@@ -1,7 +1,13 @@
 //! `--metrics`: the findings as Prometheus metrics, by workload (process name and container),
 //! for the endpoint in [`super::endpoint`] to serve. A sink like the others; it keeps the
 //! sockets someone must close, seeded by the start-up snapshot, so that its gauges are exact.
-use std::{collections::HashMap, fmt, io, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt, io,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use finwait_common::tcp_state as st;
 use prometheus_client::{
@@ -17,8 +23,10 @@ use prometheus_client::{
 
 use super::{Sink, Start, Stats};
 use crate::{
+    host::sockdiag,
     model::{
-        Comm, Container, Owner, Report, Stuck, Task, TransitionReport, Verdict, summary::Summary,
+        Comm, Container, Endpoints, Owner, Report, Stuck, Task, TransitionReport, Verdict,
+        summary::Summary,
     },
     snapshot::Entry,
 };
@@ -124,6 +132,7 @@ struct Health {
     owner_map_full: Counter,
     sockets_evicted: Counter,
     containers_unresolved: Counter,
+    gauge_corrections: Counter,
     attach_failed: Gauge,
     rss_bytes: Gauge,
     workloads: Gauge,
@@ -133,7 +142,7 @@ struct Health {
 
 impl Health {
     /// Name, help and counter of each.
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 9] {
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 10] {
         [
             ("records", "Ring-buffer records read", &self.records),
             (
@@ -167,6 +176,11 @@ impl Health {
                 &self.containers_unresolved,
             ),
             (
+                "gauge_corrections",
+                "Sockets the gauges counted that the kernel no longer had in that state (their last transition was lost or evicted)",
+                &self.gauge_corrections,
+            ),
+            (
                 "workloads_evicted",
                 "Idle workloads whose series were removed to stay under --metrics-max-workloads",
                 &self.workloads_evicted,
@@ -196,7 +210,28 @@ enum Kind {
 struct Held {
     kind: Kind,
     workload: Workload,
+    /// To find it in the kernel's socket table when the gauges are checked.
+    key: Key,
+    /// The process it counts under: only sockets of processes in finwait's own network
+    /// namespace are checked (sock_diag sees that one).
+    pid: u32,
 }
+
+/// A connection as both the reports and sock_diag name it (v4-mapped addresses as IPv4).
+type Key = (IpAddr, u16, IpAddr, u16);
+
+fn key(e: &Endpoints) -> Key {
+    (
+        e.local.to_canonical(),
+        e.lport,
+        e.remote.to_canonical(),
+        e.rport,
+    )
+}
+
+/// The gauges are checked against the kernel's socket table this often: a transition lost on
+/// the way (counted) must not leave a socket counted forever.
+const CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// The workloads that have series, at most `max`; beyond it the least recently seen one that
 /// holds nothing loses its series, and where every one holds sockets the newcomer is folded into
@@ -254,6 +289,7 @@ pub(crate) struct MetricsSink {
     held: HashMap<u64, Held>,
     /// ... or by inode (found by the start-up snapshot, which has no addresses).
     seeded: HashMap<u64, Held>,
+    checked_at: Instant,
 }
 
 impl MetricsSink {
@@ -272,6 +308,7 @@ impl MetricsSink {
             },
             held: HashMap::new(),
             seeded: HashMap::new(),
+            checked_at: Instant::now(),
         };
         let registry = sink.registry();
         (sink, registry)
@@ -350,11 +387,73 @@ impl MetricsSink {
     }
 
     /// A socket someone must close, counted under `w` (a series label from [`Self::counted`]).
-    fn hold(&mut self, sock: u64, kind: Kind, w: Workload) {
+    fn hold(&mut self, sock: u64, kind: Kind, w: Workload, ends: &Endpoints, pid: u32) {
         self.gauge(kind, &w).inc();
         self.workloads.held(&w, 1);
-        if let Some(old) = self.held.insert(sock, Held { kind, workload: w }) {
+        let held = Held {
+            kind,
+            workload: w,
+            key: key(ends),
+            pid,
+        };
+        if let Some(old) = self.held.insert(sock, held) {
             self.release_held(&old);
+        }
+    }
+
+    /// Every socket counted that the kernel no longer has in its state (for a half-closed one:
+    /// held by a process, with an inode) is released and counted as a correction.
+    fn check_against_kernel(&mut self) {
+        use netlink_packet_sock_diag::inet::StateFlags;
+        let mut now: HashMap<Key, (u8, u64)> = HashMap::new();
+        let states = StateFlags::CLOSE_WAIT | StateFlags::FIN_WAIT2;
+        let read = sockdiag::dump_each(&states, |s| {
+            let k = (
+                s.local.to_canonical(),
+                s.lport,
+                s.remote.to_canonical(),
+                s.rport,
+            );
+            now.insert(k, (s.state, s.inode));
+        });
+        if read.is_err() {
+            return; // checked next time; nothing is released on a failed read
+        }
+        // A socket of another namespace is not in this dump: those are not checked.
+        let own = std::fs::read_link("/proc/self/ns/net").ok();
+        let mut ns_of: HashMap<u32, bool> = HashMap::new();
+        let mut ours = |pid: u32| {
+            *ns_of.entry(pid).or_insert_with(|| {
+                own.is_some() && std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() == own
+            })
+        };
+        self.release_gone(|h| {
+            ours(h.pid)
+                && match (h.kind, now.get(&h.key)) {
+                    (Kind::CloseWait, Some((state, _))) => *state != st::CLOSE_WAIT,
+                    (Kind::HalfClosed, Some((state, inode))) => {
+                        *state != st::FIN_WAIT2 || *inode == 0
+                    }
+                    (_, None) => true,
+                }
+        });
+    }
+
+    fn release_gone(&mut self, mut gone: impl FnMut(&Held) -> bool) {
+        let mut stale = Vec::new();
+        for table in [&mut self.held, &mut self.seeded] {
+            table.retain(|_, h| {
+                let keep = !gone(h);
+                if !keep {
+                    stale.push((h.kind, h.workload.clone()));
+                }
+                keep
+            });
+        }
+        for (kind, workload) in stale {
+            self.health.gauge_corrections.inc();
+            self.gauge(kind, &workload).dec();
+            self.workloads.held(&workload, -1);
         }
     }
 
@@ -408,13 +507,15 @@ impl MetricsSink {
                 };
                 self.families.fin_wait2_entries.get_or_create(&labels).inc();
                 if matches!(verdict, Some(Verdict::ApplicationMustClose(_))) {
-                    self.hold(t.sock, Kind::HalfClosed, w);
+                    let pid = task.map_or(0, |t| t.pid);
+                    self.hold(t.sock, Kind::HalfClosed, w, &t.ends, pid);
                 }
             }
             (st::ESTABLISHED, st::CLOSE_WAIT) => {
                 let w = self.counted(Workload::of_owner(t.owner.as_ref()));
                 self.families.close_wait_entries.get_or_create(&w).inc();
-                self.hold(t.sock, Kind::CloseWait, w);
+                let pid = t.owner.as_ref().map_or(0, |o| o.pid);
+                self.hold(t.sock, Kind::CloseWait, w, &t.ends, pid);
             }
             _ => {}
         }
@@ -471,7 +572,19 @@ impl Sink for MetricsSink {
             let w = self.counted(Workload::of_owner(e.owners.first()));
             self.gauge(kind, &w).inc();
             self.workloads.held(&w, 1);
-            self.seeded.insert(e.sock.inode, Held { kind, workload: w });
+            let s = &e.sock;
+            let held = Held {
+                kind,
+                workload: w,
+                key: (
+                    s.local.to_canonical(),
+                    s.lport,
+                    s.remote.to_canonical(),
+                    s.rport,
+                ),
+                pid: e.owners.first().map_or(0, |o| o.pid),
+            };
+            self.seeded.insert(e.sock.inode, held);
         }
         Ok(())
     }
@@ -500,6 +613,10 @@ impl Sink for MetricsSink {
     }
 
     fn health(&mut self, s: &Stats) -> io::Result<()> {
+        if self.checked_at.elapsed() >= CHECK_EVERY {
+            self.checked_at = Instant::now();
+            self.check_against_kernel();
+        }
         let h = &self.health;
         set_counter(&h.records, s.records);
         set_counter(&h.lost, s.lost_ring_full);
@@ -682,6 +799,25 @@ mod tests {
         // The folded socket leaves the `other` series it was counted in.
         send(&mut m, &closed(4, 0));
         assert!(text(&reg).contains("finwait_close_wait_sockets{comm=\"other\",container_id=\"\",k8s_pod_uid=\"\",systemd_unit=\"\"} 0\n"));
+    }
+
+    #[test]
+    fn sockets_the_kernel_no_longer_has_are_released_and_counted() {
+        let (mut m, reg) = MetricsSink::new(10);
+        send(&mut m, &close_wait(1, 0, owner("imapd", "/")));
+        let mut other = ends();
+        other.rport = 4001;
+        let mut t = TransitionReport::new(1, 2, other, st::ESTABLISHED, st::CLOSE_WAIT, 0);
+        t.owner = Some(owner("imapd", "/"));
+        send(&mut m, &Report::Transition(t));
+        // The close of the first was lost: the kernel's table no longer has it.
+        m.release_gone(|h| h.key.3 == 4000);
+        let t = text(&reg);
+        assert!(t.contains("finwait_close_wait_sockets{comm=\"imapd\",container_id=\"\",k8s_pod_uid=\"\",systemd_unit=\"\"} 1\n"), "{t}");
+        assert!(t.contains("finwait_gauge_corrections_total 1\n"), "{t}");
+        // Its late transition, if it comes, releases nothing more.
+        send(&mut m, &closed(1, 0));
+        assert!(text(&reg).contains("finwait_close_wait_sockets{comm=\"imapd\",container_id=\"\",k8s_pod_uid=\"\",systemd_unit=\"\"} 1\n"));
     }
 
     #[test]
