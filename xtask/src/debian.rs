@@ -99,7 +99,7 @@ fn system_package(meta: &str) -> Result<String> {
 }
 
 /// `pkg`'s `.deb` in `cache`, downloaded with the apt `options` unless already there.
-pub(crate) fn fetch_deb(cache: &Path, options: &[String], pkg: &str) -> Result<PathBuf> {
+fn fetch_deb(cache: &Path, options: &[String], pkg: &str) -> Result<PathBuf> {
     let cached = || {
         fs::read_dir(cache)
             .ok()?
