@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod debian;
+#[cfg(test)]
+mod deploy;
 mod vm;
 
 #[derive(Parser)]

@@ -1,0 +1,589 @@
+//! Tests of the deployment files under deploy/: a systemd unit, a Kubernetes DaemonSet, a
+//! Prometheus scrape config with its alerts, and FLEET.md. They are checked with the tools that
+//! read them (promtool, systemd-analyze) and against each other (port, names, capabilities).
+//! promtool is in Debian's `prometheus` package, which `cargo xtask test` installs.
+
+use std::{
+    collections::BTreeSet,
+    env, fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde_norway::Value;
+
+/// The capabilities the systemd unit grants: the pod's but CAP_SYS_RESOURCE, since the unit
+/// raises RLIMIT_MEMLOCK with LimitMEMLOCK= (a pod cannot).
+const UNIT_CAPS: [&str; 4] = [
+    "CAP_BPF",
+    "CAP_PERFMON",
+    "CAP_SYS_PTRACE",
+    "CAP_DAC_READ_SEARCH",
+];
+const POD_CAPS: [&str; 5] = [
+    "BPF",
+    "PERFMON",
+    "SYS_PTRACE",
+    "DAC_READ_SEARCH",
+    "SYS_RESOURCE",
+];
+/// What the DaemonSet must mount from the host, read-only, at the same path.
+const HOST_MOUNTS: [&str; 4] = [
+    "/sys/kernel/btf",
+    "/sys/kernel/tracing",
+    "/sys/kernel/debug",
+    "/sys/fs/cgroup",
+];
+const PORT: u16 = 9977;
+
+fn read(rel: &str) -> String {
+    let path = crate::workspace().join("deploy").join(rel);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn yaml(text: &str) -> Value {
+    serde_norway::from_str(text).unwrap_or_else(|e| panic!("YAML: {e}\n{text}"))
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = env::temp_dir().join(format!("finwait-deploy-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `cmd`: whether it succeeded, and what it printed (stdout, then stderr).
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text.into_owned())
+}
+
+/// promtool in `dir`; a test that needs it fails without it, saying how to get it.
+fn promtool_in(dir: &Path) -> Command {
+    assert!(
+        on_path("promtool"),
+        "promtool not found: install Debian's `prometheus` package \
+         (apt-get install --no-install-recommends prometheus; `cargo xtask test` does)"
+    );
+    let mut cmd = Command::new("promtool");
+    cmd.current_dir(dir);
+    cmd
+}
+
+fn on_path(program: &str) -> bool {
+    env::var_os("PATH")
+        .iter()
+        .flat_map(env::split_paths)
+        .any(|dir| dir.join(program).is_file())
+}
+
+/// The port of an `ADDR:PORT` argument (`[::]:9977`, `0.0.0.0:9977`).
+fn port_of(addr: &str) -> Option<u16> {
+    addr.rsplit_once(':')?.1.parse().ok()
+}
+
+#[test]
+fn alert_rules_pass_their_unit_tests() {
+    let dir = crate::workspace().join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let (ok, out) = run(promtool_in(&dir).args(args));
+        assert!(ok, "promtool {}:\n{out}", args.join(" "));
+    }
+}
+
+/// Each change that breaks what an alert means makes alerts_test.yml fail, while the rules
+/// stay valid: the unit tests check what they claim to.
+#[test]
+fn alert_unit_tests_catch_a_broken_rule() {
+    let rules = read("prometheus/alerts.yml");
+    let dir = scratch("mutants");
+    fs::write(
+        dir.join("alerts_test.yml"),
+        read("prometheus/alerts_test.yml"),
+    )
+    .unwrap();
+    let mutants = [
+        (
+            "fires on a flat series",
+            "(deriv(finwait_close_wait_sockets[30m])) > 0",
+            "(deriv(finwait_close_wait_sockets[30m])) >= 0",
+        ),
+        (
+            "no floor",
+            "(finwait_close_wait_sockets) > 10",
+            "(finwait_close_wait_sockets) > 0",
+        ),
+        ("waits less", "for: 30m", "for: 20m"),
+        ("pages nobody", "severity: page", "severity: ticket"),
+        (
+            "names no container",
+            "by (instance, comm, container_id, k8s_pod_uid, systemd_unit)",
+            "by (instance, comm, systemd_unit)",
+        ),
+        (
+            "misses a small loss",
+            "(increase(finwait_events_lost_total[10m])) > 0",
+            "(increase(finwait_events_lost_total[10m])) > 5",
+        ),
+    ];
+    for (what, from, to) in mutants {
+        assert!(
+            rules.contains(from),
+            "alerts.yml no longer has {from:?}: update this test"
+        );
+        fs::write(dir.join("alerts.yml"), rules.replace(from, to)).unwrap();
+        let (valid, out) = run(promtool_in(&dir).args(["check", "rules", "alerts.yml"]));
+        assert!(valid, "{what}: the changed rule is not valid:\n{out}");
+        let (passed, _) = run(promtool_in(&dir).args(["test", "rules", "alerts_test.yml"]));
+        assert!(
+            !passed,
+            "alerts_test.yml passes with {from:?} -> {to:?} ({what})"
+        );
+    }
+}
+
+#[test]
+fn scrape_config_is_valid() {
+    let dir = scratch("config");
+    fs::write(dir.join("alerts.yml"), read("prometheus/alerts.yml")).unwrap();
+    fs::write(
+        dir.join("prometheus.yml"),
+        read("prometheus/prometheus.yml"),
+    )
+    .unwrap();
+    let check = || run(promtool_in(&dir).args(["check", "config", "prometheus.yml"]));
+    let (ok, out) = check();
+    if ok {
+        return;
+    }
+    // Debian builds Prometheus without Kubernetes service discovery; that job's own fields
+    // are checked by `scrape_config_finds_the_daemonset_and_the_hosts`.
+    assert!(
+        out.contains("field kubernetes_sd_configs not found"),
+        "promtool check config prometheus.yml:\n{out}"
+    );
+    eprintln!(
+        "note: this promtool has no kubernetes_sd_configs (Debian's build): checking the \
+         rest of prometheus.yml with static targets in their place"
+    );
+    let mut config = yaml(&read("prometheus/prometheus.yml"));
+    for job in config["scrape_configs"].as_sequence_mut().unwrap() {
+        let job = job.as_mapping_mut().unwrap();
+        if job.remove("kubernetes_sd_configs").is_some() {
+            let targets = yaml("[{targets: ['pod.invalid:9977']}]");
+            job.insert("static_configs".into(), targets);
+        }
+    }
+    fs::write(
+        dir.join("prometheus.yml"),
+        serde_norway::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let (ok, out) = check();
+    assert!(
+        ok,
+        "promtool check config, kubernetes_sd_configs replaced:\n{out}"
+    );
+}
+
+/// The scrape jobs reach what the unit and the DaemonSet serve, by the same names and port.
+#[test]
+fn scrape_config_finds_the_daemonset_and_the_hosts() {
+    let config = yaml(&read("prometheus/prometheus.yml"));
+    let ds = daemonset();
+    let rules = config["rule_files"].as_sequence().unwrap();
+    assert!(
+        rules.iter().any(|r| r == "alerts.yml"),
+        "rule_files: {rules:?}"
+    );
+    let jobs = config["scrape_configs"].as_sequence().unwrap();
+
+    let hosts = jobs.iter().find(|j| j["static_configs"].is_sequence());
+    let hosts = hosts.expect("a static job for systemd hosts");
+    assert_eq!(hosts["job_name"], "finwait");
+    assert_eq!(hosts["scrape_interval"], "15s");
+    let unit_port = unit_setting(&read("systemd/finwait.service"), "ExecStart")
+        .split_whitespace()
+        .find_map(port_of);
+    assert_eq!(unit_port, Some(PORT), "the unit's --metrics port");
+    for t in hosts["static_configs"][0]["targets"].as_sequence().unwrap() {
+        assert_eq!(port_of(t.as_str().unwrap()), unit_port, "target {t:?}");
+    }
+
+    let pods = jobs
+        .iter()
+        .find(|j| j["kubernetes_sd_configs"].is_sequence());
+    let pods = pods.expect("a kubernetes_sd_configs job for the DaemonSet");
+    let sd = &pods["kubernetes_sd_configs"][0];
+    assert_eq!(sd["role"], "pod");
+    let namespaces = sd["namespaces"]["names"].as_sequence().unwrap();
+    assert!(namespaces.contains(&ds["metadata"]["namespace"]));
+    let relabel = pods["relabel_configs"].as_sequence().unwrap();
+    let keeps: Vec<(Vec<&str>, &str)> = relabel
+        .iter()
+        .filter(|r| r["action"] == "keep")
+        .map(|r| (strings(&r["source_labels"]), r["regex"].as_str().unwrap()))
+        .collect();
+    let controller = format!("DaemonSet;{}", ds["metadata"]["name"].as_str().unwrap());
+    let by_controller = vec![
+        "__meta_kubernetes_pod_controller_kind",
+        "__meta_kubernetes_pod_controller_name",
+    ];
+    assert!(
+        keeps.contains(&(by_controller, controller.as_str())),
+        "{keeps:?}"
+    );
+    let port_name = container(&ds)["ports"][0]["name"].as_str().unwrap();
+    let by_port = vec!["__meta_kubernetes_pod_container_port_name"];
+    assert!(keeps.contains(&(by_port, port_name)), "{keeps:?}");
+    for label in ["node", "instance"] {
+        let from_node = relabel.iter().any(|r| {
+            r["target_label"] == label
+                && strings(&r["source_labels"]) == ["__meta_kubernetes_pod_node_name"]
+                && (r["action"].is_null() || r["action"] == "replace")
+        });
+        assert!(
+            from_node,
+            "{label} is not set from __meta_kubernetes_pod_node_name"
+        );
+    }
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    let seq = v.as_sequence().map_or(&[][..], Vec::as_slice);
+    seq.iter().filter_map(Value::as_str).collect()
+}
+
+/// The value of the unit's one uncommented `key=` line ("" when there is none).
+fn unit_setting<'a>(unit: &'a str, key: &str) -> &'a str {
+    let values = unit_settings(unit, key);
+    assert!(values.len() <= 1, "{key}= is set {} times", values.len());
+    values.first().copied().unwrap_or("")
+}
+
+fn unit_settings<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
+    unit.lines()
+        .filter_map(|l| l.trim().split_once('='))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .collect()
+}
+
+#[test]
+fn systemd_unit_grants_what_finwait_needs() {
+    let unit = read("systemd/finwait.service");
+    let get = |key| unit_setting(&unit, key);
+    assert_eq!(
+        get("ExecStart"),
+        "/usr/local/bin/finwait-trace --metrics [::]:9977 --quiet"
+    );
+    // The variant for a log pipeline, commented out: the same endpoint, JSON lines.
+    let json = "#ExecStart=/usr/local/bin/finwait-trace --metrics [::]:9977 --json ";
+    assert!(
+        unit.lines().any(|l| l.starts_with(json)),
+        "no {json:?}... line"
+    );
+    // Exactly these capabilities (systemd-analyze ignores a misspelt one without a word).
+    let caps: BTreeSet<&str> = UNIT_CAPS.into();
+    for key in ["CapabilityBoundingSet", "AmbientCapabilities"] {
+        let got: BTreeSet<&str> = get(key).split_whitespace().collect();
+        assert_eq!(got, caps, "{key}");
+    }
+    for (key, want) in [
+        ("Type", "simple"),
+        ("KillSignal", "SIGTERM"),
+        ("Restart", "on-failure"),
+        ("DynamicUser", "yes"),
+        ("NoNewPrivileges", "yes"),
+        ("LimitMEMLOCK", "infinity"),
+        ("MemoryMax", "256M"),
+        ("ProtectSystem", "strict"),
+    ] {
+        assert_eq!(get(key), want, "{key}=");
+    }
+    // These would hide other processes' /proc entries, or the network, from it.
+    for key in [
+        "ProtectProc",
+        "ProcSubset",
+        "PrivateNetwork",
+        "PrivateUsers",
+        "User",
+    ] {
+        assert_eq!(get(key), "", "{key}= must stay unset");
+    }
+    // systemd cannot know which calls finwait makes: the tracing ones must be allowed, and
+    // netlink (sock_diag) and the endpoint's sockets.
+    let calls: Vec<&str> = get("SystemCallFilter").split_whitespace().collect();
+    for call in ["@system-service", "bpf", "perf_event_open"] {
+        assert!(calls.contains(&call), "SystemCallFilter= lacks {call}");
+    }
+    let families: Vec<&str> = get("RestrictAddressFamilies").split_whitespace().collect();
+    for family in ["AF_NETLINK", "AF_INET", "AF_INET6"] {
+        assert!(
+            families.contains(&family),
+            "RestrictAddressFamilies= lacks {family}"
+        );
+    }
+}
+
+/// `systemd-analyze verify` of `unit` (finwait.service's text), written to `dir` with
+/// ExecStart on a stand-in, since verify wants the binary to exist. Err: what it printed.
+fn verify_unit(unit: &str, dir: &Path) -> Result<PathBuf, String> {
+    let stub = dir.join("finwait-trace");
+    fs::write(&stub, "#!/bin/sh\n").unwrap();
+    fs::set_permissions(&stub, fs::Permissions::from_mode(0o755)).unwrap();
+    let file = dir.join("finwait.service");
+    let unit = unit.replace("/usr/local/bin/finwait-trace", stub.to_str().unwrap());
+    fs::write(&file, unit).unwrap();
+    let (ok, out) = run(Command::new("systemd-analyze").arg("verify").arg(&file));
+    // A misspelt or invalid setting is only warned about (exit 0), and then ignored.
+    let complaints = out.lines().any(|l| l.contains("finwait.service"));
+    if ok && !complaints {
+        Ok(file)
+    } else {
+        Err(out)
+    }
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    if !on_path("systemd-analyze") {
+        eprintln!("note: no systemd-analyze here: finwait.service not verified");
+        return;
+    }
+    let dir = scratch("unit");
+    let unit = read("systemd/finwait.service");
+    let file = verify_unit(&unit, &dir)
+        .unwrap_or_else(|out| panic!("systemd-analyze verify finwait.service:\n{out}"));
+    // The sandbox as systemd rates it: exposure 2.6 (of 10) when written; more than 3.0
+    // means some protection was lost.
+    let (ok, out) = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=30"])
+        .arg(&file));
+    if !ok && out.contains("unrecognized option") {
+        eprintln!("note: systemd-analyze before 250 has no security --offline: not rated");
+    } else {
+        assert!(ok, "systemd-analyze security: exposure above 3.0:\n{out}");
+    }
+    // The verification sees mistakes.
+    for (from, to) in [
+        ("ProtectClock=yes", "ProtectClok=yes"),
+        ("MemoryMax=256M", "MemoryMax=256Q"),
+    ] {
+        assert!(unit.contains(from), "finwait.service no longer has {from}");
+        let broken = verify_unit(&unit.replace(from, to), &dir);
+        assert!(broken.is_err(), "systemd-analyze verify accepts {to}");
+    }
+}
+
+fn manifests() -> Vec<Value> {
+    let text = read("kubernetes/daemonset.yaml");
+    text.split("\n---\n").map(yaml).collect()
+}
+
+fn daemonset() -> Value {
+    let docs = manifests();
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let namespace = &ds["metadata"]["namespace"];
+    let defined = docs
+        .iter()
+        .any(|d| d["kind"] == "Namespace" && d["metadata"]["name"] == *namespace);
+    assert!(defined, "no Namespace {namespace:?} beside the DaemonSet");
+    ds.clone()
+}
+
+fn container(ds: &Value) -> &Value {
+    &ds["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn container_mut(ds: &mut Value) -> &mut Value {
+    &mut ds["spec"]["template"]["spec"]["containers"][0]
+}
+
+/// What is wrong with the DaemonSet, one line each.
+fn problems(ds: &Value) -> Vec<String> {
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = container(ds);
+    let sc = &c["securityContext"];
+    let mut p = Vec::new();
+    let mut want = |ok: bool, what: &str| {
+        if !ok {
+            p.push(what.to_string());
+        }
+    };
+    want(pod["hostPID"] == true, "hostPID: true");
+    want(sc["privileged"] == false, "privileged: false");
+    want(
+        sc["allowPrivilegeEscalation"] == false,
+        "allowPrivilegeEscalation: false",
+    );
+    want(
+        sc["readOnlyRootFilesystem"] == true,
+        "readOnlyRootFilesystem: true",
+    );
+    want(
+        strings(&sc["capabilities"]["drop"]) == ["ALL"],
+        "capabilities: drop ALL",
+    );
+    let added: BTreeSet<&str> = strings(&sc["capabilities"]["add"]).into_iter().collect();
+    let exactly = format!("capabilities: add exactly {POD_CAPS:?}");
+    want(added == POD_CAPS.into(), &exactly);
+    let every_node = pod["tolerations"].as_sequence().is_some_and(|t| {
+        t.iter()
+            .any(|t| t["operator"] == "Exists" && t["key"].is_null())
+    });
+    want(every_node, "tolerations: operator Exists (every node)");
+    want(
+        c["resources"]["limits"]["memory"] == "256Mi",
+        "memory limit 256Mi",
+    );
+    let node_name = c["env"].as_sequence().is_some_and(|env| {
+        env.iter().any(|e| {
+            e["name"] == "NODE_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+        })
+    });
+    want(node_name, "env NODE_NAME from spec.nodeName");
+    p.extend(port_problems(ds));
+    p.extend(mount_problems(pod, c));
+    p
+}
+
+/// The endpoint: `--metrics ADDR:PORT` in the arguments, that port exposed as `metrics`,
+/// and the scrape annotations naming it.
+fn port_problems(ds: &Value) -> Vec<String> {
+    let c = container(ds);
+    let mut p = Vec::new();
+    let argv: Vec<&str> = [strings(&c["command"]), strings(&c["args"])].concat();
+    if !argv.first().is_some_and(|a| a.ends_with("/finwait-trace")) {
+        p.push(format!("command: not finwait-trace: {argv:?}"));
+    }
+    let at = argv.iter().position(|a| *a == "--metrics");
+    let port = at.and_then(|i| argv.get(i + 1)).and_then(|a| port_of(a));
+    if port.is_none() {
+        p.push(format!("args: no --metrics ADDR:PORT in {argv:?}"));
+    }
+    if !argv.contains(&"--quiet") {
+        p.push("args: no --quiet".into());
+    }
+    let exposed = c["ports"].as_sequence().and_then(|ports| {
+        let m = ports.iter().find(|x| x["name"] == "metrics")?;
+        u16::try_from(m["containerPort"].as_u64()?).ok()
+    });
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    let annotated = annotations["prometheus.io/port"]
+        .as_str()
+        .and_then(|s| s.parse().ok());
+    if exposed != Some(PORT) || port != exposed || annotated != exposed {
+        p.push(format!(
+            "port: --metrics {port:?}, containerPort `metrics` {exposed:?} and the \
+             prometheus.io/port annotation {annotated:?} must all be {PORT}"
+        ));
+    }
+    if annotations["prometheus.io/scrape"] != "true" {
+        p.push("annotation prometheus.io/scrape: \"true\"".into());
+    }
+    p
+}
+
+/// Every host path it reads mounted at the same path, and every host mount read-only.
+fn mount_problems(pod: &Value, c: &Value) -> Vec<String> {
+    let mounts = c["volumeMounts"]
+        .as_sequence()
+        .map_or(&[][..], Vec::as_slice);
+    let volumes = pod["volumes"].as_sequence().map_or(&[][..], Vec::as_slice);
+    let host_path = |name: &Value| {
+        let v = volumes.iter().find(|v| v["name"] == *name)?;
+        v["hostPath"]["path"].as_str()
+    };
+    let mut p = Vec::new();
+    for m in mounts {
+        if host_path(&m["name"]).is_some() && m["readOnly"] != true {
+            p.push(format!("mount {:?}: not readOnly", m["mountPath"]));
+        }
+    }
+    for path in HOST_MOUNTS {
+        let mounted = mounts
+            .iter()
+            .any(|m| m["mountPath"] == path && host_path(&m["name"]) == Some(path));
+        if !mounted {
+            p.push(format!("mount: host {path} is not mounted at {path}"));
+        }
+    }
+    p
+}
+
+#[test]
+fn daemonset_runs_finwait_as_designed() {
+    let ds = daemonset();
+    assert_eq!(problems(&ds), Vec::<String>::new());
+}
+
+/// The checks above see each kind of mistake.
+#[test]
+fn daemonset_checks_catch_mistakes() {
+    type Mutation = fn(&mut Value);
+    let mutants: [(&str, Mutation); 8] = [
+        ("hostPID", |d| {
+            d["spec"]["template"]["spec"]["hostPID"] = false.into();
+        }),
+        ("capabilities: add", |d| {
+            let caps = &mut container_mut(d)["securityContext"]["capabilities"]["add"];
+            caps.as_sequence_mut().unwrap().pop();
+        }),
+        ("privileged", |d| {
+            container_mut(d)["securityContext"]["privileged"] = true.into();
+        }),
+        ("not readOnly", |d| {
+            container_mut(d)["volumeMounts"][3]["readOnly"] = false.into();
+        }),
+        ("/sys/fs/cgroup is not mounted", |d| {
+            d["spec"]["template"]["spec"]["volumes"][3]["hostPath"]["path"] = "/sys".into();
+        }),
+        ("port", |d| {
+            container_mut(d)["ports"][0]["containerPort"] = 9978.into();
+        }),
+        ("no --metrics", |d| {
+            container_mut(d)["args"] = yaml("[--quiet]");
+        }),
+        ("tolerations", |d| {
+            d["spec"]["template"]["spec"]["tolerations"] = yaml("[{key: a, operator: Exists}]");
+        }),
+    ];
+    let ds = daemonset();
+    for (what, mutate) in mutants {
+        let mut broken = ds.clone();
+        mutate(&mut broken);
+        let found = problems(&broken);
+        assert!(found.iter().any(|p| p.contains(what)), "{what}: {found:?}");
+    }
+}
+
+/// FLEET.md names no file of deploy/ that is not there.
+#[test]
+fn fleet_doc_names_existing_files() {
+    let doc = read("FLEET.md");
+    let root = crate::workspace();
+    let named: BTreeSet<&str> = doc
+        .split(|c: char| c.is_whitespace() || "`()[],:;".contains(c))
+        .filter(|w| w.starts_with("deploy/") && w.len() > "deploy/".len())
+        .map(|w| w.trim_end_matches('.'))
+        .collect();
+    assert!(!named.is_empty());
+    for path in named {
+        assert!(
+            root.join(path).exists(),
+            "FLEET.md names {path}, which is not there"
+        );
+    }
+}
