@@ -1,5 +1,5 @@
 //! Tests of the deployment files under deploy/: a systemd unit, a Kubernetes DaemonSet, a
-//! Prometheus scrape config with its alerts, and FLEET.md. They are checked with the tools that
+//! Prometheus scrape config with its alerts, and the README's fleet section. They are checked with the tools that
 //! read them (promtool, systemd-analyze) and against each other (port, names, capabilities).
 //! promtool is in Debian's `prometheus` package, which `cargo xtask test` installs.
 
@@ -569,10 +569,14 @@ fn daemonset_checks_catch_mistakes() {
     }
 }
 
-/// FLEET.md names no file of deploy/ that is not there.
+/// The README's fleet section names no file of deploy/ that is not there.
 #[test]
 fn fleet_doc_names_existing_files() {
-    let doc = read("FLEET.md");
+    let path = crate::workspace().join("README.md");
+    let readme = fs::read_to_string(&path).unwrap();
+    let start = readme.find("## On a fleet").expect("README.md has its fleet section");
+    let doc = &readme[start..];
+    let doc = &doc[..doc[3..].find("\n## ").map_or(doc.len(), |e| e + 3)];
     let root = crate::workspace();
     let named: BTreeSet<&str> = doc
         .split(|c: char| c.is_whitespace() || "`()[],:;".contains(c))
@@ -583,7 +587,7 @@ fn fleet_doc_names_existing_files() {
     for path in named {
         assert!(
             root.join(path).exists(),
-            "FLEET.md names {path}, which is not there"
+            "README.md's fleet section names {path}, which is not there"
         );
     }
 }
