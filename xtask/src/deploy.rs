@@ -574,7 +574,9 @@ fn daemonset_checks_catch_mistakes() {
 fn fleet_doc_names_existing_files() {
     let path = crate::workspace().join("README.md");
     let readme = fs::read_to_string(&path).unwrap();
-    let start = readme.find("## On a fleet").expect("README.md has its fleet section");
+    let start = readme
+        .find("## On a fleet")
+        .expect("README.md has its fleet section");
     let doc = &readme[start..];
     let doc = &doc[..doc[3..].find("\n## ").map_or(doc.len(), |e| e + 3)];
     let root = crate::workspace();

@@ -67,6 +67,10 @@ impl FinTimeouts {
         })
         .join()
         .ok()??;
+        // Pods come and go for days: their namespaces are forgotten in bulk.
+        if self.by_ns.len() >= MAX_THREADS {
+            self.by_ns.clear();
+        }
         self.by_ns.insert(ns, (value, Instant::now()));
         Some(value)
     }

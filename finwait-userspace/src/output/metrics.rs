@@ -821,6 +821,24 @@ mod tests {
     }
 
     #[test]
+    fn an_evicted_workload_loses_the_series_of_every_cause() {
+        use finwait_common::Call::{Close, CloseRange, Dup2, Dup3, Shutdown};
+        let kinds = [Shutdown, Close, CloseRange, Dup2, Dup3]
+            .map(CauseKind::Call)
+            .into_iter()
+            .chain([
+                CauseKind::Exit,
+                CauseKind::PeerFin,
+                CauseKind::PeerRst,
+                CauseKind::Timer,
+                CauseKind::Unknown,
+            ]);
+        for k in kinds {
+            assert!(CAUSES.contains(&k.name()), "{}", k.name());
+        }
+    }
+
+    #[test]
     fn counters_follow_absolute_values() {
         let c = Counter::default();
         set_counter(&c, 5);
