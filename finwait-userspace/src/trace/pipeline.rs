@@ -96,6 +96,9 @@ impl Pipeline {
     /// Every report whose owner is known: filtered, enriched, counted and written.
     pub(crate) fn emit(&mut self) -> io::Result<()> {
         self.resolver.ready(&mut self.ready);
+        if !self.ready.is_empty() {
+            self.cgroups.now(Instant::now());
+        }
         // Taken and put back: the buffer keeps its capacity from wake-up to wake-up, and each
         // report is worked on in place (a report is a few hundred bytes: no moves).
         let mut ready = std::mem::take(&mut self.ready);
