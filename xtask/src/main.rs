@@ -350,10 +350,7 @@ fn setup() -> Result<()> {
     if !bpf_core_installed() {
         eprintln!("xtask: installing the BPF Rust toolchain (Debian packages)...");
         sh(Command::new("apt-get").args(["update", "-q"]))?;
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(APT_PACKAGES)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        apt_install(APT_PACKAGES)?;
     }
     if !bpf_linker_installed() {
         eprintln!("xtask: building bpf-linker against LLVM 22 (about 90 s)...");
@@ -383,15 +380,14 @@ fn install_peers() -> Result<()> {
     if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
         bail!("the benchmark needs tcpstates and bpftrace: apt-get install libbpf-tools bpftrace");
     }
+    apt_install(&["libbpf-tools", "bpftrace"])
+}
+
+/// `apt-get install` of Debian packages, without recommends or questions.
+fn apt_install(packages: &[&str]) -> Result<()> {
     sh(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "libbpf-tools",
-            "bpftrace",
-        ])
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
@@ -411,17 +407,7 @@ fn install_prometheus() -> Result<()> {
         std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
         std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
-    let install = || {
-        sh(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "prometheus",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-    };
+    let install = || apt_install(&["prometheus"]);
     let done = install().or_else(|_| {
         sh(Command::new("apt-get").args(["update", "-q"]))?;
         install()
