@@ -13,7 +13,10 @@ use tokio::{
 
 use crate::{
     host::{clock::monotonic_ns, netns, owners, procs, sockdiag},
-    kernel::loader::{self, Loaded, Mode, OwnerSeeder},
+    kernel::{
+        diagnostics::Diagnostics,
+        loader::{self, Loaded, Mode, OwnerSeeder},
+    },
     output::{self, Start, human::Style},
     snapshot,
 };
@@ -68,6 +71,8 @@ pub(crate) struct Options {
     pub(crate) stats_every: Option<Duration>,
     /// Size of the kernel's socket ownership map.
     pub(crate) owners_max: u32,
+    /// `-v`: print the eBPF programs' diagnostics to stderr.
+    pub(crate) diagnostics: bool,
 }
 
 impl Options {
@@ -86,6 +91,7 @@ impl Options {
             mode: self.mode,
             ports: self.ports.clone(),
             owners_max: self.owners_max,
+            diagnostics: self.diagnostics,
         }
     }
 }
@@ -98,6 +104,11 @@ pub(crate) type Stopper = Option<oneshot::Receiver<()>>;
 pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -> Result<()> {
     procs::check_exists(&opts.pids)?;
     let mut loaded = loader::load(&opts.loader_options())?;
+    // Only with -v is aya-log's ring read (without it, the programs never write to it).
+    let diagnostics = loaded
+        .diagnostics
+        .then(|| Diagnostics::start(&mut loaded.ebpf))
+        .flatten();
     let fin_timeout_s = netns::own_fin_timeout();
     let style = Style::for_stdout(opts.wall_clock, monotonic_ns());
     let sink = output::for_stdout(opts.json, style);
@@ -127,7 +138,11 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
     p.sink.flush()?;
     on_ready();
     let kernel = take_maps(&opts, &mut loaded, &mut p)?;
-    trace(&opts, &loaded.ebpf, kernel, &mut p, stop).await
+    let traced = trace(&opts, &loaded.ebpf, kernel, &mut p, stop).await;
+    if let Some(d) = diagnostics {
+        d.finish().await;
+    }
+    traced
 }
 
 /// Warnings about what is off, and the start event.
