@@ -3,6 +3,9 @@
 //! The programs only record facts (who, which fd, which socket, which state); every decision about
 //! cause and responsibility is made in userspace, where it can be tested. Field offsets come from
 //! userspace as globals, so nothing here depends on one kernel's layout.
+//!
+//! Where a counter records a loss, a diagnostic (aya-log, shown by `-v`) says which program lost
+//! what: see `mod diag`.
 #![no_std]
 #![no_main]
 
@@ -141,36 +144,116 @@ fn count(index: u32) {
     }
 }
 
+/// The program a diagnostic comes from, by its name in the object.
+type Hook = &'static str;
+
 /// A field of the tracepoint's record. A failed read is counted like `read`'s: every read the
 /// programs rely on either succeeds or shows in `kernel_read_failed`.
 #[inline(always)]
-fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+fn field<T>(ctx: &TracePointContext, hook: Hook, offset: u32) -> Option<T> {
     // SAFETY: offsets come from this kernel's format file; the helper checks the address.
     match unsafe { ctx.read_at::<T>(offset as usize) } {
         Ok(v) => Some(v),
         Err(_) => {
             count(counter::READ_FAILED);
+            diag::field_failed(hook, offset);
             None
         }
     }
 }
 
 #[inline(always)]
-fn read<T>(base: u64, offset: u64) -> Option<T> {
-    // SAFETY: bpf_probe_read_kernel checks the address; a fault is reported, not taken.
-    match unsafe { bpf_probe_read_kernel((base + offset) as *const T) } {
+fn read<T>(hook: Hook, base: u64, offset: u64) -> Option<T> {
+    checked(hook, probe(base, offset))
+}
+
+/// A read's value; its failure counted and said.
+#[inline(always)]
+fn checked<T>(hook: Hook, read: Result<T, u64>) -> Option<T> {
+    match read {
         Ok(v) => Some(v),
-        Err(_) => {
+        Err(offset) => {
             count(counter::READ_FAILED);
+            diag::read_failed(hook, offset);
             None
         }
+    }
+}
+
+/// A read of kernel memory, not counted: Err holds the offset, for the caller to count and say.
+#[inline(always)]
+fn probe<T>(base: u64, offset: u64) -> Result<T, u64> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a fault is reported, not taken.
+    unsafe { bpf_probe_read_kernel((base + offset) as *const T) }.map_err(|_| offset)
+}
+
+/// What `-v` shows: each loss a counter records, said through aya-log with the program and the
+/// offset, fd or pid. Integers only: the verifier refuses to take a typed pointer apart into a
+/// log record's bytes.
+///
+/// Out of line, so a program carries one copy of each and calls it only on failure. Without
+/// `-v`, userspace loads `AYA_LOG_LEVEL` as 0 into read-only data: the verifier sees the macros'
+/// level check as a constant and removes what it guards; the call and the level's load remain.
+mod diag {
+    use aya_log_ebpf::warn;
+
+    use super::Hook;
+
+    #[inline(never)]
+    pub(super) fn read_failed(hook: Hook, offset: u64) {
+        warn!(&(), "{}: read failed at offset {}", hook, offset);
+    }
+
+    #[inline(never)]
+    pub(super) fn field_failed(hook: Hook, offset: u32) {
+        warn!(
+            &(),
+            "{}: tracepoint field at offset {} unreadable", hook, offset
+        );
+    }
+
+    /// A read on the way from `fd` to its socket failed (the socket is still known when only its
+    /// inode or reference count was missed).
+    #[inline(never)]
+    pub(super) fn fd_read_failed(hook: Hook, fd: i64, offset: u64) {
+        warn!(&(), "{}: fd {}: read failed at offset {}", hook, fd, offset);
+    }
+
+    #[inline(never)]
+    pub(super) fn owners_full(hook: Hook, tgid: u32, fd: i32) {
+        warn!(
+            &(),
+            "{}: ownership map full: pid {} fd {} has no owner record", hook, tgid, fd
+        );
+    }
+
+    #[inline(never)]
+    pub(super) fn in_call_full(hook: Hook, tid: u32) {
+        warn!(
+            &(),
+            "{}: in-call map full: the exit of thread {} is not forwarded", hook, tid
+        );
+    }
+
+    #[inline(never)]
+    pub(super) fn pid_insert_failed(hook: Hook, tgid: u32) {
+        warn!(&(), "{}: pid map full: pid {} is not followed", hook, tgid);
+    }
+
+    /// Fds passed over a unix socket (SCM_RIGHTS): more than are read, or an unreadable message.
+    #[inline(never)]
+    pub(super) fn fds_not_recorded(hook: Hook, tid: u32) {
+        warn!(
+            &(),
+            "{}: fds received by thread {} not all recorded", hook, tid
+        );
     }
 }
 
 /// With `--pid`/`--comm`: is this process followed? A process matching `--comm` joins the set,
 /// so its children are followed too.
 #[inline(always)]
-fn pid_traced(tgid: u32) -> bool {
+fn pid_traced(hook: Hook, tgid: u32) -> bool {
     // SAFETY: the value is a u8 copied out immediately.
     if config(&FILTER.pid_filter) == 0 || unsafe { TRACED_PIDS.get(tgid) }.is_some() {
         return true;
@@ -185,6 +268,7 @@ fn pid_traced(tgid: u32) -> bool {
     }
     if TRACED_PIDS.insert(tgid, 1u8, 0).is_err() {
         count(counter::PID_INSERT_FAILED);
+        diag::pid_insert_failed(hook, tgid);
     }
     true
 }
@@ -234,41 +318,42 @@ fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_state(ctx: &TracePointContext) -> Option<()> {
+    const HOOK: Hook = "inet_sock_set_state";
     let l = config(&STATE_TP);
     let protocol = if l.protocol_size == 1 {
-        field::<u8>(ctx, l.protocol)? as u16
+        field::<u8>(ctx, HOOK, l.protocol)? as u16
     } else {
-        field::<u16>(ctx, l.protocol)?
+        field::<u16>(ctx, HOOK, l.protocol)?
     };
     if protocol != IPPROTO_TCP {
         return None;
     }
-    let old = field::<i32>(ctx, l.oldstate)? as u8;
-    let new = field::<i32>(ctx, l.newstate)? as u8;
-    let sk = field::<u64>(ctx, l.skaddr)?;
-    let mut e = transition_event(sk, old, new)?;
-    e.sport = field::<u16>(ctx, l.sport)?;
-    e.dport = field::<u16>(ctx, l.dport)?;
-    e.family = field::<u16>(ctx, l.family)?;
+    let old = field::<i32>(ctx, HOOK, l.oldstate)? as u8;
+    let new = field::<i32>(ctx, HOOK, l.newstate)? as u8;
+    let sk = field::<u64>(ctx, HOOK, l.skaddr)?;
+    let mut e = transition_event(HOOK, sk, old, new)?;
+    e.sport = field::<u16>(ctx, HOOK, l.sport)?;
+    e.dport = field::<u16>(ctx, HOOK, l.dport)?;
+    e.family = field::<u16>(ctx, HOOK, l.family)?;
     if e.family == AF_INET6 {
-        e.saddr = field::<[u8; 16]>(ctx, l.saddr_v6)?;
-        e.daddr = field::<[u8; 16]>(ctx, l.daddr_v6)?;
+        e.saddr = field::<[u8; 16]>(ctx, HOOK, l.saddr_v6)?;
+        e.daddr = field::<[u8; 16]>(ctx, HOOK, l.daddr_v6)?;
     } else {
-        let s = field::<[u8; 4]>(ctx, l.saddr)?;
-        let d = field::<[u8; 4]>(ctx, l.daddr)?;
+        let s = field::<[u8; 4]>(ctx, HOOK, l.saddr)?;
+        let d = field::<[u8; 4]>(ctx, HOOK, l.daddr)?;
         e.saddr[..4].copy_from_slice(&s);
         e.daddr[..4].copy_from_slice(&d);
     }
-    emit_state(e);
+    emit_state(HOOK, e);
     Some(())
 }
 
 /// Is this transition forwarded? One that is not still ends the socket's ownership record when
 /// it reaches CLOSE (a connect() that failed, a reset in SYN_RECV, ...).
 #[inline(always)]
-fn wanted_transition(sk: u64, old: u8, new: u8) -> bool {
+fn wanted_transition(hook: Hook, sk: u64, old: u8, new: u8) -> bool {
     if new == tcp_state::SYN_SENT {
-        connecting(sk);
+        connecting(hook, sk);
     }
     if config(&FILTER.all_transitions) != 0 || tcp_state::worth_reporting(old, new) {
         return true;
@@ -282,18 +367,18 @@ fn wanted_transition(sk: u64, old: u8, new: u8) -> bool {
 /// A socket entering SYN_SENT inside this thread's connect(): the caller holds it at the fd
 /// connect() was given.
 #[inline(always)]
-fn connecting(sk: u64) {
+fn connecting(hook: Hook, sk: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out at once.
     let Some(fd) = (unsafe { CONNECTING.get(pid_tgid as u32) }).copied() else {
         return;
     };
     let o = config(&OFFSETS);
-    let inode = match read::<u64>(sk, o.sock_socket as u64) {
-        Some(socket) if socket != 0 => inode_of_socket(socket, &o),
+    let inode = match read::<u64>(hook, sk, o.sock_socket as u64) {
+        Some(socket) if socket != 0 => inode_of_socket(hook, socket, &o),
         _ => return,
     };
-    insert_owner(sk, inode, fd, pid_tgid);
+    insert_owner(hook, sk, inode, fd, pid_tgid);
 }
 
 /// `--port`: does this socket have one of the wanted ports (local or remote)?
@@ -313,17 +398,17 @@ fn port_wanted(sport: u16, dport: u16) -> bool {
 }
 
 #[inline(always)]
-fn emit_state(mut e: Event) {
+fn emit_state(hook: Hook, mut e: Event) {
     let wanted = port_wanted(e.sport, e.dport);
     if wanted {
-        sock_details(&mut e);
+        sock_details(hook, &mut e);
         owner_of(&mut e);
     }
     if e.new_state == tcp_state::CLOSE {
         // The socket is gone (its address may be reused): its record goes, after the copy.
         let _ = OWNERS.remove(e.sock);
     }
-    if wanted && owner_followed(&e) {
+    if wanted && owner_followed(hook, &e) {
         submit(&e);
     }
 }
@@ -354,7 +439,7 @@ fn owner_of(e: &mut Event) {
 /// With `--pid`/`--comm`: a transition reaches userspace when its socket's owner is followed,
 /// when the running task is (process context), or when the owner is not known.
 #[inline(always)]
-fn owner_followed(e: &Event) -> bool {
+fn owner_followed(hook: Hook, e: &Event) -> bool {
     if config(&FILTER.pid_filter) == 0 || e.flags & flags::OWNER_VALID == 0 {
         return true;
     }
@@ -362,7 +447,7 @@ fn owner_followed(e: &Event) -> bool {
     if unsafe { TRACED_PIDS.get(e.owner.tgid) }.is_some() || comm_followed(&e.owner.comm) {
         return true;
     }
-    pid_traced((e.pid_tgid >> 32) as u32)
+    pid_traced(hook, (e.pid_tgid >> 32) as u32)
 }
 
 #[inline(always)]
@@ -391,8 +476,8 @@ fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 /// A transition record for `sk`, if this transition is one to report.
 #[inline(always)]
-fn transition_event(sk: u64, old: u8, new: u8) -> Option<Event> {
-    if !wanted_transition(sk, old, new) {
+fn transition_event(hook: Hook, sk: u64, old: u8, new: u8) -> Option<Event> {
+    if !wanted_transition(hook, sk, old, new) {
         return None;
     }
     let mut e = new_event(EventKind::Transition);
@@ -403,50 +488,56 @@ fn transition_event(sk: u64, old: u8, new: u8) -> Option<Event> {
 }
 
 fn try_state_btf(sk: u64, old: u8, new: u8) -> Option<()> {
+    const HOOK: Hook = "inet_sock_set_state_btf";
     let o = config(&OFFSETS);
-    if read::<u16>(sk, o.sock_protocol as u64)? != IPPROTO_TCP {
+    if read::<u16>(HOOK, sk, o.sock_protocol as u64)? != IPPROTO_TCP {
         return None;
     }
-    let mut e = transition_event(sk, old, new)?;
-    e.family = read::<u16>(sk, o.sock_family as u64)?;
-    e.sport = u16::from_be(read::<u16>(sk, o.inet_sport as u64)?);
-    e.dport = u16::from_be(read::<u16>(sk, o.sock_dport as u64)?);
+    let mut e = transition_event(HOOK, sk, old, new)?;
+    e.family = read::<u16>(HOOK, sk, o.sock_family as u64)?;
+    e.sport = u16::from_be(read::<u16>(HOOK, sk, o.inet_sport as u64)?);
+    e.dport = u16::from_be(read::<u16>(HOOK, sk, o.sock_dport as u64)?);
     if e.family == AF_INET6 {
-        e.saddr = read::<[u8; 16]>(sk, o.sock_v6_rcv_saddr as u64)?;
-        e.daddr = read::<[u8; 16]>(sk, o.sock_v6_daddr as u64)?;
+        e.saddr = read::<[u8; 16]>(HOOK, sk, o.sock_v6_rcv_saddr as u64)?;
+        e.daddr = read::<[u8; 16]>(HOOK, sk, o.sock_v6_daddr as u64)?;
     } else {
-        let s = read::<[u8; 4]>(sk, o.inet_saddr as u64)?;
-        let d = read::<[u8; 4]>(sk, o.sock_daddr as u64)?;
+        let s = read::<[u8; 4]>(HOOK, sk, o.inet_saddr as u64)?;
+        let d = read::<[u8; 4]>(HOOK, sk, o.sock_daddr as u64)?;
         e.saddr[..4].copy_from_slice(&s);
         e.daddr[..4].copy_from_slice(&d);
     }
-    emit_state(e);
+    emit_state(HOOK, e);
     Some(())
 }
 
 /// Socket flags (orphaned? peer FIN seen?) and inode (to find the owner in /proc).
 #[inline(always)]
-fn sock_details(e: &mut Event) {
+fn sock_details(hook: Hook, e: &mut Event) {
     let o = config(&OFFSETS);
     if o.valid == 0 || e.sock == 0 {
         return;
     }
-    if let Some(f) = read::<u64>(e.sock, o.sock_flags as u64) {
+    if let Some(f) = read::<u64>(hook, e.sock, o.sock_flags as u64) {
         e.sk_flags = f;
         e.flags |= flags::SK_FLAGS_VALID;
     }
-    if let Some(socket) = read::<u64>(e.sock, o.sock_socket as u64) {
+    if let Some(socket) = read::<u64>(hook, e.sock, o.sock_socket as u64) {
         if socket != 0 {
-            e.inode = inode_of_socket(socket, &o);
+            e.inode = inode_of_socket(hook, socket, &o);
         }
     }
 }
 
 #[inline(always)]
-fn inode_of_socket(socket: u64, o: &KernelOffsets) -> u64 {
+fn inode_of_socket(hook: Hook, socket: u64, o: &KernelOffsets) -> u64 {
+    checked(hook, socket_ino(socket, o)).unwrap_or(0)
+}
+
+#[inline(always)]
+fn socket_ino(socket: u64, o: &KernelOffsets) -> Result<u64, u64> {
     // A `struct socket` lives inside `struct socket_alloc`, next to its inode.
     let inode = socket.wrapping_add(o.socket_to_inode as i64 as u64);
-    read::<u64>(inode, o.inode_ino as u64).unwrap_or(0)
+    probe::<u64>(inode, o.inode_ino as u64)
 }
 
 /// The stream socket behind a file descriptor of the current task.
@@ -458,49 +549,87 @@ struct FdSock {
     refs: u64,
 }
 
-/// Walks task -> files -> fdtable -> file -> socket -> sock with offsets from BTF.
+/// The stream socket behind `fd`, if it is one.
 #[inline(always)]
-fn sock_of_fd(fd: i64) -> Option<FdSock> {
+fn sock_of_fd(hook: Hook, fd: i64) -> Option<FdSock> {
+    let (found, failed) = walk_fd(fd);
+    if let Some(offset) = failed {
+        diag::fd_read_failed(hook, fd, offset);
+    }
+    found
+}
+
+/// Walks task -> files -> fdtable -> file -> socket -> sock with offsets from BTF. A failed read
+/// is counted here and its offset returned, to be said once per walk (a diagnostic per read
+/// would be verified once per read per fd of close_range()'s scan).
+#[inline(always)]
+fn walk_fd(fd: i64) -> (Option<FdSock>, Option<u64>) {
+    let (sk, socket, file) = match fd_chain(fd) {
+        Ok(Some(found)) => found,
+        Ok(None) => return (None, None),
+        Err(offset) => {
+            count(counter::READ_FAILED);
+            return (None, Some(offset));
+        }
+    };
+    let o = config(&OFFSETS);
+    let inode = socket_ino(socket, &o);
+    let refs = probe::<u64>(file, o.file_count as u64);
+    let mut failed = None;
+    for r in [&inode, &refs] {
+        if let Err(offset) = r {
+            count(counter::READ_FAILED);
+            failed = Some(*offset);
+        }
+    }
+    let s = FdSock {
+        sk,
+        inode: inode.unwrap_or(0),
+        refs: refs.unwrap_or(u64::MAX),
+    };
+    (Some(s), failed)
+}
+
+/// The fd's (sock, socket, file), if it is an IPv4 or IPv6 stream socket; Err: the offset of the
+/// read that failed.
+#[inline(always)]
+fn fd_chain(fd: i64) -> Result<Option<(u64, u64, u64)>, u64> {
     let o = config(&OFFSETS);
     if o.valid == 0 || fd < 0 {
-        return None;
+        return Ok(None);
     }
     // SAFETY: plain helper call.
     let task = unsafe { bpf_get_current_task() };
-    let files = read::<u64>(task, o.task_files as u64)?;
-    let fdt = read::<u64>(files, o.files_fdt as u64)?;
-    let max_fds = read::<u32>(fdt, o.fdtable_max_fds as u64)?;
+    let files = probe::<u64>(task, o.task_files as u64)?;
+    let fdt = probe::<u64>(files, o.files_fdt as u64)?;
+    let max_fds = probe::<u32>(fdt, o.fdtable_max_fds as u64)?;
     if fd as u64 >= max_fds as u64 {
-        return None;
+        return Ok(None);
     }
-    let fd_array = read::<u64>(fdt, o.fdtable_fd as u64)?;
-    let file = read::<u64>(fd_array, fd as u64 * 8)?;
+    let fd_array = probe::<u64>(fdt, o.fdtable_fd as u64)?;
+    let file = probe::<u64>(fd_array, fd as u64 * 8)?;
     if file == 0 {
-        return None;
+        return Ok(None);
     }
-    let f_inode = read::<u64>(file, o.file_f_inode as u64)?;
-    let mode = read::<u16>(f_inode, o.inode_mode as u64)?;
+    let f_inode = probe::<u64>(file, o.file_f_inode as u64)?;
+    let mode = probe::<u16>(f_inode, o.inode_mode as u64)?;
     if mode & S_IFMT != S_IFSOCK {
-        return None;
+        return Ok(None);
     }
-    let socket = read::<u64>(file, o.file_private_data as u64)?;
-    if socket == 0 || read::<u16>(socket, o.socket_type as u64)? != SOCK_STREAM {
-        return None;
+    let socket = probe::<u64>(file, o.file_private_data as u64)?;
+    if socket == 0 || probe::<u16>(socket, o.socket_type as u64)? != SOCK_STREAM {
+        return Ok(None);
     }
-    let sk = read::<u64>(socket, o.socket_sk as u64)?;
+    let sk = probe::<u64>(socket, o.socket_sk as u64)?;
     // A socket without its sock (being torn down): nothing to read through.
     if sk == 0 {
-        return None;
+        return Ok(None);
     }
-    let family = read::<u16>(sk, o.sock_family as u64)?;
+    let family = probe::<u16>(sk, o.sock_family as u64)?;
     if family != AF_INET && family != AF_INET6 {
-        return None;
+        return Ok(None);
     }
-    Some(FdSock {
-        sk,
-        inode: inode_of_socket(socket, &o),
-        refs: read::<u64>(file, o.file_count as u64).unwrap_or(u64::MAX),
-    })
+    Ok(Some((sk, socket, file)))
 }
 
 #[inline(always)]
@@ -515,12 +644,12 @@ fn set_sock(e: &mut Event, s: FdSock) {
 }
 
 #[inline(always)]
-fn call_enter(ctx: &TracePointContext, call: Call) -> Option<()> {
+fn call_enter(ctx: &TracePointContext, hook: Hook, call: Call) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !pid_traced((pid_tgid >> 32) as u32) {
+    if !pid_traced(hook, (pid_tgid >> 32) as u32) {
         return None;
     }
-    let (arg0, arg1) = (syscall_arg(ctx, 0)?, syscall_arg(ctx, 1)?);
+    let (arg0, arg1) = (syscall_arg(ctx, hook, 0)?, syscall_arg(ctx, hook, 1)?);
     let mut e = new_event(EventKind::CallEnter);
     e.call = call as u8;
     // dup2/dup3 end the socket behind their second argument (the fd that gets replaced).
@@ -534,9 +663,9 @@ fn call_enter(ctx: &TracePointContext, call: Call) -> Option<()> {
         _ => arg0,
     };
     if call == Call::CloseRange {
-        return close_range_enter(ctx, e, arg0, arg1);
+        return close_range_enter(ctx, hook, e, arg0, arg1);
     }
-    match sock_of_fd(fd) {
+    match sock_of_fd(hook, fd) {
         Some(s) => {
             set_sock(&mut e, s);
             if call != Call::Shutdown {
@@ -549,6 +678,7 @@ fn call_enter(ctx: &TracePointContext, call: Call) -> Option<()> {
     }
     let resolved = e.flags & flags::SOCK_RESOLVED != 0;
     enter_call(
+        hook,
         pid_tgid as u32,
         if resolved {
             EXIT_ON_FAILURE
@@ -590,13 +720,15 @@ fn release_owner(e: &mut Event, refs: u64) {
 /// A socket the peer already closed (its FIN came before accept() returned) is also reported:
 /// its CLOSE_WAIT transition could not name an owner.
 #[inline(always)]
-fn record_owner(fd: i64) {
-    let Some(s) = sock_of_fd(fd) else { return };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(rec) = insert_owner(s.sk, s.inode, fd as i32, pid_tgid) else {
+fn record_owner(hook: Hook, fd: i64) {
+    let Some(s) = sock_of_fd(hook, fd) else {
         return;
     };
-    let state = read::<u8>(s.sk, config(&OFFSETS).sock_state as u64);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(rec) = insert_owner(hook, s.sk, s.inode, fd as i32, pid_tgid) else {
+        return;
+    };
+    let state = read::<u8>(hook, s.sk, config(&OFFSETS).sock_state as u64);
     if state == Some(tcp_state::CLOSE_WAIT) {
         let mut e = new_event(EventKind::Obtained);
         e.sock = s.sk;
@@ -610,7 +742,7 @@ fn record_owner(fd: i64) {
 
 /// Records the current task as the holder of `sk` at `fd`; None when the map was full.
 #[inline(always)]
-fn insert_owner(sk: u64, inode: u64, fd: i32, pid_tgid: u64) -> Option<OwnerRec> {
+fn insert_owner(hook: Hook, sk: u64, inode: u64, fd: i32, pid_tgid: u64) -> Option<OwnerRec> {
     let rec = OwnerRec {
         // SAFETY: plain helper call.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -625,6 +757,7 @@ fn insert_owner(sk: u64, inode: u64, fd: i32, pid_tgid: u64) -> Option<OwnerRec>
     };
     if OWNERS.insert(sk, rec, 0).is_err() {
         count(counter::OWNERS_FULL);
+        diag::owners_full(hook, rec.tgid, fd);
         return None;
     }
     Some(rec)
@@ -632,29 +765,30 @@ fn insert_owner(sk: u64, inode: u64, fd: i32, pid_tgid: u64) -> Option<OwnerRec>
 
 /// Argument `n` of a sys_enter tracepoint: 8-byte slots from offset 16 on every kernel.
 #[inline(always)]
-fn syscall_arg(ctx: &TracePointContext, n: u32) -> Option<i64> {
-    field::<i64>(ctx, 16 + 8 * n)
+fn syscall_arg(ctx: &TracePointContext, hook: Hook, n: u32) -> Option<i64> {
+    field::<i64>(ctx, hook, 16 + 8 * n)
 }
 
 /// The return value of a sys_exit tracepoint (at offset 16 of every one); -1 if unreadable.
 #[inline(always)]
-fn syscall_ret(ctx: &TracePointContext) -> i64 {
-    field::<i64>(ctx, 16).unwrap_or(-1)
+fn syscall_ret(ctx: &TracePointContext, hook: Hook) -> i64 {
+    field::<i64>(ctx, hook, 16).unwrap_or(-1)
 }
 
 /// accept(), accept4(), dup(), pidfd_getfd(): the returned fd is the caller's new handle.
 #[tracepoint]
 fn sys_exit_new_fd(ctx: TracePointContext) -> u32 {
-    let fd = syscall_ret(&ctx);
+    const HOOK: Hook = "sys_exit_new_fd";
+    let fd = syscall_ret(&ctx, HOOK);
     if fd >= 0 {
-        record_owner(fd);
+        record_owner(HOOK, fd);
     }
     0
 }
 
 #[tracepoint]
 fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    if let Some(fd) = syscall_arg(&ctx, 0) {
+    if let Some(fd) = syscall_arg(&ctx, "sys_enter_connect", 0) {
         let tid = bpf_get_current_pid_tgid() as u32;
         let _ = CONNECTING.insert(tid, fd as i32, 0);
     }
@@ -679,7 +813,7 @@ const SCM_FDS: usize = 4;
 
 #[tracepoint]
 fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
-    let Some(msg) = syscall_arg(&ctx, 1) else {
+    let Some(msg) = syscall_arg(&ctx, "sys_enter_recvmsg", 1) else {
         return 0;
     };
     let msg = msg as u64;
@@ -696,14 +830,16 @@ fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
+    const HOOK: Hook = "sys_exit_recvmsg";
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: the value is copied out at once.
     let Some(msg) = (unsafe { RECVMSG.get(tid) }).copied() else {
         return 0;
     };
     let _ = RECVMSG.remove(tid);
-    if syscall_ret(&ctx) >= 0 && received_fds(msg).is_none() {
+    if syscall_ret(&ctx, HOOK) >= 0 && received_fds(HOOK, msg).is_none() {
         count(counter::SCM_RIGHTS_UNREAD);
+        diag::fds_not_recorded(HOOK, tid);
     }
     0
 }
@@ -711,7 +847,7 @@ fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
 /// Records the fds an SCM_RIGHTS message (the first control message) delivered. None: it had
 /// fds that could not all be read.
 #[inline(always)]
-fn received_fds(msg: u64) -> Option<()> {
+fn received_fds(hook: Hook, msg: u64) -> Option<()> {
     // SAFETY: user memory, read through the helper; the kernel wrote the lengths back.
     unsafe {
         let len = bpf_probe_read_user((msg + MSG_CONTROLLEN) as *const u64).ok()?;
@@ -728,7 +864,7 @@ fn received_fds(msg: u64) -> Option<()> {
         let fds = bpf_probe_read_user((control + CMSG_HDR) as *const [i32; SCM_FDS]).ok()?;
         for (i, fd) in fds.iter().enumerate() {
             if i < n {
-                record_owner(*fd as i64);
+                record_owner(hook, *fd as i64);
             }
         }
         (n <= SCM_FDS).then_some(())
@@ -742,12 +878,18 @@ const CLOSE_RANGE_SCAN: u32 = 8;
 const CLOSE_RANGE_CLOEXEC: i64 = 1 << 2;
 
 #[inline(always)]
-fn close_range_enter(ctx: &TracePointContext, mut e: Event, first: i64, last: i64) -> Option<()> {
-    let range_flags = syscall_arg(ctx, 2)?;
+fn close_range_enter(
+    ctx: &TracePointContext,
+    hook: Hook,
+    mut e: Event,
+    first: i64,
+    last: i64,
+) -> Option<()> {
+    let range_flags = syscall_arg(ctx, hook, 2)?;
     if range_flags & CLOSE_RANGE_CLOEXEC != 0 {
         return None; // only marks the fds close-on-exec
     }
-    enter_call(e.pid_tgid as u32, EXIT_ALWAYS);
+    enter_call(hook, e.pid_tgid as u32, EXIT_ALWAYS);
     e.fd = first as i32;
     e.arg = last;
     submit(&e);
@@ -755,12 +897,17 @@ fn close_range_enter(ctx: &TracePointContext, mut e: Event, first: i64, last: i6
         return Some(());
     }
     let count = (last - first + 1).clamp(0, CLOSE_RANGE_SCAN as i64) as u32;
+    let mut failed = None;
     for i in 0..CLOSE_RANGE_SCAN {
         if i >= count {
             break;
         }
         let fd = first + i as i64;
-        if let Some(s) = sock_of_fd(fd) {
+        let (found, offset) = walk_fd(fd);
+        if let Some(offset) = offset {
+            failed = Some((fd, offset));
+        }
+        if let Some(s) = found {
             let mut one = new_event(EventKind::CallEnter);
             one.call = Call::CloseRange as u8;
             one.fd = fd as i32;
@@ -768,6 +915,10 @@ fn close_range_enter(ctx: &TracePointContext, mut e: Event, first: i64, last: i6
             set_sock(&mut one, s);
             submit(&one);
         }
+    }
+    // Said after the scan: inside it, the verifier would check the diagnostic once per fd.
+    if let Some((fd, offset)) = failed {
+        diag::fd_read_failed(hook, fd, offset);
     }
     Some(())
 }
@@ -780,18 +931,19 @@ const EXIT_ON_FAILURE: u8 = 2;
 
 /// Marks the thread as inside a forwarded call, so that its exit is forwarded too.
 #[inline(always)]
-fn enter_call(tid: u32, exits: u8) {
+fn enter_call(hook: Hook, tid: u32, exits: u8) {
     if IN_CALL.insert(tid, exits, 0).is_err() {
         count(counter::IN_CALL_FULL);
+        diag::in_call_full(hook, tid);
     }
 }
 
 #[inline(always)]
-fn call_exit(ctx: &TracePointContext, call: Call) {
+fn call_exit(ctx: &TracePointContext, hook: Hook, call: Call) {
     if matches!(call, Call::Dup2 | Call::Dup3) {
-        let newfd = syscall_ret(ctx);
+        let newfd = syscall_ret(ctx, hook);
         if newfd >= 0 {
-            record_owner(newfd);
+            record_owner(hook, newfd);
         }
     }
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -800,7 +952,7 @@ fn call_exit(ctx: &TracePointContext, call: Call) {
         return;
     };
     let _ = IN_CALL.remove(tid);
-    let ret = syscall_ret(ctx);
+    let ret = syscall_ret(ctx, hook);
     if exits == EXIT_ON_FAILURE && ret >= 0 {
         return;
     }
@@ -814,12 +966,12 @@ macro_rules! syscall_hooks {
     ($($enter:ident, $exit:ident => $call:expr;)*) => {$(
         #[tracepoint]
         fn $enter(ctx: TracePointContext) -> u32 {
-            let _ = call_enter(&ctx, $call);
+            let _ = call_enter(&ctx, stringify!($enter), $call);
             0
         }
         #[tracepoint]
         fn $exit(ctx: TracePointContext) -> u32 {
-            call_exit(&ctx, $call);
+            call_exit(&ctx, stringify!($exit), $call);
             0
         }
     )*};
@@ -836,14 +988,15 @@ syscall_hooks! {
 /// Is the exiting thread its process's last? do_exit() has already counted it out of
 /// `signal->live` when the tracepoint fires. Without the offsets: whether it is the main thread.
 #[inline(always)]
-fn group_dead(is_main_thread: bool) -> bool {
+fn group_dead(hook: Hook, is_main_thread: bool) -> bool {
     let o = config(&OFFSETS);
     if o.task_signal == 0 || o.signal_live == 0 {
         return is_main_thread;
     }
     // SAFETY: plain helper call; the pointer is only used through probe reads.
     let task = unsafe { bpf_get_current_task() };
-    match read::<u64>(task, o.task_signal as u64).and_then(|s| read::<i32>(s, o.signal_live as u64))
+    match read::<u64>(hook, task, o.task_signal as u64)
+        .and_then(|s| read::<i32>(hook, s, o.signal_live as u64))
     {
         Some(live) => live == 0,
         None => is_main_thread,
@@ -852,13 +1005,14 @@ fn group_dead(is_main_thread: bool) -> bool {
 
 #[tracepoint]
 fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    const HOOK: Hook = "sched_process_exit";
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // Untraced processes stop here: no reads of their task for the group check.
-    if !pid_traced(tgid) {
+    if !pid_traced(HOOK, tgid) {
         return 0;
     }
-    let dead = group_dead(pid_tgid as u32 == tgid);
+    let dead = group_dead(HOOK, pid_tgid as u32 == tgid);
     let mut e = new_event(EventKind::ProcessExit);
     if dead {
         e.flags |= flags::GROUP_DEAD;
@@ -874,6 +1028,7 @@ fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    const HOOK: Hook = "sched_process_fork";
     if config(&FILTER.pid_filter) == 0 {
         return 0;
     }
@@ -882,17 +1037,18 @@ fn sched_process_fork(ctx: TracePointContext) -> u32 {
     if unsafe { TRACED_PIDS.get(parent) }.is_none() {
         return 0;
     }
-    if let Some(child) = field::<i32>(&ctx, config(&OTHER_TP).fork_child_pid) {
+    if let Some(child) = field::<i32>(&ctx, HOOK, config(&OTHER_TP).fork_child_pid) {
         if TRACED_PIDS.insert(child as u32, 1u8, 0).is_err() {
             count(counter::PID_INSERT_FAILED);
+            diag::pid_insert_failed(HOOK, child as u32);
         }
     }
     0
 }
 
 #[inline(always)]
-fn reset(ctx: &TracePointContext, skaddr_offset: u32, kind: EventKind) {
-    if let Some(sk) = field::<u64>(ctx, skaddr_offset) {
+fn reset(ctx: &TracePointContext, hook: Hook, skaddr_offset: u32, kind: EventKind) {
+    if let Some(sk) = field::<u64>(ctx, hook, skaddr_offset) {
         if sk != 0 {
             let mut e = new_event(kind);
             e.sock = sk;
@@ -905,6 +1061,7 @@ fn reset(ctx: &TracePointContext, skaddr_offset: u32, kind: EventKind) {
 fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     reset(
         &ctx,
+        "tcp_receive_reset",
         config(&OTHER_TP).receive_reset_skaddr,
         EventKind::ReceiveReset,
     );
@@ -915,6 +1072,7 @@ fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     reset(
         &ctx,
+        "tcp_send_reset",
         config(&OTHER_TP).send_reset_skaddr,
         EventKind::SendReset,
     );
@@ -970,8 +1128,8 @@ static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 // kprobe pair where fentry is refused, or neither (then calls are matched by correlation).
 
 #[inline(always)]
-fn kernel_call(call: Call, sk: u64, how_mask: i64) {
-    if sk == 0 || !pid_traced((bpf_get_current_pid_tgid() >> 32) as u32) {
+fn kernel_call(hook: Hook, call: Call, sk: u64, how_mask: i64) {
+    if sk == 0 || !pid_traced(hook, (bpf_get_current_pid_tgid() >> 32) as u32) {
         return;
     }
     let mut e = new_event(EventKind::KernelCall);
@@ -984,26 +1142,36 @@ fn kernel_call(call: Call, sk: u64, how_mask: i64) {
 
 #[fentry(function = "tcp_close")]
 fn tcp_close_fentry(ctx: FEntryContext) -> i32 {
-    kernel_call(Call::Close, ctx.arg(0), 0);
+    kernel_call("tcp_close_fentry", Call::Close, ctx.arg(0), 0);
     0
 }
 
 #[fentry(function = "tcp_shutdown")]
 fn tcp_shutdown_fentry(ctx: FEntryContext) -> i32 {
     let how: i32 = ctx.arg(1);
-    kernel_call(Call::Shutdown, ctx.arg(0), how as i64);
+    kernel_call(
+        "tcp_shutdown_fentry",
+        Call::Shutdown,
+        ctx.arg(0),
+        how as i64,
+    );
     0
 }
 
 #[kprobe]
 fn tcp_close_kprobe(ctx: ProbeContext) -> u32 {
-    kernel_call(Call::Close, ctx.arg(0).unwrap_or(0), 0);
+    kernel_call("tcp_close_kprobe", Call::Close, ctx.arg(0).unwrap_or(0), 0);
     0
 }
 
 #[kprobe]
 fn tcp_shutdown_kprobe(ctx: ProbeContext) -> u32 {
     let how: i32 = ctx.arg(1).unwrap_or(0);
-    kernel_call(Call::Shutdown, ctx.arg(0).unwrap_or(0), how as i64);
+    kernel_call(
+        "tcp_shutdown_kprobe",
+        Call::Shutdown,
+        ctx.arg(0).unwrap_or(0),
+        how as i64,
+    );
     0
 }

@@ -154,6 +154,12 @@ pub(crate) struct TraceArgs {
     /// Ring buffer size in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub(crate) ring_buffer_kib: u32,
+
+    /// Also print the eBPF programs' own diagnostics to stderr, as `finwait-trace: kernel: LEVEL
+    /// MESSAGE`: a kernel read that failed (which program, at which offset), a kernel map that
+    /// was full. Without -v, their logging is removed when the programs are loaded.
+    #[arg(short, long)]
+    pub(crate) verbose: bool,
 }
 
 impl Cli {
@@ -256,6 +262,7 @@ impl From<&TraceArgs> for crate::trace::Options {
             mode: t.mode,
             stats_every: t.stats_every.map(std::time::Duration::from_secs_f64),
             owners_max: t.owner_map_entries,
+            diagnostics: t.verbose,
         }
     }
 }

@@ -7,7 +7,8 @@
 //!   one place that decides whose job a socket is, with the words for it; `model::summary`,
 //!   what a session found per process; `model::escape`, names made safe for a terminal.
 //! - `kernel`: this kernel's layouts (`tracefs`, `btf`), loading and attaching the eBPF
-//!   programs (`loader`), per-program statistics (`prog_stats`).
+//!   programs (`loader`), per-program statistics (`prog_stats`), the programs' own diagnostics
+//!   (`diagnostics`, shown by `-v`).
 //! - `host`: facts from /proc and netlink: processes (`procs`), socket holders (`owners`),
 //!   sockets by state (`sockdiag`), per-namespace sysctls (`netns`), the event clock (`clock`).
 //! - `trace`: live tracing as a `pipeline`: `decode` -> `correlate` (what caused each

@@ -10,6 +10,7 @@ mod common;
 
 use std::{
     net::{Shutdown, TcpListener},
+    os::fd::AsRawFd,
     process::Command,
     sync::Mutex,
 };
@@ -334,6 +335,80 @@ fn ring_overruns_are_reported() {
         err.contains("events lost (ring buffer full; raise --ring-buffer-kib)"),
         "{err}"
     );
+}
+
+/// `-v` shows the programs' own diagnostics. Five fds passed in one SCM_RIGHTS message are more
+/// than the kernel side reads (4): the receiving thread is named by the program that could not
+/// record them all. Without `-v` the loss is only counted: no kernel line.
+#[test]
+fn verbose_shows_the_kernel_diagnostic_of_fds_not_all_recorded() {
+    for verbose in [true, false] {
+        let mut args = vec!["--json", "--no-snapshot"];
+        if verbose {
+            args.push("-v");
+        }
+        let (child, _) = spawn_attached(&args);
+        pass_fds(5);
+        // Until the tracer's signal handlers are set up, SIGINT would kill it.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // SAFETY: our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stats: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert!(stats["scm_rights_unread"].as_u64() >= Some(1), "{stats}");
+        let line = format!(
+            "finwait-trace: kernel: warn sys_exit_recvmsg: fds received by thread {} not all \
+             recorded",
+            gettid()
+        );
+        if verbose {
+            assert!(err.lines().any(|l| l == line), "no {line:?} in:\n{err}");
+        } else {
+            assert!(!err.contains("kernel:"), "{err}");
+        }
+    }
+}
+
+/// Sends `n` fds (of one pipe end) in one SCM_RIGHTS message to this thread, receives them,
+/// closes them.
+fn pass_fds(n: usize) {
+    let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fds = vec![tx.as_raw_fd(); n];
+    let len = 4 * n as u32;
+    // u64s: aligned for cmsghdr.
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let mut control = vec![0u64; unsafe { libc::CMSG_SPACE(len) } as usize / 8 + 1];
+    let (mut byte, mut received) = (0u8, control.clone());
+    // SAFETY: every pointer refers to a live local buffer of the length given.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: (&raw mut byte).cast(),
+            iov_len: 1,
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(len) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(len) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), n);
+        assert_eq!(libc::sendmsg(tx.as_raw_fd(), &msg, 0), 1);
+        msg.msg_control = received.as_mut_ptr().cast();
+        msg.msg_controllen = received.len() * 8;
+        assert_eq!(libc::recvmsg(rx.as_raw_fd(), &mut msg, 0), 1);
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        let got = libc::CMSG_DATA(c).cast::<i32>();
+        for i in 0..n {
+            close_fd(std::ptr::read_unaligned(got.add(i)));
+        }
+    }
 }
 
 /// `--port` is applied in the kernel: another port's transitions never reach userspace (the

@@ -20,6 +20,9 @@ use super::{btf as kernel_btf, tracefs::Format};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
 
+/// aya-log-ebpf's ring for the programs' diagnostics (aya-log keeps the name private).
+const DIAGNOSTICS_MAP: &str = "AYA_LOGS";
+
 /// A tracepoint finwait attaches one of its programs to.
 struct Hook {
     program: &'static str,
@@ -113,6 +116,8 @@ pub(crate) struct Options {
     pub(crate) ports: Vec<u16>,
     /// Size of the kernel's ownership map.
     pub(crate) owners_max: u32,
+    /// `-v`: the programs log their diagnostics (aya-log); off, the verifier removes that code.
+    pub(crate) diagnostics: bool,
 }
 
 /// How calls are tied to the sockets they end.
@@ -143,14 +148,36 @@ pub(crate) struct Loaded {
     pub(crate) call_hook: Option<&'static str>,
     /// Why precise mode is off (auto mode on a kernel that refuses both hooks).
     pub(crate) precise_unavailable: Option<String>,
+    /// The programs log their diagnostics (`-v`, and the kernel accepted them).
+    pub(crate) diagnostics: bool,
 }
 
+/// Loads and attaches; with `-v`, a kernel that refuses the programs with their diagnostics in
+/// gets them without, and a warning: `-v` never stops tracing.
 pub(crate) fn load(opts: &Options) -> Result<Loaded, LoadError> {
+    if !opts.diagnostics {
+        return load_with(opts, false);
+    }
+    match load_with(opts, true) {
+        Err(refused) => {
+            let mut loaded = load_with(opts, false)?;
+            loaded.degraded.push(format!(
+                "-v: the programs did not load with their kernel diagnostics ({}); tracing \
+                 without them",
+                refused.brief()
+            ));
+            Ok(loaded)
+        }
+        loaded => loaded,
+    }
+}
+
+fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     raise_memlock();
     let tracefs = find_tracefs()?;
     let mut degraded = Vec::new();
     let layouts = layouts(&tracefs, &mut degraded)?;
-    let mut ebpf = load_object(opts, &layouts)?;
+    let mut ebpf = load_object(opts, &layouts, diagnostics)?;
     let btf = aya::Btf::from_sys_fs().ok();
     seed_pids(&mut ebpf, opts).map_err(LoadError::classify)?;
 
@@ -177,6 +204,7 @@ pub(crate) fn load(opts: &Options) -> Result<Loaded, LoadError> {
         state_hook,
         call_hook,
         precise_unavailable,
+        diagnostics,
     })
 }
 
@@ -239,13 +267,22 @@ fn following(opts: &Options) -> bool {
 }
 
 /// Creates the maps and writes the globals; the programs are loaded as they are attached.
-fn load_object(opts: &Options, layouts: &Layouts) -> Result<Ebpf, LoadError> {
+fn load_object(opts: &Options, layouts: &Layouts, diagnostics: bool) -> Result<Ebpf, LoadError> {
     // The programs need no CO-RE relocation (offsets come from userspace): the kernel BTF that
     // `EbpfLoader::new()` parses is dropped before loading, and parsed again afterwards for the
     // BTF tracepoint and fentry, so two copies (about 19 MB each) are never alive at once.
     let mut loader = EbpfLoader::new();
     loader.btf(None);
+    // aya-log-ebpf's level, in read-only data: at 0 its every check is a constant false to the
+    // verifier, which removes the logging it guards. Nothing writes the ring then: one page.
+    let log_level = if diagnostics {
+        u8::from(aya_log::Level::Warn)
+    } else {
+        loader.map_max_entries(DIAGNOSTICS_MAP, page_size());
+        0
+    };
     loader
+        .override_global(aya_log::LEVEL, &log_level, true)
         .override_global("STATE_TP", &layouts.state, true)
         .override_global("OTHER_TP", &layouts.other, true)
         .override_global("OFFSETS", &layouts.offsets.unwrap_or_default(), true)
@@ -557,6 +594,12 @@ impl<'a> OwnerSeeder<'a> {
         };
         self.full += u64::from(self.map.insert(inode, rec, 0).is_err());
     }
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
 }
 
 fn raise_memlock() {

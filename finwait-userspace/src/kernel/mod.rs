@@ -1,6 +1,8 @@
 //! The kernel side, from userspace: this kernel's layouts (tracefs formats, BTF), loading and
-//! attaching the embedded eBPF programs, and the kernel's per-program statistics.
+//! attaching the embedded eBPF programs, the kernel's per-program statistics, and the programs'
+//! own diagnostics (`-v`).
 pub(crate) mod btf;
+pub(crate) mod diagnostics;
 pub(crate) mod load_error;
 pub(crate) mod loader;
 pub(crate) mod prog_stats;

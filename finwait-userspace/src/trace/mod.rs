@@ -13,7 +13,10 @@ use tokio::{
 
 use crate::{
     host::{clock::monotonic_ns, netns, owners, procs, sockdiag},
-    kernel::loader::{self, Loaded, Mode, OwnerSeeder},
+    kernel::{
+        diagnostics::Diagnostics,
+        loader::{self, Loaded, Mode, OwnerSeeder},
+    },
     output::{self, Start, human::Style},
     snapshot,
 };
@@ -75,6 +78,8 @@ pub(crate) struct Options {
     pub(crate) stats_every: Option<Duration>,
     /// Size of the kernel's socket ownership map.
     pub(crate) owners_max: u32,
+    /// `-v`: print the eBPF programs' diagnostics to stderr.
+    pub(crate) diagnostics: bool,
 }
 
 impl Options {
@@ -93,6 +98,7 @@ impl Options {
             mode: self.mode,
             ports: self.ports.clone(),
             owners_max: self.owners_max,
+            diagnostics: self.diagnostics,
         }
     }
 }
@@ -106,6 +112,11 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
     procs::check_exists(&opts.pids)?;
     let sinks = sinks(&opts).await?;
     let mut loaded = loader::load(&opts.loader_options())?;
+    // Only with -v is aya-log's ring read (without it, the programs never write to it).
+    let diagnostics = loaded
+        .diagnostics
+        .then(|| Diagnostics::start(&mut loaded.ebpf))
+        .flatten();
     let fin_timeout_s = netns::own_fin_timeout();
     let refs_zero_based = loaded
         .offsets
@@ -132,7 +143,11 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
     p.sink.flush()?;
     on_ready();
     let kernel = take_maps(&opts, &mut loaded, &mut p)?;
-    trace(&opts, &loaded.ebpf, kernel, &mut p, stop).await
+    let traced = trace(&opts, &loaded.ebpf, kernel, &mut p, stop).await;
+    if let Some(d) = diagnostics {
+        d.finish().await;
+    }
+    traced
 }
 
 /// Where the findings go: stdout (unless `--quiet`), and the `--metrics` endpoint, whose
