@@ -1,5 +1,7 @@
 //! The `--metrics` HTTP endpoint: `GET /metrics` answers with the registry in the OpenMetrics
-//! text format, on the tokio runtime the tracer already runs. Nothing else is served.
+//! text format. It runs on a thread of its own (a tokio runtime of one thread): a scrape never
+//! waits behind a burst of events, which the tracer's loop works through without yielding.
+//! Nothing else is served.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
@@ -17,15 +19,30 @@ const MAX_CONNECTIONS: usize = 64;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Binds `addr` (before the programs load: a taken port fails at once).
-pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("--metrics {addr}: cannot listen there"))
+/// Binds `addr` now (before the programs load: a taken port fails at once) and serves
+/// `registry` there from its own thread until the process exits.
+pub(crate) fn start(addr: SocketAddr, registry: Registry) -> Result<()> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("--metrics {addr}: cannot listen there"))?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("finwait-metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => serve(l, Arc::new(registry)).await,
+                    Err(e) => eprintln!("finwait-trace: warning: --metrics {addr}: {e}"),
+                }
+            });
+        })?;
+    Ok(())
 }
 
 /// Serves `registry` until the runtime stops.
-pub(crate) async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {

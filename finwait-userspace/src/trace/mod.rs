@@ -110,7 +110,7 @@ pub(crate) type Stopper = Option<oneshot::Receiver<()>>;
 /// process has exited. `on_ready` runs once the programs are attached.
 pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -> Result<()> {
     procs::check_exists(&opts.pids)?;
-    let sinks = sinks(&opts).await?;
+    let sinks = sinks(&opts)?;
     let mut loaded = loader::load(&opts.loader_options())?;
     // Only with -v is aya-log's ring read (without it, the programs never write to it).
     let diagnostics = loaded
@@ -152,19 +152,15 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
 
 /// Where the findings go: stdout (unless `--quiet`), and the `--metrics` endpoint, whose
 /// port is taken here, before anything loads.
-async fn sinks(o: &Options) -> Result<Box<dyn output::Sink>> {
+fn sinks(o: &Options) -> Result<Box<dyn output::Sink>> {
     let mut sinks: Vec<Box<dyn output::Sink>> = Vec::new();
     if !o.quiet {
         let style = Style::for_stdout(o.wall_clock, monotonic_ns());
         sinks.push(output::for_stdout(o.json, style, o.summary_only));
     }
     if let Some(addr) = o.metrics {
-        let listener = output::endpoint::bind(addr).await?;
         let (sink, registry) = output::metrics::MetricsSink::new(o.metrics_max_workloads);
-        tokio::spawn(output::endpoint::serve(
-            listener,
-            std::sync::Arc::new(registry),
-        ));
+        output::endpoint::start(addr, registry)?;
         sinks.push(Box::new(sink));
     }
     Ok(Box::new(output::Tee(sinks)))
