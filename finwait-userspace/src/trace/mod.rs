@@ -110,6 +110,7 @@ pub(crate) type Stopper = Option<oneshot::Receiver<()>>;
 /// process has exited. `on_ready` runs once the programs are attached.
 pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -> Result<()> {
     procs::check_exists(&opts.pids)?;
+    let signals = Signals::catch()?;
     let sinks = sinks(&opts)?;
     let mut loaded = loader::load(&opts.loader_options())?;
     // Only with -v is aya-log's ring read (without it, the programs never write to it).
@@ -143,7 +144,7 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
     p.sink.flush()?;
     on_ready();
     let kernel = take_maps(&opts, &mut loaded, &mut p)?;
-    let traced = trace(&opts, &loaded.ebpf, kernel, &mut p, stop).await;
+    let traced = trace(&opts, &loaded.ebpf, kernel, &mut p, (stop, signals)).await;
     if let Some(d) = diagnostics {
         d.finish().await;
     }
@@ -218,18 +219,36 @@ fn take_maps(
     Ok((counters, ring))
 }
 
+/// SIGINT and SIGTERM, caught from the start: one that comes while the programs load or the
+/// snapshot is read ends the run as cleanly as one that comes later (not the default death).
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn catch() -> Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+}
+
 /// The event loop, then the summary and the counters.
 async fn trace(
     o: &Options,
     ebpf: &aya::Ebpf,
     (kernel, ring): (KernelCounters, RingBuf<MapData>),
     p: &mut Pipeline,
-    mut stop: Stopper,
+    (mut stop, signals): (Stopper, Signals),
 ) -> Result<()> {
     // SAFETY: the ring's fd is owned by `ring`, which the AsyncFd owns and drops last.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
+    let Signals {
+        int: mut sigint,
+        term: mut sigterm,
+    } = signals;
     let deadline = tokio::time::sleep(o.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let mut stats_tick = o.stats_every.map(tokio::time::interval);
