@@ -221,12 +221,12 @@ struct Held {
 type Key = (IpAddr, u16, IpAddr, u16);
 
 fn key(e: &Endpoints) -> Key {
-    (
-        e.local.to_canonical(),
-        e.lport,
-        e.remote.to_canonical(),
-        e.rport,
-    )
+    key_of(e.local, e.lport, e.remote, e.rport)
+}
+
+/// The same, from a sock_diag answer's fields.
+fn key_of(local: IpAddr, lport: u16, remote: IpAddr, rport: u16) -> Key {
+    (local.to_canonical(), lport, remote.to_canonical(), rport)
 }
 
 /// The gauges are checked against the kernel's socket table this often: a transition lost on
@@ -408,13 +408,10 @@ impl MetricsSink {
         let mut now: HashMap<Key, (u8, u64)> = HashMap::new();
         let states = StateFlags::CLOSE_WAIT | StateFlags::FIN_WAIT2;
         let read = sockdiag::dump_each(&states, |s| {
-            let k = (
-                s.local.to_canonical(),
-                s.lport,
-                s.remote.to_canonical(),
-                s.rport,
+            now.insert(
+                key_of(s.local, s.lport, s.remote, s.rport),
+                (s.state, s.inode),
             );
-            now.insert(k, (s.state, s.inode));
         });
         if read.is_err() {
             return; // checked next time; nothing is released on a failed read
@@ -576,12 +573,7 @@ impl Sink for MetricsSink {
             let held = Held {
                 kind,
                 workload: w,
-                key: (
-                    s.local.to_canonical(),
-                    s.lport,
-                    s.remote.to_canonical(),
-                    s.rport,
-                ),
+                key: key_of(s.local, s.lport, s.remote, s.rport),
                 pid: e.owners.first().map_or(0, |o| o.pid),
             };
             self.seeded.insert(e.sock.inode, held);
