@@ -6,6 +6,22 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use crate::model::Report;
 
+/// The followed processes, as the kernel keeps them (children join at fork, leave at exit).
+pub(crate) trait PidSet {
+    fn contains(&self, pid: u32) -> bool;
+    fn is_empty(&self) -> bool;
+}
+
+impl PidSet for BpfHashMap<MapData, u32, u8> {
+    fn contains(&self, pid: u32) -> bool {
+        self.get(&pid, 0).is_ok()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys().next().is_none()
+    }
+}
+
 pub(crate) struct Filter {
     comms: Vec<String>,
     ports: Vec<u16>,
@@ -14,7 +30,7 @@ pub(crate) struct Filter {
     /// `--metrics`' own port: its scrapes are finwait's traffic, not the host's (either end).
     own_port: Option<u16>,
     /// The kernel's set of followed processes (None: every process is followed).
-    traced: Option<BpfHashMap<MapData, u32, u8>>,
+    traced: Option<Box<dyn PidSet>>,
     /// Sockets already shown: their later transitions are shown too.
     shown: HashSet<u64>,
 }
@@ -33,22 +49,18 @@ impl Filter {
     }
 
     /// Follow the processes in the kernel's map (`--pid`, `--comm`).
-    pub(crate) fn follow(&mut self, traced: BpfHashMap<MapData, u32, u8>) {
-        self.traced = Some(traced);
+    pub(crate) fn follow(&mut self, traced: impl PidSet + 'static) {
+        self.traced = Some(Box::new(traced));
     }
 
     /// True once every followed process has exited.
     pub(crate) fn none_left(&self) -> bool {
-        self.traced
-            .as_ref()
-            .is_some_and(|m| m.keys().next().is_none())
+        self.traced.as_ref().is_some_and(|m| m.is_empty())
     }
 
+    /// Followed now (the kernel's set loses a process when it exits).
     fn is_traced(&self, pid: u32) -> bool {
-        match &self.traced {
-            None => true,
-            Some(map) => map.get(&pid, 0).is_ok(),
-        }
+        self.traced.as_ref().is_none_or(|m| m.contains(pid))
     }
 
     /// `--state`, `-4`/`-6` and `--port`, and not the endpoint's own connections.
@@ -78,18 +90,22 @@ impl Filter {
 
     /// A socket is followed once a followed process made a call on it or holds it; an owner
     /// matching `--comm` counts even if it made no call yet.
+    ///
+    /// Decided by what was true when the kernel saw the event, not now: a child that shut a
+    /// socket down and exited before its reports got here has left the kernel's set, but its
+    /// reports are still its. A cause that names a task comes from a call (or exit) record, and
+    /// with `--pid`/`--comm` the kernel forwards those only for followed processes; an owner
+    /// counts when it is followed now.
     fn followed(&self, r: &Report) -> bool {
         match r {
             Report::Transition(t) => {
-                t.cause
-                    .iter()
-                    .filter_map(|c| c.task.as_ref())
-                    .any(|task| self.is_traced(task.pid))
+                t.cause.as_ref().is_some_and(|c| c.task.is_some())
                     || t.owner.as_ref().is_some_and(|o| {
                         self.comms.iter().any(|c| **c == *o.comm) || self.is_traced(o.pid)
                     })
             }
-            Report::CloseNoFin(n) => self.is_traced(n.task.pid),
+            // A close is forwarded only for followed processes.
+            Report::CloseNoFin(_) => true,
         }
     }
 
@@ -107,5 +123,86 @@ impl Filter {
             self.shown.remove(&sock);
         }
         wanted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, net::IpAddr, rc::Rc};
+
+    use finwait_common::{Call, tcp_state as st};
+
+    use super::*;
+    use crate::model::{Cause, CauseKind, Endpoints, Task, TransitionReport};
+
+    /// The kernel's set, shared with the test so that a process can exit under the filter.
+    #[derive(Clone, Default)]
+    struct Pids(Rc<RefCell<HashSet<u32>>>);
+
+    impl PidSet for Pids {
+        fn contains(&self, pid: u32) -> bool {
+            self.0.borrow().contains(&pid)
+        }
+
+        fn is_empty(&self) -> bool {
+            self.0.borrow().is_empty()
+        }
+    }
+
+    fn following(pids: &[u32]) -> (Filter, Pids) {
+        let set = Pids::default();
+        set.0.borrow_mut().extend(pids);
+        let filter = Filter {
+            comms: Vec::new(),
+            ports: Vec::new(),
+            states: Vec::new(),
+            ipv6: None,
+            own_port: None,
+            traced: Some(Box::new(set.clone())),
+            shown: HashSet::new(),
+        };
+        (filter, set)
+    }
+
+    fn transition(sock: u64, old: u8, new: u8) -> TransitionReport {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let ends = Endpoints {
+            local: lo,
+            lport: 80,
+            remote: lo,
+            rport: 40000,
+        };
+        TransitionReport::new(1, sock, ends, old, new, 7)
+    }
+
+    fn shutdown_by(pid: u32) -> Option<Cause> {
+        Some(Cause {
+            how: Some(1),
+            task: Some(Task {
+                pid,
+                tid: pid,
+                ..Default::default()
+            }),
+            fd: Some(3),
+            ..Cause::bare(CauseKind::Call(Call::Shutdown))
+        })
+    }
+
+    /// A child that shut its socket down and exited before the reports got through the
+    /// pipeline: they are still shown (its calls reached userspace because it was followed).
+    #[test]
+    fn a_child_gone_before_its_reports_are_written_is_still_followed() {
+        let (mut f, pids) = following(&[10, 11]);
+        let mut fw1 = transition(1, st::ESTABLISHED, st::FIN_WAIT1);
+        fw1.cause = shutdown_by(11);
+        let mut fw2 = transition(1, st::FIN_WAIT1, st::FIN_WAIT2);
+        fw2.cause = shutdown_by(11);
+        pids.0.borrow_mut().remove(&11); // the child exited
+        assert!(f.wanted(&Report::Transition(fw1)));
+        assert!(f.wanted(&Report::Transition(fw2)));
+        // Another socket: no call of a followed process, no followed owner.
+        let mut other = transition(2, st::ESTABLISHED, st::CLOSE_WAIT);
+        other.cause = Some(Cause::bare(CauseKind::PeerFin));
+        assert!(!f.wanted(&Report::Transition(other)));
     }
 }
