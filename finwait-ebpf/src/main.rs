@@ -352,10 +352,15 @@ fn owner_of(e: &mut Event) {
 }
 
 /// With `--pid`/`--comm`: a transition reaches userspace when its socket's owner is followed,
-/// when the running task is (process context), or when the owner is not known.
+/// or was when it obtained the socket (it may have exited since: a prefork child that closed
+/// in FIN_WAIT1 and exited before the peer's ACK), when the running task is followed (process
+/// context), or when the owner is not known.
 #[inline(always)]
 fn owner_followed(e: &Event) -> bool {
-    if config(&FILTER.pid_filter) == 0 || e.flags & flags::OWNER_VALID == 0 {
+    if config(&FILTER.pid_filter) == 0
+        || e.flags & flags::OWNER_VALID == 0
+        || e.owner.flags & owner_flags::FOLLOWED != 0
+    {
         return true;
     }
     // SAFETY: the value is a u8 copied out immediately.
@@ -611,16 +616,18 @@ fn record_owner(fd: i64) {
 /// Records the current task as the holder of `sk` at `fd`; None when the map was full.
 #[inline(always)]
 fn insert_owner(sk: u64, inode: u64, fd: i32, pid_tgid: u64) -> Option<OwnerRec> {
+    let tgid = (pid_tgid >> 32) as u32;
+    let followed = config(&FILTER.pid_filter) != 0 && pid_traced(tgid);
     let rec = OwnerRec {
         // SAFETY: plain helper call.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         inode,
         // SAFETY: plain helper call.
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        tgid: (pid_tgid >> 32) as u32,
+        tgid,
         fd,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        flags: 0,
+        flags: if followed { owner_flags::FOLLOWED } else { 0 },
         _pad: 0,
     };
     if OWNERS.insert(sk, rec, 0).is_err() {

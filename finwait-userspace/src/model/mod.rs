@@ -54,6 +54,8 @@ pub(crate) struct KernelOwner {
     pub(crate) stale: bool,
     /// When the record was made (CLOCK_MONOTONIC ns).
     pub(crate) since_ns: u64,
+    /// The task that obtained the socket was followed (`--pid`, `--comm`) then.
+    pub(crate) followed: bool,
 }
 
 /// A process holding the socket's file.

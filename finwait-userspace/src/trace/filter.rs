@@ -95,11 +95,13 @@ impl Filter {
     /// socket down and exited before its reports got here has left the kernel's set, but its
     /// reports are still its. A cause that names a task comes from a call (or exit) record, and
     /// with `--pid`/`--comm` the kernel forwards those only for followed processes; an owner
-    /// counts when it is followed now.
+    /// counts when the kernel recorded it as obtained by a followed process, or (an owner
+    /// found in /proc) when it is followed now.
     fn followed(&self, r: &Report) -> bool {
         match r {
             Report::Transition(t) => {
                 t.cause.as_ref().is_some_and(|c| c.task.is_some())
+                    || t.recorded_owner.as_ref().is_some_and(|k| k.followed)
                     || t.owner.as_ref().is_some_and(|o| {
                         self.comms.iter().any(|c| **c == *o.comm) || self.is_traced(o.pid)
                     })
@@ -133,7 +135,7 @@ mod tests {
     use finwait_common::{Call, tcp_state as st};
 
     use super::*;
-    use crate::model::{Cause, CauseKind, Endpoints, Task, TransitionReport};
+    use crate::model::{Cause, CauseKind, Endpoints, KernelOwner, Owner, Task, TransitionReport};
 
     /// The kernel's set, shared with the test so that a process can exit under the filter.
     #[derive(Clone, Default)]
@@ -204,5 +206,33 @@ mod tests {
         let mut other = transition(2, st::ESTABLISHED, st::CLOSE_WAIT);
         other.cause = Some(Cause::bare(CauseKind::PeerFin));
         assert!(!f.wanted(&Report::Transition(other)));
+    }
+
+    /// An owner the kernel recorded as obtained by a followed process counts after it exited;
+    /// one found in /proc counts if it is followed now.
+    #[test]
+    fn an_owner_counts_by_the_kernels_record_or_by_now() {
+        let (mut f, _pids) = following(&[10]);
+        let owner = |pid: u32, followed: bool| KernelOwner {
+            pid,
+            fd: 4,
+            comm: "srv".into(),
+            cgroup_id: 0,
+            stale: false,
+            since_ns: 0,
+            followed,
+        };
+        let mut cw = transition(3, st::ESTABLISHED, st::CLOSE_WAIT);
+        cw.cause = Some(Cause::bare(CauseKind::PeerFin));
+        cw.recorded_owner = Some(owner(12, true)); // a child, gone since
+        cw.owner = Some(Owner::from(&owner(12, true)));
+        assert!(f.wanted(&Report::Transition(cw.clone())));
+        cw.sock = 4;
+        cw.recorded_owner = Some(owner(12, false));
+        assert!(!f.wanted(&Report::Transition(cw.clone())));
+        cw.sock = 5;
+        cw.recorded_owner = None;
+        cw.owner = Some(Owner::from(&owner(10, false)));
+        assert!(f.wanted(&Report::Transition(cw)));
     }
 }

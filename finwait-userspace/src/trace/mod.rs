@@ -308,7 +308,12 @@ fn start_snapshot(o: &Options, ebpf: &mut aya::Ebpf, p: &mut Pipeline) -> Result
             return Ok(());
         }
     };
-    seed_owners(ebpf, &snap);
+    let followed: std::collections::HashSet<u32> = if o.follows_processes() {
+        procs::with_descendants(&pids).into_iter().collect()
+    } else {
+        Default::default()
+    };
+    seed_owners(ebpf, &snap, &followed);
     for e in &snap.entries {
         use crate::model::Verdict;
         match &e.verdict {
@@ -327,7 +332,12 @@ fn start_snapshot(o: &Options, ebpf: &mut aya::Ebpf, p: &mut Pipeline) -> Result
 
 /// The kernel records holders as sockets are obtained; those obtained before it started come
 /// from the snapshot's /proc scan: every established TCP socket and every one on the close path.
-fn seed_owners(ebpf: &mut aya::Ebpf, snap: &snapshot::Snapshot) {
+/// Those of `followed` processes stay followed after their holder exits, as the kernel's own.
+fn seed_owners(
+    ebpf: &mut aya::Ebpf,
+    snap: &snapshot::Snapshot,
+    followed: &std::collections::HashSet<u32>,
+) {
     use netlink_packet_sock_diag::inet::StateFlags;
     let mut seeder = match OwnerSeeder::new(ebpf) {
         Ok(s) => s,
@@ -335,7 +345,7 @@ fn seed_owners(ebpf: &mut aya::Ebpf, snap: &snapshot::Snapshot) {
     };
     let mut seed = |inode: u64| {
         if let Some(o) = snap.owners.first(inode).filter(|_| inode != 0) {
-            seeder.seed(inode, &o);
+            seeder.seed(inode, &o, followed.contains(&o.pid));
         }
     };
     snap.entries.iter().for_each(|e| seed(e.sock.inode));
