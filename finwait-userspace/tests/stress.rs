@@ -45,20 +45,25 @@ fn connections() -> usize {
 }
 
 /// Client threads in the test process, each making its share of connections one at a time.
-const CLIENT_THREADS: usize = 16;
+const CLIENT_THREADS: usize = 24;
 /// Prefork: connections a child serves before it exits, and the most children at once.
 const PER_CHILD: u32 = 8;
 const MAX_CHILDREN: usize = 16;
 
 /// The first byte a client sends says how the child ends the connection after its
-/// shutdown(SHUT_WR): read until the client's FIN, then close (nginx's lingering close); or
-/// wait a few milliseconds at most, then close, often while still in FIN_WAIT1 (the child
-/// may be gone before the peer's ACK moves the orphan on).
+/// shutdown(SHUT_WR), and how long the client holds its end after reading the child's FIN:
+/// - read until the client's FIN, then close (nginx's lingering close); the client closes at
+///   once: FIN_WAIT2 ends in TIME_WAIT, by the peer's FIN;
+/// - wait 5 ms at most, then close, usually still in FIN_WAIT1 (the peer's ACK is delayed):
+///   the child may be gone, its last connection served, before the orphan moves on;
+/// - wait 60 ms for the client's FIN (httpd's lingering close reads with 2 s timeouts) while
+///   the client holds its end for 100 ms, so the child closes its half-closed FIN_WAIT2.
 const LINGER_TO_EOF: u8 = 0;
-const QUICK_CLOSE: u8 = 1;
-const QUICK_POLL_MS: i32 = 5;
-/// After a quick close, the client holds its end this long before closing.
-const CLIENT_HOLD: Duration = Duration::from_millis(30);
+const MODES: [(i32, Duration); 3] = [
+    (-1, Duration::ZERO),
+    (5, Duration::from_millis(30)),
+    (60, Duration::from_millis(100)),
+];
 
 /// One connection, as the client saw it.
 #[derive(Clone, Copy, Debug)]
@@ -162,7 +167,8 @@ fn serve(c: i32) {
                     events: libc::POLLIN,
                     revents: 0,
                 };
-                libc::poll(&raw mut p, 1, QUICK_POLL_MS);
+                let wait_ms = MODES.get(usize::from(mode)).map_or(0, |m| m.0);
+                libc::poll(&raw mut p, 1, wait_ms);
             }
         }
         libc::close(c);
@@ -298,9 +304,7 @@ fn client(port: u16, mode: u8) -> Conn {
     s.read_to_end(&mut got)
         .expect("the child's pid, then its FIN");
     assert_eq!(got.len(), 4, "{got:?}");
-    if mode == QUICK_CLOSE {
-        thread::sleep(CLIENT_HOLD);
-    }
+    thread::sleep(MODES[usize::from(mode)].1);
     drop(s);
     Conn {
         server_port: port,
@@ -316,7 +320,7 @@ fn run_clients(ports: [u16; 2], n: usize) -> Vec<Conn> {
             thread::spawn(move || {
                 (t..n)
                     .step_by(CLIENT_THREADS)
-                    .map(|i| client(ports[i % 2], ((i / 2) % 2) as u8))
+                    .map(|i| client(ports[i % 2], ((i / 2) % MODES.len()) as u8))
                     .collect::<Vec<_>>()
             })
         })
