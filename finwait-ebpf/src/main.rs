@@ -544,6 +544,7 @@ fn call_enter(ctx: &TracePointContext, call: Call) -> Option<()> {
     match sock_of_fd(fd) {
         Some(s) => {
             set_sock(&mut e, s);
+            follow_owner(s.sk, s.inode);
             if call != Call::Shutdown {
                 release_owner(&mut e, s.refs);
             }
@@ -563,6 +564,24 @@ fn call_enter(ctx: &TracePointContext, call: Call) -> Option<()> {
     );
     submit(&e);
     Some(())
+}
+
+/// With `--pid`/`--comm`: a followed task made a call on the socket (this runs only for those):
+/// its record says so, and its later transitions are forwarded whoever runs them (the peer's
+/// ACK in softirq), as userspace shows a socket a followed process ended.
+#[inline(always)]
+fn follow_owner(sk: u64, inode: u64) {
+    if config(&FILTER.pid_filter) == 0 {
+        return;
+    }
+    if let Some(rec) = OWNERS.get_ptr_mut(sk) {
+        // SAFETY: a map value pointer, valid for this program run; plain integer fields.
+        unsafe {
+            if (*rec).inode == inode {
+                (*rec).flags |= owner_flags::FOLLOWED;
+            }
+        }
+    }
 }
 
 /// A close of `e.fd` (close, dup2/dup3 over it, close_range): copies the socket's ownership
@@ -773,6 +792,7 @@ fn close_range_enter(ctx: &TracePointContext, mut e: Event, first: i64, last: i6
             one.fd = fd as i32;
             one.arg = last;
             set_sock(&mut one, s);
+            follow_owner(s.sk, s.inode);
             submit(&one);
         }
     }

@@ -31,7 +31,9 @@ pub(crate) struct Filter {
     own_port: Option<u16>,
     /// The kernel's set of followed processes (None: every process is followed).
     traced: Option<Box<dyn PidSet>>,
-    /// Sockets already shown: their later transitions are shown too.
+    /// Sockets with a transition shown: their later transitions are shown too. (A close without
+    /// FIN adds none: it may come after the socket's last transition, which would leave the
+    /// entry to whatever socket takes the address next.)
     shown: HashSet<u64>,
 }
 
@@ -111,12 +113,27 @@ impl Filter {
         }
     }
 
+    /// Did this transition's socket miss one before it, as the user sees the socket? With
+    /// `--pid`/`--comm` the kernel forwards the transitions of followed sockets only, so a gap
+    /// before a socket's first shown transition is the filter's doing (an earlier socket at the
+    /// address, not followed, whose CLOSE the kernel kept); once one of its transitions was
+    /// shown, every later one is forwarded (the kernel follows a socket a followed process
+    /// obtained or made a call on) and a gap is a loss. Asked before `wanted`.
+    pub(crate) fn missed_transition(&self, r: &Report) -> bool {
+        matches!(r, Report::Transition(t) if t.missed_before) && self.transition_shown(r.sock())
+    }
+
+    /// A transition of the socket was shown (without `--pid`/`--comm`: every socket's are).
+    pub(crate) fn transition_shown(&self, sock: u64) -> bool {
+        self.traced.is_none() || self.shown.contains(&sock)
+    }
+
     pub(crate) fn wanted(&mut self, r: &Report) -> bool {
         let sock = r.sock();
         let wanted = self.matches(r)
             // Without --pid/--comm everything passes: no per-socket bookkeeping on this path.
             && (self.traced.is_none() || self.shown.contains(&sock) || self.followed(r));
-        if wanted && self.traced.is_some() {
+        if wanted && self.traced.is_some() && matches!(r, Report::Transition(_)) {
             self.shown.insert(sock);
         }
         if let Report::Transition(t) = r
@@ -135,7 +152,9 @@ mod tests {
     use finwait_common::{Call, tcp_state as st};
 
     use super::*;
-    use crate::model::{Cause, CauseKind, Endpoints, KernelOwner, Owner, Task, TransitionReport};
+    use crate::model::{
+        Cause, CauseKind, CloseNoFinReport, Endpoints, KernelOwner, Owner, Task, TransitionReport,
+    };
 
     /// The kernel's set, shared with the test so that a process can exit under the filter.
     #[derive(Clone, Default)]
@@ -206,6 +225,51 @@ mod tests {
         let mut other = transition(2, st::ESTABLISHED, st::CLOSE_WAIT);
         other.cause = Some(Cause::bare(CauseKind::PeerFin));
         assert!(!f.wanted(&Report::Transition(other)));
+    }
+
+    /// With `--pid`, a gap before a socket's first shown transition is the kernel filter's (an
+    /// earlier, unfollowed socket at the address); a gap in a shown socket is a loss. Without a
+    /// filter every gap is.
+    #[test]
+    fn a_gap_counts_once_the_socket_is_shown() {
+        let (mut f, _pids) = following(&[10]);
+        // A fork-per-accept parent's close of its copy comes first: no transition shown yet.
+        let no_fin = Report::CloseNoFin(CloseNoFinReport {
+            ts_ns: 1,
+            sock: 1,
+            call: Call::Close,
+            task: Task {
+                pid: 10,
+                tid: 10,
+                ..Default::default()
+            },
+            fd: 4,
+            remaining_refs: 1,
+            holders: Vec::new(),
+            inode: 7,
+            ends: None,
+            state: None,
+            recorded_owner: None,
+        });
+        assert!(f.wanted(&no_fin));
+        assert!(
+            !f.transition_shown(1),
+            "a close without FIN does not show the socket"
+        );
+        let mut fw1 = transition(1, st::ESTABLISHED, st::FIN_WAIT1);
+        fw1.cause = shutdown_by(11);
+        fw1.missed_before = true; // the last socket at this address was left in LAST_ACK
+        let fw1 = Report::Transition(fw1);
+        assert!(!f.missed_transition(&fw1));
+        assert!(f.wanted(&fw1));
+        let mut close = transition(1, st::FIN_WAIT2, st::CLOSE);
+        close.cause = shutdown_by(10);
+        close.missed_before = true; // FIN_WAIT1 -> FIN_WAIT2 never arrived
+        let close = Report::Transition(close);
+        assert!(f.missed_transition(&close));
+        assert!(f.wanted(&close));
+        f.traced = None;
+        assert!(f.missed_transition(&fw1));
     }
 
     /// An owner the kernel recorded as obtained by a followed process counts after it exited;

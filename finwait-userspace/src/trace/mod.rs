@@ -256,12 +256,43 @@ async fn trace(
         }
         if losses_checked.elapsed() >= LOSS_CHECK_EVERY {
             losses_checked = Instant::now();
-            warned.warn(ebpf, &kernel);
+            warned.warn(ebpf, &kernel, p.transitions_missed);
         }
     }
-    warned.warn(ebpf, &kernel);
+    // The kernel's table first, then what the ring still holds: a socket whose last report
+    // came before the table was read and that the table shows past it lost transitions.
+    let table = close_path_table();
     drain(ring.get_mut(), p);
+    p.drain_resolver().await?;
+    if let Some((table, taken_ns)) = table {
+        p.count_moved_on(&table, taken_ns);
+    }
+    warned.warn(ebpf, &kernel, p.transitions_missed);
     finish(o, ebpf, &kernel, p).await
+}
+
+/// The states of the sockets on the close path in finwait's network namespace, by ends, and
+/// when the read began; None if sock_diag could not be read (nothing is counted then).
+fn close_path_table() -> Option<(std::collections::HashMap<pipeline::Ends, u8>, u64)> {
+    use netlink_packet_sock_diag::inet::StateFlags;
+    let states = StateFlags::FIN_WAIT1
+        | StateFlags::FIN_WAIT2
+        | StateFlags::CLOSING
+        | StateFlags::TIME_WAIT
+        | StateFlags::CLOSE_WAIT
+        | StateFlags::LAST_ACK;
+    let taken_ns = monotonic_ns();
+    let mut table = std::collections::HashMap::new();
+    let read = sockdiag::dump_each(&states, |s| {
+        let ends = (
+            s.local.to_canonical(),
+            s.lport,
+            s.remote.to_canonical(),
+            s.rport,
+        );
+        table.insert(ends, s.state);
+    });
+    read.ok().map(|()| (table, taken_ns))
 }
 
 /// The last reports, the summary and the counters.
