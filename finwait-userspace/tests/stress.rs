@@ -3,7 +3,10 @@
 //! The test knows every connection it made and which child served it (the child writes its pid
 //! on the wire), so it checks each server-side socket in both outputs: ESTABLISHED -> FIN_WAIT1
 //! and FIN_WAIT1 -> FIN_WAIT2 caused by that child's shutdown(SHUT_WR), and the exit from
-//! FIN_WAIT2. Whatever is missing must show in a loss counter of that tracer: never silent.
+//! FIN_WAIT2. Busy loops on every core make softirqs land on every kind of task. Whatever is
+//! missing must show in a loss counter of that tracer: never silent. (On the 6.18 host the
+//! kernel runs no BPF program for some state changes in softirq on top of one task of the VM's
+//! init, about one run in two: `transitions_missed` is what counts those.)
 // Test and bench crates share the package's dependencies (the library is where unused ones
 // show); their drivers are long by nature.
 #![allow(
@@ -476,9 +479,10 @@ fn check(all: &[Value], conns: &[Conn], ports: [u16; 2], parents: [u32; 2]) -> T
 }
 
 /// The counters through which a tracer owns up to what it lost.
-const LOSS_COUNTERS: [&str; 7] = [
+const LOSS_COUNTERS: [&str; 8] = [
     "lost_ring_full",
     "kernel_skipped_nested",
+    "transitions_missed",
     "kernel_read_failed",
     "pid_insert_failed",
     "in_call_full",
@@ -579,7 +583,7 @@ fn forking_servers_under_load_lose_nothing_silently() {
     let clients_took = started.elapsed();
     assert_eq!(conns.len(), n);
 
-    let from_pid = collect(by_pid, &conns, ports, Duration::from_secs(15));
+    let from_pid = collect(by_pid, &conns, ports, Duration::from_secs(10));
     let from_all = collect(everything, &conns, ports, Duration::from_secs(5));
     quit.open(2);
     for server in [&per_accept, &pool] {
@@ -632,6 +636,18 @@ fn forking_servers_under_load_lose_nothing_silently() {
                 t.missing, t.wrong_cause
             ));
         }
+        // With --pid only the test's servers' sockets are shown: a gap counted beyond what is
+        // missing would be one that is not there.
+        let missed = stats["transitions_missed"].as_u64().unwrap_or(0);
+        if name == "--pid" && missed as usize > t.missing_total() {
+            silent.push(format!(
+                "{name}: transitions_missed {missed} but only {} missing",
+                t.missing_total()
+            ));
+        }
     }
-    assert!(silent.is_empty(), "lost silently: {silent:#?}");
+    assert!(
+        silent.is_empty(),
+        "lost silently or miscounted: {silent:#?}"
+    );
 }
