@@ -90,6 +90,10 @@ pub mod owner_flags {
     pub const STALE: u32 = 1 << 0;
     /// Written by userspace from the start-up snapshot (keyed by inode, not by socket).
     pub const SEEDED: u32 = 1 << 1;
+    /// With `--pid`/`--comm`: the task that obtained the socket was followed then, or a followed
+    /// task made a call on it since. Its transitions stay followed after that task exits (an
+    /// orphan's FIN_WAIT2 in softirq).
+    pub const FOLLOWED: u32 = 1 << 2;
 }
 
 /// Who holds a socket, recorded in the kernel when a task obtains an fd to it (accept, connect,

@@ -437,10 +437,15 @@ fn owner_of(e: &mut Event) {
 }
 
 /// With `--pid`/`--comm`: a transition reaches userspace when its socket's owner is followed,
-/// when the running task is (process context), or when the owner is not known.
+/// or was when it obtained the socket (it may have exited since: a prefork child that closed
+/// in FIN_WAIT1 and exited before the peer's ACK), when the running task is followed (process
+/// context), or when the owner is not known.
 #[inline(always)]
 fn owner_followed(hook: Hook, e: &Event) -> bool {
-    if config(&FILTER.pid_filter) == 0 || e.flags & flags::OWNER_VALID == 0 {
+    if config(&FILTER.pid_filter) == 0
+        || e.flags & flags::OWNER_VALID == 0
+        || e.owner.flags & owner_flags::FOLLOWED != 0
+    {
         return true;
     }
     // SAFETY: the value is a u8 copied out immediately.
@@ -668,6 +673,7 @@ fn call_enter(ctx: &TracePointContext, hook: Hook, call: Call) -> Option<()> {
     match sock_of_fd(hook, fd) {
         Some(s) => {
             set_sock(&mut e, s);
+            follow_owner(s.sk, s.inode);
             if call != Call::Shutdown {
                 release_owner(&mut e, s.refs);
             }
@@ -688,6 +694,24 @@ fn call_enter(ctx: &TracePointContext, hook: Hook, call: Call) -> Option<()> {
     );
     submit(&e);
     Some(())
+}
+
+/// With `--pid`/`--comm`: a followed task made a call on the socket (this runs only for those):
+/// its record says so, and its later transitions are forwarded whoever runs them (the peer's
+/// ACK in softirq), as userspace shows a socket a followed process ended.
+#[inline(always)]
+fn follow_owner(sk: u64, inode: u64) {
+    if config(&FILTER.pid_filter) == 0 {
+        return;
+    }
+    if let Some(rec) = OWNERS.get_ptr_mut(sk) {
+        // SAFETY: a map value pointer, valid for this program run; plain integer fields.
+        unsafe {
+            if (*rec).inode == inode {
+                (*rec).flags |= owner_flags::FOLLOWED;
+            }
+        }
+    }
 }
 
 /// A close of `e.fd` (close, dup2/dup3 over it, close_range): copies the socket's ownership
@@ -743,16 +767,18 @@ fn record_owner(hook: Hook, fd: i64) {
 /// Records the current task as the holder of `sk` at `fd`; None when the map was full.
 #[inline(always)]
 fn insert_owner(hook: Hook, sk: u64, inode: u64, fd: i32, pid_tgid: u64) -> Option<OwnerRec> {
+    let tgid = (pid_tgid >> 32) as u32;
+    let followed = config(&FILTER.pid_filter) != 0 && pid_traced(hook, tgid);
     let rec = OwnerRec {
         // SAFETY: plain helper call.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         inode,
         // SAFETY: plain helper call.
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        tgid: (pid_tgid >> 32) as u32,
+        tgid,
         fd,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        flags: 0,
+        flags: if followed { owner_flags::FOLLOWED } else { 0 },
         _pad: 0,
     };
     if OWNERS.insert(sk, rec, 0).is_err() {
@@ -912,6 +938,7 @@ fn close_range_enter(
             one.fd = fd as i32;
             one.arg = last;
             set_sock(&mut one, s);
+            follow_owner(s.sk, s.inode);
             submit(&one);
         }
     }

@@ -579,7 +579,8 @@ impl<'a> OwnerSeeder<'a> {
         Ok(Self { map, full: 0 })
     }
 
-    pub(crate) fn seed(&mut self, inode: u64, o: &crate::model::Owner) {
+    /// `followed`: the holder is one of the processes `--pid`/`--comm` follow.
+    pub(crate) fn seed(&mut self, inode: u64, o: &crate::model::Owner, followed: bool) {
         let mut comm = [0u8; 16];
         let n = o.comm.len().min(15);
         comm[..n].copy_from_slice(&o.comm.as_bytes()[..n]);
@@ -589,7 +590,7 @@ impl<'a> OwnerSeeder<'a> {
             tgid: o.pid,
             fd: o.fd,
             comm,
-            flags: owner_flags::SEEDED,
+            flags: owner_flags::SEEDED | if followed { owner_flags::FOLLOWED } else { 0 },
             ..OwnerRec::zeroed()
         };
         self.full += u64::from(self.map.insert(inode, rec, 0).is_err());

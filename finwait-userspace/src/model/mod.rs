@@ -54,6 +54,9 @@ pub(crate) struct KernelOwner {
     pub(crate) stale: bool,
     /// When the record was made (CLOCK_MONOTONIC ns).
     pub(crate) since_ns: u64,
+    /// The task that obtained the socket was followed (`--pid`, `--comm`) then, or a followed
+    /// task made a call on it since.
+    pub(crate) followed: bool,
 }
 
 /// A process holding the socket's file.
@@ -240,6 +243,9 @@ pub(crate) struct TransitionReport {
     /// The kernel's ownership record of the socket at the transition (`resolve` turns it into
     /// `owner`).
     pub(crate) recorded_owner: Option<KernelOwner>,
+    /// The socket left a state other than the one its last transition here entered: at least
+    /// one transition in between never arrived.
+    pub(crate) missed_before: bool,
 }
 
 impl TransitionReport {
@@ -270,6 +276,7 @@ impl TransitionReport {
             fin_timeout_s: DEFAULT_FIN_TIMEOUT_S,
             fin_by: None,
             recorded_owner: None,
+            missed_before: false,
         }
     }
 

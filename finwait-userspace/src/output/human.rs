@@ -497,8 +497,13 @@ impl Sink for HumanSink {
 
     fn stats(&mut self, s: &Stats) -> std::io::Result<()> {
         self.out.line(&format!(
-            "finwait-trace: {} records, {} lost (ring full), {} skipped by the kernel, {} sockets evicted, {} hooks failed to attach",
-            s.records, s.lost_ring_full, s.kernel_skipped_nested, s.sockets_evicted, s.attach_failed
+            "finwait-trace: {} records, {} lost (ring full), {} skipped by the kernel, {} transitions never arrived, {} sockets evicted, {} hooks failed to attach",
+            s.records,
+            s.lost_ring_full,
+            s.kernel_skipped_nested,
+            s.transitions_missed,
+            s.sockets_evicted,
+            s.attach_failed
         ))
     }
 

@@ -61,6 +61,8 @@ pub(crate) struct Stats {
     /// `kernel_skipped_nested` per program, the programs that skipped none left out.
     pub(crate) kernel_skipped_by_program: BTreeMap<String, u64>,
     pub(crate) kernel_read_failed: u64,
+    /// Transitions of reported sockets that never arrived, seen from each one's next transition.
+    pub(crate) transitions_missed: u64,
     pub(crate) pid_insert_failed: u64,
     pub(crate) in_call_full: u64,
     pub(crate) owner_map_full: u64,

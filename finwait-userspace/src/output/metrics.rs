@@ -129,6 +129,7 @@ struct Health {
     lost: Counter,
     skipped: Counter,
     read_failed: Counter,
+    transitions_missed: Counter,
     owner_map_full: Counter,
     sockets_evicted: Counter,
     containers_unresolved: Counter,
@@ -142,7 +143,7 @@ struct Health {
 
 impl Health {
     /// Name, help and counter of each.
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 10] {
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 11] {
         [
             ("records", "Ring-buffer records read", &self.records),
             (
@@ -159,6 +160,11 @@ impl Health {
                 "kernel_read_failed",
                 "Kernel memory reads that failed in the programs",
                 &self.read_failed,
+            ),
+            (
+                "transitions_missed",
+                "Transitions of reported sockets that never arrived (seen by the next transition or the exit check)",
+                &self.transitions_missed,
             ),
             (
                 "owner_map_full",
@@ -614,6 +620,7 @@ impl Sink for MetricsSink {
         set_counter(&h.lost, s.lost_ring_full);
         set_counter(&h.skipped, s.kernel_skipped_nested);
         set_counter(&h.read_failed, s.kernel_read_failed);
+        set_counter(&h.transitions_missed, s.transitions_missed);
         set_counter(&h.owner_map_full, s.owner_map_full);
         set_counter(&h.sockets_evicted, s.sockets_evicted);
         set_counter(&h.containers_unresolved, s.containers_unresolved);

@@ -68,6 +68,8 @@ impl PendingCall {
 struct SockState {
     state: Option<u8>,
     ends: Option<crate::model::Endpoints>,
+    /// When its last transition here happened.
+    last_ns: u64,
     /// A call on this socket whose effect may still be on its way (see module docs).
     pending: Option<PendingCall>,
     /// The close()/shutdown()/exit that sent our FIN.
@@ -188,6 +190,18 @@ impl Correlator {
 
     pub(crate) fn tracked_sockets(&self) -> usize {
         self.socks.len()
+    }
+
+    /// Sockets whose last transition here came before `before_ns`: each one's ends and the
+    /// state that transition entered.
+    pub(crate) fn last_states(
+        &self,
+        before_ns: u64,
+    ) -> impl Iterator<Item = (u64, &crate::model::Endpoints, u8)> {
+        self.socks.iter().filter_map(move |(sock, s)| {
+            let (ends, state) = (s.ends.as_ref()?, s.state?);
+            (s.last_ns < before_ns).then_some((*sock, ends, state))
+        })
     }
 
     fn sock(&mut self, sock: u64) -> &mut SockState {
@@ -401,6 +415,13 @@ impl Correlator {
     fn transition(&mut self, c: &Change<'_>) -> TransitionReport {
         let (sock, old, new) = (c.c.sock, c.c.old, c.c.new);
         let mut r = TransitionReport::new(c.ts, sock, c.c.ends.clone(), old, new, c.c.inode);
+        // Each transition leaves the state the previous one entered; where it does not, one in
+        // between never arrived (the kernel ran none of the programs for it, or lost it).
+        r.missed_before = self
+            .socks
+            .peek(&sock)
+            .and_then(|s| s.state)
+            .is_some_and(|last| last != old);
         self.track(c);
         r.at_least = self.socks.peek(&sock).is_some_and(|s| s.since_snapshot);
         match (old, new) {
@@ -445,6 +466,7 @@ impl Correlator {
             .flatten();
         let s = self.sock(sock);
         s.ends = Some(c.c.ends.clone());
+        s.last_ns = c.ts;
         s.state = Some(c.c.new);
         if let Some(since) = seed {
             match old {
@@ -578,6 +600,20 @@ impl Correlator {
     }
 }
 
+/// The kernel has a socket in `kernel`, a state after `believed` on the close path (FIN_WAIT1 ->
+/// FIN_WAIT2 or CLOSING -> TIME_WAIT, CLOSE_WAIT -> LAST_ACK): the transitions in between never
+/// arrived. An orphan handed to the time-wait timer is listed in its substate (FIN_WAIT2 or
+/// TIME_WAIT). A state before `believed`, or the same, proves nothing: a transition is reported
+/// just before the kernel stores its state, and the same ends may be another socket's.
+pub(crate) fn moved_on(believed: u8, kernel: u8) -> bool {
+    match believed {
+        st::FIN_WAIT1 => matches!(kernel, st::FIN_WAIT2 | st::CLOSING | st::TIME_WAIT),
+        st::FIN_WAIT2 | st::CLOSING => kernel == st::TIME_WAIT,
+        st::CLOSE_WAIT => kernel == st::LAST_ACK,
+        _ => false,
+    }
+}
+
 /// Unit tests drive the state machine with the exact record sequences the kernel produces on
 /// loopback, including the traps from TCP-CLOSE.md.
 #[cfg(test)]
@@ -650,6 +686,85 @@ mod tests {
 
     fn kernel(call: Call, sock: u64, how: Option<i32>) -> Decoded {
         Decoded::KernelCall { call, how, sock }
+    }
+
+    /// httpd's lingering close, with the peer's ACK of our FIN never delivered (seen on the 6.18
+    /// host: the kernel ran no program for a softirq landing on one task): the close's
+    /// FIN_WAIT2 -> CLOSE says a transition went missing before it, and is still attributed.
+    /// An unbroken chain, and a socket's first transition here, say nothing of the kind.
+    #[test]
+    fn a_transition_that_never_arrived_shows_in_the_next_one() {
+        let mut c = Correlator::new(false);
+        let child = task(20, 20, "httpd");
+        let mut out = Vec::new();
+        c.handle(rec(1, &child, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
+        c.handle(
+            rec(
+                2,
+                &child,
+                tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 40000),
+            ),
+            &mut out,
+        );
+        // FIN_WAIT1 -> FIN_WAIT2 lost.
+        c.handle(rec(3, &child, enter(Call::Close, 5, 0, A, 1)), &mut out);
+        let dead = SOCK_DEAD;
+        c.handle(
+            rec(4, &child, tr(A, st::FIN_WAIT2, st::CLOSE, dead, 80, 40000)),
+            &mut out,
+        );
+        // Another socket, complete.
+        c.handle(
+            rec(
+                5,
+                &child,
+                tr(B, st::ESTABLISHED, st::CLOSE_WAIT, 0, 80, 40001),
+            ),
+            &mut out,
+        );
+        c.handle(rec(6, &child, enter(Call::Close, 6, 0, B, 1)), &mut out);
+        c.handle(
+            rec(7, &child, tr(B, st::CLOSE_WAIT, st::LAST_ACK, 0, 80, 40001)),
+            &mut out,
+        );
+        let ts = transitions(&out);
+        let missed: Vec<bool> = ts.iter().map(|t| t.missed_before).collect();
+        assert_eq!(missed, [false, true, false, false]);
+        let close = ts[1].cause.clone().unwrap();
+        assert_eq!(
+            (close.kind, close.task.map(|t| t.pid)),
+            (CauseKind::Call(Call::Close), Some(20))
+        );
+    }
+
+    /// A prefork child closed in FIN_WAIT1 and the peer's ACK moved the orphan to FIN_WAIT2 and
+    /// on to the time-wait timer in one softirq, neither transition delivered: the kernel's
+    /// table still lists it (substate FIN_WAIT2), past what was last reported.
+    #[test]
+    fn a_socket_the_kernel_shows_past_its_last_transition_lost_the_ones_between() {
+        let mut c = Correlator::new(false);
+        let child = task(20, 20, "httpd");
+        let mut out = Vec::new();
+        c.handle(rec(1, &child, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
+        c.handle(
+            rec(
+                2,
+                &child,
+                tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 40000),
+            ),
+            &mut out,
+        );
+        let last: Vec<_> = c
+            .last_states(3)
+            .map(|(s, e, st)| (s, e.lport, st))
+            .collect();
+        assert_eq!(last, [(A, 80, st::FIN_WAIT1)]);
+        assert_eq!(c.last_states(2).count(), 0, "not before its transition");
+        assert!(moved_on(st::FIN_WAIT1, st::FIN_WAIT2));
+        assert!(moved_on(st::CLOSE_WAIT, st::LAST_ACK));
+        assert!(!moved_on(st::FIN_WAIT2, st::FIN_WAIT1));
+        assert!(!moved_on(st::FIN_WAIT2, st::FIN_WAIT2));
+        assert!(!moved_on(st::LAST_ACK, st::CLOSE_WAIT));
     }
 
     /// Precise mode, close(): the syscall names the fd, the kernel hook confirms the task.

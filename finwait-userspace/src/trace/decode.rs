@@ -58,6 +58,7 @@ pub(crate) fn kernel_owner(o: &OwnerRec) -> KernelOwner {
         comm: comm(&o.comm),
         cgroup_id: o.cgroup_id,
         stale: o.flags & owner_flags::STALE != 0,
+        followed: o.flags & owner_flags::FOLLOWED != 0,
         since_ns: o.ts_ns,
     }
 }

@@ -6,6 +6,22 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use crate::model::Report;
 
+/// The followed processes, as the kernel keeps them (children join at fork, leave at exit).
+pub(crate) trait PidSet {
+    fn contains(&self, pid: u32) -> bool;
+    fn is_empty(&self) -> bool;
+}
+
+impl PidSet for BpfHashMap<MapData, u32, u8> {
+    fn contains(&self, pid: u32) -> bool {
+        self.get(&pid, 0).is_ok()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys().next().is_none()
+    }
+}
+
 pub(crate) struct Filter {
     comms: Vec<String>,
     ports: Vec<u16>,
@@ -14,8 +30,10 @@ pub(crate) struct Filter {
     /// `--metrics`' own port: its scrapes are finwait's traffic, not the host's (either end).
     own_port: Option<u16>,
     /// The kernel's set of followed processes (None: every process is followed).
-    traced: Option<BpfHashMap<MapData, u32, u8>>,
-    /// Sockets already shown: their later transitions are shown too.
+    traced: Option<Box<dyn PidSet>>,
+    /// Sockets with a transition shown: their later transitions are shown too. (A close without
+    /// FIN adds none: it may come after the socket's last transition, which would leave the
+    /// entry to whatever socket takes the address next.)
     shown: HashSet<u64>,
 }
 
@@ -33,22 +51,18 @@ impl Filter {
     }
 
     /// Follow the processes in the kernel's map (`--pid`, `--comm`).
-    pub(crate) fn follow(&mut self, traced: BpfHashMap<MapData, u32, u8>) {
-        self.traced = Some(traced);
+    pub(crate) fn follow(&mut self, traced: impl PidSet + 'static) {
+        self.traced = Some(Box::new(traced));
     }
 
     /// True once every followed process has exited.
     pub(crate) fn none_left(&self) -> bool {
-        self.traced
-            .as_ref()
-            .is_some_and(|m| m.keys().next().is_none())
+        self.traced.as_ref().is_some_and(|m| m.is_empty())
     }
 
+    /// Followed now (the kernel's set loses a process when it exits).
     fn is_traced(&self, pid: u32) -> bool {
-        match &self.traced {
-            None => true,
-            Some(map) => map.get(&pid, 0).is_ok(),
-        }
+        self.traced.as_ref().is_none_or(|m| m.contains(pid))
     }
 
     /// `--state`, `-4`/`-6` and `--port`, and not the endpoint's own connections.
@@ -78,19 +92,40 @@ impl Filter {
 
     /// A socket is followed once a followed process made a call on it or holds it; an owner
     /// matching `--comm` counts even if it made no call yet.
+    ///
+    /// Decided by what was true when the kernel saw the event, not now: a child that shut a
+    /// socket down and exited before its reports got here has left the kernel's set, but its
+    /// reports are still its. A cause that names a task comes from a call (or exit) record, and
+    /// with `--pid`/`--comm` the kernel forwards those only for followed processes; an owner
+    /// counts when the kernel recorded it as obtained by a followed process, or (an owner
+    /// found in /proc) when it is followed now.
     fn followed(&self, r: &Report) -> bool {
         match r {
             Report::Transition(t) => {
-                t.cause
-                    .iter()
-                    .filter_map(|c| c.task.as_ref())
-                    .any(|task| self.is_traced(task.pid))
+                t.cause.as_ref().is_some_and(|c| c.task.is_some())
+                    || t.recorded_owner.as_ref().is_some_and(|k| k.followed)
                     || t.owner.as_ref().is_some_and(|o| {
                         self.comms.iter().any(|c| **c == *o.comm) || self.is_traced(o.pid)
                     })
             }
-            Report::CloseNoFin(n) => self.is_traced(n.task.pid),
+            // A close is forwarded only for followed processes.
+            Report::CloseNoFin(_) => true,
         }
+    }
+
+    /// Did this transition's socket miss one before it, as the user sees the socket? With
+    /// `--pid`/`--comm` the kernel forwards the transitions of followed sockets only, so a gap
+    /// before a socket's first shown transition is the filter's doing (an earlier socket at the
+    /// address, not followed, whose CLOSE the kernel kept); once one of its transitions was
+    /// shown, every later one is forwarded (the kernel follows a socket a followed process
+    /// obtained or made a call on) and a gap is a loss. Asked before `wanted`.
+    pub(crate) fn missed_transition(&self, r: &Report) -> bool {
+        matches!(r, Report::Transition(t) if t.missed_before) && self.transition_shown(r.sock())
+    }
+
+    /// A transition of the socket was shown (without `--pid`/`--comm`: every socket's are).
+    pub(crate) fn transition_shown(&self, sock: u64) -> bool {
+        self.traced.is_none() || self.shown.contains(&sock)
     }
 
     pub(crate) fn wanted(&mut self, r: &Report) -> bool {
@@ -98,7 +133,7 @@ impl Filter {
         let wanted = self.matches(r)
             // Without --pid/--comm everything passes: no per-socket bookkeeping on this path.
             && (self.traced.is_none() || self.shown.contains(&sock) || self.followed(r));
-        if wanted && self.traced.is_some() {
+        if wanted && self.traced.is_some() && matches!(r, Report::Transition(_)) {
             self.shown.insert(sock);
         }
         if let Report::Transition(t) = r
@@ -107,5 +142,161 @@ impl Filter {
             self.shown.remove(&sock);
         }
         wanted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, net::IpAddr, rc::Rc};
+
+    use finwait_common::{Call, tcp_state as st};
+
+    use super::*;
+    use crate::model::{
+        Cause, CauseKind, CloseNoFinReport, Endpoints, KernelOwner, Owner, Task, TransitionReport,
+    };
+
+    /// The kernel's set, shared with the test so that a process can exit under the filter.
+    #[derive(Clone, Default)]
+    struct Pids(Rc<RefCell<HashSet<u32>>>);
+
+    impl PidSet for Pids {
+        fn contains(&self, pid: u32) -> bool {
+            self.0.borrow().contains(&pid)
+        }
+
+        fn is_empty(&self) -> bool {
+            self.0.borrow().is_empty()
+        }
+    }
+
+    fn following(pids: &[u32]) -> (Filter, Pids) {
+        let set = Pids::default();
+        set.0.borrow_mut().extend(pids);
+        let filter = Filter {
+            comms: Vec::new(),
+            ports: Vec::new(),
+            states: Vec::new(),
+            ipv6: None,
+            own_port: None,
+            traced: Some(Box::new(set.clone())),
+            shown: HashSet::new(),
+        };
+        (filter, set)
+    }
+
+    fn transition(sock: u64, old: u8, new: u8) -> TransitionReport {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let ends = Endpoints {
+            local: lo,
+            lport: 80,
+            remote: lo,
+            rport: 40000,
+        };
+        TransitionReport::new(1, sock, ends, old, new, 7)
+    }
+
+    fn shutdown_by(pid: u32) -> Option<Cause> {
+        Some(Cause {
+            how: Some(1),
+            task: Some(Task {
+                pid,
+                tid: pid,
+                ..Default::default()
+            }),
+            fd: Some(3),
+            ..Cause::bare(CauseKind::Call(Call::Shutdown))
+        })
+    }
+
+    /// A child that shut its socket down and exited before the reports got through the
+    /// pipeline: they are still shown (its calls reached userspace because it was followed).
+    #[test]
+    fn a_child_gone_before_its_reports_are_written_is_still_followed() {
+        let (mut f, pids) = following(&[10, 11]);
+        let mut fw1 = transition(1, st::ESTABLISHED, st::FIN_WAIT1);
+        fw1.cause = shutdown_by(11);
+        let mut fw2 = transition(1, st::FIN_WAIT1, st::FIN_WAIT2);
+        fw2.cause = shutdown_by(11);
+        pids.0.borrow_mut().remove(&11); // the child exited
+        assert!(f.wanted(&Report::Transition(fw1)));
+        assert!(f.wanted(&Report::Transition(fw2)));
+        // Another socket: no call of a followed process, no followed owner.
+        let mut other = transition(2, st::ESTABLISHED, st::CLOSE_WAIT);
+        other.cause = Some(Cause::bare(CauseKind::PeerFin));
+        assert!(!f.wanted(&Report::Transition(other)));
+    }
+
+    /// With `--pid`, a gap before a socket's first shown transition is the kernel filter's (an
+    /// earlier, unfollowed socket at the address); a gap in a shown socket is a loss. Without a
+    /// filter every gap is.
+    #[test]
+    fn a_gap_counts_once_the_socket_is_shown() {
+        let (mut f, _pids) = following(&[10]);
+        // A fork-per-accept parent's close of its copy comes first: no transition shown yet.
+        let no_fin = Report::CloseNoFin(CloseNoFinReport {
+            ts_ns: 1,
+            sock: 1,
+            call: Call::Close,
+            task: Task {
+                pid: 10,
+                tid: 10,
+                ..Default::default()
+            },
+            fd: 4,
+            remaining_refs: 1,
+            holders: Vec::new(),
+            inode: 7,
+            ends: None,
+            state: None,
+            recorded_owner: None,
+        });
+        assert!(f.wanted(&no_fin));
+        assert!(
+            !f.transition_shown(1),
+            "a close without FIN does not show the socket"
+        );
+        let mut fw1 = transition(1, st::ESTABLISHED, st::FIN_WAIT1);
+        fw1.cause = shutdown_by(11);
+        fw1.missed_before = true; // the last socket at this address was left in LAST_ACK
+        let fw1 = Report::Transition(fw1);
+        assert!(!f.missed_transition(&fw1));
+        assert!(f.wanted(&fw1));
+        let mut close = transition(1, st::FIN_WAIT2, st::CLOSE);
+        close.cause = shutdown_by(10);
+        close.missed_before = true; // FIN_WAIT1 -> FIN_WAIT2 never arrived
+        let close = Report::Transition(close);
+        assert!(f.missed_transition(&close));
+        assert!(f.wanted(&close));
+        f.traced = None;
+        assert!(f.missed_transition(&fw1));
+    }
+
+    /// An owner the kernel recorded as obtained by a followed process counts after it exited;
+    /// one found in /proc counts if it is followed now.
+    #[test]
+    fn an_owner_counts_by_the_kernels_record_or_by_now() {
+        let (mut f, _pids) = following(&[10]);
+        let owner = |pid: u32, followed: bool| KernelOwner {
+            pid,
+            fd: 4,
+            comm: "srv".into(),
+            cgroup_id: 0,
+            stale: false,
+            since_ns: 0,
+            followed,
+        };
+        let mut cw = transition(3, st::ESTABLISHED, st::CLOSE_WAIT);
+        cw.cause = Some(Cause::bare(CauseKind::PeerFin));
+        cw.recorded_owner = Some(owner(12, true)); // a child, gone since
+        cw.owner = Some(Owner::from(&owner(12, true)));
+        assert!(f.wanted(&Report::Transition(cw.clone())));
+        cw.sock = 4;
+        cw.recorded_owner = Some(owner(12, false));
+        assert!(!f.wanted(&Report::Transition(cw.clone())));
+        cw.sock = 5;
+        cw.recorded_owner = None;
+        cw.owner = Some(Owner::from(&owner(10, false)));
+        assert!(f.wanted(&Report::Transition(cw)));
     }
 }

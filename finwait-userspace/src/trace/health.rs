@@ -46,6 +46,7 @@ impl KernelCounters {
             kernel_skips_counted: skips_counted(ebpf),
             kernel_skipped_by_program: misses_by_program(ebpf),
             kernel_read_failed: self.sum(counter::READ_FAILED),
+            transitions_missed: p.transitions_missed,
             pid_insert_failed: self.sum(counter::PID_INSERT_FAILED),
             in_call_full: self.sum(counter::IN_CALL_FULL),
             owner_map_full: self.sum(counter::OWNERS_FULL),
@@ -116,10 +117,19 @@ fn rss_kib() -> u64 {
 pub(crate) struct Warned {
     skipped: u64,
     lost: u64,
+    missed: u64,
 }
 
 impl Warned {
-    pub(crate) fn warn(&mut self, ebpf: &aya::Ebpf, k: &KernelCounters) {
+    /// `missed`: transitions of reported sockets that never arrived, so far.
+    pub(crate) fn warn(&mut self, ebpf: &aya::Ebpf, k: &KernelCounters, missed: u64) {
+        if missed > self.missed {
+            eprintln!(
+                "finwait-trace: warning: {} transitions of reported sockets never arrived (the socket's next transition left another state; transitions_missed)",
+                missed - self.missed
+            );
+            self.missed = missed;
+        }
         let skipped = nested_misses(ebpf);
         if skipped > self.skipped {
             let by: Vec<String> = misses_by_program(ebpf)

@@ -286,12 +286,43 @@ async fn trace(
         }
         if losses_checked.elapsed() >= LOSS_CHECK_EVERY {
             losses_checked = Instant::now();
-            warned.warn(ebpf, &kernel);
+            warned.warn(ebpf, &kernel, p.transitions_missed);
         }
     }
-    warned.warn(ebpf, &kernel);
+    // The kernel's table first, then what the ring still holds: a socket whose last report
+    // came before the table was read and that the table shows past it lost transitions.
+    let table = close_path_table();
     drain(ring.get_mut(), p);
+    p.drain_resolver().await?;
+    if let Some((table, taken_ns)) = table {
+        p.count_moved_on(&table, taken_ns);
+    }
+    warned.warn(ebpf, &kernel, p.transitions_missed);
     finish(o, ebpf, &kernel, p).await
+}
+
+/// The states of the sockets on the close path in finwait's network namespace, by ends, and
+/// when the read began; None if sock_diag could not be read (nothing is counted then).
+fn close_path_table() -> Option<(std::collections::HashMap<pipeline::Ends, u8>, u64)> {
+    use netlink_packet_sock_diag::inet::StateFlags;
+    let states = StateFlags::FIN_WAIT1
+        | StateFlags::FIN_WAIT2
+        | StateFlags::CLOSING
+        | StateFlags::TIME_WAIT
+        | StateFlags::CLOSE_WAIT
+        | StateFlags::LAST_ACK;
+    let taken_ns = monotonic_ns();
+    let mut table = std::collections::HashMap::new();
+    let read = sockdiag::dump_each(&states, |s| {
+        let ends = (
+            s.local.to_canonical(),
+            s.lport,
+            s.remote.to_canonical(),
+            s.rport,
+        );
+        table.insert(ends, s.state);
+    });
+    read.ok().map(|()| (table, taken_ns))
 }
 
 /// The last reports, the summary and the counters.
@@ -338,7 +369,12 @@ fn start_snapshot(o: &Options, ebpf: &mut aya::Ebpf, p: &mut Pipeline) -> Result
             return Ok(());
         }
     };
-    seed_owners(ebpf, &snap);
+    let followed: std::collections::HashSet<u32> = if o.follows_processes() {
+        procs::with_descendants(&pids).into_iter().collect()
+    } else {
+        Default::default()
+    };
+    seed_owners(ebpf, &snap, &followed);
     for e in &snap.entries {
         use crate::model::Verdict;
         match &e.verdict {
@@ -357,7 +393,12 @@ fn start_snapshot(o: &Options, ebpf: &mut aya::Ebpf, p: &mut Pipeline) -> Result
 
 /// The kernel records holders as sockets are obtained; those obtained before it started come
 /// from the snapshot's /proc scan: every established TCP socket and every one on the close path.
-fn seed_owners(ebpf: &mut aya::Ebpf, snap: &snapshot::Snapshot) {
+/// Those of `followed` processes stay followed after their holder exits, as the kernel's own.
+fn seed_owners(
+    ebpf: &mut aya::Ebpf,
+    snap: &snapshot::Snapshot,
+    followed: &std::collections::HashSet<u32>,
+) {
     use netlink_packet_sock_diag::inet::StateFlags;
     let mut seeder = match OwnerSeeder::new(ebpf) {
         Ok(s) => s,
@@ -365,7 +406,7 @@ fn seed_owners(ebpf: &mut aya::Ebpf, snap: &snapshot::Snapshot) {
     };
     let mut seed = |inode: u64| {
         if let Some(o) = snap.owners.first(inode).filter(|_| inode != 0) {
-            seeder.seed(inode, &o);
+            seeder.seed(inode, &o, followed.contains(&o.pid));
         }
     };
     snap.entries.iter().for_each(|e| seed(e.sock.inode));

@@ -44,6 +44,9 @@ pub(crate) struct Pipeline {
     batch: Vec<Report>,
     /// Reports whose owners are known, in kernel order.
     ready: Vec<Report>,
+    /// Transitions of reported sockets that never arrived (see `Filter::missed_transition`
+    /// and `count_moved_on`).
+    pub(crate) transitions_missed: u64,
 }
 
 impl Pipeline {
@@ -66,6 +69,7 @@ impl Pipeline {
             inspector: Inspector::default(),
             batch: Vec::new(),
             ready: Vec::new(),
+            transitions_missed: 0,
         }
     }
 
@@ -103,9 +107,11 @@ impl Pipeline {
         // report is worked on in place (a report is a few hundred bytes: no moves).
         let mut ready = std::mem::take(&mut self.ready);
         let written = ready.iter_mut().try_for_each(|r| {
+            let missed = self.filter.missed_transition(r);
             if !self.filter.wanted(r) {
                 return Ok(());
             }
+            self.transitions_missed += u64::from(missed);
             if let Report::Transition(t) = r {
                 self.enrich(t);
             }
@@ -186,6 +192,25 @@ impl Pipeline {
         });
     }
 
+    /// Sockets shown whose last transition here came before `taken_ns` and that the kernel's
+    /// table (read then: state by ends) has in a later state on the close path: the
+    /// transitions in between never arrived (they may have been a socket's last ones, which no
+    /// later transition shows).
+    pub(crate) fn count_moved_on(&mut self, table: &HashMap<Ends, u8>, taken_ns: u64) {
+        let filter = &self.filter;
+        let moved = self
+            .correlator
+            .last_states(taken_ns)
+            .filter(|(sock, ends, believed)| {
+                filter.transition_shown(*sock)
+                    && table
+                        .get(&ends_key(ends))
+                        .is_some_and(|k| super::correlate::moved_on(*believed, *k))
+            })
+            .count();
+        self.transitions_missed += moved as u64;
+    }
+
     /// Waits (bounded inside the resolver) for the owners of the last reports, then writes them.
     pub(crate) async fn drain_resolver(&mut self) -> io::Result<()> {
         self.emit()?;
@@ -195,6 +220,18 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// A connection as the reports and sock_diag both name it (v4-mapped addresses as IPv4).
+pub(crate) type Ends = (std::net::IpAddr, u16, std::net::IpAddr, u16);
+
+pub(crate) fn ends_key(e: &crate::model::Endpoints) -> Ends {
+    (
+        e.local.to_canonical(),
+        e.lport,
+        e.remote.to_canonical(),
+        e.rport,
+    )
 }
 
 /// Reads what the owner of a stuck socket is doing: the socket's Recv-Q (sock_diag, that one

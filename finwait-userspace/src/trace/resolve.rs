@@ -395,6 +395,7 @@ mod tests {
             cgroup_id: 7,
             stale,
             since_ns: 0,
+            followed: false,
         })
     }
 

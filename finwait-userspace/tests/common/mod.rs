@@ -98,6 +98,40 @@ impl Tracer {
         self.stop_when(&[])
     }
 
+    /// Reads the tracer's lines until `done` says the last one completed what the caller waits
+    /// for, or until `limit` passes (or the tracer stopped by itself), then stops it (SIGINT)
+    /// and returns everything it printed, the `stats` event last. Checks nothing: the caller
+    /// weighs the counters.
+    pub(crate) fn read_until(
+        mut self,
+        limit: Duration,
+        mut done: impl FnMut(&Value) -> bool,
+    ) -> Vec<Value> {
+        let mut all = vec![self.start.clone()];
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    let finished = done(&v);
+                    all.push(v);
+                    if finished {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        // SAFETY: signalling our own child (a no-op if it already exited and was not reaped).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "tracer exited with {status}");
+        all.extend(self.lines.iter());
+        let stats = all.last().expect("no output");
+        assert_eq!(stats["event"], "stats", "{stats}");
+        all
+    }
+
     /// As `stop_when`, but leaves the check of `kernel_skipped_nested` to the caller.
     pub(crate) fn stop_when_with_skips(mut self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
         let mut all = vec![self.start.clone()];
