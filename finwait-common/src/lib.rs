@@ -81,6 +81,10 @@ pub mod flags {
     pub const OWNER_VALID: u8 = 1 << 3;
     /// ProcessExit: the exiting thread was its process's last (the process is gone).
     pub const GROUP_DEAD: u8 = 1 << 4;
+    /// Transition: reported by the second BTF state program while the first was not running on
+    /// the CPU, so the first may have reported it too (a nested change overwrote its mark):
+    /// userspace drops it if the same change of the same socket came just before.
+    pub const MAYBE_DUPLICATE: u8 = 1 << 5;
 }
 
 /// `OwnerRec::flags` bits.
@@ -338,7 +342,11 @@ pub mod counter {
     /// An fd received over a unix socket (SCM_RIGHTS) could not be recorded: more fds in one
     /// message than the program reads, or the message could not be read.
     pub const SCM_RIGHTS_UNREAD: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// `RECOVERED + i`: events the first program of `super::GUARDED[i]` missed (the kernel
+    /// skipped it: it was already running on that CPU, interrupted by a softirq or preempted)
+    /// and the second caught. The first's skips less these are the events lost.
+    pub const RECOVERED: u32 = 6;
+    pub const COUNT: u32 = RECOVERED + super::GUARDED.len() as u32;
 }
 
 /// Map names, shared so a rename cannot split the two sides.
@@ -348,6 +356,18 @@ pub const TRACED_PIDS_MAP: &str = "TRACED_PIDS";
 /// Socket -> [`OwnerRec`]. Keys are `struct sock` addresses, or (entries seeded by userspace from
 /// the start-up snapshot) socket inode numbers: kernel addresses and inode numbers never collide.
 pub const OWNERS_MAP: &str = "OWNERS";
+/// Hooks attached as two programs, (first, second), guard slot = index: the kernel skips a
+/// BPF_PROG_TYPE_TRACING program that is already running on the CPU (a softirq's event landing
+/// in a task's run, or where programs run preemptibly, as from Linux 7.0, another task's on the
+/// same CPU), so a second copy, run after the first, catches what the first was skipped for.
+pub const GUARDED: [(&str, &str); 3] = [
+    ("inet_sock_set_state_btf", "inet_sock_set_state_btf2"),
+    ("tcp_close_fentry", "tcp_close_fentry2"),
+    ("tcp_shutdown_fentry", "tcp_shutdown_fentry2"),
+];
+pub const GUARD_STATE: u32 = 0;
+pub const GUARD_CLOSE: u32 = 1;
+pub const GUARD_SHUTDOWN: u32 = 2;
 /// Default size of `OWNERS`: entries leave when their socket reaches CLOSE.
 pub const OWNERS_MAX: u32 = 262_144;
 

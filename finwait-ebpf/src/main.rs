@@ -7,21 +7,24 @@
 //! Where a counter records a loss, a diagnostic (aya-log, shown by `-v`) says which program lost
 //! what: see `mod diag`.
 #![no_std]
+// For the one BPF_XADD in `count` (aya-ebpf needs RUSTC_BOOTSTRAP for the same feature).
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_MMAPABLE, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
 use finwait_common::{
-    Call, Event, EventKind, FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OWNERS_MAX,
-    OtherTpLayout, OwnerRec, StateTpLayout, counter, flags, owner_flags, tcp_state,
+    Call, Event, EventKind, FilterConfig, GUARD_CLOSE, GUARD_SHUTDOWN, GUARD_STATE, GUARDED,
+    KernelOffsets, MAX_COMMS, MAX_PORTS, OWNERS_MAX, OtherTpLayout, OwnerRec, StateTpLayout,
+    counter, flags, owner_flags, tcp_state,
 };
 
 // Globals rewritten by userspace before load (`EbpfLoader::override_global`).
@@ -95,7 +98,7 @@ static OTHER_TP: OtherTpLayout = OtherTpLayout {
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+static COUNTERS: Array<u64> = Array::with_max_entries(counter::COUNT, BPF_F_MMAPABLE);
 
 /// Threads inside a call whose enter was forwarded: only their exits are forwarded too. Not an
 /// LRU (its evictions would be silent): entries leave at sys_exit or at the thread's exit, and a
@@ -138,9 +141,21 @@ fn config<T>(global: &T) -> T {
 
 #[inline(always)]
 fn count(index: u32) {
+    // One array for all CPUs, added to atomically: userspace reads it through a shared
+    // mapping, with no map syscall (a lookup holds the CPU's "BPF running" mark, and on kernels
+    // that preempt it the kernel skips every classic tracepoint program that CPU runs
+    // meanwhile). The counters count rare losses: no contention.
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *slot += 1 };
+        // BPF_XADD (the target's core has no atomic add; its result is not fetched, which
+        // every kernel since 4.x verifies).
+        // SAFETY: an aligned u64 in the map's value area, only ever added to atomically.
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({slot} + 0) += {one}",
+                slot = in(reg) slot,
+                one = in(reg) 1u64,
+            );
+        }
     }
 }
 
@@ -466,15 +481,95 @@ fn comm_followed(comm: &[u8; 16]) -> bool {
     false
 }
 
+/// Per CPU and guarded hook (`finwait_common::GUARDED`), between its two programs: how many
+/// runs of the first are under way, and the last event it finished.
+#[repr(C)]
+struct Guard {
+    busy: u64,
+    a: u64,
+    b: u64,
+}
+
+#[map]
+static GUARDS: PerCpuArray<Guard> = PerCpuArray::with_max_entries(GUARDED.len() as u32, 0);
+
+/// The first program of a guarded hook: `run` inside the busy mark, then the event `(a, b)`
+/// marked done (`b` is never 0, so a cleared mark matches nothing).
+#[inline(always)]
+fn first_copy(slot: u32, a: u64, b: u64, run: impl FnOnce()) {
+    let guard = GUARDS.get_ptr_mut(slot);
+    if let Some(g) = guard {
+        // SAFETY: this CPU's slot; only this program writes `busy`, and the kernel never runs
+        // it nested on one CPU.
+        unsafe { (*g).busy += 1 };
+    }
+    run();
+    if let Some(g) = guard {
+        // SAFETY: as above.
+        unsafe {
+            (*g).busy -= 1;
+            (*g).a = a;
+            (*g).b = b;
+        }
+    }
+}
+
+/// The second program of a guarded hook, attached to run after the first: None when the first
+/// finished this event on this CPU. Else Some(recovered): the kernel skips the first only while
+/// it runs on the CPU (`busy`), so that report is a recovery (counted); otherwise it is the rare
+/// duplicate of an event whose mark a nested one overwrote, which userspace drops.
+#[inline(always)]
+fn second_copy(slot: u32, a: u64, b: u64) -> Option<bool> {
+    let g = GUARDS.get_ptr_mut(slot)?;
+    // SAFETY: this CPU's slot (see `first_copy`).
+    let recovered = unsafe {
+        if (*g).a == a && (*g).b == b {
+            (*g).b = 0;
+            return None;
+        }
+        (*g).busy > 0
+    };
+    if recovered {
+        count(counter::RECOVERED + slot);
+    }
+    Some(recovered)
+}
+
+/// A state change as the guard keeps it.
+#[inline(always)]
+fn states_key(old: u8, new: u8) -> u64 {
+    (1 << 16) | ((old as u64) << 8) | new as u64
+}
+
 /// The same hook as a BTF tracepoint: the kernel skips it only when it would interrupt itself,
 /// where a classic tracepoint is skipped whenever any BPF program runs on the CPU (a softirq
-/// landing in one of our syscall programs would lose its state change).
+/// landing in one of our syscall programs would lose its state change). It can still interrupt
+/// itself: a softirq's state change while a task's runs it (and on kernels that run tracepoint
+/// programs preemptibly, another task's on the same CPU). `inet_sock_set_state_btf2` catches
+/// those.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    let old: i32 = ctx.arg(1);
-    let new: i32 = ctx.arg(2);
-    let _ = try_state_btf(sk, old as u8, new as u8);
+    let old = ctx.arg::<i32>(1) as u8;
+    let new = ctx.arg::<i32>(2) as u8;
+    first_copy(GUARD_STATE, sk, states_key(old, new), || {
+        let _ = try_state_btf(sk, old, new, 0);
+    });
+    0
+}
+
+/// The state hook's second program (a tracepoint runs its programs in attach order).
+/// Userspace drops a duplicate by `MAYBE_DUPLICATE`: a socket cannot make one change twice in a
+/// row.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+fn inet_sock_set_state_btf2(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let old = ctx.arg::<i32>(1) as u8;
+    let new = ctx.arg::<i32>(2) as u8;
+    if let Some(recovered) = second_copy(GUARD_STATE, sk, states_key(old, new)) {
+        let extra = if recovered { 0 } else { flags::MAYBE_DUPLICATE };
+        let _ = try_state_btf(sk, old, new, extra);
+    }
     0
 }
 
@@ -492,13 +587,14 @@ fn transition_event(hook: Hook, sk: u64, old: u8, new: u8) -> Option<Event> {
     Some(e)
 }
 
-fn try_state_btf(sk: u64, old: u8, new: u8) -> Option<()> {
+fn try_state_btf(sk: u64, old: u8, new: u8, extra_flags: u8) -> Option<()> {
     const HOOK: Hook = "inet_sock_set_state_btf";
     let o = config(&OFFSETS);
     if read::<u16>(HOOK, sk, o.sock_protocol as u64)? != IPPROTO_TCP {
         return None;
     }
     let mut e = transition_event(HOOK, sk, old, new)?;
+    e.flags |= extra_flags;
     e.family = read::<u16>(HOOK, sk, o.sock_family as u64)?;
     e.sport = u16::from_be(read::<u16>(HOOK, sk, o.inet_sport as u64)?);
     e.dport = u16::from_be(read::<u16>(HOOK, sk, o.sock_dport as u64)?);
@@ -1162,21 +1258,45 @@ fn kernel_call(hook: Hook, call: Call, sk: u64, how_mask: i64) {
     submit(&e);
 }
 
+// fentry programs are guarded like the state hook: from Linux 7.0 they run preemptibly, and
+// another task's tcp_close() on the same CPU skips the program a preempted task is in. A
+// duplicate kernel call is harmless (userspace keeps the thread's last one).
+
 #[fentry(function = "tcp_close")]
 fn tcp_close_fentry(ctx: FEntryContext) -> i32 {
-    kernel_call("tcp_close_fentry", Call::Close, ctx.arg(0), 0);
+    let sk: u64 = ctx.arg(0);
+    first_copy(GUARD_CLOSE, sk, 1, || {
+        kernel_call("tcp_close_fentry", Call::Close, sk, 0);
+    });
+    0
+}
+
+#[fentry(function = "tcp_close")]
+fn tcp_close_fentry2(ctx: FEntryContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if second_copy(GUARD_CLOSE, sk, 1).is_some() {
+        kernel_call("tcp_close_fentry2", Call::Close, sk, 0);
+    }
     0
 }
 
 #[fentry(function = "tcp_shutdown")]
 fn tcp_shutdown_fentry(ctx: FEntryContext) -> i32 {
-    let how: i32 = ctx.arg(1);
-    kernel_call(
-        "tcp_shutdown_fentry",
-        Call::Shutdown,
-        ctx.arg(0),
-        how as i64,
-    );
+    let sk: u64 = ctx.arg(0);
+    let how = ctx.arg::<i32>(1) as i64;
+    first_copy(GUARD_SHUTDOWN, sk, (1 << 32) | how as u64, || {
+        kernel_call("tcp_shutdown_fentry", Call::Shutdown, sk, how);
+    });
+    0
+}
+
+#[fentry(function = "tcp_shutdown")]
+fn tcp_shutdown_fentry2(ctx: FEntryContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let how = ctx.arg::<i32>(1) as i64;
+    if second_copy(GUARD_SHUTDOWN, sk, (1 << 32) | how as u64).is_some() {
+        kernel_call("tcp_shutdown_fentry2", Call::Shutdown, sk, how);
+    }
     0
 }
 

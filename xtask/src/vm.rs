@@ -65,8 +65,7 @@ struct Kernel {
 struct Outcome {
     label: String,
     elapsed: Duration,
-    /// (mode, test binary, passed)
-    runs: Vec<(String, String, bool)>,
+    runs: Vec<RunResult>,
     failure: Option<String>,
     log: PathBuf,
 }
@@ -74,7 +73,7 @@ struct Outcome {
 impl Outcome {
     /// Whether the guest finished and every run in it passed.
     fn passed(&self) -> bool {
-        self.failure.is_none() && self.runs.iter().all(|r| r.2)
+        self.failure.is_none() && self.runs.iter().all(|r| r.passed)
     }
 }
 
@@ -163,46 +162,42 @@ fn prepare_guests(
     Ok(guests)
 }
 
-/// Boots the guests in batches, reporting each guest when its batch is over.
+/// Boots the guests from one queue, as many at once as there are CPUs: a CPU that finishes a
+/// short guest takes the next at once (batches would wait for their longest). Each guest is
+/// reported when it ends; the outcomes come back in the guests' order.
 fn boot_all(
     vm_dir: &Path,
     guests: &[(Kernel, PathBuf)],
     timeout: Duration,
     always_show: bool,
 ) -> Result<Vec<Outcome>> {
-    // Single-threaded TCG keeps one host CPU busy per guest: boot as many at once as there
-    // are CPUs (the time limit is per guest, and each still gets a whole CPU).
+    // Single-threaded TCG keeps one host CPU busy per guest (the time limit is per guest, and
+    // each still gets a whole CPU).
     let parallel = thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let mut outcomes = Vec::new();
-    for batch in guests.chunks(parallel) {
-        for outcome in boot_batch(vm_dir, batch, timeout) {
-            let outcome = outcome?;
-            report(&outcome, always_show);
-            outcomes.push(outcome);
-        }
-    }
-    Ok(outcomes)
-}
-
-/// Boots a batch of guests at once, one thread each; their outcomes in the batch's order.
-fn boot_batch(
-    vm_dir: &Path,
-    batch: &[(Kernel, PathBuf)],
-    timeout: Duration,
-) -> Vec<Result<Outcome>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::new());
     thread::scope(|scope| {
-        let running: Vec<_> = batch
-            .iter()
-            .map(|(kernel, initrd)| {
-                eprintln!("xtask: booting {} under qemu (TCG)...", kernel.label);
-                scope.spawn(|| boot(vm_dir, kernel, initrd, timeout))
-            })
-            .collect();
-        running
-            .into_iter()
-            .map(|t| t.join().expect("boot thread panicked"))
-            .collect()
-    })
+        for _ in 0..parallel.min(guests.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((kernel, initrd)) = guests.get(i) else {
+                        break;
+                    };
+                    eprintln!("xtask: booting {} under qemu (TCG)...", kernel.label);
+                    let outcome = boot(vm_dir, kernel, initrd, timeout);
+                    let mut done = done.lock().expect("a boot thread panicked");
+                    if let Ok(o) = &outcome {
+                        report(o, always_show);
+                    }
+                    done.push((i, outcome));
+                }
+            });
+        }
+    });
+    let mut done = done.into_inner().expect("a boot thread panicked");
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, o)| o).collect()
 }
 
 /// The summary: one line per kernel, with each run's result.
@@ -216,7 +211,13 @@ fn print_matrix(outcomes: &[Outcome]) {
             o.elapsed.as_secs_f64(),
             o.runs
                 .iter()
-                .map(|(m, t, p)| format!("{m}/{t}:{}", if *p { "ok" } else { "FAIL" }))
+                .map(|r| format!(
+                    "{}/{}:{}{}",
+                    r.mode,
+                    r.name,
+                    if r.passed { "ok" } else { "FAIL" },
+                    r.secs.map(|s| format!("({s}s)")).unwrap_or_default()
+                ))
                 .collect::<Vec<_>>()
                 .join(" ")
         );
@@ -417,11 +418,14 @@ fn init_script(runs: &[Run], modules: &[String]) -> String {
         command,
     } in runs
     {
+        // Each run's time goes in its end marker: where a guest's minutes go is the first
+        // question when the matrix grows.
         s += &format!(
             "mkdir -p {dir}; cd {dir}\n\
              echo '{MARK} begin {mode} {name}'\n\
+             t0=$(date +%s)\n\
              {command} 2>&1\n\
-             echo \"{MARK} end {mode} {name} $?\"\n",
+             echo \"{MARK} end {mode} {name} $? $(( $(date +%s) - t0 ))\"\n",
             dir = dir.display(),
         );
     }
@@ -692,10 +696,19 @@ fn console_lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
+/// One test binary's run in one mode, as its end marker told it.
+struct RunResult {
+    mode: String,
+    name: String,
+    passed: bool,
+    /// Wall time in the guest (None from a guest whose marker carried none).
+    secs: Option<u64>,
+}
+
 /// What a guest's console said: the runs that ended, the last failure seen, whether init finished.
 #[derive(Default)]
 struct Console {
-    runs: Vec<(String, String, bool)>,
+    runs: Vec<RunResult>,
     failure: Option<String>,
     done: bool,
 }
@@ -710,10 +723,12 @@ impl Console {
         if let Some(rest) = line.find(MARK).map(|i| &line[i + MARK.len()..]) {
             let words: Vec<&str> = rest.split_whitespace().collect();
             match words.as_slice() {
-                ["end", mode, name, rc] => {
-                    self.runs
-                        .push((mode.to_string(), name.to_string(), *rc == "0"));
-                }
+                ["end", mode, name, rc, rest @ ..] => self.runs.push(RunResult {
+                    mode: mode.to_string(),
+                    name: name.to_string(),
+                    passed: *rc == "0",
+                    secs: rest.first().and_then(|s| s.parse().ok()),
+                }),
                 ["done"] => self.done = true,
                 ["module", m, ..] => self.failure = Some(format!("insmod {m} failed")),
                 _ => {}
@@ -754,7 +769,10 @@ fn follow_console(
 /// output from the console.
 fn report(o: &Outcome, always_show: bool) {
     let log = fs::read_to_string(&o.log).unwrap_or_default();
-    for (mode, name, passed) in &o.runs {
+    for RunResult {
+        mode, name, passed, ..
+    } in &o.runs
+    {
         if *passed && !always_show {
             continue;
         }

@@ -11,8 +11,8 @@ use aya::{
     programs::{BtfTracePoint, FEntry, KProbe, TracePoint},
 };
 use finwait_common::{
-    EVENTS_MAP, FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OWNERS_MAP, OtherTpLayout,
-    OwnerRec, StateTpLayout, TRACED_PIDS_MAP, owner_flags,
+    EVENTS_MAP, FilterConfig, GUARD_STATE, GUARDED, KernelOffsets, MAX_COMMS, MAX_PORTS,
+    OWNERS_MAP, OtherTpLayout, OwnerRec, StateTpLayout, TRACED_PIDS_MAP, owner_flags,
 };
 
 pub(crate) use super::load_error::LoadError;
@@ -190,6 +190,7 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     let (call_hook, precise_unavailable) =
         attach_call_hooks(&mut ebpf, programs, opts.mode, btf.as_ref())?;
     drop(btf);
+    degraded.extend(second_copies_missing(&ebpf));
     let (attached, attach_failed) = attach_table(&mut ebpf, programs, &mut degraded)?;
     // Loading parsed megabytes of BTF that are free now: give them back to the system.
     // SAFETY: malloc_trim has no preconditions.
@@ -351,10 +352,18 @@ fn attach_precise(
     let force_kprobe = std::env::var_os("FINWAIT_FORCE_KPROBE").is_some_and(|v| v == "1");
     match btf.filter(|_| !force_kprobe) {
         Some(btf) => match attach_pair(ebpf, programs, "fentry", |ebpf, prog, func| {
-            let p: &mut FEntry = program(ebpf, prog)?.try_into()?;
-            p.load(func, btf)?;
-            p.attach()?;
-            Ok(())
+            let fentry = |ebpf: &mut Ebpf, prog: &str| -> Result<()> {
+                let p: &mut FEntry = program(ebpf, prog)?.try_into()?;
+                p.load(func, btf)?;
+                p.attach()?;
+                Ok(())
+            };
+            // A trampoline runs the newest program first: the second copy goes in first. It
+            // is optional; `second_copies_missing` says so if it did not load.
+            if let Some(second) = programs.second_copy(prog) {
+                let _ = fentry(ebpf, second);
+            }
+            fentry(ebpf, prog)
         }) {
             Ok(()) => return Ok("fentry"),
             Err(e) => why.push(format!("fentry: {}", hook_refusal(e))),
@@ -395,20 +404,45 @@ fn attach_pair(
     for (i, (func, call)) in PRECISE_FUNCTIONS.iter().enumerate() {
         if let Err(e) = attach_one(ebpf, &programs.call_hook(call, kind), func) {
             for (_, done) in &PRECISE_FUNCTIONS[..=i] {
-                let Some(p) = ebpf.program_mut(&programs.call_hook(done, kind)) else {
-                    continue;
-                };
-                // Unloading detaches: no half-attached pair is left behind.
-                if let Ok(p) = <&mut FEntry>::try_from(&mut *p) {
-                    let _ = p.unload();
-                } else if let Ok(p) = <&mut KProbe>::try_from(p) {
-                    let _ = p.unload();
+                let first = programs.call_hook(done, kind);
+                let second = programs.second_copy(&first);
+                for name in std::iter::once(first.as_str()).chain(second) {
+                    unload(ebpf, name);
                 }
             }
             return Err(e.context(*func));
         }
     }
     Ok(())
+}
+
+/// Unloads a program, which detaches it.
+fn unload(ebpf: &mut Ebpf, name: &str) {
+    let Some(p) = ebpf.program_mut(name) else {
+        return;
+    };
+    // Unloading detaches: no half-attached pair is left behind.
+    if let Ok(p) = <&mut FEntry>::try_from(&mut *p) {
+        let _ = p.unload();
+    } else if let Ok(p) = <&mut KProbe>::try_from(p) {
+        let _ = p.unload();
+    }
+}
+
+/// The guarded hooks whose first program is loaded and second is not: what the kernel skips
+/// the first for is lost there (counted).
+fn second_copies_missing(ebpf: &Ebpf) -> Vec<String> {
+    let loaded = |name: &str| ebpf.program(name).is_some_and(|p| p.fd().is_ok());
+    GUARDED
+        .iter()
+        .filter(|(first, second)| loaded(first) && !loaded(second))
+        .map(|(first, second)| {
+            format!(
+                "{second} did not load: an event the kernel skips {first} for (it was already \
+                 running on that CPU) is lost, and counted in kernel_skipped_nested"
+            )
+        })
+        .collect()
 }
 
 /// The BTF tracepoint where the kernel has what it reads, else the classic one.
@@ -420,7 +454,14 @@ fn attach_state_hook(
 ) -> Result<&'static str, LoadError> {
     if let Some(btf) = btf {
         match attach_btf(ebpf, programs.state_btf(), btf) {
-            Ok(()) => return Ok("tp_btf"),
+            Ok(()) => {
+                // A tracepoint runs its programs in attach order: the second copy goes in
+                // second. It is optional; `second_copies_missing` says so if it did not load.
+                if let Some(second) = programs.second_copy(programs.state_btf()) {
+                    let _ = attach_btf(ebpf, second, btf);
+                }
+                return Ok("tp_btf");
+            }
             Err(e) => degraded.push(format!(
                 "the BTF tracepoint for TCP state changes is unavailable ({}); using the classic \
                  tracepoint, which the kernel skips while another BPF program runs on the same CPU \
@@ -494,8 +535,16 @@ impl Programs {
         if self.noop {
             "noop_state_btf"
         } else {
-            "inet_sock_set_state_btf"
+            GUARDED[GUARD_STATE as usize].0
         }
+    }
+
+    /// A guarded hook's second program, which catches what the kernel skipped `first` for.
+    fn second_copy(self, first: &str) -> Option<&'static str> {
+        GUARDED
+            .iter()
+            .find(|(f, _)| *f == first && !self.noop)
+            .map(|(_, second)| *second)
     }
 
     /// `call` is close or shutdown, `kind` fentry or kprobe.
@@ -643,6 +692,12 @@ mod tests {
             for (_, call) in PRECISE_FUNCTIONS {
                 names.extend(["fentry", "kprobe"].map(|kind| p.call_hook(call, kind)));
             }
+            names.extend(
+                names
+                    .iter()
+                    .filter_map(|n| p.second_copy(n).map(String::from))
+                    .collect::<Vec<_>>(),
+            );
             for name in names {
                 assert!(object.programs.contains_key(&name), "{name} (noop: {noop})");
             }

@@ -1,7 +1,8 @@
 //! The kernel side, from userspace: this kernel's layouts (tracefs formats, BTF), loading and
-//! attaching the embedded eBPF programs, the kernel's per-program statistics, and the programs'
-//! own diagnostics (`-v`).
+//! attaching the embedded eBPF programs, their counters, the kernel's per-program statistics, and
+//! the programs' own diagnostics (`-v`).
 pub(crate) mod btf;
+pub(crate) mod counters;
 pub(crate) mod diagnostics;
 pub(crate) mod load_error;
 pub(crate) mod loader;

@@ -60,6 +60,11 @@ pub(crate) struct Stats {
     pub(crate) kernel_skips_counted: bool,
     /// `kernel_skipped_nested` per program, the programs that skipped none left out.
     pub(crate) kernel_skipped_by_program: BTreeMap<String, u64>,
+    /// State changes the kernel skipped the first BTF state program for, which the second
+    /// caught (not losses; they say how often the kernel nests or preempts it).
+    pub(crate) kernel_recovered_nested: u64,
+    /// Second reports of one state change (both state programs reported it), dropped.
+    pub(crate) duplicates_dropped: u64,
     pub(crate) kernel_read_failed: u64,
     /// Transitions of reported sockets that never arrived, seen from each one's next transition.
     pub(crate) transitions_missed: u64,

@@ -41,6 +41,40 @@ pub(crate) struct Stats {
     pub(crate) kernel_calls: u64,
     pub(crate) sockets_evicted: u64,
     pub(crate) threads_evicted: u64,
+    /// Second reports of one state change (see [`Recent`]), dropped.
+    pub(crate) duplicates_dropped: u64,
+}
+
+/// The last state changes seen, as (socket, old, new). The BTF state hook has two programs;
+/// rarely both report one change (a change nested between them overwrote the first's mark), and
+/// the second's report then comes shortly after the first's, marked `maybe_duplicate`. A socket
+/// cannot make the same change twice in a row, so a marked change seen here is that duplicate.
+struct Recent {
+    keys: std::collections::VecDeque<(u64, u8, u8)>,
+}
+
+impl Recent {
+    /// Far more than the changes that can nest between the two programs on one CPU.
+    const LEN: usize = 256;
+
+    fn new() -> Self {
+        Self {
+            keys: std::collections::VecDeque::with_capacity(Self::LEN),
+        }
+    }
+
+    /// Whether `c` repeats a change just seen; remembers it otherwise.
+    fn is_duplicate(&mut self, c: &StateChange) -> bool {
+        let key = (c.sock, c.old, c.new);
+        if c.maybe_duplicate && self.keys.contains(&key) {
+            return true;
+        }
+        if self.keys.len() == Self::LEN {
+            self.keys.pop_front();
+        }
+        self.keys.push_back(key);
+        false
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -155,6 +189,7 @@ pub(crate) struct Correlator {
     /// Sockets that were already in CLOSE_WAIT or half-closed FIN_WAIT2 when finwait started:
     /// inode -> CLOSE_WAIT or FIN_WAIT2 since (at least) this time.
     seeds: HashMap<u64, u64>,
+    recent: Recent,
     /// file_ref_t (6.13+) counts from zero.
     refs_zero_based: bool,
     stats: Stats,
@@ -171,6 +206,7 @@ impl Correlator {
             socks: LruCache::with_hasher(cap(socks), FastHash::default()),
             threads: LruCache::with_hasher(cap(threads), FastHash::default()),
             seeds: HashMap::new(),
+            recent: Recent::new(),
             refs_zero_based,
             stats: Stats::default(),
         }
@@ -270,6 +306,10 @@ impl Correlator {
                 self.thread(tid).kernel_call = Some((sock, call));
             }
             Decoded::Transition(c) => {
+                if self.recent.is_duplicate(&c) {
+                    self.stats.duplicates_dropped += 1;
+                    return;
+                }
                 self.stats.transitions += 1;
                 let change = Change {
                     ts: rec.ts_ns,
@@ -670,6 +710,7 @@ mod tests {
             sk_flags: Some(flags),
             inode: sock + 1000,
             owner: None,
+            maybe_duplicate: false,
         })
     }
     fn transitions(out: &[Report]) -> Vec<&TransitionReport> {
@@ -692,6 +733,41 @@ mod tests {
     /// host: the kernel ran no program for a softirq landing on one task): the close's
     /// FIN_WAIT2 -> CLOSE says a transition went missing before it, and is still attributed.
     /// An unbroken chain, and a socket's first transition here, say nothing of the kind.
+    #[test]
+    fn the_second_state_programs_duplicate_is_dropped_and_a_recovery_kept() {
+        let mut c = Correlator::new(false);
+        let t = task(7, 7, "srv");
+        let mut out = Vec::new();
+        let marked = |d: Decoded| match d {
+            Decoded::Transition(mut s) => {
+                s.maybe_duplicate = true;
+                Decoded::Transition(s)
+            }
+            d => d,
+        };
+        // The first program's report, another socket's change, then the second's copy.
+        c.handle(
+            rec(1, &t, tr(1, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 5000)),
+            &mut out,
+        );
+        c.handle(
+            rec(2, &t, tr(2, st::ESTABLISHED, st::CLOSE_WAIT, 0, 80, 5001)),
+            &mut out,
+        );
+        let dup = marked(tr(1, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 5000));
+        c.handle(rec(3, &t, dup), &mut out);
+        // A marked change never reported before is the only report of it: kept.
+        let only = marked(tr(3, st::FIN_WAIT1, st::FIN_WAIT2, 0, 80, 5002));
+        c.handle(rec(4, &t, only), &mut out);
+        let got: Vec<(u64, u8)> = transitions(&out).iter().map(|r| (r.sock, r.new)).collect();
+        assert_eq!(
+            got,
+            [(1, st::FIN_WAIT1), (2, st::CLOSE_WAIT), (3, st::FIN_WAIT2)]
+        );
+        assert_eq!(c.stats().duplicates_dropped, 1);
+        assert_eq!(c.stats().transitions, 3);
+    }
+
     #[test]
     fn a_transition_that_never_arrived_shows_in_the_next_one() {
         let mut c = Correlator::new(false);

@@ -74,6 +74,8 @@ pub(crate) struct StateChange {
     pub(crate) sk_flags: Option<u64>,
     pub(crate) inode: u64,
     pub(crate) owner: Option<KernelOwner>,
+    /// The second state program's report of a change the first may have reported already.
+    pub(crate) maybe_duplicate: bool,
 }
 
 /// A close-path call entered (close, shutdown, close_range, dup2, dup3).
@@ -147,6 +149,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Record> {
             sk_flags: (e.flags & flags::SK_FLAGS_VALID != 0).then_some(e.sk_flags),
             inode: e.inode,
             owner: kernel_owner_of(&e),
+            maybe_duplicate: e.flags & flags::MAYBE_DUPLICATE != 0,
         }),
         EventKind::CallEnter => Decoded::CallEnter(CallEnter {
             call: Call::from_u8(e.call)?,

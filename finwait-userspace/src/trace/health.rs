@@ -2,23 +2,24 @@
 //! times) and userspace's, gathered into the `stats` event; and warnings as losses grow.
 use std::os::fd::AsFd;
 
-use aya::maps::{MapData, PerCpuArray};
-use finwait_common::counter;
+use std::collections::BTreeMap;
+
+use finwait_common::{GUARDED, counter};
 
 use super::pipeline::Pipeline;
 use crate::{
-    kernel::prog_stats,
+    kernel::{counters::Counters, prog_stats},
     output::{Stats, json::RunTime},
 };
 
 /// The kernel side's counters.
 pub(crate) struct KernelCounters {
-    counters: PerCpuArray<MapData, u64>,
+    counters: Counters,
     attach_failed: usize,
 }
 
 impl KernelCounters {
-    pub(crate) fn new(counters: PerCpuArray<MapData, u64>, attach_failed: usize) -> Self {
+    pub(crate) fn new(counters: Counters, attach_failed: usize) -> Self {
         Self {
             counters,
             attach_failed,
@@ -26,25 +27,45 @@ impl KernelCounters {
     }
 
     fn sum(&self, index: u32) -> u64 {
-        self.counters
-            .get(&index, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+        self.counters.get(index)
+    }
+
+    /// Per guarded hook (`GUARDED`), the events its second program recovered.
+    fn recovered(&self) -> [u64; GUARDED.len()] {
+        std::array::from_fn(|i| self.sum(counter::RECOVERED + i as u32))
+    }
+
+    /// Per program that lost any: the events lost because the kernel skipped it (a BPF program
+    /// was already running on that CPU).
+    fn losses(&self, ebpf: &aya::Ebpf) -> BTreeMap<String, u64> {
+        // Skips first, recoveries after: a skip is counted before its recovery, so this order
+        // can only show a loss late, never one that the second program caught.
+        let misses: Vec<_> = ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let misses = prog_stats::recursion_misses(p.fd().ok()?.as_fd())?;
+                Some((name.to_string(), misses))
+            })
+            .collect();
+        losses(misses.into_iter(), self.recovered())
     }
 
     /// Every counter, for the `stats` event.
     pub(crate) fn stats(&self, ebpf: &aya::Ebpf, p: &Pipeline) -> Stats {
         let c = p.correlator.stats();
         let o = p.resolver.stats;
+        let losses = self.losses(ebpf);
         Stats {
             records: c.records,
             transitions: c.transitions,
             calls: c.calls,
             kernel_calls: c.kernel_calls,
             lost_ring_full: self.sum(counter::RING_FULL),
-            kernel_skipped_nested: nested_misses(ebpf),
+            kernel_skipped_nested: losses.values().sum(),
             kernel_skips_counted: skips_counted(ebpf),
-            kernel_skipped_by_program: misses_by_program(ebpf),
+            kernel_skipped_by_program: losses,
+            kernel_recovered_nested: self.recovered().iter().sum(),
+            duplicates_dropped: c.duplicates_dropped,
             kernel_read_failed: self.sum(counter::READ_FAILED),
             transitions_missed: p.transitions_missed,
             pid_insert_failed: self.sum(counter::PID_INSERT_FAILED),
@@ -67,7 +88,7 @@ impl KernelCounters {
 }
 
 /// Per program: runs and mean nanoseconds per run, where `kernel.bpf_stats_enabled` is on.
-fn run_time(ebpf: &aya::Ebpf) -> std::collections::BTreeMap<String, RunTime> {
+fn run_time(ebpf: &aya::Ebpf) -> BTreeMap<String, RunTime> {
     ebpf.programs()
         .filter_map(|(name, p)| {
             let (runs, ns) = prog_stats::run_time(p.fd().ok()?.as_fd())?;
@@ -85,22 +106,24 @@ pub(crate) fn skips_counted(ebpf: &aya::Ebpf) -> bool {
         .any(|fd| prog_stats::recursion_misses(fd.as_fd()).is_some())
 }
 
-/// Events the kernel dropped because one of our programs (or another) was already running on
-/// the CPU, summed over our programs.
-fn nested_misses(ebpf: &aya::Ebpf) -> u64 {
-    ebpf.programs()
-        .filter_map(|(_, p)| p.fd().ok())
-        .filter_map(|fd| prog_stats::recursion_misses(fd.as_fd()))
-        .sum()
-}
-
-/// Per program that skipped any: the runs the kernel skipped (which hook loses events).
-fn misses_by_program(ebpf: &aya::Ebpf) -> std::collections::BTreeMap<String, u64> {
-    ebpf.programs()
-        .filter_map(|(name, p)| {
-            let misses = prog_stats::recursion_misses(p.fd().ok()?.as_fd())?;
-            (misses > 0).then(|| (name.to_string(), misses))
+/// The runs each program lost, from the kernel's skips (`misses`, per program) and what the
+/// second program of each guarded hook recovered. The first program's skips are losses less
+/// what the second caught; the second's are not (it runs after the first, which was not skipped
+/// for that event then: where both were, the first's count holds it).
+fn losses(
+    misses: impl Iterator<Item = (String, u64)>,
+    recovered: [u64; GUARDED.len()],
+) -> BTreeMap<String, u64> {
+    misses
+        .filter(|(name, _)| !GUARDED.iter().any(|(_, second)| name == second))
+        .map(|(name, n)| {
+            let caught = GUARDED
+                .iter()
+                .position(|(first, _)| *first == name)
+                .map_or(0, |i| recovered[i]);
+            (name, n.saturating_sub(caught))
         })
+        .filter(|(_, n)| *n > 0)
         .collect()
 }
 
@@ -130,9 +153,10 @@ impl Warned {
             );
             self.missed = missed;
         }
-        let skipped = nested_misses(ebpf);
+        let losses = k.losses(ebpf);
+        let skipped = losses.values().sum();
         if skipped > self.skipped {
-            let by: Vec<String> = misses_by_program(ebpf)
+            let by: Vec<String> = losses
                 .iter()
                 .map(|(name, n)| format!("{name}: {n}"))
                 .collect();
@@ -151,5 +175,45 @@ impl Warned {
             );
             self.lost = lost;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn misses(list: &[(&str, u64)]) -> impl Iterator<Item = (String, u64)> {
+        list.iter()
+            .map(|(n, m)| (n.to_string(), *m))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn skips_the_second_program_caught_are_not_losses() {
+        let m = misses(&[
+            (GUARDED[0].0, 35),
+            (GUARDED[0].1, 12),
+            (GUARDED[1].0, 7),
+            (GUARDED[1].1, 2),
+            ("sys_enter_close", 0),
+        ]);
+        assert!(losses(m, [35, 7, 0]).is_empty());
+    }
+
+    #[test]
+    fn skips_both_programs_missed_are_losses_of_the_first() {
+        let m = misses(&[(GUARDED[0].0, 35), (GUARDED[0].1, 3), (GUARDED[2].0, 1)]);
+        let l = losses(m, [32, 0, 0]);
+        let want = [(GUARDED[0].0.to_string(), 3), (GUARDED[2].0.to_string(), 1)];
+        assert_eq!(l, BTreeMap::from(want));
+    }
+
+    #[test]
+    fn other_programs_skips_are_losses_as_counted() {
+        let m = misses(&[("sys_enter_close", 2), ("inet_sock_set_state", 4)]);
+        let l = losses(m, [0; GUARDED.len()]);
+        assert_eq!(l.values().sum::<u64>(), 6);
+        assert_eq!(l["inet_sock_set_state"], 4);
     }
 }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use finwait_common::{COUNTERS_MAP, EVENTS_MAP, OWNERS_MAP, TRACED_PIDS_MAP, tcp_state as st};
 use tokio::{
     io::unix::AsyncFd,
@@ -14,6 +14,7 @@ use tokio::{
 use crate::{
     host::{clock::monotonic_ns, netns, owners, procs, sockdiag},
     kernel::{
+        counters::Counters,
         diagnostics::Diagnostics,
         loader::{self, Loaded, Mode, OwnerSeeder},
     },
@@ -214,7 +215,7 @@ fn take_maps(
         p.resolver.set_owner_map(BpfHashMap::try_from(map)?);
     }
     let counters = ebpf.take_map(COUNTERS_MAP).context("counters map")?;
-    let counters = KernelCounters::new(PerCpuArray::try_from(counters)?, l.attach_failed);
+    let counters = KernelCounters::new(Counters::new(counters)?, l.attach_failed);
     let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("events map")?)?;
     Ok((counters, ring))
 }
