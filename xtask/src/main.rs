@@ -66,8 +66,9 @@ enum Cmd {
     /// Time `finwait-trace snapshot` on ~100,000 sockets and 2,000 processes (in a new network
     /// namespace, as root).
     BenchSnapshot,
-    /// Build and run every test: the root integration tests on this kernel, then on Debian's
-    /// 6.1 and 6.12 kernels in qemu (`vm-test`).
+    /// Build and run every test: the root integration tests on this kernel, then in qemu on
+    /// the kernel matrix (`vm-test`): Debian 11's 5.10, Debian 12's 6.1, 6.12, and the newest
+    /// 7.x in Debian unstable.
     Test {
         /// Only this machine's kernel (skip the VM matrix).
         #[arg(long)]
@@ -81,11 +82,12 @@ enum Cmd {
     VmTest {
         /// `6.1`, `6.12` (Debian cloud kernels, downloaded and cached), `5.10` (Debian 11's),
         /// `7.2`/`7` (the newest such in Debian unstable), `sid` (its newest), or a path to a
-        /// kernel `.deb`, an extracted package or a vmlinuz. Repeatable.
-        #[arg(long = "kernel", default_values_t = ["6.1".to_string(), "6.12".to_string()])]
+        /// kernel `.deb`, an extracted package or a vmlinuz. Repeatable; by default the matrix
+        /// `cargo xtask test` runs.
+        #[arg(long = "kernel", default_values = vm::MATRIX)]
         kernels: Vec<String>,
         /// Give up on a guest after this many seconds.
-        #[arg(long, default_value_t = 1500)]
+        #[arg(long, default_value_t = vm::TIMEOUT_S)]
         timeout: u64,
         /// Test name filter passed to every test binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -166,8 +168,8 @@ fn test(host_only: bool, args: Vec<String>) -> Result<()> {
         return Ok(());
     }
     vm_test(
-        vec!["6.1".into(), "6.12".into()],
-        1500,
+        vm::MATRIX.iter().map(ToString::to_string).collect(),
+        vm::TIMEOUT_S,
         vm::Payload::Tests { filter: args },
     )
 }

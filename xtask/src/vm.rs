@@ -22,6 +22,13 @@ use anyhow::{Context, Result, bail};
 /// How the tests are run in each guest: once per tracer mode (`FINWAIT_TEST_MODE`). `precise`
 /// fails rather than falls back, so a pass proves the kernel hooks were used.
 pub(crate) const MODES: &[&str] = &["precise", "correlated"];
+/// The kernels `cargo xtask test` boots: the oldest users run (Debian 11, Amazon Linux 2's
+/// generation), Debian 12's two, and the newest Debian ships. The longest first: guests share
+/// the CPUs from one queue.
+pub(crate) const MATRIX: &[&str] = &["7", "6.1", "6.12", "5.10"];
+/// A guest that has not finished by then hangs: about twice the slowest guest's time with the
+/// other CPU busy.
+pub(crate) const TIMEOUT_S: u64 = 2400;
 const MARK: &str = "@@finwait-vm";
 /// Modules the snapshot needs (sock_diag for TCP), in load order.
 const MODULES: &[&str] = &["inet_diag", "tcp_diag"];
@@ -405,7 +412,7 @@ fn init_script(runs: &[Run], modules: &[String]) -> String {
          mount -t devtmpfs dev /dev\n\
          mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          ip link set lo up\n\
-         export FINWAIT_TEST_NO_PROMETHEUS=1\n",
+         export FINWAIT_TEST_NO_PROMETHEUS=1 FINWAIT_TEST_GUEST=1\n",
     );
     for m in modules {
         s += &format!("insmod /lib/modules/{m}.ko || echo '{MARK} module {m} failed'\n");

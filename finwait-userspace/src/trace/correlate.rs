@@ -41,7 +41,7 @@ pub(crate) struct Stats {
     pub(crate) kernel_calls: u64,
     pub(crate) sockets_evicted: u64,
     pub(crate) threads_evicted: u64,
-    /// Second reports of one state change (see [`Recent`]), dropped.
+    /// Second reports of one state change (see [`Recent`]) or kernel call, dropped.
     pub(crate) duplicates_dropped: u64,
 }
 
@@ -295,6 +295,17 @@ impl Correlator {
             // Ownership news is the resolver's (the tracer hands it over directly).
             Decoded::Obtained { .. } => {}
             Decoded::KernelCall { call, how, sock } => {
+                // Both programs of the guarded hook reported it (see `Recent`): the same thread,
+                // socket and call as the one it has pending.
+                let repeated = self
+                    .threads
+                    .peek(&tid)
+                    .and_then(|t| t.kernel_call.as_ref())
+                    .is_some_and(|(s, p)| *s == sock && p.call == call && p.how == how);
+                if repeated {
+                    self.stats.duplicates_dropped += 1;
+                    return;
+                }
                 self.stats.kernel_calls += 1;
                 let task = rec.task;
                 let call = PendingCall {
@@ -766,6 +777,19 @@ mod tests {
         );
         assert_eq!(c.stats().duplicates_dropped, 1);
         assert_eq!(c.stats().transitions, 3);
+    }
+
+    #[test]
+    fn a_kernel_call_reported_by_both_programs_counts_once() {
+        let mut c = Correlator::new(false);
+        let t = task(7, 7, "srv");
+        let mut out = Vec::new();
+        c.handle(rec(1, &t, kernel(Call::Close, 0x10, None)), &mut out);
+        c.handle(rec(2, &t, kernel(Call::Close, 0x10, None)), &mut out);
+        // Another socket's is another call.
+        c.handle(rec(3, &t, kernel(Call::Close, 0x20, None)), &mut out);
+        assert_eq!(c.stats().kernel_calls, 2);
+        assert_eq!(c.stats().duplicates_dropped, 1);
     }
 
     #[test]
