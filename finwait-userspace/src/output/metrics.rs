@@ -128,6 +128,7 @@ struct Health {
     records: Counter,
     lost: Counter,
     skipped: Counter,
+    recovered: Counter,
     read_failed: Counter,
     transitions_missed: Counter,
     owner_map_full: Counter,
@@ -143,7 +144,7 @@ struct Health {
 
 impl Health {
     /// Name, help and counter of each.
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 11] {
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 12] {
         [
             ("records", "Ring-buffer records read", &self.records),
             (
@@ -153,8 +154,13 @@ impl Health {
             ),
             (
                 "kernel_skipped",
-                "Program runs the kernel skipped (another BPF program was running on that CPU)",
+                "Events lost: the kernel skipped the program (another BPF program was running on that CPU)",
                 &self.skipped,
+            ),
+            (
+                "kernel_recovered",
+                "Events the kernel skipped a guarded hook's first program for, which its second caught (not lost)",
+                &self.recovered,
             ),
             (
                 "kernel_read_failed",
@@ -619,6 +625,7 @@ impl Sink for MetricsSink {
         set_counter(&h.records, s.records);
         set_counter(&h.lost, s.lost_ring_full);
         set_counter(&h.skipped, s.kernel_skipped_nested);
+        set_counter(&h.recovered, s.kernel_recovered_nested);
         set_counter(&h.read_failed, s.kernel_read_failed);
         set_counter(&h.transitions_missed, s.transitions_missed);
         set_counter(&h.owner_map_full, s.owner_map_full);
