@@ -26,18 +26,14 @@ impl KernelCounters {
         }
     }
 
-    fn sum(&self, index: u32) -> u64 {
-        self.counters.get(index)
-    }
-
     /// Per guarded hook (`GUARDED`), the events its second program recovered.
     fn recovered(&self) -> [u64; GUARDED.len()] {
-        std::array::from_fn(|i| self.sum(counter::RECOVERED + i as u32))
+        std::array::from_fn(|i| self.counters.get(counter::RECOVERED + i as u32))
     }
 
     /// Per program that lost any: the events lost because the kernel skipped it (a BPF program
-    /// was already running on that CPU).
-    fn losses(&self, ebpf: &aya::Ebpf) -> BTreeMap<String, u64> {
+    /// was already running on that CPU); and the events the guarded hooks recovered.
+    fn losses(&self, ebpf: &aya::Ebpf) -> (BTreeMap<String, u64>, u64) {
         // Skips first, recoveries after: a skip is counted before its recovery, so this order
         // can only show a loss late, never one that the second program caught.
         let misses: Vec<_> = ebpf
@@ -47,31 +43,35 @@ impl KernelCounters {
                 Some((name.to_string(), misses))
             })
             .collect();
-        losses(misses.into_iter(), self.recovered())
+        let recovered = self.recovered();
+        (
+            losses(misses.into_iter(), recovered),
+            recovered.iter().sum(),
+        )
     }
 
     /// Every counter, for the `stats` event.
     pub(crate) fn stats(&self, ebpf: &aya::Ebpf, p: &Pipeline) -> Stats {
         let c = p.correlator.stats();
         let o = p.resolver.stats;
-        let losses = self.losses(ebpf);
+        let (losses, recovered) = self.losses(ebpf);
         Stats {
             records: c.records,
             transitions: c.transitions,
             calls: c.calls,
             kernel_calls: c.kernel_calls,
-            lost_ring_full: self.sum(counter::RING_FULL),
+            lost_ring_full: self.counters.get(counter::RING_FULL),
             kernel_skipped_nested: losses.values().sum(),
             kernel_skips_counted: skips_counted(ebpf),
             kernel_skipped_by_program: losses,
-            kernel_recovered_nested: self.recovered().iter().sum(),
+            kernel_recovered_nested: recovered,
             duplicates_dropped: c.duplicates_dropped,
-            kernel_read_failed: self.sum(counter::READ_FAILED),
+            kernel_read_failed: self.counters.get(counter::READ_FAILED),
             transitions_missed: p.transitions_missed,
-            pid_insert_failed: self.sum(counter::PID_INSERT_FAILED),
-            in_call_full: self.sum(counter::IN_CALL_FULL),
-            owner_map_full: self.sum(counter::OWNERS_FULL),
-            scm_rights_unread: self.sum(counter::SCM_RIGHTS_UNREAD),
+            pid_insert_failed: self.counters.get(counter::PID_INSERT_FAILED),
+            in_call_full: self.counters.get(counter::IN_CALL_FULL),
+            owner_map_full: self.counters.get(counter::OWNERS_FULL),
+            scm_rights_unread: self.counters.get(counter::SCM_RIGHTS_UNREAD),
             sockets_evicted: c.sockets_evicted,
             tracked_sockets: p.correlator.tracked_sockets(),
             threads_evicted: c.threads_evicted,
@@ -153,7 +153,7 @@ impl Warned {
             );
             self.missed = missed;
         }
-        let losses = k.losses(ebpf);
+        let (losses, _) = k.losses(ebpf);
         let skipped = losses.values().sum();
         if skipped > self.skipped {
             let by: Vec<String> = losses
@@ -167,7 +167,7 @@ impl Warned {
             );
             self.skipped = skipped;
         }
-        let lost = k.sum(counter::RING_FULL);
+        let lost = k.counters.get(counter::RING_FULL);
         if lost > self.lost {
             eprintln!(
                 "finwait-trace: warning: {} events lost (ring buffer full; raise --ring-buffer-kib)",
