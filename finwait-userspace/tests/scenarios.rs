@@ -82,19 +82,31 @@ fn scenario_2_close_orphan() {
     );
     let (afd, tid) = (fd(&a), gettid());
     drop(a);
-    let all = tracer.stop_when(&[
-        (ap, bp, "ESTABLISHED", "FIN_WAIT1"),
-        (ap, bp, "FIN_WAIT1", "FIN_WAIT2"),
-        (ap, bp, "FIN_WAIT2", "CLOSE"),
-        (bp, ap, "ESTABLISHED", "CLOSE_WAIT"),
-    ]);
+    // Rarely (seen on an emulated guest) the peer's ACK reaches A while close() still owns it:
+    // A then stays a full socket until the keepalive timer resets it, tcp_fin_timeout (60 s)
+    // later, instead of becoming a time-wait mini-socket at once.
+    let kept_full = orphan_kept_full(ap, bp);
+    let all = tracer.stop_when_within(
+        Duration::from_secs(if kept_full { 75 } else { 10 }),
+        &[
+            (ap, bp, "ESTABLISHED", "FIN_WAIT1"),
+            (ap, bp, "FIN_WAIT1", "FIN_WAIT2"),
+            (ap, bp, "FIN_WAIT2", "CLOSE"),
+            (bp, ap, "ESTABLISHED", "CLOSE_WAIT"),
+        ],
+    );
     let ts = transitions(&all, ap, bp);
 
-    for (from, to) in [
-        ("ESTABLISHED", "FIN_WAIT1"),
-        ("FIN_WAIT1", "FIN_WAIT2"),
-        ("FIN_WAIT2", "CLOSE"),
-    ] {
+    let closed_by = if kept_full {
+        vec![("ESTABLISHED", "FIN_WAIT1"), ("FIN_WAIT1", "FIN_WAIT2")]
+    } else {
+        vec![
+            ("ESTABLISHED", "FIN_WAIT1"),
+            ("FIN_WAIT1", "FIN_WAIT2"),
+            ("FIN_WAIT2", "CLOSE"),
+        ]
+    };
+    for (from, to) in closed_by {
         let v = find(&ts, ap, from, to);
         let c = &v["cause"];
         assert_eq!(c["call"], "close", "{v}");
@@ -104,9 +116,14 @@ fn scenario_2_close_orphan() {
         assert_eq!(c["fd"], afd, "{v}");
     }
     assert_eq!(find(&ts, ap, "FIN_WAIT1", "FIN_WAIT2")["orphan"], true);
-    // Default tcp_fin_timeout: handed at once to a time-wait mini-socket in substate FIN_WAIT2.
     let gone = find(&ts, ap, "FIN_WAIT2", "CLOSE");
-    assert_eq!(gone["timewait_substate"], "FIN_WAIT2", "{gone}");
+    if kept_full {
+        assert_eq!(gone["cause"]["call"], "timer", "{gone}");
+        assert!(gone.get("timewait_substate").is_none(), "{gone}");
+    } else {
+        // Default tcp_fin_timeout: handed at once to a time-wait mini-socket, substate FIN_WAIT2.
+        assert_eq!(gone["timewait_substate"], "FIN_WAIT2", "{gone}");
+    }
     let cw = find(&ts, bp, "ESTABLISHED", "CLOSE_WAIT");
     assert_eq!(cw["owner"]["fd"], fd(&b), "{cw}");
     assert_only_callers(&ts, std::process::id(), &[tid]);

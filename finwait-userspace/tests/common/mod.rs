@@ -80,7 +80,16 @@ impl Tracer {
     /// Each entry is `(lport, rport, from, to)`: the full port pair, because ephemeral ports are
     /// reused across connections to other peers, by other tests running at the same time.
     pub(crate) fn stop_when(self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
-        let all = self.stop_when_with_skips(expect);
+        self.stop_when_within(Duration::from_secs(10), expect)
+    }
+
+    /// As `stop_when`, waiting up to `limit` (for a kernel timer that takes longer).
+    pub(crate) fn stop_when_within(
+        self,
+        limit: Duration,
+        expect: &[(u16, u16, &str, &str)],
+    ) -> Vec<Value> {
+        let all = self.stop_after(limit, expect);
         let stats = all.last().unwrap();
         assert_eq!(
             stats["kernel_skipped_nested"], 0,
@@ -133,9 +142,13 @@ impl Tracer {
     }
 
     /// As `stop_when`, but leaves the check of `kernel_skipped_nested` to the caller.
-    pub(crate) fn stop_when_with_skips(mut self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
+    pub(crate) fn stop_when_with_skips(self, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
+        self.stop_after(Duration::from_secs(10), expect)
+    }
+
+    fn stop_after(mut self, limit: Duration, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
         let mut all = vec![self.start.clone()];
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + limit;
         let seen = |all: &[Value], (l, r, from, to): &(u16, u16, &str, &str)| {
             all.iter().any(|v| {
                 v["lport"] == *l && v["rport"] == *r && v["from"] == *from && v["to"] == *to
@@ -147,7 +160,7 @@ impl Tracer {
                 Ok(v) => all.push(v),
                 Err(_) => {
                     let missing: Vec<_> = expect.iter().filter(|e| !seen(&all, e)).collect();
-                    eprintln!("stop_when: still missing after 10 s: {missing:?}");
+                    eprintln!("stop_when: still missing after {limit:?}: {missing:?}");
                     for (l, r, _, _) in missing {
                         let ss = Command::new("ss")
                             .args(["-tanoiH", &format!("( sport = :{l} and dport = :{r} )")])
@@ -210,6 +223,22 @@ pub(crate) fn wait_for_kernel_state(lport: u16, rport: u16, state: &str) {
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether the orphan `lport` -> `rport` sits in FIN_WAIT2 as a full socket on the keepalive
+/// timer (the peer's ACK reached it while close() still owned it) rather than as a time-wait
+/// mini-socket. Waits for FIN_WAIT2 first.
+pub(crate) fn orphan_kept_full(lport: u16, rport: u16) -> bool {
+    wait_for_kernel_state(lport, rport, "FIN_WAIT2");
+    let ss = Command::new("ss")
+        .args([
+            "-tanoH",
+            &format!("( sport = :{lport} and dport = :{rport} )"),
+        ])
+        .output()
+        .unwrap();
+    let now = String::from_utf8_lossy(&ss.stdout);
+    now.contains("FIN-WAIT-2") && now.contains("timer:(keepalive")
 }
 
 /// Transitions of the connection between these two ports, in order.
