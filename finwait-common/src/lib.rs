@@ -360,14 +360,62 @@ pub const OWNERS_MAP: &str = "OWNERS";
 /// BPF_PROG_TYPE_TRACING program that is already running on the CPU (a softirq's event landing
 /// in a task's run, or where programs run preemptibly, as from Linux 7.0, another task's on the
 /// same CPU), so a second copy, run after the first, catches what the first was skipped for.
-pub const GUARDED: [(&str, &str); 3] = [
+pub const GUARDED: [(&str, &str); 21] = [
     ("inet_sock_set_state_btf", "inet_sock_set_state_btf2"),
     ("tcp_close_fentry", "tcp_close_fentry2"),
     ("tcp_shutdown_fentry", "tcp_shutdown_fentry2"),
+    // The syscall hooks on the x86-64 syscall wrappers (fentry for enters, fexit for exits),
+    // named after the classic tracepoint each replaces.
+    ("sys_enter_shutdown_btf", "sys_enter_shutdown_btf2"),
+    ("sys_exit_shutdown_btf", "sys_exit_shutdown_btf2"),
+    ("sys_enter_close_btf", "sys_enter_close_btf2"),
+    ("sys_exit_close_btf", "sys_exit_close_btf2"),
+    ("sys_enter_close_range_btf", "sys_enter_close_range_btf2"),
+    ("sys_exit_close_range_btf", "sys_exit_close_range_btf2"),
+    ("sys_enter_dup2_btf", "sys_enter_dup2_btf2"),
+    ("sys_exit_dup2_btf", "sys_exit_dup2_btf2"),
+    ("sys_enter_dup3_btf", "sys_enter_dup3_btf2"),
+    ("sys_exit_dup3_btf", "sys_exit_dup3_btf2"),
+    ("sys_exit_accept4_btf", "sys_exit_accept4_btf2"),
+    ("sys_exit_accept_btf", "sys_exit_accept_btf2"),
+    ("sys_exit_dup_btf", "sys_exit_dup_btf2"),
+    ("sys_exit_pidfd_getfd_btf", "sys_exit_pidfd_getfd_btf2"),
+    ("sys_enter_connect_btf", "sys_enter_connect_btf2"),
+    ("sys_exit_connect_btf", "sys_exit_connect_btf2"),
+    ("sys_enter_recvmsg_btf", "sys_enter_recvmsg_btf2"),
+    ("sys_exit_recvmsg_btf", "sys_exit_recvmsg_btf2"),
 ];
-pub const GUARD_STATE: u32 = 0;
-pub const GUARD_CLOSE: u32 = 1;
-pub const GUARD_SHUTDOWN: u32 = 2;
+pub const GUARD_STATE: u32 = guard_slot("inet_sock_set_state_btf");
+pub const GUARD_CLOSE: u32 = guard_slot("tcp_close_fentry");
+pub const GUARD_SHUTDOWN: u32 = guard_slot("tcp_shutdown_fentry");
+
+/// The guard slot of the hook whose first program is `first` (a build error if it has none).
+pub const fn guard_slot(first: &str) -> u32 {
+    let mut i = 0;
+    while i < GUARDED.len() {
+        if str_eq(GUARDED[i].0, first) {
+            return i as u32;
+        }
+        i += 1;
+    }
+    panic!("not a guarded hook's first program")
+}
+
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Default size of `OWNERS`: entries leave when their socket reaches CLOSE.
 pub const OWNERS_MAX: u32 = 262_144;
 

@@ -17,14 +17,16 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
     },
-    macros::{btf_tracepoint, fentry, kprobe, map, tracepoint},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, TracePointContext,
+    },
 };
 use finwait_common::{
     Call, Event, EventKind, FilterConfig, GUARD_CLOSE, GUARD_SHUTDOWN, GUARD_STATE, GUARDED,
     KernelOffsets, MAX_COMMS, MAX_PORTS, OWNERS_MAX, OtherTpLayout, OwnerRec, StateTpLayout,
-    counter, flags, owner_flags, tcp_state,
+    counter, flags, guard_slot, owner_flags, tcp_state,
 };
 
 // Globals rewritten by userspace before load (`EbpfLoader::override_global`).
@@ -573,7 +575,6 @@ fn inet_sock_set_state_btf2(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[inline(always)]
 /// A transition record for `sk`, if this transition is one to report.
 #[inline(always)]
 fn transition_event(hook: Hook, sk: u64, old: u8, new: u8) -> Option<Event> {
@@ -745,7 +746,7 @@ fn set_sock(e: &mut Event, s: FdSock) {
 }
 
 #[inline(always)]
-fn call_enter(ctx: &TracePointContext, hook: Hook, call: Call) -> Option<()> {
+fn call_enter(ctx: &impl SyscallArgs, hook: Hook, call: Call, extra: u8) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !pid_traced(hook, (pid_tgid >> 32) as u32) {
         return None;
@@ -753,6 +754,7 @@ fn call_enter(ctx: &TracePointContext, hook: Hook, call: Call) -> Option<()> {
     let (arg0, arg1) = (syscall_arg(ctx, hook, 0)?, syscall_arg(ctx, hook, 1)?);
     let mut e = new_event(EventKind::CallEnter);
     e.call = call as u8;
+    e.flags |= extra;
     // dup2/dup3 end the socket behind their second argument (the fd that gets replaced).
     let fd = match call {
         Call::Dup2 | Call::Dup3 => arg1,
@@ -764,7 +766,7 @@ fn call_enter(ctx: &TracePointContext, hook: Hook, call: Call) -> Option<()> {
         _ => arg0,
     };
     if call == Call::CloseRange {
-        return close_range_enter(ctx, hook, e, arg0, arg1);
+        return close_range_enter(ctx, hook, e, arg0, arg1, extra);
     }
     match sock_of_fd(hook, fd) {
         Some(s) => {
@@ -885,43 +887,81 @@ fn insert_owner(hook: Hook, sk: u64, inode: u64, fd: i32, pid_tgid: u64) -> Opti
     Some(rec)
 }
 
-/// Argument `n` of a sys_enter tracepoint: 8-byte slots from offset 16 on every kernel.
-#[inline(always)]
-fn syscall_arg(ctx: &TracePointContext, hook: Hook, n: u32) -> Option<i64> {
-    field::<i64>(ctx, hook, 16 + 8 * n)
+/// Where a syscall's arguments and return value come from: a classic sys_enter/sys_exit
+/// tracepoint's record, or the `struct pt_regs` that the x86-64 syscall wrapper (`__x64_sys_*`)
+/// receives, at its fentry/fexit.
+trait SyscallArgs {
+    fn arg(&self, hook: Hook, n: u32) -> Option<i64>;
+    /// The return value (exits only); -1 if unreadable.
+    fn ret(&self, hook: Hook) -> i64;
 }
 
-/// The return value of a sys_exit tracepoint (at offset 16 of every one); -1 if unreadable.
+impl SyscallArgs for TracePointContext {
+    /// 8-byte slots from offset 16 on every kernel.
+    fn arg(&self, hook: Hook, n: u32) -> Option<i64> {
+        field::<i64>(self, hook, 16 + 8 * n)
+    }
+
+    /// At offset 16 of every sys_exit record.
+    fn ret(&self, hook: Hook) -> i64 {
+        field::<i64>(self, hook, 16).unwrap_or(-1)
+    }
+}
+
+/// The user registers a syscall wrapper gets, and (at fexit) what it returned.
+struct Regs {
+    regs: u64,
+    ret: i64,
+}
+
+impl SyscallArgs for Regs {
+    fn arg(&self, hook: Hook, n: u32) -> Option<i64> {
+        // x86-64 struct pt_regs: di, si, dx, r10, r8, r9 carry the arguments (an ABI).
+        let offset = match n {
+            0 => 112,
+            1 => 104,
+            2 => 96,
+            _ => return None,
+        };
+        read::<i64>(hook, self.regs, offset)
+    }
+
+    fn ret(&self, _hook: Hook) -> i64 {
+        self.ret
+    }
+}
+
 #[inline(always)]
-fn syscall_ret(ctx: &TracePointContext, hook: Hook) -> i64 {
-    field::<i64>(ctx, hook, 16).unwrap_or(-1)
+fn syscall_arg(ctx: &impl SyscallArgs, hook: Hook, n: u32) -> Option<i64> {
+    ctx.arg(hook, n)
+}
+
+#[inline(always)]
+fn syscall_ret(ctx: &impl SyscallArgs, hook: Hook) -> i64 {
+    ctx.ret(hook)
 }
 
 /// accept(), accept4(), dup(), pidfd_getfd(): the returned fd is the caller's new handle.
-#[tracepoint]
-fn sys_exit_new_fd(ctx: TracePointContext) -> u32 {
-    const HOOK: Hook = "sys_exit_new_fd";
-    let fd = syscall_ret(&ctx, HOOK);
+#[inline(always)]
+fn new_fd_exit(ctx: &impl SyscallArgs, hook: Hook) {
+    let fd = syscall_ret(ctx, hook);
     if fd >= 0 {
-        record_owner(HOOK, fd);
+        record_owner(hook, fd);
     }
-    0
 }
 
-#[tracepoint]
-fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    if let Some(fd) = syscall_arg(&ctx, "sys_enter_connect", 0) {
+#[inline(always)]
+fn connect_enter(ctx: &impl SyscallArgs, hook: Hook) {
+    if let Some(fd) = syscall_arg(ctx, hook, 0) {
         let tid = bpf_get_current_pid_tgid() as u32;
         let _ = CONNECTING.insert(tid, fd as i32, 0);
     }
-    0
 }
 
-#[tracepoint]
-fn sys_exit_connect(_ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn connect_exit() {
     // The owner was recorded at SYN_SENT, if the call got that far.
     let _ = CONNECTING.remove(bpf_get_current_pid_tgid() as u32);
-    0
 }
 
 // struct user_msghdr and struct cmsghdr on 64-bit kernels.
@@ -933,10 +973,10 @@ const SCM_RIGHTS: i32 = 1;
 /// fds read from one SCM_RIGHTS message; the rest are counted as unread.
 const SCM_FDS: usize = 4;
 
-#[tracepoint]
-fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
-    let Some(msg) = syscall_arg(&ctx, "sys_enter_recvmsg", 1) else {
-        return 0;
+#[inline(always)]
+fn recvmsg_enter(ctx: &impl SyscallArgs, hook: Hook) {
+    let Some(msg) = syscall_arg(ctx, hook, 1) else {
+        return;
     };
     let msg = msg as u64;
     // Only calls with room for a control message can receive fds. An unreadable msghdr is the
@@ -947,23 +987,20 @@ fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
         let tid = bpf_get_current_pid_tgid() as u32;
         let _ = RECVMSG.insert(tid, msg, 0);
     }
-    0
 }
 
-#[tracepoint]
-fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
-    const HOOK: Hook = "sys_exit_recvmsg";
+#[inline(always)]
+fn recvmsg_exit(ctx: &impl SyscallArgs, hook: Hook) {
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: the value is copied out at once.
     let Some(msg) = (unsafe { RECVMSG.get(tid) }).copied() else {
-        return 0;
+        return;
     };
     let _ = RECVMSG.remove(tid);
-    if syscall_ret(&ctx, HOOK) >= 0 && received_fds(HOOK, msg).is_none() {
+    if syscall_ret(ctx, hook) >= 0 && received_fds(hook, msg).is_none() {
         count(counter::SCM_RIGHTS_UNREAD);
-        diag::fds_not_recorded(HOOK, tid);
+        diag::fds_not_recorded(hook, tid);
     }
-    0
 }
 
 /// Records the fds an SCM_RIGHTS message (the first control message) delivered. None: it had
@@ -1001,11 +1038,12 @@ const CLOSE_RANGE_CLOEXEC: i64 = 1 << 2;
 
 #[inline(always)]
 fn close_range_enter(
-    ctx: &TracePointContext,
+    ctx: &impl SyscallArgs,
     hook: Hook,
     mut e: Event,
     first: i64,
     last: i64,
+    extra: u8,
 ) -> Option<()> {
     let range_flags = syscall_arg(ctx, hook, 2)?;
     if range_flags & CLOSE_RANGE_CLOEXEC != 0 {
@@ -1031,6 +1069,7 @@ fn close_range_enter(
         if let Some(s) = found {
             let mut one = new_event(EventKind::CallEnter);
             one.call = Call::CloseRange as u8;
+            one.flags |= extra;
             one.fd = fd as i32;
             one.arg = last;
             set_sock(&mut one, s);
@@ -1057,7 +1096,7 @@ fn enter_call(hook: Hook, tid: u32, exits: u8) {
 }
 
 #[inline(always)]
-fn call_exit(ctx: &TracePointContext, hook: Hook, call: Call) {
+fn call_exit(ctx: &impl SyscallArgs, hook: Hook, call: Call) {
     if matches!(call, Call::Dup2 | Call::Dup3) {
         let newfd = syscall_ret(ctx, hook);
         if newfd >= 0 {
@@ -1080,27 +1119,124 @@ fn call_exit(ctx: &TracePointContext, hook: Hook, call: Call) {
     submit(&e);
 }
 
+/// Each syscall hook three times: the classic tracepoint program, and the guarded pair on the
+/// x86-64 syscall wrapper (fentry for an enter, fexit for an exit) that userspace prefers where
+/// the kernel has it. A classic tracepoint is skipped while any BPF program holds the CPU's
+/// `bpf_prog_active`, which from Linux 7.0 includes a preempted one; the pair is skipped only
+/// for itself, and its second program catches that (see `first_copy`).
+///
+/// `enter`: `$body(args, hook, extra_flags)`; `exit`: `$body(args, hook)` (a repeated exit
+/// finds its thread's call gone, so it needs no mark).
 macro_rules! syscall_hooks {
-    ($($enter:ident, $exit:ident => $call:expr;)*) => {$(
-        #[tracepoint]
-        fn $enter(ctx: TracePointContext) -> u32 {
-            let _ = call_enter(&ctx, stringify!($enter), $call);
-            0
-        }
-        #[tracepoint]
-        fn $exit(ctx: TracePointContext) -> u32 {
-            call_exit(&ctx, stringify!($exit), $call);
-            0
-        }
+    ($($kind:ident $tp:ident, $first:ident, $second:ident, $func:literal => $body:expr;)*) => {$(
+        syscall_hooks!(@tp $kind $tp $body);
+        syscall_hooks!(@$kind $first, $second, $func, $body);
     )*};
+    (@tp enter $tp:ident $body:expr) => {
+        #[tracepoint]
+        fn $tp(ctx: TracePointContext) -> u32 {
+            ($body)(&ctx, stringify!($tp), 0);
+            0
+        }
+    };
+    (@tp exit $tp:ident $body:expr) => {
+        #[tracepoint]
+        fn $tp(ctx: TracePointContext) -> u32 {
+            ($body)(&ctx, stringify!($tp));
+            0
+        }
+    };
+    (@enter $first:ident, $second:ident, $func:literal, $body:expr) => {
+        #[fentry(function = $func)]
+        fn $first(ctx: FEntryContext) -> i32 {
+            const SLOT: u32 = guard_slot(stringify!($first));
+            let regs = Regs { regs: ctx.arg(0), ret: 0 };
+            first_copy(SLOT, bpf_get_current_pid_tgid(), SLOT as u64 + 1, || {
+                ($body)(&regs, stringify!($first), 0);
+            });
+            0
+        }
+        #[fentry(function = $func)]
+        fn $second(ctx: FEntryContext) -> i32 {
+            const SLOT: u32 = guard_slot(stringify!($first));
+            let regs = Regs { regs: ctx.arg(0), ret: 0 };
+            if let Some(recovered) = second_copy(SLOT, bpf_get_current_pid_tgid(), SLOT as u64 + 1) {
+                let extra = if recovered { 0 } else { flags::MAYBE_DUPLICATE };
+                ($body)(&regs, stringify!($second), extra);
+            }
+            0
+        }
+    };
+    (@exit $first:ident, $second:ident, $func:literal, $body:expr) => {
+        #[fexit(function = $func)]
+        fn $first(ctx: FExitContext) -> i32 {
+            const SLOT: u32 = guard_slot(stringify!($first));
+            // The wrapper's one argument, then its return value.
+            let regs = Regs { regs: ctx.arg(0), ret: ctx.arg(1) };
+            first_copy(SLOT, bpf_get_current_pid_tgid(), SLOT as u64 + 1, || {
+                ($body)(&regs, stringify!($first));
+            });
+            0
+        }
+        #[fexit(function = $func)]
+        fn $second(ctx: FExitContext) -> i32 {
+            const SLOT: u32 = guard_slot(stringify!($first));
+            let regs = Regs { regs: ctx.arg(0), ret: ctx.arg(1) };
+            if second_copy(SLOT, bpf_get_current_pid_tgid(), SLOT as u64 + 1).is_some() {
+                ($body)(&regs, stringify!($second));
+            }
+            0
+        }
+    };
 }
 
 syscall_hooks! {
-    sys_enter_shutdown, sys_exit_shutdown => Call::Shutdown;
-    sys_enter_close, sys_exit_close => Call::Close;
-    sys_enter_close_range, sys_exit_close_range => Call::CloseRange;
-    sys_enter_dup2, sys_exit_dup2 => Call::Dup2;
-    sys_enter_dup3, sys_exit_dup3 => Call::Dup3;
+    enter sys_enter_shutdown, sys_enter_shutdown_btf, sys_enter_shutdown_btf2, "__x64_sys_shutdown"
+        => |c, h, x| { let _ = call_enter(c, h, Call::Shutdown, x); };
+    exit sys_exit_shutdown, sys_exit_shutdown_btf, sys_exit_shutdown_btf2, "__x64_sys_shutdown"
+        => |c, h| call_exit(c, h, Call::Shutdown);
+    enter sys_enter_close, sys_enter_close_btf, sys_enter_close_btf2, "__x64_sys_close"
+        => |c, h, x| { let _ = call_enter(c, h, Call::Close, x); };
+    exit sys_exit_close, sys_exit_close_btf, sys_exit_close_btf2, "__x64_sys_close"
+        => |c, h| call_exit(c, h, Call::Close);
+    enter sys_enter_close_range, sys_enter_close_range_btf, sys_enter_close_range_btf2,
+        "__x64_sys_close_range"
+        => |c, h, x| { let _ = call_enter(c, h, Call::CloseRange, x); };
+    exit sys_exit_close_range, sys_exit_close_range_btf, sys_exit_close_range_btf2,
+        "__x64_sys_close_range"
+        => |c, h| call_exit(c, h, Call::CloseRange);
+    enter sys_enter_dup2, sys_enter_dup2_btf, sys_enter_dup2_btf2, "__x64_sys_dup2"
+        => |c, h, x| { let _ = call_enter(c, h, Call::Dup2, x); };
+    exit sys_exit_dup2, sys_exit_dup2_btf, sys_exit_dup2_btf2, "__x64_sys_dup2"
+        => |c, h| call_exit(c, h, Call::Dup2);
+    enter sys_enter_dup3, sys_enter_dup3_btf, sys_enter_dup3_btf2, "__x64_sys_dup3"
+        => |c, h, x| { let _ = call_enter(c, h, Call::Dup3, x); };
+    exit sys_exit_dup3, sys_exit_dup3_btf, sys_exit_dup3_btf2, "__x64_sys_dup3"
+        => |c, h| call_exit(c, h, Call::Dup3);
+    // One classic program serves every new-fd syscall; a wrapper's pair serves one each.
+    exit sys_exit_new_fd, sys_exit_accept4_btf, sys_exit_accept4_btf2, "__x64_sys_accept4"
+        => |c, h| new_fd_exit(c, h);
+    enter sys_enter_connect, sys_enter_connect_btf, sys_enter_connect_btf2, "__x64_sys_connect"
+        => |c, h, _| connect_enter(c, h);
+    exit sys_exit_connect, sys_exit_connect_btf, sys_exit_connect_btf2, "__x64_sys_connect"
+        => |_, _| connect_exit();
+    enter sys_enter_recvmsg, sys_enter_recvmsg_btf, sys_enter_recvmsg_btf2, "__x64_sys_recvmsg"
+        => |c, h, _| recvmsg_enter(c, h);
+    exit sys_exit_recvmsg, sys_exit_recvmsg_btf, sys_exit_recvmsg_btf2, "__x64_sys_recvmsg"
+        => |c, h| recvmsg_exit(c, h);
+}
+
+/// The other new-fd syscalls' pairs (their classic tracepoints share `sys_exit_new_fd`).
+macro_rules! new_fd_pairs {
+    ($($first:ident, $second:ident, $func:literal;)*) => {$(
+        syscall_hooks!(@exit $first, $second, $func, |c, h| new_fd_exit(c, h));
+    )*};
+}
+
+new_fd_pairs! {
+    sys_exit_accept_btf, sys_exit_accept_btf2, "__x64_sys_accept";
+    sys_exit_dup_btf, sys_exit_dup_btf2, "__x64_sys_dup";
+    sys_exit_pidfd_getfd_btf, sys_exit_pidfd_getfd_btf2, "__x64_sys_pidfd_getfd";
 }
 
 /// Is the exiting thread its process's last? do_exit() has already counted it out of

@@ -360,9 +360,15 @@ fn verbose_shows_the_kernel_diagnostic_of_fds_not_all_recorded() {
         let stats: serde_json::Value =
             serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
         assert!(stats["scm_rights_unread"].as_u64() >= Some(1), "{stats}");
+        // The program is the guarded pair's first where syscalls are hooked at their wrappers.
+        let start: serde_json::Value =
+            serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+        let program = match start["syscall_hook"].as_str() {
+            Some("tracepoint") => "sys_exit_recvmsg",
+            _ => "sys_exit_recvmsg_btf",
+        };
         let line = format!(
-            "finwait-trace: kernel: warn sys_exit_recvmsg: fds received by thread {} not all \
-             recorded",
+            "finwait-trace: kernel: warn {program}: fds received by thread {} not all recorded",
             gettid()
         );
         if verbose {

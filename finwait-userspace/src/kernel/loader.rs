@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData},
-    programs::{BtfTracePoint, FEntry, KProbe, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, TracePoint},
 };
 use finwait_common::{
     EVENTS_MAP, FilterConfig, GUARD_STATE, GUARDED, KernelOffsets, MAX_COMMS, MAX_PORTS,
@@ -146,6 +146,9 @@ pub(crate) struct Loaded {
     pub(crate) state_hook: &'static str,
     /// Precise mode: "fentry" or "kprobe" on tcp_close/tcp_shutdown; None: correlated mode.
     pub(crate) call_hook: Option<&'static str>,
+    /// How syscalls are hooked: "fentry" (the guarded pairs on the syscall wrappers),
+    /// "tracepoint" (the classic syscall tracepoints), or "mixed".
+    pub(crate) syscall_hook: &'static str,
     /// Why precise mode is off (auto mode on a kernel that refuses both hooks).
     pub(crate) precise_unavailable: Option<String>,
     /// The programs log their diagnostics (`-v`, and the kernel accepted them).
@@ -189,9 +192,10 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     let state_hook = attach_state_hook(&mut ebpf, programs, state_btf, &mut degraded)?;
     let (call_hook, precise_unavailable) =
         attach_call_hooks(&mut ebpf, programs, opts.mode, btf.as_ref())?;
+    let wrappers = btf.as_ref().filter(|_| !force_classic && !opts.noop);
+    let table = attach_table(&mut ebpf, programs, wrappers, &mut degraded)?;
     drop(btf);
     degraded.extend(second_copies_missing(&ebpf));
-    let (attached, attach_failed) = attach_table(&mut ebpf, programs, &mut degraded)?;
     // Loading parsed megabytes of BTF that are free now: give them back to the system.
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
@@ -200,10 +204,11 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
         offsets: layouts.offsets,
         degraded,
         // The state hook, then the table's.
-        attached: 1 + attached,
-        attach_failed,
+        attached: 1 + table.attached,
+        attach_failed: table.failed,
         state_hook,
         call_hook,
+        syscall_hook: table.syscall_hook(),
         precise_unavailable,
         diagnostics,
     })
@@ -312,23 +317,78 @@ fn attach_call_hooks(
     }
 }
 
-/// Attaches every hook of the table: (attached, failed). A required one that fails ends the load;
-/// an optional one says what is lost.
+/// What `attach_table` attached.
+#[derive(Default)]
+struct Table {
+    attached: usize,
+    failed: usize,
+    /// Syscall hooks attached as the wrapper's pair, and as the classic tracepoint.
+    wrapped: usize,
+    classic_syscalls: usize,
+}
+
+impl Table {
+    fn syscall_hook(&self) -> &'static str {
+        match (self.wrapped, self.classic_syscalls) {
+            (_, 0) => "fentry",
+            (0, _) => "tracepoint",
+            _ => "mixed",
+        }
+    }
+}
+
+/// Attaches every hook of the table: a syscall's as the guarded pair on its syscall wrapper
+/// where `wrappers` (the kernel's BTF) allows, else the tracepoint. A required one that fails
+/// ends the load; an optional one says what is lost.
 fn attach_table(
     ebpf: &mut Ebpf,
     programs: Programs,
+    wrappers: Option<&aya::Btf>,
     degraded: &mut Vec<String>,
-) -> Result<(usize, usize), LoadError> {
-    let (mut attached, mut failed) = (0, 0);
+) -> Result<Table, LoadError> {
+    let mut t = Table::default();
+    let mut wrappers = wrappers;
     for hook in HOOKS {
         let (category, name) = (hook.category, hook.tracepoint);
+        if let (Some(btf), Some(w)) = (wrappers, Wrapper::of(hook)) {
+            match w.attach(ebpf, btf) {
+                Ok(()) => {
+                    t.attached += 1;
+                    t.wrapped += 1;
+                    continue;
+                }
+                // The first refusal is the kernel's answer for all of them (no trampolines).
+                Err(e) if t.wrapped == 0 => {
+                    degraded.push(format!(
+                        "syscalls are hooked by their tracepoints, which the kernel skips while \
+                         another BPF program holds the CPU (counted in kernel_skipped_nested): \
+                         the {} on {} was refused ({})",
+                        w.kind(),
+                        w.function,
+                        hook_refusal(e)
+                    ));
+                    wrappers = None;
+                }
+                Err(e) => degraded.push(format!(
+                    "syscalls:{name} is hooked by its tracepoint, which the kernel skips while \
+                     another BPF program holds the CPU (counted in kernel_skipped_nested): the {} \
+                     on {} was refused ({})",
+                    w.kind(),
+                    w.function,
+                    hook_refusal(e)
+                )),
+            }
+        }
         match attach(ebpf, programs.tracepoint(hook.program), category, name) {
-            Ok(()) => attached += 1,
+            Ok(()) => {
+                t.attached += 1;
+                t.classic_syscalls += usize::from(category == "syscalls");
+            }
             Err(e) if hook.required => {
                 return Err(LoadError::required(&format!("{category}:{name}"), e));
             }
             Err(e) => {
-                failed += 1;
+                t.failed += 1;
                 degraded.push(format!(
                     "{category}:{name} not attached ({}); {}",
                     LoadError::classify(e).brief(),
@@ -337,7 +397,68 @@ fn attach_table(
             }
         }
     }
-    Ok((attached, failed))
+    Ok(t)
+}
+
+/// The guarded pair that stands in for a syscall tracepoint: fentry (for sys_enter_*) or fexit
+/// (sys_exit_*) on the syscall's x86-64 wrapper, which receives the user registers. Skipped only
+/// for itself (the second program catches that), where a classic tracepoint is skipped while
+/// any BPF program holds the CPU: from Linux 7.0 that includes a preempted one.
+struct Wrapper {
+    first: &'static str,
+    second: &'static str,
+    function: String,
+    exit: bool,
+}
+
+impl Wrapper {
+    /// The pair for a syscall hook (`GUARDED` names it after the tracepoint), on x86-64.
+    fn of(hook: &Hook) -> Option<Self> {
+        if !cfg!(target_arch = "x86_64") || hook.category != "syscalls" {
+            return None;
+        }
+        let name = hook.tracepoint;
+        let (exit, syscall) = match name.strip_prefix("sys_enter_") {
+            Some(s) => (false, s),
+            None => (true, name.strip_prefix("sys_exit_")?),
+        };
+        let (first, second) = *GUARDED
+            .iter()
+            .find(|(first, _)| first.strip_suffix("_btf") == Some(name))?;
+        Some(Self {
+            first,
+            second,
+            function: format!("__x64_sys_{syscall}"),
+            exit,
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.exit { "fexit" } else { "fentry" }
+    }
+
+    /// Both programs, the second first: a trampoline runs the newest program first. The second
+    /// is optional; `second_copies_missing` says so if it did not load.
+    fn attach(&self, ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
+        let one = |ebpf: &mut Ebpf, prog: &str| -> Result<()> {
+            let func = self.function.as_str();
+            if self.exit {
+                let p: &mut FExit = program(ebpf, prog)?.try_into()?;
+                p.load(func, btf)?;
+                p.attach()?;
+            } else {
+                let p: &mut FEntry = program(ebpf, prog)?.try_into()?;
+                p.load(func, btf)?;
+                p.attach()?;
+            }
+            Ok(())
+        };
+        let _ = one(ebpf, self.second);
+        one(ebpf, self.first).inspect_err(|_| {
+            unload(ebpf, self.first);
+            unload(ebpf, self.second);
+        })
+    }
 }
 
 /// Precise mode: fentry on tcp_close and tcp_shutdown, else kprobes; both functions or neither.
@@ -423,6 +544,8 @@ fn unload(ebpf: &mut Ebpf, name: &str) {
     };
     // Unloading detaches: no half-attached pair is left behind.
     if let Ok(p) = <&mut FEntry>::try_from(&mut *p) {
+        let _ = p.unload();
+    } else if let Ok(p) = <&mut FExit>::try_from(&mut *p) {
         let _ = p.unload();
     } else if let Ok(p) = <&mut KProbe>::try_from(p) {
         let _ = p.unload();
@@ -702,6 +825,29 @@ mod tests {
                 assert!(object.programs.contains_key(&name), "{name} (noop: {noop})");
             }
         }
+    }
+
+    #[test]
+    fn every_syscall_hook_has_its_wrapper_pair_in_the_object() {
+        let object = aya_obj::Object::parse(OBJECT).unwrap();
+        for h in HOOKS.iter().filter(|h| h.category == "syscalls") {
+            let w =
+                Wrapper::of(h).unwrap_or_else(|| panic!("{} has no wrapper pair", h.tracepoint));
+            assert_eq!(
+                w.exit,
+                h.tracepoint.starts_with("sys_exit_"),
+                "{}",
+                h.tracepoint
+            );
+            assert!(w.function.starts_with("__x64_sys_"), "{}", w.function);
+            for name in [w.first, w.second] {
+                assert!(object.programs.contains_key(name), "{name}");
+            }
+        }
+        assert_eq!(
+            Wrapper::of(&HOOKS[0]).map(|w| w.function),
+            Some("__x64_sys_close".to_string())
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub(crate) struct Start {
     pub(crate) mode: &'static str,
     pub(crate) state_hook: &'static str,
     pub(crate) call_hook: Option<&'static str>,
+    pub(crate) syscall_hook: &'static str,
     pub(crate) precise_unavailable: Option<String>,
     pub(crate) fd_resolution: bool,
     pub(crate) kernel: String,

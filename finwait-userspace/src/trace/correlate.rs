@@ -282,6 +282,10 @@ impl Correlator {
         let tid = rec.task.tid;
         match rec.what {
             Decoded::CallEnter(e) => {
+                if e.maybe_duplicate && self.repeats_current(tid, &e) {
+                    self.stats.duplicates_dropped += 1;
+                    return;
+                }
                 self.stats.calls += 1;
                 self.call_enter(rec.ts_ns, rec.task, e, out);
             }
@@ -380,6 +384,21 @@ impl Correlator {
         if let Some(t) = self.threads.get_mut(&tid).filter(|_| !per_fd) {
             t.current = None;
         }
+    }
+
+    /// Whether a marked call record repeats the thread's call in progress: both programs of a
+    /// guarded syscall hook reported it (see `Recent`). A thread makes one call at a time, so the
+    /// call it is in cannot start again before it returns; a close_range's per-socket records
+    /// belong to the range it is in.
+    fn repeats_current(&self, tid: u32, e: &CallEnter) -> bool {
+        let per_fd = e.call == Call::CloseRange && e.sock.is_some();
+        self.threads
+            .peek(&tid)
+            .and_then(|t| t.current.as_ref())
+            .is_some_and(|(p, sock)| {
+                p.call == e.call
+                    && (per_fd || (p.fd.is_none_or(|fd| fd == e.fd) && *sock == e.sock))
+            })
     }
 
     fn call_exit(&mut self, tid: u32, ret: i64) {
@@ -707,6 +726,7 @@ mod tests {
             inode: sock + 1000,
             file_refs: Some(refs),
             owner: None,
+            maybe_duplicate: false,
         })
     }
     fn exit(call: Call) -> Decoded {
@@ -790,6 +810,36 @@ mod tests {
         c.handle(rec(3, &t, kernel(Call::Close, 0x20, None)), &mut out);
         assert_eq!(c.stats().kernel_calls, 2);
         assert_eq!(c.stats().duplicates_dropped, 1);
+    }
+
+    #[test]
+    fn a_call_reported_by_both_syscall_programs_counts_once() {
+        let mut c = Correlator::new(false);
+        let t = task(7, 7, "srv");
+        let mut out = Vec::new();
+        let marked = |d: Decoded| match d {
+            Decoded::CallEnter(mut e) => {
+                e.maybe_duplicate = true;
+                Decoded::CallEnter(e)
+            }
+            d => d,
+        };
+        c.handle(rec(1, &t, enter(Call::Close, 5, 5, A, 1)), &mut out);
+        c.handle(rec(2, &t, marked(enter(Call::Close, 5, 5, A, 1))), &mut out);
+        c.handle(rec(3, &t, exit(Call::Close)), &mut out);
+        // After the return, a marked call is a new one (the first program was skipped for it).
+        c.handle(rec(4, &t, marked(enter(Call::Close, 6, 6, B, 1))), &mut out);
+        assert_eq!(c.stats().calls, 2);
+        assert_eq!(c.stats().duplicates_dropped, 1);
+        c.handle(
+            rec(5, &t, tr(B, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 5000)),
+            &mut out,
+        );
+        let cause = transitions(&out)[0].cause.clone().unwrap();
+        assert_eq!(
+            (cause.kind, cause.fd),
+            (CauseKind::Call(Call::Close), Some(6))
+        );
     }
 
     #[test]

@@ -92,6 +92,8 @@ pub(crate) struct CallEnter {
     pub(crate) file_refs: Option<u64>,
     /// The socket's ownership record, as this close found it.
     pub(crate) owner: Option<KernelOwner>,
+    /// A guarded syscall hook's second program's report of a call the first may have reported.
+    pub(crate) maybe_duplicate: bool,
 }
 
 /// One ring-buffer record, by kind.
@@ -159,6 +161,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Record> {
             inode: e.inode,
             file_refs: (e.flags & flags::REFS_VALID != 0).then_some(e.file_refs),
             owner: kernel_owner_of(&e),
+            maybe_duplicate: e.flags & flags::MAYBE_DUPLICATE != 0,
         }),
         EventKind::CallExit => Decoded::CallExit {
             call: Call::from_u8(e.call)?,

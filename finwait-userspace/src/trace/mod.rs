@@ -187,6 +187,7 @@ fn announce(o: &Options, l: &Loaded, fin_timeout_s: u64, p: &mut Pipeline) -> Re
         },
         state_hook: l.state_hook,
         call_hook: l.call_hook,
+        syscall_hook: l.syscall_hook,
         precise_unavailable: l.precise_unavailable.clone(),
         fd_resolution: l.offsets.is_some(),
         kernel: kernel_release(),
