@@ -1171,8 +1171,10 @@ macro_rules! syscall_hooks {
         #[fexit(function = $func)]
         fn $first(ctx: FExitContext) -> i32 {
             const SLOT: u32 = guard_slot(stringify!($first));
-            // The wrapper's one argument, then its return value.
-            let regs = Regs { regs: ctx.arg(0), ret: ctx.arg(1) };
+            // Only the return value (after the wrapper's one argument): an exit needs no
+            // argument, and 5.10's BTF types some wrappers' `regs` as a bare declaration, which
+            // its verifier refuses to read.
+            let regs = Regs { regs: 0, ret: ctx.arg(1) };
             first_copy(SLOT, bpf_get_current_pid_tgid(), SLOT as u64 + 1, || {
                 ($body)(&regs, stringify!($first));
             });
@@ -1181,7 +1183,7 @@ macro_rules! syscall_hooks {
         #[fexit(function = $func)]
         fn $second(ctx: FExitContext) -> i32 {
             const SLOT: u32 = guard_slot(stringify!($first));
-            let regs = Regs { regs: ctx.arg(0), ret: ctx.arg(1) };
+            let regs = Regs { regs: 0, ret: ctx.arg(1) };
             if second_copy(SLOT, bpf_get_current_pid_tgid(), SLOT as u64 + 1).is_some() {
                 ($body)(&regs, stringify!($second));
             }

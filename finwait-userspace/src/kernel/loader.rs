@@ -348,6 +348,8 @@ fn attach_table(
 ) -> Result<Table, LoadError> {
     let mut t = Table::default();
     let mut wrappers = wrappers;
+    // Hooks whose wrapper was refused, with the first reason.
+    let mut refused: (Vec<&str>, Option<String>) = (Vec::new(), None);
     for hook in HOOKS {
         let (category, name) = (hook.category, hook.tracepoint);
         if let (Some(btf), Some(w)) = (wrappers, Wrapper::of(hook)) {
@@ -357,29 +359,18 @@ fn attach_table(
                     t.wrapped += 1;
                     continue;
                 }
-                // The first refusal is the kernel's answer for all of them (no trampolines).
-                Err(e) if t.wrapped == 0 => {
-                    degraded.push(format!(
-                        "syscalls are hooked by their tracepoints, which the kernel skips while \
-                         another BPF program holds the CPU (counted in kernel_skipped_nested): \
-                         the {} on {} was refused ({})",
-                        w.kind(),
-                        w.function,
-                        hook_refusal(e)
-                    ));
-                    wrappers = None;
+                Err(e) => {
+                    // The first refusal is the kernel's answer for all (no trampolines); later
+                    // ones are the wrapper's (5.10's BTF types some `regs` as a bare declaration).
+                    if t.wrapped == 0 {
+                        wrappers = None;
+                    }
+                    refused.0.push(name);
+                    let why = format!("the {} on {}: {}", w.kind(), w.function, hook_refusal(e));
+                    refused.1.get_or_insert(why);
                 }
-                Err(e) => degraded.push(format!(
-                    "syscalls:{name} is hooked by its tracepoint, which the kernel skips while \
-                     another BPF program holds the CPU (counted in kernel_skipped_nested): the {} \
-                     on {} was refused ({})",
-                    w.kind(),
-                    w.function,
-                    hook_refusal(e)
-                )),
             }
-        }
-        match attach(ebpf, programs.tracepoint(hook.program), category, name) {
+        }        match attach(ebpf, programs.tracepoint(hook.program), category, name) {
             Ok(()) => {
                 t.attached += 1;
                 t.classic_syscalls += usize::from(category == "syscalls");
@@ -396,6 +387,17 @@ fn attach_table(
                 ));
             }
         }
+    }
+    if let (names, Some(why)) = refused {
+        let which = if wrappers.is_none() {
+            "syscalls are".to_string()
+        } else {
+            format!("syscalls:{{{}}} are", names.join(","))
+        };
+        degraded.push(format!(
+            "{which} hooked by their tracepoints, which the kernel skips while another BPF \
+             program holds the CPU (counted in kernel_skipped_nested): the kernel refused {why}"
+        ));
     }
     Ok(t)
 }
