@@ -8,11 +8,15 @@ pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Reads every offset the programs need. An error means the fd -> socket lookup is unavailable.
 pub(crate) fn kernel_offsets() -> Result<KernelOffsets> {
+    offsets_from(&open()?)
+}
+
+/// The kernel's BTF, for a handful of lookups.
+pub(crate) fn open() -> Result<Btf> {
     // Mmap: a handful of lookups do not need every type parsed into memory.
-    let btf = Btf::from_file_with_backend(VMLINUX_BTF, Backend::Mmap)
+    Btf::from_file_with_backend(VMLINUX_BTF, Backend::Mmap)
         .or_else(|_| Btf::from_file(VMLINUX_BTF))
-        .with_context(|| format!("reading {VMLINUX_BTF}"))?;
-    offsets_from(&btf)
+        .with_context(|| format!("reading {VMLINUX_BTF}"))
 }
 
 fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
@@ -137,6 +141,34 @@ fn find_member(btf: &Btf, ty: &Type, want: &str) -> Option<(u32, Type, bool)> {
     None
 }
 
+/// Whether the kernel function's first parameter points to a defined struct, which is what a
+/// verifier allows an fentry program to read it as. Linux 5.10's BTF types some syscall
+/// wrappers' `regs` as the bare declaration `struct pt_regs;` (from `kernel/sys_ni.c`'s stubs);
+/// its verifier then refuses the program's first instruction.
+pub(crate) fn first_param_is_struct(btf: &Btf, func: &str) -> Result<bool> {
+    let Some(Type::Func(f)) = btf.resolve_types_by_name(func)?.into_iter().next() else {
+        bail!("{func} is not a function in the kernel's BTF");
+    };
+    let Type::FuncProto(proto) = btf.resolve_chained_type(&f)? else {
+        bail!("{func} has no prototype in the kernel's BTF");
+    };
+    let Some(param) = proto.parameters.first() else {
+        return Ok(false);
+    };
+    let mut t = btf.resolve_chained_type(param)?;
+    if let Type::Ptr(p) = &t {
+        t = btf.resolve_chained_type(p)?;
+    }
+    // Qualifiers (const, volatile, typedefs) down to the type itself.
+    while let Type::Const(_) | Type::Volatile(_) | Type::Typedef(_) | Type::Restrict(_) = &t {
+        t = match btf.resolve_chained_type(t.as_btf_type().context("a qualifier")?) {
+            Ok(next) => next,
+            Err(_) => break,
+        };
+    }
+    Ok(matches!(t, Type::Struct(_)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +189,16 @@ mod tests {
             o.state_btf, 1,
             "6.x kernels have every field the BTF state hook reads"
         );
+    }
+
+    /// Runs on every kernel of the matrix: close's wrapper has the typed `regs` everywhere
+    /// (5.10 included); do_exit's first parameter is a `long`; tcp_shutdown's a `struct sock *`.
+    #[test]
+    fn a_wrappers_regs_is_told_from_a_bare_declaration() {
+        let btf = open().unwrap();
+        assert!(first_param_is_struct(&btf, "__x64_sys_close").unwrap());
+        assert!(first_param_is_struct(&btf, "tcp_shutdown").unwrap());
+        assert!(!first_param_is_struct(&btf, "do_exit").unwrap());
+        assert!(first_param_is_struct(&btf, "no_such_function_here").is_err());
     }
 }

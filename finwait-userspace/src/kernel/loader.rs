@@ -348,12 +348,14 @@ fn attach_table(
 ) -> Result<Table, LoadError> {
     let mut t = Table::default();
     let mut wrappers = wrappers;
+    // To check the wrappers' argument types before the verifier does (it only says EACCES).
+    let types = wrappers.and_then(|_| kernel_btf::open().ok());
     // Hooks whose wrapper was refused, with the first reason.
     let mut refused: (Vec<&str>, Option<String>) = (Vec::new(), None);
     for hook in HOOKS {
         let (category, name) = (hook.category, hook.tracepoint);
         if let (Some(btf), Some(w)) = (wrappers, Wrapper::of(hook)) {
-            match w.attach(ebpf, btf) {
+            match w.attach(ebpf, btf, types.as_ref()) {
                 Ok(()) => {
                     t.attached += 1;
                     t.wrapped += 1;
@@ -370,7 +372,8 @@ fn attach_table(
                     refused.1.get_or_insert(why);
                 }
             }
-        }        match attach(ebpf, programs.tracepoint(hook.program), category, name) {
+        }
+        match attach(ebpf, programs.tracepoint(hook.program), category, name) {
             Ok(()) => {
                 t.attached += 1;
                 t.classic_syscalls += usize::from(category == "syscalls");
@@ -441,7 +444,17 @@ impl Wrapper {
 
     /// Both programs, the second first: a trampoline runs the newest program first. The second
     /// is optional; `second_copies_missing` says so if it did not load.
-    fn attach(&self, ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
+    fn attach(&self, ebpf: &mut Ebpf, btf: &aya::Btf, types: Option<&btf_rs::Btf>) -> Result<()> {
+        // An exit reads only the return value; an entry reads `regs`.
+        if !self.exit
+            && let Some(types) = types
+            && !kernel_btf::first_param_is_struct(types, &self.function).unwrap_or(true)
+        {
+            bail!(
+                "the kernel's BTF declares its `regs` without the struct (as 5.10's does for \
+                 some syscalls), and the verifier will not let a program read it"
+            );
+        }
         let one = |ebpf: &mut Ebpf, prog: &str| -> Result<()> {
             let func = self.function.as_str();
             if self.exit {
