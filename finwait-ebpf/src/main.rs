@@ -751,7 +751,7 @@ fn call_enter(ctx: &impl SyscallArgs, hook: Hook, call: Call, extra: u8) -> Opti
     if !pid_traced(hook, (pid_tgid >> 32) as u32) {
         return None;
     }
-    let (arg0, arg1) = (syscall_arg(ctx, hook, 0)?, syscall_arg(ctx, hook, 1)?);
+    let (arg0, arg1) = (ctx.arg(hook, 0)?, ctx.arg(hook, 1)?);
     let mut e = new_event(EventKind::CallEnter);
     e.call = call as u8;
     e.flags |= extra;
@@ -898,11 +898,13 @@ trait SyscallArgs {
 
 impl SyscallArgs for TracePointContext {
     /// 8-byte slots from offset 16 on every kernel.
+    #[inline(always)]
     fn arg(&self, hook: Hook, n: u32) -> Option<i64> {
         field::<i64>(self, hook, 16 + 8 * n)
     }
 
     /// At offset 16 of every sys_exit record.
+    #[inline(always)]
     fn ret(&self, hook: Hook) -> i64 {
         field::<i64>(self, hook, 16).unwrap_or(-1)
     }
@@ -915,6 +917,7 @@ struct Regs {
 }
 
 impl SyscallArgs for Regs {
+    #[inline(always)]
     fn arg(&self, hook: Hook, n: u32) -> Option<i64> {
         // x86-64 struct pt_regs: di, si, dx, r10, r8, r9 carry the arguments (an ABI).
         let offset = match n {
@@ -926,25 +929,16 @@ impl SyscallArgs for Regs {
         read::<i64>(hook, self.regs, offset)
     }
 
+    #[inline(always)]
     fn ret(&self, _hook: Hook) -> i64 {
         self.ret
     }
 }
 
-#[inline(always)]
-fn syscall_arg(ctx: &impl SyscallArgs, hook: Hook, n: u32) -> Option<i64> {
-    ctx.arg(hook, n)
-}
-
-#[inline(always)]
-fn syscall_ret(ctx: &impl SyscallArgs, hook: Hook) -> i64 {
-    ctx.ret(hook)
-}
-
 /// accept(), accept4(), dup(), pidfd_getfd(): the returned fd is the caller's new handle.
 #[inline(always)]
 fn new_fd_exit(ctx: &impl SyscallArgs, hook: Hook) {
-    let fd = syscall_ret(ctx, hook);
+    let fd = ctx.ret(hook);
     if fd >= 0 {
         record_owner(hook, fd);
     }
@@ -952,7 +946,7 @@ fn new_fd_exit(ctx: &impl SyscallArgs, hook: Hook) {
 
 #[inline(always)]
 fn connect_enter(ctx: &impl SyscallArgs, hook: Hook) {
-    if let Some(fd) = syscall_arg(ctx, hook, 0) {
+    if let Some(fd) = ctx.arg(hook, 0) {
         let tid = bpf_get_current_pid_tgid() as u32;
         let _ = CONNECTING.insert(tid, fd as i32, 0);
     }
@@ -975,7 +969,7 @@ const SCM_FDS: usize = 4;
 
 #[inline(always)]
 fn recvmsg_enter(ctx: &impl SyscallArgs, hook: Hook) {
-    let Some(msg) = syscall_arg(ctx, hook, 1) else {
+    let Some(msg) = ctx.arg(hook, 1) else {
         return;
     };
     let msg = msg as u64;
@@ -997,7 +991,7 @@ fn recvmsg_exit(ctx: &impl SyscallArgs, hook: Hook) {
         return;
     };
     let _ = RECVMSG.remove(tid);
-    if syscall_ret(ctx, hook) >= 0 && received_fds(hook, msg).is_none() {
+    if ctx.ret(hook) >= 0 && received_fds(hook, msg).is_none() {
         count(counter::SCM_RIGHTS_UNREAD);
         diag::fds_not_recorded(hook, tid);
     }
@@ -1045,7 +1039,7 @@ fn close_range_enter(
     last: i64,
     extra: u8,
 ) -> Option<()> {
-    let range_flags = syscall_arg(ctx, hook, 2)?;
+    let range_flags = ctx.arg(hook, 2)?;
     if range_flags & CLOSE_RANGE_CLOEXEC != 0 {
         return None; // only marks the fds close-on-exec
     }
@@ -1098,7 +1092,7 @@ fn enter_call(hook: Hook, tid: u32, exits: u8) {
 #[inline(always)]
 fn call_exit(ctx: &impl SyscallArgs, hook: Hook, call: Call) {
     if matches!(call, Call::Dup2 | Call::Dup3) {
-        let newfd = syscall_ret(ctx, hook);
+        let newfd = ctx.ret(hook);
         if newfd >= 0 {
             record_owner(hook, newfd);
         }
@@ -1109,7 +1103,7 @@ fn call_exit(ctx: &impl SyscallArgs, hook: Hook, call: Call) {
         return;
     };
     let _ = IN_CALL.remove(tid);
-    let ret = syscall_ret(ctx, hook);
+    let ret = ctx.ret(hook);
     if exits == EXIT_ON_FAILURE && ret >= 0 {
         return;
     }

@@ -103,6 +103,18 @@ fn main() {
             cmd: fw(&["--mode", "correlated"]),
             finwait: true,
         });
+        // Where the syscall wrappers' fentry/fexit pairs are the default: the classic syscall
+        // tracepoints beside them (`env` execs the tracer, so its pid is the one measured).
+        let mut classic = vec![
+            "env".to_string(),
+            "FINWAIT_FORCE_SYSCALL_TRACEPOINTS=1".into(),
+        ];
+        classic.extend(fw(&[]).unwrap());
+        modes.push(Mode {
+            name: "finwait, syscall tracepoints",
+            cmd: Some(classic),
+            finwait: true,
+        });
     }
     // An earlier build, in the same rounds: a change's before and after.
     let baseline = opt("--baseline", "");
@@ -179,7 +191,11 @@ fn main() {
     report(&modes, &samples, &json_path, rounds, seconds, &threads);
     let costed: Vec<&Mode> = modes
         .iter()
-        .filter(|m| m.name.starts_with("finwait (default") || m.name.contains("--mode"))
+        .filter(|m| {
+            m.name.starts_with("finwait (default")
+                || m.name.contains("--mode")
+                || m.name.contains("syscall tracepoints")
+        })
         .collect();
     kernel_cost(&costed, &churn, &threads, seconds, peer_wait);
 }

@@ -192,7 +192,11 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     let state_hook = attach_state_hook(&mut ebpf, programs, state_btf, &mut degraded)?;
     let (call_hook, precise_unavailable) =
         attach_call_hooks(&mut ebpf, programs, opts.mode, btf.as_ref())?;
-    let wrappers = btf.as_ref().filter(|_| !force_classic && !opts.noop);
+    // FINWAIT_FORCE_SYSCALL_TRACEPOINTS=1 keeps only the syscall hooks classic (the bench
+    // compares the two).
+    let classic_syscalls = force_classic
+        || std::env::var_os("FINWAIT_FORCE_SYSCALL_TRACEPOINTS").is_some_and(|v| v == "1");
+    let wrappers = btf.as_ref().filter(|_| !classic_syscalls && !opts.noop);
     let table = attach_table(&mut ebpf, programs, wrappers, &mut degraded)?;
     drop(btf);
     degraded.extend(second_copies_missing(&ebpf));
