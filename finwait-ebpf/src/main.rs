@@ -537,6 +537,25 @@ fn second_copy(slot: u32, a: u64, b: u64) -> Option<bool> {
     Some(recovered)
 }
 
+/// `second_copy` for a syscall pair: a report is counted as recovered even where the first was
+/// not running (`busy` 0). There the kernel may still have skipped the first: another task was
+/// preempted in the trampoline just before or after its body (7.x preempts there), a window
+/// `busy` cannot cover. The other case, a duplicate (this task was preempted between the two
+/// programs and another one's event overwrote the mark), is harmless for a thread's syscall:
+/// an exit finds its call gone, a marked entry repeating the call in progress is dropped by
+/// userspace. So the recovered count can exceed the skips by those rare duplicates, never
+/// miss a recovery the way counting only `busy` did (a loss reported that was not one).
+#[inline(always)]
+fn second_copy_of_call(slot: u32) -> Option<u8> {
+    let tid = bpf_get_current_pid_tgid();
+    let sure = second_copy(slot, tid, slot as u64 + 1)?;
+    if sure {
+        return Some(0);
+    }
+    count(counter::RECOVERED + slot);
+    Some(flags::MAYBE_DUPLICATE)
+}
+
 /// A state change as the guard keeps it.
 #[inline(always)]
 fn states_key(old: u8, new: u8) -> u64 {
@@ -1154,8 +1173,7 @@ macro_rules! syscall_hooks {
         fn $second(ctx: FEntryContext) -> i32 {
             const SLOT: u32 = guard_slot(stringify!($first));
             let regs = Regs { regs: ctx.arg(0), ret: 0 };
-            if let Some(recovered) = second_copy(SLOT, bpf_get_current_pid_tgid(), SLOT as u64 + 1) {
-                let extra = if recovered { 0 } else { flags::MAYBE_DUPLICATE };
+            if let Some(extra) = second_copy_of_call(SLOT) {
                 ($body)(&regs, stringify!($second), extra);
             }
             0
@@ -1178,7 +1196,7 @@ macro_rules! syscall_hooks {
         fn $second(ctx: FExitContext) -> i32 {
             const SLOT: u32 = guard_slot(stringify!($first));
             let regs = Regs { regs: 0, ret: ctx.arg(1) };
-            if second_copy(SLOT, bpf_get_current_pid_tgid(), SLOT as u64 + 1).is_some() {
+            if second_copy_of_call(SLOT).is_some() {
                 ($body)(&regs, stringify!($second));
             }
             0
