@@ -43,6 +43,10 @@ pub(crate) struct Stats {
     pub(crate) threads_evicted: u64,
     /// Second reports of one state change (see [`Recent`]) or kernel call, dropped.
     pub(crate) duplicates_dropped: u64,
+    /// The state hook's second-program reports marked as possible duplicates that were not:
+    /// recoveries the kernel side could not tell (the first program was skipped while another
+    /// task was preempted in the trampoline around its body).
+    pub(crate) state_recovered_here: u64,
 }
 
 /// The last state changes seen, as (socket, old, new). The BTF state hook has two programs;
@@ -325,6 +329,7 @@ impl Correlator {
                     self.stats.duplicates_dropped += 1;
                     return;
                 }
+                self.stats.state_recovered_here += u64::from(c.maybe_duplicate);
                 self.stats.transitions += 1;
                 let change = Change {
                     ts: rec.ts_ns,
@@ -797,6 +802,7 @@ mod tests {
         );
         assert_eq!(c.stats().duplicates_dropped, 1);
         assert_eq!(c.stats().transitions, 3);
+        assert_eq!(c.stats().state_recovered_here, 1);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::os::fd::AsFd;
 
 use std::collections::BTreeMap;
 
-use finwait_common::{GUARDED, counter};
+use finwait_common::{GUARD_STATE, GUARDED, counter};
 
 use super::pipeline::Pipeline;
 use crate::{
@@ -33,7 +33,8 @@ impl KernelCounters {
 
     /// Per program that lost any: the events lost because the kernel skipped it (a BPF program
     /// was already running on that CPU); and the events the guarded hooks recovered.
-    fn losses(&self, ebpf: &aya::Ebpf) -> (BTreeMap<String, u64>, u64) {
+    /// `state_recovered_here`: the state hook's recoveries only userspace could tell.
+    fn losses(&self, ebpf: &aya::Ebpf, state_recovered_here: u64) -> (BTreeMap<String, u64>, u64) {
         // Skips first, recoveries after: a skip is counted before its recovery, so this order
         // can only show a loss late, never one that the second program caught.
         let misses: Vec<_> = ebpf
@@ -43,7 +44,8 @@ impl KernelCounters {
                 Some((name.to_string(), misses))
             })
             .collect();
-        let recovered = self.recovered();
+        let mut recovered = self.recovered();
+        recovered[GUARD_STATE as usize] += state_recovered_here;
         (
             losses(misses.into_iter(), recovered),
             recovered.iter().sum(),
@@ -54,7 +56,7 @@ impl KernelCounters {
     pub(crate) fn stats(&self, ebpf: &aya::Ebpf, p: &Pipeline) -> Stats {
         let c = p.correlator.stats();
         let o = p.resolver.stats;
-        let (losses, recovered) = self.losses(ebpf);
+        let (losses, recovered) = self.losses(ebpf, c.state_recovered_here);
         Stats {
             records: c.records,
             transitions: c.transitions,
@@ -145,7 +147,13 @@ pub(crate) struct Warned {
 
 impl Warned {
     /// `missed`: transitions of reported sockets that never arrived, so far.
-    pub(crate) fn warn(&mut self, ebpf: &aya::Ebpf, k: &KernelCounters, missed: u64) {
+    pub(crate) fn warn(
+        &mut self,
+        ebpf: &aya::Ebpf,
+        k: &KernelCounters,
+        missed: u64,
+        state_recovered_here: u64,
+    ) {
         if missed > self.missed {
             eprintln!(
                 "finwait-trace: warning: {} transitions of reported sockets never arrived (the socket's next transition left another state; transitions_missed)",
@@ -153,7 +161,7 @@ impl Warned {
             );
             self.missed = missed;
         }
-        let (losses, _) = k.losses(ebpf);
+        let (losses, _) = k.losses(ebpf, state_recovered_here);
         let skipped = losses.values().sum();
         if skipped > self.skipped {
             let by: Vec<String> = losses
