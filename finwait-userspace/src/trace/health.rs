@@ -146,14 +146,10 @@ pub(crate) struct Warned {
 }
 
 impl Warned {
-    /// `missed`: transitions of reported sockets that never arrived, so far.
-    pub(crate) fn warn(
-        &mut self,
-        ebpf: &aya::Ebpf,
-        k: &KernelCounters,
-        missed: u64,
-        state_recovered_here: u64,
-    ) {
+    /// Says what was lost since the last call: skipped programs, a full ring, and transitions
+    /// of reported sockets that never arrived.
+    pub(crate) fn warn(&mut self, ebpf: &aya::Ebpf, k: &KernelCounters, p: &Pipeline) {
+        let missed = p.transitions_missed;
         if missed > self.missed {
             eprintln!(
                 "finwait-trace: warning: {} transitions of reported sockets never arrived (the socket's next transition left another state; transitions_missed)",
@@ -161,7 +157,7 @@ impl Warned {
             );
             self.missed = missed;
         }
-        let (losses, _) = k.losses(ebpf, state_recovered_here);
+        let (losses, _) = k.losses(ebpf, p.correlator.stats().state_recovered_here);
         let skipped = losses.values().sum();
         if skipped > self.skipped {
             let by: Vec<String> = losses

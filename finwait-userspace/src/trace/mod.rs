@@ -288,12 +288,7 @@ async fn trace(
         }
         if losses_checked.elapsed() >= LOSS_CHECK_EVERY {
             losses_checked = Instant::now();
-            warned.warn(
-                ebpf,
-                &kernel,
-                p.transitions_missed,
-                p.correlator.stats().state_recovered_here,
-            );
+            warned.warn(ebpf, &kernel, p);
         }
     }
     // The kernel's table first, then what the ring still holds: a socket whose last report
@@ -304,12 +299,7 @@ async fn trace(
     if let Some((table, taken_ns)) = table {
         p.count_moved_on(&table, taken_ns);
     }
-    warned.warn(
-        ebpf,
-        &kernel,
-        p.transitions_missed,
-        p.correlator.stats().state_recovered_here,
-    );
+    warned.warn(ebpf, &kernel, p);
     finish(o, ebpf, &kernel, p).await
 }
 
