@@ -547,13 +547,24 @@ fn second_copy(slot: u32, a: u64, b: u64) -> Option<bool> {
 /// miss a recovery the way counting only `busy` did (a loss reported that was not one).
 #[inline(always)]
 fn second_copy_of_call(slot: u32) -> Option<u8> {
-    let tid = bpf_get_current_pid_tgid();
-    let sure = second_copy(slot, tid, slot as u64 + 1)?;
+    let sure = second_copy(slot, bpf_get_current_pid_tgid(), call_mark(slot))?;
     if sure {
         return Some(0);
     }
     count(counter::RECOVERED + slot);
     Some(flags::MAYBE_DUPLICATE)
+}
+
+/// `first_copy` for a syscall pair: the event is the current thread's call at this hook.
+#[inline(always)]
+fn first_copy_of_call(slot: u32, run: impl FnOnce()) {
+    first_copy(slot, bpf_get_current_pid_tgid(), call_mark(slot), run);
+}
+
+/// A syscall pair's mark (never 0: a cleared mark matches nothing).
+#[inline(always)]
+fn call_mark(slot: u32) -> u64 {
+    slot as u64 + 1
 }
 
 /// A state change as the guard keeps it.
@@ -929,11 +940,8 @@ impl SyscallArgs for TracePointContext {
     }
 }
 
-/// The user registers a syscall wrapper gets, and (at fexit) what it returned.
-struct Regs {
-    regs: u64,
-    ret: i64,
-}
+/// At a syscall wrapper's fentry: the user registers it gets (`struct pt_regs *`).
+struct Regs(u64);
 
 impl SyscallArgs for Regs {
     #[inline(always)]
@@ -945,12 +953,28 @@ impl SyscallArgs for Regs {
             2 => 96,
             _ => return None,
         };
-        read::<i64>(hook, self.regs, offset)
+        read::<i64>(hook, self.0, offset)
+    }
+
+    /// An entry has none.
+    #[inline(always)]
+    fn ret(&self, _hook: Hook) -> i64 {
+        -1
+    }
+}
+
+/// At a syscall wrapper's fexit: what it returned (exits read no argument).
+struct Returned(i64);
+
+impl SyscallArgs for Returned {
+    #[inline(always)]
+    fn arg(&self, _hook: Hook, _n: u32) -> Option<i64> {
+        None
     }
 
     #[inline(always)]
     fn ret(&self, _hook: Hook) -> i64 {
-        self.ret
+        self.0
     }
 }
 
@@ -1163,16 +1187,14 @@ macro_rules! syscall_hooks {
         #[fentry(function = $func)]
         fn $first(ctx: FEntryContext) -> i32 {
             const SLOT: u32 = guard_slot(stringify!($first));
-            let regs = Regs { regs: ctx.arg(0), ret: 0 };
-            first_copy(SLOT, bpf_get_current_pid_tgid(), SLOT as u64 + 1, || {
-                ($body)(&regs, stringify!($first), 0);
-            });
+            let regs = Regs(ctx.arg(0));
+            first_copy_of_call(SLOT, || ($body)(&regs, stringify!($first), 0));
             0
         }
         #[fentry(function = $func)]
         fn $second(ctx: FEntryContext) -> i32 {
             const SLOT: u32 = guard_slot(stringify!($first));
-            let regs = Regs { regs: ctx.arg(0), ret: 0 };
+            let regs = Regs(ctx.arg(0));
             if let Some(extra) = second_copy_of_call(SLOT) {
                 ($body)(&regs, stringify!($second), extra);
             }
@@ -1186,47 +1208,50 @@ macro_rules! syscall_hooks {
             // Only the return value (after the wrapper's one argument): an exit needs no
             // argument, and 5.10's BTF types some wrappers' `regs` as a bare declaration, which
             // its verifier refuses to read.
-            let regs = Regs { regs: 0, ret: ctx.arg(1) };
-            first_copy(SLOT, bpf_get_current_pid_tgid(), SLOT as u64 + 1, || {
-                ($body)(&regs, stringify!($first));
-            });
+            let ret = Returned(ctx.arg(1));
+            first_copy_of_call(SLOT, || ($body)(&ret, stringify!($first)));
             0
         }
         #[fexit(function = $func)]
         fn $second(ctx: FExitContext) -> i32 {
             const SLOT: u32 = guard_slot(stringify!($first));
-            let regs = Regs { regs: 0, ret: ctx.arg(1) };
+            let ret = Returned(ctx.arg(1));
             if second_copy_of_call(SLOT).is_some() {
-                ($body)(&regs, stringify!($second));
+                ($body)(&ret, stringify!($second));
             }
             0
         }
     };
 }
 
+/// A close-path call's entry and exit: `call_enter` and `call_exit` for `Call::$call`.
+macro_rules! call_hooks {
+    ($($call:ident: $tp_enter:ident, $first_enter:ident, $second_enter:ident;
+        $tp_exit:ident, $first_exit:ident, $second_exit:ident; $func:literal;)*) => {$(
+        syscall_hooks! {
+            enter $tp_enter, $first_enter, $second_enter, $func
+                => |c, h, x| { let _ = call_enter(c, h, Call::$call, x); };
+            exit $tp_exit, $first_exit, $second_exit, $func
+                => |c, h| call_exit(c, h, Call::$call);
+        }
+    )*};
+}
+
+call_hooks! {
+    Shutdown: sys_enter_shutdown, sys_enter_shutdown_btf, sys_enter_shutdown_btf2;
+        sys_exit_shutdown, sys_exit_shutdown_btf, sys_exit_shutdown_btf2; "__x64_sys_shutdown";
+    Close: sys_enter_close, sys_enter_close_btf, sys_enter_close_btf2;
+        sys_exit_close, sys_exit_close_btf, sys_exit_close_btf2; "__x64_sys_close";
+    CloseRange: sys_enter_close_range, sys_enter_close_range_btf, sys_enter_close_range_btf2;
+        sys_exit_close_range, sys_exit_close_range_btf, sys_exit_close_range_btf2;
+        "__x64_sys_close_range";
+    Dup2: sys_enter_dup2, sys_enter_dup2_btf, sys_enter_dup2_btf2;
+        sys_exit_dup2, sys_exit_dup2_btf, sys_exit_dup2_btf2; "__x64_sys_dup2";
+    Dup3: sys_enter_dup3, sys_enter_dup3_btf, sys_enter_dup3_btf2;
+        sys_exit_dup3, sys_exit_dup3_btf, sys_exit_dup3_btf2; "__x64_sys_dup3";
+}
+
 syscall_hooks! {
-    enter sys_enter_shutdown, sys_enter_shutdown_btf, sys_enter_shutdown_btf2, "__x64_sys_shutdown"
-        => |c, h, x| { let _ = call_enter(c, h, Call::Shutdown, x); };
-    exit sys_exit_shutdown, sys_exit_shutdown_btf, sys_exit_shutdown_btf2, "__x64_sys_shutdown"
-        => |c, h| call_exit(c, h, Call::Shutdown);
-    enter sys_enter_close, sys_enter_close_btf, sys_enter_close_btf2, "__x64_sys_close"
-        => |c, h, x| { let _ = call_enter(c, h, Call::Close, x); };
-    exit sys_exit_close, sys_exit_close_btf, sys_exit_close_btf2, "__x64_sys_close"
-        => |c, h| call_exit(c, h, Call::Close);
-    enter sys_enter_close_range, sys_enter_close_range_btf, sys_enter_close_range_btf2,
-        "__x64_sys_close_range"
-        => |c, h, x| { let _ = call_enter(c, h, Call::CloseRange, x); };
-    exit sys_exit_close_range, sys_exit_close_range_btf, sys_exit_close_range_btf2,
-        "__x64_sys_close_range"
-        => |c, h| call_exit(c, h, Call::CloseRange);
-    enter sys_enter_dup2, sys_enter_dup2_btf, sys_enter_dup2_btf2, "__x64_sys_dup2"
-        => |c, h, x| { let _ = call_enter(c, h, Call::Dup2, x); };
-    exit sys_exit_dup2, sys_exit_dup2_btf, sys_exit_dup2_btf2, "__x64_sys_dup2"
-        => |c, h| call_exit(c, h, Call::Dup2);
-    enter sys_enter_dup3, sys_enter_dup3_btf, sys_enter_dup3_btf2, "__x64_sys_dup3"
-        => |c, h, x| { let _ = call_enter(c, h, Call::Dup3, x); };
-    exit sys_exit_dup3, sys_exit_dup3_btf, sys_exit_dup3_btf2, "__x64_sys_dup3"
-        => |c, h| call_exit(c, h, Call::Dup3);
     // One classic program serves every new-fd syscall; a wrapper's pair serves one each.
     exit sys_exit_new_fd, sys_exit_accept4_btf, sys_exit_accept4_btf2, "__x64_sys_accept4"
         => |c, h| new_fd_exit(c, h);

@@ -749,6 +749,20 @@ mod tests {
             maybe_duplicate: false,
         })
     }
+    /// A record as a guarded hook's second program sends it: possibly a duplicate.
+    fn marked(d: Decoded) -> Decoded {
+        match d {
+            Decoded::Transition(mut s) => {
+                s.maybe_duplicate = true;
+                Decoded::Transition(s)
+            }
+            Decoded::CallEnter(mut e) => {
+                e.maybe_duplicate = true;
+                Decoded::CallEnter(e)
+            }
+            d => d,
+        }
+    }
     fn transitions(out: &[Report]) -> Vec<&TransitionReport> {
         out.iter()
             .filter_map(|r| match r {
@@ -774,13 +788,6 @@ mod tests {
         let mut c = Correlator::new(false);
         let t = task(7, 7, "srv");
         let mut out = Vec::new();
-        let marked = |d: Decoded| match d {
-            Decoded::Transition(mut s) => {
-                s.maybe_duplicate = true;
-                Decoded::Transition(s)
-            }
-            d => d,
-        };
         // The first program's report, another socket's change, then the second's copy.
         c.handle(
             rec(1, &t, tr(1, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 5000)),
@@ -823,13 +830,6 @@ mod tests {
         let mut c = Correlator::new(false);
         let t = task(7, 7, "srv");
         let mut out = Vec::new();
-        let marked = |d: Decoded| match d {
-            Decoded::CallEnter(mut e) => {
-                e.maybe_duplicate = true;
-                Decoded::CallEnter(e)
-            }
-            d => d,
-        };
         c.handle(rec(1, &t, enter(Call::Close, 5, 5, A, 1)), &mut out);
         c.handle(rec(2, &t, marked(enter(Call::Close, 5, 5, A, 1))), &mut out);
         c.handle(rec(3, &t, exit(Call::Close)), &mut out);
