@@ -75,8 +75,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 fn snapshot_command(pids: &[u32], json: bool, detail: bool) -> anyhow::Result<()> {
     host::procs::check_exists(pids)?;
     let snap = snapshot::take(pids)?;
+    snap.warn_unseen();
     let mut sink = output::for_stdout(json, output::human::Style::default(), false);
-    sink.snapshot(&snap.entries, detail)?;
+    sink.snapshot(&snap, detail)?;
     sink.flush()?;
     Ok(())
 }

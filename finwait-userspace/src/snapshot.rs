@@ -16,9 +16,10 @@ use crate::{
         cgroup::Cgroups,
         clock::monotonic_ns,
         inspect::{self, EpollSets},
+        namespaces::{self, Coverage},
         owners::{self, Index},
         procs,
-        sockdiag::{self, DiagSocket},
+        sockdiag::DiagSocket,
     },
     model::{
         Comm, Container, Holder, Owner, Verdict,
@@ -151,13 +152,36 @@ pub(crate) struct Snapshot {
     /// Every socket's holders, as the scan found them (live tracing seeds the kernel's
     /// ownership map from it).
     pub(crate) owners: Index,
+    /// The network namespaces read, and those that could not be.
+    pub(crate) coverage: Coverage,
+}
+
+impl Snapshot {
+    /// Says on stderr what the snapshot could not see (never silently empty).
+    pub(crate) fn warn_unseen(&self) {
+        if let Some(w) = self.coverage.warning() {
+            eprintln!("finwait-trace: warning: {w}");
+        }
+    }
+
+    /// Entries alone, as made up by tests.
+    #[cfg(test)]
+    pub(crate) fn of(entries: Vec<Entry>) -> Self {
+        Self {
+            entries,
+            taken_ns: 0,
+            owners: Index::default(),
+            coverage: Coverage::default(),
+        }
+    }
 }
 
 /// Reads the sockets and their owners. `pids`: keep only sockets held by (or inferred to belong
 /// to) these processes and their descendants; empty keeps all.
 pub(crate) fn take(pids: &[u32]) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
-    let sockets = sockdiag::dump(&states())?;
+    let mut sockets = Vec::new();
+    let coverage = namespaces::dump_everywhere(&states(), |s| sockets.push(s))?;
     let owners = owners::scan();
     let keep: Vec<u32> = if pids.is_empty() {
         Vec::new()
@@ -178,6 +202,7 @@ pub(crate) fn take(pids: &[u32]) -> Result<Snapshot> {
         entries,
         taken_ns,
         owners,
+        coverage,
     })
 }
 
@@ -220,12 +245,15 @@ fn inspect_owners(entries: &mut [Entry]) {
     }
 }
 
-/// Listening sockets by (address, port; None: any address), to infer who accepted a
-/// now-orphaned connection.
+/// Where a listener listens: its namespace, address (None: any) and port.
+type ListenAt = (u64, Option<IpAddr>, u16);
+
+/// Listening sockets by where they listen, to infer who accepted a now-orphaned connection
+/// (only in its own namespace: every pod can listen on the same port).
 fn listeners(
     sockets: &[DiagSocket],
     owners_of: &impl Fn(u64) -> Vec<Owner>,
-) -> HashMap<(Option<IpAddr>, u16), Inferred> {
+) -> HashMap<ListenAt, Inferred> {
     let mut listeners = HashMap::new();
     for s in sockets.iter().filter(|s| s.state == st::LISTEN) {
         if let Some(o) = owners_of(s.inode).into_iter().next() {
@@ -234,7 +262,8 @@ fn listeners(
                 pid: o.pid,
                 comm: o.comm,
             };
-            listeners.insert((if any { None } else { Some(s.local) }, s.lport), inferred);
+            let addr = if any { None } else { Some(s.local) };
+            listeners.insert((s.netns, addr, s.lport), inferred);
         }
     }
     listeners
@@ -266,8 +295,8 @@ pub(crate) fn build(
         if e.owners.is_empty() && !e.is_time_wait() {
             let s = &e.sock;
             e.inferred = listeners
-                .get(&(Some(s.local), s.lport))
-                .or_else(|| listeners.get(&(None, s.lport)))
+                .get(&(s.netns, Some(s.local), s.lport))
+                .or_else(|| listeners.get(&(s.netns, None, s.lport)))
                 .cloned();
         }
         let wanted = |pid: &u32| keep.as_ref().is_none_or(|k| k.contains(pid));
@@ -409,6 +438,7 @@ mod tests {
             timer,
             recv_queue: 0,
             send_queue: 0,
+            netns: 0,
         }
     }
     fn owner(pid: u32, comm: &str, fd: i32) -> Owner {

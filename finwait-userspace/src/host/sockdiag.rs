@@ -56,47 +56,90 @@ pub(crate) struct DiagSocket {
     pub(crate) timer: Option<TimerLeft>,
     pub(crate) recv_queue: u32,
     pub(crate) send_queue: u32,
+    /// The network namespace it lives in (its inode; 0 where not known). Ends are unique only
+    /// within a namespace: every pod has its own 127.0.0.1.
+    pub(crate) netns: u64,
 }
 
-/// Every TCP socket (IPv4 and IPv6) in one of `states`.
-pub(crate) fn dump(states: &StateFlags) -> Result<Vec<DiagSocket>> {
-    let mut out = Vec::new();
-    dump_each(states, |s| out.push(s))?;
-    Ok(out)
+/// Hands every TCP socket (IPv4 and IPv6) of finwait's own network namespace in one of
+/// `states` to `each`, as the kernel sends them (nothing is kept: a host's 100,000 sockets cost
+/// no memory).
+pub(crate) fn dump_each(states: &StateFlags, each: impl FnMut(DiagSocket)) -> Result<()> {
+    Diag::here()?.dump_each(states, each)
 }
 
-/// Hands every TCP socket (IPv4 and IPv6) in one of `states` to `each`, as the kernel sends
-/// them (nothing is kept: a host's 100,000 sockets cost no memory).
-pub(crate) fn dump_each(states: &StateFlags, mut each: impl FnMut(DiagSocket)) -> Result<()> {
-    for family in [AF_INET, AF_INET6] {
-        dump_family(family, states.clone(), &mut each).with_context(|| {
-            format!(
-                "sock_diag dump of {} TCP sockets",
-                if family == AF_INET { "IPv4" } else { "IPv6" }
-            )
-        })?;
+/// A sock_diag socket: it answers for the network namespace it was made in, whichever thread
+/// uses it later.
+pub(crate) struct Diag {
+    socket: Socket,
+    netns: u64,
+}
+
+impl Diag {
+    /// One in the calling thread's network namespace, `netns` (its inode, 0: not known).
+    pub(crate) fn new(netns: u64) -> Result<Self> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("a sock_diag socket")?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Self { socket, netns })
     }
-    Ok(())
+
+    pub(crate) fn netns(&self) -> u64 {
+        self.netns
+    }
+
+    /// One in finwait's own network namespace.
+    pub(crate) fn here() -> Result<Self> {
+        Self::new(super::namespaces::own().unwrap_or(0))
+    }
+
+    /// As [`dump_each`], in this socket's namespace.
+    pub(crate) fn dump_each(
+        &mut self,
+        states: &StateFlags,
+        mut each: impl FnMut(DiagSocket),
+    ) -> Result<()> {
+        let netns = self.netns;
+        for family in [AF_INET, AF_INET6] {
+            let request = dump_request(family, states.clone());
+            let mut tagged = |mut s: DiagSocket| {
+                s.netns = netns;
+                each(s);
+            };
+            exchange(
+                &mut self.socket,
+                request,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                &mut tagged,
+            )
+            .with_context(|| {
+                format!(
+                    "sock_diag dump of {} TCP sockets",
+                    if family == AF_INET { "IPv4" } else { "IPv6" }
+                )
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Offset of `idiag_expires` in `struct inet_diag_msg`, after the 16-byte netlink header. The
 /// crate drops it for time-wait sockets, which is exactly the time an orphan has left.
 const EXPIRES_OFFSET: usize = 16 + 52;
 
-fn dump_family(family: u8, states: StateFlags, each: &mut impl FnMut(DiagSocket)) -> Result<()> {
+fn dump_request(family: u8, states: StateFlags) -> InetRequest {
     let socket_id = if family == AF_INET {
         SocketId::new_v4()
     } else {
         SocketId::new_v6()
     };
-    let request = InetRequest {
+    InetRequest {
         family,
         protocol: IPPROTO_TCP,
         extensions: ExtensionFlags::empty(),
         states,
         socket_id,
-    };
-    exchange(request, NLM_F_REQUEST | NLM_F_DUMP, each)
+    }
 }
 
 /// The one TCP socket with these ends, asked of the kernel by its 4-tuple (no dump). An IPv4
@@ -129,7 +172,10 @@ pub(crate) fn find(
             socket_id,
         };
         let mut found = None;
-        match exchange(request, NLM_F_REQUEST, &mut |s| found = Some(s)) {
+        let mut diag = Diag::here()?;
+        match exchange(&mut diag.socket, request, NLM_F_REQUEST, &mut |s| {
+            found = Some(s);
+        }) {
             Ok(()) if found.is_some() => return Ok(found),
             // ENOENT: not under this family; a real failure is said by the caller.
             Ok(()) | Err(_) => {}
@@ -139,10 +185,12 @@ pub(crate) fn find(
 }
 
 /// Sends one sock_diag request and hands every socket of the answer to `each`.
-fn exchange(request: InetRequest, flags: u16, each: &mut impl FnMut(DiagSocket)) -> Result<()> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
+fn exchange(
+    socket: &mut Socket,
+    request: InetRequest,
+    flags: u16,
+    each: &mut impl FnMut(DiagSocket),
+) -> Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = flags;
     let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
@@ -182,7 +230,7 @@ fn exchange(request: InetRequest, flags: u16, each: &mut impl FnMut(DiagSocket))
     }
 }
 
-fn unmap(a: IpAddr) -> IpAddr {
+pub(crate) fn unmap(a: IpAddr) -> IpAddr {
     match a {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
         v4 => v4,
@@ -208,5 +256,6 @@ fn convert(r: &InetResponse, raw_expires_ms: u32) -> DiagSocket {
         timer,
         recv_queue: h.recv_queue,
         send_queue: h.send_queue,
+        netns: 0,
     }
 }

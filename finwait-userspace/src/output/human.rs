@@ -12,7 +12,7 @@ use crate::{
         container, state_name,
         summary::{Histogram, Summary},
     },
-    snapshot::{self, Entry},
+    snapshot::{self, Snapshot},
 };
 
 /// Width of the time column (`   12.345` or `12:34:56.789`).
@@ -409,8 +409,14 @@ impl Sink for HumanSink {
         ))
     }
 
-    fn snapshot(&mut self, entries: &[Entry], detail: bool) -> std::io::Result<()> {
-        self.out.line("Sockets on the close path now:")?;
+    fn snapshot(&mut self, snap: &Snapshot, detail: bool) -> std::io::Result<()> {
+        let entries = &snap.entries;
+        let spaces = match snap.coverage.read.len() {
+            0 | 1 => String::new(),
+            n => format!(" in {n} network namespaces"),
+        };
+        self.out
+            .line(&format!("Sockets on the close path now{spaces}:"))?;
         for line in snapshot::summary_lines(entries) {
             self.out.line(&format!("  {line}"))?;
         }

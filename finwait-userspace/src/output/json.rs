@@ -6,7 +6,10 @@ use serde::{Serialize, Serializer};
 
 use super::{Out, Sink};
 use crate::{
-    host::clock::{Clock, monotonic_ns},
+    host::{
+        clock::{Clock, monotonic_ns},
+        namespaces::Coverage,
+    },
     model::{
         Cause, CloseNoFinReport, Container, Endpoints, Fw2Exit, Owner, Report, Stuck,
         TransitionReport, Verdict,
@@ -14,7 +17,7 @@ use crate::{
         how_name, state_name,
         summary::Summary,
     },
-    snapshot::Entry,
+    snapshot::{Entry, Snapshot},
 };
 
 /// One line of output.
@@ -551,6 +554,8 @@ pub(crate) struct SnapshotEvent<'a> {
     timer: Option<TimerJson>,
     recv_queue: u32,
     send_queue: u32,
+    /// The network namespace's inode (`net:[INODE]`, as `ls -l /proc/PID/ns/net` shows).
+    netns: Option<u64>,
     owners: Vec<OwnerJson<'a>>,
     inferred_owner: Option<InferredJson<'a>>,
     owner_state: Option<OwnerStateJson>,
@@ -579,6 +584,7 @@ impl<'a> From<&'a Entry> for SnapshotEvent<'a> {
             }),
             recv_queue: s.recv_queue,
             send_queue: s.send_queue,
+            netns: (s.netns != 0).then_some(s.netns),
             // The snapshot's owners come from /proc: no cgroup id.
             owners: e.owners.iter().map(OwnerJson::from).collect(),
             inferred_owner: e.inferred.as_ref().map(|i| InferredJson {
@@ -602,15 +608,50 @@ pub(crate) struct GroupJson {
     close_wait_readings: BTreeMap<&'static str, usize>,
 }
 
+/// Which network namespaces a snapshot read, and which it could not.
+#[derive(Serialize)]
+pub(crate) struct NamespacesJson {
+    read: usize,
+    without_timers: usize,
+    unseen: Vec<UnseenJson>,
+    hidden_processes: usize,
+}
+
+#[derive(Serialize)]
+pub(crate) struct UnseenJson {
+    netns: u64,
+    reason: String,
+}
+
+impl From<&Coverage> for NamespacesJson {
+    fn from(c: &Coverage) -> Self {
+        Self {
+            read: c.read.len(),
+            without_timers: c.proc_net,
+            unseen: c
+                .unseen
+                .iter()
+                .map(|(netns, reason)| UnseenJson {
+                    netns: *netns,
+                    reason: reason.clone(),
+                })
+                .collect(),
+            hidden_processes: c.hidden.len(),
+        }
+    }
+}
+
 #[derive(Serialize)]
 pub(crate) struct SnapshotSummary {
     sockets: usize,
     time_wait: usize,
+    namespaces: NamespacesJson,
     processes: Vec<GroupJson>,
 }
 
 impl SnapshotSummary {
-    pub(crate) fn new(entries: &[Entry]) -> Self {
+    pub(crate) fn new(snap: &Snapshot) -> Self {
+        let entries = &snap.entries;
         let processes = crate::snapshot::summarize(entries)
             .into_iter()
             .map(|((pid, comm), g)| GroupJson {
@@ -625,6 +666,7 @@ impl SnapshotSummary {
         Self {
             sockets: entries.len() - time_wait,
             time_wait,
+            namespaces: NamespacesJson::from(&snap.coverage),
             processes,
         }
     }
@@ -654,8 +696,9 @@ impl Sink for JsonSink {
         self.event(&Event::Start(s))
     }
 
-    fn snapshot(&mut self, entries: &[Entry], _detail: bool) -> std::io::Result<()> {
-        self.event(&Event::SnapshotSummary(SnapshotSummary::new(entries)))?;
+    fn snapshot(&mut self, snap: &Snapshot, _detail: bool) -> std::io::Result<()> {
+        self.event(&Event::SnapshotSummary(SnapshotSummary::new(snap)))?;
+        let entries = &snap.entries;
         for e in entries.iter().filter(|e| !e.is_time_wait()) {
             self.event(&Event::Snapshot(SnapshotEvent::from(e)))?;
         }
@@ -865,11 +908,13 @@ mod tests {
             timer: Some(TimerLeft::TimeWait(std::time::Duration::from_secs(1))),
             recv_queue: 0,
             send_queue: 0,
+            netns: 0,
         };
         let entries = crate::snapshot::build(vec![sock], |_| Vec::new(), &[]);
         let snap = keys(&Event::Snapshot(SnapshotEvent::from(&entries[0])));
         m.insert("snapshot", snap);
-        let ss = keys(&Event::SnapshotSummary(SnapshotSummary::new(&entries)));
+        let whole = Snapshot::of(entries);
+        let ss = keys(&Event::SnapshotSummary(SnapshotSummary::new(&whole)));
         m.insert("snapshot_summary", ss);
         m
     }

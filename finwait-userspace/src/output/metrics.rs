@@ -23,12 +23,12 @@ use prometheus_client::{
 
 use super::{Sink, Start, Stats};
 use crate::{
-    host::sockdiag,
+    host::namespaces,
     model::{
         Comm, Container, Endpoints, Owner, Report, Stuck, Task, TransitionReport, Verdict,
         summary::Summary,
     },
-    snapshot::Entry,
+    snapshot::Snapshot,
 };
 
 /// Who a series is about: a process name and where it runs. Never a pid, port or address.
@@ -417,34 +417,35 @@ impl MetricsSink {
     /// held by a process, with an inode) is released and counted as a correction.
     fn check_against_kernel(&mut self) {
         use netlink_packet_sock_diag::inet::StateFlags;
-        let mut now: HashMap<Key, (u8, u64)> = HashMap::new();
+        // Ends repeat across namespaces (every pod has its own 127.0.0.1): keyed by both.
+        let mut now: HashMap<(u64, Key), (u8, u64)> = HashMap::new();
         let states = StateFlags::CLOSE_WAIT | StateFlags::FIN_WAIT2;
-        let read = sockdiag::dump_each(&states, |s| {
+        let read = namespaces::dump_everywhere(&states, |s| {
             now.insert(
-                key_of(s.local, s.lport, s.remote, s.rport),
+                (s.netns, key_of(s.local, s.lport, s.remote, s.rport)),
                 (s.state, s.inode),
             );
         });
-        if read.is_err() {
+        let Ok(coverage) = read else {
             return; // checked next time; nothing is released on a failed read
-        }
-        // A socket of another namespace is not in this dump: those are not checked.
-        let own = std::fs::read_link("/proc/self/ns/net").ok();
-        let mut ns_of: HashMap<u32, bool> = HashMap::new();
-        let mut ours = |pid: u32| {
-            *ns_of.entry(pid).or_insert_with(|| {
-                own.is_some() && std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() == own
-            })
+        };
+        // A holder's namespace that was not read (or a holder gone) is not checked.
+        let read: std::collections::HashSet<u64> = coverage.read.into_iter().collect();
+        let mut ns_of: HashMap<u32, Option<u64>> = HashMap::new();
+        let mut checked = |pid: u32| {
+            *ns_of
+                .entry(pid)
+                .or_insert_with(|| namespaces::of_pid(pid).filter(|ns| read.contains(ns)))
         };
         self.release_gone(|h| {
-            ours(h.pid)
-                && match (h.kind, now.get(&h.key)) {
-                    (Kind::CloseWait, Some((state, _))) => *state != st::CLOSE_WAIT,
-                    (Kind::HalfClosed, Some((state, inode))) => {
-                        *state != st::FIN_WAIT2 || *inode == 0
-                    }
-                    (_, None) => true,
-                }
+            let Some(ns) = checked(h.pid) else {
+                return false;
+            };
+            match (h.kind, now.get(&(ns, h.key))) {
+                (Kind::CloseWait, Some((state, _))) => *state != st::CLOSE_WAIT,
+                (Kind::HalfClosed, Some((state, inode))) => *state != st::FIN_WAIT2 || *inode == 0,
+                (_, None) => true,
+            }
         });
     }
 
@@ -568,7 +569,8 @@ impl Sink for MetricsSink {
     }
 
     /// The sockets already waiting for someone to close them count from the start.
-    fn snapshot(&mut self, entries: &[Entry], _detail: bool) -> io::Result<()> {
+    fn snapshot(&mut self, snap: &Snapshot, _detail: bool) -> io::Result<()> {
+        let entries = &snap.entries;
         for e in entries {
             let kind = match (&e.verdict, e.sock.state) {
                 (Verdict::OwnerMustClose(_), st::CLOSE_WAIT) => Kind::CloseWait,
@@ -716,9 +718,10 @@ mod tests {
             timer: None,
             recv_queue: 1,
             send_queue: 0,
+            netns: 0,
         };
         let entries = crate::snapshot::build(vec![seeded], |_| vec![owner("imapd", DOCKER)], &[]);
-        m.snapshot(&entries, false).unwrap();
+        m.snapshot(&Snapshot::of(entries), false).unwrap();
         send(&mut m, &close_wait(0x100, 55, owner("imapd", DOCKER)));
         let series = r#"finwait_close_wait_sockets{comm="imapd",container_id="3f2a9c1b7d4e5f60718293a4b5c6d7e8f0112233445566778899aabbccddeeff",k8s_pod_uid="",systemd_unit="docker-3f2a9c1b7d4e5f60718293a4b5c6d7e8f0112233445566778899aabbccddeeff.scope"}"#;
         assert!(

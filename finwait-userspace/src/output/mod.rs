@@ -7,7 +7,7 @@ use bytes::{BufMut, BytesMut};
 
 use crate::{
     model::{Report, Stuck, Verdict, summary::Summary},
-    snapshot::Entry,
+    snapshot::Snapshot,
 };
 
 pub(crate) mod endpoint;
@@ -22,7 +22,7 @@ pub(crate) trait Sink {
     /// The programs are attached: what runs, and how.
     fn start(&mut self, s: &Start) -> io::Result<()>;
     /// The sockets on the close path now; `detail`: one line each, besides the summary.
-    fn snapshot(&mut self, entries: &[Entry], detail: bool) -> io::Result<()>;
+    fn snapshot(&mut self, snap: &Snapshot, detail: bool) -> io::Result<()>;
     /// One live report, with its verdict (decided once, by the pipeline).
     fn report(&mut self, r: &Report, verdict: Option<&Verdict>) -> io::Result<()>;
     /// A socket still half-closed or in CLOSE_WAIT past `--stuck`.
@@ -60,10 +60,8 @@ impl Sink for Tee {
     fn start(&mut self, s: &Start) -> io::Result<()> {
         self.0.iter_mut().try_for_each(|k| k.start(s))
     }
-    fn snapshot(&mut self, entries: &[Entry], detail: bool) -> io::Result<()> {
-        self.0
-            .iter_mut()
-            .try_for_each(|k| k.snapshot(entries, detail))
+    fn snapshot(&mut self, snap: &Snapshot, detail: bool) -> io::Result<()> {
+        self.0.iter_mut().try_for_each(|k| k.snapshot(snap, detail))
     }
     fn report(&mut self, r: &Report, verdict: Option<&Verdict>) -> io::Result<()> {
         self.0.iter_mut().try_for_each(|k| k.report(r, verdict))
@@ -92,8 +90,8 @@ impl Sink for SummaryOnly {
     fn start(&mut self, s: &Start) -> io::Result<()> {
         self.0.start(s)
     }
-    fn snapshot(&mut self, entries: &[Entry], detail: bool) -> io::Result<()> {
-        self.0.snapshot(entries, detail)
+    fn snapshot(&mut self, snap: &Snapshot, detail: bool) -> io::Result<()> {
+        self.0.snapshot(snap, detail)
     }
     fn report(&mut self, _r: &Report, _verdict: Option<&Verdict>) -> io::Result<()> {
         Ok(())

@@ -371,6 +371,7 @@ fn start_snapshot(o: &Options, ebpf: &mut aya::Ebpf, p: &mut Pipeline) -> Result
             return Ok(());
         }
     };
+    snap.warn_unseen();
     let followed: std::collections::HashSet<u32> = if o.follows_processes() {
         procs::with_descendants(&pids).into_iter().collect()
     } else {
@@ -390,7 +391,7 @@ fn start_snapshot(o: &Options, ebpf: &mut aya::Ebpf, p: &mut Pipeline) -> Result
         }
         p.correlator.seed(e.sock.inode, snap.taken_ns);
     }
-    Ok(p.sink.snapshot(&snap.entries, false)?)
+    Ok(p.sink.snapshot(&snap, false)?)
 }
 
 /// The kernel records holders as sockets are obtained; those obtained before it started come
@@ -414,7 +415,8 @@ fn seed_owners(
     snap.entries.iter().for_each(|e| seed(e.sock.inode));
     // Streamed: a host's 100,000 established sockets are never held in memory at once.
     let established = StateFlags::ESTABLISHED | StateFlags::SYN_SENT;
-    if let Err(e) = sockdiag::dump_each(&established, |s| seed(s.inode)) {
+    // Every namespace: a pod's sockets obtained before the start are as much its own.
+    if let Err(e) = crate::host::namespaces::dump_everywhere(&established, |s| seed(s.inode)) {
         eprintln!(
             "finwait-trace: warning: established sockets not read ({e:#}); their owners will come from /proc"
         );
