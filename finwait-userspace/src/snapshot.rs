@@ -22,7 +22,7 @@ use crate::{
         sockdiag::DiagSocket,
     },
     model::{
-        Comm, Container, Holder, Owner, Verdict,
+        Comm, Container, Endpoints, Holder, Owner, Verdict,
         diagnosis::{OwnerState, Threads, readings_words},
         verdict::{Bound, Facts, whose_job},
     },
@@ -85,6 +85,16 @@ impl Entry {
             (st::LAST_ACK, _) => "last_ack",
             (st::CLOSING, _) => "closing",
             _ => "time_wait",
+        }
+    }
+
+    pub(crate) fn ends(&self) -> Endpoints {
+        let s = &self.sock;
+        Endpoints {
+            local: s.local,
+            lport: s.lport,
+            remote: s.remote,
+            rport: s.rport,
         }
     }
 

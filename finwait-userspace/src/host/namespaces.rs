@@ -7,7 +7,7 @@
 //! `/proc/PID/net/tcp{,6}` of a process in it (no timers); where neither works, the namespace
 //! is named as unseen, never silently left out.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
@@ -97,6 +97,39 @@ pub(crate) fn all() -> (Vec<NetNs>, Vec<u32>) {
     let mut all: Vec<NetNs> = found.into_values().collect();
     all.sort_by_key(|n| (Some(n.inode) != own, n.inode));
     (all, hidden)
+}
+
+/// sock_diag sockets by namespace, made once each: to ask about one socket in the namespace of
+/// the process that holds it.
+#[derive(Default)]
+pub(crate) struct Diags {
+    by_ns: HashMap<u64, Option<Diag>>,
+    ns_of_pid: HashMap<u32, Option<u64>>,
+}
+
+/// Processes and namespaces remembered at most (pods come and go for days).
+const MAX_REMEMBERED: usize = 4096;
+
+impl Diags {
+    /// A sock_diag socket in `pid`'s network namespace (None: the process is gone, or its
+    /// namespace cannot be entered).
+    pub(crate) fn of_pid(&mut self, pid: u32) -> Option<&mut Diag> {
+        if self.ns_of_pid.len() >= MAX_REMEMBERED || self.by_ns.len() >= MAX_REMEMBERED {
+            self.ns_of_pid.clear();
+            self.by_ns.clear();
+        }
+        let ns = (*self.ns_of_pid.entry(pid).or_insert_with(|| of_pid(pid)))?;
+        self.by_ns
+            .entry(ns)
+            .or_insert_with(|| {
+                if Some(ns) == own() {
+                    Diag::new(ns).ok()
+                } else {
+                    enter(Path::new(&format!("/proc/{pid}/ns/net")), ns).ok()
+                }
+            })
+            .as_mut()
+    }
 }
 
 /// How a namespace's sockets were read.

@@ -143,8 +143,10 @@ fn dump_request(family: u8, states: StateFlags) -> InetRequest {
 }
 
 /// The one TCP socket with these ends, asked of the kernel by its 4-tuple (no dump). An IPv4
-/// peer of a dual-stack socket is looked up as IPv4, then as its v4-mapped IPv6 address.
+/// peer of a dual-stack socket is looked up as IPv4, then as its v4-mapped IPv6 address. Asked
+/// in `diag`'s namespace.
 pub(crate) fn find(
+    diag: &mut Diag,
     local: IpAddr,
     lport: u16,
     remote: IpAddr,
@@ -172,7 +174,6 @@ pub(crate) fn find(
             socket_id,
         };
         let mut found = None;
-        let mut diag = Diag::here()?;
         match exchange(&mut diag.socket, request, NLM_F_REQUEST, &mut |s| {
             found = Some(s);
         }) {

@@ -393,4 +393,6 @@ pub(crate) struct Stuck {
     pub(crate) owner_state: Option<diagnosis::OwnerState>,
     pub(crate) ends: Endpoints,
     pub(crate) stuck_ns: u64,
+    /// Stuck before tracing started: `stuck_ns` counts from the start-up inventory.
+    pub(crate) at_least: bool,
 }

@@ -24,7 +24,9 @@ pub(crate) struct Counts {
     /// FIN_WAIT2 entries orphaned, by call ("close()", "process exit", ...).
     pub(crate) orphaned: BTreeMap<String, u64>,
     pub(crate) close_wait: u64,
-    /// CLOSE_WAIT sockets their owner then closed.
+    /// CLOSE_WAIT sockets already held when tracing started (the start-up inventory's).
+    pub(crate) close_wait_at_start: u64,
+    /// CLOSE_WAIT sockets their owner then closed (entered while traced or at start).
     pub(crate) close_wait_closed: u64,
     /// Those still open when tracing ended, by what the owner did with the peer's FIN
     /// (`fin_not_read`, `read_eof_not_closed`).
@@ -43,6 +45,8 @@ pub(crate) struct Open {
     pub(crate) container: Option<Arc<Container>>,
     /// Already reported by `--stuck`.
     reported: bool,
+    /// Stuck before tracing started: `since_ns` is when the inventory saw it (a lower bound).
+    pub(crate) at_least: bool,
 }
 
 impl Open {
@@ -53,6 +57,21 @@ impl Open {
             None => "CLOSE_WAIT".into(),
         }
     }
+}
+
+/// One of the sockets open the longest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Longest {
+    /// The kernel address (0: seen only by the start-up inventory).
+    pub(crate) sock: u64,
+    pub(crate) what: String,
+    pub(crate) pid: u32,
+    pub(crate) comm: Comm,
+    pub(crate) fd: Option<i32>,
+    pub(crate) ends: Endpoints,
+    pub(crate) age_ns: u64,
+    /// Stuck before tracing started: at least `age_ns`.
+    pub(crate) at_least: bool,
 }
 
 /// One process's line in the summary.
@@ -72,7 +91,15 @@ pub(crate) struct Summary {
     /// Processes dropped to keep the summary bounded: at [`MAX_PROCESSES`], those with nothing
     /// left open (a long run on a host that forks constantly).
     pub(crate) processes_dropped: u64,
+    /// By kernel address.
     open: HashMap<u64, Open>,
+    /// Stuck before tracing started, by inode (the inventory has no kernel addresses) until
+    /// a live transition names the socket; then it moves to `open`: one entry per socket,
+    /// whichever path saw it first.
+    seeded: HashMap<u64, Open>,
+    /// The seeded sockets by ends, for a transition that no longer carries the inode (a
+    /// half-closed socket's close orphans it before its last transition).
+    seeded_ends: HashMap<EndsKey, u64>,
     pub(crate) half_closed_ms: Histogram,
     pub(crate) close_wait_ms: Histogram,
     pub(crate) stuck_reported: u64,
@@ -85,6 +112,22 @@ struct Process {
     container: Option<Arc<Container>>,
     counts: Counts,
 }
+
+/// Ends as both the reports and the inventory name them (v4-mapped addresses as IPv4).
+type EndsKey = (std::net::IpAddr, u16, std::net::IpAddr, u16);
+
+fn ends_key(e: &Endpoints) -> EndsKey {
+    (
+        e.local.to_canonical(),
+        e.lport,
+        e.remote.to_canonical(),
+        e.rport,
+    )
+}
+
+/// The call a socket half-closed before tracing started is filed under (it is not known which
+/// `how` it was).
+const SHUTDOWN_BEFORE_START: &str = "shutdown() before the start";
 
 /// Processes kept in the summary at most.
 const MAX_PROCESSES: usize = 10_000;
@@ -116,9 +159,94 @@ impl Histogram {
 }
 
 impl Summary {
+    /// A socket someone must close, already stuck when tracing started: CLOSE_WAIT held by
+    /// `holder`, or (`half_closed`) FIN_WAIT2 half-closed by it. Timed from `since_ns`, the
+    /// inventory's time, as a lower bound.
+    pub(crate) fn seed(
+        &mut self,
+        inode: u64,
+        since_ns: u64,
+        holder: &super::Owner,
+        half_closed: bool,
+        ends: Endpoints,
+    ) {
+        if inode == 0 || self.seeded.contains_key(&inode) {
+            return;
+        }
+        let entry = self.process(holder.pid);
+        entry.comm = holder.comm.clone();
+        if holder.container.is_some() {
+            entry.container.clone_from(&holder.container);
+        }
+        let half_closed_by = if half_closed {
+            *entry
+                .counts
+                .half_closed
+                .entry(SHUTDOWN_BEFORE_START.into())
+                .or_default() += 1;
+            Some(SHUTDOWN_BEFORE_START.to_string())
+        } else {
+            entry.counts.close_wait_at_start += 1;
+            None
+        };
+        self.seeded_ends.insert(ends_key(&ends), inode);
+        self.seeded.insert(
+            inode,
+            Open {
+                since_ns,
+                who: holder.pid,
+                half_closed_by,
+                ends,
+                fd: Some(holder.fd),
+                container: holder.container.clone(),
+                reported: false,
+                at_least: true,
+            },
+        );
+    }
+
+    /// A live transition of a seeded socket: the entry moves to `open`, under its address. A
+    /// transition into the state it was seeded in (seen while the inventory was read) wins,
+    /// and the seeded count is taken back.
+    fn adopt(&mut self, t: &TransitionReport) {
+        if self.seeded.is_empty() {
+            return;
+        }
+        let inode = if t.inode != 0 && self.seeded.contains_key(&t.inode) {
+            t.inode
+        } else {
+            match self.seeded_ends.get(&ends_key(&t.ends)) {
+                Some(&i) => i,
+                None => return,
+            }
+        };
+        let Some(o) = self.seeded.remove(&inode) else {
+            return;
+        };
+        self.seeded_ends.remove(&ends_key(&o.ends));
+        let entered_again = matches!(
+            (t.new, &o.half_closed_by),
+            (st::CLOSE_WAIT, None) | (st::FIN_WAIT2, Some(_))
+        );
+        if entered_again {
+            let c = self.counts(o.who);
+            match &o.half_closed_by {
+                None => c.close_wait_at_start = c.close_wait_at_start.saturating_sub(1),
+                Some(call) => {
+                    if let Some(n) = c.half_closed.get_mut(call) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+            }
+            return;
+        }
+        self.open.entry(t.sock).or_insert(o);
+    }
+
     /// Counts one report, with its verdict.
     pub(crate) fn add(&mut self, r: &Report, verdict: Option<&Verdict>) {
         let Report::Transition(t) = r else { return };
+        self.adopt(t);
         match (t.old, t.new) {
             (st::FIN_WAIT1, st::FIN_WAIT2) => self.fin_wait2(t, verdict),
             (st::ESTABLISHED, st::CLOSE_WAIT) => self.close_wait(t),
@@ -158,7 +286,12 @@ impl Summary {
     /// `pid`'s entry, made room for at [`MAX_PROCESSES`].
     fn process(&mut self, pid: u32) -> &mut Process {
         if self.by_process.len() >= MAX_PROCESSES && !self.by_process.contains_key(&pid) {
-            let holding: HashSet<u32> = self.open.values().map(|o| o.who).collect();
+            let holding: HashSet<u32> = self
+                .open
+                .values()
+                .chain(self.seeded.values())
+                .map(|o| o.who)
+                .collect();
             let before = self.by_process.len();
             self.by_process.retain(|p, _| holding.contains(p));
             self.processes_dropped += (before - self.by_process.len()) as u64;
@@ -191,6 +324,7 @@ impl Summary {
                         fd: c.fd,
                         container: task.container.clone(),
                         reported: false,
+                        at_least: false,
                     },
                 );
             }
@@ -218,6 +352,7 @@ impl Summary {
                 fd: Some(o.fd),
                 container: o.container.clone(),
                 reported: false,
+                at_least: false,
             },
         );
     }
@@ -255,11 +390,13 @@ impl Summary {
     /// oldest first.
     pub(crate) fn take_stuck(&mut self, now_ns: u64, threshold_ns: u64) -> Vec<Stuck> {
         let mut due = Vec::new();
-        for (sock, o) in &mut self.open {
+        // A seeded socket has no address yet: 0 (its inode is known to the inventory only).
+        let seeded = self.seeded.values_mut().map(|o| (0, o));
+        for (sock, o) in self.open.iter_mut().map(|(s, o)| (*s, o)).chain(seeded) {
             let age = now_ns.saturating_sub(o.since_ns);
             if !o.reported && age >= threshold_ns {
                 o.reported = true;
-                due.push((*sock, o.clone(), age));
+                due.push((sock, o.clone(), age));
             }
         }
         let mut out: Vec<Stuck> = due
@@ -274,6 +411,7 @@ impl Summary {
                     owner_state: None,
                     ends: o.ends,
                     stuck_ns: age,
+                    at_least: o.at_least,
                 }
             })
             .collect();
@@ -298,17 +436,18 @@ impl Summary {
     pub(crate) fn read_close_waits(
         &mut self,
         max: usize,
-        mut recv_queue: impl FnMut(&Endpoints) -> Option<u32>,
+        mut recv_queue: impl FnMut(u32, &Endpoints) -> Option<u32>,
     ) {
         let open: Vec<(u32, Endpoints)> = self
             .open
             .values()
+            .chain(self.seeded.values())
             .filter(|o| o.half_closed_by.is_none())
             .take(max)
             .map(|o| (o.who, o.ends.clone()))
             .collect();
         for (who, ends) in open {
-            if let Some(q) = recv_queue(&ends) {
+            if let Some(q) = recv_queue(who, &ends) {
                 let r = FinReading::of_close_wait(q).name();
                 *self.counts(who).close_wait_readings.entry(r).or_default() += 1;
             }
@@ -317,20 +456,33 @@ impl Summary {
 
     /// Sockets still open that someone must close.
     pub(crate) fn still_stuck(&self) -> usize {
-        self.open.len()
+        self.open.len() + self.seeded.len()
     }
 
-    /// The `n` open the longest: (socket, what, pid, comm, age in ns).
-    pub(crate) fn longest(&self, now_ns: u64, n: usize) -> Vec<(u64, String, u32, Comm, u64)> {
+    /// The `n` open the longest, oldest first.
+    pub(crate) fn longest(&self, now_ns: u64, n: usize) -> Vec<Longest> {
+        let seeded = self.seeded.values().map(|o| (0, o));
         let mut v: Vec<_> = self
             .open
             .iter()
-            .map(|(s, o)| (*s, o, now_ns.saturating_sub(o.since_ns)))
+            .map(|(s, o)| (*s, o))
+            .chain(seeded)
+            .map(|(s, o)| (s, o, now_ns.saturating_sub(o.since_ns)))
             .collect();
-        v.sort_by_key(|(_, _, age)| std::cmp::Reverse(*age));
+        // Oldest first; the same age in a stable order (by port, then socket).
+        v.sort_by_key(|(s, o, age)| (std::cmp::Reverse(*age), o.ends.lport, o.ends.rport, *s));
         v.truncate(n);
         v.into_iter()
-            .map(|(s, o, age)| (s, o.what(), o.who, self.comm(o.who), age))
+            .map(|(sock, o, age)| Longest {
+                sock,
+                what: o.what(),
+                pid: o.who,
+                comm: self.comm(o.who),
+                fd: o.fd,
+                ends: o.ends.clone(),
+                age_ns: age,
+                at_least: o.at_least,
+            })
             .collect()
     }
 }
@@ -355,11 +507,16 @@ fn answer(pid: u32, comm: &str, container: Option<&Container>, c: &Counts) -> St
             orphans.plural(comm)
         ));
     }
-    if c.close_wait > 0 {
-        let open = c.close_wait - c.close_wait_closed.min(c.close_wait);
+    let close_wait = c.close_wait + c.close_wait_at_start;
+    if close_wait > 0 {
+        let open = close_wait - c.close_wait_closed.min(close_wait);
+        let at_start = match c.close_wait_at_start {
+            0 => String::new(),
+            n => format!(" ({n} already at start)"),
+        };
         let mut part = format!(
-            "{} CLOSE_WAIT, {} closed later, {open} never closed while traced",
-            c.close_wait, c.close_wait_closed
+            "{close_wait} CLOSE_WAIT{at_start}, {} closed later, {open} never closed while traced",
+            c.close_wait_closed
         );
         part += &readings_words(|k| c.close_wait_readings.get(k).copied().unwrap_or(0));
         if open > 0 {
@@ -432,6 +589,64 @@ mod tests {
         assert!(s.by_process.len() <= MAX_PROCESSES);
         assert!(s.by_process.contains_key(&1));
         assert_eq!(s.processes_dropped, MAX_PROCESSES as u64 - 2);
+    }
+
+    /// Stuck before the start: in --stuck and the summary as "at least"; one entry per socket
+    /// whichever path saw it first; closed later, counted as closed.
+    #[test]
+    fn sockets_stuck_before_the_start_are_one_ledger_with_the_live_ones() {
+        let mut s = Summary::default();
+        let owner = Owner {
+            pid: 9,
+            comm: "python3".into(),
+            fd: 4,
+            ..Owner::default()
+        };
+        let ends = |lport| Endpoints {
+            local: "127.0.0.1".parse().unwrap(),
+            lport,
+            remote: "::ffff:127.0.0.1".parse().unwrap(),
+            rport: 2,
+        };
+        s.seed(100, 1_000, &owner, false, ends(10)); // CLOSE_WAIT, closed later
+        s.seed(101, 1_000, &owner, false, ends(11)); // CLOSE_WAIT, still open
+        s.seed(102, 1_000, &owner, true, ends(12)); // half-closed, closed (its inode gone)
+        s.seed(103, 1_000, &owner, false, ends(13)); // also seen entering CLOSE_WAIT live
+        s.seed(103, 1_000, &owner, false, ends(13)); // the same socket twice: one entry
+        assert_eq!(s.still_stuck(), 4);
+        let stuck = s.take_stuck(3_000, 1_000);
+        assert_eq!(stuck.len(), 4);
+        assert!(stuck.iter().all(|x| x.at_least && x.stuck_ns == 2_000));
+
+        let mut t = tr(1, st::ESTABLISHED, st::CLOSE_WAIT);
+        t.inode = 103;
+        t.ts_ns = 2_000;
+        t.ends = ends(13);
+        t.owner = Some(owner.clone());
+        s.add(&Report::Transition(t), None);
+        let mut t = tr(2, st::CLOSE_WAIT, st::LAST_ACK);
+        t.inode = 100;
+        s.add(&Report::Transition(t), None);
+        // Matched by ends (mapped or not) once the inode is gone.
+        let mut t = tr(3, st::FIN_WAIT2, st::CLOSE);
+        t.ends = ends(12);
+        s.add(&Report::Transition(t), None);
+
+        let c = &s.by_process[&9].counts;
+        assert_eq!((c.close_wait, c.close_wait_at_start), (1, 2));
+        assert_eq!(c.close_wait_closed, 1);
+        assert_eq!(c.half_closed[SHUTDOWN_BEFORE_START], 1);
+        assert_eq!(c.half_closed_ended[SHUTDOWN_BEFORE_START], 1);
+        assert_eq!(s.still_stuck(), 2, "101 seeded, 103 live");
+        let longest = s.longest(5_000, 5);
+        assert_eq!(longest.len(), 2);
+        assert!(longest[0].at_least && longest[0].age_ns == 4_000);
+        assert_eq!((longest[0].ends.lport, longest[0].fd), (11, Some(4)));
+        let answer = s.processes().next().unwrap().answer;
+        assert_eq!(
+            answer,
+            "python3[9]: 1 FIN_WAIT2 after shutdown() before the start, 1 ended later, 0 still half-closed; 3 CLOSE_WAIT (2 already at start), 1 closed later, 2 never closed while traced: python3 must close them (a leak if they stay)"
+        );
     }
 
     #[test]

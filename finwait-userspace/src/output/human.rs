@@ -451,12 +451,13 @@ impl Sink for HumanSink {
     fn stuck(&mut self, s: &Stuck) -> std::io::Result<()> {
         let e = &s.ends;
         let mut line = format!(
-            "STUCK {}:{} > {}:{} {} for {:.1} s: {}",
+            "STUCK {}:{} > {}:{} {} for {}{:.1} s: {}",
             e.local,
             e.lport,
             e.remote,
             e.rport,
             s.what,
+            if s.at_least { "at least " } else { "" },
             s.stuck_ns as f64 / 1e9,
             s.verdict.clause()
         );
@@ -493,10 +494,15 @@ impl Sink for HumanSink {
         if !longest.is_empty() {
             self.out.line("  Longest stuck, still open:")?;
         }
-        for (_, what, pid, comm, age) in longest {
-            let secs = age as f64 / 1e9;
-            self.out
-                .line(&format!("    {what} {comm}[{pid}] for {secs:.1} s"))?;
+        for l in longest {
+            let secs = l.age_ns as f64 / 1e9;
+            let fd = l.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
+            let e = &l.ends;
+            let at_least = if l.at_least { "at least " } else { "" };
+            self.out.line(&format!(
+                "    {} {}[{}]{fd} {}:{} > {}:{} for {at_least}{secs:.1} s",
+                l.what, l.comm, l.pid, e.local, e.lport, e.remote, e.rport
+            ))?;
         }
         Ok(())
     }

@@ -354,6 +354,8 @@ pub(crate) struct StuckEvent<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     container: Option<ContainerJson<'a>>,
     stuck_s: f64,
+    /// Stuck before tracing started: `stuck_s` counts from the start-up inventory.
+    at_least: bool,
     verdict: &'static str,
     owner_state: Option<OwnerStateJson>,
     #[serde(flatten)]
@@ -371,6 +373,7 @@ impl<'a> StuckEvent<'a> {
             fd: s.holder.fd,
             container: ContainerJson::of(s.holder.container.as_deref()),
             stuck_s: s.stuck_ns as f64 / 1e9,
+            at_least: s.at_least,
             verdict: s.verdict.name(),
             owner_state: s.owner_state.as_ref().map(|o| {
                 let who = format!("{}[{}]", s.holder.comm, s.holder.pid);
@@ -391,6 +394,7 @@ pub(crate) struct ProcessJson<'a> {
     fin_wait2_half_closed_ended: &'a BTreeMap<String, u64>,
     fin_wait2_orphaned: &'a BTreeMap<String, u64>,
     close_wait: u64,
+    close_wait_at_start: u64,
     close_wait_closed: u64,
     close_wait_readings: &'a BTreeMap<&'static str, u64>,
     answer: String,
@@ -408,7 +412,12 @@ pub(crate) struct LongestJson {
     state: String,
     pid: u32,
     comm: String,
+    fd: Option<i32>,
+    #[serde(flatten)]
+    conn: Conn,
     stuck_ms: f64,
+    /// Stuck before tracing started: `stuck_ms` counts from the start-up inventory.
+    at_least: bool,
 }
 
 #[derive(Serialize)]
@@ -441,6 +450,7 @@ impl<'a> SummaryEvent<'a> {
                     fin_wait2_half_closed_ended: &p.counts.half_closed_ended,
                     fin_wait2_orphaned: &p.counts.orphaned,
                     close_wait: p.counts.close_wait,
+                    close_wait_at_start: p.counts.close_wait_at_start,
                     close_wait_closed: p.counts.close_wait_closed,
                     close_wait_readings: &p.counts.close_wait_readings,
                     answer: p.answer,
@@ -452,12 +462,15 @@ impl<'a> SummaryEvent<'a> {
             longest_stuck: s
                 .longest(now_ns, 10)
                 .into_iter()
-                .map(|(sock, state, pid, comm, age)| LongestJson {
-                    sock: Hex(sock),
-                    state,
-                    pid,
-                    comm: comm.to_string(),
-                    stuck_ms: age as f64 / 1e6,
+                .map(|l| LongestJson {
+                    sock: Hex(l.sock),
+                    state: l.what,
+                    pid: l.pid,
+                    comm: l.comm.to_string(),
+                    fd: l.fd,
+                    conn: Conn::from(&l.ends),
+                    stuck_ms: l.age_ns as f64 / 1e6,
+                    at_least: l.at_least,
                 })
                 .collect(),
             stuck_reported: s.stuck_reported,
@@ -888,6 +901,7 @@ mod tests {
             owner_state: None,
             ends: ends(),
             stuck_ns: 1,
+            at_least: false,
         };
         m.insert("stuck", keys(&Event::Stuck(StuckEvent::new(&s, &clock))));
         let summary = Summary::default();

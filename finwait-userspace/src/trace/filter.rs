@@ -90,6 +90,17 @@ impl Filter {
                 .is_some_and(|e| self.ports.contains(&e.lport) || self.ports.contains(&e.rport))
     }
 
+    /// A socket the start-up inventory found in `state` (its holder already chosen by
+    /// `--pid`/`--comm`): `--state`, `-4`/`-6`, `--port`, and not the endpoint's own.
+    pub(crate) fn inventory_wanted(&self, e: &crate::model::Endpoints, state: u8) -> bool {
+        let own = self.own_port.is_some_and(|p| e.lport == p || e.rport == p);
+        let states = self.states.is_empty() || self.states.contains(&state);
+        let family = self.ipv6.is_none_or(|v6| e.is_ipv6() == v6);
+        let ports =
+            self.ports.is_empty() || self.ports.contains(&e.lport) || self.ports.contains(&e.rport);
+        !own && states && family && ports
+    }
+
     /// A socket is followed once a followed process made a call on it or holds it; an owner
     /// matching `--comm` counts even if it made no call yet.
     ///

@@ -380,16 +380,24 @@ fn start_snapshot(o: &Options, ebpf: &mut aya::Ebpf, p: &mut Pipeline) -> Result
     seed_owners(ebpf, &snap, &followed);
     for e in &snap.entries {
         use crate::model::Verdict;
-        match &e.verdict {
-            Verdict::OwnerMustClose(_) => {
-                if let Some(o) = e.owners.first() {
-                    p.resolver.remember(e.sock.inode, o.clone());
-                }
-            }
-            Verdict::ApplicationMustClose(_) if e.sock.state == st::FIN_WAIT2 => {}
+        let half_closed = match &e.verdict {
+            Verdict::OwnerMustClose(_) => false,
+            Verdict::ApplicationMustClose(_) if e.sock.state == st::FIN_WAIT2 => true,
             _ => continue,
-        }
+        };
         p.correlator.seed(e.sock.inode, snap.taken_ns);
+        let Some(owner) = e.owners.first() else {
+            continue;
+        };
+        if !half_closed {
+            p.resolver.remember(e.sock.inode, owner.clone());
+        }
+        // Stuck before the start: in --stuck and the summary, timed from the inventory.
+        let ends = e.ends();
+        if p.filter.inventory_wanted(&ends, e.sock.state) {
+            p.summary
+                .seed(e.sock.inode, snap.taken_ns, owner, half_closed, ends);
+        }
     }
     Ok(p.sink.snapshot(&snap, false)?)
 }

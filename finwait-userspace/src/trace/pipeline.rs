@@ -18,6 +18,7 @@ use crate::{
         cgroup::Cgroups,
         clock::monotonic_ns,
         inspect::{self, EpollSets},
+        namespaces::Diags,
         netns::FinTimeouts,
         sockdiag,
     },
@@ -186,8 +187,10 @@ impl Pipeline {
 
     /// Why the CLOSE_WAIT sockets still open are: each one's Recv-Q, asked of the kernel.
     pub(crate) fn read_open_close_waits(&mut self) {
-        self.summary.read_close_waits(MAX_READ_AT_END, |e| {
-            let s = sockdiag::find(e.local, e.lport, e.remote, e.rport).ok()??;
+        let diags = &mut self.inspector.diags;
+        self.summary.read_close_waits(MAX_READ_AT_END, |pid, e| {
+            let diag = diags.of_pid(pid)?;
+            let s = sockdiag::find(diag, e.local, e.lport, e.remote, e.rport).ok()??;
             (s.state == finwait_common::tcp_state::CLOSE_WAIT).then_some(s.recv_queue)
         });
     }
@@ -239,6 +242,8 @@ pub(crate) fn ends_key(e: &crate::model::Endpoints) -> Ends {
 #[derive(Default)]
 struct Inspector {
     owners: HashMap<u32, (Instant, Option<EpollSets>, Option<Threads>)>,
+    /// The socket is asked about in its holder's network namespace.
+    diags: Diags,
 }
 
 /// CLOSE_WAIT sockets read at the end at most (one sock_diag query each).
@@ -251,7 +256,8 @@ const MAX_OWNERS: usize = 1024;
 impl Inspector {
     fn owner_state(&mut self, s: &Stuck) -> Option<OwnerState> {
         let e = &s.ends;
-        let sock = sockdiag::find(e.local, e.lport, e.remote, e.rport).ok()??;
+        let diag = self.diags.of_pid(s.holder.pid)?;
+        let sock = sockdiag::find(diag, e.local, e.lport, e.remote, e.rport).ok()??;
         let mut state = OwnerState::new(sock.state, sock.recv_queue);
         let pid = s.holder.pid;
         let fresh = self
