@@ -380,3 +380,119 @@ fn close_wait_diagnosis_by_owner_behaviour() {
     drop((linger, linger_peer, deaf, deaf_peer));
     drop(ep);
 }
+
+/// The sockets of a process in a network namespace of its own (a pod's, a container's) are
+/// seen from the host: `snapshot`, `snapshot --pid`, and live tracing's start-up inventory,
+/// `--stuck` and summary, each socket with its owner and namespace.
+#[test]
+fn another_network_namespace_is_seen_from_the_host() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pod = Pod::start(3, 2);
+    let pid = u64::try_from(pod.pid).unwrap();
+    let in_pod = |all: &[Value]| -> Vec<Value> {
+        all.iter()
+            .filter(|v| v["event"] == "snapshot" && v["netns"] == pod.netns)
+            .cloned()
+            .collect()
+    };
+    let classes = |sockets: &[Value]| {
+        let mut c: Vec<(String, usize)> = Vec::new();
+        for class in ["close_wait", "fin_wait2_half_closed", "fin_wait2_orphaned"] {
+            let n = sockets.iter().filter(|v| v["class"] == class).count();
+            c.push((class.into(), n));
+        }
+        c
+    };
+    let want = |cw, hc, orphans| {
+        vec![
+            ("close_wait".to_string(), cw),
+            ("fin_wait2_half_closed".to_string(), hc),
+            ("fin_wait2_orphaned".to_string(), orphans),
+        ]
+    };
+    // The orphans reach FIN_WAIT2 on the peer's ACK.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (all, sockets) = loop {
+        let all = snapshot(&[]);
+        let sockets = in_pod(&all);
+        if classes(&sockets) == want(5, 2, 3) || Instant::now() > deadline {
+            break (all, sockets);
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(classes(&sockets), want(5, 2, 3), "{sockets:#?}");
+    for v in sockets
+        .iter()
+        .filter(|v| v["class"] != "fin_wait2_orphaned")
+    {
+        assert_eq!(owners(v).len(), 1, "{v}");
+        assert_eq!(owners(v)[0].0, pid, "held by the pod's process: {v}");
+    }
+    let summary = &all[0];
+    assert!(
+        summary["namespaces"]["read"].as_u64().unwrap() >= 2,
+        "{summary}"
+    );
+
+    // --pid: what the pod's process holds (its orphans' local ports are no listener's).
+    let only = snapshot(&["--pid", &pod.pid.to_string()]);
+    let held = in_pod(&only);
+    assert_eq!(classes(&held), want(5, 2, 0), "{only:#?}");
+    assert_eq!(
+        only.iter().filter(|v| v["event"] == "snapshot").count(),
+        7,
+        "nothing of other namespaces: {only:#?}"
+    );
+
+    // Live: stuck before the start, so in --stuck and the summary "at least".
+    let tracer = Tracer::start(&["--pid", &pod.pid.to_string(), "--stuck", "1"]);
+    let mut seen = 0;
+    let all = tracer.read_until(Duration::from_secs(30), |v| {
+        seen += usize::from(v["event"] == "stuck");
+        seen == 7
+    });
+    let stuck: Vec<&Value> = all.iter().filter(|v| v["event"] == "stuck").collect();
+    assert_eq!(stuck.len(), 7, "{all:#?}");
+    for v in &stuck {
+        assert_eq!(
+            (v["pid"].as_u64(), &v["at_least"]),
+            (Some(pid), &Value::from(true)),
+            "{v}"
+        );
+        assert!(v["stuck_s"].as_f64().unwrap() >= 1.0, "{v}");
+        // Read in the pod's namespace (a socket of another is not found in finwait's own).
+        if v["state"] == "CLOSE_WAIT" {
+            assert_eq!(v["owner_state"]["diagnosis"], "fin_not_read", "{v}");
+        }
+    }
+    let half = stuck
+        .iter()
+        .filter(|v| v["state"] == "FIN_WAIT2 after shutdown() before the start");
+    assert_eq!(half.count(), 2, "{stuck:#?}");
+    let summary = all
+        .iter()
+        .find(|v| v["event"] == "summary")
+        .expect("a summary");
+    let p = summary["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap_or_else(|| panic!("the pod's process in {summary}"));
+    assert_eq!(p["close_wait_at_start"], 5, "{p}");
+    assert_eq!(
+        p["fin_wait2_half_closed"]["shutdown() before the start"], 2,
+        "{p}"
+    );
+    assert_eq!(summary["still_stuck"], 7, "{summary}");
+    assert!(
+        summary["longest_stuck"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["at_least"] == true && l["pid"] == pid),
+        "{summary}"
+    );
+}

@@ -433,3 +433,116 @@ pub(crate) fn output_within(mut child: Child, limit: Duration) -> std::process::
     }
     child.wait_with_output().unwrap()
 }
+
+/// A process in a network namespace of its own, as a pod's or container's, holding sockets on
+/// its own loopback: `close_wait` accepted sockets whose client closed (CLOSE_WAIT, and as many
+/// orphaned clients in FIN_WAIT2), and `half_closed` accepted sockets it shut down (FIN_WAIT2
+/// half-closed, their clients, also its own, in CLOSE_WAIT). Killed when dropped.
+pub(crate) struct Pod {
+    pub pid: i32,
+    /// The listening port, in the pod's namespace.
+    pub port: u16,
+    /// The namespace's inode (`net:[INODE]`).
+    pub netns: u64,
+    _guard: ChildGuard,
+}
+
+impl Pod {
+    pub(crate) fn start(close_wait: u32, half_closed: u32) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let mut fds = [0i32; 2];
+        // SAFETY: a valid array of two fds.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (r, w) = (fds[0], fds[1]);
+        let pid = fork_child(move || pod_main(w, close_wait, half_closed));
+        let guard = ChildGuard(pid);
+        close_fd(w);
+        let mut buf = [0u8; 3];
+        let mut pfd = libc::pollfd {
+            fd: r,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; then a read into a 3-byte buffer.
+        let n = unsafe {
+            libc::poll(&mut pfd, 1, 10_000);
+            libc::read(r, buf.as_mut_ptr().cast(), 3)
+        };
+        close_fd(r);
+        assert_eq!(n, 3, "the pod did not set up its sockets");
+        assert_eq!(buf[2], 0, "the pod failed at step {}", buf[2]);
+        let netns = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .unwrap()
+            .ino();
+        Pod {
+            pid,
+            port: u16::from_ne_bytes([buf[0], buf[1]]),
+            netns,
+            _guard: guard,
+        }
+    }
+}
+
+/// The pod's body, in the forked child: raw syscalls only. Writes (port, 0) to `w` once its
+/// sockets are set up, or (0, step) at the step that failed.
+fn pod_main(w: i32, close_wait: u32, half_closed: u32) -> i32 {
+    // SAFETY: raw syscalls on this child's own fds and memory.
+    unsafe {
+        // Nothing of the parent's: only the pipe.
+        libc::syscall(libc::SYS_close_range, 0u32, (w - 1) as u32, 0u32);
+        libc::syscall(libc::SYS_close_range, (w + 1) as u32, u32::MAX, 0u32);
+        let fail = |step: u8| {
+            libc::write(w, [0u8, 0, step].as_ptr().cast(), 3);
+            1
+        };
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return fail(1);
+        }
+        // The new namespace's loopback starts down.
+        let ctl = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
+        if libc::ioctl(ctl, libc::SIOCSIFFLAGS, &ifr) != 0 {
+            return fail(2);
+        }
+        libc::close(ctl);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as u16;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let sa = (&raw const addr).cast::<libc::sockaddr>();
+        if libc::bind(l, sa, len) != 0 || libc::listen(l, 64) != 0 {
+            return fail(3);
+        }
+        let mut len_out = len;
+        libc::getsockname(l, (&raw mut addr).cast(), &mut len_out);
+        let connect = || {
+            let c = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let ok = libc::connect(c, (&raw const addr).cast(), len) == 0;
+            let s = libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut());
+            (ok && s >= 0).then_some((c, s))
+        };
+        for _ in 0..close_wait {
+            let Some((c, _s)) = connect() else {
+                return fail(4);
+            };
+            libc::close(c);
+        }
+        for _ in 0..half_closed {
+            let Some((_c, s)) = connect() else {
+                return fail(5);
+            };
+            libc::shutdown(s, libc::SHUT_WR);
+        }
+        let port = u16::from_be(addr.sin_port).to_ne_bytes();
+        libc::write(w, [port[0], port[1], 0].as_ptr().cast(), 3);
+        libc::close(w);
+        loop {
+            libc::pause();
+        }
+    }
+}
