@@ -34,15 +34,26 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// One plain HTTP/1.0 GET; the body.
-fn http_get(port: u16, path: &str) -> Option<String> {
+/// One plain HTTP/1.0 GET; the status and body.
+fn http_status(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut reply = String::new();
     s.read_to_string(&mut reply).ok()?;
     let (head, body) = reply.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.").then(|| body.to_string())
+    let status = head
+        .strip_prefix("HTTP/1.")?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((status, body.to_string()))
+}
+
+/// The body of a GET that succeeded (200).
+fn http_get(port: u16, path: &str) -> Option<String> {
+    http_status(port, path).and_then(|(status, body)| (status == 200).then_some(body))
 }
 
 /// The endpoint's samples: (series with labels, value); empty if it did not answer in 5 s.
@@ -277,6 +288,61 @@ fn close_wait_gauge_by_container_is_exact_from_the_snapshot_on() {
         assert_eq!(c["container.runtime"], "docker", "{v}");
         assert_eq!(c["systemd.unit"], unit.as_str(), "{v}");
     }
+}
+
+/// A leak that starts as finwait reads its start-up inventory: each socket is counted once,
+/// at every scrape once `/ready` answers, and released as soon as it closes (not a minute later
+/// by the reconciliation).
+#[test]
+fn gauges_are_exact_at_every_scrape_after_ready_with_a_leak_during_start_up() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let cg = DockerLikeCgroup::new("race");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let leaker = Leaker::start(&listener);
+    cg.add(leaker.pid);
+    let metrics = free_port();
+    let addr = format!("127.0.0.1:{metrics}");
+    let me = std::process::id().to_string();
+    let tracer = Tracer::start(&["--metrics", &addr, "--pid", &me]);
+    // The start line comes before the inventory: leak across it, one every 20 ms.
+    let mut before_ready = 0;
+    for _ in 0..4 {
+        leaker.leak(port, 1);
+        before_ready += usize::from(http_status(metrics, "/ready").is_some_and(|(s, _)| s == 503));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(metrics, "/ready").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let who = [("comm", LEAKER_NAME), ("container_id", cg.id.as_str())];
+    let s = wait_for(metrics, "finwait_close_wait_sockets", &who, 4.0);
+    for _ in 0..10 {
+        let s = scrape(metrics);
+        assert_eq!(
+            value(&s, "finwait_close_wait_sockets", &who),
+            Some(4.0),
+            "{s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    leaker.send(b'c');
+    // Released by the closes themselves: well before the minute's reconciliation.
+    let closed = Instant::now();
+    wait_for(metrics, "finwait_close_wait_sockets", &who, 0.0);
+    assert!(closed.elapsed() < Duration::from_secs(10));
+    let after = scrape(metrics);
+    assert_eq!(
+        value(&after, "finwait_gauge_corrections_total", &[]),
+        Some(0.0),
+        "{s:?}"
+    );
+    drop(tracer.stop_when(&[]));
+    eprintln!("leaks before /ready answered 200: {before_ready} of 4");
 }
 
 /// A real Prometheus server, on loopback, scraping every second; removed when dropped.
@@ -533,9 +599,15 @@ fn quiet_endpoint_stops_cleanly_on_sigterm_and_a_taken_port_is_a_clear_error() {
     assert!(up.contains("# TYPE finwait_records counter"), "{up}");
     assert!(up.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
     assert_eq!(
-        http_get(port, "/"),
-        Some("finwait-trace serves /metrics\n".into())
+        http_status(port, "/"),
+        Some((
+            404,
+            "finwait-trace serves GET /metrics, /ready and /healthz\n".into()
+        ))
     );
+    // Seeded, since /metrics answered: ready; and alive.
+    assert_eq!(http_status(port, "/ready"), Some((200, "ready\n".into())));
+    assert_eq!(http_status(port, "/healthz"), Some((200, "ok\n".into())));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = output_within(child, Duration::from_secs(20));

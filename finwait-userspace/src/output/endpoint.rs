@@ -1,8 +1,18 @@
 //! The `--metrics` HTTP endpoint: `GET /metrics` answers with the registry in the OpenMetrics
-//! text format. It runs on a thread of its own (a tokio runtime of one thread): a scrape never
-//! waits behind a burst of events, which the tracer's loop works through without yielding.
-//! Nothing else is served.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+//! text format once the gauges are seeded from the start-up inventory (503 before: an empty
+//! gauge would read as "no leak"); `/ready` says the same for a readiness probe, `/healthz`
+//! that the process serves at all. It runs on a thread of its own (a tokio runtime of one
+//! thread): a scrape never waits behind a burst of events, which the tracer's loop works
+//! through without yielding. Nothing else is served.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -17,11 +27,17 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Scrapes served at once at most (a scraper that opens many connections cannot pile them up).
 const MAX_CONNECTIONS: usize = 64;
 
+const SERVED: &str = "finwait-trace serves GET /metrics, /ready and /healthz\n";
+const NOT_READY: &str = "not ready: reading the sockets already stuck, to seed the gauges\n";
+
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Set once the gauges are seeded: `/metrics` and `/ready` answer from then on.
+pub(crate) type Ready = Arc<AtomicBool>;
 
 /// Binds `addr` now (before the programs load: a taken port fails at once) and serves
 /// `registry` there from its own thread until the process exits.
-pub(crate) fn start(addr: SocketAddr, registry: Registry) -> Result<()> {
+pub(crate) fn start(addr: SocketAddr, registry: Registry, ready: Ready) -> Result<()> {
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("--metrics {addr}: cannot listen there"))?;
     listener.set_nonblocking(true)?;
@@ -33,7 +49,7 @@ pub(crate) fn start(addr: SocketAddr, registry: Registry) -> Result<()> {
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(l) => serve(l, Arc::new(registry)).await,
+                    Ok(l) => serve(l, Arc::new(registry), ready).await,
                     Err(e) => eprintln!("finwait-trace: warning: --metrics {addr}: {e}"),
                 }
             });
@@ -42,7 +58,7 @@ pub(crate) fn start(addr: SocketAddr, registry: Registry) -> Result<()> {
 }
 
 /// Serves `registry` until the runtime stops.
-async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Ready) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
@@ -58,9 +74,10 @@ async fn serve(listener: TcpListener, registry: Arc<Registry>) {
             continue; // dropped: the scraper retries
         };
         let registry = registry.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let r = respond(&req, &registry);
+                let r = respond(&req, &registry, ready.load(Ordering::Acquire));
                 async move { Ok::<_, Infallible>(r) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -73,7 +90,7 @@ async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     }
 }
 
-fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+fn respond(req: &Request<Incoming>, registry: &Registry, ready: bool) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, kind: &str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -83,19 +100,21 @@ fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>
         r
     };
     let text = "text/plain; charset=utf-8";
-    if req.uri().path() != "/metrics" {
-        return reply(
-            StatusCode::NOT_FOUND,
-            text,
-            "finwait-trace serves /metrics\n".into(),
-        );
+    let path = req.uri().path();
+    if !matches!(path, "/metrics" | "/ready" | "/healthz") {
+        return reply(StatusCode::NOT_FOUND, text, SERVED.into());
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            text,
-            "GET /metrics\n".into(),
-        );
+        return reply(StatusCode::METHOD_NOT_ALLOWED, text, SERVED.into());
+    }
+    if path == "/healthz" {
+        return reply(StatusCode::OK, text, "ok\n".into());
+    }
+    if !ready {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, text, NOT_READY.into());
+    }
+    if path == "/ready" {
+        return reply(StatusCode::OK, text, "ready\n".into());
     }
     let mut body = String::with_capacity(16 * 1024);
     match prometheus_client::encoding::text::encode(&mut body, registry) {

@@ -302,6 +302,8 @@ pub(crate) struct MetricsSink {
     /// ... or by inode (found by the start-up snapshot, which has no addresses).
     seeded: HashMap<u64, Held>,
     checked_at: Instant,
+    /// Set once the gauges are seeded (the endpoint answers from then on).
+    ready: super::endpoint::Ready,
 }
 
 impl MetricsSink {
@@ -321,9 +323,15 @@ impl MetricsSink {
             held: HashMap::new(),
             seeded: HashMap::new(),
             checked_at: Instant::now(),
+            ready: Default::default(),
         };
         let registry = sink.registry();
         (sink, registry)
+    }
+
+    /// The flag the endpoint reads: set once the gauges are seeded.
+    pub(crate) fn readiness(&self) -> super::endpoint::Ready {
+        self.ready.clone()
     }
 
     fn registry(&self) -> Registry {
@@ -500,6 +508,14 @@ impl MetricsSink {
         if t.old == st::FIN_WAIT2 || t.old == st::CLOSE_WAIT || t.new == st::CLOSE {
             self.release(t.sock, t.inode);
         }
+        // Entered while the start-up inventory was read, which saw it there too: one socket,
+        // counted once, from the live report.
+        if matches!(t.new, st::FIN_WAIT2 | st::CLOSE_WAIT)
+            && t.inode != 0
+            && let Some(h) = self.seeded.remove(&t.inode)
+        {
+            self.release_held(&h);
+        }
         if let Some(ns) = t.half_closed_ns.filter(|_| t.old == st::FIN_WAIT2) {
             self.half_closed_seconds.observe(ns as f64 / 1e9);
         }
@@ -639,6 +655,10 @@ impl Sink for MetricsSink {
         Ok(())
     }
 
+    fn ready(&mut self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -746,6 +766,38 @@ mod tests {
         // A socket already released is not released twice.
         send(&mut m, &closed(0x100, 0));
         assert!(text(&reg).contains(&format!("{series} 0\n")));
+    }
+
+    /// A socket that enters CLOSE_WAIT while the start-up inventory is read is seen by both:
+    /// counted once, and released once it closes.
+    #[test]
+    fn a_socket_seen_by_the_inventory_and_live_counts_once() {
+        let (mut m, reg) = MetricsSink::new(10);
+        let seeded = DiagSocket {
+            state: st::CLOSE_WAIT,
+            local: ends().local,
+            lport: ends().lport,
+            remote: ends().remote,
+            rport: ends().rport,
+            inode: 77,
+            uid: 0,
+            timer: None,
+            recv_queue: 1,
+            send_queue: 0,
+            netns: 0,
+        };
+        let entries = crate::snapshot::build(vec![seeded], |_| vec![owner("imapd", DOCKER)], &[]);
+        m.snapshot(&Snapshot::of(entries), false).unwrap();
+        send(&mut m, &close_wait(0x100, 77, owner("imapd", DOCKER)));
+        let gauge = |t: &str| {
+            t.lines()
+                .find(|l| l.starts_with("finwait_close_wait_sockets{"))
+                .map(|l| l.rsplit_once(' ').unwrap().1.to_string())
+        };
+        assert_eq!(gauge(&text(&reg)).as_deref(), Some("1"), "{}", text(&reg));
+        send(&mut m, &closed(0x100, 77));
+        assert_eq!(gauge(&text(&reg)).as_deref(), Some("0"), "{}", text(&reg));
+        assert!(text(&reg).contains("finwait_gauge_corrections_total 0\n"));
     }
 
     #[test]

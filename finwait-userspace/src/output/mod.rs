@@ -35,6 +35,8 @@ pub(crate) trait Sink {
     fn health(&mut self, _s: &Stats) -> io::Result<()> {
         Ok(())
     }
+    /// What was already stuck is counted (the start-up inventory, or none was asked for).
+    fn ready(&mut self) {}
     fn flush(&mut self) -> io::Result<()>;
 }
 
@@ -78,6 +80,9 @@ impl Sink for Tee {
     fn health(&mut self, s: &Stats) -> io::Result<()> {
         self.0.iter_mut().try_for_each(|k| k.health(s))
     }
+    fn ready(&mut self) {
+        self.0.iter_mut().for_each(|k| k.ready());
+    }
     fn flush(&mut self) -> io::Result<()> {
         self.0.iter_mut().try_for_each(|k| k.flush())
     }
@@ -104,6 +109,9 @@ impl Sink for SummaryOnly {
     }
     fn stats(&mut self, s: &Stats) -> io::Result<()> {
         self.0.stats(s)
+    }
+    fn ready(&mut self) {
+        self.0.ready();
     }
     fn flush(&mut self) -> io::Result<()> {
         self.0.flush()

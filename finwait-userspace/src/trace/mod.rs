@@ -162,7 +162,7 @@ fn sinks(o: &Options) -> Result<Box<dyn output::Sink>> {
     }
     if let Some(addr) = o.metrics {
         let (sink, registry) = output::metrics::MetricsSink::new(o.metrics_max_workloads);
-        output::endpoint::start(addr, registry)?;
+        output::endpoint::start(addr, registry, sink.readiness())?;
         sinks.push(Box::new(sink));
     }
     Ok(Box::new(output::Tee(sinks)))
@@ -261,6 +261,11 @@ async fn trace(
     let mut tick = tokio::time::interval(DRAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut warned, mut losses_checked) = (Warned::default(), Instant::now());
+    // What moved while the inventory was read wins over its view; then the gauges are seeded
+    // and the endpoint may answer.
+    drain(ring.get_mut(), p);
+    p.emit()?;
+    p.sink.ready();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
