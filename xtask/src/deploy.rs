@@ -493,6 +493,14 @@ fn port_problems(ds: &Value) -> Vec<String> {
     if annotations["prometheus.io/scrape"] != "true" {
         p.push("annotation prometheus.io/scrape: \"true\"".into());
     }
+    // Ready only once the gauges are seeded (/metrics alone answers 503 until then too, but
+    // /ready is the probe finwait defines); alive while the endpoint answers.
+    for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/healthz")] {
+        let get = &c[probe]["httpGet"];
+        if get["path"] != path || get["port"] != "metrics" {
+            p.push(format!("{probe}: httpGet {path} on port `metrics`"));
+        }
+    }
     p
 }
 
