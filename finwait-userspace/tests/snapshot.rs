@@ -496,3 +496,88 @@ fn another_network_namespace_is_seen_from_the_host() {
         "{summary}"
     );
 }
+
+/// `snapshot` run as `pre` makes it (in the child, before exec): stdout's JSON lines, stderr.
+fn snapshot_as(pre: fn() -> std::io::Result<()>) -> (Vec<Value>, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_finwait-trace"));
+    cmd.args(["snapshot", "--json"]);
+    // SAFETY: `pre` makes raw syscalls only.
+    unsafe { cmd.pre_exec(pre) };
+    let out = cmd.output().expect("run finwait-trace snapshot");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    let lines = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (lines, err)
+}
+
+/// Without CAP_SYS_ADMIN another namespace is read through /proc/PID/net (no timers), and
+/// said; as a user who may not look, what could not be seen is said, never silently empty.
+#[test]
+fn without_privileges_what_is_not_seen_is_said() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pod = Pod::start(2, 0);
+    let no_sys_admin = || {
+        // SAFETY: a raw prctl: CAP_SYS_ADMIN (21) leaves the bounding set, so the exec'd
+        // program (root) does not get it.
+        match unsafe { libc::prctl(libc::PR_CAPBSET_DROP, 21, 0, 0, 0) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    };
+    let (lines, err) = snapshot_as(no_sys_admin);
+    let in_pod: Vec<&Value> = lines
+        .iter()
+        .filter(|v| {
+            v["event"] == "snapshot" && v["netns"] == pod.netns && v["class"] == "close_wait"
+        })
+        .collect();
+    assert_eq!(in_pod.len(), 2, "{lines:#?}");
+    assert!(
+        in_pod.iter().all(|v| v["owners"][0]["pid"] == pod.pid),
+        "{in_pod:#?}"
+    );
+    assert!(
+        lines[0]["namespaces"]["without_timers"].as_u64() >= Some(1),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        err.contains("without timers (setns() needs CAP_SYS_ADMIN)"),
+        "{err}"
+    );
+
+    let nobody = || {
+        // SAFETY: raw calls: the unprivileged user `nobody`.
+        match unsafe {
+            (
+                libc::setgroups(0, std::ptr::null()),
+                libc::setgid(65534),
+                libc::setuid(65534),
+            )
+        } {
+            (0, 0, 0) => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    };
+    let (lines, err) = snapshot_as(nobody);
+    let summary = &lines[0];
+    assert!(
+        summary["namespaces"]["hidden_processes"].as_u64() >= Some(1),
+        "another user's processes cannot be looked at: {summary}"
+    );
+    assert!(
+        err.contains("could not be read") && err.contains("run as root, or with CAP_SYS_PTRACE"),
+        "{err}"
+    );
+    assert!(
+        !lines.iter().any(|v| v["netns"] == pod.netns),
+        "nothing of the pod's is visible to nobody: {lines:#?}"
+    );
+}
