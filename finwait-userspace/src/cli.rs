@@ -38,6 +38,31 @@ pub(crate) struct SnapshotArgs {
     #[arg(long = "pid", value_name = "PID")]
     pub(crate) pids: Vec<u32>,
 
+    /// Only sockets of processes with this name (as in /proc/PID/comm; repeatable), and their
+    /// descendants. Combines with --pid.
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
+    pub(crate) comms: Vec<String>,
+
+    /// Only sockets with this local or remote port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub(crate) ports: Vec<u16>,
+
+    /// Only sockets in this state (repeatable): FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK,
+    /// CLOSING, TIME_WAIT.
+    #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
+    pub(crate) states: Vec<u8>,
+
+    /// Only sockets of this network namespace (repeatable): its inode, as `net:[INODE]` or
+    /// INODE (`ls -l /proc/PID/ns/net` shows it).
+    #[arg(long = "netns", value_name = "INODE", value_parser = parse_netns)]
+    pub(crate) netns: Vec<u64>,
+
+    /// Only sockets of this container (repeatable): its id or a prefix of at least 4
+    /// characters, or a Kubernetes pod's UID; an orphan counts when it is in the network
+    /// namespace of one of the container's processes.
+    #[arg(long = "container", value_name = "ID", value_parser = parse_container)]
+    pub(crate) containers: Vec<String>,
+
     /// One JSON object per line: a summary, then every socket.
     #[arg(long)]
     pub(crate) json: bool,
@@ -210,6 +235,23 @@ fn parse_state(s: &str) -> Result<u8, String> {
         .ok_or_else(|| {
             format!("`{s}` is not a TCP state (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, ...)")
         })
+}
+
+fn parse_netns(s: &str) -> Result<u64, String> {
+    let bare = s.trim();
+    let bare = bare
+        .strip_prefix("net:[")
+        .and_then(|b| b.strip_suffix(']'))
+        .unwrap_or(bare);
+    bare.parse()
+        .map_err(|_| format!("`{s}` is not a network namespace (net:[INODE] or INODE)"))
+}
+
+fn parse_container(s: &str) -> Result<String, String> {
+    // Ids are hex, pod UIDs hex and dashes: nothing else can match.
+    let ok = (4..=64).contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+    ok.then(|| s.to_ascii_lowercase())
+        .ok_or_else(|| format!("`{s}` is not a container id (4 to 64 hex digits) or a pod UID"))
 }
 
 fn parse_comm(s: &str) -> Result<String, String> {

@@ -58,7 +58,7 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Snapshot(args)) = cli.command {
-        return snapshot_command(&args.pids, args.json, args.detail);
+        return snapshot_command(&args);
     }
     let t = cli.trace;
     if let Some(what) = &t.generate {
@@ -72,12 +72,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `finwait-trace snapshot`.
-fn snapshot_command(pids: &[u32], json: bool, detail: bool) -> anyhow::Result<()> {
-    host::procs::check_exists(pids)?;
-    let snap = snapshot::take(pids)?;
+fn snapshot_command(a: &cli::SnapshotArgs) -> anyhow::Result<()> {
+    host::procs::check_exists(&a.pids)?;
+    let mut pids = a.pids.clone();
+    let by_name = host::procs::with_comm(&a.comms);
+    if !a.comms.is_empty() && by_name.is_empty() && pids.is_empty() {
+        eprintln!("finwait-trace: no process named {}", a.comms.join(" or "));
+        pids.push(u32::MAX); // no process has it: nothing is kept
+    }
+    pids.extend(by_name);
+    let mut snap = snapshot::take(&pids)?;
     snap.warn_unseen();
-    let mut sink = output::for_stdout(json, output::human::Style::default(), false);
-    sink.snapshot(&snap, detail)?;
+    let narrow = snapshot::Narrow {
+        ports: a.ports.clone(),
+        states: a.states.clone(),
+        netns: a.netns.clone(),
+        containers: a.containers.clone(),
+    };
+    snap.entries = narrow.keep(std::mem::take(&mut snap.entries));
+    let mut sink = output::for_stdout(a.json, output::human::Style::default(), false);
+    sink.snapshot(&snap, a.detail)?;
     sink.flush()?;
     Ok(())
 }

@@ -319,6 +319,53 @@ pub(crate) fn build(
     entries
 }
 
+/// What `snapshot` narrows its answer to, besides the processes (`--port`, `--state`,
+/// `--netns`, `--container`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Narrow {
+    pub(crate) ports: Vec<u16>,
+    pub(crate) states: Vec<u8>,
+    pub(crate) netns: Vec<u64>,
+    /// Container ids (or prefixes) and pod UIDs, lowercase.
+    pub(crate) containers: Vec<String>,
+}
+
+impl Narrow {
+    /// The entries that pass. A socket with no owner (an orphan) belongs to a container when
+    /// it is in the namespace of one of the container's sockets' owners.
+    pub(crate) fn keep(&self, entries: Vec<Entry>) -> Vec<Entry> {
+        let in_container = |o: &Owner| {
+            o.container.as_ref().is_some_and(|c| {
+                self.containers.iter().any(|want| {
+                    c.id.as_deref()
+                        .is_some_and(|id| id.starts_with(want.as_str()))
+                        || c.pod_uid.as_deref().is_some_and(|uid| uid == want)
+                })
+            })
+        };
+        let container_ns: HashSet<u64> = entries
+            .iter()
+            .filter(|e| e.owners.iter().any(in_container))
+            .map(|e| e.sock.netns)
+            .collect();
+        entries
+            .into_iter()
+            .filter(|e| {
+                let s = &e.sock;
+                let port = self.ports.is_empty()
+                    || self.ports.contains(&s.lport)
+                    || self.ports.contains(&s.rport);
+                let state = self.states.is_empty() || self.states.contains(&s.state);
+                let netns = self.netns.is_empty() || self.netns.contains(&s.netns);
+                let container = self.containers.is_empty()
+                    || e.owners.iter().any(in_container)
+                    || (e.owners.is_empty() && container_ns.contains(&s.netns));
+                port && state && netns && container
+            })
+            .collect()
+    }
+}
+
 /// Per process: counts by class (and how many were inferred).
 #[derive(Default, Debug, PartialEq, Eq)]
 pub(crate) struct Group {
@@ -450,6 +497,53 @@ mod tests {
             send_queue: 0,
             netns: 0,
         }
+    }
+
+    #[test]
+    fn narrows_by_port_state_namespace_and_container() {
+        const ID: &str = "3f2a9c1b7d4e5f60718293a4b5c6d7e8f0112233445566778899aabbccddeeff";
+        let in_container = |pid, fd| Owner {
+            container: Some(Arc::new(Container::from_path(&format!(
+                "/libpod_parent/libpod-{ID}"
+            )))),
+            ..owner(pid, "python3", fd)
+        };
+        let owners = |inode: u64| match inode {
+            1 => vec![in_container(20, 4)],
+            2 => vec![owner(30, "nginx", 5)],
+            _ => vec![],
+        };
+        let tw = Some(TimerLeft::TimeWait(Duration::from_secs(42)));
+        let at = |mut s: DiagSocket, netns| {
+            s.netns = netns;
+            s
+        };
+        let sockets = vec![
+            at(sock(st::CLOSE_WAIT, 8080, 1, None), 7), // the container's
+            at(sock(st::FIN_WAIT2, 40001, 0, tw), 7),   // an orphan in its namespace
+            at(sock(st::CLOSE_WAIT, 80, 2, None), 9),   // the host's
+            at(sock(st::FIN_WAIT2, 40002, 0, tw), 9),   // an orphan of the host's
+        ];
+        let all = build(sockets, owners, &[]);
+        let ports =
+            |n: &Narrow| -> Vec<u16> { n.keep(all.clone()).iter().map(|e| e.sock.lport).collect() };
+        let container = Narrow {
+            containers: vec![ID[..12].to_string()],
+            ..Narrow::default()
+        };
+        assert_eq!(ports(&container), [8080, 40001]);
+        let netns = Narrow {
+            netns: vec![9],
+            ..Narrow::default()
+        };
+        assert_eq!(ports(&netns), [80, 40002]);
+        let state = Narrow {
+            states: vec![st::CLOSE_WAIT],
+            ports: vec![80, 8080],
+            ..Narrow::default()
+        };
+        assert_eq!(ports(&state), [8080, 80]);
+        assert_eq!(ports(&Narrow::default()).len(), 4);
     }
     fn owner(pid: u32, comm: &str, fd: i32) -> Owner {
         Owner {

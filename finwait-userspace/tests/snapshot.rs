@@ -446,6 +446,20 @@ fn another_network_namespace_is_seen_from_the_host() {
         "nothing of other namespaces: {only:#?}"
     );
 
+    // --netns and --state narrow the answer to that namespace's CLOSE_WAIT.
+    let ns = format!("net:[{}]", pod.netns);
+    let narrowed = snapshot(&["--netns", &ns, "--state", "close_wait"]);
+    let listed: Vec<&Value> = narrowed
+        .iter()
+        .filter(|v| v["event"] == "snapshot")
+        .collect();
+    assert_eq!(listed.len(), 5, "{narrowed:#?}");
+    assert!(
+        listed
+            .iter()
+            .all(|v| v["netns"] == pod.netns && v["class"] == "close_wait")
+    );
+
     // Live: stuck before the start, so in --stuck and the summary "at least".
     let tracer = Tracer::start(&["--pid", &pod.pid.to_string(), "--stuck", "1"]);
     let mut seen = 0;

@@ -406,21 +406,40 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 
 /// The metrics tests scrape finwait with a real Prometheus server (Debian's `prometheus`, also
 /// the deploy/ checks' `promtool`). Installing must not start the packaged service.
-fn install_prometheus() -> Result<()> {
-    if Path::new("/usr/bin/prometheus").exists() {
+/// What the host's tests run beside finwait: a real Prometheus server (and promtool for
+/// `deploy/`), and a real container runtime (podman with runc).
+fn install_test_packages() -> Result<()> {
+    let wanted = [
+        ("/usr/bin/prometheus", "prometheus"),
+        ("/usr/bin/podman", "podman"),
+        ("/usr/sbin/runc", "runc"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| !Path::new(bin).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
     if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
-        bail!("the metrics tests need Prometheus: apt-get install prometheus");
+        bail!(
+            "the tests need a Prometheus server and a container runtime: apt-get install {}",
+            missing.join(" ")
+        );
     }
-    eprintln!("xtask: installing prometheus (for the metrics tests)...");
+    eprintln!(
+        "xtask: installing {} (for the tests)...",
+        missing.join(", ")
+    );
+    // Installing a server package may try to start it: not here.
     let policy = Path::new("/usr/sbin/policy-rc.d");
     let ours = !policy.exists();
     if ours {
         std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
         std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
-    let install = || apt_install(&["prometheus"]);
+    let install = || apt_install(&missing);
     let done = install().or_else(|_| {
         sh(Command::new("apt-get").args(["update", "-q"]))?;
         install()
@@ -464,7 +483,7 @@ fn build_tracer(release: bool) -> Result<PathBuf> {
 
 /// Runs the workspace's tests on this kernel, as root, with `extra` after `--`.
 fn host_tests(extra: &[String]) -> Result<()> {
-    install_prometheus()?;
+    install_test_packages()?;
     // Build first as the invoking user, so a sudo run only executes.
     sh(cargo().args([
         "test",
@@ -481,6 +500,10 @@ fn host_tests(extra: &[String]) -> Result<()> {
         args.extend(extra.iter().cloned());
     }
     let cargo_bin = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // Installed above: a container test that finds no podman here fails instead of skipping
+    // (only the VMs' tests skip it).
+    // SAFETY: xtask is single-threaded here.
+    unsafe { env::set_var("FINWAIT_REQUIRE_PODMAN", "1") };
     as_root(Path::new(&cargo_bin), &args)
 }
 

@@ -512,7 +512,7 @@ fn pod_main(w: i32, close_wait: u32, half_closed: u32) -> i32 {
         let mut addr: libc::sockaddr_in = std::mem::zeroed();
         addr.sin_family = libc::AF_INET as u16;
         addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
-        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        let len = size_of::<libc::sockaddr_in>() as u32;
         let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
         let sa = (&raw const addr).cast::<libc::sockaddr>();
         if libc::bind(l, sa, len) != 0 || libc::listen(l, 64) != 0 {
