@@ -100,6 +100,24 @@ pub mod owner_flags {
     pub const FOLLOWED: u32 = 1 << 2;
 }
 
+/// One TCP (or other IPv4/IPv6 stream) socket fd of one process, as the socket inventory
+/// (`iter/task_file`) writes it: userspace reads these back to back from the iterator's file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketFdRec {
+    /// The socket's inode (what sock_diag and /proc name it by).
+    pub inode: u64,
+    /// The socket's network namespace (its inode, `net:[INODE]`).
+    pub netns: u32,
+    pub tgid: u32,
+    pub fd: u32,
+    pub state: u8,
+    pub _pad: [u8; 3],
+    /// The task's name (the thread the iterator visited: the first of its process that holds
+    /// this fd table).
+    pub comm: [u8; 16],
+}
+
 /// Who holds a socket, recorded in the kernel when a task obtains an fd to it (accept, connect,
 /// dup, an fd received over a unix socket, pidfd_getfd): the `OWNERS` map's value, copied into
 /// each transition's record so the owner travels with it.
@@ -295,6 +313,14 @@ pub struct KernelOffsets {
     pub signal_live: u32,
     /// `sock_common.skc_state` (one byte).
     pub sock_state: u32,
+    /// For the socket inventory (`iter/task_file`): `task_struct.tgid`, `task_struct.comm`,
+    /// `sock_common.skc_net` (the `struct net *`) and `net.ns.inum` (the namespace's inode).
+    /// `inventory` is 1 when all four were found.
+    pub inventory: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    pub sock_net: u32,
+    pub net_ns_inum: u32,
     pub _pad: u32,
 }
 
@@ -458,4 +484,5 @@ mod pod {
     unsafe impl aya::Pod for super::OtherTpLayout {}
     unsafe impl aya::Pod for super::FilterConfig {}
     unsafe impl aya::Pod for super::OwnerRec {}
+    unsafe impl aya::Pod for super::SocketFdRec {}
 }

@@ -75,8 +75,15 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     task_signal: 0,
     signal_live: 0,
     sock_state: 0,
+    inventory: 0,
+    task_tgid: 0,
+    task_comm: 0,
+    sock_net: 0,
+    net_ns_inum: 0,
     _pad: 0,
 };
+mod inventory;
+
 #[unsafe(no_mangle)]
 static FILTER: FilterConfig = FilterConfig {
     all_transitions: 0,

@@ -81,7 +81,9 @@ fn snapshot_command(a: &cli::SnapshotArgs) -> anyhow::Result<()> {
         pids.push(u32::MAX); // no process has it: nothing is kept
     }
     pids.extend(by_name);
-    let mut snap = snapshot::take(&pids)?;
+    // The kernel's socket inventory names the holders in one pass; /proc where it cannot.
+    let mut kernel = kernel::loader::load_inventory_only().map_err(|e| format!("{e:#}"));
+    let mut snap = snapshot::take(&pids, kernel.as_mut().map_err(|e| e.clone()))?;
     snap.warn_unseen();
     let narrow = snapshot::Narrow {
         ports: a.ports.clone(),

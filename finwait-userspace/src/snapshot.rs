@@ -21,9 +21,11 @@ use crate::{
         procs,
         sockdiag::DiagSocket,
     },
+    kernel::inventory,
     model::{
         Comm, Container, Endpoints, Holder, Owner, Verdict,
         diagnosis::{OwnerState, Threads, readings_words},
+        escape,
         verdict::{Bound, Facts, whose_job},
     },
 };
@@ -164,6 +166,26 @@ pub(crate) struct Snapshot {
     pub(crate) owners: Index,
     /// The network namespaces read, and those that could not be.
     pub(crate) coverage: Coverage,
+    /// Where the holders came from: the kernel's socket inventory, or /proc (and why).
+    pub(crate) holders: Holders,
+}
+
+/// Where a snapshot's holders came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Holders {
+    /// The kernel's socket inventory (`iter/task_file`), in one pass.
+    Kernel,
+    /// Every process's fd links in /proc: the inventory could not run, for this reason.
+    Proc(String),
+}
+
+impl Holders {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Holders::Kernel => "kernel",
+            Holders::Proc(_) => "proc",
+        }
+    }
 }
 
 impl Snapshot {
@@ -171,6 +193,11 @@ impl Snapshot {
     pub(crate) fn warn_unseen(&self) {
         if let Some(w) = self.coverage.warning() {
             eprintln!("finwait-trace: warning: {w}");
+        }
+        if let Holders::Proc(why) = &self.holders {
+            eprintln!(
+                "finwait-trace: note: socket holders read from /proc, not from the kernel's socket inventory ({why})"
+            );
         }
     }
 
@@ -182,17 +209,23 @@ impl Snapshot {
             taken_ns: 0,
             owners: Index::default(),
             coverage: Coverage::default(),
+            holders: Holders::Kernel,
         }
     }
 }
 
 /// Reads the sockets and their owners. `pids`: keep only sockets held by (or inferred to belong
-/// to) these processes and their descendants; empty keeps all.
-pub(crate) fn take(pids: &[u32]) -> Result<Snapshot> {
+/// to) these processes and their descendants; empty keeps all. `kernel`: the loaded object
+/// whose socket inventory names the holders (else, or if it fails, /proc does).
+pub(crate) fn take(pids: &[u32], kernel: Result<&mut aya::Ebpf, String>) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
     let mut sockets = Vec::new();
     let coverage = namespaces::dump_everywhere(&states(), |s| sockets.push(s))?;
-    let owners = owners::scan();
+    let (owners, holders) = match kernel.and_then(|k| from_kernel(k).map_err(|e| format!("{e:#}")))
+    {
+        Ok(index) => (index, Holders::Kernel),
+        Err(why) => (owners::scan(), Holders::Proc(why)),
+    };
     let keep: Vec<u32> = if pids.is_empty() {
         Vec::new()
     } else {
@@ -213,7 +246,20 @@ pub(crate) fn take(pids: &[u32]) -> Result<Snapshot> {
         taken_ns,
         owners,
         coverage,
+        holders,
     })
+}
+
+/// Every socket's holders, from the kernel's socket inventory.
+fn from_kernel(ebpf: &mut aya::Ebpf) -> Result<Index> {
+    let mut index = Index::default();
+    index.built_ns = monotonic_ns();
+    inventory::read(ebpf, |r| {
+        index.add_with(r.inode, r.tgid, r.fd as i32, || {
+            escape::sanitize(&inventory::comm(&r.comm)).into()
+        });
+    })?;
+    Ok(index)
 }
 
 /// Each owner's container, read once per process.

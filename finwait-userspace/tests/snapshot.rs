@@ -594,4 +594,9 @@ fn without_privileges_what_is_not_seen_is_said() {
         !lines.iter().any(|v| v["netns"] == pod.netns),
         "nothing of the pod's is visible to nobody: {lines:#?}"
     );
+    assert_eq!(summary["holders"], "proc", "{summary}");
+    assert!(
+        err.contains("socket holders read from /proc, not from the kernel's socket inventory"),
+        "{err}"
+    );
 }

@@ -32,7 +32,21 @@ pub(crate) struct Index {
 impl Index {
     /// `pid` holds socket `inode` at `fd`.
     pub(crate) fn add(&mut self, inode: u64, pid: u32, comm: &Comm, fd: i32) {
-        self.comms.entry(pid).or_insert_with(|| comm.clone());
+        self.add_with(inode, pid, fd, || comm.clone());
+    }
+
+    /// As [`Self::add`], the name made only for a process not seen yet; the same (pid, fd)
+    /// twice (threads that share an fd table) counts once.
+    pub(crate) fn add_with(&mut self, inode: u64, pid: u32, fd: i32, comm: impl FnOnce() -> Comm) {
+        self.comms.entry(pid).or_insert_with(comm);
+        let seen = |first: &(u32, i32), more: Option<&Vec<(u32, i32)>>| {
+            *first == (pid, fd) || more.is_some_and(|m| m.contains(&(pid, fd)))
+        };
+        if let Some(first) = self.first.get(&inode)
+            && seen(first, self.more.get(&inode))
+        {
+            return;
+        }
         match self.first.entry(inode) {
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert((pid, fd));

@@ -50,7 +50,36 @@ fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
         task_signal: off("task_struct", "signal").unwrap_or(0),
         signal_live: off("signal_struct", "live").unwrap_or(0),
         sock_state: off("sock", "__sk_common.skc_state")?,
-        ..state_btf_offsets(btf).unwrap_or_default()
+        ..with_inventory(
+            state_btf_offsets(btf).unwrap_or_default(),
+            inventory_offsets(btf).unwrap_or_default(),
+        )
+    })
+}
+
+/// `base` with the inventory's fields of `inv`.
+fn with_inventory(base: KernelOffsets, inv: KernelOffsets) -> KernelOffsets {
+    KernelOffsets {
+        inventory: inv.inventory,
+        task_tgid: inv.task_tgid,
+        task_comm: inv.task_comm,
+        sock_net: inv.sock_net,
+        net_ns_inum: inv.net_ns_inum,
+        ..base
+    }
+}
+
+/// What the socket inventory reads besides the fd walk's fields; missing: no inventory (the
+/// holders then come from /proc).
+fn inventory_offsets(btf: &Btf) -> Result<KernelOffsets> {
+    Ok(KernelOffsets {
+        inventory: 1,
+        task_tgid: member_offset(btf, "task_struct", "tgid")?,
+        task_comm: member_offset(btf, "task_struct", "comm")?,
+        // possible_net_t holds the one pointer (a kernel without network namespaces has none).
+        sock_net: member_offset(btf, "sock", "__sk_common.skc_net.net")?,
+        net_ns_inum: member_offset(btf, "net", "ns.inum")?,
+        ..Default::default()
     })
 }
 
@@ -189,6 +218,8 @@ mod tests {
             o.state_btf, 1,
             "6.x kernels have every field the BTF state hook reads"
         );
+        assert_eq!(o.inventory, 1, "and every field the socket inventory reads");
+        assert!(o.task_comm > o.task_tgid && o.net_ns_inum > 0);
     }
 
     /// Runs on every kernel of the matrix: close's wrapper has the typed `regs` everywhere

@@ -153,6 +153,8 @@ pub(crate) struct Loaded {
     pub(crate) precise_unavailable: Option<String>,
     /// The programs log their diagnostics (`-v`, and the kernel accepted them).
     pub(crate) diagnostics: bool,
+    /// Why the kernel's socket inventory is not loaded (the holders then come from /proc).
+    pub(crate) inventory_refused: Option<String>,
 }
 
 /// Loads and attaches; with `-v`, a kernel that refuses the programs with their diagnostics in
@@ -198,6 +200,7 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
         || std::env::var_os("FINWAIT_FORCE_SYSCALL_TRACEPOINTS").is_some_and(|v| v == "1");
     let wrappers = btf.as_ref().filter(|_| !classic_syscalls && !opts.noop);
     let table = attach_table(&mut ebpf, programs, wrappers, &mut degraded)?;
+    let inventory_refused = load_inventory(&mut ebpf, layouts.offsets, btf.as_ref()).err();
     drop(btf);
     degraded.extend(second_copies_missing(&ebpf));
     // Loading parsed megabytes of BTF that are free now: give them back to the system.
@@ -215,7 +218,50 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
         syscall_hook: table.syscall_hook(),
         precise_unavailable,
         diagnostics,
+        inventory_refused,
     })
+}
+
+/// Loads the socket inventory program; Err: why it cannot run here.
+fn load_inventory(
+    ebpf: &mut Ebpf,
+    offsets: Option<KernelOffsets>,
+    btf: Option<&aya::Btf>,
+) -> Result<(), String> {
+    if offsets.is_none_or(|o| o.inventory == 0) {
+        return Err("this kernel's BTF lacks a field it reads".into());
+    }
+    let btf = btf.ok_or("no kernel BTF")?;
+    super::inventory::load(ebpf, btf).map_err(|e| format!("{e:#}"))
+}
+
+/// The object with only the socket inventory loaded (for `snapshot`): every map at its
+/// smallest, nothing attached.
+pub(crate) fn load_inventory_only() -> Result<Ebpf> {
+    raise_memlock();
+    let offsets = super::btf::kernel_offsets()?;
+    let page = page_size();
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    for map in [
+        OWNERS_MAP,
+        TRACED_PIDS_MAP,
+        "IN_CALL",
+        "RECVMSG",
+        "CONNECTING",
+    ] {
+        loader.map_max_entries(map, 1);
+    }
+    let mut ebpf = loader
+        .map_max_entries(EVENTS_MAP, page)
+        .map_max_entries(DIAGNOSTICS_MAP, page)
+        .override_global(aya_log::LEVEL, &0u8, true)
+        .override_global("OFFSETS", &offsets, true)
+        .load(OBJECT)
+        .context("loading the eBPF object")?;
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    load_inventory(&mut ebpf, Some(offsets), Some(&btf)).map_err(anyhow::Error::msg)?;
+    Ok(ebpf)
 }
 
 /// This kernel's layouts, which the programs read as globals.

@@ -658,6 +658,8 @@ impl From<&Coverage> for NamespacesJson {
 pub(crate) struct SnapshotSummary {
     sockets: usize,
     time_wait: usize,
+    /// Where the holders came from: `kernel` (the socket inventory) or `proc`.
+    holders: &'static str,
     namespaces: NamespacesJson,
     processes: Vec<GroupJson>,
 }
@@ -679,6 +681,7 @@ impl SnapshotSummary {
         Self {
             sockets: entries.len() - time_wait,
             time_wait,
+            holders: snap.holders.name(),
             namespaces: NamespacesJson::from(&snap.coverage),
             processes,
         }

@@ -140,7 +140,8 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
         );
     }
     if opts.snapshot {
-        start_snapshot(&opts, &mut loaded.ebpf, &mut p)?;
+        let refused = loaded.inventory_refused.clone();
+        start_snapshot(&opts, &mut loaded.ebpf, refused, &mut p)?;
     }
     p.sink.flush()?;
     on_ready();
@@ -361,13 +362,22 @@ fn drain(ring: &mut RingBuf<MapData>, p: &mut Pipeline) {
 
 /// The sockets already stuck, taken after the programs are attached so that nothing falls
 /// between the two: printed first, and handed to the correlator so their closes are timed.
-fn start_snapshot(o: &Options, ebpf: &mut aya::Ebpf, p: &mut Pipeline) -> Result<()> {
+fn start_snapshot(
+    o: &Options,
+    ebpf: &mut aya::Ebpf,
+    inventory_refused: Option<String>,
+    p: &mut Pipeline,
+) -> Result<()> {
     let mut pids = o.pids.clone();
     pids.extend(procs::with_comm(&o.comms));
     if pids.is_empty() && o.follows_processes() {
         return Ok(()); // a --comm that matches no process yet: nothing of theirs is stuck
     }
-    let snap = match snapshot::take(&pids) {
+    let kernel = match inventory_refused {
+        None => Ok(&mut *ebpf),
+        Some(why) => Err(why),
+    };
+    let snap = match snapshot::take(&pids, kernel) {
         Ok(s) => s,
         Err(e) => {
             eprintln!(
