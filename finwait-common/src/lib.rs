@@ -100,7 +100,11 @@ pub mod owner_flags {
     pub const FOLLOWED: u32 = 1 << 2;
 }
 
-/// One TCP (or other IPv4/IPv6 stream) socket fd of one process, as the socket inventory
+/// `SocketFdRec::state` of an epoll fd (not a socket): `inode` and `netns` are 0.
+pub const FD_EPOLL: u8 = 0xff;
+
+/// One TCP (or other IPv4/IPv6 stream) socket fd of one process (or one of its epoll fds,
+/// `state` [`FD_EPOLL`]), as the socket inventory
 /// (`iter/task_file`) writes it: userspace reads these back to back from the iterator's file.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -321,7 +325,10 @@ pub struct KernelOffsets {
     pub task_comm: u32,
     pub sock_net: u32,
     pub net_ns_inum: u32,
-    pub _pad: u32,
+    /// `file.f_path.dentry` and `dentry.d_name.name`: an anonymous inode's name tells an epoll
+    /// fd (`[eventpoll]`), whose fdinfo lists what it watches.
+    pub file_dentry: u32,
+    pub dentry_name: u32,
 }
 
 /// How many `--comm` names the kernel matches.

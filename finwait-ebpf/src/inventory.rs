@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::seq_file,
     helpers::{bpf_probe_read_kernel, bpf_seq_write},
 };
-use finwait_common::SocketFdRec;
+use finwait_common::{FD_EPOLL, SocketFdRec};
 
 use super::{AF_INET, AF_INET6, OFFSETS, S_IFMT, S_IFSOCK, SOCK_STREAM, config, probe};
 
@@ -61,6 +61,18 @@ fn socket_fds(ctx: *const TaskFileCtx) -> i32 {
     0
 }
 
+/// Whether `file` is an epoll instance (its dentry's name).
+#[inline(always)]
+fn is_epoll(file: u64) -> Result<bool, u64> {
+    let o = config(&OFFSETS);
+    if o.file_dentry == 0 {
+        return Ok(false);
+    }
+    let dentry = probe::<u64>(file, o.file_dentry as u64)?;
+    let name = probe::<u64>(dentry, o.dentry_name as u64)?;
+    Ok(probe::<[u8; 12]>(name, 0)? == *b"[eventpoll]\0")
+}
+
 /// The record for `task`'s `fd`, if it is an IPv4/IPv6 stream socket; Err: a read failed (the
 /// socket is then not listed, and userspace falls back to /proc for what it misses).
 #[inline(always)]
@@ -71,6 +83,15 @@ fn record(task: u64, file: u64, fd: u32) -> Result<Option<SocketFdRec>, u64> {
     }
     let f_inode = probe::<u64>(file, o.file_f_inode as u64)?;
     let mode = probe::<u16>(f_inode, o.inode_mode as u64)?;
+    // An anonymous inode has no file type; the epoll ones are named `[eventpoll]`.
+    if mode & S_IFMT == 0 && is_epoll(file)? {
+        return Ok(Some(SocketFdRec {
+            tgid: probe::<u32>(task, o.task_tgid as u64)?,
+            fd,
+            state: FD_EPOLL,
+            ..SocketFdRec::default()
+        }));
+    }
     if mode & S_IFMT != S_IFSOCK {
         return Ok(None);
     }

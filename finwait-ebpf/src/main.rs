@@ -80,7 +80,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     task_comm: 0,
     sock_net: 0,
     net_ns_inum: 0,
-    _pad: 0,
+    file_dentry: 0,
+    dentry_name: 0,
 };
 mod inventory;
 

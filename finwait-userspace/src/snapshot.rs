@@ -221,10 +221,10 @@ pub(crate) fn take(pids: &[u32], kernel: Result<&mut aya::Ebpf, String>) -> Resu
     let taken_ns = monotonic_ns();
     let mut sockets = Vec::new();
     let coverage = namespaces::dump_everywhere(&states(), |s| sockets.push(s))?;
-    let (owners, holders) = match kernel.and_then(|k| from_kernel(k).map_err(|e| format!("{e:#}")))
-    {
-        Ok(index) => (index, Holders::Kernel),
-        Err(why) => (owners::scan(), Holders::Proc(why)),
+    let from = kernel.and_then(|k| from_kernel(k).map_err(|e| format!("{e:#}")));
+    let (owners, epoll, holders) = match from {
+        Ok((index, epoll)) => (index, Some(epoll), Holders::Kernel),
+        Err(why) => (owners::scan(), None, Holders::Proc(why)),
     };
     let keep: Vec<u32> = if pids.is_empty() {
         Vec::new()
@@ -240,7 +240,7 @@ pub(crate) fn take(pids: &[u32], kernel: Result<&mut aya::Ebpf, String>) -> Resu
         found
     };
     let mut entries = build(sockets, owners_of, &keep);
-    inspect_owners(&mut entries);
+    inspect_owners(&mut entries, epoll.as_ref());
     Ok(Snapshot {
         entries,
         taken_ns,
@@ -250,16 +250,28 @@ pub(crate) fn take(pids: &[u32], kernel: Result<&mut aya::Ebpf, String>) -> Resu
     })
 }
 
-/// Every socket's holders, from the kernel's socket inventory.
-fn from_kernel(ebpf: &mut aya::Ebpf) -> Result<Index> {
+/// Every process's epoll fds, from the kernel's inventory.
+type EpollFds = HashMap<u32, Vec<i32>>;
+
+/// Every socket's holders, and every process's epoll fds, from the kernel's socket inventory.
+fn from_kernel(ebpf: &mut aya::Ebpf) -> Result<(Index, EpollFds)> {
     let mut index = Index::default();
     index.built_ns = monotonic_ns();
+    let mut epoll = EpollFds::new();
     inventory::read(ebpf, |r| {
+        if r.state == finwait_common::FD_EPOLL {
+            let fds = epoll.entry(r.tgid).or_default();
+            // Threads that share the fd table are visited once each on some kernels.
+            if !fds.contains(&(r.fd as i32)) {
+                fds.push(r.fd as i32);
+            }
+            return;
+        }
         index.add_with(r.inode, r.tgid, r.fd as i32, || {
             escape::sanitize(&inventory::comm(&r.comm)).into()
         });
     })?;
-    Ok(index)
+    Ok((index, epoll))
 }
 
 /// Each owner's container, read once per process.
@@ -283,8 +295,9 @@ impl Containers {
 const MAX_INSPECTED: usize = 256;
 
 /// For each socket its owner must close: is the fd still in one of the owner's epoll sets, and
-/// what are its threads doing. Each owner is read once.
-fn inspect_owners(entries: &mut [Entry]) {
+/// what are its threads doing. Each owner is read once; its epoll fds, where the kernel's
+/// inventory named them, without reading its every fd link.
+fn inspect_owners(entries: &mut [Entry], epoll: Option<&EpollFds>) {
     let mut seen: HashMap<u32, (Option<EpollSets>, Option<Threads>)> = HashMap::new();
     for e in entries.iter_mut() {
         let (Some(state), Some(o)) = (e.owner_state.as_mut(), e.owners.first()) else {
@@ -293,9 +306,16 @@ fn inspect_owners(entries: &mut [Entry]) {
         if !seen.contains_key(&o.pid) && seen.len() >= MAX_INSPECTED {
             continue;
         }
+        let sets = |pid| match epoll {
+            Some(e) => Some(EpollSets::of_epoll_fds(
+                pid,
+                e.get(&pid).map_or(&[], Vec::as_slice),
+            )),
+            None => EpollSets::of(pid),
+        };
         let (sets, threads) = seen
             .entry(o.pid)
-            .or_insert_with(|| (EpollSets::of(o.pid), inspect::threads(o.pid)));
+            .or_insert_with(|| (sets(o.pid), inspect::threads(o.pid)));
         state.polled = sets.as_ref().map(|s| s.polled(o.fd));
         state.threads.clone_from(threads);
     }

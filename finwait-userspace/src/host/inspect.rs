@@ -13,9 +13,10 @@ pub(crate) struct EpollSets {
 }
 
 impl EpollSets {
-    /// Reads every epoll set of `pid` (None: its fds cannot be read).
+    /// Reads every epoll set of `pid` (None: its fds cannot be read). Its every fd link is
+    /// read to find them: [`Self::of_epoll_fds`] when they are known.
     pub(crate) fn of(pid: u32) -> Option<Self> {
-        let mut me = Self::default();
+        let mut epfds = Vec::new();
         for entry in fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
             let Ok(link) = fs::read_link(entry.path()) else {
                 continue;
@@ -24,9 +25,17 @@ impl EpollSets {
                 continue;
             }
             let name = entry.file_name();
-            let Some(epfd) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
-                continue;
-            };
+            if let Some(epfd) = name.to_str().and_then(|n| n.parse::<i32>().ok()) {
+                epfds.push(epfd);
+            }
+        }
+        Some(Self::of_epoll_fds(pid, &epfds))
+    }
+
+    /// The epoll sets of `pid` at `epfds` (its epoll fds, from the kernel's inventory).
+    pub(crate) fn of_epoll_fds(pid: u32, epfds: &[i32]) -> Self {
+        let mut me = Self::default();
+        for &epfd in epfds {
             me.sets += 1;
             let Ok(info) = fs::read_to_string(format!("/proc/{pid}/fdinfo/{epfd}")) else {
                 continue;
@@ -35,7 +44,7 @@ impl EpollSets {
                 me.by_fd.entry(fd).or_default().push((epfd, events));
             }
         }
-        Some(me)
+        me
     }
 
     /// Whether `fd` is in one of the sets.

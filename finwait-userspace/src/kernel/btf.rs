@@ -65,6 +65,8 @@ fn with_inventory(base: KernelOffsets, inv: KernelOffsets) -> KernelOffsets {
         task_comm: inv.task_comm,
         sock_net: inv.sock_net,
         net_ns_inum: inv.net_ns_inum,
+        file_dentry: inv.file_dentry,
+        dentry_name: inv.dentry_name,
         ..base
     }
 }
@@ -79,6 +81,9 @@ fn inventory_offsets(btf: &Btf) -> Result<KernelOffsets> {
         // possible_net_t holds the one pointer (a kernel without network namespaces has none).
         sock_net: member_offset(btf, "sock", "__sk_common.skc_net.net")?,
         net_ns_inum: member_offset(btf, "net", "ns.inum")?,
+        // Optional: without them, epoll fds come from /proc.
+        file_dentry: member_offset(btf, "file", "f_path.dentry").unwrap_or(0),
+        dentry_name: member_offset(btf, "dentry", "d_name.name").unwrap_or(0),
         ..Default::default()
     })
 }
@@ -220,6 +225,7 @@ mod tests {
         );
         assert_eq!(o.inventory, 1, "and every field the socket inventory reads");
         assert!(o.task_comm > o.task_tgid && o.net_ns_inum > 0);
+        assert!(o.file_dentry > 0 && o.dentry_name > 0);
     }
 
     /// Runs on every kernel of the matrix: close's wrapper has the typed `regs` everywhere
