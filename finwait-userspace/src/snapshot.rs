@@ -441,6 +441,8 @@ pub(crate) struct Group {
     pub(crate) readings: BTreeMap<&'static str, usize>,
     /// The verdict of each class, for the words.
     verdicts: BTreeMap<&'static str, Verdict>,
+    /// The process's container, where it runs in one.
+    pub(crate) container: Option<Arc<Container>>,
 }
 
 /// Sockets on the close path by responsible process ((0, "(no owner found)") when none),
@@ -453,6 +455,9 @@ pub(crate) fn summarize(entries: &[Entry]) -> BTreeMap<(u32, String), Group> {
             .map(|(p, c, i)| (p, c.to_string(), i))
             .unwrap_or((0, "(no owner found)".into(), false));
         let g = groups.entry((pid, comm)).or_default();
+        if g.container.is_none() && !inferred {
+            g.container = e.owners.first().and_then(|o| o.container.clone());
+        }
         *g.counts.entry(e.class()).or_default() += 1;
         g.verdicts
             .entry(e.class())
@@ -517,11 +522,12 @@ fn group_line(pid: u32, comm: &str, g: &Group) -> String {
             parts.push(format!("{} {label}", n(c)));
         }
     }
-    let who = if pid == 0 {
+    let mut who = if pid == 0 {
         comm.to_string()
     } else {
         format!("{comm}[{pid}]")
     };
+    crate::model::container::write_short(&mut who, g.container.as_deref());
     format!("{who}: {}", parts.join("; "))
 }
 

@@ -152,6 +152,15 @@ impl<'a> ContainerJson<'a> {
     }
 }
 
+/// A container shared with the model, serialized as [`ContainerJson`].
+pub(crate) struct SharedContainerJson(std::sync::Arc<Container>);
+
+impl Serialize for SharedContainerJson {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ContainerJson(&self.0).serialize(s)
+    }
+}
+
 impl Serialize for ContainerJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
@@ -616,6 +625,8 @@ impl<'a> From<&'a Entry> for SnapshotEvent<'a> {
 pub(crate) struct GroupJson {
     pid: Option<u32>,
     comm: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<SharedContainerJson>,
     counts: BTreeMap<&'static str, usize>,
     inferred: usize,
     close_wait_readings: BTreeMap<&'static str, usize>,
@@ -672,6 +683,7 @@ impl SnapshotSummary {
             .map(|((pid, comm), g)| GroupJson {
                 pid: (pid != 0).then_some(pid),
                 comm,
+                container: g.container.map(SharedContainerJson),
                 counts: g.counts,
                 inferred: g.inferred,
                 close_wait_readings: g.readings,
