@@ -45,6 +45,8 @@ pub(crate) struct Entry {
     pub(crate) verdict: Verdict,
     /// A socket its owner must close: what the owner is doing about it.
     pub(crate) owner_state: Option<OwnerState>,
+    /// The other end, when it is on this host too.
+    pub(crate) peer: Option<Peer>,
 }
 
 impl Entry {
@@ -74,6 +76,7 @@ impl Entry {
             inferred: None,
             verdict,
             owner_state,
+            peer: None,
         })
     }
 
@@ -142,7 +145,27 @@ impl Entry {
                 o.sentence(&format!("{}[{}]", h.comm, h.pid), Some(h.fd))
             );
         }
+        if let Some(p) = &self.peer {
+            answer += &format!("; {}", p.sentence());
+        }
         answer
+    }
+}
+
+impl Peer {
+    /// `its peer on this host, python3[9183] fd 3, is in CLOSE_WAIT: it has not closed its end`.
+    pub(crate) fn sentence(&self) -> String {
+        let state = crate::model::state_name(self.state);
+        let who = match self.owners.first() {
+            Some(o) => format!("{}[{}] fd {}", o.comm, o.pid, o.fd),
+            None => "held by no process".into(),
+        };
+        let then = match (self.state, self.owners.is_empty()) {
+            (st::CLOSE_WAIT, false) => ": it has not closed its end",
+            (st::FIN_WAIT2, false) => ": half-closed, still open",
+            _ => "",
+        };
+        format!("its peer on this host, {who}, is in {state}{then}")
     }
 }
 
@@ -345,6 +368,56 @@ fn listeners(
     listeners
 }
 
+/// The other end of a connection, when it is a socket on this host too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Peer {
+    pub(crate) state: u8,
+    pub(crate) netns: u64,
+    /// Empty: no process holds it (an orphan, or a time-wait socket).
+    pub(crate) owners: Vec<Owner>,
+}
+
+/// For each socket, its peer's (state, namespace, inode) where the peer is on this host: the
+/// socket with the same ends the other way round, in the same namespace, else the one such
+/// socket of another namespace (a pod's peer on the node). Loopback never leaves a namespace,
+/// and several candidates elsewhere (pods that reuse the same addresses) name none.
+fn peers(sockets: &[DiagSocket]) -> Vec<Option<(u8, u64, u64)>> {
+    type Ends = (IpAddr, u16, IpAddr, u16);
+    let ends = |s: &DiagSocket| -> Ends {
+        (
+            s.local.to_canonical(),
+            s.lport,
+            s.remote.to_canonical(),
+            s.rport,
+        )
+    };
+    let mut by_ends: HashMap<Ends, Vec<usize>> = HashMap::new();
+    for (i, s) in sockets.iter().enumerate() {
+        if s.state != st::LISTEN {
+            by_ends.entry(ends(s)).or_default().push(i);
+        }
+    }
+    sockets
+        .iter()
+        .map(|s| {
+            if s.state == st::LISTEN {
+                return None;
+            }
+            let (l, lp, r, rp) = ends(s);
+            let found = by_ends.get(&(r, rp, l, lp))?;
+            let same_ns = found.iter().find(|&&j| sockets[j].netns == s.netns);
+            let peer = match (same_ns, found.as_slice()) {
+                (Some(&j), _) => j,
+                (None, _) if r.is_loopback() => return None,
+                (None, [j]) => *j,
+                (None, _) => return None,
+            };
+            let p = &sockets[peer];
+            Some((p.state, p.netns, p.inode))
+        })
+        .collect()
+}
+
 /// Gives each socket its owners and verdict (pure: unit-tested with made-up sockets). `keep`:
 /// only sockets held by (or inferred to belong to) these processes; empty keeps all.
 pub(crate) fn build(
@@ -353,9 +426,13 @@ pub(crate) fn build(
     keep: &[u32],
 ) -> Vec<Entry> {
     let listeners = listeners(&sockets, &owners_of);
+    let peers = peers(&sockets);
     let keep: Option<HashSet<u32>> = (!keep.is_empty()).then(|| keep.iter().copied().collect());
     let mut entries = Vec::new();
-    for s in sockets.into_iter().filter(|s| s.state != st::LISTEN) {
+    for (s, peer) in sockets.into_iter().zip(peers) {
+        if s.state == st::LISTEN {
+            continue;
+        }
         let mut owners = if s.inode != 0 {
             owners_of(s.inode)
         } else {
@@ -368,6 +445,15 @@ pub(crate) fn build(
         let Some(mut e) = Entry::new(s, owners) else {
             continue;
         };
+        e.peer = peer.map(|(state, netns, inode)| Peer {
+            state,
+            netns,
+            owners: if inode != 0 {
+                owners_of(inode)
+            } else {
+                Vec::new()
+            },
+        });
         if e.owners.is_empty() && !e.is_time_wait() {
             let s = &e.sock;
             e.inferred = listeners
@@ -569,6 +655,58 @@ mod tests {
             send_queue: 0,
             netns: 0,
         }
+    }
+
+    /// The other end on this host: in the same namespace, else the one socket of another
+    /// namespace with the same ends reversed; loopback never crosses; several name none.
+    #[test]
+    fn names_the_peer_on_this_host() {
+        let at = |state, (l, lp): (&str, u16), (r, rp): (&str, u16), inode, netns| DiagSocket {
+            local: l.parse().unwrap(),
+            lport: lp,
+            remote: r.parse().unwrap(),
+            rport: rp,
+            netns,
+            ..sock(state, lp, inode, None)
+        };
+        let owners = |inode: u64| match inode {
+            1 => vec![owner(10, "proxy", 7)],
+            2 => vec![owner(20, "backend", 3)],
+            _ => vec![],
+        };
+        let sockets = vec![
+            // loopback, same namespace: a half-closed proxy socket, the back-end's CLOSE_WAIT
+            at(st::FIN_WAIT2, ("127.0.0.1", 5000), ("127.0.0.1", 80), 1, 7),
+            at(st::CLOSE_WAIT, ("127.0.0.1", 80), ("127.0.0.1", 5000), 2, 7),
+            // loopback in another namespace, the same ends: not this one's peer
+            at(st::CLOSE_WAIT, ("127.0.0.1", 80), ("127.0.0.1", 6000), 3, 8),
+            at(st::FIN_WAIT2, ("127.0.0.1", 6000), ("127.0.0.1", 80), 0, 9),
+            // pod to pod: one candidate in another namespace
+            at(st::CLOSE_WAIT, ("10.0.0.1", 80), ("10.0.0.2", 7000), 4, 8),
+            at(st::FIN_WAIT2, ("10.0.0.2", 7000), ("10.0.0.1", 80), 0, 9),
+            // two pods reuse the same addresses: no answer
+            at(st::CLOSE_WAIT, ("10.0.0.1", 80), ("10.0.0.3", 7100), 5, 8),
+            at(st::FIN_WAIT2, ("10.0.0.3", 7100), ("10.0.0.1", 80), 0, 9),
+            at(st::FIN_WAIT2, ("10.0.0.3", 7100), ("10.0.0.1", 80), 0, 10),
+        ];
+        let e = build(sockets, owners, &[]);
+        let peer = |i: usize| e[i].peer.as_ref().map(|p| (p.state, p.netns));
+        assert_eq!(peer(0), Some((st::CLOSE_WAIT, 7)));
+        assert_eq!(peer(1), Some((st::FIN_WAIT2, 7)));
+        assert_eq!(
+            (peer(2), peer(3)),
+            (None, None),
+            "loopback stays in its namespace"
+        );
+        assert_eq!(peer(4), Some((st::FIN_WAIT2, 9)));
+        assert_eq!(peer(5), Some((st::CLOSE_WAIT, 8)));
+        assert_eq!(peer(6), None, "two candidates elsewhere: no guess");
+        assert!(
+            e[0].answer()
+                .ends_with("its peer on this host, backend[20] fd 3, is in CLOSE_WAIT: it has not closed its end"),
+            "{}",
+            e[0].answer()
+        );
     }
 
     #[test]

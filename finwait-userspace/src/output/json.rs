@@ -581,7 +581,16 @@ pub(crate) struct SnapshotEvent<'a> {
     owners: Vec<OwnerJson<'a>>,
     inferred_owner: Option<InferredJson<'a>>,
     owner_state: Option<OwnerStateJson>,
+    /// The other end, when it is a socket on this host too.
+    peer: Option<PeerJson<'a>>,
     answer: String,
+}
+
+#[derive(Serialize)]
+pub(crate) struct PeerJson<'a> {
+    state: &'static str,
+    netns: Option<u64>,
+    owners: Vec<OwnerJson<'a>>,
 }
 
 impl<'a> From<&'a Entry> for SnapshotEvent<'a> {
@@ -615,6 +624,11 @@ impl<'a> From<&'a Entry> for SnapshotEvent<'a> {
             }),
             owner_state: e.owner_state.as_ref().zip(e.owners.first()).map(|(o, h)| {
                 OwnerStateJson::new(o, &format!("{}[{}]", h.comm, h.pid), Some(h.fd))
+            }),
+            peer: e.peer.as_ref().map(|p| PeerJson {
+                state: state_name(p.state),
+                netns: (p.netns != 0).then_some(p.netns),
+                owners: p.owners.iter().map(OwnerJson::from).collect(),
             }),
             answer: e.answer(),
         }
