@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::pods::Pods;
 use crate::model::Container;
 
 /// Cgroups remembered at most (a host has hundreds to a few thousand).
@@ -31,6 +32,8 @@ pub(crate) struct Cgroups {
     /// The time the cached answers are judged by, set once per batch of reports ([`Self::now`]):
     /// a clock read per report was 4% of the tracer's CPU.
     now: Instant,
+    /// Pod names by UID.
+    pods: Pods,
 }
 
 impl Cgroups {
@@ -46,7 +49,17 @@ impl Cgroups {
             by_pid: HashMap::new(),
             unresolved: 0,
             now: Instant::now(),
+            pods: Pods::new(),
         }
+    }
+
+    /// What `path` says, with the pod's name where the node shows it.
+    fn container(&mut self, path: &str) -> Arc<Container> {
+        let mut c = Container::from_path(path);
+        if let Some(uid) = &c.pod_uid {
+            c.pod = self.pods.name(uid);
+        }
+        Arc::new(c)
     }
 
     /// Sets the time for the next lookups (once per batch).
@@ -81,7 +94,7 @@ impl Cgroups {
         {
             return c.clone();
         }
-        let found = from_proc(pid).map(|p| Arc::new(Container::from_path(&p)));
+        let found = from_proc(pid).map(|p| self.container(&p));
         if found.is_none() {
             self.unresolved += 1;
         }
@@ -112,10 +125,11 @@ impl Cgroups {
                     continue;
                 }
                 let path = e.path();
-                let rel = Path::new("/").join(path.strip_prefix(&root).unwrap_or(&path));
-                self.known
-                    .entry(meta.ino())
-                    .or_insert_with(|| Arc::new(Container::from_path(&rel.to_string_lossy())));
+                if !self.known.contains_key(&meta.ino()) {
+                    let rel = Path::new("/").join(path.strip_prefix(&root).unwrap_or(&path));
+                    let c = self.container(&rel.to_string_lossy());
+                    self.known.insert(meta.ino(), c);
+                }
                 dirs.push(path);
             }
         }

@@ -6,5 +6,6 @@ pub(crate) mod inspect;
 pub(crate) mod namespaces;
 pub(crate) mod netns;
 pub(crate) mod owners;
+pub(crate) mod pods;
 pub(crate) mod procs;
 pub(crate) mod sockdiag;

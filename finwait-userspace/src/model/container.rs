@@ -15,6 +15,9 @@ pub(crate) struct Container {
     pub(crate) runtime: Option<&'static str>,
     /// The Kubernetes pod's UID (`k8s.pod.uid`), with dashes.
     pub(crate) pod_uid: Option<Arc<str>>,
+    /// The pod's namespace and name (`k8s.namespace.name`, `k8s.pod.name`), where the node
+    /// shows them (the path does not: [`crate::host::pods`]).
+    pub(crate) pod: Option<(Arc<str>, Arc<str>)>,
     /// The pod's QoS class: `guaranteed`, `burstable` or `besteffort`.
     pub(crate) qos: Option<&'static str>,
     /// The innermost systemd unit (`nginx.service`, `docker-<id>.scope`).
@@ -56,7 +59,11 @@ impl Container {
     pub(crate) fn short(&self) -> Option<String> {
         let id = self.id.as_deref()?;
         let shown = if is_hex_id(id) { &id[..12] } else { id };
-        Some(format!("{}:{shown}", self.runtime.unwrap_or("container")))
+        let mut s = format!("{}:{shown}", self.runtime.unwrap_or("container"));
+        if let Some((ns, name)) = &self.pod {
+            s += &format!(", pod {ns}/{name}");
+        }
+        Some(s)
     }
 }
 

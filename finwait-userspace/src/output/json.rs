@@ -172,6 +172,10 @@ impl Serialize for ContainerJson<'_> {
             runtime: Option<&'static str>,
             #[serde(rename = "k8s.pod.uid", skip_serializing_if = "Option::is_none")]
             pod_uid: Option<&'a str>,
+            #[serde(rename = "k8s.namespace.name", skip_serializing_if = "Option::is_none")]
+            namespace: Option<&'a str>,
+            #[serde(rename = "k8s.pod.name", skip_serializing_if = "Option::is_none")]
+            pod_name: Option<&'a str>,
             #[serde(rename = "k8s.pod.qos_class", skip_serializing_if = "Option::is_none")]
             qos: Option<&'static str>,
             #[serde(rename = "systemd.unit", skip_serializing_if = "Option::is_none")]
@@ -183,6 +187,8 @@ impl Serialize for ContainerJson<'_> {
             id: c.id.as_deref(),
             runtime: c.runtime,
             pod_uid: c.pod_uid.as_deref(),
+            namespace: c.pod.as_ref().map(|(ns, _)| &**ns),
+            pod_name: c.pod.as_ref().map(|(_, name)| &**name),
             qos: c.qos,
             systemd_unit: c.systemd_unit.as_deref(),
         }

@@ -32,12 +32,41 @@ use crate::{
 };
 
 /// Who a series is about: a process name and where it runs. Never a pid, port or address.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) struct Workload {
     comm: Comm,
     container_id: Option<Arc<str>>,
     pod_uid: Option<Arc<str>>,
     systemd_unit: Option<Arc<str>>,
+    /// The pod's namespace and name, where the node shows them: not a label of the workload's
+    /// series (a pod's UID says it already) but of `finwait_pod_info`, to join on.
+    pod: Option<(Arc<str>, Arc<str>)>,
+}
+
+/// The series' identity: the labels, without the pod's name (known later than its UID at times).
+impl PartialEq for Workload {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            &self.comm,
+            &self.container_id,
+            &self.pod_uid,
+            &self.systemd_unit,
+        ) == (&o.comm, &o.container_id, &o.pod_uid, &o.systemd_unit)
+    }
+}
+
+impl Eq for Workload {}
+
+impl std::hash::Hash for Workload {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (
+            &self.comm,
+            &self.container_id,
+            &self.pod_uid,
+            &self.systemd_unit,
+        )
+            .hash(h);
+    }
 }
 
 impl Workload {
@@ -47,6 +76,7 @@ impl Workload {
             container_id: c.and_then(|c| c.id.clone()),
             pod_uid: c.and_then(|c| c.pod_uid.clone()),
             systemd_unit: c.and_then(|c| c.systemd_unit.clone()),
+            pod: c.and_then(|c| c.pod.clone()),
         }
     }
 
@@ -80,6 +110,25 @@ impl EncodeLabelSet for Workload {
         ("container_id", or_empty(&self.container_id)).encode(e.encode_label())?;
         ("k8s_pod_uid", or_empty(&self.pod_uid)).encode(e.encode_label())?;
         ("systemd_unit", or_empty(&self.systemd_unit)).encode(e.encode_label())
+    }
+}
+
+/// `finwait_pod_info`'s labels: a pod's UID with its namespace and name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub(crate) struct PodLabels {
+    k8s_pod_uid: Arc<str>,
+    k8s_namespace: Arc<str>,
+    k8s_pod_name: Arc<str>,
+}
+
+impl PodLabels {
+    fn of(w: &Workload) -> Option<Self> {
+        let (uid, (ns, name)) = (w.pod_uid.clone()?, w.pod.clone()?);
+        Some(Self {
+            k8s_pod_uid: uid,
+            k8s_namespace: ns,
+            k8s_pod_name: name,
+        })
     }
 }
 
@@ -120,6 +169,8 @@ struct Families {
     closes_without_fin: Family<Workload, Counter>,
     half_closed: Family<Workload, Gauge>,
     close_wait: Family<Workload, Gauge>,
+    /// 1 per pod with series, naming it (join on `k8s_pod_uid`).
+    pod_info: Family<PodLabels, Gauge>,
 }
 
 /// The tracer's own health, set from its counters every second.
@@ -379,6 +430,11 @@ impl MetricsSink {
             "How finwait-trace runs here (labels), always 1",
             self.info.clone(),
         );
+        r.register(
+            "pod_info",
+            "A Kubernetes pod with series here: its namespace and name by UID (from the node's /var/log/pods), always 1",
+            f.pod_info.clone(),
+        );
         self.register_health(&mut r);
         r
     }
@@ -500,8 +556,13 @@ impl MetricsSink {
     /// The series `w`'s events count in (its own, or `other`).
     fn counted(&mut self, w: Workload) -> Workload {
         let f = &self.families;
-        self.workloads
-            .label(w, &self.health, |gone| remove_series(f, gone))
+        let w = self
+            .workloads
+            .label(w, &self.health, |gone| remove_series(f, gone));
+        if let Some(pod) = PodLabels::of(&w) {
+            f.pod_info.get_or_create(&pod).set(1);
+        }
+        w
     }
 
     fn transition(&mut self, t: &TransitionReport, verdict: Option<&Verdict>) {
@@ -561,6 +622,9 @@ fn remove_series(f: &Families, w: &Workload) {
     }
     for family in [&f.half_closed, &f.close_wait] {
         family.remove(w);
+    }
+    if let Some(pod) = PodLabels::of(w) {
+        f.pod_info.remove(&pod);
     }
 }
 
@@ -766,6 +830,32 @@ mod tests {
         // A socket already released is not released twice.
         send(&mut m, &closed(0x100, 0));
         assert!(text(&reg).contains(&format!("{series} 0\n")));
+    }
+
+    /// A pod's name is not a label of its series (its UID is) but of `finwait_pod_info`, once
+    /// per pod, to join on; a name found later does not split the pod's series in two.
+    #[test]
+    fn pods_are_named_once_in_pod_info() {
+        let (mut m, reg) = MetricsSink::new(10);
+        let path = "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0d3c1a52_7e7f_4c5e_9a1b_2f6e8d9c0b1a.slice/cri-containerd-3f2a9c1b7d4e5f60718293a4b5c6d7e8f0112233445566778899aabbccddeeff.scope";
+        let unnamed = owner("imapd", path);
+        let mut named = owner("imapd", path);
+        let mut c = Container::from_path(path);
+        c.pod = Some(("shop".into(), "checkout".into()));
+        named.container = Some(c.into());
+        send(&mut m, &close_wait(0x100, 1, unnamed));
+        send(&mut m, &close_wait(0x200, 2, named));
+        let t = text(&reg);
+        assert!(
+            t.contains(r#"finwait_pod_info{k8s_pod_uid="0d3c1a52-7e7f-4c5e-9a1b-2f6e8d9c0b1a",k8s_namespace="shop",k8s_pod_name="checkout"} 1"#),
+            "{t}"
+        );
+        let series: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("finwait_close_wait_sockets{"))
+            .collect();
+        assert_eq!(series.len(), 1, "{t}");
+        assert!(series[0].ends_with(" 2"), "{t}");
     }
 
     /// A socket that enters CLOSE_WAIT while the start-up inventory is read is seen by both:
