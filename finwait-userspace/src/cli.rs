@@ -52,16 +52,8 @@ pub(crate) struct SnapshotArgs {
     #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
     pub(crate) states: Vec<u8>,
 
-    /// Only sockets of this network namespace (repeatable): its inode, as `net:[INODE]` or
-    /// INODE (`ls -l /proc/PID/ns/net` shows it).
-    #[arg(long = "netns", value_name = "INODE", value_parser = parse_netns)]
-    pub(crate) netns: Vec<u64>,
-
-    /// Only sockets of this container (repeatable): its id or a prefix of at least 4
-    /// characters, or a Kubernetes pod's UID; an orphan counts when it is in the network
-    /// namespace of one of the container's processes.
-    #[arg(long = "container", value_name = "ID", value_parser = parse_container)]
-    pub(crate) containers: Vec<String>,
+    #[command(flatten)]
+    pub(crate) workloads: WorkloadArgs,
 
     /// One JSON object per line: a summary, then every socket.
     #[arg(long)]
@@ -70,6 +62,34 @@ pub(crate) struct SnapshotArgs {
     /// After the summary, one line per socket.
     #[arg(long)]
     pub(crate) detail: bool,
+}
+
+/// Containers, pods and network namespaces: who a snapshot or a trace is about, by where the
+/// processes run.
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct WorkloadArgs {
+    /// Only this container (repeatable): its id, or a prefix of at least 4 hex digits. Live,
+    /// the processes in it at the start and their descendants; in a snapshot, also the orphans
+    /// in its network namespace.
+    #[arg(long = "container", value_name = "ID", value_parser = parse_container)]
+    pub(crate) containers: Vec<String>,
+
+    /// Only this Kubernetes pod (repeatable): NAME, NAMESPACE/NAME (where the node shows pod
+    /// names, under /var/log/pods) or its UID.
+    #[arg(long = "pod", value_name = "NAME|UID", value_parser = parse_pod)]
+    pub(crate) pods: Vec<String>,
+
+    /// Only this network namespace (repeatable): its inode, as `net:[INODE]` or INODE (`ls -l
+    /// /proc/PID/ns/net` shows it). Live, the processes in it at the start and their
+    /// descendants.
+    #[arg(long = "netns", value_name = "INODE", value_parser = parse_netns)]
+    pub(crate) netns: Vec<u64>,
+}
+
+impl WorkloadArgs {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.containers.is_empty() && self.pods.is_empty() && self.netns.is_empty()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +102,9 @@ pub(crate) struct TraceArgs {
     /// their descendants. Combines with --pid.
     #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
     pub(crate) comms: Vec<String>,
+
+    #[command(flatten)]
+    pub(crate) workloads: WorkloadArgs,
 
     /// One JSON object per line (see README.md for the fields).
     #[arg(long)]
@@ -97,7 +120,7 @@ pub(crate) struct TraceArgs {
 
     /// Run a built-in loopback client and server that reproduce the common cases, trace them,
     /// print what was found and exit.
-    #[arg(long, conflicts_with_all = ["pids", "comms"])]
+    #[arg(long, conflicts_with_all = ["pids", "comms", "containers", "pods", "netns"])]
     pub(crate) demo: bool,
 
     /// Only sockets with this local or remote port (repeatable).
@@ -252,6 +275,16 @@ fn parse_container(s: &str) -> Result<String, String> {
     let ok = (4..=64).contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
     ok.then(|| s.to_ascii_lowercase())
         .ok_or_else(|| format!("`{s}` is not a container id (4 to 64 hex digits) or a pod UID"))
+}
+
+fn parse_pod(s: &str) -> Result<String, String> {
+    // Kubernetes names: lowercase DNS labels; a UID: hex and dashes.
+    let ok = !s.is_empty()
+        && s.len() <= 253 + 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-./".contains(&b));
+    ok.then(|| s.to_string())
+        .ok_or_else(|| format!("`{s}` is not a pod name, NAMESPACE/NAME or UID"))
 }
 
 fn parse_comm(s: &str) -> Result<String, String> {

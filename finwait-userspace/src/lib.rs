@@ -64,7 +64,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     if let Some(what) = &t.generate {
         return cli::generate(what, &mut std::io::stdout());
     }
-    let opts = trace::Options::from(&t);
+    let mut opts = trace::Options::from(&t);
+    if !t.workloads.is_empty() {
+        // Followed as processes: those there now, and their descendants.
+        let w = &t.workloads;
+        let pids = host::procs::in_workloads(&host::procs::Workloads {
+            containers: &w.containers,
+            pods: &w.pods,
+            netns: &w.netns,
+        })?;
+        opts.pids.extend(pids);
+    }
     if t.demo {
         return demo::run(opts).await;
     }
@@ -85,11 +95,13 @@ fn snapshot_command(a: &cli::SnapshotArgs) -> anyhow::Result<()> {
     let mut kernel = kernel::loader::load_inventory_only().map_err(|e| format!("{e:#}"));
     let mut snap = snapshot::take(&pids, kernel.as_mut().map_err(|e| e.clone()))?;
     snap.warn_unseen();
+    let w = &a.workloads;
     let narrow = snapshot::Narrow {
         ports: a.ports.clone(),
         states: a.states.clone(),
-        netns: a.netns.clone(),
-        containers: a.containers.clone(),
+        netns: w.netns.clone(),
+        containers: w.containers.clone(),
+        pods: w.pods.clone(),
     };
     snap.entries = narrow.keep(std::mem::take(&mut snap.entries));
     let mut sink = output::for_stdout(a.json, output::human::Style::default(), false);

@@ -478,8 +478,10 @@ pub(crate) struct Narrow {
     pub(crate) ports: Vec<u16>,
     pub(crate) states: Vec<u8>,
     pub(crate) netns: Vec<u64>,
-    /// Container ids (or prefixes) and pod UIDs, lowercase.
+    /// Container ids (or prefixes), lowercase.
     pub(crate) containers: Vec<String>,
+    /// Pods by UID, name or NAMESPACE/NAME.
+    pub(crate) pods: Vec<String>,
 }
 
 impl Narrow {
@@ -509,7 +511,7 @@ impl Narrow {
                     || self.ports.contains(&s.rport);
                 let state = self.states.is_empty() || self.states.contains(&s.state);
                 let netns = self.netns.is_empty() || self.netns.contains(&s.netns);
-                let container = self.containers.is_empty()
+                let container = (self.containers.is_empty() && self.pods.is_empty())
                     || e.owners.iter().any(in_container)
                     || (e.owners.is_empty() && container_ns.contains(&s.netns));
                 port && state && netns && container

@@ -221,7 +221,9 @@ fn a_podman_containers_leak_is_named_from_the_host() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let tracer = Tracer::start(&["--pid", &pid, "--stuck", "1", "--metrics", &addr]);
+    // --container: the processes in it, as --pid follows them.
+    let short = &c.id[..12];
+    let tracer = Tracer::start(&["--container", short, "--stuck", "1", "--metrics", &addr]);
     let (mut stuck, mut gauges) = (0, None);
     let all = tracer.read_until(Duration::from_secs(30), |v| {
         stuck += usize::from(v["event"] == "stuck");
@@ -254,4 +256,16 @@ fn a_podman_containers_leak_is_named_from_the_host() {
         .unwrap_or_else(|| panic!("{summary}"));
     assert_eq!(p["close_wait_at_start"], 5, "{p}");
     assert_eq!(p["container"]["container.id"], c.id.as_str(), "{p}");
+
+    // A container that does not exist is an error, not an empty trace.
+    let out = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .args(["--container", "0000deadbeef", "--duration", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no process runs in container 0000deadbeef"),
+        "{err}"
+    );
 }

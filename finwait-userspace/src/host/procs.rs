@@ -1,4 +1,4 @@
-//! Process-tree lookups for `--pid`.
+//! Process-tree lookups for `--pid`, and the processes of containers, pods and namespaces.
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Result, bail};
@@ -23,6 +23,74 @@ pub(crate) fn check_exists(pids: &[u32]) -> Result<()> {
 }
 
 /// Running processes whose name (`comm`) is one of `names`.
+/// Containers (ids or prefixes), pods (UIDs, names, NAMESPACE/NAME) and network namespaces.
+pub(crate) struct Workloads<'a> {
+    pub(crate) containers: &'a [String],
+    pub(crate) pods: &'a [String],
+    pub(crate) netns: &'a [u64],
+}
+
+/// The processes in the containers, pods and network namespaces `w` names; an error names
+/// each that has none (a typo must not trace nothing silently).
+pub(crate) fn in_workloads(w: &Workloads<'_>) -> Result<Vec<u32>> {
+    let mut cgroups = super::cgroup::Cgroups::new();
+    let mut found = Vec::new();
+    let (mut ids_seen, mut pods_seen, mut ns_seen) = (Vec::new(), Vec::new(), Vec::new());
+    for p in all_processes()?.flatten() {
+        let pid = p.pid as u32;
+        if !w.netns.is_empty() {
+            if let Some(ns) = super::namespaces::of_pid(pid).filter(|ns| w.netns.contains(ns)) {
+                ns_seen.push(ns);
+                found.push(pid);
+                continue;
+            }
+        }
+        if w.containers.is_empty() && w.pods.is_empty() {
+            continue;
+        }
+        let Some(c) = cgroups.of(0, pid) else {
+            continue;
+        };
+        for id in w.containers {
+            if c.is_one_of(std::slice::from_ref(id), &[]) {
+                ids_seen.push(id.clone());
+                found.push(pid);
+            }
+        }
+        for pod in w.pods {
+            if c.is_one_of(&[], std::slice::from_ref(pod)) {
+                pods_seen.push(pod.clone());
+                found.push(pid);
+            }
+        }
+    }
+    let mut missing: Vec<String> = Vec::new();
+    missing.extend(
+        w.containers
+            .iter()
+            .filter(|c| !ids_seen.contains(c))
+            .map(|c| format!("container {c}")),
+    );
+    missing.extend(
+        w.pods
+            .iter()
+            .filter(|p| !pods_seen.contains(p))
+            .map(|p| format!("pod {p}")),
+    );
+    missing.extend(
+        w.netns
+            .iter()
+            .filter(|n| !ns_seen.contains(n))
+            .map(|n| format!("net:[{n}]")),
+    );
+    if !missing.is_empty() {
+        bail!("no process runs in {}", missing.join(", "));
+    }
+    found.sort_unstable();
+    found.dedup();
+    Ok(found)
+}
+
 pub(crate) fn with_comm(names: &[String]) -> Vec<u32> {
     if names.is_empty() {
         return Vec::new();

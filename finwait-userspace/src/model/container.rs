@@ -67,6 +67,27 @@ impl Container {
     }
 }
 
+impl Container {
+    /// Whether it is one of `ids` (container ids or prefixes, lowercase) or `pods` (UIDs,
+    /// names, or NAMESPACE/NAME).
+    pub(crate) fn is_one_of(&self, ids: &[String], pods: &[String]) -> bool {
+        let id = self.id.as_deref().filter(|id| is_hex_id(id));
+        let by_id = id.is_some_and(|id| ids.iter().any(|want| id.starts_with(want.as_str())));
+        let by_pod = pods.iter().any(|want| {
+            let uid = self.pod_uid.as_deref() == Some(want.as_str());
+            let named = self
+                .pod
+                .as_ref()
+                .is_some_and(|(ns, name)| match want.split_once('/') {
+                    Some((wns, wname)) => **ns == *wns && **name == *wname,
+                    None => **name == **want,
+                });
+            uid || named
+        });
+        by_id || by_pod
+    }
+}
+
 /// ` (docker:3f2a9c1b7d4e)` after a process's name, where it runs in a container.
 pub(crate) fn write_short(out: &mut String, c: Option<&Container>) {
     if let Some(short) = c.and_then(Container::short) {
@@ -257,6 +278,22 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn a_container_is_found_by_id_prefix_pod_uid_or_pod_name() {
+        let mut c = Container::from_path(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod6b7c1d2e_3f40_4a5b_8c6d_7e8f90a1b2c3.slice/cri-containerd-3f2a9c1b7d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789abcd.scope",
+        );
+        let s = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert!(c.is_one_of(&s(&["3f2a9c1b"]), &[]));
+        assert!(!c.is_one_of(&s(&["3f2a9c1c"]), &[]));
+        assert!(c.is_one_of(&[], &s(&["6b7c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3"])));
+        assert!(!c.is_one_of(&[], &s(&["checkout"])), "no name known yet");
+        c.pod = Some(("shop".into(), "checkout".into()));
+        assert!(c.is_one_of(&[], &s(&["checkout"])));
+        assert!(c.is_one_of(&[], &s(&["shop/checkout"])));
+        assert!(!c.is_one_of(&[], &s(&["other/checkout"])));
     }
 
     #[test]
