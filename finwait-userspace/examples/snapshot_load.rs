@@ -1,5 +1,7 @@
-//! Builds a host with ~100,000 TCP sockets and thousands of processes in a new network
-//! namespace, then times `finwait-trace snapshot` there (wall time and peak RSS).
+//! Builds a host with ~100,000 TCP sockets and thousands of processes, then times
+//! `finwait-trace snapshot` there (wall time and peak RSS) beside `ss -tanpoe` in the same run.
+//! Two layouts: every socket in one new network namespace, and 20 namespaces of ~5,000 sockets
+//! each (as pods on a node; `ss` sees only its own namespace there, so it is not timed).
 //!
 //! Usage (root): snapshot_load FINWAIT_TRACE [HOLDERS] [PAIRS_PER_HOLDER] [IDLE_PROCESSES]
 // Test and bench crates share the package's dependencies (the library is where unused ones
@@ -40,12 +42,28 @@ fn main() {
             .success()
     );
 
+    // One namespace: `holders` processes of `pairs` connections each.
+    let children = populate(holders, pairs, idle, false);
+    measure("one namespace", &bin, holders + idle + 1, true);
+    kill_all(children);
+    // 20 namespaces of ~5,000 sockets.
+    let children = populate(20, 2500, idle, true);
+    measure("20 namespaces", &bin, 20 + idle + 1, false);
+    kill_all(children);
+}
+
+/// Forks the holders (each in a namespace of its own with `own_ns`) and the idle processes;
+/// returns their pids once every holder has its sockets.
+fn populate(holders: usize, pairs: usize, idle: usize, own_ns: bool) -> Vec<i32> {
     let (tx_fd, rx_fd) = pipe();
     let mut children = Vec::new();
     for _ in 0..holders {
         // SAFETY: the child runs plain Rust and exits through _exit.
         match unsafe { libc::fork() } {
             0 => {
+                if own_ns {
+                    enter_new_namespace();
+                }
                 hold(pairs, tx_fd);
                 unsafe { libc::pause() };
                 unsafe { libc::_exit(0) }
@@ -69,40 +87,95 @@ fn main() {
             pid => children.push(pid),
         }
     }
+    // SAFETY: our pipe's ends.
+    unsafe {
+        libc::close(tx_fd);
+        libc::close(rx_fd);
+    }
     std::thread::sleep(std::time::Duration::from_millis(500)); // delayed ACKs settle
+    children
+}
 
-    let ss = Command::new("ss").args(["-tanH"]).output().unwrap();
-    let sockets = String::from_utf8_lossy(&ss.stdout).lines().count();
-    for mode in [&["snapshot"][..], &["snapshot", "--json"][..]] {
+fn kill_all(children: Vec<i32>) {
+    for pid in children {
+        // SAFETY: our children.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let mut status = 0;
+        // SAFETY: reaping our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+}
+
+/// Times `finwait-trace snapshot` (summary, then JSON) and, with `with_ss`, `ss -tanpoe`.
+fn measure(layout: &str, bin: &str, processes: usize, with_ss: bool) {
+    let sockets = count_sockets(bin);
+    println!("{layout}: {sockets} TCP sockets, {processes} processes");
+    let mut runs: Vec<(&str, Vec<&str>)> = vec![
+        ("finwait-trace snapshot", vec![bin, "snapshot"]),
+        (
+            "finwait-trace snapshot --json",
+            vec![bin, "snapshot", "--json"],
+        ),
+    ];
+    if with_ss {
+        runs.push(("ss -tanpoe", vec!["ss", "-tanpoe"]));
+    }
+    for (name, argv) in runs {
         let start = Instant::now();
         // Reaped below with wait4, which also gives its peak RSS.
         #[allow(clippy::zombie_processes)]
-        let mut child = Command::new(&bin)
-            .args(mode)
+        let mut child = Command::new(argv[0])
+            .args(&argv[1..])
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let out = std::io::read_to_string(child.stdout.take().unwrap()).unwrap();
         let (status, rss_kib) = wait_rusage(child.id() as i32);
         let secs = start.elapsed().as_secs_f64();
-        assert_eq!(status, 0, "snapshot failed");
+        assert_eq!(status, 0, "{name} failed");
         println!(
-            "{:<18} {sockets} sockets (ss), {} processes: {:.2} s, peak RSS {:.1} MiB, {} output lines",
-            mode.join(" "),
-            holders + idle + 1,
-            secs,
+            "  {name:<30} {secs:.2} s, peak RSS {:.1} MiB, {} output lines",
             rss_kib as f64 / 1024.0,
             out.lines().count()
         );
-        if mode.len() == 1 {
-            for line in out.lines().take(6) {
-                println!("    {line}");
+        if argv.len() == 2 && argv[1] == "snapshot" {
+            for line in out.lines().take(4) {
+                println!("      {line}");
             }
         }
     }
-    for pid in children {
-        // SAFETY: our children.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// Every TCP socket of every namespace, as finwait's JSON summary counts them.
+fn count_sockets(bin: &str) -> String {
+    let out = Command::new(bin)
+        .args(["snapshot", "--json"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let first = String::from_utf8_lossy(&out.stdout);
+    let first = first.lines().next().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(first).unwrap_or_default();
+    format!(
+        "{} on the close path and {} in TIME_WAIT, in {} namespaces,",
+        v["sockets"], v["time_wait"], v["namespaces"]["read"]
+    )
+}
+
+/// In a forked child: a network namespace of its own, its loopback up.
+fn enter_new_namespace() {
+    // SAFETY: raw calls on this child's own memory.
+    unsafe {
+        assert_eq!(libc::unshare(libc::CLONE_NEWNET), 0);
+        let ctl = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
+        assert_eq!(libc::ioctl(ctl, libc::SIOCSIFFLAGS, &ifr), 0);
+        libc::close(ctl);
     }
 }
 

@@ -63,8 +63,8 @@ enum Cmd {
     },
     /// Write the man page and shell completions to target/dist/.
     Docs,
-    /// Time `finwait-trace snapshot` on ~100,000 sockets and 2,000 processes (in a new network
-    /// namespace, as root).
+    /// Time `finwait-trace snapshot` on ~100,000 sockets and 2,000 processes beside `ss
+    /// -tanpoe` (one new network namespace), then on 20 namespaces of ~5,000 sockets (as root).
     BenchSnapshot,
     /// Build and run every test: the root integration tests on this kernel, then in qemu on
     /// the kernel matrix (`vm-test`): the newest 7.x in Debian unstable and Debian 11's 5.10.
