@@ -38,12 +38,12 @@ pub(crate) fn in_workloads(w: &Workloads<'_>) -> Result<Vec<u32>> {
     let (mut ids_seen, mut pods_seen, mut ns_seen) = (Vec::new(), Vec::new(), Vec::new());
     for p in all_processes()?.flatten() {
         let pid = p.pid as u32;
-        if !w.netns.is_empty() {
-            if let Some(ns) = super::namespaces::of_pid(pid).filter(|ns| w.netns.contains(ns)) {
-                ns_seen.push(ns);
-                found.push(pid);
-                continue;
-            }
+        if !w.netns.is_empty()
+            && let Some(ns) = super::namespaces::of_pid(pid).filter(|ns| w.netns.contains(ns))
+        {
+            ns_seen.push(ns);
+            found.push(pid);
+            continue;
         }
         if w.containers.is_empty() && w.pods.is_empty() {
             continue;
