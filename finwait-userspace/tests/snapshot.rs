@@ -600,3 +600,63 @@ fn without_privileges_what_is_not_seen_is_said() {
         "{err}"
     );
 }
+
+/// A namespace no process is in any more, kept by a bind mount (what `ip netns add` makes):
+/// found through /run/netns, and its sockets read (the pod's last ones, closing).
+#[test]
+fn a_namespace_kept_by_a_bind_mount_is_read() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pod = Pod::start(3, 0);
+    let dir = std::path::Path::new("/run/netns");
+    std::fs::create_dir_all(dir).unwrap();
+    let name = dir.join(format!("finwait-test-{}", std::process::id()));
+    std::fs::write(&name, b"").unwrap();
+    let src = std::ffi::CString::new(format!("/proc/{}/ns/net", pod.pid)).unwrap();
+    let dst = std::ffi::CString::new(name.to_str().unwrap()).unwrap();
+    // SAFETY: valid NUL-terminated paths.
+    let bound = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(bound, 0, "bind mount: {}", std::io::Error::last_os_error());
+    let netns = pod.netns;
+    drop(pod); // killed: its CLOSE_WAIT sockets close, its orphans stay the kernel's a while
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let all = snapshot(&["--netns", &netns.to_string()]);
+        // TIME_WAIT is counted in the summary line; the rest listed.
+        let listed = all
+            .iter()
+            .filter(|v| v["event"] == "snapshot" && v["netns"] == netns)
+            .count();
+        let n = listed + all[0]["time_wait"].as_u64().unwrap_or(0) as usize;
+        if n > 0 || Instant::now() > deadline {
+            break (n, all);
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    // SAFETY: the path mounted above.
+    unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) };
+    let _ = std::fs::remove_file(&name);
+    assert!(
+        found.0 > 0,
+        "no socket of the bind-mounted namespace: {:#?}",
+        found.1
+    );
+    assert!(
+        found
+            .1
+            .iter()
+            .filter(|v| v["event"] == "snapshot")
+            .all(|v| v["owners"].as_array().is_some_and(Vec::is_empty)),
+        "nobody holds them any more: {:#?}",
+        found.1
+    );
+}
