@@ -49,6 +49,9 @@ pub(crate) struct Start {
     pub(crate) attach_failed: usize,
     pub(crate) pids: Vec<u32>,
     pub(crate) comms: Vec<String>,
+    /// Where the start-up snapshot's holders come from: `iter/task_file` (the kernel's socket
+    /// inventory) or `proc`.
+    pub(crate) inventory: &'static str,
 }
 
 /// Every counter: at exit, and with `--stats-every`.

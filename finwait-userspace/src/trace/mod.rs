@@ -197,6 +197,11 @@ fn announce(o: &Options, l: &Loaded, fin_timeout_s: u64, p: &mut Pipeline) -> Re
         attach_failed: l.attach_failed,
         pids: o.pids.clone(),
         comms: o.comms.clone(),
+        inventory: if l.inventory_refused.is_none() {
+            "iter/task_file"
+        } else {
+            "proc"
+        },
     };
     Ok(p.sink.start(&start)?)
 }
