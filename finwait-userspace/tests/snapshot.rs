@@ -462,7 +462,11 @@ fn another_network_namespace_is_seen_from_the_host() {
 
     // Live: stuck before the start, so in --stuck and the summary "at least".
     let tracer = Tracer::start(&["--pid", &pod.pid.to_string(), "--stuck", "1"]);
-    assert_eq!(tracer.start["inventory"], "iter/task_file", "{}", tracer.start);
+    assert_eq!(
+        tracer.start["inventory"], "iter/task_file",
+        "{}",
+        tracer.start
+    );
     let mut seen = 0;
     let all = tracer.read_until(Duration::from_secs(30), |v| {
         seen += usize::from(v["event"] == "stuck");

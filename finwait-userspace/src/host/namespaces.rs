@@ -202,14 +202,26 @@ impl Coverage {
 /// with its namespace). Fails only when finwait's own namespace cannot be read.
 pub(crate) fn dump_everywhere(
     states: &StateFlags,
+    each: impl FnMut(DiagSocket),
+) -> Result<Coverage> {
+    dump_where(states, |_| true, each)
+}
+
+/// As [`dump_everywhere`], in the namespaces `wanted` keeps (finwait's own is always read).
+/// Each dump walks the kernel's whole TCP table: reading only the namespaces that matter keeps
+/// a host of many namespaces cheap.
+pub(crate) fn dump_where(
+    states: &StateFlags,
+    wanted: impl Fn(u64) -> bool,
     mut each: impl FnMut(DiagSocket),
 ) -> Result<Coverage> {
-    let (all, hidden) = all();
+    let (mut all, hidden) = all();
+    let own = own();
+    all.retain(|n| Some(n.inode) == own || wanted(n.inode));
     let mut cov = Coverage {
         hidden,
         ..Coverage::default()
     };
-    let own = own();
     if own.is_none_or(|o| all.first().is_none_or(|n| n.inode != o)) {
         // No /proc/self/ns (an odd /proc): the own namespace is still read.
         let mut here = Diag::here()?;

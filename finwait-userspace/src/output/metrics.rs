@@ -481,28 +481,39 @@ impl MetricsSink {
     /// held by a process, with an inode) is released and counted as a correction.
     fn check_against_kernel(&mut self) {
         use netlink_packet_sock_diag::inet::StateFlags;
+        // Each holder's namespace, looked up once; only those namespaces are read.
+        let mut ns_of: HashMap<u32, Option<u64>> = HashMap::new();
+        for h in self.held.values().chain(self.seeded.values()) {
+            ns_of
+                .entry(h.pid)
+                .or_insert_with(|| namespaces::of_pid(h.pid));
+        }
+        let needed: std::collections::HashSet<u64> = ns_of.values().flatten().copied().collect();
         // Ends repeat across namespaces (every pod has its own 127.0.0.1): keyed by both.
         let mut now: HashMap<(u64, Key), (u8, u64)> = HashMap::new();
         let states = StateFlags::CLOSE_WAIT | StateFlags::FIN_WAIT2;
-        let read = namespaces::dump_everywhere(&states, |s| {
-            now.insert(
-                (s.netns, key_of(s.local, s.lport, s.remote, s.rport)),
-                (s.state, s.inode),
-            );
-        });
+        let read = namespaces::dump_where(
+            &states,
+            |ns| needed.contains(&ns),
+            |s| {
+                now.insert(
+                    (s.netns, key_of(s.local, s.lport, s.remote, s.rport)),
+                    (s.state, s.inode),
+                );
+            },
+        );
         let Ok(coverage) = read else {
             return; // checked next time; nothing is released on a failed read
         };
         // A holder's namespace that was not read (or a holder gone) is not checked.
         let read: std::collections::HashSet<u64> = coverage.read.into_iter().collect();
-        let mut ns_of: HashMap<u32, Option<u64>> = HashMap::new();
-        let mut checked = |pid: u32| {
-            *ns_of
-                .entry(pid)
-                .or_insert_with(|| namespaces::of_pid(pid).filter(|ns| read.contains(ns)))
-        };
         self.release_gone(|h| {
-            let Some(ns) = checked(h.pid) else {
+            let Some(ns) = ns_of
+                .get(&h.pid)
+                .copied()
+                .flatten()
+                .filter(|ns| read.contains(ns))
+            else {
                 return false;
             };
             match (h.kind, now.get(&(ns, h.key))) {
