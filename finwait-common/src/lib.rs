@@ -103,7 +103,7 @@ pub mod owner_flags {
 /// `SocketFdRec::state` of an epoll fd (not a socket): `inode` and `netns` are 0.
 pub const FD_EPOLL: u8 = 0xff;
 
-/// One TCP (or other IPv4/IPv6 stream) socket fd of one process (or one of its epoll fds,
+/// One TCP socket fd of one process (or one of its epoll fds,
 /// `state` [`FD_EPOLL`]), as the socket inventory
 /// (`iter/task_file`) writes it: userspace reads these back to back from the iterator's file.
 #[repr(C)]

@@ -1,5 +1,5 @@
-//! The socket inventory: an `iter/task_file` program that writes one record per IPv4/IPv6
-//! stream socket fd of every task (holder, fd, inode, state, network namespace), every network
+//! The socket inventory: an `iter/task_file` program that writes one record per TCP socket fd
+//! (and epoll fd) of every task (holder, fd, inode, state, network namespace), every network
 //! namespace included, in one pass. Userspace joins it with sock_diag by inode: the holders of
 //! the sockets already on the close path, without reading a hundred thousand links in /proc.
 use aya_ebpf::{
@@ -8,7 +8,9 @@ use aya_ebpf::{
 };
 use finwait_common::{FD_EPOLL, SocketFdRec};
 
-use super::{AF_INET, AF_INET6, OFFSETS, S_IFMT, S_IFSOCK, SOCK_STREAM, config, probe};
+use super::{
+    AF_INET, AF_INET6, IPPROTO_TCP, OFFSETS, S_IFMT, S_IFSOCK, SOCK_STREAM, config, probe,
+};
 
 /// `struct bpf_iter_meta`: the seq_file the records go to.
 #[repr(C)]
@@ -73,7 +75,7 @@ fn is_epoll(file: u64) -> Result<bool, u64> {
     Ok(probe::<[u8; 12]>(name, 0)? == *b"[eventpoll]\0")
 }
 
-/// The record for `task`'s `fd`, if it is an IPv4/IPv6 stream socket; Err: a read failed (the
+/// The record for `task`'s `fd`, if it is a TCP socket (or an epoll fd); Err: a read failed (the
 /// socket is then not listed, and userspace falls back to /proc for what it misses).
 #[inline(always)]
 fn record(task: u64, file: u64, fd: u32) -> Result<Option<SocketFdRec>, u64> {
@@ -105,6 +107,10 @@ fn record(task: u64, file: u64, fd: u32) -> Result<Option<SocketFdRec>, u64> {
     }
     let family = probe::<u16>(sk, o.sock_family as u64)?;
     if family != AF_INET && family != AF_INET6 {
+        return Ok(None);
+    }
+    // TCP only (userspace loads the inventory only where the protocol's offset is known).
+    if probe::<u16>(sk, o.sock_protocol as u64)? != IPPROTO_TCP {
         return Ok(None);
     }
     let net = probe::<u64>(sk, o.sock_net as u64)?;

@@ -78,6 +78,11 @@ impl Index {
             .collect()
     }
 
+    /// Every socket inode with a holder.
+    pub(crate) fn inodes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.first.keys().copied()
+    }
+
     /// The first holder of socket `inode` (lowest pid, then fd).
     pub(crate) fn first(&self, inode: u64) -> Option<Owner> {
         self.get(inode).into_iter().next()

@@ -60,7 +60,8 @@ fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
 /// `base` with the inventory's fields of `inv`.
 fn with_inventory(base: KernelOffsets, inv: KernelOffsets) -> KernelOffsets {
     KernelOffsets {
-        inventory: inv.inventory,
+        // It keeps TCP sockets only: it needs `sk_protocol`, which the state hook's fields have.
+        inventory: inv.inventory & base.state_btf,
         task_tgid: inv.task_tgid,
         task_comm: inv.task_comm,
         sock_net: inv.sock_net,

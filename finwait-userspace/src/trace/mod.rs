@@ -440,6 +440,11 @@ fn seed_owners(
             seeder.seed(inode, &o, followed.contains(&o.pid));
         }
     };
+    if snap.holders == snapshot::Holders::Kernel {
+        // The kernel's inventory listed every TCP socket fd, in every namespace: no dump.
+        snap.owners.inodes().for_each(&mut seed);
+        return warn_full(seeder.full);
+    }
     snap.entries.iter().for_each(|e| seed(e.sock.inode));
     // Streamed: a host's 100,000 established sockets are never held in memory at once.
     let established = StateFlags::ESTABLISHED | StateFlags::SYN_SENT;
@@ -449,10 +454,13 @@ fn seed_owners(
             "finwait-trace: warning: established sockets not read ({e:#}); their owners will come from /proc"
         );
     }
-    if seeder.full > 0 {
+    warn_full(seeder.full);
+}
+
+fn warn_full(full: u64) {
+    if full > 0 {
         eprintln!(
-            "finwait-trace: warning: the ownership map is full: {} sockets from before the start have no kernel owner (their owners will come from /proc)",
-            seeder.full
+            "finwait-trace: warning: the ownership map is full: {full} sockets from before the start have no kernel owner (their owners will come from /proc)"
         );
     }
 }
