@@ -8,9 +8,7 @@ use aya_ebpf::{
 };
 use finwait_common::{FD_EPOLL, SocketFdRec};
 
-use super::{
-    AF_INET, AF_INET6, IPPROTO_TCP, OFFSETS, S_IFMT, S_IFSOCK, SOCK_STREAM, config, probe,
-};
+use super::{IPPROTO_TCP, OFFSETS, S_IFMT, config, probe, stream_sock};
 
 /// `struct bpf_iter_meta`: the seq_file the records go to.
 #[repr(C)]
@@ -94,21 +92,9 @@ fn record(task: u64, file: u64, fd: u32) -> Result<Option<SocketFdRec>, u64> {
             ..SocketFdRec::default()
         }));
     }
-    if mode & S_IFMT != S_IFSOCK {
+    let Some((sk, _)) = stream_sock(file, mode, &o)? else {
         return Ok(None);
-    }
-    let socket = probe::<u64>(file, o.file_private_data as u64)?;
-    if socket == 0 || probe::<u16>(socket, o.socket_type as u64)? != SOCK_STREAM {
-        return Ok(None);
-    }
-    let sk = probe::<u64>(socket, o.socket_sk as u64)?;
-    if sk == 0 {
-        return Ok(None);
-    }
-    let family = probe::<u16>(sk, o.sock_family as u64)?;
-    if family != AF_INET && family != AF_INET6 {
-        return Ok(None);
-    }
+    };
     // TCP only (userspace loads the inventory only where the protocol's offset is known).
     if probe::<u16>(sk, o.sock_protocol as u64)? != IPPROTO_TCP {
         return Ok(None);

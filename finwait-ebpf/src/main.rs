@@ -753,6 +753,13 @@ fn fd_chain(fd: i64) -> Result<Option<(u64, u64, u64)>, u64> {
     }
     let f_inode = probe::<u64>(file, o.file_f_inode as u64)?;
     let mode = probe::<u16>(f_inode, o.inode_mode as u64)?;
+    Ok(stream_sock(file, mode, &o)?.map(|(sk, socket)| (sk, socket, file)))
+}
+
+/// The (sock, socket) behind `file`, whose inode's mode is `mode`, if it is an IPv4 or IPv6
+/// stream socket; Err: the offset of the read that failed.
+#[inline(always)]
+fn stream_sock(file: u64, mode: u16, o: &KernelOffsets) -> Result<Option<(u64, u64)>, u64> {
     if mode & S_IFMT != S_IFSOCK {
         return Ok(None);
     }
@@ -769,7 +776,7 @@ fn fd_chain(fd: i64) -> Result<Option<(u64, u64, u64)>, u64> {
     if family != AF_INET && family != AF_INET6 {
         return Ok(None);
     }
-    Ok(Some((sk, socket, file)))
+    Ok(Some((sk, socket)))
 }
 
 #[inline(always)]

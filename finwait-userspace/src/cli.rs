@@ -34,23 +34,8 @@ pub(crate) enum Command {
 
 #[derive(Debug, Args)]
 pub(crate) struct SnapshotArgs {
-    /// Only sockets held by (or inferred to belong to) these processes and their descendants.
-    #[arg(long = "pid", value_name = "PID")]
-    pub(crate) pids: Vec<u32>,
-
-    /// Only sockets of processes with this name (as in /proc/PID/comm; repeatable), and their
-    /// descendants. Combines with --pid.
-    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
-    pub(crate) comms: Vec<String>,
-
-    /// Only sockets with this local or remote port (repeatable).
-    #[arg(long = "port", value_name = "PORT")]
-    pub(crate) ports: Vec<u16>,
-
-    /// Only sockets in this state (repeatable): FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK,
-    /// CLOSING, TIME_WAIT.
-    #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
-    pub(crate) states: Vec<u8>,
+    #[command(flatten)]
+    pub(crate) select: SelectArgs,
 
     #[command(flatten)]
     pub(crate) workloads: WorkloadArgs,
@@ -62,6 +47,29 @@ pub(crate) struct SnapshotArgs {
     /// After the summary, one line per socket.
     #[arg(long)]
     pub(crate) detail: bool,
+}
+
+/// Processes, ports and states: what a snapshot or a trace is about (the same flags for both).
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct SelectArgs {
+    /// Only these processes and their descendants (repeatable): live, their calls and sockets;
+    /// in a snapshot, the sockets they hold (or are inferred to have held).
+    #[arg(long = "pid", value_name = "PID")]
+    pub(crate) pids: Vec<u32>,
+
+    /// Only processes with this name (as in /proc/PID/comm; repeatable, up to 4 live), and their
+    /// descendants. Combines with --pid.
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
+    pub(crate) comms: Vec<String>,
+
+    /// Only sockets with this local or remote port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub(crate) ports: Vec<u16>,
+
+    /// Only this state (repeatable): live, transitions into or out of it; in a snapshot, the
+    /// sockets in it. FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, CLOSE, ...
+    #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
+    pub(crate) states: Vec<u8>,
 }
 
 /// Containers, pods and network namespaces: who a snapshot or a trace is about, by where the
@@ -94,14 +102,8 @@ impl WorkloadArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct TraceArgs {
-    /// Trace only these processes and their descendants (repeatable).
-    #[arg(long = "pid", value_name = "PID")]
-    pub(crate) pids: Vec<u32>,
-
-    /// Trace only processes with this name (as in /proc/PID/comm; repeatable, up to 4), and
-    /// their descendants. Combines with --pid.
-    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
-    pub(crate) comms: Vec<String>,
+    #[command(flatten)]
+    pub(crate) select: SelectArgs,
 
     #[command(flatten)]
     pub(crate) workloads: WorkloadArgs,
@@ -122,15 +124,6 @@ pub(crate) struct TraceArgs {
     /// print what was found and exit.
     #[arg(long, conflicts_with_all = ["pids", "comms", "containers", "pods", "netns"])]
     pub(crate) demo: bool,
-
-    /// Only sockets with this local or remote port (repeatable).
-    #[arg(long = "port", value_name = "PORT")]
-    pub(crate) ports: Vec<u16>,
-
-    /// Only transitions into or out of this state (repeatable): FIN_WAIT1, FIN_WAIT2,
-    /// CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, CLOSE, ...
-    #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
-    pub(crate) states: Vec<u8>,
 
     /// IPv4 only.
     #[arg(short = '4', conflicts_with = "ipv6")]
@@ -223,7 +216,7 @@ impl Cli {
     fn check(&self) -> Result<(), clap::Error> {
         use clap::CommandFactory;
         let max = finwait_common::MAX_COMMS;
-        if self.trace.comms.len() > max {
+        if self.trace.select.comms.len() > max {
             return Err(Self::command().error(
                 clap::error::ErrorKind::TooManyValues,
                 format!("--comm is matched in the kernel, which holds {max} names at most"),
@@ -317,14 +310,14 @@ fn parse_ring_kib(s: &str) -> Result<u32, String> {
 impl From<&TraceArgs> for crate::trace::Options {
     fn from(t: &TraceArgs) -> Self {
         Self {
-            pids: t.pids.clone(),
-            comms: t.comms.clone(),
+            pids: t.select.pids.clone(),
+            comms: t.select.comms.clone(),
             json: t.json,
             all: t.all,
             duration: t.duration.map(std::time::Duration::from_secs_f64),
             ring_bytes: t.ring_buffer_kib * 1024,
-            ports: t.ports.clone(),
-            states: t.states.clone(),
+            ports: t.select.ports.clone(),
+            states: t.select.states.clone(),
             ipv6: (t.ipv4 || t.ipv6).then_some(t.ipv6),
             summary_only: t.summary_only,
             quiet: t.quiet,
@@ -352,15 +345,15 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--ring-buffer-kib", "100"]).is_err());
         assert!(Cli::try_parse_from(["x", "--demo", "--pid", "1"]).is_err());
         let c = Cli::try_parse_from(["x", "--pid", "1", "--pid", "2", "--json"]).unwrap();
-        assert_eq!(c.trace.pids, vec![1, 2]);
+        assert_eq!(c.trace.select.pids, vec![1, 2]);
         let s = Cli::try_parse_from(["x", "snapshot", "--pid", "7", "--detail"]).unwrap();
         assert!(
-            matches!(s.command, Some(Command::Snapshot(SnapshotArgs { ref pids, detail: true, .. })) if pids == &[7])
+            matches!(s.command, Some(Command::Snapshot(SnapshotArgs { ref select, detail: true, .. })) if select.pids == [7])
         );
         assert!(Cli::try_parse_from(["x", "--json", "snapshot"]).is_err());
         assert!(Cli::try_parse_from(["x", "--comm", "a-name-longer-than-15"]).is_err());
         let c = Cli::try_parse_from(["x", "--comm", "nginx", "--comm", "python3"]).unwrap();
-        assert_eq!(c.trace.comms, vec!["nginx", "python3"]);
+        assert_eq!(c.trace.select.comms, vec!["nginx", "python3"]);
         let four = [
             "x", "--comm", "a", "--comm", "b", "--comm", "c", "--comm", "d",
         ];
@@ -379,7 +372,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (c.trace.states, c.trace.ipv6, c.trace.ports),
+            (c.trace.select.states, c.trace.ipv6, c.trace.select.ports),
             (vec![5, 8], true, vec![80])
         );
         assert!(Cli::try_parse_from(["x", "--state", "HALF_OPEN"]).is_err());

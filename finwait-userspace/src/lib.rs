@@ -41,7 +41,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse_checked();
     // The demo's workload processes are plain blocking code: no runtime for them.
     if let Some(role) = cli.trace.demo_role {
-        return exit_code(demo::role(role, &cli.trace.ports));
+        return exit_code(demo::role(role, &cli.trace.select.ports));
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -83,11 +83,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 
 /// `finwait-trace snapshot`.
 fn snapshot_command(a: &cli::SnapshotArgs) -> anyhow::Result<()> {
-    host::procs::check_exists(&a.pids)?;
-    let mut pids = a.pids.clone();
-    let by_name = host::procs::with_comm(&a.comms);
-    if !a.comms.is_empty() && by_name.is_empty() && pids.is_empty() {
-        eprintln!("finwait-trace: no process named {}", a.comms.join(" or "));
+    let sel = &a.select;
+    host::procs::check_exists(&sel.pids)?;
+    let mut pids = sel.pids.clone();
+    let by_name = host::procs::with_comm(&sel.comms);
+    if !sel.comms.is_empty() && by_name.is_empty() && pids.is_empty() {
+        eprintln!("finwait-trace: no process named {}", sel.comms.join(" or "));
         pids.push(u32::MAX); // no process has it: nothing is kept
     }
     pids.extend(by_name);
@@ -97,8 +98,8 @@ fn snapshot_command(a: &cli::SnapshotArgs) -> anyhow::Result<()> {
     snap.warn_unseen();
     let w = &a.workloads;
     let narrow = snapshot::Narrow {
-        ports: a.ports.clone(),
-        states: a.states.clone(),
+        ports: sel.ports.clone(),
+        states: sel.states.clone(),
         netns: w.netns.clone(),
         containers: w.containers.clone(),
         pods: w.pods.clone(),

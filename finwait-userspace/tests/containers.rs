@@ -121,24 +121,6 @@ impl Drop for Container {
     }
 }
 
-fn snapshot(args: &[&str]) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
-        .args(["snapshot", "--json"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// (close_wait, half-closed, orphaned) among the snapshot's sockets in `netns`.
 fn counts(all: &[Value], netns: u64) -> (usize, usize, usize) {
     let n = |class: &str| {

@@ -22,25 +22,6 @@ use serde_json::Value;
 /// Tests here fork: one at a time (a child inherits every fd of this process).
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn snapshot(args: &[&str]) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
-        .arg("snapshot")
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("run finwait-trace snapshot");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn entry(all: &[Value], lport: u16, rport: u16) -> Option<&Value> {
     all.iter()
         .find(|v| v["event"] == "snapshot" && v["lport"] == lport && v["rport"] == rport)

@@ -771,6 +771,23 @@ mod tests {
         }
     }
 
+    /// A CLOSE_WAIT socket the start-up inventory found, with `ends()`.
+    fn close_wait_at_start(inode: u64) -> DiagSocket {
+        DiagSocket {
+            state: st::CLOSE_WAIT,
+            local: ends().local,
+            lport: ends().lport,
+            remote: ends().remote,
+            rport: ends().rport,
+            inode,
+            uid: 0,
+            timer: None,
+            recv_queue: 1,
+            send_queue: 0,
+            netns: 0,
+        }
+    }
+
     fn close_wait(sock: u64, inode: u64, o: Owner) -> Report {
         let mut t = TransitionReport::new(1, sock, ends(), st::ESTABLISHED, st::CLOSE_WAIT, inode);
         t.owner = Some(o);
@@ -803,17 +820,9 @@ mod tests {
     fn close_wait_gauge_counts_seeded_and_live_sockets_by_container() {
         let (mut m, reg) = MetricsSink::new(10);
         let seeded = DiagSocket {
-            state: st::CLOSE_WAIT,
-            local: ends().local,
             lport: 80,
-            remote: ends().remote,
             rport: 5000,
-            inode: 77,
-            uid: 0,
-            timer: None,
-            recv_queue: 1,
-            send_queue: 0,
-            netns: 0,
+            ..close_wait_at_start(77)
         };
         let entries = crate::snapshot::build(vec![seeded], |_| vec![owner("imapd", DOCKER)], &[]);
         m.snapshot(&Snapshot::of(entries), false).unwrap();
@@ -874,19 +883,7 @@ mod tests {
     #[test]
     fn a_socket_seen_by_the_inventory_and_live_counts_once() {
         let (mut m, reg) = MetricsSink::new(10);
-        let seeded = DiagSocket {
-            state: st::CLOSE_WAIT,
-            local: ends().local,
-            lport: ends().lport,
-            remote: ends().remote,
-            rport: ends().rport,
-            inode: 77,
-            uid: 0,
-            timer: None,
-            recv_queue: 1,
-            send_queue: 0,
-            netns: 0,
-        };
+        let seeded = close_wait_at_start(77);
         let entries = crate::snapshot::build(vec![seeded], |_| vec![owner("imapd", DOCKER)], &[]);
         m.snapshot(&Snapshot::of(entries), false).unwrap();
         send(&mut m, &close_wait(0x100, 77, owner("imapd", DOCKER)));

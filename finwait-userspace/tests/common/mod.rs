@@ -546,3 +546,22 @@ fn pod_main(w: i32, close_wait: u32, half_closed: u32) -> i32 {
         }
     }
 }
+
+/// `finwait-trace snapshot --json ARGS`: its lines (it must succeed).
+pub(crate) fn snapshot(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        .args(["snapshot", "--json"])
+        .args(args)
+        .output()
+        .expect("run finwait-trace snapshot");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
