@@ -259,7 +259,9 @@ pub(crate) fn load_inventory_only() -> Result<Ebpf> {
         .override_global("OFFSETS", &offsets, true)
         .load(OBJECT)
         .context("loading the eBPF object")?;
-    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    // The attach point's id alone; the whole BTF if that fails.
+    let btf = super::inventory::attach_point_btf()
+        .or_else(|_| aya::Btf::from_sys_fs().context("reading the kernel's BTF"))?;
     load_inventory(&mut ebpf, Some(offsets), Some(&btf)).map_err(anyhow::Error::msg)?;
     Ok(ebpf)
 }
