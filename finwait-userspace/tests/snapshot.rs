@@ -553,6 +553,51 @@ fn without_privileges_what_is_not_seen_is_said() {
         "{err}"
     );
 
+    // Live, without it: the pod's stuck sockets are still diagnosed (read from /proc/PID/net).
+    // (Mounting tracefs needs CAP_SYS_ADMIN: mounted here if no earlier run did.)
+    if !std::path::Path::new("/sys/kernel/tracing/events").exists() {
+        // SAFETY: valid NUL-terminated strings.
+        unsafe {
+            libc::mount(
+                c"tracefs".as_ptr(),
+                c"/sys/kernel/tracing".as_ptr(),
+                c"tracefs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+    }
+    let live = {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_finwait-trace"));
+        cmd.args(mode_args(&[])).args([
+            "--json",
+            "--pid",
+            &pod.pid.to_string(),
+            "--stuck",
+            "1",
+            "--duration",
+            "3",
+        ]);
+        // SAFETY: `no_sys_admin` makes one raw prctl.
+        unsafe { cmd.pre_exec(no_sys_admin) };
+        cmd.output().expect("run finwait-trace")
+    };
+    let lines: Vec<Value> = String::from_utf8_lossy(&live.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let stuck: Vec<&Value> = lines.iter().filter(|v| v["event"] == "stuck").collect();
+    assert_eq!(
+        stuck.len(),
+        2,
+        "{}\n{lines:#?}",
+        String::from_utf8_lossy(&live.stderr)
+    );
+    for v in stuck {
+        assert_eq!(v["owner_state"]["diagnosis"], "fin_not_read", "{v}");
+    }
+
     let nobody = || {
         // SAFETY: raw calls: the unprivileged user `nobody`.
         match unsafe {

@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
+    net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
@@ -111,6 +112,38 @@ pub(crate) struct Diags {
 const MAX_REMEMBERED: usize = 4096;
 
 impl Diags {
+    /// The one TCP socket with these ends in `pid`'s network namespace: asked of sock_diag
+    /// there, else (no way in without CAP_SYS_ADMIN) read from `/proc/PID/net/tcp{,6}`.
+    pub(crate) fn find(
+        &mut self,
+        pid: u32,
+        local: IpAddr,
+        lport: u16,
+        remote: IpAddr,
+        rport: u16,
+    ) -> Option<DiagSocket> {
+        if let Some(diag) = self.of_pid(pid) {
+            return super::sockdiag::find(diag, local, lport, remote, rport).ok()?;
+        }
+        let netns = (*self.ns_of_pid.get(&pid)?)?;
+        let mut found = None;
+        let wanted = |s: &DiagSocket| {
+            (
+                s.local.to_canonical(),
+                s.lport,
+                s.remote.to_canonical(),
+                s.rport,
+            ) == (local.to_canonical(), lport, remote.to_canonical(), rport)
+        };
+        proc_net(pid, netns, &StateFlags::all(), &mut |s: DiagSocket| {
+            if found.is_none() && wanted(&s) {
+                found = Some(s);
+            }
+        })
+        .ok()?;
+        found
+    }
+
     /// A sock_diag socket in `pid`'s network namespace (None: the process is gone, or its
     /// namespace cannot be entered).
     pub(crate) fn of_pid(&mut self, pid: u32) -> Option<&mut Diag> {

@@ -20,7 +20,6 @@ use crate::{
         inspect::{self, EpollSets},
         namespaces::Diags,
         netns::FinTimeouts,
-        sockdiag,
     },
     model::{
         Owner, Report, Stuck, Task,
@@ -189,8 +188,7 @@ impl Pipeline {
     pub(crate) fn read_open_close_waits(&mut self) {
         let diags = &mut self.inspector.diags;
         self.summary.read_close_waits(MAX_READ_AT_END, |pid, e| {
-            let diag = diags.of_pid(pid)?;
-            let s = sockdiag::find(diag, e.local, e.lport, e.remote, e.rport).ok()??;
+            let s = diags.find(pid, e.local, e.lport, e.remote, e.rport)?;
             (s.state == finwait_common::tcp_state::CLOSE_WAIT).then_some(s.recv_queue)
         });
     }
@@ -256,8 +254,9 @@ const MAX_OWNERS: usize = 1024;
 impl Inspector {
     fn owner_state(&mut self, s: &Stuck) -> Option<OwnerState> {
         let e = &s.ends;
-        let diag = self.diags.of_pid(s.holder.pid)?;
-        let sock = sockdiag::find(diag, e.local, e.lport, e.remote, e.rport).ok()??;
+        let sock = self
+            .diags
+            .find(s.holder.pid, e.local, e.lport, e.remote, e.rport)?;
         let mut state = OwnerState::new(sock.state, sock.recv_queue);
         let pid = s.holder.pid;
         let fresh = self
