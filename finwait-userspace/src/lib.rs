@@ -68,11 +68,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     if !t.workloads.is_empty() {
         // Followed as processes: those there now, and their descendants.
         let w = &t.workloads;
-        let pids = host::procs::in_workloads(&host::procs::Workloads {
+        let (pids, missing) = host::procs::in_workloads(&host::procs::Workloads {
             containers: &w.containers,
             pods: &w.pods,
             netns: &w.netns,
         })?;
+        if !missing.is_empty() {
+            anyhow::bail!("no process runs in {}", missing.join(", "));
+        }
         opts.pids.extend(pids);
     }
     if t.demo {
@@ -92,19 +95,31 @@ fn snapshot_command(a: &cli::SnapshotArgs) -> anyhow::Result<()> {
         pids.push(u32::MAX); // no process has it: nothing is kept
     }
     pids.extend(by_name);
-    // The kernel's socket inventory names the holders in one pass; /proc where it cannot.
-    let mut kernel = kernel::loader::load_inventory_only().map_err(|e| format!("{e:#}"));
-    let mut snap = snapshot::take(&pids, kernel.as_mut().map_err(|e| e.clone()))?;
-    snap.warn_unseen();
     let w = &a.workloads;
-    let narrow = snapshot::Narrow {
+    let mut narrow = snapshot::Narrow {
         ports: sel.ports.clone(),
         states: sel.states.clone(),
         netns: w.netns.clone(),
         containers: w.containers.clone(),
         pods: w.pods.clone(),
+        container_netns: Default::default(),
     };
-    snap.entries = narrow.keep(std::mem::take(&mut snap.entries));
+    if !w.containers.is_empty() || !w.pods.is_empty() {
+        // An orphan of a container is in the namespace of its processes.
+        let (pids, _) = host::procs::in_workloads(&host::procs::Workloads {
+            containers: &w.containers,
+            pods: &w.pods,
+            netns: &[],
+        })?;
+        let netns = pids.into_iter().filter_map(host::namespaces::of_pid);
+        narrow.container_netns = netns.collect();
+    }
+    // The kernel's socket inventory names the holders in one pass; /proc where it cannot.
+    let mut kernel = kernel::loader::load_inventory_only().map_err(|e| format!("{e:#}"));
+    let every_socket = a.json || a.detail;
+    let kernel = kernel.as_mut().map_err(|e| e.clone());
+    let snap = snapshot::take(&pids, kernel, narrow, every_socket)?;
+    snap.warn_unseen();
     let mut sink = output::for_stdout(a.json, output::human::Style::default(), false);
     sink.snapshot(&snap, a.detail)?;
     sink.flush()?;

@@ -135,7 +135,7 @@ impl Diags {
                 s.rport,
             ) == (local.to_canonical(), lport, remote.to_canonical(), rport)
         };
-        proc_net(pid, netns, &StateFlags::all(), &mut |s: DiagSocket| {
+        proc_net(pid, netns, &[StateFlags::all()], &mut |_, s: DiagSocket| {
             if found.is_none() && wanted(&s) {
                 found = Some(s);
             }
@@ -248,6 +248,23 @@ pub(crate) fn dump_where(
     wanted: impl Fn(u64) -> bool,
     mut each: impl FnMut(DiagSocket),
 ) -> Result<Coverage> {
+    passes_where(std::slice::from_ref(states), wanted, |_, s| each(s))
+}
+
+/// Each namespace's TCP sockets in `passes` order (pass index, socket): one namespace's
+/// listeners, say, before its other sockets.
+pub(crate) fn dump_passes(
+    passes: &[StateFlags],
+    each: impl FnMut(usize, DiagSocket),
+) -> Result<Coverage> {
+    passes_where(passes, |_| true, each)
+}
+
+fn passes_where(
+    passes: &[StateFlags],
+    wanted: impl Fn(u64) -> bool,
+    mut each: impl FnMut(usize, DiagSocket),
+) -> Result<Coverage> {
     let (mut all, hidden) = all();
     let own = own();
     all.retain(|n| Some(n.inode) == own || wanted(n.inode));
@@ -258,7 +275,9 @@ pub(crate) fn dump_where(
     if own.is_none_or(|o| all.first().is_none_or(|n| n.inode != o)) {
         // No /proc/self/ns (an odd /proc): the own namespace is still read.
         let mut here = Diag::here()?;
-        here.dump_each(states, &mut each)?;
+        for (pass, states) in passes.iter().enumerate() {
+            here.dump_each(states, |s| each(pass, s))?;
+        }
         cov.sock_diag += 1;
         cov.read.push(here.netns());
     }
@@ -268,7 +287,7 @@ pub(crate) fn dump_where(
             break;
         }
         let mine = Some(ns.inode) == own;
-        let read = read_one(ns, mine, states, &mut each);
+        let read = read_one(ns, mine, passes, &mut each);
         if read.is_ok() {
             cov.read.push(ns.inode);
         }
@@ -285,24 +304,27 @@ pub(crate) fn dump_where(
 fn read_one(
     ns: &NetNs,
     mine: bool,
-    states: &StateFlags,
-    each: &mut impl FnMut(DiagSocket),
+    passes: &[StateFlags],
+    each: &mut impl FnMut(usize, DiagSocket),
 ) -> Result<Read> {
-    if mine {
-        Diag::new(ns.inode)?.dump_each(states, each)?;
-        return Ok(Read::SockDiag);
-    }
-    let entered = enter(&ns.path, ns.inode);
+    let entered = if mine {
+        Diag::new(ns.inode)
+    } else {
+        enter(&ns.path, ns.inode)
+    };
     match entered {
         Ok(mut diag) => {
-            diag.dump_each(states, each)?;
+            for (pass, states) in passes.iter().enumerate() {
+                diag.dump_each(states, |s| each(pass, s))?;
+            }
             Ok(Read::SockDiag)
         }
+        Err(e) if mine => Err(e),
         Err(setns) => {
             let Some(pid) = ns.pid else {
                 return Err(setns);
             };
-            proc_net(pid, ns.inode, states, each)
+            proc_net(pid, ns.inode, passes, each)
                 .with_context(|| format!("{setns:#}; /proc/{pid}/net"))?;
             Ok(Read::ProcNet)
         }
@@ -328,30 +350,35 @@ fn enter(path: &Path, inode: u64) -> Result<Diag> {
 fn proc_net(
     pid: u32,
     netns: u64,
-    states: &StateFlags,
-    each: &mut impl FnMut(DiagSocket),
+    passes: &[StateFlags],
+    each: &mut impl FnMut(usize, DiagSocket),
 ) -> Result<Read> {
     let p = procfs::process::Process::new(pid as i32)?;
-    let v4 = p.tcp()?;
-    let v6 = p.tcp6().unwrap_or_default(); // a kernel without IPv6
-    for e in v4.into_iter().chain(v6) {
-        let state = e.state as u8;
-        if states.bits() & (1u32 << state) == 0 {
-            continue;
+    let mut all = p.tcp()?;
+    all.extend(p.tcp6().unwrap_or_default()); // a kernel without IPv6 has no tcp6
+    for (pass, states) in passes.iter().enumerate() {
+        for e in &all {
+            let state = e.state.clone() as u8;
+            if states.bits() & (1u32 << state) == 0 {
+                continue;
+            }
+            each(
+                pass,
+                DiagSocket {
+                    state,
+                    local: unmap(e.local_address.ip()),
+                    lport: e.local_address.port(),
+                    remote: unmap(e.remote_address.ip()),
+                    rport: e.remote_address.port(),
+                    inode: e.inode,
+                    uid: e.uid,
+                    timer: None,
+                    recv_queue: e.rx_queue,
+                    send_queue: e.tx_queue,
+                    netns,
+                },
+            );
         }
-        each(DiagSocket {
-            state,
-            local: unmap(e.local_address.ip()),
-            lport: e.local_address.port(),
-            remote: unmap(e.remote_address.ip()),
-            rport: e.remote_address.port(),
-            inode: e.inode,
-            uid: e.uid,
-            timer: None,
-            recv_queue: e.rx_queue,
-            send_queue: e.tx_queue,
-            netns,
-        });
     }
     Ok(Read::ProcNet)
 }

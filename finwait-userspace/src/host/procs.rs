@@ -30,9 +30,9 @@ pub(crate) struct Workloads<'a> {
     pub(crate) netns: &'a [u64],
 }
 
-/// The processes in the containers, pods and network namespaces `w` names; an error names
-/// each that has none (a typo must not trace nothing silently).
-pub(crate) fn in_workloads(w: &Workloads<'_>) -> Result<Vec<u32>> {
+/// The processes in the containers, pods and network namespaces `w` names, and those of them
+/// that have none (for an error: a typo must not trace nothing silently).
+pub(crate) fn in_workloads(w: &Workloads<'_>) -> Result<(Vec<u32>, Vec<String>)> {
     let mut cgroups = super::cgroup::Cgroups::new();
     let mut found = Vec::new();
     let (mut ids_seen, mut pods_seen, mut ns_seen) = (Vec::new(), Vec::new(), Vec::new());
@@ -83,12 +83,9 @@ pub(crate) fn in_workloads(w: &Workloads<'_>) -> Result<Vec<u32>> {
             .filter(|n| !ns_seen.contains(n))
             .map(|n| format!("net:[{n}]")),
     );
-    if !missing.is_empty() {
-        bail!("no process runs in {}", missing.join(", "));
-    }
     found.sort_unstable();
     found.dedup();
-    Ok(found)
+    Ok((found, missing))
 }
 
 pub(crate) fn with_comm(names: &[String]) -> Vec<u32> {

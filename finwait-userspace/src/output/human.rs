@@ -12,7 +12,7 @@ use crate::{
         container, state_name,
         summary::{Histogram, Summary},
     },
-    snapshot::{self, Snapshot},
+    snapshot::Snapshot,
 };
 
 /// Width of the time column (`   12.345` or `12:34:56.789`).
@@ -417,7 +417,7 @@ impl Sink for HumanSink {
         };
         self.out
             .line(&format!("Sockets on the close path now{spaces}:"))?;
-        for line in snapshot::summary_lines(entries) {
+        for line in snap.tally.lines() {
             self.out.line(&format!("  {line}"))?;
         }
         if !detail {

@@ -700,22 +700,22 @@ pub(crate) struct SnapshotSummary {
 
 impl SnapshotSummary {
     pub(crate) fn new(snap: &Snapshot) -> Self {
-        let entries = &snap.entries;
-        let processes = crate::snapshot::summarize(entries)
-            .into_iter()
+        let t = &snap.tally;
+        let processes = t
+            .groups
+            .iter()
             .map(|((pid, comm), g)| GroupJson {
-                pid: (pid != 0).then_some(pid),
-                comm,
-                container: g.container.map(SharedContainerJson),
-                counts: g.counts,
+                pid: (*pid != 0).then_some(*pid),
+                comm: comm.clone(),
+                container: g.container.clone().map(SharedContainerJson),
+                counts: g.counts.clone(),
                 inferred: g.inferred,
-                close_wait_readings: g.readings,
+                close_wait_readings: g.readings.clone(),
             })
             .collect();
-        let time_wait = entries.iter().filter(|e| e.is_time_wait()).count();
         Self {
-            sockets: entries.len() - time_wait,
-            time_wait,
+            sockets: t.sockets,
+            time_wait: t.time_wait,
             holders: snap.holders.name(),
             namespaces: NamespacesJson::from(&snap.coverage),
             processes,

@@ -382,7 +382,7 @@ fn start_snapshot(
         None => Ok(&mut *ebpf),
         Some(why) => Err(why),
     };
-    let snap = match snapshot::take(&pids, kernel) {
+    let snap = match snapshot::take(&pids, kernel, snapshot::Narrow::default(), true) {
         Ok(s) => s,
         Err(e) => {
             eprintln!(
