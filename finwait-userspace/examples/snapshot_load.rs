@@ -1,7 +1,8 @@
 //! Builds a host with ~100,000 TCP sockets and thousands of processes, then times
 //! `finwait-trace snapshot` there (wall time and peak RSS) beside `ss -tanpoe` in the same run.
-//! Two layouts: every socket in one new network namespace, and 20 namespaces of ~5,000 sockets
-//! each (as pods on a node; `ss` sees only its own namespace there, so it is not timed).
+//! Two layouts: 20 namespaces of ~5,000 sockets each (as pods on a node; `ss` sees only its own
+//! namespace there, so it is not timed), and every socket in one new network namespace. Each
+//! command runs from a small process forked at the start, so its peak RSS is its own.
 //!
 //! Usage (root): snapshot_load FINWAIT_TRACE [HOLDERS] [PAIRS_PER_HOLDER] [IDLE_PROCESSES]
 // Test and bench crates share the package's dependencies (the library is where unused ones
@@ -42,14 +43,101 @@ fn main() {
             .success()
     );
 
+    // The commands run from a process forked now, while this one is small: exec records the
+    // exec'ing process's peak RSS as the new program's, so a child of this process (which
+    // grows with 100,000 sockets) would report this process's peak, not its own.
+    // One runner per measured command: a process's children's peaks add up in it (a runner
+    // that reaped a large `ss` would report that peak for the next command).
+    let mut runners: Vec<Runner> = (0..5).map(|_| Runner::start()).collect();
+    // 20 namespaces of ~5,000 sockets first: their sockets go with their namespaces, where the
+    // one namespace's would stay in TIME_WAIT in this process's for a minute.
+    let children = populate(20, 2500, idle, true);
+    measure(&mut runners, "20 namespaces", &bin, 20 + idle + 1, false);
+    kill_all(children);
     // One namespace: `holders` processes of `pairs` connections each.
     let children = populate(holders, pairs, idle, false);
-    measure("one namespace", &bin, holders + idle + 1, true);
+    measure(
+        &mut runners,
+        "one namespace",
+        &bin,
+        holders + idle + 1,
+        true,
+    );
     kill_all(children);
-    // 20 namespaces of ~5,000 sockets.
-    let children = populate(20, 2500, idle, true);
-    measure("20 namespaces", &bin, 20 + idle + 1, false);
-    kill_all(children);
+}
+
+/// A small process that runs commands for the benchmark and reports each one's exit status,
+/// peak RSS, wall time and output lines.
+struct Runner {
+    to: std::fs::File,
+    from: std::io::BufReader<std::fs::File>,
+}
+
+impl Runner {
+    fn start() -> Self {
+        use std::os::fd::FromRawFd;
+        let (to_w, to_r) = pipe();
+        let (from_w, from_r) = pipe();
+        // SAFETY: single-threaded here; the child runs plain Rust until it exits.
+        if unsafe { libc::fork() } == 0 {
+            // Only its own ends: it ends when the benchmark closes the request pipe.
+            unsafe {
+                libc::close(to_w);
+                libc::close(from_r);
+            }
+            let requests = std::io::BufReader::new(unsafe { std::fs::File::from_raw_fd(to_r) });
+            let mut replies = unsafe { std::fs::File::from_raw_fd(from_w) };
+            for line in std::io::BufRead::lines(requests) {
+                let Ok(line) = line else { break };
+                let argv: Vec<&str> = line.split('\t').collect();
+                let start = Instant::now();
+                // Reaped below with wait4, which also gives its peak RSS.
+                #[allow(clippy::zombie_processes)]
+                let mut child = Command::new(argv[0])
+                    .args(&argv[1..])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                let out = std::io::read_to_string(child.stdout.take().unwrap()).unwrap();
+                let (status, rss_kib) = wait_rusage(child.id() as i32);
+                let secs = start.elapsed().as_secs_f64();
+                let head: Vec<&str> = out.lines().take(4).collect();
+                let reply = format!(
+                    "{status}\t{rss_kib}\t{secs}\t{}\t{}\n",
+                    out.lines().count(),
+                    head.join("\t")
+                );
+                std::io::Write::write_all(&mut replies, reply.as_bytes()).unwrap();
+            }
+            unsafe { libc::_exit(0) };
+        }
+        // SAFETY: our pipe ends (the runner's are closed here).
+        unsafe {
+            libc::close(to_r);
+            libc::close(from_w);
+            Self {
+                to: std::fs::File::from_raw_fd(to_w),
+                from: std::io::BufReader::new(std::fs::File::from_raw_fd(from_r)),
+            }
+        }
+    }
+
+    /// (exit status, peak RSS in KiB, seconds, output lines, the first 4 lines).
+    fn run(&mut self, argv: &[&str]) -> (i32, i64, f64, usize, Vec<String>) {
+        std::io::Write::write_all(&mut self.to, format!("{}\n", argv.join("\t")).as_bytes())
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.from, &mut line).unwrap();
+        let mut f = line.trim_end_matches('\n').split('\t');
+        let mut next = || f.next().unwrap_or_default().to_string();
+        let status = next().parse().unwrap();
+        let rss = next().parse().unwrap();
+        let secs = next().parse().unwrap();
+        let lines = next().parse().unwrap();
+        let head = f.map(str::to_string).collect();
+        (status, rss, secs, lines, head)
+    }
 }
 
 /// Forks the holders (each in a namespace of its own with `own_ns`) and the idle processes;
@@ -107,7 +195,7 @@ fn kill_all(children: Vec<i32>) {
 }
 
 /// Times `finwait-trace snapshot` (summary, then JSON) and, with `with_ss`, `ss -tanpoe`.
-fn measure(layout: &str, bin: &str, processes: usize, with_ss: bool) {
+fn measure(runners: &mut Vec<Runner>, layout: &str, bin: &str, processes: usize, with_ss: bool) {
     let sockets = count_sockets(bin);
     println!("{layout}: {sockets} TCP sockets, {processes} processes");
     let mut runs: Vec<(&str, Vec<&str>)> = vec![
@@ -121,26 +209,15 @@ fn measure(layout: &str, bin: &str, processes: usize, with_ss: bool) {
         runs.push(("ss -tanpoe", vec!["ss", "-tanpoe"]));
     }
     for (name, argv) in runs {
-        let start = Instant::now();
-        // Reaped below with wait4, which also gives its peak RSS.
-        #[allow(clippy::zombie_processes)]
-        let mut child = Command::new(argv[0])
-            .args(&argv[1..])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = std::io::read_to_string(child.stdout.take().unwrap()).unwrap();
-        let (status, rss_kib) = wait_rusage(child.id() as i32);
-        let secs = start.elapsed().as_secs_f64();
+        let mut runner = runners.pop().expect("a runner per command");
+        let (status, rss_kib, secs, lines, head) = runner.run(&argv);
         assert_eq!(status, 0, "{name} failed");
         println!(
-            "  {name:<30} {secs:.2} s, peak RSS {:.1} MiB, {} output lines",
+            "  {name:<30} {secs:.2} s, peak RSS {:.1} MiB, {lines} output lines",
             rss_kib as f64 / 1024.0,
-            out.lines().count()
         );
         if argv.len() == 2 && argv[1] == "snapshot" {
-            for line in out.lines().take(4) {
+            for line in head {
                 println!("      {line}");
             }
         }
