@@ -29,11 +29,12 @@ const POD_CAPS: [&str; 5] = [
     "SYS_RESOURCE",
 ];
 /// What the DaemonSet must mount from the host, read-only, at the same path.
-const HOST_MOUNTS: [&str; 4] = [
+const HOST_MOUNTS: [&str; 5] = [
     "/sys/kernel/btf",
     "/sys/kernel/tracing",
     "/sys/kernel/debug",
     "/sys/fs/cgroup",
+    "/var/log/pods",
 ];
 const PORT: u16 = 9977;
 
