@@ -587,15 +587,20 @@ fn without_privileges_what_is_not_seen_is_said() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let stuck: Vec<&Value> = lines.iter().filter(|v| v["event"] == "stuck").collect();
-    assert_eq!(
-        stuck.len(),
-        2,
-        "{}\n{lines:#?}",
-        String::from_utf8_lossy(&live.stderr)
-    );
-    for v in stuck {
-        assert_eq!(v["owner_state"]["diagnosis"], "fin_not_read", "{v}");
+    let live_err = String::from_utf8_lossy(&live.stderr);
+    if live.status.code() == Some(1) {
+        // Some kernels (5.10's, in precise mode) refuse the programs without CAP_SYS_ADMIN:
+        // said clearly, with the fix, never an empty trace.
+        assert!(
+            live_err.contains("needs root, or CAP_BPF and CAP_PERFMON") && lines.is_empty(),
+            "{live_err}"
+        );
+    } else {
+        let stuck: Vec<&Value> = lines.iter().filter(|v| v["event"] == "stuck").collect();
+        assert_eq!(stuck.len(), 2, "{live_err}\n{lines:#?}");
+        for v in stuck {
+            assert_eq!(v["owner_state"]["diagnosis"], "fin_not_read", "{v}");
+        }
     }
 
     let nobody = || {
