@@ -589,7 +589,7 @@ fn without_privileges_what_is_not_seen_is_said() {
         .collect();
     let live_err = String::from_utf8_lossy(&live.stderr);
     if live.status.code() == Some(1) {
-        // Some kernels (5.10's, in precise mode) refuse the programs without CAP_SYS_ADMIN:
+        // Some kernels (5.10) refuse the programs without CAP_SYS_ADMIN:
         // said clearly, with the fix, never an empty trace.
         assert!(
             live_err.contains("needs root, or CAP_BPF and CAP_PERFMON") && lines.is_empty(),
