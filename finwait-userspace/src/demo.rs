@@ -1,4 +1,4 @@
-//! `--demo`: a loopback client and server that reproduce scenarios 1, 2 and 4 of TCP-CLOSE.md
+//! `--demo`: a loopback client and server that reproduce scenarios 1, 2 and 4 of docs/close-path.md
 //! while the tracer watches, so a new user sees the answers without a target.
 //!
 //! The client and the server are separate processes (this binary again, `--demo-role`, named

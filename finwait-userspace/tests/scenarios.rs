@@ -1,4 +1,4 @@
-//! Scenarios 1, 2 and 4 of TCP-CLOSE.md on the real kernel, with exact attributions.
+//! Scenarios 1, 2 and 4 of docs/close-path.md on the real kernel, with exact attributions.
 // Test and bench crates share the package's dependencies (the library is where unused ones
 // show); their drivers are long by nature.
 #![allow(

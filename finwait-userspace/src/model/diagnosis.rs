@@ -3,7 +3,7 @@
 //!
 //! For a CLOSE_WAIT socket Recv-Q is `rcv_nxt - copied_seq`: the unread data plus one for a FIN
 //! the application has not read. 0: it read the EOF (recv() returned 0) and did not close; 1: it
-//! never read the FIN; N: N-1 bytes of the peer's data are unread too (shared/TCP-CLOSE.md).
+//! never read the FIN; N: N-1 bytes of the peer's data are unread too (docs/close-path.md).
 use std::{collections::BTreeMap, fmt};
 
 use finwait_common::tcp_state as st;

@@ -1,7 +1,7 @@
 //! Whose job it is to finish closing a socket: decided once, in [`whose_job`], for every output
 //! (live reports, the summary, `--stuck`, the snapshot), and put into words here too.
 //!
-//! The rules (shared/TCP-CLOSE.md): CLOSE_WAIT never times out, so its owner must close it; a
+//! The rules (docs/close-path.md): CLOSE_WAIT never times out, so its owner must close it; a
 //! socket whose FIN we sent and that a process still holds was half-closed by shutdown(), and
 //! that process must close it (no kernel timeout); one no process holds any more is an orphan,
 //! which the kernel frees within a bound; LAST_ACK, CLOSING, TIME_WAIT and CLOSE need nobody.

@@ -1,6 +1,6 @@
 //! The attribution state machine: kernel records in, reports of what caused each transition out.
 //!
-//! Rules (see shared/TCP-CLOSE.md):
+//! Rules (see docs/close-path.md):
 //! - Only a socket's own close()/shutdown() (or its owner's exit) moves it into FIN_WAIT1 or
 //!   LAST_ACK. Those transitions are matched to the call by socket identity: the call records the
 //!   socket behind its fd, so a peer's transition that happens inline on loopback (inside another
@@ -690,7 +690,7 @@ pub(crate) fn moved_on(believed: u8, kernel: u8) -> bool {
 }
 
 /// Unit tests drive the state machine with the exact record sequences the kernel produces on
-/// loopback, including the traps from TCP-CLOSE.md.
+/// loopback, including the traps of docs/close-path.md.
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
