@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::seq_file,
     helpers::{bpf_probe_read_kernel, bpf_seq_write},
 };
-use finwait_common::{FD_EPOLL, SocketFdRec};
+use finwait_common::{FD_EPOLL, KernelOffsets, SocketFdRec};
 
 use super::{IPPROTO_TCP, OFFSETS, S_IFMT, config, probe, stream_sock};
 
@@ -63,8 +63,7 @@ fn socket_fds(ctx: *const TaskFileCtx) -> i32 {
 
 /// Whether `file` is an epoll instance (its dentry's name).
 #[inline(always)]
-fn is_epoll(file: u64) -> Result<bool, u64> {
-    let o = config(&OFFSETS);
+fn is_epoll(file: u64, o: &KernelOffsets) -> Result<bool, u64> {
     if o.file_dentry == 0 {
         return Ok(false);
     }
@@ -84,7 +83,7 @@ fn record(task: u64, file: u64, fd: u32) -> Result<Option<SocketFdRec>, u64> {
     let f_inode = probe::<u64>(file, o.file_f_inode as u64)?;
     let mode = probe::<u16>(f_inode, o.inode_mode as u64)?;
     // An anonymous inode has no file type; the epoll ones are named `[eventpoll]`.
-    if mode & S_IFMT == 0 && is_epoll(file)? {
+    if mode & S_IFMT == 0 && is_epoll(file, &o)? {
         return Ok(Some(SocketFdRec {
             tgid: probe::<u32>(task, o.task_tgid as u64)?,
             fd,

@@ -61,6 +61,12 @@ pub(crate) struct DiagSocket {
     pub(crate) netns: u64,
 }
 
+impl DiagSocket {
+    pub(crate) fn key(&self) -> crate::model::EndsKey {
+        crate::model::ends_key(self.local, self.lport, self.remote, self.rport)
+    }
+}
+
 /// Hands every TCP socket (IPv4 and IPv6) of finwait's own network namespace in one of
 /// `states` to `each`, as the kernel sends them (nothing is kept: a host's 100,000 sockets cost
 /// no memory).

@@ -41,6 +41,18 @@ impl Endpoints {
     pub(crate) fn is_ipv6(&self) -> bool {
         self.local.is_ipv6()
     }
+
+    pub(crate) fn key(&self) -> EndsKey {
+        ends_key(self.local, self.lport, self.remote, self.rport)
+    }
+}
+
+/// A connection as the reports and sock_diag both name it (v4-mapped addresses as IPv4): the
+/// key of every table by ends.
+pub(crate) type EndsKey = (IpAddr, u16, IpAddr, u16);
+
+pub(crate) fn ends_key(local: IpAddr, lport: u16, remote: IpAddr, rport: u16) -> EndsKey {
+    (local.to_canonical(), lport, remote.to_canonical(), rport)
 }
 
 /// The kernel's record of who holds a socket: the task that last obtained an fd to it.

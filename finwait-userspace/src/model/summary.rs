@@ -99,7 +99,7 @@ pub(crate) struct Summary {
     seeded: HashMap<u64, Open>,
     /// The seeded sockets by ends, for a transition that no longer carries the inode (a
     /// half-closed socket's close orphans it before its last transition).
-    seeded_ends: HashMap<EndsKey, u64>,
+    seeded_ends: HashMap<super::EndsKey, u64>,
     pub(crate) half_closed_ms: Histogram,
     pub(crate) close_wait_ms: Histogram,
     pub(crate) stuck_reported: u64,
@@ -111,18 +111,6 @@ struct Process {
     comm: Comm,
     container: Option<Arc<Container>>,
     counts: Counts,
-}
-
-/// Ends as both the reports and the inventory name them (v4-mapped addresses as IPv4).
-type EndsKey = (std::net::IpAddr, u16, std::net::IpAddr, u16);
-
-fn ends_key(e: &Endpoints) -> EndsKey {
-    (
-        e.local.to_canonical(),
-        e.lport,
-        e.remote.to_canonical(),
-        e.rport,
-    )
 }
 
 /// The call a socket half-closed before tracing started is filed under (it is not known which
@@ -189,7 +177,7 @@ impl Summary {
             entry.counts.close_wait_at_start += 1;
             None
         };
-        self.seeded_ends.insert(ends_key(&ends), inode);
+        self.seeded_ends.insert(ends.key(), inode);
         self.seeded.insert(
             inode,
             Open {
@@ -215,7 +203,7 @@ impl Summary {
         let inode = if t.inode != 0 && self.seeded.contains_key(&t.inode) {
             t.inode
         } else {
-            match self.seeded_ends.get(&ends_key(&t.ends)) {
+            match self.seeded_ends.get(&t.ends.key()) {
                 Some(&i) => i,
                 None => return,
             }
@@ -223,7 +211,7 @@ impl Summary {
         let Some(o) = self.seeded.remove(&inode) else {
             return;
         };
-        self.seeded_ends.remove(&ends_key(&o.ends));
+        self.seeded_ends.remove(&o.ends.key());
         let entered_again = matches!(
             (t.new, &o.half_closed_by),
             (st::CLOSE_WAIT, None) | (st::FIN_WAIT2, Some(_))

@@ -4,7 +4,6 @@
 use std::{
     collections::HashMap,
     fmt, io,
-    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -280,17 +279,7 @@ struct Held {
     pid: u32,
 }
 
-/// A connection as both the reports and sock_diag name it (v4-mapped addresses as IPv4).
-type Key = (IpAddr, u16, IpAddr, u16);
-
-fn key(e: &Endpoints) -> Key {
-    key_of(e.local, e.lport, e.remote, e.rport)
-}
-
-/// The same, from a sock_diag answer's fields.
-fn key_of(local: IpAddr, lport: u16, remote: IpAddr, rport: u16) -> Key {
-    (local.to_canonical(), lport, remote.to_canonical(), rport)
-}
+type Key = crate::model::EndsKey;
 
 /// The gauges are checked against the kernel's socket table this often: a transition lost on
 /// the way (counted) must not leave a socket counted forever.
@@ -469,7 +458,7 @@ impl MetricsSink {
         let held = Held {
             kind,
             workload: w,
-            key: key(ends),
+            key: ends.key(),
             pid,
         };
         if let Some(old) = self.held.insert(sock, held) {
@@ -496,10 +485,7 @@ impl MetricsSink {
             &states,
             |ns| needed.contains(&ns),
             |s| {
-                now.insert(
-                    (s.netns, key_of(s.local, s.lport, s.remote, s.rport)),
-                    (s.state, s.inode),
-                );
+                now.insert((s.netns, s.key()), (s.state, s.inode));
             },
         );
         let Ok(coverage) = read else {
@@ -678,7 +664,7 @@ impl Sink for MetricsSink {
             let held = Held {
                 kind,
                 workload: w,
-                key: key_of(s.local, s.lport, s.remote, s.rport),
+                key: s.key(),
                 pid: e.owners.first().map_or(0, |o| o.pid),
             };
             self.seeded.insert(e.sock.inode, held);

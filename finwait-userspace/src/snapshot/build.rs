@@ -15,23 +15,11 @@ use crate::{
         inspect::{self, EpollSets},
         sockdiag::DiagSocket,
     },
-    model::{Owner, diagnosis::Threads},
+    model::{EndsKey, Owner, diagnosis::Threads},
 };
 
 /// Where a listener listens: its namespace, address (None: any) and port.
 type ListenAt = (u64, Option<IpAddr>, u16);
-
-/// A connection's ends, v4-mapped addresses as IPv4.
-type EndsKey = (IpAddr, u16, IpAddr, u16);
-
-fn ends_key(s: &DiagSocket) -> EndsKey {
-    (
-        s.local.to_canonical(),
-        s.lport,
-        s.remote.to_canonical(),
-        s.rport,
-    )
-}
 
 /// Every process's epoll fds, from the kernel's inventory.
 pub(crate) type EpollFds = HashMap<u32, Vec<i32>>;
@@ -171,7 +159,7 @@ impl<F: Fn(u64) -> Vec<Owner>> Builder<F> {
         }
         if self.entries.is_some() {
             let at = (s.state, s.netns, s.inode);
-            self.all_ends.entry(ends_key(&s)).or_default().push(at);
+            self.all_ends.entry(s.key()).or_default().push(at);
         }
         let mut owners = if s.inode != 0 {
             (self.owners_of)(s.inode)
@@ -231,7 +219,7 @@ impl<F: Fn(u64) -> Vec<Owner>> Builder<F> {
 /// namespace (a pod's peer on the node). Loopback never leaves a namespace, and several
 /// candidates elsewhere (pods that reuse the same addresses) name none.
 fn peer_of(all: &HashMap<EndsKey, Vec<(u8, u64, u64)>>, s: &DiagSocket) -> Option<(u8, u64, u64)> {
-    let (l, lp, r, rp) = ends_key(s);
+    let (l, lp, r, rp) = s.key();
     let found = all.get(&(r, rp, l, lp))?;
     let same_ns = found.iter().find(|p| p.1 == s.netns);
     match (same_ns, found.as_slice()) {

@@ -316,7 +316,7 @@ async fn trace(
 
 /// The states of the sockets on the close path in finwait's network namespace, by ends, and
 /// when the read began; None if sock_diag could not be read (nothing is counted then).
-fn close_path_table() -> Option<(std::collections::HashMap<pipeline::Ends, u8>, u64)> {
+fn close_path_table() -> Option<(std::collections::HashMap<crate::model::EndsKey, u8>, u64)> {
     use netlink_packet_sock_diag::inet::StateFlags;
     let states = StateFlags::FIN_WAIT1
         | StateFlags::FIN_WAIT2
@@ -327,13 +327,7 @@ fn close_path_table() -> Option<(std::collections::HashMap<pipeline::Ends, u8>, 
     let taken_ns = monotonic_ns();
     let mut table = std::collections::HashMap::new();
     let read = sockdiag::dump_each(&states, |s| {
-        let ends = (
-            s.local.to_canonical(),
-            s.lport,
-            s.remote.to_canonical(),
-            s.rport,
-        );
-        table.insert(ends, s.state);
+        table.insert(s.key(), s.state);
     });
     read.ok().map(|()| (table, taken_ns))
 }

@@ -197,7 +197,11 @@ impl Pipeline {
     /// table (read then: state by ends) has in a later state on the close path: the
     /// transitions in between never arrived (they may have been a socket's last ones, which no
     /// later transition shows).
-    pub(crate) fn count_moved_on(&mut self, table: &HashMap<Ends, u8>, taken_ns: u64) {
+    pub(crate) fn count_moved_on(
+        &mut self,
+        table: &HashMap<crate::model::EndsKey, u8>,
+        taken_ns: u64,
+    ) {
         let filter = &self.filter;
         let moved = self
             .correlator
@@ -205,7 +209,7 @@ impl Pipeline {
             .filter(|(sock, ends, believed)| {
                 filter.transition_shown(*sock)
                     && table
-                        .get(&ends_key(ends))
+                        .get(&ends.key())
                         .is_some_and(|k| super::correlate::moved_on(*believed, *k))
             })
             .count();
@@ -221,18 +225,6 @@ impl Pipeline {
         }
         Ok(())
     }
-}
-
-/// A connection as the reports and sock_diag both name it (v4-mapped addresses as IPv4).
-pub(crate) type Ends = (std::net::IpAddr, u16, std::net::IpAddr, u16);
-
-pub(crate) fn ends_key(e: &crate::model::Endpoints) -> Ends {
-    (
-        e.local.to_canonical(),
-        e.lport,
-        e.remote.to_canonical(),
-        e.rport,
-    )
 }
 
 /// Reads what the owner of a stuck socket is doing: the socket's Recv-Q (sock_diag, that one
