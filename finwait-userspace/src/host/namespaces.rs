@@ -106,7 +106,19 @@ pub(crate) fn all() -> (Vec<NetNs>, Vec<u32>) {
 pub(crate) struct Diags {
     by_ns: HashMap<u64, Option<Diag>>,
     ns_of_pid: HashMap<u32, Option<u64>>,
+    /// A namespace that cannot be entered: its /proc/PID/net table by ends, and when it was
+    /// read (one read answers a burst of lookups, not one read per socket).
+    tables: HashMap<
+        u64,
+        (
+            std::time::Instant,
+            HashMap<crate::model::EndsKey, DiagSocket>,
+        ),
+    >,
 }
+
+/// A namespace's /proc/PID/net table is reused this long.
+const TABLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Processes and namespaces remembered at most (pods come and go for days).
 const MAX_REMEMBERED: usize = 4096;
@@ -126,22 +138,21 @@ impl Diags {
             return super::sockdiag::find(diag, local, lport, remote, rport).ok()?;
         }
         let netns = (*self.ns_of_pid.get(&pid)?)?;
-        let mut found = None;
-        let wanted = |s: &DiagSocket| {
-            (
-                s.local.to_canonical(),
-                s.lport,
-                s.remote.to_canonical(),
-                s.rport,
-            ) == (local.to_canonical(), lport, remote.to_canonical(), rport)
-        };
-        proc_net(pid, netns, &[StateFlags::all()], &mut |_, s: DiagSocket| {
-            if found.is_none() && wanted(&s) {
-                found = Some(s);
-            }
-        })
-        .ok()?;
-        found
+        let fresh = self
+            .tables
+            .get(&netns)
+            .is_some_and(|(at, _)| at.elapsed() < TABLE_FOR);
+        if !fresh {
+            let mut table = HashMap::new();
+            proc_net(pid, netns, &[StateFlags::all()], &mut |_, s: DiagSocket| {
+                table.entry(s.key()).or_insert(s);
+            })
+            .ok()?;
+            self.tables
+                .insert(netns, (std::time::Instant::now(), table));
+        }
+        let key = crate::model::ends_key(local, lport, remote, rport);
+        self.tables.get(&netns)?.1.get(&key).cloned()
     }
 
     /// A sock_diag socket in `pid`'s network namespace (None: the process is gone, or its
@@ -150,6 +161,7 @@ impl Diags {
         if self.ns_of_pid.len() >= MAX_REMEMBERED || self.by_ns.len() >= MAX_REMEMBERED {
             self.ns_of_pid.clear();
             self.by_ns.clear();
+            self.tables.clear();
         }
         let ns = (*self.ns_of_pid.entry(pid).or_insert_with(|| of_pid(pid)))?;
         self.by_ns
