@@ -483,6 +483,87 @@ pub mod tcp_state {
     }
 }
 
+/// A TCP state, decoded once from the kernel's number: userspace matches on this, so the
+/// compiler sees every state a match leaves out.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TcpState {
+    Established = tcp_state::ESTABLISHED,
+    SynSent = tcp_state::SYN_SENT,
+    SynRecv = tcp_state::SYN_RECV,
+    FinWait1 = tcp_state::FIN_WAIT1,
+    FinWait2 = tcp_state::FIN_WAIT2,
+    TimeWait = tcp_state::TIME_WAIT,
+    Close = tcp_state::CLOSE,
+    CloseWait = tcp_state::CLOSE_WAIT,
+    LastAck = tcp_state::LAST_ACK,
+    Listen = tcp_state::LISTEN,
+    Closing = tcp_state::CLOSING,
+    NewSynRecv = tcp_state::NEW_SYN_RECV,
+    /// A number this build does not know (a newer kernel's).
+    Unknown = 0,
+}
+
+impl TcpState {
+    /// Every known state, in the kernel's order.
+    pub const ALL: [TcpState; 12] = [
+        Self::Established,
+        Self::SynSent,
+        Self::SynRecv,
+        Self::FinWait1,
+        Self::FinWait2,
+        Self::TimeWait,
+        Self::Close,
+        Self::CloseWait,
+        Self::LastAck,
+        Self::Listen,
+        Self::Closing,
+        Self::NewSynRecv,
+    ];
+
+    pub const fn from_u8(v: u8) -> Self {
+        match v {
+            tcp_state::ESTABLISHED => Self::Established,
+            tcp_state::SYN_SENT => Self::SynSent,
+            tcp_state::SYN_RECV => Self::SynRecv,
+            tcp_state::FIN_WAIT1 => Self::FinWait1,
+            tcp_state::FIN_WAIT2 => Self::FinWait2,
+            tcp_state::TIME_WAIT => Self::TimeWait,
+            tcp_state::CLOSE => Self::Close,
+            tcp_state::CLOSE_WAIT => Self::CloseWait,
+            tcp_state::LAST_ACK => Self::LastAck,
+            tcp_state::LISTEN => Self::Listen,
+            tcp_state::CLOSING => Self::Closing,
+            tcp_state::NEW_SYN_RECV => Self::NewSynRecv,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// `TCP_FIN_WAIT2` -> `FIN_WAIT2`: the names every output uses.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Established => "ESTABLISHED",
+            Self::SynSent => "SYN_SENT",
+            Self::SynRecv => "SYN_RECV",
+            Self::FinWait1 => "FIN_WAIT1",
+            Self::FinWait2 => "FIN_WAIT2",
+            Self::TimeWait => "TIME_WAIT",
+            Self::Close => "CLOSE",
+            Self::CloseWait => "CLOSE_WAIT",
+            Self::LastAck => "LAST_ACK",
+            Self::Listen => "LISTEN",
+            Self::Closing => "CLOSING",
+            Self::NewSynRecv => "NEW_SYN_RECV",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// The kernel's number (0 for `Unknown`).
+    pub const fn number(self) -> u8 {
+        self as u8
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain #[repr(C)] integers with explicit padding.

@@ -1,5 +1,6 @@
 //! Command-line options.
 use clap::{Args, Parser, Subcommand};
+use finwait_common::TcpState;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,7 +70,7 @@ pub(crate) struct SelectArgs {
     /// Only this state (repeatable): live, transitions into or out of it; in a snapshot, the
     /// sockets in it. FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, CLOSE, ...
     #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
-    pub(crate) states: Vec<u8>,
+    pub(crate) states: Vec<TcpState>,
 }
 
 /// Containers, pods and network namespaces: who a snapshot or a trace is about, by where the
@@ -241,13 +242,14 @@ pub(crate) fn generate(what: &str, out: &mut dyn std::io::Write) -> anyhow::Resu
     Ok(())
 }
 
-fn parse_state(s: &str) -> Result<u8, String> {
+fn parse_state(s: &str) -> Result<TcpState, String> {
     // FIN_WAIT2, fin-wait-2 and TCP_FIN_WAIT2 all name the same state.
     let bare = |n: &str| n.to_ascii_uppercase().replace(['-', '_'], "");
     let want = bare(s.trim());
     let want = want.strip_prefix("TCP").unwrap_or(&want);
-    (1..=12)
-        .find(|&v| bare(crate::model::state_name(v)) == want)
+    TcpState::ALL
+        .into_iter()
+        .find(|v| bare(v.name()) == want)
         .ok_or_else(|| {
             format!("`{s}` is not a TCP state (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, ...)")
         })
@@ -373,7 +375,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             (c.trace.select.states, c.trace.ipv6, c.trace.select.ports),
-            (vec![5, 8], true, vec![80])
+            (
+                vec![TcpState::FinWait2, TcpState::CloseWait],
+                true,
+                vec![80]
+            )
         );
         assert!(Cli::try_parse_from(["x", "--state", "HALF_OPEN"]).is_err());
         assert!(Cli::try_parse_from(["x", "-4", "-6"]).is_err());

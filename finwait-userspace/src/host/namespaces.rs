@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
+use finwait_common::TcpState;
 use netlink_packet_sock_diag::inet::StateFlags;
 
 use super::sockdiag::{Diag, DiagSocket, unmap};
@@ -370,14 +371,14 @@ fn proc_net(
     all.extend(p.tcp6().unwrap_or_default()); // a kernel without IPv6 has no tcp6
     for (pass, states) in passes.iter().enumerate() {
         for e in &all {
-            let state = e.state.clone() as u8;
-            if states.bits() & (1u32 << state) == 0 {
+            let raw = e.state.clone() as u8;
+            if states.bits() & (1u32 << raw) == 0 {
                 continue;
             }
             each(
                 pass,
                 DiagSocket {
-                    state,
+                    state: TcpState::from_u8(raw),
                     local: unmap(e.local_address.ip()),
                     lport: e.local_address.port(),
                     remote: unmap(e.remote_address.ip()),

@@ -3,6 +3,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context, Result, bail};
+use finwait_common::TcpState;
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
@@ -45,7 +46,7 @@ impl TimerLeft {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct DiagSocket {
-    pub(crate) state: u8,
+    pub(crate) state: TcpState,
     pub(crate) local: IpAddr,
     pub(crate) lport: u16,
     pub(crate) remote: IpAddr,
@@ -253,7 +254,7 @@ fn convert(r: &InetResponse, raw_expires_ms: u32) -> DiagSocket {
         Timer::Probe(d) => TimerLeft::Probe(d),
     });
     DiagSocket {
-        state: h.state,
+        state: TcpState::from_u8(h.state),
         local: unmap(h.socket_id.source_address),
         lport: h.socket_id.source_port,
         remote: unmap(h.socket_id.destination_address),

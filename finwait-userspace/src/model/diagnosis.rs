@@ -6,7 +6,7 @@
 //! never read the FIN; N: N-1 bytes of the peer's data are unread too (docs/close-path.md).
 use std::{collections::BTreeMap, fmt};
 
-use finwait_common::tcp_state as st;
+use finwait_common::TcpState;
 
 /// What the owner did with the peer's FIN, from Recv-Q.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,8 +163,8 @@ pub(crate) struct OwnerState {
 
 impl OwnerState {
     /// For a socket in `state` with this Recv-Q.
-    pub(crate) fn new(state: u8, recv_queue: u32) -> Self {
-        let close_wait = state == st::CLOSE_WAIT;
+    pub(crate) fn new(state: TcpState, recv_queue: u32) -> Self {
+        let close_wait = state == TcpState::CloseWait;
         Self {
             reading: close_wait.then(|| FinReading::of_close_wait(recv_queue)),
             unread_bytes: if close_wait {
@@ -249,7 +249,7 @@ mod tests {
             FinReading::NotRead { unread_bytes: 5 }
         );
         assert_eq!(epoll_events(0x2001), "EPOLLIN|EPOLLRDHUP");
-        let mut s = OwnerState::new(st::CLOSE_WAIT, 1);
+        let mut s = OwnerState::new(TcpState::CloseWait, 1);
         s.polled = Some(Polled::NotRegistered { sets: 1 });
         let t = Threads {
             total: 212,

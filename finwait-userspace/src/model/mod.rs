@@ -2,7 +2,7 @@
 //! tracer and the snapshot produce. No I/O here; whose job a socket is lives in [`verdict`].
 use std::{fmt, net::IpAddr, sync::Arc};
 
-use finwait_common::{Call, tcp_state as st};
+use finwait_common::{Call, TcpState};
 
 pub(crate) mod container;
 pub(crate) mod diagnosis;
@@ -92,25 +92,6 @@ impl From<&KernelOwner> for Owner {
             cgroup_id: Some(k.cgroup_id),
             container: None,
         }
-    }
-}
-
-/// `TCP_FIN_WAIT2` -> `FIN_WAIT2`: the names every output uses.
-pub(crate) fn state_name(s: u8) -> &'static str {
-    match s {
-        st::ESTABLISHED => "ESTABLISHED",
-        st::SYN_SENT => "SYN_SENT",
-        st::SYN_RECV => "SYN_RECV",
-        st::FIN_WAIT1 => "FIN_WAIT1",
-        st::FIN_WAIT2 => "FIN_WAIT2",
-        st::TIME_WAIT => "TIME_WAIT",
-        st::CLOSE => "CLOSE",
-        st::CLOSE_WAIT => "CLOSE_WAIT",
-        st::LAST_ACK => "LAST_ACK",
-        st::LISTEN => "LISTEN",
-        st::CLOSING => "CLOSING",
-        st::NEW_SYN_RECV => "NEW_SYN_RECV",
-        _ => "UNKNOWN",
     }
 }
 
@@ -229,13 +210,61 @@ pub(crate) enum Fw2Exit {
     Other,
 }
 
+/// What a state change means on the close path, classified once from (old, new) when its report
+/// is made. Every stage matches on this, without a catch-all, so a new kind is a compile error
+/// wherever it is not handled. The rules are in docs/close-path.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TransitionKind {
+    /// Into FIN_WAIT1: our FIN, sent first, by a local call (or exit).
+    FinSent,
+    /// CLOSE_WAIT -> LAST_ACK: the owner closed after the peer's FIN; our FIN is the second.
+    CloseWaitClosed,
+    /// FIN_WAIT1 -> FIN_WAIT2: the peer acknowledged our FIN; half-closed or orphaned.
+    FinWait2Entered,
+    /// ESTABLISHED -> CLOSE_WAIT: the peer's FIN; the owner must close.
+    PeerFin,
+    /// FIN_WAIT2 -> CLOSE: the peer's FIN (TIME_WAIT), a reset, the owner closing a half-closed
+    /// socket, or an orphan handed to the time-wait timer: the tracepoint says CLOSE for all.
+    FinWait2Left,
+    /// LAST_ACK -> CLOSE: the peer acknowledged our FIN; the socket is freed.
+    LastAckDone,
+    /// FIN_WAIT1 -> CLOSING: both FINs crossed.
+    FinsCrossed,
+    /// CLOSING -> CLOSE: after crossed FINs, into TIME_WAIT.
+    ClosingDone,
+    /// Any other state straight to CLOSE: a reset, an abort, or an orphan that timed out.
+    Aborted,
+    /// Any other change (none of the close path's rules is about it).
+    Other,
+}
+
+impl TransitionKind {
+    pub(crate) fn of(old: TcpState, new: TcpState) -> Self {
+        use TcpState as S;
+        match (old, new) {
+            (_, S::FinWait1) => Self::FinSent,
+            (S::CloseWait, S::LastAck) => Self::CloseWaitClosed,
+            (S::FinWait1, S::FinWait2) => Self::FinWait2Entered,
+            (S::Established, S::CloseWait) => Self::PeerFin,
+            (S::FinWait2, S::Close) => Self::FinWait2Left,
+            (S::LastAck, S::Close) => Self::LastAckDone,
+            (S::FinWait1, S::Closing) => Self::FinsCrossed,
+            (S::Closing, S::Close) => Self::ClosingDone,
+            (_, S::Close) => Self::Aborted,
+            _ => Self::Other,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct TransitionReport {
     pub(crate) ts_ns: u64,
     pub(crate) sock: u64,
     pub(crate) ends: Endpoints,
-    pub(crate) old: u8,
-    pub(crate) new: u8,
+    pub(crate) old: TcpState,
+    pub(crate) new: TcpState,
+    /// What (old, new) means, classified once.
+    pub(crate) kind: TransitionKind,
     pub(crate) cause: Option<Cause>,
     /// FIN_WAIT2 entries and exits: true once no process holds the socket any more.
     pub(crate) orphan: Option<bool>,
@@ -266,8 +295,8 @@ impl TransitionReport {
         ts_ns: u64,
         sock: u64,
         ends: Endpoints,
-        old: u8,
-        new: u8,
+        old: TcpState,
+        new: TcpState,
         inode: u64,
     ) -> Self {
         Self {
@@ -276,6 +305,7 @@ impl TransitionReport {
             ends,
             old,
             new,
+            kind: TransitionKind::of(old, new),
             cause: None,
             orphan: None,
             owner: None,
@@ -294,9 +324,9 @@ impl TransitionReport {
 
     /// The state as an operator sees it: the tracepoint says CLOSE where the socket went on to
     /// TIME_WAIT.
-    pub(crate) fn effective_new(&self) -> u8 {
+    pub(crate) fn effective_new(&self) -> TcpState {
         match self.fw2_exit {
-            Some(Fw2Exit::TimeWait) => st::TIME_WAIT,
+            Some(Fw2Exit::TimeWait) => TcpState::TimeWait,
             _ => self.new,
         }
     }
@@ -323,12 +353,12 @@ impl TransitionReport {
 
     /// FIN_WAIT2 entered or left: the answers depend on tcp_fin_timeout.
     pub(crate) fn touches_fin_wait2(&self) -> bool {
-        self.new == st::FIN_WAIT2 || self.old == st::FIN_WAIT2
+        self.new == TcpState::FinWait2 || self.old == TcpState::FinWait2
     }
 
     /// CLOSE_WAIT entered or left: the answers name its owner.
     pub(crate) fn touches_close_wait(&self) -> bool {
-        self.new == st::CLOSE_WAIT || self.old == st::CLOSE_WAIT
+        self.new == TcpState::CloseWait || self.old == TcpState::CloseWait
     }
 }
 
@@ -349,7 +379,7 @@ pub(crate) struct CloseNoFinReport {
     pub(crate) holders: Vec<Owner>,
     pub(crate) inode: u64,
     pub(crate) ends: Option<Endpoints>,
-    pub(crate) state: Option<u8>,
+    pub(crate) state: Option<TcpState>,
     /// The kernel's ownership record as this close found it: another holder, or this caller
     /// (then marked stale).
     pub(crate) recorded_owner: Option<KernelOwner>,

@@ -5,10 +5,10 @@ use std::{
     sync::Arc,
 };
 
-use finwait_common::tcp_state as st;
+use finwait_common::TcpState;
 
 use super::{
-    Comm, Container, Endpoints, Holder, Report, Stuck, TransitionReport, Verdict,
+    Comm, Container, Endpoints, Holder, Report, Stuck, TransitionKind, TransitionReport, Verdict,
     diagnosis::{FinReading, readings_words},
     verdict::{Bound, Facts, whose_job},
 };
@@ -214,7 +214,7 @@ impl Summary {
         self.seeded_ends.remove(&o.ends.key());
         let entered_again = matches!(
             (t.new, &o.half_closed_by),
-            (st::CLOSE_WAIT, None) | (st::FIN_WAIT2, Some(_))
+            (TcpState::CloseWait, None) | (TcpState::FinWait2, Some(_))
         );
         if entered_again {
             let c = self.counts(o.who);
@@ -235,10 +235,28 @@ impl Summary {
     pub(crate) fn add(&mut self, r: &Report, verdict: Option<&Verdict>) {
         let Report::Transition(t) = r else { return };
         self.adopt(t);
-        match (t.old, t.new) {
-            (st::FIN_WAIT1, st::FIN_WAIT2) => self.fin_wait2(t, verdict),
-            (st::ESTABLISHED, st::CLOSE_WAIT) => self.close_wait(t),
-            (st::CLOSE_WAIT, _) => {
+        match t.kind {
+            TransitionKind::FinWait2Entered => self.fin_wait2(t, verdict),
+            TransitionKind::PeerFin => self.close_wait(t),
+            TransitionKind::FinSent
+            | TransitionKind::CloseWaitClosed
+            | TransitionKind::FinWait2Left
+            | TransitionKind::LastAckDone
+            | TransitionKind::FinsCrossed
+            | TransitionKind::ClosingDone
+            | TransitionKind::Aborted
+            | TransitionKind::Other => self.left(t),
+        }
+        if t.new == TcpState::Close {
+            self.open.remove(&t.sock);
+        }
+    }
+
+    /// A socket left CLOSE_WAIT or half-closed FIN_WAIT2: how long it was there, and the
+    /// ledger's entry closed.
+    fn left(&mut self, t: &TransitionReport) {
+        match t.old {
+            TcpState::CloseWait => {
                 if let Some(ns) = t.close_wait_ns {
                     self.close_wait_ms.add(ns);
                 }
@@ -246,7 +264,7 @@ impl Summary {
                     self.counts(o.who).close_wait_closed += 1;
                 }
             }
-            (st::FIN_WAIT2, _) => {
+            TcpState::FinWait2 => {
                 if let Some(ns) = t.half_closed_ns {
                     self.half_closed_ms.add(ns);
                 }
@@ -261,9 +279,6 @@ impl Summary {
                 }
             }
             _ => {}
-        }
-        if t.new == st::CLOSE {
-            self.open.remove(&t.sock);
         }
     }
 
@@ -362,8 +377,8 @@ impl Summary {
             container: o.container.clone(),
         };
         let state = match o.half_closed_by {
-            Some(_) => st::FIN_WAIT2,
-            None => st::CLOSE_WAIT,
+            Some(_) => TcpState::FinWait2,
+            None => TcpState::CloseWait,
         };
         let facts = Facts {
             state,
@@ -526,7 +541,7 @@ mod tests {
     use super::*;
     use crate::model::{Cause, CauseKind, Owner, Task};
 
-    fn tr(sock: u64, old: u8, new: u8) -> TransitionReport {
+    fn tr(sock: u64, old: TcpState, new: TcpState) -> TransitionReport {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         TransitionReport::new(
             sock * 10,
@@ -561,7 +576,7 @@ mod tests {
     fn a_long_run_keeps_the_processes_that_still_hold_sockets() {
         let mut s = Summary::default();
         let close_wait = |pid: u32, sock: u64| {
-            let mut t = tr(sock, st::ESTABLISHED, st::CLOSE_WAIT);
+            let mut t = tr(sock, TcpState::Established, TcpState::CloseWait);
             t.owner = Some(Owner {
                 pid,
                 comm: "w".into(),
@@ -606,17 +621,17 @@ mod tests {
         assert_eq!(stuck.len(), 4);
         assert!(stuck.iter().all(|x| x.at_least && x.stuck_ns == 2_000));
 
-        let mut t = tr(1, st::ESTABLISHED, st::CLOSE_WAIT);
+        let mut t = tr(1, TcpState::Established, TcpState::CloseWait);
         t.inode = 103;
         t.ts_ns = 2_000;
         t.ends = ends(13);
         t.owner = Some(owner.clone());
         s.add(&Report::Transition(t), None);
-        let mut t = tr(2, st::CLOSE_WAIT, st::LAST_ACK);
+        let mut t = tr(2, TcpState::CloseWait, TcpState::LastAck);
         t.inode = 100;
         s.add(&Report::Transition(t), None);
         // Matched by ends (mapped or not) once the inode is gone.
-        let mut t = tr(3, st::FIN_WAIT2, st::CLOSE);
+        let mut t = tr(3, TcpState::FinWait2, TcpState::Close);
         t.ends = ends(12);
         s.add(&Report::Transition(t), None);
 
@@ -641,19 +656,19 @@ mod tests {
     fn counts_answers_and_histograms() {
         let mut s = Summary::default();
         for sock in 1..=3 {
-            let mut t = tr(sock, st::FIN_WAIT1, st::FIN_WAIT2);
+            let mut t = tr(sock, TcpState::FinWait1, TcpState::FinWait2);
             t.cause = cause(CauseKind::Call(Call::Shutdown), Some(1));
             t.orphan = Some(false);
             let v = t.verdict();
             s.add(&Report::Transition(t), v.as_ref());
         }
-        let mut t = tr(4, st::FIN_WAIT1, st::FIN_WAIT2);
+        let mut t = tr(4, TcpState::FinWait1, TcpState::FinWait2);
         t.cause = cause(CauseKind::Call(Call::Close), None);
         t.orphan = Some(true);
         let v = t.verdict();
         s.add(&Report::Transition(t), v.as_ref());
         for sock in 5..=6 {
-            let mut t = tr(sock, st::ESTABLISHED, st::CLOSE_WAIT);
+            let mut t = tr(sock, TcpState::Established, TcpState::CloseWait);
             t.owner = Some(Owner {
                 pid: 9,
                 comm: "python3".into(),
@@ -663,12 +678,12 @@ mod tests {
             let v = t.verdict();
             s.add(&Report::Transition(t), v.as_ref());
         }
-        let mut t = tr(5, st::CLOSE_WAIT, st::LAST_ACK);
+        let mut t = tr(5, TcpState::CloseWait, TcpState::LastAck);
         t.close_wait_ns = Some(300_000_000);
         let v = t.verdict();
         s.add(&Report::Transition(t), v.as_ref());
         // The first half-closed socket is closed: an orphan now, no longer the process's job.
-        let mut t = tr(1, st::FIN_WAIT2, st::CLOSE);
+        let mut t = tr(1, TcpState::FinWait2, TcpState::Close);
         t.cause = cause(CauseKind::Call(Call::Close), None);
         t.half_closed_ns = Some(3_000_000_000);
         let v = t.verdict();

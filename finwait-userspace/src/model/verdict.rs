@@ -7,7 +7,7 @@
 //! which the kernel frees within a bound; LAST_ACK, CLOSING, TIME_WAIT and CLOSE need nobody.
 use std::{fmt, sync::Arc, time::Duration};
 
-use finwait_common::tcp_state as st;
+use finwait_common::TcpState;
 
 use super::{Comm, Container, Fw2Exit, Owner, TransitionReport, container};
 
@@ -111,7 +111,7 @@ pub(crate) enum Verdict {
 #[derive(Clone, Debug)]
 pub(crate) struct Facts {
     /// The socket's state as `ss` shows it now.
-    pub(crate) state: u8,
+    pub(crate) state: TcpState,
     /// A process still holds the socket's file (None: not known).
     pub(crate) held: Option<bool>,
     pub(crate) holder: Option<Holder>,
@@ -122,11 +122,15 @@ pub(crate) struct Facts {
 /// The one place that decides whose job a socket is. None: the socket is not on the close path.
 pub(crate) fn whose_job(f: Facts) -> Option<Verdict> {
     Some(match (f.state, f.held) {
-        (st::CLOSE_WAIT, _) => Verdict::OwnerMustClose(f.holder),
-        (st::FIN_WAIT1 | st::FIN_WAIT2, Some(true)) => Verdict::ApplicationMustClose(f.holder),
-        (st::FIN_WAIT1 | st::FIN_WAIT2, Some(false)) => Verdict::KernelFrees(f.bound),
-        (st::FIN_WAIT1 | st::FIN_WAIT2, None) => Verdict::Unknown,
-        (st::LAST_ACK | st::CLOSING | st::TIME_WAIT | st::CLOSE, _) => Verdict::Done,
+        (TcpState::CloseWait, _) => Verdict::OwnerMustClose(f.holder),
+        (TcpState::FinWait1 | TcpState::FinWait2, Some(true)) => {
+            Verdict::ApplicationMustClose(f.holder)
+        }
+        (TcpState::FinWait1 | TcpState::FinWait2, Some(false)) => Verdict::KernelFrees(f.bound),
+        (TcpState::FinWait1 | TcpState::FinWait2, None) => Verdict::Unknown,
+        (TcpState::LastAck | TcpState::Closing | TcpState::TimeWait | TcpState::Close, _) => {
+            Verdict::Done
+        }
         _ => return None,
     })
 }
@@ -137,19 +141,19 @@ impl TransitionReport {
         let mut bound = Bound::FinTimeout(self.fin_timeout_s);
         let (state, held) = match (self.new, self.fw2_exit) {
             // Our FIN is out: after shutdown() the caller still holds the socket.
-            (st::FIN_WAIT1, _) => {
+            (TcpState::FinWait1, _) => {
                 bound = Bound::Retries;
                 let known = self
                     .cause
                     .as_ref()
                     .filter(|c| c.kind != super::CauseKind::Unknown);
-                (st::FIN_WAIT1, known.map(|c| !c.is_close_like()))
+                (TcpState::FinWait1, known.map(|c| !c.is_close_like()))
             }
-            (st::FIN_WAIT2, _) => (st::FIN_WAIT2, self.orphan.map(|o| !o)),
+            (TcpState::FinWait2, _) => (TcpState::FinWait2, self.orphan.map(|o| !o)),
             // A time-wait mini-socket in substate FIN_WAIT2: `ss` still shows FIN-WAIT-2.
-            (st::CLOSE, Some(Fw2Exit::OrphanTimewait)) => {
+            (TcpState::Close, Some(Fw2Exit::OrphanTimewait)) => {
                 bound = Bound::Within(self.frees_within_s());
-                (st::FIN_WAIT2, Some(false))
+                (TcpState::FinWait2, Some(false))
             }
             _ => (self.effective_new(), None),
         };
@@ -284,7 +288,7 @@ impl fmt::Display for Secs {
 mod tests {
     use super::*;
 
-    fn facts(state: u8, held: Option<bool>) -> Facts {
+    fn facts(state: TcpState, held: Option<bool>) -> Facts {
         Facts {
             state,
             held,
@@ -297,13 +301,16 @@ mod tests {
     #[test]
     fn one_answer_per_state() {
         let v = |state, held| whose_job(facts(state, held)).map(|v| v.name());
-        assert_eq!(v(st::CLOSE_WAIT, None), Some("owner_must_close"));
-        assert_eq!(v(st::FIN_WAIT2, Some(true)), Some("application_must_close"));
-        assert_eq!(v(st::FIN_WAIT2, Some(false)), Some("kernel_frees"));
-        assert_eq!(v(st::FIN_WAIT1, None), Some("unknown"));
-        assert_eq!(v(st::TIME_WAIT, None), Some("done"));
-        assert_eq!(v(st::LAST_ACK, None), Some("done"));
-        assert_eq!(v(st::ESTABLISHED, None), None);
+        assert_eq!(v(TcpState::CloseWait, None), Some("owner_must_close"));
+        assert_eq!(
+            v(TcpState::FinWait2, Some(true)),
+            Some("application_must_close")
+        );
+        assert_eq!(v(TcpState::FinWait2, Some(false)), Some("kernel_frees"));
+        assert_eq!(v(TcpState::FinWait1, None), Some("unknown"));
+        assert_eq!(v(TcpState::TimeWait, None), Some("done"));
+        assert_eq!(v(TcpState::LastAck, None), Some("done"));
+        assert_eq!(v(TcpState::Established, None), None);
     }
 
     #[test]

@@ -2,14 +2,14 @@
 //! states (coloured on a terminal) and the connection; wrapped to the terminal's width.
 use std::fmt::Write as _;
 
-use finwait_common::{Call, tcp_state as st};
+use finwait_common::{Call, TcpState};
 
 use super::{Out, Sink, Start, Stats};
 use crate::{
     host::clock::Clock,
     model::{
-        Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Stuck, TransitionReport, Verdict,
-        container, state_name,
+        Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Stuck, TransitionKind,
+        TransitionReport, Verdict, container,
         summary::{Histogram, Summary},
     },
     snapshot::Snapshot,
@@ -101,18 +101,18 @@ impl Style {
     }
 
     /// States that need someone's attention stand out.
-    fn write_state(&self, out: &mut String, s: u8, width: usize) {
+    fn write_state(&self, out: &mut String, s: TcpState, width: usize) {
         let code = match s {
-            st::CLOSE_WAIT => "31",                // red: a process must act
-            st::FIN_WAIT2 | st::FIN_WAIT1 => "33", // yellow
-            st::TIME_WAIT | st::CLOSE => "2",      // dim: done
+            TcpState::CloseWait => "31", // red: a process must act
+            TcpState::FinWait2 | TcpState::FinWait1 => "33", // yellow
+            TcpState::TimeWait | TcpState::Close => "2", // dim: done
             _ => "",
         };
         let colored = self.color && !code.is_empty();
         if colored {
             let _ = write!(out, "\x1b[{code}m");
         }
-        let name = state_name(s);
+        let name = s.name();
         out.push_str(name);
         out.extend(std::iter::repeat_n(' ', width.saturating_sub(name.len())));
         if colored {
@@ -216,12 +216,12 @@ fn write_explain(out: &mut String, t: &TransitionReport, verdict: Option<&Verdic
             v.write_clause(out);
         }
     };
-    match (t.old, t.new) {
-        (_, st::FIN_WAIT1) => {
+    match t.kind {
+        TransitionKind::FinSent => {
             out.push_str("FIN sent by ");
             write_who(out, cause);
         }
-        (st::FIN_WAIT1, st::FIN_WAIT2) => {
+        TransitionKind::FinWait2Entered => {
             let half = t.orphan == Some(false);
             out.push_str(if half {
                 "half-closed by "
@@ -231,11 +231,11 @@ fn write_explain(out: &mut String, t: &TransitionReport, verdict: Option<&Verdic
             write_who(out, cause);
             whose(out);
         }
-        (st::ESTABLISHED, st::CLOSE_WAIT) => {
+        TransitionKind::PeerFin => {
             out.push_str("peer sent FIN");
             whose(out);
         }
-        (st::CLOSE_WAIT, st::LAST_ACK) => {
+        TransitionKind::CloseWaitClosed => {
             out.push_str("closed by ");
             write_who(out, cause);
             if let Some(n) = t.close_wait_ns {
@@ -243,17 +243,17 @@ fn write_explain(out: &mut String, t: &TransitionReport, verdict: Option<&Verdic
                 let _ = write!(out, " after {at_least}{} in CLOSE_WAIT", Dur(n));
             }
         }
-        (st::FIN_WAIT2, st::CLOSE) => write_fin_wait2_exit(out, t, cause, verdict),
-        (st::LAST_ACK, st::CLOSE) => {
+        TransitionKind::FinWait2Left => write_fin_wait2_exit(out, t, cause, verdict),
+        TransitionKind::LastAckDone => {
             out.push_str("peer acknowledged our FIN (");
             write_who(out, cause);
             out.push_str("); socket freed");
         }
-        (_, st::CLOSE) => {
+        TransitionKind::ClosingDone | TransitionKind::Aborted => {
             out.push_str("closed by ");
             write_who(out, cause);
         }
-        _ => write_who(out, cause),
+        TransitionKind::FinsCrossed | TransitionKind::Other => write_who(out, cause),
     }
 }
 
@@ -431,7 +431,7 @@ impl Sink for HumanSink {
                 s.lport,
                 s.remote,
                 s.rport,
-                state_name(s.state),
+                s.state.name(),
                 e.answer()
             ))?;
         }
@@ -536,7 +536,7 @@ mod tests {
             out
         }
 
-        fn state(&self, s: u8, width: usize) -> String {
+        fn state(&self, s: TcpState, width: usize) -> String {
             let mut out = String::new();
             self.write_state(&mut out, s, width);
             out
@@ -571,13 +571,13 @@ mod tests {
             relative_to: None,
             width: None,
         };
-        assert_eq!(plain.state(st::CLOSE_WAIT, 11), "CLOSE_WAIT ");
+        assert_eq!(plain.state(TcpState::CloseWait, 11), "CLOSE_WAIT ");
         assert_eq!(
-            color.state(st::CLOSE_WAIT, 11),
+            color.state(TcpState::CloseWait, 11),
             "\x1b[31mCLOSE_WAIT \x1b[0m"
         );
         assert_eq!(
-            color.state(st::ESTABLISHED, 11),
+            color.state(TcpState::Established, 11),
             "ESTABLISHED",
             "no colour where nothing is wrong"
         );
@@ -597,8 +597,8 @@ mod tests {
                 remote: lo,
                 rport: 8080,
             },
-            st::FIN_WAIT1,
-            st::FIN_WAIT2,
+            TcpState::FinWait1,
+            TcpState::FinWait2,
             42,
         );
         t.orphan = Some(false);
@@ -654,8 +654,8 @@ mod tests {
                 remote: lo,
                 rport: 8080,
             },
-            st::FIN_WAIT2,
-            st::CLOSE,
+            TcpState::FinWait2,
+            TcpState::Close,
             0,
         );
         t.orphan = Some(true);

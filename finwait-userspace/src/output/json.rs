@@ -2,6 +2,7 @@
 //! serialized as one object per line. README.md's field list is checked against them by a test.
 use std::{collections::BTreeMap, net::IpAddr};
 
+use finwait_common::TcpState;
 use serde::{Serialize, Serializer};
 
 use super::{Out, Sink};
@@ -14,7 +15,7 @@ use crate::{
         Cause, CloseNoFinReport, Container, Endpoints, Fw2Exit, Owner, Report, Stuck,
         TransitionReport, Verdict,
         diagnosis::{FinReading, OwnerState, Polled, epoll_events},
-        how_name, state_name,
+        how_name,
         summary::Summary,
     },
     snapshot::{Entry, Snapshot},
@@ -295,9 +296,9 @@ impl<'a> Transition<'a> {
         Self {
             time: Time(clock.wall(t.ts_ns)),
             sock: Hex(t.sock),
-            from: state_name(t.old),
-            to: state_name(t.effective_new()),
-            kernel_to: state_name(t.new),
+            from: t.old.name(),
+            to: t.effective_new().name(),
+            kernel_to: t.new.name(),
             cause: t.cause.as_ref().map(CauseJson::from),
             inode: (t.inode != 0).then_some(t.inode),
             conn: Conn::from(&t.ends),
@@ -352,7 +353,7 @@ impl<'a> CloseNoFin<'a> {
             container: ContainerJson::of(n.task.container.as_deref()),
             remaining_refs: n.remaining_refs,
             holders: n.holders.iter().map(OwnerJson::from).collect(),
-            state: n.state.map(state_name),
+            state: n.state.map(TcpState::name),
             laddr: e.map(|e| e.local),
             lport: e.map(|e| e.lport),
             raddr: e.map(|e| e.remote),
@@ -613,7 +614,7 @@ impl<'a> From<&'a Entry> for SnapshotEvent<'a> {
         };
         Self {
             conn: Conn::from(&ends),
-            state: state_name(s.state),
+            state: s.state.name(),
             class: e.class(),
             verdict: e.verdict.name(),
             inode: (s.inode != 0).then_some(s.inode),
@@ -635,7 +636,7 @@ impl<'a> From<&'a Entry> for SnapshotEvent<'a> {
                 OwnerStateJson::new(o, &format!("{}[{}]", h.comm, h.pid), Some(h.fd))
             }),
             peer: e.peer.as_ref().map(|p| PeerJson {
-                state: state_name(p.state),
+                state: p.state.name(),
                 netns: (p.netns != 0).then_some(p.netns),
                 owners: p.owners.iter().map(OwnerJson::from).collect(),
             }),
@@ -790,7 +791,7 @@ impl Sink for JsonSink {
 mod tests {
     use std::collections::BTreeSet;
 
-    use finwait_common::{Call, tcp_state as st};
+    use finwait_common::{Call, TcpState};
 
     use super::*;
     use crate::{
@@ -875,14 +876,16 @@ mod tests {
 
     /// Transitions that between them write every field a transition can have.
     fn transitions() -> Vec<TransitionReport> {
-        let mut handed_over = TransitionReport::new(1, 1, ends(), st::FIN_WAIT2, st::CLOSE, 0);
+        let mut handed_over =
+            TransitionReport::new(1, 1, ends(), TcpState::FinWait2, TcpState::Close, 0);
         handed_over.fw2_exit = Some(Fw2Exit::OrphanTimewait);
         handed_over.orphan = Some(true);
         handed_over.cause = Some(Cause::bare(CauseKind::Call(Call::Close)));
         handed_over.since_fin_ns = Some(1);
         handed_over.half_closed_ns = Some(1);
         handed_over.at_least = true;
-        let mut closed = TransitionReport::new(1, 1, ends(), st::CLOSE_WAIT, st::LAST_ACK, 9);
+        let mut closed =
+            TransitionReport::new(1, 1, ends(), TcpState::CloseWait, TcpState::LastAck, 9);
         closed.owner = Some(Owner {
             pid: 1,
             comm: "x".into(),
@@ -909,7 +912,7 @@ mod tests {
             holders: Vec::new(),
             inode: 1,
             ends: Some(ends()),
-            state: Some(st::ESTABLISHED),
+            state: Some(TcpState::Established),
             recorded_owner: None,
         }
     }
@@ -950,7 +953,7 @@ mod tests {
         m.insert("start", keys(&Event::Start(&Start::default())));
         m.insert("stats", keys(&Event::Stats(&Stats::default())));
         let sock = DiagSocket {
-            state: st::FIN_WAIT2,
+            state: TcpState::FinWait2,
             local: ends().local,
             lport: 1,
             remote: ends().remote,

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use finwait_common::tcp_state as st;
+use finwait_common::TcpState;
 use prometheus_client::{
     encoding::{EncodeLabelSet, LabelSetEncoder},
     metrics::{
@@ -24,8 +24,8 @@ use super::{Sink, Start, Stats};
 use crate::{
     host::namespaces,
     model::{
-        Comm, Container, Endpoints, Owner, Report, Stuck, Task, TransitionReport, Verdict,
-        summary::Summary,
+        Comm, Container, Endpoints, Owner, Report, Stuck, Task, TransitionKind, TransitionReport,
+        Verdict, summary::Summary,
     },
     snapshot::Snapshot,
 };
@@ -479,7 +479,7 @@ impl MetricsSink {
         }
         let needed: std::collections::HashSet<u64> = ns_of.values().flatten().copied().collect();
         // Ends repeat across namespaces (every pod has its own 127.0.0.1): keyed by both.
-        let mut now: HashMap<(u64, Key), (u8, u64)> = HashMap::new();
+        let mut now: HashMap<(u64, Key), (TcpState, u64)> = HashMap::new();
         let states = StateFlags::CLOSE_WAIT | StateFlags::FIN_WAIT2;
         let read = namespaces::dump_where(
             &states,
@@ -503,8 +503,10 @@ impl MetricsSink {
                 return false;
             };
             match (h.kind, now.get(&(ns, h.key))) {
-                (Kind::CloseWait, Some((state, _))) => *state != st::CLOSE_WAIT,
-                (Kind::HalfClosed, Some((state, inode))) => *state != st::FIN_WAIT2 || *inode == 0,
+                (Kind::CloseWait, Some((state, _))) => *state != TcpState::CloseWait,
+                (Kind::HalfClosed, Some((state, inode))) => {
+                    *state != TcpState::FinWait2 || *inode == 0
+                }
                 (_, None) => true,
             }
         });
@@ -563,25 +565,25 @@ impl MetricsSink {
     }
 
     fn transition(&mut self, t: &TransitionReport, verdict: Option<&Verdict>) {
-        if t.old == st::FIN_WAIT2 || t.old == st::CLOSE_WAIT || t.new == st::CLOSE {
+        if t.old == TcpState::FinWait2 || t.old == TcpState::CloseWait || t.new == TcpState::Close {
             self.release(t.sock, t.inode);
         }
         // Entered while the start-up inventory was read, which saw it there too: one socket,
         // counted once, from the live report.
-        if matches!(t.new, st::FIN_WAIT2 | st::CLOSE_WAIT)
+        if matches!(t.new, TcpState::FinWait2 | TcpState::CloseWait)
             && t.inode != 0
             && let Some(h) = self.seeded.remove(&t.inode)
         {
             self.release_held(&h);
         }
-        if let Some(ns) = t.half_closed_ns.filter(|_| t.old == st::FIN_WAIT2) {
+        if let Some(ns) = t.half_closed_ns.filter(|_| t.old == TcpState::FinWait2) {
             self.half_closed_seconds.observe(ns as f64 / 1e9);
         }
-        if let Some(ns) = t.close_wait_ns.filter(|_| t.old == st::CLOSE_WAIT) {
+        if let Some(ns) = t.close_wait_ns.filter(|_| t.old == TcpState::CloseWait) {
             self.close_wait_seconds.observe(ns as f64 / 1e9);
         }
-        match (t.old, t.new) {
-            (st::FIN_WAIT1, st::FIN_WAIT2) => {
+        match t.kind {
+            TransitionKind::FinWait2Entered => {
                 let task = t.cause.as_ref().and_then(|c| c.task.as_ref());
                 let w = self.counted(Workload::of_task(task));
                 let cause = t.cause.as_ref().map_or("unknown", |c| c.kind.name());
@@ -595,13 +597,20 @@ impl MetricsSink {
                     self.hold(t.sock, Kind::HalfClosed, w, &t.ends, pid);
                 }
             }
-            (st::ESTABLISHED, st::CLOSE_WAIT) => {
+            TransitionKind::PeerFin => {
                 let w = self.counted(Workload::of_owner(t.owner.as_ref()));
                 self.families.close_wait_entries.get_or_create(&w).inc();
                 let pid = t.owner.as_ref().map_or(0, |o| o.pid);
                 self.hold(t.sock, Kind::CloseWait, w, &t.ends, pid);
             }
-            _ => {}
+            TransitionKind::FinSent
+            | TransitionKind::CloseWaitClosed
+            | TransitionKind::FinWait2Left
+            | TransitionKind::LastAckDone
+            | TransitionKind::FinsCrossed
+            | TransitionKind::ClosingDone
+            | TransitionKind::Aborted
+            | TransitionKind::Other => {}
         }
     }
 }
@@ -650,8 +659,8 @@ impl Sink for MetricsSink {
         let entries = &snap.entries;
         for e in entries {
             let kind = match (&e.verdict, e.sock.state) {
-                (Verdict::OwnerMustClose(_), st::CLOSE_WAIT) => Kind::CloseWait,
-                (Verdict::ApplicationMustClose(_), st::FIN_WAIT2) => Kind::HalfClosed,
+                (Verdict::OwnerMustClose(_), TcpState::CloseWait) => Kind::CloseWait,
+                (Verdict::ApplicationMustClose(_), TcpState::FinWait2) => Kind::HalfClosed,
                 _ => continue,
             };
             if e.sock.inode == 0 {
@@ -760,7 +769,7 @@ mod tests {
     /// A CLOSE_WAIT socket the start-up inventory found, with `ends()`.
     fn close_wait_at_start(inode: u64) -> DiagSocket {
         DiagSocket {
-            state: st::CLOSE_WAIT,
+            state: TcpState::CloseWait,
             local: ends().local,
             lport: ends().lport,
             remote: ends().remote,
@@ -775,13 +784,27 @@ mod tests {
     }
 
     fn close_wait(sock: u64, inode: u64, o: Owner) -> Report {
-        let mut t = TransitionReport::new(1, sock, ends(), st::ESTABLISHED, st::CLOSE_WAIT, inode);
+        let mut t = TransitionReport::new(
+            1,
+            sock,
+            ends(),
+            TcpState::Established,
+            TcpState::CloseWait,
+            inode,
+        );
         t.owner = Some(o);
         Report::Transition(t)
     }
 
     fn closed(sock: u64, inode: u64) -> Report {
-        let mut t = TransitionReport::new(2, sock, ends(), st::CLOSE_WAIT, st::LAST_ACK, inode);
+        let mut t = TransitionReport::new(
+            2,
+            sock,
+            ends(),
+            TcpState::CloseWait,
+            TcpState::LastAck,
+            inode,
+        );
         t.close_wait_ns = Some(2_000_000_000);
         Report::Transition(t)
     }
@@ -887,7 +910,8 @@ mod tests {
     #[test]
     fn half_closed_gauge_follows_the_verdict() {
         let (mut m, reg) = MetricsSink::new(10);
-        let mut t = TransitionReport::new(1, 0x200, ends(), st::FIN_WAIT1, st::FIN_WAIT2, 3);
+        let mut t =
+            TransitionReport::new(1, 0x200, ends(), TcpState::FinWait1, TcpState::FinWait2, 3);
         t.cause = Some(Cause {
             kind: CauseKind::Call(Call::Shutdown),
             how: Some(1),
@@ -908,7 +932,8 @@ mod tests {
             t.contains("finwait_fin_wait2_entries_total{cause=\"shutdown\",comm=\"nginx\""),
             "{t}"
         );
-        let mut end = TransitionReport::new(2, 0x200, ends(), st::FIN_WAIT2, st::TIME_WAIT, 3);
+        let mut end =
+            TransitionReport::new(2, 0x200, ends(), TcpState::FinWait2, TcpState::TimeWait, 3);
         end.half_closed_ns = Some(1_000_000);
         send(&mut m, &Report::Transition(end));
         let t = text(&reg);
@@ -952,7 +977,8 @@ mod tests {
         send(&mut m, &close_wait(1, 0, owner("imapd", "/")));
         let mut other = ends();
         other.rport = 4001;
-        let mut t = TransitionReport::new(1, 2, other, st::ESTABLISHED, st::CLOSE_WAIT, 0);
+        let mut t =
+            TransitionReport::new(1, 2, other, TcpState::Established, TcpState::CloseWait, 0);
         t.owner = Some(owner("imapd", "/"));
         send(&mut m, &Report::Transition(t));
         // The close of the first was lost: the kernel's table no longer has it.

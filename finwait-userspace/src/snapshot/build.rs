@@ -7,7 +7,7 @@ use std::{
     net::IpAddr,
 };
 
-use finwait_common::tcp_state as st;
+use finwait_common::TcpState;
 
 use super::{Entry, Inferred, Peer, Tally};
 use crate::{
@@ -29,7 +29,7 @@ pub(crate) type EpollFds = HashMap<u32, Vec<i32>>;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Narrow {
     pub(crate) ports: Vec<u16>,
-    pub(crate) states: Vec<u8>,
+    pub(crate) states: Vec<TcpState>,
     pub(crate) netns: Vec<u64>,
     /// Container ids (or prefixes), lowercase.
     pub(crate) containers: Vec<String>,
@@ -114,7 +114,7 @@ pub(crate) struct Builder<F> {
     /// Every socket kept, when asked.
     entries: Option<Vec<Entry>>,
     /// Every socket seen, by ends, for the peers of those kept: (state, namespace, inode).
-    all_ends: HashMap<EndsKey, Vec<(u8, u64, u64)>>,
+    all_ends: HashMap<EndsKey, Vec<(TcpState, u64, u64)>>,
 }
 
 impl<F: Fn(u64) -> Vec<Owner>> Builder<F> {
@@ -154,7 +154,7 @@ impl<F: Fn(u64) -> Vec<Owner>> Builder<F> {
 
     /// One socket on the close path.
     pub(crate) fn socket(&mut self, s: DiagSocket) {
-        if s.state == st::LISTEN {
+        if s.state == TcpState::Listen {
             return self.listener(&s);
         }
         if self.entries.is_some() {
@@ -218,7 +218,10 @@ impl<F: Fn(u64) -> Vec<Owner>> Builder<F> {
 /// ends the other way round, in the same namespace, else the one such socket of another
 /// namespace (a pod's peer on the node). Loopback never leaves a namespace, and several
 /// candidates elsewhere (pods that reuse the same addresses) name none.
-fn peer_of(all: &HashMap<EndsKey, Vec<(u8, u64, u64)>>, s: &DiagSocket) -> Option<(u8, u64, u64)> {
+fn peer_of(
+    all: &HashMap<EndsKey, Vec<(TcpState, u64, u64)>>,
+    s: &DiagSocket,
+) -> Option<(TcpState, u64, u64)> {
     let (l, lp, r, rp) = s.key();
     let found = all.get(&(r, rp, l, lp))?;
     let same_ns = found.iter().find(|p| p.1 == s.netns);
@@ -240,14 +243,16 @@ pub(crate) fn build(
     keep: &[u32],
 ) -> Vec<Entry> {
     let mut b = Builder::new(owners_of, keep, Narrow::default(), true);
-    let (listening, rest): (Vec<_>, Vec<_>) =
-        sockets.into_iter().partition(|s| s.state == st::LISTEN);
+    let (listening, rest): (Vec<_>, Vec<_>) = sockets
+        .into_iter()
+        .partition(|s| s.state == TcpState::Listen);
     listening.iter().for_each(|s| b.listener(s));
     rest.into_iter().for_each(|s| b.socket(s));
     b.finish().0
 }
 
 #[cfg(test)]
+#[allow(clippy::too_many_lines)] // scenarios read best whole
 mod tests {
     use std::time::Duration;
 
@@ -256,7 +261,7 @@ mod tests {
     use super::*;
     use crate::{host::sockdiag::TimerLeft, model::Container};
 
-    fn sock(state: u8, lport: u16, inode: u64, timer: Option<TimerLeft>) -> DiagSocket {
+    fn sock(state: TcpState, lport: u16, inode: u64, timer: Option<TimerLeft>) -> DiagSocket {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         DiagSocket {
             state,
@@ -292,30 +297,84 @@ mod tests {
         };
         let sockets = vec![
             // loopback, same namespace: a half-closed proxy socket, the back-end's CLOSE_WAIT
-            at(st::FIN_WAIT2, ("127.0.0.1", 5000), ("127.0.0.1", 80), 1, 7),
-            at(st::CLOSE_WAIT, ("127.0.0.1", 80), ("127.0.0.1", 5000), 2, 7),
+            at(
+                TcpState::FinWait2,
+                ("127.0.0.1", 5000),
+                ("127.0.0.1", 80),
+                1,
+                7,
+            ),
+            at(
+                TcpState::CloseWait,
+                ("127.0.0.1", 80),
+                ("127.0.0.1", 5000),
+                2,
+                7,
+            ),
             // loopback in another namespace, the same ends: not this one's peer
-            at(st::CLOSE_WAIT, ("127.0.0.1", 80), ("127.0.0.1", 6000), 3, 8),
-            at(st::FIN_WAIT2, ("127.0.0.1", 6000), ("127.0.0.1", 80), 0, 9),
+            at(
+                TcpState::CloseWait,
+                ("127.0.0.1", 80),
+                ("127.0.0.1", 6000),
+                3,
+                8,
+            ),
+            at(
+                TcpState::FinWait2,
+                ("127.0.0.1", 6000),
+                ("127.0.0.1", 80),
+                0,
+                9,
+            ),
             // pod to pod: one candidate in another namespace
-            at(st::CLOSE_WAIT, ("10.0.0.1", 80), ("10.0.0.2", 7000), 4, 8),
-            at(st::FIN_WAIT2, ("10.0.0.2", 7000), ("10.0.0.1", 80), 0, 9),
+            at(
+                TcpState::CloseWait,
+                ("10.0.0.1", 80),
+                ("10.0.0.2", 7000),
+                4,
+                8,
+            ),
+            at(
+                TcpState::FinWait2,
+                ("10.0.0.2", 7000),
+                ("10.0.0.1", 80),
+                0,
+                9,
+            ),
             // two pods reuse the same addresses: no answer
-            at(st::CLOSE_WAIT, ("10.0.0.1", 80), ("10.0.0.3", 7100), 5, 8),
-            at(st::FIN_WAIT2, ("10.0.0.3", 7100), ("10.0.0.1", 80), 0, 9),
-            at(st::FIN_WAIT2, ("10.0.0.3", 7100), ("10.0.0.1", 80), 0, 10),
+            at(
+                TcpState::CloseWait,
+                ("10.0.0.1", 80),
+                ("10.0.0.3", 7100),
+                5,
+                8,
+            ),
+            at(
+                TcpState::FinWait2,
+                ("10.0.0.3", 7100),
+                ("10.0.0.1", 80),
+                0,
+                9,
+            ),
+            at(
+                TcpState::FinWait2,
+                ("10.0.0.3", 7100),
+                ("10.0.0.1", 80),
+                0,
+                10,
+            ),
         ];
         let e = build(sockets, owners, &[]);
         let peer = |i: usize| e[i].peer.as_ref().map(|p| (p.state, p.netns));
-        assert_eq!(peer(0), Some((st::CLOSE_WAIT, 7)));
-        assert_eq!(peer(1), Some((st::FIN_WAIT2, 7)));
+        assert_eq!(peer(0), Some((TcpState::CloseWait, 7)));
+        assert_eq!(peer(1), Some((TcpState::FinWait2, 7)));
         assert_eq!(
             (peer(2), peer(3)),
             (None, None),
             "loopback stays in its namespace"
         );
-        assert_eq!(peer(4), Some((st::FIN_WAIT2, 9)));
-        assert_eq!(peer(5), Some((st::CLOSE_WAIT, 8)));
+        assert_eq!(peer(4), Some((TcpState::FinWait2, 9)));
+        assert_eq!(peer(5), Some((TcpState::CloseWait, 8)));
         assert_eq!(peer(6), None, "two candidates elsewhere: no guess");
         assert!(
             e[0].answer()
@@ -345,10 +404,10 @@ mod tests {
             s
         };
         let sockets = vec![
-            at(sock(st::CLOSE_WAIT, 8080, 1, None), 7), // the container's
-            at(sock(st::FIN_WAIT2, 40001, 0, tw), 7),   // an orphan in its namespace
-            at(sock(st::CLOSE_WAIT, 80, 2, None), 9),   // the host's
-            at(sock(st::FIN_WAIT2, 40002, 0, tw), 9),   // an orphan of the host's
+            at(sock(TcpState::CloseWait, 8080, 1, None), 7), // the container's
+            at(sock(TcpState::FinWait2, 40001, 0, tw), 7),   // an orphan in its namespace
+            at(sock(TcpState::CloseWait, 80, 2, None), 9),   // the host's
+            at(sock(TcpState::FinWait2, 40002, 0, tw), 9),   // an orphan of the host's
         ];
         let all = build(sockets, owners, &[]);
         let ports = |n: &Narrow| -> Vec<u16> {
@@ -370,7 +429,7 @@ mod tests {
         };
         assert_eq!(ports(&netns), [80, 40002]);
         let state = Narrow {
-            states: vec![st::CLOSE_WAIT],
+            states: vec![TcpState::CloseWait],
             ports: vec![80, 8080],
             ..Narrow::default()
         };
@@ -397,12 +456,12 @@ mod tests {
         };
         let tw = Some(TimerLeft::TimeWait(Duration::from_secs(42)));
         let sockets = vec![
-            sock(st::LISTEN, 80, 1, None),
-            sock(st::FIN_WAIT2, 80, 2, None),
-            sock(st::FIN_WAIT2, 80, 0, tw),
-            sock(st::CLOSE_WAIT, 5432, 3, None),
-            sock(st::TIME_WAIT, 80, 0, tw),
-            sock(st::FIN_WAIT2, 5555, 0, tw),
+            sock(TcpState::Listen, 80, 1, None),
+            sock(TcpState::FinWait2, 80, 2, None),
+            sock(TcpState::FinWait2, 80, 0, tw),
+            sock(TcpState::CloseWait, 5432, 3, None),
+            sock(TcpState::TimeWait, 80, 0, tw),
+            sock(TcpState::FinWait2, 5555, 0, tw),
         ];
         let e = build(sockets, owners, &[]);
         let classes: Vec<&str> = e.iter().map(Entry::class).collect();

@@ -1,6 +1,6 @@
 //! One socket on the close path as the snapshot answers for it: its holders (or the process
 //! inferred to have held it), whose job it is, what its owner is doing, and its peer.
-use finwait_common::tcp_state as st;
+use finwait_common::TcpState;
 
 use crate::{
     host::sockdiag::DiagSocket,
@@ -47,7 +47,7 @@ impl Entry {
         let verdict = whose_job(facts)?;
         let must_close = match verdict {
             Verdict::OwnerMustClose(_) => true,
-            Verdict::ApplicationMustClose(_) => sock.state == st::FIN_WAIT2,
+            Verdict::ApplicationMustClose(_) => sock.state == TcpState::FinWait2,
             _ => false,
         };
         let owner_state = must_close.then(|| OwnerState::new(sock.state, sock.recv_queue));
@@ -64,12 +64,12 @@ impl Entry {
     /// The JSON contract's `class`: the state, with FIN_WAIT2 split by its verdict.
     pub(crate) fn class(&self) -> &'static str {
         match (self.sock.state, &self.verdict) {
-            (st::FIN_WAIT2, Verdict::ApplicationMustClose(_)) => "fin_wait2_half_closed",
-            (st::FIN_WAIT2, _) => "fin_wait2_orphaned",
-            (st::CLOSE_WAIT, _) => "close_wait",
-            (st::FIN_WAIT1, _) => "fin_wait1",
-            (st::LAST_ACK, _) => "last_ack",
-            (st::CLOSING, _) => "closing",
+            (TcpState::FinWait2, Verdict::ApplicationMustClose(_)) => "fin_wait2_half_closed",
+            (TcpState::FinWait2, _) => "fin_wait2_orphaned",
+            (TcpState::CloseWait, _) => "close_wait",
+            (TcpState::FinWait1, _) => "fin_wait1",
+            (TcpState::LastAck, _) => "last_ack",
+            (TcpState::Closing, _) => "closing",
             _ => "time_wait",
         }
     }
@@ -85,7 +85,7 @@ impl Entry {
     }
 
     pub(crate) fn is_time_wait(&self) -> bool {
-        self.sock.state == st::TIME_WAIT
+        self.sock.state == TcpState::TimeWait
     }
 
     /// The process the summary files this socket under, and whether it was inferred.
@@ -106,17 +106,23 @@ impl Entry {
         });
         let inferred = inferred.unwrap_or_default();
         let what = match (self.sock.state, &self.verdict) {
-            (st::FIN_WAIT2, Verdict::ApplicationMustClose(_)) => "half-closed by shutdown()".into(),
-            (st::FIN_WAIT2, _) => format!("orphaned after close(){inferred}"),
-            (st::CLOSE_WAIT, _) => "the peer closed".into(),
-            (st::FIN_WAIT1, Verdict::ApplicationMustClose(_)) => {
+            (TcpState::FinWait2, Verdict::ApplicationMustClose(_)) => {
+                "half-closed by shutdown()".into()
+            }
+            (TcpState::FinWait2, _) => format!("orphaned after close(){inferred}"),
+            (TcpState::CloseWait, _) => "the peer closed".into(),
+            (TcpState::FinWait1, Verdict::ApplicationMustClose(_)) => {
                 "FIN sent by shutdown(), not yet acknowledged".into()
             }
-            (st::FIN_WAIT1, _) => format!("FIN sent by close(), not yet acknowledged{inferred}"),
-            (st::LAST_ACK, _) => {
+            (TcpState::FinWait1, _) => {
+                format!("FIN sent by close(), not yet acknowledged{inferred}")
+            }
+            (TcpState::LastAck, _) => {
                 "closed by its owner after the peer; waiting for the peer's last ACK".into()
             }
-            (st::CLOSING, _) => "both sides closed at once; waiting for the peer's ACK".into(),
+            (TcpState::Closing, _) => {
+                "both sides closed at once; waiting for the peer's ACK".into()
+            }
             _ => "TIME_WAIT, normal after an active close".into(),
         };
         let mut answer = format!("{what}; {}", self.verdict.clause());
@@ -136,7 +142,7 @@ impl Entry {
 /// The other end of a connection, when it is a socket on this host too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Peer {
-    pub(crate) state: u8,
+    pub(crate) state: TcpState,
     pub(crate) netns: u64,
     /// Empty: no process holds it (an orphan, or a time-wait socket).
     pub(crate) owners: Vec<Owner>,
@@ -145,14 +151,14 @@ pub(crate) struct Peer {
 impl Peer {
     /// `its peer on this host, python3[9183] fd 3, is in CLOSE_WAIT: it has not closed its end`.
     pub(crate) fn sentence(&self) -> String {
-        let state = crate::model::state_name(self.state);
+        let state = self.state.name();
         let who = match self.owners.first() {
             Some(o) => format!("{}[{}] fd {}", o.comm, o.pid, o.fd),
             None => "held by no process".into(),
         };
         let then = match (self.state, self.owners.is_empty()) {
-            (st::CLOSE_WAIT, false) => ": it has not closed its end",
-            (st::FIN_WAIT2, false) => ": half-closed, still open",
+            (TcpState::CloseWait, false) => ": it has not closed its end",
+            (TcpState::FinWait2, false) => ": half-closed, still open",
             _ => "",
         };
         format!("its peer on this host, {who}, is in {state}{then}")

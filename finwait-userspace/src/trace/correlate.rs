@@ -11,12 +11,15 @@
 //!   peer's doing; the pid of whatever ran in softirq is never used.
 use std::{collections::HashMap, num::NonZeroUsize};
 
-use finwait_common::{Call, tcp_state as st};
+use finwait_common::{Call, TcpState};
 use foldhash::fast::RandomState as FastHash;
 use lru::LruCache;
 
 use crate::{
-    model::{Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Task, TransitionReport},
+    model::{
+        Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Task, TransitionKind as K,
+        TransitionReport,
+    },
     trace::decode::{CallEnter, Decoded, Record, StateChange},
 };
 
@@ -54,7 +57,7 @@ pub(crate) struct Stats {
 /// the second's report then comes shortly after the first's, marked `maybe_duplicate`. A socket
 /// cannot make the same change twice in a row, so a marked change seen here is that duplicate.
 struct Recent {
-    keys: std::collections::VecDeque<(u64, u8, u8)>,
+    keys: std::collections::VecDeque<(u64, TcpState, TcpState)>,
 }
 
 impl Recent {
@@ -104,7 +107,7 @@ impl PendingCall {
 
 #[derive(Clone, Debug, Default)]
 struct SockState {
-    state: Option<u8>,
+    state: Option<TcpState>,
     ends: Option<crate::model::Endpoints>,
     /// When its last transition here happened.
     last_ns: u64,
@@ -237,7 +240,7 @@ impl Correlator {
     pub(crate) fn last_states(
         &self,
         before_ns: u64,
-    ) -> impl Iterator<Item = (u64, &crate::model::Endpoints, u8)> {
+    ) -> impl Iterator<Item = (u64, &crate::model::Endpoints, TcpState)> {
         self.socks.iter().filter_map(move |(sock, s)| {
             let (ends, state) = (s.ends.as_ref()?, s.state?);
             (s.last_ns < before_ns).then_some((*sock, ends, state))
@@ -499,28 +502,26 @@ impl Correlator {
             .is_some_and(|last| last != old);
         self.track(c);
         r.at_least = self.socks.peek(&sock).is_some_and(|s| s.since_snapshot);
-        match (old, new) {
+        match r.kind {
             // Our FIN: only a local close/shutdown (or exit) does this.
-            (_, st::FIN_WAIT1) | (st::CLOSE_WAIT, st::LAST_ACK) => self.our_fin(c, &mut r),
-            (st::FIN_WAIT1, st::FIN_WAIT2) => self.fin_wait2_entered(c, &mut r),
-            (st::ESTABLISHED, st::CLOSE_WAIT) => {
+            K::FinSent | K::CloseWaitClosed => self.our_fin(c, &mut r),
+            K::FinWait2Entered => self.fin_wait2_entered(c, &mut r),
+            K::PeerFin => {
                 // The owner comes from the kernel's record, off this path (see `resolve`).
                 self.sock(sock).close_wait_since_ns = Some(c.ts);
                 r.cause = Some(Cause::bare(CauseKind::PeerFin));
             }
-            (st::FIN_WAIT2, st::CLOSE) => self.fin_wait2_left(c, &mut r),
-            (st::LAST_ACK | st::CLOSING, st::CLOSE) | (st::FIN_WAIT1, st::CLOSING) => {
-                self.both_closed(c, &mut r);
-            }
-            (_, st::CLOSE) => self.straight_to_close(c, &mut r),
-            _ => {}
+            K::FinWait2Left => self.fin_wait2_left(c, &mut r),
+            K::LastAckDone | K::ClosingDone | K::FinsCrossed => self.both_closed(c, &mut r),
+            K::Aborted => self.straight_to_close(c, &mut r),
+            K::Other => {}
         }
         r.fin_by = self
             .socks
             .peek(&sock)
             .and_then(|s| s.fin_cause.as_ref())
             .and_then(|c| c.task.clone());
-        if new == st::CLOSE {
+        if new == TcpState::Close {
             // The socket is gone; its address may be reused by a new one.
             self.socks.pop(&sock);
         }
@@ -532,8 +533,10 @@ impl Correlator {
     fn track(&mut self, c: &Change<'_>) {
         let (sock, old) = (c.c.sock, c.c.old);
         let unknown_since = match (old, self.socks.peek(&sock)) {
-            (st::CLOSE_WAIT, s) => s.is_none_or(|s| s.close_wait_since_ns.is_none()),
-            (st::FIN_WAIT2, s) => s.is_none_or(|s| s.half_closed_since_ns.is_none() && !s.orphan),
+            (TcpState::CloseWait, s) => s.is_none_or(|s| s.close_wait_since_ns.is_none()),
+            (TcpState::FinWait2, s) => {
+                s.is_none_or(|s| s.half_closed_since_ns.is_none() && !s.orphan)
+            }
             _ => false,
         };
         let seed = unknown_since
@@ -545,7 +548,7 @@ impl Correlator {
         s.state = Some(c.c.new);
         if let Some(since) = seed {
             match old {
-                st::CLOSE_WAIT => s.close_wait_since_ns = Some(since),
+                TcpState::CloseWait => s.close_wait_since_ns = Some(since),
                 _ => s.half_closed_since_ns = Some(since),
             }
             s.since_snapshot = true;
@@ -556,7 +559,7 @@ impl Correlator {
     fn our_fin(&mut self, c: &Change<'_>, r: &mut TransitionReport) {
         let cause = self.local_cause(c.c.sock, c.task);
         let s = self.sock(c.c.sock);
-        if c.c.new == st::LAST_ACK {
+        if c.c.new == TcpState::LastAck {
             r.close_wait_ns = c.since(s.close_wait_since_ns);
         }
         s.fin_cause = Some(cause.clone());
@@ -644,7 +647,7 @@ impl Correlator {
         } else {
             s.fin_cause()
         });
-        if (c.c.old, c.c.new) == (st::CLOSING, st::CLOSE) {
+        if r.kind == K::ClosingDone {
             r.fw2_exit = Some(Fw2Exit::TimeWait);
         }
     }
@@ -662,9 +665,12 @@ impl Correlator {
             self.local_cause(sock, c.task)
         } else if s.reset_received {
             Cause::bare(CauseKind::PeerRst)
-        } else if matches!(old, st::ESTABLISHED | st::CLOSE_WAIT | st::FIN_WAIT1) {
+        } else if matches!(
+            old,
+            TcpState::Established | TcpState::CloseWait | TcpState::FinWait1
+        ) {
             let cause = self.local_cause(sock, c.task);
-            if cause.kind == CauseKind::Unknown && old == st::FIN_WAIT1 && s.orphan {
+            if cause.kind == CauseKind::Unknown && old == TcpState::FinWait1 && s.orphan {
                 Cause::bare(CauseKind::Timer)
             } else {
                 cause
@@ -680,11 +686,14 @@ impl Correlator {
 /// arrived. An orphan handed to the time-wait timer is listed in its substate (FIN_WAIT2 or
 /// TIME_WAIT). A state before `believed`, or the same, proves nothing: a transition is reported
 /// just before the kernel stores its state, and the same ends may be another socket's.
-pub(crate) fn moved_on(believed: u8, kernel: u8) -> bool {
+pub(crate) fn moved_on(believed: TcpState, kernel: TcpState) -> bool {
     match believed {
-        st::FIN_WAIT1 => matches!(kernel, st::FIN_WAIT2 | st::CLOSING | st::TIME_WAIT),
-        st::FIN_WAIT2 | st::CLOSING => kernel == st::TIME_WAIT,
-        st::CLOSE_WAIT => kernel == st::LAST_ACK,
+        TcpState::FinWait1 => matches!(
+            kernel,
+            TcpState::FinWait2 | TcpState::Closing | TcpState::TimeWait
+        ),
+        TcpState::FinWait2 | TcpState::Closing => kernel == TcpState::TimeWait,
+        TcpState::CloseWait => kernel == TcpState::LastAck,
         _ => false,
     }
 }
@@ -692,6 +701,7 @@ pub(crate) fn moved_on(believed: u8, kernel: u8) -> bool {
 /// Unit tests drive the state machine with the exact record sequences the kernel produces on
 /// loopback, including the traps of docs/close-path.md.
 #[cfg(test)]
+#[allow(clippy::too_many_lines)] // scenarios read best whole
 mod tests {
     use std::net::IpAddr;
 
@@ -737,7 +747,7 @@ mod tests {
     fn exit(call: Call) -> Decoded {
         Decoded::CallExit { call, ret: 0 }
     }
-    fn tr(sock: u64, old: u8, new: u8, flags: u64, lport: u16, rport: u16) -> Decoded {
+    fn tr(sock: u64, old: TcpState, new: TcpState, flags: u64, lport: u16, rport: u16) -> Decoded {
         Decoded::Transition(StateChange {
             sock,
             old,
@@ -790,22 +800,41 @@ mod tests {
         let mut out = Vec::new();
         // The first program's report, another socket's change, then the second's copy.
         c.handle(
-            rec(1, &t, tr(1, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 5000)),
+            rec(
+                1,
+                &t,
+                tr(1, TcpState::Established, TcpState::FinWait1, 0, 80, 5000),
+            ),
             &mut out,
         );
         c.handle(
-            rec(2, &t, tr(2, st::ESTABLISHED, st::CLOSE_WAIT, 0, 80, 5001)),
+            rec(
+                2,
+                &t,
+                tr(2, TcpState::Established, TcpState::CloseWait, 0, 80, 5001),
+            ),
             &mut out,
         );
-        let dup = marked(tr(1, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 5000));
+        let dup = marked(tr(
+            1,
+            TcpState::Established,
+            TcpState::FinWait1,
+            0,
+            80,
+            5000,
+        ));
         c.handle(rec(3, &t, dup), &mut out);
         // A marked change never reported before is the only report of it: kept.
-        let only = marked(tr(3, st::FIN_WAIT1, st::FIN_WAIT2, 0, 80, 5002));
+        let only = marked(tr(3, TcpState::FinWait1, TcpState::FinWait2, 0, 80, 5002));
         c.handle(rec(4, &t, only), &mut out);
-        let got: Vec<(u64, u8)> = transitions(&out).iter().map(|r| (r.sock, r.new)).collect();
+        let got: Vec<(u64, TcpState)> = transitions(&out).iter().map(|r| (r.sock, r.new)).collect();
         assert_eq!(
             got,
-            [(1, st::FIN_WAIT1), (2, st::CLOSE_WAIT), (3, st::FIN_WAIT2)]
+            [
+                (1, TcpState::FinWait1),
+                (2, TcpState::CloseWait),
+                (3, TcpState::FinWait2)
+            ]
         );
         assert_eq!(c.stats().duplicates_dropped, 1);
         assert_eq!(c.stats().transitions, 3);
@@ -838,7 +867,11 @@ mod tests {
         assert_eq!(c.stats().calls, 2);
         assert_eq!(c.stats().duplicates_dropped, 1);
         c.handle(
-            rec(5, &t, tr(B, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 5000)),
+            rec(
+                5,
+                &t,
+                tr(B, TcpState::Established, TcpState::FinWait1, 0, 80, 5000),
+            ),
             &mut out,
         );
         let cause = transitions(&out)[0].cause.clone().unwrap();
@@ -858,7 +891,7 @@ mod tests {
             rec(
                 2,
                 &child,
-                tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 40000),
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 80, 40000),
             ),
             &mut out,
         );
@@ -866,7 +899,11 @@ mod tests {
         c.handle(rec(3, &child, enter(Call::Close, 5, 0, A, 1)), &mut out);
         let dead = SOCK_DEAD;
         c.handle(
-            rec(4, &child, tr(A, st::FIN_WAIT2, st::CLOSE, dead, 80, 40000)),
+            rec(
+                4,
+                &child,
+                tr(A, TcpState::FinWait2, TcpState::Close, dead, 80, 40000),
+            ),
             &mut out,
         );
         // Another socket, complete.
@@ -874,13 +911,17 @@ mod tests {
             rec(
                 5,
                 &child,
-                tr(B, st::ESTABLISHED, st::CLOSE_WAIT, 0, 80, 40001),
+                tr(B, TcpState::Established, TcpState::CloseWait, 0, 80, 40001),
             ),
             &mut out,
         );
         c.handle(rec(6, &child, enter(Call::Close, 6, 0, B, 1)), &mut out);
         c.handle(
-            rec(7, &child, tr(B, st::CLOSE_WAIT, st::LAST_ACK, 0, 80, 40001)),
+            rec(
+                7,
+                &child,
+                tr(B, TcpState::CloseWait, TcpState::LastAck, 0, 80, 40001),
+            ),
             &mut out,
         );
         let ts = transitions(&out);
@@ -906,7 +947,7 @@ mod tests {
             rec(
                 2,
                 &child,
-                tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 80, 40000),
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 80, 40000),
             ),
             &mut out,
         );
@@ -914,13 +955,13 @@ mod tests {
             .last_states(3)
             .map(|(s, e, st)| (s, e.lport, st))
             .collect();
-        assert_eq!(last, [(A, 80, st::FIN_WAIT1)]);
+        assert_eq!(last, [(A, 80, TcpState::FinWait1)]);
         assert_eq!(c.last_states(2).count(), 0, "not before its transition");
-        assert!(moved_on(st::FIN_WAIT1, st::FIN_WAIT2));
-        assert!(moved_on(st::CLOSE_WAIT, st::LAST_ACK));
-        assert!(!moved_on(st::FIN_WAIT2, st::FIN_WAIT1));
-        assert!(!moved_on(st::FIN_WAIT2, st::FIN_WAIT2));
-        assert!(!moved_on(st::LAST_ACK, st::CLOSE_WAIT));
+        assert!(moved_on(TcpState::FinWait1, TcpState::FinWait2));
+        assert!(moved_on(TcpState::CloseWait, TcpState::LastAck));
+        assert!(!moved_on(TcpState::FinWait2, TcpState::FinWait1));
+        assert!(!moved_on(TcpState::FinWait2, TcpState::FinWait2));
+        assert!(!moved_on(TcpState::LastAck, TcpState::CloseWait));
     }
 
     /// Precise mode, close(): the syscall names the fd, the kernel hook confirms the task.
@@ -934,7 +975,11 @@ mod tests {
         // Deferred fput: tcp_close runs after sys_exit, in the same thread.
         c.handle(rec(3, &a, kernel(Call::Close, A, None)), &mut out);
         c.handle(
-            rec(4, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            rec(
+                4,
+                &a,
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 40000, 80),
+            ),
             &mut out,
         );
         let cause = transitions(&out)[0].cause.clone().unwrap();
@@ -960,7 +1005,11 @@ mod tests {
                 c.handle(rec(3, &a, kernel(Call::Close, A, None)), &mut out);
             }
             c.handle(
-                rec(4, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+                rec(
+                    4,
+                    &a,
+                    tr(A, TcpState::Established, TcpState::FinWait1, 0, 40000, 80),
+                ),
                 &mut out,
             );
             let cause = transitions(&out)[0].cause.clone().unwrap();
@@ -985,12 +1034,20 @@ mod tests {
         c.handle(rec(1, &a, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
         c.handle(rec(2, &a, kernel(Call::Shutdown, A, Some(1))), &mut out);
         c.handle(
-            rec(3, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            rec(
+                3,
+                &a,
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 40000, 80),
+            ),
             &mut out,
         );
         c.handle(rec(4, &a, exit(Call::Shutdown)), &mut out);
         c.handle(
-            rec(5, &a, tr(A, st::FIN_WAIT1, st::FIN_WAIT2, 0, 40000, 80)),
+            rec(
+                5,
+                &a,
+                tr(A, TcpState::FinWait1, TcpState::FinWait2, 0, 40000, 80),
+            ),
             &mut out,
         );
         c.handle(
@@ -999,7 +1056,11 @@ mod tests {
         );
         c.handle(rec(7, &a, kernel(Call::Close, A, None)), &mut out);
         c.handle(
-            rec(8, &a, tr(A, st::FIN_WAIT2, st::CLOSE, SOCK_DEAD, 40000, 80)),
+            rec(
+                8,
+                &a,
+                tr(A, TcpState::FinWait2, TcpState::Close, SOCK_DEAD, 40000, 80),
+            ),
             &mut out,
         );
         let t = transitions(&out);
@@ -1026,7 +1087,11 @@ mod tests {
             &mut out,
         );
         c.handle(
-            rec(3, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            rec(
+                3,
+                &a,
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 40000, 80),
+            ),
             &mut out,
         );
         let cause = transitions(&out)[0].cause.clone().unwrap();
@@ -1037,7 +1102,11 @@ mod tests {
         c.handle(rec(2, &a, enter(Call::Close, 6, 0, B, 1)), &mut out);
         out.clear();
         c.handle(
-            rec(3, &a, tr(B, st::ESTABLISHED, st::FIN_WAIT1, 0, 40001, 80)),
+            rec(
+                3,
+                &a,
+                tr(B, TcpState::Established, TcpState::FinWait1, 0, 40001, 80),
+            ),
             &mut out,
         );
         let cause = transitions(&out)[0].cause.clone().unwrap();
@@ -1056,15 +1125,27 @@ mod tests {
         let mut out = Vec::new();
         c.handle(rec(1, &a, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
         c.handle(
-            rec(2, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            rec(
+                2,
+                &a,
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 40000, 80),
+            ),
             &mut out,
         );
         c.handle(
-            rec(3, &a, tr(B, st::ESTABLISHED, st::CLOSE_WAIT, 0, 80, 40000)),
+            rec(
+                3,
+                &a,
+                tr(B, TcpState::Established, TcpState::CloseWait, 0, 80, 40000),
+            ),
             &mut out,
         );
         c.handle(
-            rec(4, &a, tr(A, st::FIN_WAIT1, st::FIN_WAIT2, 0, 40000, 80)),
+            rec(
+                4,
+                &a,
+                tr(A, TcpState::FinWait1, TcpState::FinWait2, 0, 40000, 80),
+            ),
             &mut out,
         );
         c.handle(rec(5, &a, exit(Call::Shutdown)), &mut out);
@@ -1095,7 +1176,11 @@ mod tests {
         let mut out = Vec::new();
         c.handle(rec(1, &a, enter(Call::Close, 5, 0, A, 1)), &mut out);
         c.handle(
-            rec(2, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            rec(
+                2,
+                &a,
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 40000, 80),
+            ),
             &mut out,
         );
         c.handle(rec(3, &a, exit(Call::Close)), &mut out);
@@ -1103,7 +1188,14 @@ mod tests {
             rec(
                 4,
                 &softirq,
-                tr(A, st::FIN_WAIT1, st::FIN_WAIT2, SOCK_DEAD, 40000, 80),
+                tr(
+                    A,
+                    TcpState::FinWait1,
+                    TcpState::FinWait2,
+                    SOCK_DEAD,
+                    40000,
+                    80,
+                ),
             ),
             &mut out,
         );
@@ -1111,7 +1203,7 @@ mod tests {
             rec(
                 5,
                 &softirq,
-                tr(A, st::FIN_WAIT2, st::CLOSE, SOCK_DEAD, 40000, 80),
+                tr(A, TcpState::FinWait2, TcpState::Close, SOCK_DEAD, 40000, 80),
             ),
             &mut out,
         );
@@ -1139,7 +1231,11 @@ mod tests {
         c.handle(rec(1, &a, enter(Call::Close, 5, 0, A, 1)), &mut out);
         c.handle(rec(2, &a, exit(Call::Close)), &mut out);
         c.handle(
-            rec(3, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            rec(
+                3,
+                &a,
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 40000, 80),
+            ),
             &mut out,
         );
         let t = transitions(&out);
@@ -1166,7 +1262,7 @@ mod tests {
             rec(
                 5,
                 &other,
-                tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40001, 80),
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 40001, 80),
             ),
             &mut out,
         );
@@ -1187,7 +1283,7 @@ mod tests {
             rec(
                 1_000_000,
                 &a,
-                tr(B, st::ESTABLISHED, st::CLOSE_WAIT, 0, 80, 40000),
+                tr(B, TcpState::Established, TcpState::CloseWait, 0, 80, 40000),
             ),
             &mut out,
         );
@@ -1199,7 +1295,14 @@ mod tests {
             rec(
                 301_000_001,
                 &b,
-                tr(B, st::CLOSE_WAIT, st::LAST_ACK, SOCK_DEAD, 80, 40000),
+                tr(
+                    B,
+                    TcpState::CloseWait,
+                    TcpState::LastAck,
+                    SOCK_DEAD,
+                    80,
+                    40000,
+                ),
             ),
             &mut out,
         );
@@ -1210,8 +1313,8 @@ mod tests {
                 &b,
                 tr(
                     A,
-                    st::FIN_WAIT2,
-                    st::CLOSE,
+                    TcpState::FinWait2,
+                    TcpState::Close,
                     SOCK_DEAD | SOCK_DONE,
                     40000,
                     80,
@@ -1223,7 +1326,7 @@ mod tests {
             rec(
                 301_000_003,
                 &b,
-                tr(B, st::LAST_ACK, st::CLOSE, SOCK_DEAD, 80, 40000),
+                tr(B, TcpState::LastAck, TcpState::Close, SOCK_DEAD, 80, 40000),
             ),
             &mut out,
         );
@@ -1236,7 +1339,7 @@ mod tests {
         );
         // A's exit from FIN_WAIT2 is the peer's FIN, not B's close.
         assert_eq!(t[2].fw2_exit, Some(Fw2Exit::TimeWait));
-        assert_eq!(t[2].effective_new(), st::TIME_WAIT);
+        assert_eq!(t[2].effective_new(), TcpState::TimeWait);
         assert_eq!(t[2].cause.as_ref().unwrap().kind, CauseKind::PeerFin);
     }
 
@@ -1255,7 +1358,7 @@ mod tests {
             rec(
                 5_000_000_001,
                 &b,
-                tr(B, st::CLOSE_WAIT, st::LAST_ACK, 0, 80, 1),
+                tr(B, TcpState::CloseWait, TcpState::LastAck, 0, 80, 1),
             ),
             &mut out,
         );
@@ -1273,11 +1376,19 @@ mod tests {
         let mut out = Vec::new();
         c.handle(rec(10, &a, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
         c.handle(
-            rec(20, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            rec(
+                20,
+                &a,
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 40000, 80),
+            ),
             &mut out,
         );
         c.handle(
-            rec(30, &a, tr(A, st::FIN_WAIT1, st::FIN_WAIT2, 0, 40000, 80)),
+            rec(
+                30,
+                &a,
+                tr(A, TcpState::FinWait1, TcpState::FinWait2, 0, 40000, 80),
+            ),
             &mut out,
         );
         c.handle(rec(40, &a, exit(Call::Shutdown)), &mut out);
@@ -1289,8 +1400,8 @@ mod tests {
                 &a,
                 tr(
                     A,
-                    st::FIN_WAIT2,
-                    st::CLOSE,
+                    TcpState::FinWait2,
+                    TcpState::Close,
                     SOCK_DEAD | SOCK_DONE,
                     40000,
                     80,
@@ -1322,7 +1433,7 @@ mod tests {
             rec(
                 4,
                 &child,
-                tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80),
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 40000, 80),
             ),
             &mut out,
         );
@@ -1359,7 +1470,11 @@ mod tests {
             &mut out,
         );
         c.handle(
-            rec(2, &a, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 40000, 80)),
+            rec(
+                2,
+                &a,
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 40000, 80),
+            ),
             &mut out,
         );
         let cause = transitions(&out)[0].cause.clone().unwrap();
@@ -1374,11 +1489,19 @@ mod tests {
         let softirq = task(0, 0, "ksoftirqd/0");
         let mut out = Vec::new();
         c.handle(
-            rec(1, &softirq, tr(A, st::ESTABLISHED, st::FIN_WAIT1, 0, 1, 2)),
+            rec(
+                1,
+                &softirq,
+                tr(A, TcpState::Established, TcpState::FinWait1, 0, 1, 2),
+            ),
             &mut out,
         );
         c.handle(
-            rec(2, &softirq, tr(A, st::FIN_WAIT1, st::FIN_WAIT2, 0, 1, 2)),
+            rec(
+                2,
+                &softirq,
+                tr(A, TcpState::FinWait1, TcpState::FinWait2, 0, 1, 2),
+            ),
             &mut out,
         );
         for t in transitions(&out) {
@@ -1400,20 +1523,24 @@ mod tests {
             rec(
                 1,
                 &softirq,
-                tr(A, st::FIN_WAIT1, st::FIN_WAIT2, SOCK_DEAD, 1, 2),
+                tr(A, TcpState::FinWait1, TcpState::FinWait2, SOCK_DEAD, 1, 2),
             ),
             &mut out,
         );
         c.handle(rec(2, &a, enter(Call::Close, 5, 0, B, 1)), &mut out);
         c.handle(
-            rec(3, &a, tr(B, st::ESTABLISHED, st::FIN_WAIT1, 0, 3, 4)),
+            rec(
+                3,
+                &a,
+                tr(B, TcpState::Established, TcpState::FinWait1, 0, 3, 4),
+            ),
             &mut out,
         );
         c.handle(
             rec(
                 4,
                 &softirq,
-                tr(B, st::FIN_WAIT1, st::FIN_WAIT2, SOCK_DEAD, 3, 4),
+                tr(B, TcpState::FinWait1, TcpState::FinWait2, SOCK_DEAD, 3, 4),
             ),
             &mut out,
         );
@@ -1435,7 +1562,11 @@ mod tests {
         let mut out = Vec::new();
         for sock in 1..=5u64 {
             c.handle(
-                rec(sock, &a, tr(sock, st::ESTABLISHED, st::CLOSE_WAIT, 0, 1, 2)),
+                rec(
+                    sock,
+                    &a,
+                    tr(sock, TcpState::Established, TcpState::CloseWait, 0, 1, 2),
+                ),
                 &mut out,
             );
         }

@@ -5,7 +5,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use finwait_common::{Call, Event, EventKind, OwnerRec, flags, owner_flags};
+use finwait_common::{Call, Event, EventKind, OwnerRec, TcpState, flags, owner_flags};
 
 use crate::model::{Comm, Endpoints, KernelOwner, Task};
 
@@ -67,8 +67,8 @@ pub(crate) fn kernel_owner(o: &OwnerRec) -> KernelOwner {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct StateChange {
     pub(crate) sock: u64,
-    pub(crate) old: u8,
-    pub(crate) new: u8,
+    pub(crate) old: TcpState,
+    pub(crate) new: TcpState,
     pub(crate) ends: Endpoints,
     /// Kernel socket flags at the transition, when known.
     pub(crate) sk_flags: Option<u64>,
@@ -145,8 +145,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Record> {
     let what = match EventKind::from_u8(e.kind)? {
         EventKind::Transition => Decoded::Transition(StateChange {
             sock: e.sock,
-            old: e.old_state,
-            new: e.new_state,
+            old: TcpState::from_u8(e.old_state),
+            new: TcpState::from_u8(e.new_state),
             ends: endpoints(&e),
             sk_flags: (e.flags & flags::SK_FLAGS_VALID != 0).then_some(e.sk_flags),
             inode: e.inode,

@@ -2,6 +2,8 @@
 //! passes or not. The kernel already dropped most of what is not followed; this decides the rest.
 use std::collections::HashSet;
 
+use finwait_common::TcpState;
+
 use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use crate::model::Report;
@@ -25,7 +27,7 @@ impl PidSet for BpfHashMap<MapData, u32, u8> {
 pub(crate) struct Filter {
     comms: Vec<String>,
     ports: Vec<u16>,
-    states: Vec<u8>,
+    states: Vec<TcpState>,
     ipv6: Option<bool>,
     /// `--metrics`' own port: its scrapes are finwait's traffic, not the host's (either end).
     own_port: Option<u16>,
@@ -92,7 +94,7 @@ impl Filter {
 
     /// A socket the start-up inventory found in `state` (its holder already chosen by
     /// `--pid`/`--comm`): `--state`, `-4`/`-6`, `--port`, and not the endpoint's own.
-    pub(crate) fn inventory_wanted(&self, e: &crate::model::Endpoints, state: u8) -> bool {
+    pub(crate) fn inventory_wanted(&self, e: &crate::model::Endpoints, state: TcpState) -> bool {
         let own = self.own_port.is_some_and(|p| e.lport == p || e.rport == p);
         let states = self.states.is_empty() || self.states.contains(&state);
         let family = self.ipv6.is_none_or(|v6| e.is_ipv6() == v6);
@@ -148,7 +150,7 @@ impl Filter {
             self.shown.insert(sock);
         }
         if let Report::Transition(t) = r
-            && t.new == finwait_common::tcp_state::CLOSE
+            && t.new == TcpState::Close
         {
             self.shown.remove(&sock);
         }
@@ -160,7 +162,7 @@ impl Filter {
 mod tests {
     use std::{cell::RefCell, net::IpAddr, rc::Rc};
 
-    use finwait_common::{Call, tcp_state as st};
+    use finwait_common::{Call, TcpState};
 
     use super::*;
     use crate::model::{
@@ -196,7 +198,7 @@ mod tests {
         (filter, set)
     }
 
-    fn transition(sock: u64, old: u8, new: u8) -> TransitionReport {
+    fn transition(sock: u64, old: TcpState, new: TcpState) -> TransitionReport {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let ends = Endpoints {
             local: lo,
@@ -225,15 +227,15 @@ mod tests {
     #[test]
     fn a_child_gone_before_its_reports_are_written_is_still_followed() {
         let (mut f, pids) = following(&[10, 11]);
-        let mut fw1 = transition(1, st::ESTABLISHED, st::FIN_WAIT1);
+        let mut fw1 = transition(1, TcpState::Established, TcpState::FinWait1);
         fw1.cause = shutdown_by(11);
-        let mut fw2 = transition(1, st::FIN_WAIT1, st::FIN_WAIT2);
+        let mut fw2 = transition(1, TcpState::FinWait1, TcpState::FinWait2);
         fw2.cause = shutdown_by(11);
         pids.0.borrow_mut().remove(&11); // the child exited
         assert!(f.wanted(&Report::Transition(fw1)));
         assert!(f.wanted(&Report::Transition(fw2)));
         // Another socket: no call of a followed process, no followed owner.
-        let mut other = transition(2, st::ESTABLISHED, st::CLOSE_WAIT);
+        let mut other = transition(2, TcpState::Established, TcpState::CloseWait);
         other.cause = Some(Cause::bare(CauseKind::PeerFin));
         assert!(!f.wanted(&Report::Transition(other)));
     }
@@ -267,13 +269,13 @@ mod tests {
             !f.transition_shown(1),
             "a close without FIN does not show the socket"
         );
-        let mut fw1 = transition(1, st::ESTABLISHED, st::FIN_WAIT1);
+        let mut fw1 = transition(1, TcpState::Established, TcpState::FinWait1);
         fw1.cause = shutdown_by(11);
         fw1.missed_before = true; // the last socket at this address was left in LAST_ACK
         let fw1 = Report::Transition(fw1);
         assert!(!f.missed_transition(&fw1));
         assert!(f.wanted(&fw1));
-        let mut close = transition(1, st::FIN_WAIT2, st::CLOSE);
+        let mut close = transition(1, TcpState::FinWait2, TcpState::Close);
         close.cause = shutdown_by(10);
         close.missed_before = true; // FIN_WAIT1 -> FIN_WAIT2 never arrived
         let close = Report::Transition(close);
@@ -297,7 +299,7 @@ mod tests {
             since_ns: 0,
             followed,
         };
-        let mut cw = transition(3, st::ESTABLISHED, st::CLOSE_WAIT);
+        let mut cw = transition(3, TcpState::Established, TcpState::CloseWait);
         cw.cause = Some(Cause::bare(CauseKind::PeerFin));
         cw.recorded_owner = Some(owner(12, true)); // a child, gone since
         cw.owner = Some(Owner::from(&owner(12, true)));

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
-use finwait_common::{COUNTERS_MAP, EVENTS_MAP, OWNERS_MAP, TRACED_PIDS_MAP, tcp_state as st};
+use finwait_common::{COUNTERS_MAP, EVENTS_MAP, OWNERS_MAP, TRACED_PIDS_MAP, TcpState};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -56,7 +56,7 @@ pub(crate) struct Options {
     /// Only sockets with one of these local or remote ports (empty: all).
     pub(crate) ports: Vec<u16>,
     /// Only transitions into or out of these states (empty: all).
-    pub(crate) states: Vec<u8>,
+    pub(crate) states: Vec<TcpState>,
     /// Only this family: Some(false) IPv4, Some(true) IPv6.
     pub(crate) ipv6: Option<bool>,
     /// Print only the summary at the end.
@@ -316,7 +316,10 @@ async fn trace(
 
 /// The states of the sockets on the close path in finwait's network namespace, by ends, and
 /// when the read began; None if sock_diag could not be read (nothing is counted then).
-fn close_path_table() -> Option<(std::collections::HashMap<crate::model::EndsKey, u8>, u64)> {
+fn close_path_table() -> Option<(
+    std::collections::HashMap<crate::model::EndsKey, TcpState>,
+    u64,
+)> {
     use netlink_packet_sock_diag::inet::StateFlags;
     let states = StateFlags::FIN_WAIT1
         | StateFlags::FIN_WAIT2
@@ -396,7 +399,7 @@ fn start_snapshot(
         use crate::model::Verdict;
         let half_closed = match &e.verdict {
             Verdict::OwnerMustClose(_) => false,
-            Verdict::ApplicationMustClose(_) if e.sock.state == st::FIN_WAIT2 => true,
+            Verdict::ApplicationMustClose(_) if e.sock.state == TcpState::FinWait2 => true,
             _ => continue,
         };
         p.correlator.seed(e.sock.inode, snap.taken_ns);

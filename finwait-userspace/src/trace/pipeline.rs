@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use finwait_common::TcpState;
+
 use super::{
     correlate::Correlator,
     decode::{self, Decoded, Record},
@@ -189,7 +191,7 @@ impl Pipeline {
         let diags = &mut self.inspector.diags;
         self.summary.read_close_waits(MAX_READ_AT_END, |pid, e| {
             let s = diags.find(pid, e.local, e.lport, e.remote, e.rport)?;
-            (s.state == finwait_common::tcp_state::CLOSE_WAIT).then_some(s.recv_queue)
+            (s.state == TcpState::CloseWait).then_some(s.recv_queue)
         });
     }
 
@@ -199,7 +201,7 @@ impl Pipeline {
     /// later transition shows).
     pub(crate) fn count_moved_on(
         &mut self,
-        table: &HashMap<crate::model::EndsKey, u8>,
+        table: &HashMap<crate::model::EndsKey, TcpState>,
         taken_ns: u64,
     ) {
         let filter = &self.filter;

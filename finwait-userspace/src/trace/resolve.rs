@@ -21,7 +21,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use finwait_common::OwnerRec;
 use lru::LruCache;
 
-use finwait_common::tcp_state as st;
+use finwait_common::TcpState;
 
 use crate::{
     host::owners::{self, Index, Scanner},
@@ -116,7 +116,7 @@ impl Resolver {
         let waiting = self.queue.iter_mut().rev().find(|p| {
             p.waiting
                 && matches!(&p.report, Report::Transition(t)
-                    if t.sock == sock && t.new == st::CLOSE_WAIT && t.ts_ns <= ts_ns
+                    if t.sock == sock && t.new == TcpState::CloseWait && t.ts_ns <= ts_ns
                         && inode.is_none_or(|i| i == t.inode))
         });
         if let Some(p) = waiting
@@ -132,7 +132,7 @@ impl Resolver {
     /// A queued CLOSE_WAIT of `sock` waits for its owner.
     fn start_waiting(&mut self, r: &Report) {
         if let Report::Transition(t) = r
-            && t.new == st::CLOSE_WAIT
+            && t.new == TcpState::CloseWait
         {
             *self.waiting_socks.entry(t.sock).or_default() += 1;
         }
@@ -152,7 +152,7 @@ impl Resolver {
     fn pop_head(&mut self) -> Option<Pending> {
         let p = self.queue.pop_front()?;
         if let (true, Report::Transition(t)) = (p.waiting, &p.report)
-            && t.new == st::CLOSE_WAIT
+            && t.new == TcpState::CloseWait
         {
             self.stop_waiting(t.sock);
         }
@@ -216,7 +216,7 @@ impl Resolver {
         // A socket's later transition carries the record its CLOSE_WAIT could not (the record
         // was made by an accept that raced the FIN, and may be gone by now).
         if let Report::Transition(t) = &report
-            && t.old == st::CLOSE_WAIT
+            && t.old == TcpState::CloseWait
             && t.inode != 0
             && let Some(k) = t.recorded_owner.as_ref().filter(|k| !k.stale)
             && !self.queue.is_empty()
@@ -279,7 +279,7 @@ impl Resolver {
     /// True when the report is complete without a full scan.
     fn resolve_now(&mut self, r: &mut Report) -> bool {
         match r {
-            Report::Transition(t) if t.new == st::CLOSE_WAIT => {
+            Report::Transition(t) if t.new == TcpState::CloseWait => {
                 if let Some(k) = self
                     .trusted(t.recorded_owner.as_ref(), t.ts_ns)
                     .filter(|_| t.inode != 0)
@@ -304,7 +304,7 @@ impl Resolver {
                 self.stats.verified += u64::from(t.owner.is_some());
                 t.owner.is_some()
             }
-            Report::Transition(t) if t.old == st::CLOSE_WAIT => {
+            Report::Transition(t) if t.old == TcpState::CloseWait => {
                 // Who held it while in CLOSE_WAIT (its exit may be what closed it).
                 t.owner = t
                     .recorded_owner
@@ -340,7 +340,7 @@ impl Resolver {
     /// the socket, so it is the owner even when it closed before /proc could be read.
     fn closer_of(&self, sock: u64) -> Option<Owner> {
         self.queue.iter().find_map(|p| match &p.report {
-            Report::Transition(t) if t.sock == sock && t.old == st::CLOSE_WAIT => closer(t),
+            Report::Transition(t) if t.sock == sock && t.old == TcpState::CloseWait => closer(t),
             _ => None,
         })
     }
@@ -369,7 +369,7 @@ mod tests {
     use super::*;
     use crate::{host::clock::monotonic_ns, model::Endpoints};
 
-    fn transition(ts_ns: u64, old: u8, new: u8, inode: u64) -> TransitionReport {
+    fn transition(ts_ns: u64, old: TcpState, new: TcpState, inode: u64) -> TransitionReport {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let ends = Endpoints {
             local: lo,
@@ -403,7 +403,7 @@ mod tests {
     #[test]
     fn a_kernel_record_answers_without_proc() {
         let mut r = Resolver::new(Scanner::start(|| panic!("no scan expected")));
-        let mut t = transition(1, st::ESTABLISHED, st::CLOSE_WAIT, 7);
+        let mut t = transition(1, TcpState::Established, TcpState::CloseWait, 7);
         t.recorded_owner = recorded(std::process::id(), 9, false);
         let mut out = Vec::new();
         r.push(Report::Transition(t), &mut out);
@@ -421,13 +421,13 @@ mod tests {
         let mut r = Resolver::new(Scanner::start(|| panic!("no scan expected")));
         let me = std::process::id();
         let mut out = Vec::new();
-        let mut cw = transition(10, st::ESTABLISHED, st::CLOSE_WAIT, 0);
+        let mut cw = transition(10, TcpState::Established, TcpState::CloseWait, 0);
         // A record left by an earlier socket at this address is not this socket's.
         cw.recorded_owner = recorded(me, 4, false);
         r.push(Report::Transition(cw), &mut out);
         assert_eq!(r.waiting_socks.get(&1), Some(&1));
         r.push(
-            Report::Transition(transition(11, st::ESTABLISHED, st::FIN_WAIT1, 8)),
+            Report::Transition(transition(11, TcpState::Established, TcpState::FinWait1, 8)),
             &mut out,
         );
         // News of a socket nothing waits for does not walk the queue.
@@ -478,11 +478,16 @@ mod tests {
         });
         let mut r = Resolver::new(scanner);
         let now = monotonic_ns();
-        let mut cw = transition(now, st::ESTABLISHED, st::CLOSE_WAIT, u64::MAX - 7);
+        let mut cw = transition(
+            now,
+            TcpState::Established,
+            TcpState::CloseWait,
+            u64::MAX - 7,
+        );
         cw.recorded_owner = recorded(u32::MAX - 1, 3, true);
         let mut out = Vec::new();
         r.push(Report::Transition(cw), &mut out);
-        let fw1 = transition(now + 1, st::ESTABLISHED, st::FIN_WAIT1, 8);
+        let fw1 = transition(now + 1, TcpState::Established, TcpState::FinWait1, 8);
         r.push(Report::Transition(fw1), &mut out);
         assert!(out.is_empty(), "the FIN_WAIT1 waits behind the CLOSE_WAIT");
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -492,7 +497,12 @@ mod tests {
         }
         assert_eq!(out.len(), 2);
         assert_eq!(owner_of(&out[0]).unwrap().pid, 20);
-        let mut last_ack = transition(now + 2, st::CLOSE_WAIT, st::LAST_ACK, u64::MAX - 7);
+        let mut last_ack = transition(
+            now + 2,
+            TcpState::CloseWait,
+            TcpState::LastAck,
+            u64::MAX - 7,
+        );
         last_ack.recorded_owner = recorded(std::process::id(), 9, false);
         r.push(Report::Transition(last_ack), &mut out);
         assert_eq!(owner_of(&out[2]).unwrap().fd, 9);
