@@ -37,51 +37,12 @@ const MAX_THREADS: usize = 65_536;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Stats {
-    pub(crate) records: u64,
     pub(crate) transitions: u64,
     pub(crate) calls: u64,
     /// Precise mode: tcp_close/tcp_shutdown records.
     pub(crate) kernel_calls: u64,
     pub(crate) sockets_evicted: u64,
     pub(crate) threads_evicted: u64,
-    /// Second reports of one state change (see [`Recent`]) or kernel call, dropped.
-    pub(crate) duplicates_dropped: u64,
-    /// The state hook's second-program reports marked as possible duplicates that were not:
-    /// recoveries the kernel side could not tell (the first program was skipped while another
-    /// task was preempted in the trampoline around its body).
-    pub(crate) state_recovered_here: u64,
-}
-
-/// The last state changes seen, as (socket, old, new). The BTF state hook has two programs;
-/// rarely both report one change (a change nested between them overwrote the first's mark), and
-/// the second's report then comes shortly after the first's, marked `maybe_duplicate`. A socket
-/// cannot make the same change twice in a row, so a marked change seen here is that duplicate.
-struct Recent {
-    keys: std::collections::VecDeque<(u64, TcpState, TcpState)>,
-}
-
-impl Recent {
-    /// Far more than the changes that can nest between the two programs on one CPU.
-    const LEN: usize = 256;
-
-    fn new() -> Self {
-        Self {
-            keys: std::collections::VecDeque::with_capacity(Self::LEN),
-        }
-    }
-
-    /// Whether `c` repeats a change just seen; remembers it otherwise.
-    fn is_duplicate(&mut self, c: &StateChange) -> bool {
-        let key = (c.sock, c.old, c.new);
-        if c.maybe_duplicate && self.keys.contains(&key) {
-            return true;
-        }
-        if self.keys.len() == Self::LEN {
-            self.keys.pop_front();
-        }
-        self.keys.push_back(key);
-        false
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -196,7 +157,6 @@ pub(crate) struct Correlator {
     /// Sockets that were already in CLOSE_WAIT or half-closed FIN_WAIT2 when finwait started:
     /// inode -> CLOSE_WAIT or FIN_WAIT2 since (at least) this time.
     seeds: HashMap<u64, u64>,
-    recent: Recent,
     /// file_ref_t (6.13+) counts from zero.
     refs_zero_based: bool,
     stats: Stats,
@@ -213,7 +173,6 @@ impl Correlator {
             socks: LruCache::with_hasher(cap(socks), FastHash::default()),
             threads: LruCache::with_hasher(cap(threads), FastHash::default()),
             seeds: HashMap::new(),
-            recent: Recent::new(),
             refs_zero_based,
             stats: Stats::default(),
         }
@@ -285,14 +244,9 @@ impl Correlator {
 
     /// Takes one record; what it explains goes to `out`.
     pub(crate) fn handle(&mut self, rec: Record, out: &mut Vec<Report>) {
-        self.stats.records += 1;
         let tid = rec.task.tid;
         match rec.what {
             Decoded::CallEnter(e) => {
-                if e.maybe_duplicate && self.repeats_current(tid, &e) {
-                    self.stats.duplicates_dropped += 1;
-                    return;
-                }
                 self.stats.calls += 1;
                 self.call_enter(rec.ts_ns, rec.task, e, out);
             }
@@ -306,17 +260,6 @@ impl Correlator {
             // Ownership news is the resolver's (the tracer hands it over directly).
             Decoded::Obtained { .. } => {}
             Decoded::KernelCall { call, how, sock } => {
-                // Both programs of the guarded hook reported it (see `Recent`): the same thread,
-                // socket and call as the one it has pending.
-                let repeated = self
-                    .threads
-                    .peek(&tid)
-                    .and_then(|t| t.kernel_call.as_ref())
-                    .is_some_and(|(s, p)| *s == sock && p.call == call && p.how == how);
-                if repeated {
-                    self.stats.duplicates_dropped += 1;
-                    return;
-                }
                 self.stats.kernel_calls += 1;
                 let task = rec.task;
                 let call = PendingCall {
@@ -328,11 +271,6 @@ impl Correlator {
                 self.thread(tid).kernel_call = Some((sock, call));
             }
             Decoded::Transition(c) => {
-                if self.recent.is_duplicate(&c) {
-                    self.stats.duplicates_dropped += 1;
-                    return;
-                }
-                self.stats.state_recovered_here += u64::from(c.maybe_duplicate);
                 self.stats.transitions += 1;
                 let change = Change {
                     ts: rec.ts_ns,
@@ -392,21 +330,6 @@ impl Correlator {
         if let Some(t) = self.threads.get_mut(&tid).filter(|_| !per_fd) {
             t.current = None;
         }
-    }
-
-    /// Whether a marked call record repeats the thread's call in progress: both programs of a
-    /// guarded syscall hook reported it (see `Recent`). A thread makes one call at a time, so the
-    /// call it is in cannot start again before it returns; a close_range's per-socket records
-    /// belong to the range it is in.
-    fn repeats_current(&self, tid: u32, e: &CallEnter) -> bool {
-        let per_fd = e.call == Call::CloseRange && e.sock.is_some();
-        self.threads
-            .peek(&tid)
-            .and_then(|t| t.current.as_ref())
-            .is_some_and(|(p, sock)| {
-                p.call == e.call
-                    && (per_fd || (p.fd.is_none_or(|fd| fd == e.fd) && *sock == e.sock))
-            })
     }
 
     fn call_exit(&mut self, tid: u32, ret: i64) {
@@ -706,7 +629,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::model::Endpoints;
+    use crate::{model::Endpoints, trace::dedup::Dedup};
 
     fn task(pid: u32, tid: u32, comm: &str) -> Task {
         Task {
@@ -773,6 +696,12 @@ mod tests {
             d => d,
         }
     }
+    /// A record through the two stages the pipeline runs before attribution.
+    fn staged(d: &mut Dedup, c: &mut Correlator, r: Record, out: &mut Vec<Report>) {
+        if d.keep(&r) {
+            c.handle(r, out);
+        }
+    }
     fn transitions(out: &[Report]) -> Vec<&TransitionReport> {
         out.iter()
             .filter_map(|r| match r {
@@ -795,85 +724,57 @@ mod tests {
     /// An unbroken chain, and a socket's first transition here, say nothing of the kind.
     #[test]
     fn the_second_state_programs_duplicate_is_dropped_and_a_recovery_kept() {
-        let mut c = Correlator::new(false);
+        use TcpState::{CloseWait, Established, FinWait1, FinWait2};
+        let (mut d, mut c) = (Dedup::new(), Correlator::new(false));
         let t = task(7, 7, "srv");
         let mut out = Vec::new();
+        let mut feed = |r| staged(&mut d, &mut c, r, &mut out);
         // The first program's report, another socket's change, then the second's copy.
-        c.handle(
-            rec(
-                1,
-                &t,
-                tr(1, TcpState::Established, TcpState::FinWait1, 0, 80, 5000),
-            ),
-            &mut out,
-        );
-        c.handle(
-            rec(
-                2,
-                &t,
-                tr(2, TcpState::Established, TcpState::CloseWait, 0, 80, 5001),
-            ),
-            &mut out,
-        );
-        let dup = marked(tr(
-            1,
-            TcpState::Established,
-            TcpState::FinWait1,
-            0,
-            80,
-            5000,
+        feed(rec(1, &t, tr(1, Established, FinWait1, 0, 80, 5000)));
+        feed(rec(2, &t, tr(2, Established, CloseWait, 0, 80, 5001)));
+        feed(rec(
+            3,
+            &t,
+            marked(tr(1, Established, FinWait1, 0, 80, 5000)),
         ));
-        c.handle(rec(3, &t, dup), &mut out);
         // A marked change never reported before is the only report of it: kept.
-        let only = marked(tr(3, TcpState::FinWait1, TcpState::FinWait2, 0, 80, 5002));
-        c.handle(rec(4, &t, only), &mut out);
+        feed(rec(4, &t, marked(tr(3, FinWait1, FinWait2, 0, 80, 5002))));
         let got: Vec<(u64, TcpState)> = transitions(&out).iter().map(|r| (r.sock, r.new)).collect();
-        assert_eq!(
-            got,
-            [
-                (1, TcpState::FinWait1),
-                (2, TcpState::CloseWait),
-                (3, TcpState::FinWait2)
-            ]
-        );
-        assert_eq!(c.stats().duplicates_dropped, 1);
+        assert_eq!(got, [(1, FinWait1), (2, CloseWait), (3, FinWait2)]);
+        assert_eq!(d.stats().duplicates_dropped, 1);
         assert_eq!(c.stats().transitions, 3);
-        assert_eq!(c.stats().state_recovered_here, 1);
+        assert_eq!(d.stats().state_recovered_here, 1);
     }
 
     #[test]
     fn a_kernel_call_reported_by_both_programs_counts_once() {
-        let mut c = Correlator::new(false);
+        let (mut d, mut c) = (Dedup::new(), Correlator::new(false));
         let t = task(7, 7, "srv");
         let mut out = Vec::new();
-        c.handle(rec(1, &t, kernel(Call::Close, 0x10, None)), &mut out);
-        c.handle(rec(2, &t, kernel(Call::Close, 0x10, None)), &mut out);
+        let mut feed = |r| staged(&mut d, &mut c, r, &mut out);
+        feed(rec(1, &t, kernel(Call::Close, 0x10, None)));
+        feed(rec(2, &t, kernel(Call::Close, 0x10, None)));
         // Another socket's is another call.
-        c.handle(rec(3, &t, kernel(Call::Close, 0x20, None)), &mut out);
+        feed(rec(3, &t, kernel(Call::Close, 0x20, None)));
         assert_eq!(c.stats().kernel_calls, 2);
-        assert_eq!(c.stats().duplicates_dropped, 1);
+        assert_eq!(d.stats().duplicates_dropped, 1);
     }
 
     #[test]
     fn a_call_reported_by_both_syscall_programs_counts_once() {
-        let mut c = Correlator::new(false);
+        let (mut d, mut c) = (Dedup::new(), Correlator::new(false));
         let t = task(7, 7, "srv");
         let mut out = Vec::new();
-        c.handle(rec(1, &t, enter(Call::Close, 5, 5, A, 1)), &mut out);
-        c.handle(rec(2, &t, marked(enter(Call::Close, 5, 5, A, 1))), &mut out);
-        c.handle(rec(3, &t, exit(Call::Close)), &mut out);
+        let mut feed = |r| staged(&mut d, &mut c, r, &mut out);
+        feed(rec(1, &t, enter(Call::Close, 5, 5, A, 1)));
+        feed(rec(2, &t, marked(enter(Call::Close, 5, 5, A, 1))));
+        feed(rec(3, &t, exit(Call::Close)));
         // After the return, a marked call is a new one (the first program was skipped for it).
-        c.handle(rec(4, &t, marked(enter(Call::Close, 6, 6, B, 1))), &mut out);
+        feed(rec(4, &t, marked(enter(Call::Close, 6, 6, B, 1))));
+        let tr = tr(B, TcpState::Established, TcpState::FinWait1, 0, 80, 5000);
+        feed(rec(5, &t, tr));
         assert_eq!(c.stats().calls, 2);
-        assert_eq!(c.stats().duplicates_dropped, 1);
-        c.handle(
-            rec(
-                5,
-                &t,
-                tr(B, TcpState::Established, TcpState::FinWait1, 0, 80, 5000),
-            ),
-            &mut out,
-        );
+        assert_eq!(d.stats().duplicates_dropped, 1);
         let cause = transitions(&out)[0].cause.clone().unwrap();
         assert_eq!(
             (cause.kind, cause.fd),

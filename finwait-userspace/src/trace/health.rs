@@ -55,10 +55,11 @@ impl KernelCounters {
     /// Every counter, for the `stats` event.
     pub(crate) fn stats(&self, ebpf: &aya::Ebpf, p: &Pipeline) -> Stats {
         let c = p.correlator.stats();
+        let d = p.dedup.stats();
         let o = p.resolver.stats;
-        let (losses, recovered) = self.losses(ebpf, c.state_recovered_here);
+        let (losses, recovered) = self.losses(ebpf, d.state_recovered_here);
         Stats {
-            records: c.records,
+            records: d.records,
             transitions: c.transitions,
             calls: c.calls,
             kernel_calls: c.kernel_calls,
@@ -67,7 +68,7 @@ impl KernelCounters {
             kernel_skips_counted: skips_counted(ebpf),
             kernel_skipped_by_program: losses,
             kernel_recovered_nested: recovered,
-            duplicates_dropped: c.duplicates_dropped,
+            duplicates_dropped: d.duplicates_dropped,
             kernel_read_failed: self.counters.get(counter::READ_FAILED),
             transitions_missed: p.transitions_missed,
             pid_insert_failed: self.counters.get(counter::PID_INSERT_FAILED),
@@ -157,7 +158,7 @@ impl Warned {
             );
             self.missed = missed;
         }
-        let (losses, _) = k.losses(ebpf, p.correlator.stats().state_recovered_here);
+        let (losses, _) = k.losses(ebpf, p.dedup.stats().state_recovered_here);
         let skipped = losses.values().sum();
         if skipped > self.skipped {
             let by: Vec<String> = losses

@@ -24,6 +24,7 @@ use crate::{
 
 pub(crate) mod correlate;
 pub(crate) mod decode;
+pub(crate) mod dedup;
 pub(crate) mod filter;
 pub(crate) mod health;
 pub(crate) mod pipeline;

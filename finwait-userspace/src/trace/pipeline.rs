@@ -1,5 +1,5 @@
-//! The tracer's stages, in order: decode -> correlate -> resolve owners -> filter -> enrich ->
-//! summary and sink. Each report passes once; nothing here blocks on /proc (owners that need a
+//! The tracer's stages, in order: decode -> dedup -> correlate -> resolve owners -> filter ->
+//! enrich -> summary and sink. Each report passes once; nothing here blocks on /proc (owners that need a
 //! full scan wait in the resolver, in order).
 use std::{
     collections::HashMap,
@@ -12,6 +12,7 @@ use finwait_common::TcpState;
 use super::{
     correlate::Correlator,
     decode::{self, Decoded, Record},
+    dedup::Dedup,
     filter::Filter,
     resolve::Resolver,
 };
@@ -32,6 +33,7 @@ use crate::{
 };
 
 pub(crate) struct Pipeline {
+    pub(crate) dedup: Dedup,
     pub(crate) correlator: Correlator,
     pub(crate) resolver: Resolver,
     pub(crate) filter: Filter,
@@ -60,6 +62,7 @@ impl Pipeline {
         own_fin_timeout_s: u64,
     ) -> Self {
         Self {
+            dedup: Dedup::new(),
             correlator,
             resolver,
             filter,
@@ -81,6 +84,9 @@ impl Pipeline {
         let Some(rec) = decode::decode(bytes) else {
             return;
         };
+        if !self.dedup.keep(&rec) {
+            return;
+        }
         match rec {
             Record {
                 what: Decoded::Obtained { sock, owner },
