@@ -7,7 +7,7 @@
 //! `/proc/PID/net/tcp{,6}` of a process in it (no timers); where neither works, the namespace
 //! is named as unseen, never silently left out.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fs,
     net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
@@ -394,6 +394,37 @@ fn proc_net(
         }
     }
     Ok(Read::ProcNet)
+}
+
+/// For each holder's pid its network namespace, the namespaces read, and their sockets in
+/// CLOSE_WAIT or FIN_WAIT2 by (namespace, ends): (state, inode).
+pub(crate) struct CloseTable {
+    pub(crate) ns_of: HashMap<u32, Option<u64>>,
+    pub(crate) read: HashSet<u64>,
+    pub(crate) sockets: HashMap<(u64, crate::model::EndsKey), (TcpState, u64)>,
+}
+
+/// The sockets in CLOSE_WAIT or FIN_WAIT2 of the namespaces these pids are in: what the metrics'
+/// gauges are checked against. Only those namespaces are read. None: the read failed.
+pub(crate) fn close_path_of(pids: &HashSet<u32>) -> Option<CloseTable> {
+    let ns_of: HashMap<u32, Option<u64>> = pids.iter().map(|&p| (p, of_pid(p))).collect();
+    let needed: HashSet<u64> = ns_of.values().flatten().copied().collect();
+    // Ends repeat across namespaces (every pod has its own 127.0.0.1): keyed by both.
+    let mut sockets = HashMap::new();
+    let states = StateFlags::CLOSE_WAIT | StateFlags::FIN_WAIT2;
+    let coverage = dump_where(
+        &states,
+        |ns| needed.contains(&ns),
+        |s| {
+            sockets.insert((s.netns, s.key()), (s.state, s.inode));
+        },
+    )
+    .ok()?;
+    Some(CloseTable {
+        ns_of,
+        read: coverage.read.into_iter().collect(),
+        sockets,
+    })
 }
 
 #[cfg(test)]

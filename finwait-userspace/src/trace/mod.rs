@@ -163,7 +163,10 @@ fn sinks(o: &Options) -> Result<Box<dyn output::Sink>> {
         sinks.push(output::for_stdout(o.json, style, o.summary_only));
     }
     if let Some(addr) = o.metrics {
-        let (sink, registry) = output::metrics::MetricsSink::new(o.metrics_max_workloads);
+        let (sink, registry) = output::metrics::MetricsSink::new(
+            o.metrics_max_workloads,
+            Box::new(crate::host::namespaces::close_path_of),
+        );
         output::endpoint::start(addr, registry, sink.readiness())?;
         sinks.push(Box::new(sink));
     }

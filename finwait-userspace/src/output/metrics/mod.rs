@@ -1,333 +1,33 @@
 //! `--metrics`: the findings as Prometheus metrics, by workload (process name and container),
-//! for the endpoint in [`super::endpoint`] to serve. A sink like the others; it keeps the
-//! sockets someone must close, seeded by the start-up snapshot, so that its gauges are exact.
-use std::{
-    collections::HashMap,
-    fmt, io,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+//! for the endpoint in [`super::endpoint`] to serve. A sink like the others: this file is what
+//! each report counts; [`registry`] names the series, [`workloads`] caps them, [`held`] keeps
+//! the sockets someone must close so that the gauges are exact.
+mod held;
+mod registry;
+mod workloads;
+
+use std::{collections::HashMap, io, time::Instant};
 
 use finwait_common::TcpState;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, LabelSetEncoder},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
-    registry::{Registry, Unit},
+    metrics::{family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
 };
 
+pub(crate) use self::held::ReadKernel;
+use self::{
+    held::{CHECK_EVERY, Held, Kind},
+    registry::{
+        CauseLabels, Families, Health, PodLabels, Workload, duration_histogram, remove_series,
+        set_counter,
+    },
+    workloads::Workloads,
+};
 use super::{Sink, Start, Stats};
 use crate::{
-    host::namespaces,
-    model::{
-        Comm, Container, Endpoints, Owner, Report, Stuck, Task, TransitionKind, TransitionReport,
-        Verdict, summary::Summary,
-    },
+    model::{Report, Stuck, TransitionKind, TransitionReport, Verdict, summary::Summary},
     snapshot::Snapshot,
 };
-
-/// Who a series is about: a process name and where it runs. Never a pid, port or address.
-#[derive(Clone, Debug)]
-pub(crate) struct Workload {
-    comm: Comm,
-    container_id: Option<Arc<str>>,
-    pod_uid: Option<Arc<str>>,
-    systemd_unit: Option<Arc<str>>,
-    /// The pod's namespace and name, where the node shows them: not a label of the workload's
-    /// series (a pod's UID says it already) but of `finwait_pod_info`, to join on.
-    pod: Option<(Arc<str>, Arc<str>)>,
-}
-
-/// The series' identity: the labels, without the pod's name (known later than its UID at times).
-impl PartialEq for Workload {
-    fn eq(&self, o: &Self) -> bool {
-        (
-            &self.comm,
-            &self.container_id,
-            &self.pod_uid,
-            &self.systemd_unit,
-        ) == (&o.comm, &o.container_id, &o.pod_uid, &o.systemd_unit)
-    }
-}
-
-impl Eq for Workload {}
-
-impl std::hash::Hash for Workload {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        (
-            &self.comm,
-            &self.container_id,
-            &self.pod_uid,
-            &self.systemd_unit,
-        )
-            .hash(h);
-    }
-}
-
-impl Workload {
-    fn new(comm: &Comm, c: Option<&Container>) -> Self {
-        Self {
-            comm: comm.clone(),
-            container_id: c.and_then(|c| c.id.clone()),
-            pod_uid: c.and_then(|c| c.pod_uid.clone()),
-            systemd_unit: c.and_then(|c| c.systemd_unit.clone()),
-            pod: c.and_then(|c| c.pod.clone()),
-        }
-    }
-
-    fn of_task(t: Option<&Task>) -> Self {
-        t.map_or_else(Self::unknown, |t| {
-            Self::new(&t.comm, t.container.as_deref())
-        })
-    }
-
-    fn of_owner(o: Option<&Owner>) -> Self {
-        o.map_or_else(Self::unknown, |o| {
-            Self::new(&o.comm, o.container.as_deref())
-        })
-    }
-
-    fn named(comm: &str) -> Self {
-        Self::new(&comm.into(), None)
-    }
-
-    /// A socket whose process finwait could not name.
-    fn unknown() -> Self {
-        Self::named("unknown")
-    }
-}
-
-impl EncodeLabelSet for Workload {
-    fn encode(&self, e: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
-        use prometheus_client::encoding::EncodeLabel;
-        let or_empty = |v: &Option<Arc<str>>| v.as_deref().unwrap_or("").to_string();
-        ("comm", &*self.comm).encode(e.encode_label())?;
-        ("container_id", or_empty(&self.container_id)).encode(e.encode_label())?;
-        ("k8s_pod_uid", or_empty(&self.pod_uid)).encode(e.encode_label())?;
-        ("systemd_unit", or_empty(&self.systemd_unit)).encode(e.encode_label())
-    }
-}
-
-/// `finwait_pod_info`'s labels: a pod's UID with its namespace and name.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-pub(crate) struct PodLabels {
-    k8s_pod_uid: Arc<str>,
-    k8s_namespace: Arc<str>,
-    k8s_pod_name: Arc<str>,
-}
-
-impl PodLabels {
-    fn of(w: &Workload) -> Option<Self> {
-        let (uid, (ns, name)) = (w.pod_uid.clone()?, w.pod.clone()?);
-        Some(Self {
-            k8s_pod_uid: uid,
-            k8s_namespace: ns,
-            k8s_pod_name: name,
-        })
-    }
-}
-
-/// A FIN_WAIT2 entry's series: the call that sent our FIN, and whose it was.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub(crate) struct CauseLabels {
-    cause: &'static str,
-    workload: Workload,
-}
-
-impl EncodeLabelSet for CauseLabels {
-    fn encode(&self, e: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
-        use prometheus_client::encoding::EncodeLabel;
-        ("cause", self.cause).encode(e.encode_label())?;
-        self.workload.encode(e)
-    }
-}
-
-/// Every cause name a FIN_WAIT2 series can carry (an evicted workload's are all removed).
-const CAUSES: [&str; 10] = [
-    "shutdown",
-    "close",
-    "close_range",
-    "dup2",
-    "dup3",
-    "exit",
-    "peer_fin",
-    "peer_rst",
-    "timer",
-    "unknown",
-];
-
-/// The metrics, registered once; each is shared with the registry the endpoint encodes.
-#[derive(Default)]
-struct Families {
-    fin_wait2_entries: Family<CauseLabels, Counter>,
-    close_wait_entries: Family<Workload, Counter>,
-    closes_without_fin: Family<Workload, Counter>,
-    half_closed: Family<Workload, Gauge>,
-    close_wait: Family<Workload, Gauge>,
-    /// 1 per pod with series, naming it (join on `k8s_pod_uid`).
-    pod_info: Family<PodLabels, Gauge>,
-}
-
-/// The tracer's own health, set from its counters every second.
-#[derive(Default)]
-struct Health {
-    records: Counter,
-    lost: Counter,
-    skipped: Counter,
-    recovered: Counter,
-    read_failed: Counter,
-    transitions_missed: Counter,
-    owner_map_full: Counter,
-    sockets_evicted: Counter,
-    containers_unresolved: Counter,
-    gauge_corrections: Counter,
-    attach_failed: Gauge,
-    rss_bytes: Gauge,
-    workloads: Gauge,
-    workloads_evicted: Counter,
-    workloads_folded: Counter,
-}
-
-impl Health {
-    /// Name, help and counter of each.
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 12] {
-        [
-            ("records", "Ring-buffer records read", &self.records),
-            (
-                "events_lost",
-                "Events lost: the ring buffer was full",
-                &self.lost,
-            ),
-            (
-                "kernel_skipped",
-                "Events lost: the kernel skipped the program (another BPF program was running on that CPU)",
-                &self.skipped,
-            ),
-            (
-                "kernel_recovered",
-                "Events the kernel skipped a guarded hook's first program for, which its second caught (not lost)",
-                &self.recovered,
-            ),
-            (
-                "kernel_read_failed",
-                "Kernel memory reads that failed in the programs",
-                &self.read_failed,
-            ),
-            (
-                "transitions_missed",
-                "Transitions of reported sockets that never arrived (seen by the next transition or the exit check)",
-                &self.transitions_missed,
-            ),
-            (
-                "owner_map_full",
-                "Socket owners not recorded: the kernel's ownership map was full",
-                &self.owner_map_full,
-            ),
-            (
-                "sockets_evicted",
-                "Tracked sockets evicted from userspace's table (their later transitions lose their cause)",
-                &self.sockets_evicted,
-            ),
-            (
-                "containers_unresolved",
-                "Tasks whose cgroup could not be found",
-                &self.containers_unresolved,
-            ),
-            (
-                "gauge_corrections",
-                "Sockets the gauges counted that the kernel no longer had in that state (their last transition was lost or evicted)",
-                &self.gauge_corrections,
-            ),
-            (
-                "workloads_evicted",
-                "Idle workloads whose series were removed to stay under --metrics-max-workloads",
-                &self.workloads_evicted,
-            ),
-            (
-                "workloads_folded",
-                "Events of new workloads counted under comm=\"other\" (every series held sockets)",
-                &self.workloads_folded,
-            ),
-        ]
-    }
-}
-
-/// Time half-closed or in CLOSE_WAIT: 1 ms to 70 minutes, by powers of four.
-fn duration_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 4.0, 12))
-}
-
-/// Which of the two gauges a held socket counts in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    HalfClosed,
-    CloseWait,
-}
-
-/// One socket someone must close, and the series it counts in.
-struct Held {
-    kind: Kind,
-    workload: Workload,
-    /// To find it in the kernel's socket table when the gauges are checked.
-    key: Key,
-    /// The process it counts under: only sockets of processes in finwait's own network
-    /// namespace are checked (sock_diag sees that one).
-    pid: u32,
-}
-
-type Key = crate::model::EndsKey;
-
-/// The gauges are checked against the kernel's socket table this often: a transition lost on
-/// the way (counted) must not leave a socket counted forever.
-const CHECK_EVERY: Duration = Duration::from_secs(60);
-
-/// The workloads that have series, at most `max`; beyond it the least recently seen one that
-/// holds nothing loses its series, and where every one holds sockets the newcomer is folded into
-/// `comm="other"`.
-struct Workloads {
-    max: usize,
-    /// Workload -> (sockets it holds now, last use).
-    live: HashMap<Workload, (u64, u64)>,
-    clock: u64,
-}
-
-impl Workloads {
-    /// The series `w` counts in; `evict` removes a workload's series.
-    fn label(&mut self, w: Workload, h: &Health, evict: impl FnOnce(&Workload)) -> Workload {
-        self.clock += 1;
-        if let Some(slot) = self.live.get_mut(&w) {
-            slot.1 = self.clock;
-            return w;
-        }
-        if self.live.len() >= self.max {
-            let idle = self
-                .live
-                .iter()
-                .filter(|(_, (held, _))| *held == 0)
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(w, _)| w.clone());
-            let Some(idle) = idle else {
-                h.workloads_folded.inc();
-                return Workload::named("other");
-            };
-            self.live.remove(&idle);
-            evict(&idle);
-            h.workloads_evicted.inc();
-        }
-        self.live.insert(w.clone(), (0, self.clock));
-        w
-    }
-
-    fn held(&mut self, w: &Workload, delta: i64) {
-        if let Some(slot) = self.live.get_mut(w) {
-            slot.0 = slot.0.saturating_add_signed(delta);
-        }
-    }
-}
 
 pub(crate) struct MetricsSink {
     families: Families,
@@ -342,13 +42,15 @@ pub(crate) struct MetricsSink {
     /// ... or by inode (found by the start-up snapshot, which has no addresses).
     seeded: HashMap<u64, Held>,
     checked_at: Instant,
+    /// What the gauges are checked against every [`CHECK_EVERY`].
+    read_kernel: ReadKernel,
     /// Set once the gauges are seeded (the endpoint answers from then on).
     ready: super::endpoint::Ready,
 }
 
 impl MetricsSink {
     /// The sink, and the registry holding its metrics (for the endpoint).
-    pub(crate) fn new(max_workloads: usize) -> (Self, Registry) {
+    pub(crate) fn new(max_workloads: usize, read_kernel: ReadKernel) -> (Self, Registry) {
         let sink = Self {
             families: Families::default(),
             health: Health::default(),
@@ -363,6 +65,7 @@ impl MetricsSink {
             held: HashMap::new(),
             seeded: HashMap::new(),
             checked_at: Instant::now(),
+            read_kernel,
             ready: Default::default(),
         };
         let registry = sink.registry();
@@ -372,184 +75,6 @@ impl MetricsSink {
     /// The flag the endpoint reads: set once the gauges are seeded.
     pub(crate) fn readiness(&self) -> super::endpoint::Ready {
         self.ready.clone()
-    }
-
-    fn registry(&self) -> Registry {
-        let mut r = Registry::with_prefix("finwait");
-        let f = &self.families;
-        r.register(
-            "fin_wait2_entries",
-            "Sockets that entered FIN_WAIT2, by the call that sent our FIN and the workload that made it",
-            f.fin_wait2_entries.clone(),
-        );
-        r.register(
-            "close_wait_entries",
-            "Sockets that entered CLOSE_WAIT (the peer closed), by the workload that holds them",
-            f.close_wait_entries.clone(),
-        );
-        r.register(
-            "closes_without_fin",
-            "close() calls that sent no FIN because another reference to the socket remained",
-            f.closes_without_fin.clone(),
-        );
-        r.register(
-            "half_closed_sockets",
-            "Sockets half-closed by shutdown() now: the application must close them (no kernel timeout)",
-            f.half_closed.clone(),
-        );
-        r.register(
-            "close_wait_sockets",
-            "Sockets in CLOSE_WAIT now: their owner must close them (CLOSE_WAIT never times out)",
-            f.close_wait.clone(),
-        );
-        r.register_with_unit(
-            "half_closed_duration",
-            "Time from FIN_WAIT2 after shutdown() to its end",
-            Unit::Seconds,
-            self.half_closed_seconds.clone(),
-        );
-        r.register_with_unit(
-            "close_wait_duration",
-            "Time in CLOSE_WAIT before the owner closed",
-            Unit::Seconds,
-            self.close_wait_seconds.clone(),
-        );
-        r.register(
-            "info",
-            "How finwait-trace runs here (labels), always 1",
-            self.info.clone(),
-        );
-        r.register(
-            "pod_info",
-            "A Kubernetes pod with series here: its namespace and name by UID (from the node's /var/log/pods), always 1",
-            f.pod_info.clone(),
-        );
-        self.register_health(&mut r);
-        r
-    }
-
-    fn register_health(&self, r: &mut Registry) {
-        for (name, help, c) in self.health.counters() {
-            r.register(name, help, c.clone());
-        }
-        let h = &self.health;
-        let gauges: [(&str, &str, &Gauge); 3] = [
-            (
-                "attach_failed",
-                "Hooks that failed to attach",
-                &h.attach_failed,
-            ),
-            ("workloads", "Workloads with series now", &h.workloads),
-            (
-                "resident_memory_bytes",
-                "finwait-trace's resident memory",
-                &h.rss_bytes,
-            ),
-        ];
-        for (name, help, g) in gauges {
-            r.register(name, help, g.clone());
-        }
-    }
-
-    /// A socket someone must close, counted under `w` (a series label from [`Self::counted`]).
-    fn hold(&mut self, sock: u64, kind: Kind, w: Workload, ends: &Endpoints, pid: u32) {
-        self.gauge(kind, &w).inc();
-        self.workloads.held(&w, 1);
-        let held = Held {
-            kind,
-            workload: w,
-            key: ends.key(),
-            pid,
-        };
-        if let Some(old) = self.held.insert(sock, held) {
-            self.release_held(&old);
-        }
-    }
-
-    /// Every socket counted that the kernel no longer has in its state (for a half-closed one:
-    /// held by a process, with an inode) is released and counted as a correction.
-    fn check_against_kernel(&mut self) {
-        use netlink_packet_sock_diag::inet::StateFlags;
-        // Each holder's namespace, looked up once; only those namespaces are read.
-        let mut ns_of: HashMap<u32, Option<u64>> = HashMap::new();
-        for h in self.held.values().chain(self.seeded.values()) {
-            ns_of
-                .entry(h.pid)
-                .or_insert_with(|| namespaces::of_pid(h.pid));
-        }
-        let needed: std::collections::HashSet<u64> = ns_of.values().flatten().copied().collect();
-        // Ends repeat across namespaces (every pod has its own 127.0.0.1): keyed by both.
-        let mut now: HashMap<(u64, Key), (TcpState, u64)> = HashMap::new();
-        let states = StateFlags::CLOSE_WAIT | StateFlags::FIN_WAIT2;
-        let read = namespaces::dump_where(
-            &states,
-            |ns| needed.contains(&ns),
-            |s| {
-                now.insert((s.netns, s.key()), (s.state, s.inode));
-            },
-        );
-        let Ok(coverage) = read else {
-            return; // checked next time; nothing is released on a failed read
-        };
-        // A holder's namespace that was not read (or a holder gone) is not checked.
-        let read: std::collections::HashSet<u64> = coverage.read.into_iter().collect();
-        self.release_gone(|h| {
-            let Some(ns) = ns_of
-                .get(&h.pid)
-                .copied()
-                .flatten()
-                .filter(|ns| read.contains(ns))
-            else {
-                return false;
-            };
-            match (h.kind, now.get(&(ns, h.key))) {
-                (Kind::CloseWait, Some((state, _))) => *state != TcpState::CloseWait,
-                (Kind::HalfClosed, Some((state, inode))) => {
-                    *state != TcpState::FinWait2 || *inode == 0
-                }
-                (_, None) => true,
-            }
-        });
-    }
-
-    fn release_gone(&mut self, mut gone: impl FnMut(&Held) -> bool) {
-        let mut stale = Vec::new();
-        for table in [&mut self.held, &mut self.seeded] {
-            table.retain(|_, h| {
-                let keep = !gone(h);
-                if !keep {
-                    stale.push((h.kind, h.workload.clone()));
-                }
-                keep
-            });
-        }
-        for (kind, workload) in stale {
-            self.health.gauge_corrections.inc();
-            self.gauge(kind, &workload).dec();
-            self.workloads.held(&workload, -1);
-        }
-    }
-
-    fn release(&mut self, sock: u64, inode: u64) {
-        let found = self
-            .held
-            .remove(&sock)
-            .or_else(|| (inode != 0).then(|| self.seeded.remove(&inode)).flatten());
-        if let Some(h) = found {
-            self.release_held(&h);
-        }
-    }
-
-    fn release_held(&mut self, h: &Held) {
-        self.gauge(h.kind, &h.workload).dec();
-        self.workloads.held(&h.workload, -1);
-    }
-
-    fn gauge(&self, kind: Kind, w: &Workload) -> Gauge {
-        match kind {
-            Kind::HalfClosed => self.families.half_closed.get_or_create_owned(w),
-            Kind::CloseWait => self.families.close_wait.get_or_create_owned(w),
-        }
     }
 
     /// The series `w`'s events count in (its own, or `other`).
@@ -612,33 +137,6 @@ impl MetricsSink {
             | TransitionKind::Aborted
             | TransitionKind::Other => {}
         }
-    }
-}
-
-/// Every series of a workload that no longer has its own.
-fn remove_series(f: &Families, w: &Workload) {
-    for cause in CAUSES {
-        f.fin_wait2_entries.remove(&CauseLabels {
-            cause,
-            workload: w.clone(),
-        });
-    }
-    for family in [&f.close_wait_entries, &f.closes_without_fin] {
-        family.remove(w);
-    }
-    for family in [&f.half_closed, &f.close_wait] {
-        family.remove(w);
-    }
-    if let Some(pod) = PodLabels::of(w) {
-        f.pod_info.remove(&pod);
-    }
-}
-
-/// A counter set to an absolute value read elsewhere (counters only grow).
-fn set_counter(c: &Counter, v: u64) {
-    let now = c.get();
-    if v > now {
-        c.inc_by(v - now);
     }
 }
 
@@ -742,9 +240,16 @@ mod tests {
 
     use super::*;
     use crate::{
-        host::sockdiag::DiagSocket,
-        model::{Cause, CauseKind, Endpoints},
+        host::{namespaces::CloseTable, sockdiag::DiagSocket},
+        model::{Cause, CauseKind, Container, Endpoints, Owner, Task},
+        output::metrics::registry::CAUSES,
     };
+    use prometheus_client::metrics::counter::Counter;
+
+    /// A sink whose kernel table cannot be read (nothing is ever released by a check).
+    fn sink(max_workloads: usize) -> (MetricsSink, Registry) {
+        MetricsSink::new(max_workloads, Box::new(|_| None))
+    }
 
     fn ends() -> Endpoints {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
@@ -827,7 +332,7 @@ mod tests {
 
     #[test]
     fn close_wait_gauge_counts_seeded_and_live_sockets_by_container() {
-        let (mut m, reg) = MetricsSink::new(10);
+        let (mut m, reg) = sink(10);
         let seeded = DiagSocket {
             lport: 80,
             rport: 5000,
@@ -865,7 +370,7 @@ mod tests {
     /// per pod, to join on; a name found later does not split the pod's series in two.
     #[test]
     fn pods_are_named_once_in_pod_info() {
-        let (mut m, reg) = MetricsSink::new(10);
+        let (mut m, reg) = sink(10);
         let path = "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0d3c1a52_7e7f_4c5e_9a1b_2f6e8d9c0b1a.slice/cri-containerd-3f2a9c1b7d4e5f60718293a4b5c6d7e8f0112233445566778899aabbccddeeff.scope";
         let unnamed = owner("imapd", path);
         let mut named = owner("imapd", path);
@@ -891,7 +396,7 @@ mod tests {
     /// counted once, and released once it closes.
     #[test]
     fn a_socket_seen_by_the_inventory_and_live_counts_once() {
-        let (mut m, reg) = MetricsSink::new(10);
+        let (mut m, reg) = sink(10);
         let seeded = close_wait_at_start(77);
         let entries = crate::snapshot::build(vec![seeded], |_| vec![owner("imapd", DOCKER)], &[]);
         m.snapshot(&Snapshot::of(entries), false).unwrap();
@@ -909,7 +414,7 @@ mod tests {
 
     #[test]
     fn half_closed_gauge_follows_the_verdict() {
-        let (mut m, reg) = MetricsSink::new(10);
+        let (mut m, reg) = sink(10);
         let mut t =
             TransitionReport::new(1, 0x200, ends(), TcpState::FinWait1, TcpState::FinWait2, 3);
         t.cause = Some(Cause {
@@ -946,7 +451,7 @@ mod tests {
 
     #[test]
     fn workloads_beyond_the_cap_evict_idle_ones_then_fold_into_other() {
-        let (mut m, reg) = MetricsSink::new(3);
+        let (mut m, reg) = sink(3);
         // Three holders: nobody idle.
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
             send(&mut m, &close_wait(i as u64 + 1, 0, owner(name, "/")));
@@ -973,7 +478,7 @@ mod tests {
 
     #[test]
     fn sockets_the_kernel_no_longer_has_are_released_and_counted() {
-        let (mut m, reg) = MetricsSink::new(10);
+        let (mut m, reg) = sink(10);
         send(&mut m, &close_wait(1, 0, owner("imapd", "/")));
         let mut other = ends();
         other.rport = 4001;
@@ -989,6 +494,32 @@ mod tests {
         // Its late transition, if it comes, releases nothing more.
         send(&mut m, &closed(1, 0));
         assert!(text(&reg).contains("finwait_close_wait_sockets{comm=\"imapd\",container_id=\"\",k8s_pod_uid=\"\",systemd_unit=\"\"} 1\n"));
+    }
+
+    #[test]
+    fn the_minute_check_releases_what_the_kernel_table_no_longer_has() {
+        // The kernel's table: the owner (pid 7) is in namespace 70, which was read, and has only the second socket.
+        let read = |_: &std::collections::HashSet<u32>| {
+            let mut other = ends();
+            other.rport = 4001;
+            Some(CloseTable {
+                ns_of: [(7, Some(70))].into(),
+                read: [70].into(),
+                sockets: [((70, other.key()), (TcpState::CloseWait, 9))].into(),
+            })
+        };
+        let (mut m, reg) = MetricsSink::new(10, Box::new(read));
+        send(&mut m, &close_wait(1, 0, owner("imapd", "/")));
+        let mut other = ends();
+        other.rport = 4001;
+        let mut t =
+            TransitionReport::new(1, 2, other, TcpState::Established, TcpState::CloseWait, 0);
+        t.owner = Some(owner("imapd", "/"));
+        send(&mut m, &Report::Transition(t));
+        m.check_against_kernel();
+        let t = text(&reg);
+        assert!(t.contains("finwait_close_wait_sockets{comm=\"imapd\",container_id=\"\",k8s_pod_uid=\"\",systemd_unit=\"\"} 1\n"), "{t}");
+        assert!(t.contains("finwait_gauge_corrections_total 1\n"), "{t}");
     }
 
     #[test]
