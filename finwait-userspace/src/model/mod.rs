@@ -95,6 +95,41 @@ impl From<&KernelOwner> for Owner {
     }
 }
 
+/// A duration in words: `250 ms` under a second; from a second on `42.3 s` ([`Dur::tenths`],
+/// the reports' times) or `42 s` ([`Dur::whole`], a time left).
+pub(crate) struct Dur {
+    ns: u64,
+    tenths: bool,
+}
+
+impl Dur {
+    pub(crate) fn tenths(ns: u64) -> Self {
+        Self { ns, tenths: true }
+    }
+
+    pub(crate) fn whole(d: std::time::Duration) -> Self {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Self { ns, tenths: false }
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tenths {
+            let ms = self.ns as f64 / 1e6;
+            return if ms >= 1000.0 {
+                write!(f, "{:.1} s", ms / 1000.0)
+            } else {
+                write!(f, "{ms:.0} ms")
+            };
+        }
+        match self.ns {
+            ns if ns >= 1_000_000_000 => write!(f, "{} s", ns / 1_000_000_000),
+            ns => write!(f, "{} ms", ns / 1_000_000),
+        }
+    }
+}
+
 /// shutdown()'s `how`.
 pub(crate) fn how_name(how: i32) -> &'static str {
     match how {
@@ -437,4 +472,42 @@ pub(crate) struct Stuck {
     pub(crate) stuck_ns: u64,
     /// Stuck before tracing started: `stuck_ns` counts from the start-up inventory.
     pub(crate) at_least: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn durations_in_words() {
+        assert_eq!(Dur::tenths(250_400_000).to_string(), "250 ms");
+        assert_eq!(Dur::tenths(42_340_000_000).to_string(), "42.3 s");
+        assert_eq!(Dur::whole(Duration::from_millis(42_900)).to_string(), "42 s");
+        assert_eq!(Dur::whole(Duration::from_millis(250)).to_string(), "250 ms");
+    }
+
+    #[test]
+    fn every_transition_is_classified_once_by_its_states() {
+        use TcpState::*;
+        use TransitionKind as K;
+        let cases = [
+            (Established, FinWait1, K::FinSent),
+            (CloseWait, LastAck, K::CloseWaitClosed),
+            (FinWait1, FinWait2, K::FinWait2Entered),
+            (Established, CloseWait, K::PeerFin),
+            (FinWait2, Close, K::FinWait2Left),
+            (LastAck, Close, K::LastAckDone),
+            (FinWait1, Closing, K::FinsCrossed),
+            (Closing, Close, K::ClosingDone),
+            (Established, Close, K::Aborted),
+            (CloseWait, Close, K::Aborted),
+            (FinWait2, TimeWait, K::Other),
+            (SynSent, Established, K::Other),
+        ];
+        for (old, new, kind) in cases {
+            assert_eq!(TransitionKind::of(old, new), kind, "{old:?} -> {new:?}");
+        }
+    }
 }

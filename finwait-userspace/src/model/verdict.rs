@@ -5,11 +5,15 @@
 //! socket whose FIN we sent and that a process still holds was half-closed by shutdown(), and
 //! that process must close it (no kernel timeout); one no process holds any more is an orphan,
 //! which the kernel frees within a bound; LAST_ACK, CLOSING, TIME_WAIT and CLOSE need nobody.
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt::{self, Write as _},
+    sync::Arc,
+    time::Duration,
+};
 
 use finwait_common::TcpState;
 
-use super::{Comm, Container, Fw2Exit, Owner, TransitionReport, container};
+use super::{Comm, Container, Dur, Fw2Exit, Owner, TransitionReport, container};
 
 /// Who holds a socket, as the answers name it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,8 +213,8 @@ impl fmt::Display for Clause<'_> {
 }
 
 impl Verdict {
-    /// [`Verdict::clause`] into `out`: the human sink writes it on many lines, without
-    /// `core::fmt` for the words.
+    /// [`Verdict::clause`] into `out`: the human sink writes it on many lines, so the fixed
+    /// words are pushed as they are (only a time left goes through `core::fmt`).
     pub(crate) fn write_clause(&self, out: &mut String) {
         let mut n = itoa::Buffer::new();
         match self {
@@ -234,7 +238,9 @@ impl Verdict {
                         out.push_str(n.format(*s));
                         out.push_str(" s");
                     }
-                    Bound::Left(d) => out.push_str(&format!(" (about {} left)", Secs(*d))),
+                    Bound::Left(d) => {
+                        let _ = write!(out, " (about {} left)", Dur::whole(*d));
+                    }
                     Bound::Retries => out.push_str(" once its retransmissions end"),
                 }
             }
@@ -267,19 +273,6 @@ impl fmt::Display for Plural<'_> {
             Verdict::OwnerMustClose(_) => write!(f, "{who} must close them (a leak if they stay)"),
             Verdict::Done => f.write_str("nobody needs to act"),
             Verdict::Unknown => f.write_str("whose job they are is unknown"),
-        }
-    }
-}
-
-/// `42 s`, or `250 ms` under a second.
-pub(crate) struct Secs(pub(crate) Duration);
-
-impl fmt::Display for Secs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 >= Duration::from_secs(1) {
-            write!(f, "{} s", self.0.as_secs())
-        } else {
-            write!(f, "{} ms", self.0.as_millis())
         }
     }
 }

@@ -8,7 +8,7 @@ use super::{Out, Sink, Start, Stats};
 use crate::{
     host::clock::Clock,
     model::{
-        Cause, CauseKind, CloseNoFinReport, Fw2Exit, Report, Stuck, TransitionKind,
+        Cause, CauseKind, CloseNoFinReport, Dur, Fw2Exit, Report, Stuck, TransitionKind,
         TransitionReport, Verdict, container,
         summary::{Histogram, Summary},
     },
@@ -183,20 +183,6 @@ fn write_who(out: &mut String, c: &Cause) {
     }
 }
 
-/// `N ms`, or `N.N s` from a second on.
-struct Dur(u64);
-
-impl std::fmt::Display for Dur {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ms = self.0 as f64 / 1e6;
-        if ms >= 1000.0 {
-            write!(f, "{:.1} s", ms / 1000.0)
-        } else {
-            write!(f, "{ms:.0} ms")
-        }
-    }
-}
-
 /// The answer in words for one transition.
 #[cfg(test)]
 pub(crate) fn explain(t: &TransitionReport) -> String {
@@ -240,7 +226,7 @@ fn write_explain(out: &mut String, t: &TransitionReport, verdict: Option<&Verdic
             write_who(out, cause);
             if let Some(n) = t.close_wait_ns {
                 let at_least = if t.at_least { "at least " } else { "" };
-                let _ = write!(out, " after {at_least}{} in CLOSE_WAIT", Dur(n));
+                let _ = write!(out, " after {at_least}{} in CLOSE_WAIT", Dur::tenths(n));
             }
         }
         TransitionKind::FinWait2Left => write_fin_wait2_exit(out, t, cause, verdict),
@@ -270,7 +256,7 @@ fn write_fin_wait2_exit(
             out.push_str("orphaned by ");
             write_who(out, cause);
             if let Some(n) = t.half_closed_ns {
-                let _ = write!(out, " after {} half-closed", Dur(n));
+                let _ = write!(out, " after {} half-closed", Dur::tenths(n));
             }
             out.push_str("; `ss` still lists it as FIN-WAIT-2 (ino 0)");
             if let Some(v) = verdict {
