@@ -1,4 +1,5 @@
 //! Command-line options.
+use crate::kernel::loader;
 use clap::{Args, Parser, Subcommand};
 use finwait_common::TcpState;
 
@@ -190,8 +191,8 @@ pub(crate) struct TraceArgs {
     /// How calls are tied to sockets. `precise`: also hook the kernel's tcp_close/tcp_shutdown
     /// (fentry, else kprobes), which sees every path that ends a socket (io_uring included);
     /// `correlated`: syscall tracepoints only; `auto`: precise where the kernel allows it.
-    #[arg(long, value_enum, default_value_t = crate::kernel::loader::Mode::Auto)]
-    pub(crate) mode: crate::kernel::loader::Mode,
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub(crate) mode: Mode,
 
     /// Ring buffer size in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
@@ -308,17 +309,51 @@ fn parse_ring_kib(s: &str) -> Result<u32, String> {
     }
 }
 
+/// `--mode`: how calls are tied to sockets (the kernel layer's [`loader::Mode`], for clap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Mode {
+    /// Precise where the kernel allows it, else correlated.
+    Auto,
+    /// Hook tcp_close/tcp_shutdown (fentry, else kprobes); fail if the kernel refuses both.
+    Precise,
+    /// Syscall tracepoints only, matched to state changes by socket identity.
+    Correlated,
+}
+
+impl From<Mode> for loader::Mode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Auto => Self::Auto,
+            Mode::Precise => Self::Precise,
+            Mode::Correlated => Self::Correlated,
+        }
+    }
+}
+
+/// What the kernel side loads, from the flags.
+impl From<&TraceArgs> for loader::Options {
+    fn from(t: &TraceArgs) -> Self {
+        Self {
+            all_transitions: t.all,
+            pids: t.select.pids.clone(),
+            comms: t.select.comms.clone(),
+            ports: t.select.ports.clone(),
+            ring_bytes: t.ring_buffer_kib * 1024,
+            noop: t.bench_noop,
+            mode: t.mode.into(),
+            owners_max: t.owner_map_entries,
+            diagnostics: t.verbose,
+        }
+    }
+}
+
 /// The options, built once from the flags.
 impl From<&TraceArgs> for crate::trace::Options {
     fn from(t: &TraceArgs) -> Self {
         Self {
-            pids: t.select.pids.clone(),
-            comms: t.select.comms.clone(),
+            load: t.into(),
             json: t.json,
-            all: t.all,
             duration: t.duration.map(std::time::Duration::from_secs_f64),
-            ring_bytes: t.ring_buffer_kib * 1024,
-            ports: t.select.ports.clone(),
             states: t.select.states.clone(),
             ipv6: (t.ipv4 || t.ipv6).then_some(t.ipv6),
             summary_only: t.summary_only,
@@ -328,11 +363,7 @@ impl From<&TraceArgs> for crate::trace::Options {
             stuck: t.stuck.map(std::time::Duration::from_secs_f64),
             wall_clock: t.timestamp,
             snapshot: !t.no_snapshot,
-            noop: t.bench_noop,
-            mode: t.mode,
             stats_every: t.stats_every.map(std::time::Duration::from_secs_f64),
-            owners_max: t.owner_map_entries,
-            diagnostics: t.verbose,
         }
     }
 }

@@ -129,7 +129,7 @@ pub(crate) async fn run(mut opts: Options) -> Result<()> {
                 Ok(vec![client, server])
             })?;
 
-    opts.ports = vec![port];
+    opts.load.ports = vec![port];
     opts.duration = Some(Duration::from_secs(30));
     // The demo's own connections are all that matter to it.
     opts.snapshot = false;

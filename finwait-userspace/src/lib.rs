@@ -76,7 +76,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         if !missing.is_empty() {
             anyhow::bail!("no process runs in {}", missing.join(", "));
         }
-        opts.pids.extend(pids);
+        opts.load.pids.extend(pids);
     }
     if t.demo {
         return demo::run(opts).await;

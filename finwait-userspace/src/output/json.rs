@@ -11,6 +11,7 @@ use crate::{
         clock::{Clock, monotonic_ns},
         namespaces::Coverage,
     },
+    kernel::loader::{CallHook, Mode, StateHook, SyscallHook},
     model::{
         Cause, CloseNoFinReport, Container, Endpoints, Fw2Exit, Owner, Report, Stuck,
         TransitionReport, Verdict,
@@ -38,10 +39,10 @@ pub(crate) enum Event<'a> {
 /// Printed once the programs are attached.
 #[derive(Serialize, Clone, Debug, Default)]
 pub(crate) struct Start {
-    pub(crate) mode: &'static str,
-    pub(crate) state_hook: &'static str,
-    pub(crate) call_hook: Option<&'static str>,
-    pub(crate) syscall_hook: &'static str,
+    pub(crate) mode: Mode,
+    pub(crate) state_hook: StateHook,
+    pub(crate) call_hook: Option<CallHook>,
+    pub(crate) syscall_hook: SyscallHook,
     pub(crate) precise_unavailable: Option<String>,
     pub(crate) fd_resolution: bool,
     pub(crate) kernel: String,

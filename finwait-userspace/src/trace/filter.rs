@@ -42,8 +42,8 @@ pub(crate) struct Filter {
 impl Filter {
     pub(crate) fn new(o: &super::Options) -> Self {
         Self {
-            comms: o.comms.clone(),
-            ports: o.ports.clone(),
+            comms: o.load.comms.clone(),
+            ports: o.load.ports.clone(),
             states: o.states.clone(),
             ipv6: o.ipv6,
             own_port: o.metrics.map(|a| a.port()),

@@ -16,7 +16,7 @@ use crate::{
     kernel::{
         counters::Counters,
         diagnostics::Diagnostics,
-        loader::{self, Loaded, Mode, OwnerSeeder},
+        loader::{self, Loaded, OwnerSeeder},
     },
     output::{self, Start, human::Style},
     snapshot,
@@ -42,20 +42,14 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// Read the loss counters (a syscall per program) at most this often.
 const LOSS_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Wake userspace once this fraction of the ring is used; the timer drains the rest.
-const WAKEUP_FRACTION: u32 = 4;
 
 /// What to trace and how to show it, built once from the command line.
 #[derive(Clone, Debug)]
 pub(crate) struct Options {
-    pub(crate) pids: Vec<u32>,
-    pub(crate) comms: Vec<String>,
+    /// What the kernel side loads: which processes, ports and transitions, the mode, the sizes.
+    pub(crate) load: loader::Options,
     pub(crate) json: bool,
-    pub(crate) all: bool,
     pub(crate) duration: Option<Duration>,
-    pub(crate) ring_bytes: u32,
-    /// Only sockets with one of these local or remote ports (empty: all).
-    pub(crate) ports: Vec<u16>,
     /// Only transitions into or out of these states (empty: all).
     pub(crate) states: Vec<TcpState>,
     /// Only this family: Some(false) IPv4, Some(true) IPv6.
@@ -73,36 +67,8 @@ pub(crate) struct Options {
     pub(crate) wall_clock: bool,
     /// Start with a snapshot of the sockets already on the close path.
     pub(crate) snapshot: bool,
-    /// Benchmark floor: programs attached but doing nothing.
-    pub(crate) noop: bool,
-    pub(crate) mode: Mode,
     /// Print the counters (JSON, to stderr) this often.
     pub(crate) stats_every: Option<Duration>,
-    /// Size of the kernel's socket ownership map.
-    pub(crate) owners_max: u32,
-    /// `-v`: print the eBPF programs' diagnostics to stderr.
-    pub(crate) diagnostics: bool,
-}
-
-impl Options {
-    fn follows_processes(&self) -> bool {
-        !self.pids.is_empty() || !self.comms.is_empty()
-    }
-
-    fn loader_options(&self) -> loader::Options {
-        loader::Options {
-            all_transitions: self.all,
-            pids: self.pids.clone(),
-            comms: self.comms.clone(),
-            ring_bytes: self.ring_bytes,
-            wakeup_bytes: self.ring_bytes / WAKEUP_FRACTION,
-            noop: self.noop,
-            mode: self.mode,
-            ports: self.ports.clone(),
-            owners_max: self.owners_max,
-            diagnostics: self.diagnostics,
-        }
-    }
 }
 
 /// Ends a run early (the demo, once its workload is done).
@@ -111,10 +77,10 @@ pub(crate) type Stopper = Option<oneshot::Receiver<()>>;
 /// Traces until Ctrl-C, SIGTERM, `--duration`, `stop`, or (with `--pid` alone) every followed
 /// process has exited. `on_ready` runs once the programs are attached.
 pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -> Result<()> {
-    procs::check_exists(&opts.pids)?;
+    procs::check_exists(&opts.load.pids)?;
     let signals = Signals::catch()?;
     let sinks = sinks(&opts)?;
-    let mut loaded = loader::load(&opts.loader_options())?;
+    let mut loaded = loader::load(&opts.load)?;
     // Only with -v is aya-log's ring read (without it, the programs never write to it).
     let diagnostics = loaded
         .diagnostics
@@ -185,11 +151,7 @@ fn announce(o: &Options, l: &Loaded, fin_timeout_s: u64, p: &mut Pipeline) -> Re
         );
     }
     let start = Start {
-        mode: if l.call_hook.is_some() {
-            "precise"
-        } else {
-            "correlated"
-        },
+        mode: l.mode,
         state_hook: l.state_hook,
         call_hook: l.call_hook,
         syscall_hook: l.syscall_hook,
@@ -199,8 +161,8 @@ fn announce(o: &Options, l: &Loaded, fin_timeout_s: u64, p: &mut Pipeline) -> Re
         tcp_fin_timeout_s: fin_timeout_s,
         attached: l.attached,
         attach_failed: l.attach_failed,
-        pids: o.pids.clone(),
-        comms: o.comms.clone(),
+        pids: o.load.pids.clone(),
+        comms: o.load.comms.clone(),
         inventory: if l.inventory_refused.is_none() {
             "iter/task_file"
         } else {
@@ -218,7 +180,7 @@ fn take_maps(
     p: &mut Pipeline,
 ) -> Result<(KernelCounters, RingBuf<MapData>)> {
     let ebpf = &mut l.ebpf;
-    if o.follows_processes() {
+    if o.load.following() {
         let map = ebpf.take_map(TRACED_PIDS_MAP).context("pid map")?;
         p.filter.follow(BpfHashMap::try_from(map)?);
     }
@@ -267,7 +229,7 @@ async fn trace(
     let mut gone_check = tokio::time::interval(Duration::from_secs(1));
     let mut health_tick = tokio::time::interval(HEALTH_EVERY);
     // --pid only (a --comm may match a process started later).
-    let watch_targets = !o.pids.is_empty() && o.comms.is_empty();
+    let watch_targets = !o.load.pids.is_empty() && o.load.comms.is_empty();
     let mut tick = tokio::time::interval(DRAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut warned, mut losses_checked) = (Warned::default(), Instant::now());
@@ -374,9 +336,9 @@ fn start_snapshot(
     inventory_refused: Option<String>,
     p: &mut Pipeline,
 ) -> Result<()> {
-    let mut pids = o.pids.clone();
-    pids.extend(procs::with_comm(&o.comms));
-    if pids.is_empty() && o.follows_processes() {
+    let mut pids = o.load.pids.clone();
+    pids.extend(procs::with_comm(&o.load.comms));
+    if pids.is_empty() && o.load.following() {
         return Ok(()); // a --comm that matches no process yet: nothing of theirs is stuck
     }
     let kernel = match inventory_refused {
@@ -393,7 +355,7 @@ fn start_snapshot(
         }
     };
     snap.warn_unseen();
-    let followed: std::collections::HashSet<u32> = if o.follows_processes() {
+    let followed: std::collections::HashSet<u32> = if o.load.following() {
         procs::with_descendants(&pids).into_iter().collect()
     } else {
         Default::default()

@@ -1,0 +1,170 @@
+//! Loads the embedded eBPF object with this kernel's layouts and attaches its programs: the
+//! steps in order, and what came of them.
+//!
+//! Every optional feature is probed: a missing tracepoint or BTF turns a feature off with a
+//! message, never a crash. Only the state tracepoint and close()/shutdown() are required.
+use anyhow::{Context, Result};
+use aya::Ebpf;
+use finwait_common::KernelOffsets;
+
+pub(crate) use super::load_error::LoadError;
+
+mod attach;
+mod hooks;
+mod kinds;
+mod layouts;
+mod maps;
+mod object;
+
+pub(crate) use kinds::{CallHook, Mode, StateHook, SyscallHook};
+pub(crate) use maps::OwnerSeeder;
+
+/// What to load: which processes, ports and transitions the programs forward, how calls are
+/// tied to sockets, and the sizes of the kernel's maps.
+#[derive(Clone, Debug)]
+pub(crate) struct Options {
+    /// `--all`: every transition, not only the close path's.
+    pub(crate) all_transitions: bool,
+    /// Processes to follow (with their descendants); empty with `comms` empty: everything.
+    pub(crate) pids: Vec<u32>,
+    /// Process names to follow (with their descendants).
+    pub(crate) comms: Vec<String>,
+    /// `--port`: only sockets with one of these local or remote ports (empty: all); the kernel
+    /// drops the others' transitions.
+    pub(crate) ports: Vec<u16>,
+    /// Size of the ring buffer the events come through.
+    pub(crate) ring_bytes: u32,
+    /// Attach programs that only return, at the same hooks (the benchmark's floor).
+    pub(crate) noop: bool,
+    pub(crate) mode: Mode,
+    /// Size of the kernel's ownership map.
+    pub(crate) owners_max: u32,
+    /// `-v`: the programs log their diagnostics (aya-log); off, the verifier removes that code.
+    pub(crate) diagnostics: bool,
+}
+
+impl Options {
+    /// `--pid` or `--comm`: only some processes are followed.
+    pub(crate) fn following(&self) -> bool {
+        !self.pids.is_empty() || !self.comms.is_empty()
+    }
+}
+
+pub(crate) struct Loaded {
+    pub(crate) ebpf: Ebpf,
+    /// fd -> socket resolution is on (BTF offsets found).
+    pub(crate) offsets: Option<KernelOffsets>,
+    /// Human-readable notes about features that are off, and why.
+    pub(crate) degraded: Vec<String>,
+    pub(crate) attached: usize,
+    pub(crate) attach_failed: usize,
+    /// The mode that runs: `Precise` or `Correlated` (`Auto` has been decided).
+    pub(crate) mode: Mode,
+    /// How TCP state changes are hooked.
+    pub(crate) state_hook: StateHook,
+    /// Precise mode's hook on tcp_close/tcp_shutdown; None in correlated mode.
+    pub(crate) call_hook: Option<CallHook>,
+    /// How syscalls are hooked: the guarded pairs on the syscall wrappers, the classic syscall
+    /// tracepoints, or some of each.
+    pub(crate) syscall_hook: SyscallHook,
+    /// Why precise mode is off (auto mode on a kernel that refuses both hooks).
+    pub(crate) precise_unavailable: Option<String>,
+    /// The programs log their diagnostics (`-v`, and the kernel accepted them).
+    pub(crate) diagnostics: bool,
+    /// Why the kernel's socket inventory is not loaded (the holders then come from /proc).
+    pub(crate) inventory_refused: Option<String>,
+}
+
+/// Loads and attaches; with `-v`, a kernel that refuses the programs with their diagnostics in
+/// gets them without, and a warning: `-v` never stops tracing.
+pub(crate) fn load(opts: &Options) -> Result<Loaded, LoadError> {
+    if !opts.diagnostics {
+        return load_with(opts, false);
+    }
+    match load_with(opts, true) {
+        Err(refused) => {
+            let mut loaded = load_with(opts, false)?;
+            loaded.degraded.push(format!(
+                "-v: the programs did not load with their kernel diagnostics ({}); tracing \
+                 without them",
+                refused.brief()
+            ));
+            Ok(loaded)
+        }
+        loaded => loaded,
+    }
+}
+
+fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
+    maps::raise_memlock();
+    let tracefs = layouts::find_tracefs()?;
+    let mut degraded = Vec::new();
+    let layouts = layouts::layouts(&tracefs, &mut degraded)?;
+    let mut ebpf = object::for_tracing(opts, &layouts, diagnostics)?;
+    let btf = aya::Btf::from_sys_fs().ok();
+    maps::seed_pids(&mut ebpf, opts).map_err(LoadError::classify)?;
+
+    // FINWAIT_FORCE_TRACEPOINT=1 keeps the classic hook (tests compare both; also a diagnosis aid).
+    let force_classic = env_is_1("FINWAIT_FORCE_TRACEPOINT");
+    let btf_ok = layouts.offsets.is_some_and(|o| o.state_btf == 1) && !force_classic;
+    let programs = hooks::Programs { noop: opts.noop };
+    let state_btf = btf.as_ref().filter(|_| btf_ok);
+    let state_hook = attach::attach_state_hook(&mut ebpf, programs, state_btf, &mut degraded)?;
+    let calls = attach::attach_call_hooks(&mut ebpf, programs, opts.mode, btf.as_ref())?;
+    // FINWAIT_FORCE_SYSCALL_TRACEPOINTS=1 keeps only the syscall hooks classic (the bench
+    // compares the two).
+    let classic_syscalls = force_classic || env_is_1("FINWAIT_FORCE_SYSCALL_TRACEPOINTS");
+    let wrappers = btf.as_ref().filter(|_| !classic_syscalls && !opts.noop);
+    let table = attach::attach_table(&mut ebpf, programs, wrappers, &mut degraded)?;
+    let inventory_refused = load_inventory(&mut ebpf, layouts.offsets, btf.as_ref()).err();
+    drop(btf);
+    degraded.extend(attach::second_copies_missing(&ebpf));
+    // Loading parsed megabytes of BTF that are free now: give them back to the system.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    Ok(Loaded {
+        ebpf,
+        offsets: layouts.offsets,
+        degraded,
+        // The state hook, then the table's.
+        attached: 1 + table.attached,
+        attach_failed: table.failed,
+        mode: calls.mode,
+        state_hook,
+        call_hook: calls.hook,
+        syscall_hook: table.syscall_hook(),
+        precise_unavailable: calls.precise_unavailable,
+        diagnostics,
+        inventory_refused,
+    })
+}
+
+fn env_is_1(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| v == "1")
+}
+
+/// Loads the socket inventory program; Err: why it cannot run here.
+fn load_inventory(
+    ebpf: &mut Ebpf,
+    offsets: Option<KernelOffsets>,
+    btf: Option<&aya::Btf>,
+) -> Result<(), String> {
+    if offsets.is_none_or(|o| o.inventory == 0) {
+        return Err("this kernel's BTF lacks a field it reads".into());
+    }
+    let btf = btf.ok_or("no kernel BTF")?;
+    super::inventory::load(ebpf, btf).map_err(|e| format!("{e:#}"))
+}
+
+/// The object with only the socket inventory loaded (for `snapshot`): every map at its
+/// smallest, nothing attached.
+pub(crate) fn load_inventory_only() -> Result<Ebpf> {
+    maps::raise_memlock();
+    let offsets = super::btf::kernel_offsets()?;
+    let mut ebpf = object::for_inventory(&offsets)?;
+    // The attach point's id alone; the whole BTF if that fails.
+    let btf = super::inventory::attach_point_btf()
+        .or_else(|_| aya::Btf::from_sys_fs().context("reading the kernel's BTF"))?;
+    load_inventory(&mut ebpf, Some(offsets), Some(&btf)).map_err(anyhow::Error::msg)?;
+    Ok(ebpf)
+}

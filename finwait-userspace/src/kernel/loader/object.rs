@@ -1,0 +1,104 @@
+//! The embedded eBPF object, created with its maps sized and its globals written: for tracing
+//! (from the options and this kernel's layouts), or for `snapshot` (every map at its smallest).
+use anyhow::{Context, Result};
+use aya::{Ebpf, EbpfLoader};
+use finwait_common::{
+    EVENTS_MAP, FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OWNERS_MAP, TRACED_PIDS_MAP,
+};
+
+use super::{LoadError, Options, layouts::Layouts};
+
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
+
+/// aya-log-ebpf's ring for the programs' diagnostics (aya-log keeps the name private).
+const DIAGNOSTICS_MAP: &str = "AYA_LOGS";
+
+/// Wake userspace once this fraction of the ring is used; the timer drains the rest.
+const WAKEUP_FRACTION: u32 = 4;
+
+/// Creates the maps and writes the globals; the programs are loaded as they are attached.
+pub(super) fn for_tracing(
+    opts: &Options,
+    layouts: &Layouts,
+    diagnostics: bool,
+) -> Result<Ebpf, LoadError> {
+    // The programs need no CO-RE relocation (offsets come from userspace): the kernel BTF that
+    // `EbpfLoader::new()` parses is dropped before loading, and parsed again afterwards for the
+    // BTF tracepoint and fentry, so two copies (about 19 MB each) are never alive at once.
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    // aya-log-ebpf's level, in read-only data: at 0 its every check is a constant false to the
+    // verifier, which removes the logging it guards. Nothing writes the ring then: one page.
+    let log_level = if diagnostics {
+        u8::from(aya_log::Level::Warn)
+    } else {
+        loader.map_max_entries(DIAGNOSTICS_MAP, page_size());
+        0
+    };
+    loader
+        .override_global(aya_log::LEVEL, &log_level, true)
+        .override_global("STATE_TP", &layouts.state, true)
+        .override_global("OTHER_TP", &layouts.other, true)
+        .override_global("OFFSETS", &layouts.offsets.unwrap_or_default(), true)
+        .override_global("FILTER", &filter_config(opts), true)
+        .map_max_entries(EVENTS_MAP, opts.ring_bytes)
+        .map_max_entries(OWNERS_MAP, opts.owners_max.max(1))
+        .load(OBJECT)
+        .context("loading the eBPF programs")
+        .map_err(LoadError::classify)
+}
+
+/// The object for the socket inventory alone: every map at its smallest.
+pub(super) fn for_inventory(offsets: &KernelOffsets) -> Result<Ebpf> {
+    let page = page_size();
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    for map in [
+        OWNERS_MAP,
+        TRACED_PIDS_MAP,
+        "IN_CALL",
+        "RECVMSG",
+        "CONNECTING",
+    ] {
+        loader.map_max_entries(map, 1);
+    }
+    loader
+        .map_max_entries(EVENTS_MAP, page)
+        .map_max_entries(DIAGNOSTICS_MAP, page)
+        .override_global(aya_log::LEVEL, &0u8, true)
+        .override_global("OFFSETS", offsets, true)
+        .load(OBJECT)
+        .context("loading the eBPF object")
+}
+
+/// What the programs forward, from the options.
+fn filter_config(opts: &Options) -> FilterConfig {
+    // More ports than the kernel filter holds: userspace alone filters.
+    let ports_in_kernel: &[u16] = if opts.ports.len() <= MAX_PORTS {
+        &opts.ports
+    } else {
+        &[]
+    };
+    let mut ports = [0u16; MAX_PORTS];
+    ports[..ports_in_kernel.len()].copy_from_slice(ports_in_kernel);
+    let mut comms = [[0u8; 16]; MAX_COMMS];
+    for (slot, name) in comms.iter_mut().zip(&opts.comms) {
+        slot[..name.len()].copy_from_slice(name.as_bytes());
+    }
+    FilterConfig {
+        all_transitions: u32::from(opts.all_transitions),
+        pid_filter: u32::from(opts.following()),
+        wakeup_bytes: opts.ring_bytes / WAKEUP_FRACTION,
+        comm_count: opts.comms.len().min(MAX_COMMS) as u32,
+        port_count: ports_in_kernel.len() as u32,
+        comms,
+        ports,
+    }
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
+}
