@@ -484,7 +484,10 @@ mod tests {
     fn durations_in_words() {
         assert_eq!(Dur::tenths(250_400_000).to_string(), "250 ms");
         assert_eq!(Dur::tenths(42_340_000_000).to_string(), "42.3 s");
-        assert_eq!(Dur::whole(Duration::from_millis(42_900)).to_string(), "42 s");
+        assert_eq!(
+            Dur::whole(Duration::from_millis(42_900)).to_string(),
+            "42 s"
+        );
         assert_eq!(Dur::whole(Duration::from_millis(250)).to_string(), "250 ms");
     }
 

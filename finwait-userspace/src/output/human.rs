@@ -537,7 +537,7 @@ mod tests {
 
     fn json(t: &TransitionReport) -> serde_json::Value {
         let v = t.verdict();
-        let e = super::super::json::Event::Transition(super::super::json::Transition::new(
+        let e = super::super::wire::Event::Transition(super::super::wire::Transition::new(
             t,
             v.as_ref(),
             &Clock::new(),

@@ -11,11 +11,13 @@ use crate::{
 };
 
 pub(crate) mod endpoint;
+pub(crate) mod health;
 pub(crate) mod human;
 pub(crate) mod json;
 pub(crate) mod metrics;
+pub(crate) mod wire;
 
-pub(crate) use json::{Start, Stats};
+pub(crate) use health::{Start, Stats};
 
 /// Where finwait's findings go.
 pub(crate) trait Sink {

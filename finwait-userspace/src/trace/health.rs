@@ -9,7 +9,7 @@ use finwait_common::{GUARD_STATE, GUARDED, counter};
 use super::pipeline::Pipeline;
 use crate::{
     kernel::{counters::Counters, prog_stats},
-    output::{Stats, json::RunTime},
+    output::{Stats, health::RunTime},
 };
 
 /// The kernel side's counters.

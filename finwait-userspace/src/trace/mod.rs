@@ -317,7 +317,7 @@ async fn finish(o: &Options, ebpf: &aya::Ebpf, k: &KernelCounters, p: &mut Pipel
 
 /// `--stats-every`: the stats event, as a JSON line on stderr.
 fn stats_to_stderr(stats: &output::Stats) -> Result<()> {
-    let line = serde_json::to_string(&output::json::Event::Stats(stats))?;
+    let line = serde_json::to_string(&output::wire::Event::Stats(stats))?;
     eprintln!("{line}");
     Ok(())
 }
