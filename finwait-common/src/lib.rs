@@ -92,8 +92,7 @@ pub mod owner_flags {
     /// The recorded holder closed its fd while other references to the file remained (a forked
     /// child, a dup, a passed fd): someone else holds the socket now, the kernel cannot say who.
     pub const STALE: u32 = 1 << 0;
-    /// Written by userspace from the start-up snapshot (keyed by inode, not by socket).
-    pub const SEEDED: u32 = 1 << 1;
+    // 1 << 1 is free (it marked records seeded from the start-up snapshot, which nothing read).
     /// With `--pid`/`--comm`: the task that obtained the socket was followed then, or a followed
     /// task made a call on it since. Its transitions stay followed after that task exits (an
     /// orphan's FIN_WAIT2 in softirq).

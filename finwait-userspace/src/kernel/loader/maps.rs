@@ -52,7 +52,7 @@ impl<'a> OwnerSeeder<'a> {
             tgid: o.pid,
             fd: o.fd,
             comm,
-            flags: owner_flags::SEEDED | if followed { owner_flags::FOLLOWED } else { 0 },
+            flags: if followed { owner_flags::FOLLOWED } else { 0 },
             ..OwnerRec::zeroed()
         };
         self.full += u64::from(self.map.insert(inode, rec, 0).is_err());
