@@ -1,21 +1,38 @@
 //! finwait-trace: attributes TCP FIN_WAIT2 / CLOSE_WAIT sockets to the process and call
 //! responsible, and says whose job the rest of the close is.
 //!
-//! Module map (each module opens with its one job):
+//! Module map: the one map of this crate (each module opens with its one job; `docs/design.md`
+//! follows one event through them).
 //! - `cli`: the flags, defined once (the man page and completions are generated from them).
-//! - `model`: the domain (tasks, connections, causes, owners, reports); `model::verdict`, the
-//!   one place that decides whose job a socket is, with the words for it; `model::summary`,
-//!   what a session found per process; `model::escape`, names made safe for a terminal.
-//! - `kernel`: this kernel's layouts (`tracefs`, `btf`), loading and attaching the eBPF
-//!   programs (`loader`), per-program statistics (`prog_stats`), the programs' own diagnostics
-//!   (`diagnostics`, shown by `-v`).
-//! - `host`: facts from /proc and netlink: processes (`procs`), socket holders (`owners`),
-//!   sockets by state (`sockdiag`), per-namespace sysctls (`netns`), the event clock (`clock`).
-//! - `trace`: live tracing as a `pipeline`: `decode` -> `correlate` (what caused each
-//!   transition) -> `resolve` (who holds the socket) -> `filter` -> enrich -> summary and a
-//!   sink; `health` gathers the counters; `trace` itself loads, announces and runs the loop.
-//! - `snapshot`: the sockets on the close path now, with their holders and verdicts.
-//! - `output`: sinks, one per output mode (`human`, `json`: the JSON contract as types).
+//! - `model`: the domain, no I/O: tasks, connections, causes, owners, reports, `TcpState`
+//!   transitions classified once (`TransitionKind`), durations in words (`Dur`).
+//!   - `verdict`: the one place that decides whose job a socket is, with the words for it.
+//!   - `summary`: what a session found per process, and the `--stuck` ledger.
+//!   - `diagnosis`: why a CLOSE_WAIT is still open (Recv-Q, polling, thread states).
+//!   - `container`: container, pod and systemd unit from a cgroup path.
+//!   - `escape`: names made safe for a terminal.
+//! - `host`: facts from /proc and netlink.
+//!   - `procs`: processes by pid, name and workload; `owners`: socket holders from fd links;
+//!     `inspect`: what one owner is doing (epoll sets, thread states).
+//!   - `sockdiag`: sockets by state (sock_diag); `namespaces`: every network namespace and a way
+//!     into each; `netns`: per-namespace sysctls.
+//!   - `cgroup`: cgroup ids to paths; `pods`: pod names by UID; `clock`: the event clock.
+//! - `kernel`: the eBPF side, from userspace.
+//!   - `loader`: load and attach (`hooks`: the hook table; `attach`: the strategies; `object`:
+//!     the object and its globals; `layouts`: tracefs and BTF offsets; `maps`: seeding and
+//!     memlock; `kinds`: mode and hook kinds), with typed errors in `load_error`.
+//!   - `tracefs`, `btf`: this kernel's layouts; `inventory`: the `iter/task_file` socket
+//!     inventory; `counters`: the programs' counters; `prog_stats`: the kernel's per-program
+//!     statistics; `diagnostics`: the programs' own messages (`-v`).
+//! - `snapshot`: the sockets on the close path now (`build`: one socket at a time to answers;
+//!   `entry`: one socket's answer; `tally`: the counts per process).
+//! - `output`: sinks, one per output mode behind one trait: `human`, `json` (writing `wire`, the
+//!   JSON contract as types), `metrics` (`registry`, `workloads`, `held`; served by
+//!   `endpoint`); `health`: the tracer's start and counters every sink shows.
+//! - `trace`: live tracing as a `pipeline`: `decode` -> `dedup` (a guarded hook's second
+//!   reports) -> `correlate` (what caused each transition) -> `resolve` (who holds the socket)
+//!   -> `filter` -> enrich -> verdict -> summary and sinks; `health` gathers the counters;
+//!   `trace` itself loads, announces and runs the loop.
 //! - `demo`: the built-in loopback workload, traced by the same pipeline.
 //!
 //! Layers, each using only those above it: model; host, kernel; snapshot; output; trace; demo;
