@@ -486,11 +486,11 @@ impl Site {
         if i < SITES.len() {
             return Some(SITES[i]);
         }
-        let pair = (i - SITES.len()) / 2;
+        let (pair, first) = ((i - SITES.len()) / 2, (i - SITES.len()).is_multiple_of(2));
         if pair >= GUARDED.len() {
             return None;
         }
-        Some(if (i - SITES.len()) % 2 == 0 {
+        Some(if first {
             GUARDED[pair].0
         } else {
             GUARDED[pair].1
