@@ -5,26 +5,28 @@
 //! Why: the kernel skips a BPF_PROG_TYPE_TRACING program (BTF tracepoint, fentry, fexit) that is
 //! already running on the CPU. A softirq's event lands in a task's run of the program, or, where
 //! programs run preemptibly (Linux 7.0 on: x86 keeps only the full and lazy preemption models),
-//! another task on the same CPU reaches the program while a preempted one is inside it. A second
-//! program, a copy of the first attached to run after it (a tracepoint runs its programs in
-//! attach order, a trampoline the newest first), is not the one running: it runs.
+//! another task on the same CPU reaches the program while a preempted one is inside it. A copy
+//! of the program attached to run after it (a tracepoint runs its programs in attach order, a
+//! trampoline the newest first) is another program: the kernel runs it then, and it reports
+//! what the first was skipped for.
 //!
 //! How the two tell apart what the first did: per CPU and pair, a [`Guard`]. The first
 //! ([`first_run`]) counts itself in `running` for the length of its body, then writes the event
 //! it finished into `last_a`/`last_b` (its [`Mark`]: `last_b` is never 0, so a cleared mark
 //! matches nothing). The second ([`second_run`]) compares, and its outcome is a [`Second`]:
 //! - the mark is this event's: [`Second::AlreadyDone`], the first finished it on this CPU. The
-//!   mark is cleared, so that the same event again (a socket cannot make one change twice in a
-//!   row, a thread can make the same call) is not taken for done.
+//!   mark is cleared, so that the same event again (a thread's next call at this hook has the
+//!   same mark) is not taken for done if the first is skipped for it.
 //! - the first is running on this CPU (`running` > 0): [`Second::Recovered`]. The kernel skips
 //!   the first only while it runs on the CPU, so the second's report is one the first missed:
 //!   counted (`counter::RECOVERED + slot`).
 //! - else [`Second::MaybeDuplicate`]: the first was not running, and its mark names another
 //!   event. Mostly a nested event overwrote the mark after the first finished this one (this
 //!   task was preempted or interrupted between the two programs): the report may repeat the
-//!   one sent, and carries `flags::MAYBE_DUPLICATE`, by which userspace drops it if the same
-//!   event came just before (a duplicate kernel call is harmless: userspace keeps the thread's
-//!   last one).
+//!   one sent. A transition carries `flags::MAYBE_DUPLICATE` then, by which userspace drops it
+//!   if the same change of the same socket came just before (a socket cannot make one change
+//!   twice in a row); so does a call's entry (below). A kernel call (precise mode) carries
+//!   nothing: a duplicate is harmless, userspace keeps the thread's last one.
 //!
 //! A syscall pair ([`Mark::call`]: the event is the current thread's call at the hook) also
 //! counts a `MaybeDuplicate` as recovered. There the kernel may have skipped the first while it
@@ -161,7 +163,7 @@ pub(crate) fn second_run(slot: u32, mark: Mark) -> Second {
 ///         let sk: u64 = ctx.arg(0);
 ///     }
 ///     mark event(sk, 1);
-///     run |site, flags| kernel_call(site, Call::Close, sk, 0);
+///     run |site, _flags| kernel_call(site, Call::Close, sk, 0);
 /// }
 /// ```
 ///
