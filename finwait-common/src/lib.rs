@@ -81,9 +81,10 @@ pub mod flags {
     pub const OWNER_VALID: u8 = 1 << 3;
     /// ProcessExit: the exiting thread was its process's last (the process is gone).
     pub const GROUP_DEAD: u8 = 1 << 4;
-    /// Transition: reported by the second BTF state program while the first was not running on
-    /// the CPU, so the first may have reported it too (a nested change overwrote its mark):
-    /// userspace drops it if the same change of the same socket came just before.
+    /// Transition, CallEnter: sent by a guarded pair's second program while the first was not
+    /// running on the CPU, so the first may have sent it too (a nested event overwrote its
+    /// mark): userspace drops a transition if the same change of the same socket came just
+    /// before, a call's entry if it repeats the call in progress.
     pub const MAYBE_DUPLICATE: u8 = 1 << 5;
 }
 
@@ -189,7 +190,7 @@ pub struct Event {
     /// CallEnter: the fd argument (close_range: the first fd; dup2/dup3: the replaced fd).
     pub fd: i32,
     /// CallEnter: `how` for shutdown, the last fd for close_range. CallExit: the return value.
-    /// ProcessExit: the exit code.
+    /// KernelCall: shutdown's `how`.
     pub arg: i64,
     /// IPv4 addresses use the first 4 bytes.
     pub saddr: [u8; 16],
@@ -356,7 +357,7 @@ pub struct FilterConfig {
 /// `--port` values the kernel filters on; with more, userspace alone filters.
 pub const MAX_PORTS: usize = 8;
 
-/// Per-CPU loss counters, indexes into the `COUNTERS` array.
+/// Loss counters, indexes into the `COUNTERS` array (one for all CPUs, added to atomically).
 pub mod counter {
     /// A record could not be reserved in the ring buffer (it was full): the event is lost.
     pub const RING_FULL: u32 = 0;
@@ -420,6 +421,81 @@ pub const GUARDED: [(&str, &str); 21] = [
 pub const GUARD_STATE: u32 = guard_slot("inet_sock_set_state_btf");
 pub const GUARD_CLOSE: u32 = guard_slot("tcp_close_fentry");
 pub const GUARD_SHUTDOWN: u32 = guard_slot("tcp_shutdown_fentry");
+
+/// Where a diagnostic of the eBPF programs (aya-log, `-v`) comes from: the program that ran, as
+/// a number the eBPF side puts first in the message and userspace replaces with the program's
+/// name ([`Site::name`]). The programs of [`SITES`] are numbered by their place there; the
+/// guarded pairs' follow, two each in [`GUARDED`]'s order (first, second).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Site(pub u8);
+
+/// The programs outside guarded pairs that say where a loss happened (see [`Site`]).
+pub const SITES: [&str; 22] = [
+    "inet_sock_set_state",
+    "sys_enter_shutdown",
+    "sys_exit_shutdown",
+    "sys_enter_close",
+    "sys_exit_close",
+    "sys_enter_close_range",
+    "sys_exit_close_range",
+    "sys_enter_dup2",
+    "sys_exit_dup2",
+    "sys_enter_dup3",
+    "sys_exit_dup3",
+    "sys_exit_new_fd",
+    "sys_enter_connect",
+    "sys_exit_connect",
+    "sys_enter_recvmsg",
+    "sys_exit_recvmsg",
+    "sched_process_exit",
+    "sched_process_fork",
+    "tcp_receive_reset",
+    "tcp_send_reset",
+    "tcp_close_kprobe",
+    "tcp_shutdown_kprobe",
+];
+
+impl Site {
+    /// The site of the program named `program` (a build error, in a constant, if it has none).
+    pub const fn of(program: &str) -> Self {
+        let mut i = 0;
+        while i < SITES.len() {
+            if str_eq(SITES[i], program) {
+                return Self(i as u8);
+            }
+            i += 1;
+        }
+        let mut i = 0;
+        while i < GUARDED.len() {
+            if str_eq(GUARDED[i].0, program) {
+                return Self((SITES.len() + 2 * i) as u8);
+            }
+            if str_eq(GUARDED[i].1, program) {
+                return Self((SITES.len() + 2 * i + 1) as u8);
+            }
+            i += 1;
+        }
+        panic!("not a program with a diagnostic site")
+    }
+
+    /// The name of the program this site is, if it is one.
+    pub const fn name(self) -> Option<&'static str> {
+        let i = self.0 as usize;
+        if i < SITES.len() {
+            return Some(SITES[i]);
+        }
+        let (pair, first) = ((i - SITES.len()) / 2, (i - SITES.len()).is_multiple_of(2));
+        if pair >= GUARDED.len() {
+            return None;
+        }
+        Some(if first {
+            GUARDED[pair].0
+        } else {
+            GUARDED[pair].1
+        })
+    }
+}
 
 /// The guard slot of the hook whose first program is `first` (a build error if it has none).
 pub const fn guard_slot(first: &str) -> u32 {

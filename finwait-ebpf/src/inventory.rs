@@ -8,7 +8,11 @@ use aya_ebpf::{
 };
 use finwait_common::{FD_EPOLL, KernelOffsets, SocketFdRec};
 
-use super::{IPPROTO_TCP, OFFSETS, S_IFMT, config, probe, stream_sock};
+use crate::{
+    OFFSETS,
+    fd::{IPPROTO_TCP, S_IFMT, stream_sock},
+    read::{config, probe},
+};
 
 /// `struct bpf_iter_meta`: the seq_file the records go to.
 #[repr(C)]
@@ -54,7 +58,7 @@ fn socket_fds(ctx: *const TaskFileCtx) -> i32 {
             bpf_seq_write(
                 seq,
                 (&raw const rec).cast(),
-                core::mem::size_of::<SocketFdRec>() as u32,
+                size_of::<SocketFdRec>() as u32,
             );
         }
     }

@@ -1,13 +1,16 @@
 //! `-v`: the eBPF programs' own diagnostics (aya-log records), printed to stderr as they arrive.
+use std::borrow::Cow;
+
 use aya::Ebpf;
 use aya_log::EbpfLogger;
+use finwait_common::Site;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::oneshot,
     task::JoinHandle,
 };
 
-/// Prints each record as `finwait-trace: kernel: LEVEL MESSAGE`.
+/// Prints each record as `finwait-trace: kernel: LEVEL MESSAGE`, the program named.
 struct Stderr;
 
 impl log::Log for Stderr {
@@ -17,10 +20,23 @@ impl log::Log for Stderr {
 
     fn log(&self, record: &log::Record<'_>) {
         let level = record.level().as_str().to_ascii_lowercase();
-        eprintln!("finwait-trace: kernel: {level} {}", record.args());
+        let message = record.args().to_string();
+        eprintln!("finwait-trace: kernel: {level} {}", named(&message));
     }
 
     fn flush(&self) {}
+}
+
+/// The message with its program named: the eBPF side puts the program's [`Site`] number first
+/// (`12: read failed at offset 8`, see finwait-ebpf's `diag`).
+fn named(message: &str) -> Cow<'_, str> {
+    let name = message
+        .split_once(": ")
+        .and_then(|(site, rest)| Some((Site(site.parse().ok()?).name()?, rest)));
+    match name {
+        Some((name, rest)) => Cow::Owned(format!("{name}: {rest}")),
+        None => Cow::Borrowed(message),
+    }
 }
 
 /// Forwards the records while tracing.
@@ -75,4 +91,44 @@ async fn forward(mut logger: AsyncFd<EbpfLogger<Stderr>>, mut stop: oneshot::Rec
         }
     }
     logger.get_mut().flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use finwait_common::{GUARDED, SITES, Site};
+
+    use super::named;
+
+    #[test]
+    fn a_site_number_becomes_its_program() {
+        let site = Site::of("sys_exit_recvmsg_btf").0;
+        assert_eq!(
+            named(&format!(
+                "{site}: fds received by thread 7 not all recorded"
+            )),
+            "sys_exit_recvmsg_btf: fds received by thread 7 not all recorded"
+        );
+        assert_eq!(
+            named("0: read failed at offset 8"),
+            "inet_sock_set_state: read failed at offset 8"
+        );
+        // Anything else as it came.
+        for other in ["250: x", "x: y", "no site", "-1: x"] {
+            assert_eq!(named(other), other);
+        }
+    }
+
+    #[test]
+    fn every_program_with_a_site_has_its_own() {
+        let programs = SITES
+            .iter()
+            .chain(GUARDED.iter().flat_map(|(first, second)| [first, second]));
+        let mut n = 0;
+        for p in programs {
+            assert_eq!(Site::of(p).name(), Some(*p));
+            n += 1;
+        }
+        assert!(n <= usize::from(u8::MAX));
+        assert_eq!(Site(n as u8).name(), None);
+    }
 }
