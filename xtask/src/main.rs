@@ -126,6 +126,10 @@ fn main() -> ExitCode {
 /// Makes sure the toolchain is there, then hands the command to its function.
 fn run(cli: Cli) -> Result<()> {
     setup()?;
+    // Every cargo this runs (directly or through sudo -E) must build the real eBPF object:
+    // finwait-userspace's build.rs then fails rather than embed its stub.
+    // SAFETY: xtask is single-threaded here.
+    unsafe { env::set_var("FINWAIT_REQUIRE_EBPF", "1") };
     match cli.cmd {
         // `setup()` above is the whole command.
         Cmd::Setup => Ok(()),
@@ -484,6 +488,10 @@ fn build_tracer(release: bool) -> Result<PathBuf> {
 /// Runs the workspace's tests on this kernel, as root, with `extra` after `--`.
 fn host_tests(extra: &[String]) -> Result<()> {
     install_test_packages()?;
+    // The integration tests (their own crate) run this binary: build it, and name it.
+    let tracer = build_tracer(false)?;
+    // SAFETY: xtask is single-threaded here.
+    unsafe { env::set_var("FINWAIT_TRACE", &tracer) };
     // Build first as the invoking user, so a sudo run only executes.
     sh(cargo().args([
         "test",

@@ -3,7 +3,7 @@
 //!
 //! Each kernel comes from Debian's cloud kernel packages (`apt-get download`, cached in
 //! target/vm). The initramfs holds busybox, a small init, the test binaries and `finwait-trace`
-//! at their host paths (the tests find the binary through `CARGO_BIN_EXE_*`, an absolute path),
+//! at their host paths (the tests are told the binary's in `FINWAIT_TRACE`, an absolute path),
 //! the shared libraries they load, `ss` and `setpriv`, and the sock_diag modules. The result is
 //! read from the serial console; a watchdog kills a guest that hangs.
 use std::{
@@ -93,7 +93,7 @@ type Entry = (String, Vec<u8>, u32);
 /// Boots every kernel with the payload; fails unless every guest ran it all and passed.
 pub(crate) fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     install_host_packages()?;
-    let (exes, runs) = plan(root, &opts.payload)?;
+    let (exes, runs) = plan(&opts.payload)?;
     // A benchmark's report is the point of it: show it even when it passed.
     let always_show = matches!(opts.payload, Payload::Bench { .. });
     let vm_dir = root.join("target/vm");
@@ -108,9 +108,9 @@ pub(crate) fn vm_test(root: &Path, opts: &Options) -> Result<()> {
 }
 
 /// What a payload needs in the guest: the executables to copy in, and the runs to make.
-fn plan(root: &Path, payload: &Payload) -> Result<(Vec<PathBuf>, Vec<Run>)> {
+fn plan(payload: &Payload) -> Result<(Vec<PathBuf>, Vec<Run>)> {
     match payload {
-        Payload::Tests { filter } => plan_tests(root, filter),
+        Payload::Tests { filter } => plan_tests(filter),
         Payload::Bench {
             bench,
             churn,
@@ -121,10 +121,11 @@ fn plan(root: &Path, payload: &Payload) -> Result<(Vec<PathBuf>, Vec<Run>)> {
 }
 
 /// The test binaries (built here) and the tracer they run; each binary runs once per mode.
-fn plan_tests(root: &Path, filter: &[String]) -> Result<(Vec<PathBuf>, Vec<Run>)> {
-    let (tests, tracer) = build_tests(root)?;
-    let runs = test_runs(&tests, filter);
-    Ok((tests.into_iter().chain([tracer]).collect(), runs))
+fn plan_tests(filter: &[String]) -> Result<(Vec<PathBuf>, Vec<Run>)> {
+    let (tests, tracer) = build_tests()?;
+    let runs = test_runs(&tests, &tracer, filter);
+    let exes = tests.into_iter().map(|t| t.exe).chain([tracer]).collect();
+    Ok((exes, runs))
 }
 
 /// The benchmark's programs, and its one run: `bench TRACER CHURN ARGS...`.
@@ -258,8 +259,14 @@ fn install_host_packages() -> Result<()> {
     ])
 }
 
+/// A test binary, and its package's directory (where cargo would run it).
+struct Test {
+    exe: PathBuf,
+    package: PathBuf,
+}
+
 /// Builds the test binaries; returns them with the `finwait-trace` binary they run.
-fn build_tests(root: &Path) -> Result<(Vec<PathBuf>, PathBuf)> {
+fn build_tests() -> Result<(Vec<Test>, PathBuf)> {
     // Not xtask's own tests: they check this machine's tooling and deploy/ (with promtool and
     // systemd-analyze), none of which the guest has, and no kernel matters to them.
     let out = crate::cargo()
@@ -286,11 +293,17 @@ fn build_tests(root: &Path) -> Result<(Vec<PathBuf>, PathBuf)> {
         if msg["reason"] == "compiler-artifact"
             && msg["profile"]["test"] == true
             && let Some(exe) = msg["executable"].as_str()
+            && let Some(manifest) = msg["manifest_path"].as_str()
         {
-            tests.push(PathBuf::from(exe));
+            let package = Path::new(manifest).parent().unwrap_or(Path::new("/"));
+            tests.push(Test {
+                exe: PathBuf::from(exe),
+                package: package.to_path_buf(),
+            });
         }
     }
-    let tracer = root.join("target/debug/finwait-trace");
+    // The integration tests' crate does not build it: they find it beside their target dir.
+    let tracer = crate::build_tracer(false)?;
     if tests.is_empty() || !tracer.exists() {
         bail!(
             "no test binaries or no {} after the build",
@@ -379,24 +392,23 @@ fn shell_args(args: &[String]) -> String {
         .collect()
 }
 
-/// Every test binary once per mode, from its package directory (as cargo runs it).
-fn test_runs(tests: &[PathBuf], filter: &[String]) -> Vec<Run> {
+/// Every test binary once per mode, from its package directory (as cargo runs it), told where
+/// `tracer` is.
+fn test_runs(tests: &[Test], tracer: &Path, filter: &[String]) -> Vec<Run> {
     let filter = shell_args(filter);
+    let tracer = shell_args(&[path_str(tracer)]);
     let mut runs = Vec::new();
     for mode in MODES {
         for t in tests {
-            let dir = t
-                .parent()
-                .and_then(Path::parent)
-                .and_then(Path::parent)
-                .and_then(Path::parent)
-                .map(|ws| ws.join("finwait-userspace"))
-                .unwrap_or_else(|| PathBuf::from("/"));
             runs.push(Run {
                 mode: mode.to_string(),
-                name: test_name(t),
-                dir,
-                command: format!("FINWAIT_TEST_MODE={mode} {}{filter}", t.display()),
+                name: test_name(&t.exe),
+                dir: t.package.clone(),
+                command: format!(
+                    "FINWAIT_TEST_MODE={mode} FINWAIT_TRACE={tracer} {}{filter}",
+                    t.exe.display(),
+                    tracer = tracer.trim_start(),
+                ),
             });
         }
     }

@@ -16,9 +16,7 @@ use finwait_common::{
 };
 
 pub(crate) use super::load_error::LoadError;
-use super::{btf as kernel_btf, tracefs::Format};
-
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
+use super::{btf as kernel_btf, object::object, tracefs::Format};
 
 /// aya-log-ebpf's ring for the programs' diagnostics (aya-log keeps the name private).
 const DIAGNOSTICS_MAP: &str = "AYA_LOGS";
@@ -257,7 +255,7 @@ pub(crate) fn load_inventory_only() -> Result<Ebpf> {
         .map_max_entries(DIAGNOSTICS_MAP, page)
         .override_global(aya_log::LEVEL, &0u8, true)
         .override_global("OFFSETS", &offsets, true)
-        .load(OBJECT)
+        .load(object()?)
         .context("loading the eBPF object")?;
     // The attach point's id alone; the whole BTF if that fails.
     let btf = super::inventory::attach_point_btf()
@@ -347,7 +345,7 @@ fn load_object(opts: &Options, layouts: &Layouts, diagnostics: bool) -> Result<E
         .override_global("FILTER", &filter_config(opts), true)
         .map_max_entries(EVENTS_MAP, opts.ring_bytes)
         .map_max_entries(OWNERS_MAP, opts.owners_max.max(1))
-        .load(OBJECT)
+        .load(object().map_err(LoadError::Other)?)
         .context("loading the eBPF programs")
         .map_err(LoadError::classify)
 }
@@ -869,8 +867,12 @@ mod tests {
 
     /// Every program the loader may ask for, finwait's and the no-op set, is in the object.
     #[test]
+    #[cfg_attr(
+        finwait_no_ebpf,
+        ignore = "built without the BPF toolchain: no eBPF object"
+    )]
     fn the_object_has_every_program_the_loader_names() {
-        let object = aya_obj::Object::parse(OBJECT).unwrap();
+        let object = aya_obj::Object::parse(object().unwrap()).unwrap();
         for noop in [false, true] {
             let p = Programs { noop };
             let mut names: Vec<String> = HOOKS
@@ -895,8 +897,12 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        finwait_no_ebpf,
+        ignore = "built without the BPF toolchain: no eBPF object"
+    )]
     fn every_syscall_hook_has_its_wrapper_pair_in_the_object() {
-        let object = aya_obj::Object::parse(OBJECT).unwrap();
+        let object = aya_obj::Object::parse(object().unwrap()).unwrap();
         for h in HOOKS.iter().filter(|h| h.category == "syscalls") {
             let w =
                 Wrapper::of(h).unwrap_or_else(|| panic!("{} has no wrapper pair", h.tracepoint));

@@ -7,5 +7,6 @@ pub(crate) mod diagnostics;
 pub(crate) mod inventory;
 pub(crate) mod load_error;
 pub(crate) mod loader;
+pub(crate) mod object;
 pub(crate) mod prog_stats;
 pub(crate) mod tracefs;
