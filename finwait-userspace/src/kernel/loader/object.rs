@@ -1,6 +1,6 @@
 //! The embedded eBPF object, created with its maps sized and its globals written: for tracing
 //! (from the options and this kernel's layouts), or for `snapshot` (every map at its smallest).
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader};
 use finwait_common::{
     EVENTS_MAP, FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OWNERS_MAP, TRACED_PIDS_MAP,
@@ -8,8 +8,20 @@ use finwait_common::{
 
 use super::{LoadError, Options, layouts::Layouts};
 
-pub(super) static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
+
+/// The embedded object, or a clear error when this build has none (build.rs embeds an empty
+/// one where the BPF toolchain is missing, so that a clone checks and unit-tests like any Rust
+/// project).
+pub(super) fn object() -> Result<&'static [u8]> {
+    if OBJECT.is_empty() {
+        bail!(
+            "this build has no eBPF programs: it was built without the BPF toolchain. \
+             Run `cargo xtask build` (it installs the toolchain with `cargo xtask setup`)."
+        );
+    }
+    Ok(OBJECT)
+}
 
 /// aya-log-ebpf's ring for the programs' diagnostics (aya-log keeps the name private).
 const DIAGNOSTICS_MAP: &str = "AYA_LOGS";
@@ -44,7 +56,7 @@ pub(super) fn for_tracing(
         .override_global("FILTER", &filter_config(opts), true)
         .map_max_entries(EVENTS_MAP, opts.ring_bytes)
         .map_max_entries(OWNERS_MAP, opts.owners_max.max(1))
-        .load(OBJECT)
+        .load(object().map_err(LoadError::Other)?)
         .context("loading the eBPF programs")
         .map_err(LoadError::classify)
 }
@@ -68,7 +80,7 @@ pub(super) fn for_inventory(offsets: &KernelOffsets) -> Result<Ebpf> {
         .map_max_entries(DIAGNOSTICS_MAP, page)
         .override_global(aya_log::LEVEL, &0u8, true)
         .override_global("OFFSETS", offsets, true)
-        .load(OBJECT)
+        .load(object()?)
         .context("loading the eBPF object")
 }
 

@@ -566,7 +566,7 @@ fn quiet_endpoint_stops_cleanly_on_sigterm_and_a_taken_port_is_a_clear_error() {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+    let out = Command::new(finwait_trace())
         .args(["--metrics", &addr, "--duration", "5"])
         .output()
         .unwrap();
@@ -579,7 +579,7 @@ fn quiet_endpoint_stops_cleanly_on_sigterm_and_a_taken_port_is_a_clear_error() {
     drop(taken);
 
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+    let child = Command::new(finwait_trace())
         .args(mode_args(&[]))
         .args(["--metrics", &format!("127.0.0.1:{port}"), "--quiet"])
         .stdout(Stdio::piped())

@@ -20,17 +20,14 @@ use common::*;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn trace(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(finwait_trace()).args(args).output().unwrap()
 }
 
 /// Starts the tracer with piped output and returns once it printed its first line (programs
 /// attached): a fixed sleep is too short on a slow machine or an emulated kernel.
 fn spawn_attached(args: &[&str]) -> (std::process::Child, String) {
     use std::io::Read;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+    let mut child = Command::new(finwait_trace())
         .args(mode_args(args))
         .args(args)
         .stdout(std::process::Stdio::piped())
@@ -53,7 +50,7 @@ fn clear_errors_with_the_fix() {
     for args in [&["--duration", "1"][..], &["--demo"]] {
         let child = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(env!("CARGO_BIN_EXE_finwait-trace"))
+            .arg(finwait_trace())
             .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -456,7 +453,7 @@ fn port_filter_drops_other_sockets_in_the_kernel() {
 /// fork and exec: libc calls only) changed what it sees of /sys. The host is untouched.
 fn trace_in_mount_ns(args: &[&str], setup: fn() -> i32) -> std::process::Output {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_finwait-trace"));
+    let mut cmd = Command::new(finwait_trace());
     cmd.args(mode_args(args)).args(args);
     // SAFETY: only async-signal-safe libc calls between fork and exec.
     unsafe {
@@ -574,7 +571,7 @@ fn demo_names_the_client_and_the_server() {
     let _g = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_finwait-trace"));
+    let mut cmd = Command::new(finwait_trace());
     let out = cmd
         .args(mode_args(&[]))
         .args(["--demo", "--json"])
@@ -643,7 +640,7 @@ fn stats_every_writes_stats_events_to_stderr() {
     let _g = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+    let child = Command::new(finwait_trace())
         .args(["--no-snapshot", "--stats-every", "0.3", "--duration", "1.2"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -675,7 +672,7 @@ fn demo_from_a_private_directory_names_the_missing_capabilities() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let bin = dir.join("finwait-trace");
-    std::fs::copy(env!("CARGO_BIN_EXE_finwait-trace"), &bin).unwrap();
+    std::fs::copy(finwait_trace(), &bin).unwrap();
     let child = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(&bin)

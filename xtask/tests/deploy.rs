@@ -2,6 +2,8 @@
 //! Prometheus scrape config with its alerts, and the README's fleet section. They are checked with the tools that
 //! read them (promtool, systemd-analyze) and against each other (port, names, capabilities).
 //! promtool is in Debian's `prometheus` package, which `cargo xtask test` installs.
+// Test crates share the package's dependencies (the library is where unused ones show).
+#![allow(unused_crate_dependencies)]
 
 use std::{
     collections::BTreeSet,
@@ -39,7 +41,7 @@ const HOST_MOUNTS: [&str; 5] = [
 const PORT: u16 = 9977;
 
 fn read(rel: &str) -> String {
-    let path = crate::workspace().join("deploy").join(rel);
+    let path = xtask::workspace().join("deploy").join(rel);
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -90,7 +92,7 @@ fn port_of(addr: &str) -> Option<u16> {
 
 #[test]
 fn alert_rules_pass_their_unit_tests() {
-    let dir = crate::workspace().join("deploy/prometheus");
+    let dir = xtask::workspace().join("deploy/prometheus");
     for args in [
         ["check", "rules", "alerts.yml"],
         ["test", "rules", "alerts_test.yml"],
@@ -581,14 +583,14 @@ fn daemonset_checks_catch_mistakes() {
 /// The README's fleet section names no file of deploy/ that is not there.
 #[test]
 fn fleet_doc_names_existing_files() {
-    let path = crate::workspace().join("README.md");
+    let path = xtask::workspace().join("README.md");
     let readme = fs::read_to_string(&path).unwrap();
     let start = readme
         .find("## On a fleet")
         .expect("README.md has its fleet section");
     let doc = &readme[start..];
     let doc = &doc[..doc[3..].find("\n## ").map_or(doc.len(), |e| e + 3)];
-    let root = crate::workspace();
+    let root = xtask::workspace();
     let named: BTreeSet<&str> = doc
         .split(|c: char| c.is_whitespace() || "`()[],:;".contains(c))
         .filter(|w| w.starts_with("deploy/") && w.len() > "deploy/".len())

@@ -3,6 +3,7 @@
 use std::{
     io::{BufRead, BufReader},
     os::fd::AsRawFd,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
@@ -16,6 +17,30 @@ pub(crate) struct Tracer {
     lines: mpsc::Receiver<Value>,
     /// The `start` event; `stop_when` returns it first.
     pub start: Value,
+}
+
+/// The `finwait-trace` binary under test: `FINWAIT_TRACE` (set by `cargo xtask test`, which
+/// builds it first), else `finwait-trace` in the target directory this test binary was built
+/// in (`target/PROFILE/deps/TEST` -> `target/PROFILE/finwait-trace`; in the VMs too, where both
+/// keep their host paths). This crate cannot name another package's binary through
+/// `CARGO_BIN_EXE_*`.
+pub(crate) fn finwait_trace() -> PathBuf {
+    if let Some(path) = std::env::var_os("FINWAIT_TRACE") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|profile| profile.join("finwait-trace"))
+        .expect("the test binary is in target/PROFILE/deps");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first (`cargo build -p finwait-userspace`), or run the \
+         integration tests with `cargo xtask test`, or name the binary in FINWAIT_TRACE",
+        bin.display()
+    );
+    bin
 }
 
 pub(crate) fn gettid() -> u32 {
@@ -40,7 +65,7 @@ impl Tracer {
             0,
             "the integration tests load eBPF programs: run them as root (`cargo xtask test`)"
         );
-        let mut child = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+        let mut child = Command::new(finwait_trace())
             .arg("--json")
             .args(mode_args(args))
             .args(args)
@@ -549,7 +574,7 @@ fn pod_main(w: i32, close_wait: u32, half_closed: u32) -> i32 {
 
 /// `finwait-trace snapshot --json ARGS`: its lines (it must succeed).
 pub(crate) fn snapshot(args: &[&str]) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+    let out = Command::new(finwait_trace())
         .args(["snapshot", "--json"])
         .args(args)
         .output()

@@ -500,7 +500,7 @@ fn another_network_namespace_is_seen_from_the_host() {
 /// `snapshot` run as `pre` makes it (in the child, before exec): stdout's JSON lines, stderr.
 fn snapshot_as(pre: fn() -> std::io::Result<()>) -> (Vec<Value>, String) {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_finwait-trace"));
+    let mut cmd = Command::new(finwait_trace());
     cmd.args(["snapshot", "--json"]);
     // SAFETY: `pre` makes raw syscalls only.
     unsafe { cmd.pre_exec(pre) };
@@ -569,7 +569,7 @@ fn without_privileges_what_is_not_seen_is_said() {
     }
     let live = {
         use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_finwait-trace"));
+        let mut cmd = Command::new(finwait_trace());
         cmd.args(mode_args(&[])).args([
             "--json",
             "--pid",

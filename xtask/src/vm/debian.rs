@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use crate::{file_name, sh};
+
 /// Where a kernel named on the command line comes from.
 enum Named {
     /// A package of the system's own suites (a meta-package is followed to its kernel).
@@ -92,7 +94,7 @@ fn system_package(meta: &str) -> Result<String> {
     match depends(meta) {
         Some(p) => Ok(p),
         None => {
-            crate::sh(Command::new("apt-get").args(["update", "-q"]))?;
+            sh(Command::new("apt-get").args(["update", "-q"]))?;
             depends(meta).with_context(|| format!("apt-cache depends {meta}: no kernel package"))
         }
     }
@@ -105,7 +107,7 @@ fn fetch_deb(cache: &Path, options: &[String], pkg: &str) -> Result<PathBuf> {
             .ok()?
             .filter_map(std::result::Result::ok)
             .find_map(|e| {
-                let name = crate::vm::file_name(&e.path());
+                let name = file_name(&e.path());
                 (name.starts_with(&format!("{pkg}_")) && name.ends_with(".deb")).then(|| e.path())
             })
     };
@@ -113,13 +115,11 @@ fn fetch_deb(cache: &Path, options: &[String], pkg: &str) -> Result<PathBuf> {
         return Ok(deb);
     }
     eprintln!("xtask: downloading {pkg}...");
-    crate::sh(
-        Command::new("apt-get")
-            .args(options)
-            // apt's _apt sandbox user cannot write into target/: download as ourselves.
-            .args(["download", "-q", "-o", "APT::Sandbox::User=root", pkg])
-            .current_dir(cache),
-    )?;
+    sh(Command::new("apt-get")
+        .args(options)
+        // apt's _apt sandbox user cannot write into target/: download as ourselves.
+        .args(["download", "-q", "-o", "APT::Sandbox::User=root", pkg])
+        .current_dir(cache))?;
     cached().with_context(|| format!("apt-get download {pkg} left no .deb"))
 }
 
@@ -145,7 +145,7 @@ fn fetch_split(vm_dir: &Path, cache: &Path, prefix: &str) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir_all(&partial)?;
     for deb in &debs {
-        crate::sh(Command::new("dpkg").arg("-x").arg(deb).arg(&partial))?;
+        sh(Command::new("dpkg").arg("-x").arg(deb).arg(&partial))?;
     }
     fs::rename(&partial, &dir)?;
     Ok(dir)
@@ -183,11 +183,9 @@ impl SuiteApt {
 
     /// `apt-get update` of this suite's lists alone.
     fn update(&self) -> Result<()> {
-        crate::sh(
-            Command::new("apt-get")
-                .args(self.options())
-                .args(["update", "-q"]),
-        )
+        sh(Command::new("apt-get")
+            .args(self.options())
+            .args(["update", "-q"]))
     }
 
     /// The options that make one apt call use this suite alone.
@@ -206,7 +204,7 @@ impl SuiteApt {
     fn has_lists(&self) -> Result<bool> {
         Ok(fs::read_dir(&self.lists)?
             .filter_map(std::result::Result::ok)
-            .any(|e| crate::vm::file_name(&e.path()).ends_with("_Packages")))
+            .any(|e| file_name(&e.path()).ends_with("_Packages")))
     }
 
     /// The newest `linux-binary-PREFIX*-cloud-amd64` package, by the release in its name.

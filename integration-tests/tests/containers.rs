@@ -240,7 +240,7 @@ fn a_podman_containers_leak_is_named_from_the_host() {
     assert_eq!(p["container"]["container.id"], c.id.as_str(), "{p}");
 
     // A container that does not exist is an error, not an empty trace.
-    let out = Command::new(env!("CARGO_BIN_EXE_finwait-trace"))
+    let out = Command::new(finwait_trace())
         .args(["--container", "0000deadbeef", "--duration", "1"])
         .output()
         .unwrap();

@@ -1,0 +1,87 @@
+//! `cargo xtask setup` (and the first step of every command): the eBPF toolchain, installed
+//! when missing: Debian's rustc with a prebuilt `core` for the BPF target, and bpf-linker.
+use std::{env, path::Path, process::Command};
+
+use anyhow::{Result, bail};
+
+use crate::{apt_install, is_root, sh};
+
+/// Debian packages: rustc/cargo 1.96 with LLVM 22 and a prebuilt `core` for bpfel-unknown-none,
+/// and LLVM 22 to build bpf-linker against.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+];
+const BPF_RUSTC: &str = "/usr/bin/rustc";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn bpf_core_installed() -> bool {
+    let Ok(out) = Command::new(BPF_RUSTC)
+        .args(["--print", "sysroot"])
+        .output()
+    else {
+        return false;
+    };
+    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Path::new(&sysroot)
+        .join("lib/rustlib/bpfel-unknown-none/lib")
+        .is_dir()
+}
+
+fn bpf_linker_installed() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs the toolchain unless it is there (as root on Debian; elsewhere says how).
+pub fn setup() -> Result<()> {
+    if bpf_core_installed() && bpf_linker_installed() {
+        return Ok(());
+    }
+    let debian = Path::new("/usr/bin/apt-get").exists();
+    if !debian || !is_root() {
+        bail!(
+            "the eBPF toolchain is missing. On Debian 12 or newer, as root:\n  \
+             apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}\n  \
+             LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --version {BPF_LINKER_VERSION} --no-default-features --features llvm-22\n\
+             Elsewhere: a Rust nightly with rust-src and `cargo install bpf-linker` (see README.md, 'Building').",
+            APT_PACKAGES.join(" ")
+        );
+    }
+    if !bpf_core_installed() {
+        eprintln!("xtask: installing the BPF Rust toolchain (Debian packages)...");
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        apt_install(APT_PACKAGES)?;
+    }
+    if !bpf_linker_installed() {
+        eprintln!("xtask: building bpf-linker against LLVM 22 (about 90 s)...");
+        sh(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    }
+    if !bpf_core_installed() || !bpf_linker_installed() {
+        bail!("setup finished but the toolchain is still incomplete (is ~/.cargo/bin on PATH?)");
+    }
+    Ok(())
+}
+
+/// Every cargo xtask runs from now on (directly or through `sudo -E`) must build the real eBPF
+/// object: finwait-userspace's build.rs then fails rather than embed its empty stub.
+pub fn require_ebpf() {
+    // SAFETY: called by main before any thread starts.
+    unsafe { env::set_var("FINWAIT_REQUIRE_EBPF", "1") };
+}
