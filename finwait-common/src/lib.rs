@@ -456,6 +456,9 @@ pub const SITES: [&str; 22] = [
     "tcp_shutdown_kprobe",
 ];
 
+// Every site fits its u8.
+const _: () = assert!(SITES.len() + 2 * GUARDED.len() <= 256);
+
 impl Site {
     /// The site of the program named `program` (a build error, in a constant, if it has none).
     pub const fn of(program: &str) -> Self {

@@ -1,4 +1,4 @@
-//! The tracer's own counters: the kernel's (per-CPU counters, runs each program skipped, run
+//! The tracer's own counters: the kernel's (loss counters, runs each program skipped, run
 //! times) and userspace's, gathered into the `stats` event; and warnings as losses grow.
 use std::os::fd::AsFd;
 
