@@ -372,6 +372,16 @@ impl From<&TraceArgs> for crate::trace::Options {
 mod tests {
     use super::*;
 
+    /// `--mode`'s values are the names the start event gives the kernel's modes.
+    #[test]
+    fn mode_values_are_the_kernel_modes_names() {
+        use clap::ValueEnum;
+        for &m in Mode::value_variants() {
+            let value = m.to_possible_value().unwrap();
+            assert_eq!(value.get_name(), loader::Mode::from(m).name());
+        }
+    }
+
     #[test]
     fn rejects_bad_values() {
         assert!(Cli::try_parse_from(["x", "--duration", "-1"]).is_err());
