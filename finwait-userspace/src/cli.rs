@@ -1,6 +1,8 @@
 //! Command-line options.
 use crate::kernel::loader;
 use clap::{Args, Parser, Subcommand};
+use std::time::Duration;
+
 use finwait_common::TcpState;
 
 #[derive(Debug, Parser)]
@@ -114,9 +116,9 @@ pub(crate) struct TraceArgs {
     #[arg(long)]
     pub(crate) json: bool,
 
-    /// Stop after this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub(crate) duration: Option<f64>,
+    /// Stop after this many seconds (at most a year).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub(crate) duration: Option<Duration>,
 
     /// Show every TCP state transition, not only those on the close path.
     #[arg(long)]
@@ -136,9 +138,9 @@ pub(crate) struct TraceArgs {
     pub(crate) ipv6: bool,
 
     /// Report each socket still half-closed (FIN_WAIT2 after shutdown()) or in CLOSE_WAIT after
-    /// this many seconds, once, with its owner.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub(crate) stuck: Option<f64>,
+    /// this many seconds, once, with its owner (at most a year).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_stuck, allow_hyphen_values = true)]
+    pub(crate) stuck: Option<Duration>,
 
     /// Wall-clock times in the human output (default: seconds since start).
     #[arg(long)]
@@ -167,13 +169,14 @@ pub(crate) struct TraceArgs {
     #[arg(long)]
     pub(crate) no_snapshot: bool,
 
-    /// Print the counters (records, lost, tracked sockets, RSS) as JSON to stderr this often.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub(crate) stats_every: Option<f64>,
+    /// Print the counters (records, lost, tracked sockets, RSS) as JSON to stderr this often
+    /// (0.1 s to a day).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_stats_every, allow_hyphen_values = true)]
+    pub(crate) stats_every: Option<Duration>,
 
     /// Size of the kernel's socket ownership map (entries; each socket holds one until it
     /// reaches CLOSE). A full map is counted (`owner_map_full`) and those owners come from /proc.
-    #[arg(long, value_name = "ENTRIES", default_value_t = finwait_common::OWNERS_MAX, hide = true)]
+    #[arg(long, value_name = "ENTRIES", default_value_t = finwait_common::OWNERS_MAX, hide = true, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
     pub(crate) owner_map_entries: u32,
 
     /// Write a man page (`man`) or shell completions (`bash`, `zsh`, `fish`) to stdout.
@@ -293,10 +296,30 @@ fn parse_comm(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn parse_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("`{s}` is not a positive number of seconds")),
+/// A year: longer durations are typos, and `Duration` (or a timer) would overflow on some.
+const YEAR_S: f64 = 365.0 * 24.0 * 3600.0;
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    seconds(s, 0.001, YEAR_S)
+}
+
+fn parse_stuck(s: &str) -> Result<Duration, String> {
+    seconds(s, 0.001, YEAR_S)
+}
+
+/// Faster than ten times a second, the stats lines would be most of the tracer's work.
+fn parse_stats_every(s: &str) -> Result<Duration, String> {
+    seconds(s, 0.1, 24.0 * 3600.0)
+}
+
+/// Seconds between `min` and `max`, as a duration; anything else a usage error that says the
+/// bounds (never a panic: `Duration::from_secs_f64` panics out of range).
+fn seconds(s: &str, min: f64, max: f64) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (min..=max).contains(&v) => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "`{s}` is not a number of seconds between {min} and {max}"
+        )),
     }
 }
 
@@ -353,17 +376,17 @@ impl From<&TraceArgs> for crate::trace::Options {
         Self {
             load: t.into(),
             json: t.json,
-            duration: t.duration.map(std::time::Duration::from_secs_f64),
+            duration: t.duration,
             states: t.select.states.clone(),
             ipv6: (t.ipv4 || t.ipv6).then_some(t.ipv6),
             summary_only: t.summary_only,
             quiet: t.quiet,
             metrics: t.metrics,
             metrics_max_workloads: t.metrics_max_workloads as usize,
-            stuck: t.stuck.map(std::time::Duration::from_secs_f64),
+            stuck: t.stuck,
             wall_clock: t.timestamp,
             snapshot: !t.no_snapshot,
-            stats_every: t.stats_every.map(std::time::Duration::from_secs_f64),
+            stats_every: t.stats_every,
         }
     }
 }

@@ -109,6 +109,42 @@ fn clear_errors_with_the_fix() {
     }
 }
 
+/// Every numeric flag, fed extremes: a usage error (exit 2) that names the flag's bounds, never a
+/// panic (exit 101) or a run that burns a core.
+#[test]
+fn extreme_flag_values_are_usage_errors() {
+    let extremes = [
+        "1e300", "-1", "1e-9", "0", "NaN", "inf", "-inf", "18446744073709551616", "", " ",
+    ];
+    let flags = ["--duration", "--stuck", "--stats-every"];
+    for flag in flags {
+        for v in extremes {
+            let out = trace(&[flag, v]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag} {v:?}: {err}");
+            assert!(err.contains("is not a number of seconds between"), "{flag} {v:?}: {err}");
+            assert!(!err.contains("panicked"), "{flag} {v:?}: {err}");
+        }
+    }
+    let integers = [
+        ("--ring-buffer-kib", &["0", "3", "5", "4294967296", "-4", "1e3"][..]),
+        ("--owner-map-entries", &["0", "16777217", "4294967295", "-1"]),
+        ("--port", &["0x50", "65536", "-1", "1e300"]),
+        ("--pid", &["4294967296", "-1", "1e300"]),
+        ("--netns", &["18446744073709551616", "-1"]),
+    ];
+    for (flag, values) in integers {
+        for v in values {
+            let out = trace(&[flag, v]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag} {v:?}: {err}");
+            assert!(!err.contains("panicked"), "{flag} {v:?}: {err}");
+        }
+    }
+    let out = trace(&["--metrics", "127.0.0.1:9977", "--metrics-max-workloads", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
 /// Three half-closes (one closed later) and two closes by this process, five CLOSE_WAITs on its
 /// server side of which one is closed: the summary says exactly that.
 #[test]
