@@ -114,7 +114,16 @@ fn clear_errors_with_the_fix() {
 #[test]
 fn extreme_flag_values_are_usage_errors() {
     let extremes = [
-        "1e300", "-1", "1e-9", "0", "NaN", "inf", "-inf", "18446744073709551616", "", " ",
+        "1e300",
+        "-1",
+        "1e-9",
+        "0",
+        "NaN",
+        "inf",
+        "-inf",
+        "18446744073709551616",
+        "",
+        " ",
     ];
     let flags = ["--duration", "--stuck", "--stats-every"];
     for flag in flags {
@@ -122,13 +131,22 @@ fn extreme_flag_values_are_usage_errors() {
             let out = trace(&[flag, v]);
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{flag} {v:?}: {err}");
-            assert!(err.contains("is not a number of seconds between"), "{flag} {v:?}: {err}");
+            assert!(
+                err.contains("is not a number of seconds between"),
+                "{flag} {v:?}: {err}"
+            );
             assert!(!err.contains("panicked"), "{flag} {v:?}: {err}");
         }
     }
     let integers = [
-        ("--ring-buffer-kib", &["0", "3", "5", "4294967296", "-4", "1e3"][..]),
-        ("--owner-map-entries", &["0", "16777217", "4294967295", "-1"]),
+        (
+            "--ring-buffer-kib",
+            &["0", "3", "5", "4294967296", "-4", "1e3"][..],
+        ),
+        (
+            "--owner-map-entries",
+            &["0", "16777217", "4294967295", "-1"],
+        ),
         ("--port", &["0x50", "65536", "-1", "1e300"]),
         ("--pid", &["4294967296", "-1", "1e300"]),
         ("--netns", &["18446744073709551616", "-1"]),
@@ -141,7 +159,12 @@ fn extreme_flag_values_are_usage_errors() {
             assert!(!err.contains("panicked"), "{flag} {v:?}: {err}");
         }
     }
-    let out = trace(&["--metrics", "127.0.0.1:9977", "--metrics-max-workloads", "0"]);
+    let out = trace(&[
+        "--metrics",
+        "127.0.0.1:9977",
+        "--metrics-max-workloads",
+        "0",
+    ]);
     assert_eq!(out.status.code(), Some(2));
 }
 
