@@ -354,6 +354,32 @@ fn stops_when_the_traced_process_exits() {
     );
 }
 
+/// `--pid` of a process that exits at any moment of the tracer's start-up (before its programs
+/// are attached, while they are, just after): it still stops by itself with the usual message.
+#[test]
+fn stops_when_the_traced_process_exits_during_start_up() {
+    for after in ["0.1", "0.5", "1", "2"] {
+        let mut target = Command::new("sleep").arg(after).spawn().unwrap();
+        let pid = target.id().to_string();
+        let child = Command::new(finwait_trace())
+            .args(mode_args(&[]))
+            .args(["--pid", &pid, "--no-snapshot", "--duration", "600"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Reaped as soon as it exits: a zombie would not say it is gone.
+        let reaper = std::thread::spawn(move || target.wait());
+        let out = output_within(child, std::time::Duration::from_secs(120));
+        let _ = reaper.join();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Gone before the tracer looked: the usual error; else the usual stop.
+        let stopped = out.status.success() && err.contains("every traced process has exited");
+        let missing = out.status.code() == Some(1) && err.contains("no such process");
+        assert!(stopped || missing, "sleep {after}: {:?} {err}", out.status);
+    }
+}
+
 /// A ring buffer too small for the burst: the loss is warned about live and counted, never silent.
 #[test]
 fn ring_overruns_are_reported() {

@@ -127,6 +127,17 @@ pub(crate) fn with_descendants(pids: &[u32]) -> Vec<u32> {
     all
 }
 
+/// Whether `pid` runs: it exists and is not a zombie (its exit has happened; only its parent's
+/// wait is missing).
+pub(crate) fn alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    Process::new(pid)
+        .and_then(|p| p.stat())
+        .is_ok_and(|s| s.state != 'Z' && s.state != 'X')
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -12,6 +12,9 @@ use crate::model::Report;
 pub(crate) trait PidSet {
     fn contains(&self, pid: u32) -> bool;
     fn is_empty(&self) -> bool;
+    /// Drops the processes `alive` says are gone: one that exited before the exit program was
+    /// attached (or before the set was seeded) would otherwise stay followed forever.
+    fn forget_gone(&mut self, alive: &dyn Fn(u32) -> bool);
 }
 
 impl PidSet for BpfHashMap<MapData, u32, u8> {
@@ -21,6 +24,13 @@ impl PidSet for BpfHashMap<MapData, u32, u8> {
 
     fn is_empty(&self) -> bool {
         self.keys().next().is_none()
+    }
+
+    fn forget_gone(&mut self, alive: &dyn Fn(u32) -> bool) {
+        let gone: Vec<u32> = self.keys().flatten().filter(|&p| !alive(p)).collect();
+        for pid in gone {
+            let _ = self.remove(&pid); // already removed by its exit: the same outcome
+        }
     }
 }
 
@@ -57,9 +67,12 @@ impl Filter {
         self.traced = Some(Box::new(traced));
     }
 
-    /// True once every followed process has exited.
-    pub(crate) fn none_left(&self) -> bool {
-        self.traced.as_ref().is_some_and(|m| m.is_empty())
+    /// True once every followed process has exited, whenever it did (start-up included).
+    pub(crate) fn none_left(&mut self, alive: &dyn Fn(u32) -> bool) -> bool {
+        self.traced.as_mut().is_some_and(|m| {
+            m.forget_gone(alive);
+            m.is_empty()
+        })
     }
 
     /// Followed now (the kernel's set loses a process when it exits).
@@ -181,6 +194,20 @@ mod tests {
         fn is_empty(&self) -> bool {
             self.0.borrow().is_empty()
         }
+
+        fn forget_gone(&mut self, alive: &dyn Fn(u32) -> bool) {
+            self.0.borrow_mut().retain(|&p| alive(p));
+        }
+    }
+
+    /// A followed process that exited before the kernel could say so (during start-up) is
+    /// forgotten at the next check: tracing stops instead of waiting forever.
+    #[test]
+    fn a_process_gone_before_its_exit_was_seen_leaves_none() {
+        let (mut f, _set) = following(&[41, 42]);
+        assert!(!f.none_left(&|_| true));
+        assert!(!f.none_left(&|p| p == 42));
+        assert!(f.none_left(&|_| false));
     }
 
     fn following(pids: &[u32]) -> (Filter, Pids) {

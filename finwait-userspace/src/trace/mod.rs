@@ -250,7 +250,7 @@ async fn trace(
                 stats_to_stderr(&kernel.stats(ebpf, p))?;
             }
             _ = health_tick.tick(), if o.metrics.is_some() => p.sink.health(&kernel.stats(ebpf, p))?,
-            _ = gone_check.tick(), if watch_targets => if p.filter.none_left() {
+            _ = gone_check.tick(), if watch_targets => if p.filter.none_left(&procs::alive) {
                 eprintln!("finwait-trace: every traced process has exited (and no descendant is left); stopping");
                 break;
             },
