@@ -622,3 +622,70 @@ fn quiet_endpoint_stops_cleanly_on_sigterm_and_a_taken_port_is_a_clear_error() {
         "the endpoint outlived the tracer"
     );
 }
+
+/// The endpoint leaves out its own connections and nothing else: an application on the same
+/// port number, on another loopback address, is traced (its CLOSE_WAIT reported), while the
+/// scrapes on the endpoint's address leave no report.
+#[test]
+fn an_application_on_the_metrics_port_is_traced_and_the_scrapes_are_not() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let port = free_port();
+    let endpoint = format!("127.0.0.2:{port}");
+    let child = Command::new(finwait_trace())
+        .args(mode_args(&[]))
+        .args(["--metrics", &endpoint, "--json", "--no-snapshot"])
+        .args(["--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| -> Option<String> {
+        let mut s = TcpStream::connect(&endpoint).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).ok()?;
+        Some(reply)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !get("/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200")) {
+        assert!(Instant::now() < deadline, "the endpoint never became ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The application: same port, another address; its client closes, its socket waits.
+    let app = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (held, _) = app.accept().unwrap();
+    drop(client);
+    for _ in 0..5 {
+        assert!(get("/metrics").is_some());
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = output_within(child, Duration::from_secs(30));
+    drop(held);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let transitions: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "transition")
+        .collect();
+    let close_wait = transitions
+        .iter()
+        .any(|v| v["to"] == "CLOSE_WAIT" && v["lport"] == port && v["laddr"] == "127.0.0.1");
+    assert!(
+        close_wait,
+        "the application's CLOSE_WAIT is missing:\n{stdout}"
+    );
+    let scrapes: Vec<_> = transitions
+        .iter()
+        .filter(|v| v["laddr"] == "127.0.0.2" || v["raddr"] == "127.0.0.2")
+        .collect();
+    assert!(
+        scrapes.is_empty(),
+        "the endpoint's own connections: {scrapes:#?}"
+    );
+}

@@ -3,15 +3,17 @@
 //! gauge would read as "no leak"); `/ready` says the same for a readiness probe, `/healthz`
 //! that the process serves at all. It runs on a thread of its own (a tokio runtime of one
 //! thread): a scrape never waits behind a burst of events, which the tracer's loop works
-//! through without yielding. Nothing else is served.
+//! through without yielding. Nothing else is served. Its own connections are named to the
+//! tracer ([`OwnConnections`]), which leaves them out of its findings and nothing else.
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -20,7 +22,9 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::model::{Endpoints, EndsKey, ends_key};
 
 /// A scraper that sends no request within this long is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,9 +39,70 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// Set once the gauges are seeded: `/metrics` and `/ready` answer from then on.
 pub(crate) type Ready = Arc<AtomicBool>;
 
+/// A closed connection's later transitions (FIN_WAIT2, TIME_WAIT, the peer's LAST_ACK) still
+/// come: its ends are known this long after the close.
+const KEEP_CLOSED: Duration = Duration::from_secs(600);
+/// Connections remembered at most (a scrape a second for `KEEP_CLOSED` is 600).
+const MAX_REMEMBERED: usize = 65_536;
+
+/// The endpoint's own connections, by their full ends, while open and [`KEEP_CLOSED`] after:
+/// the tracer leaves out the transitions of exactly these (both ends: the scraper's socket on
+/// this host is the same connection). An application on the same port, on another address or
+/// in another namespace, has other ends: it is traced.
+#[derive(Clone, Default)]
+pub(crate) struct OwnConnections(Arc<Mutex<HashMap<EndsKey, Option<Instant>>>>);
+
+impl OwnConnections {
+    /// One of `e`'s two sides is a connection of the endpoint's.
+    pub(crate) fn contains(&self, e: &Endpoints) -> bool {
+        let Ok(own) = self.0.lock() else {
+            return false;
+        };
+        if own.is_empty() {
+            return false;
+        }
+        own.contains_key(&e.key())
+            || own.contains_key(&ends_key(e.remote, e.rport, e.local, e.lport))
+    }
+
+    fn opened(&self, key: EndsKey) {
+        if let Ok(mut own) = self.0.lock() {
+            if own.len() >= MAX_REMEMBERED {
+                let now = Instant::now();
+                own.retain(|_, closed| closed.is_none_or(|t| now - t < KEEP_CLOSED));
+            }
+            if own.len() < MAX_REMEMBERED {
+                own.insert(key, None);
+            }
+        }
+    }
+
+    fn closed(&self, key: EndsKey) {
+        if let Ok(mut own) = self.0.lock() {
+            let now = Instant::now();
+            own.retain(|_, closed| closed.is_none_or(|t| now - t < KEEP_CLOSED));
+            if let Some(closed) = own.get_mut(&key) {
+                *closed = Some(now);
+            }
+        }
+    }
+}
+
+/// A connection's ends as the tracer names them (v4-mapped addresses as IPv4).
+fn key_of(stream: &TcpStream) -> Option<EndsKey> {
+    let (l, r) = (stream.local_addr().ok()?, stream.peer_addr().ok()?);
+    Some(ends_key(l.ip(), l.port(), r.ip(), r.port()))
+}
+
 /// Binds `addr` now (before the programs load: a taken port fails at once) and serves
-/// `registry` there from its own thread until the process exits.
-pub(crate) fn start(addr: SocketAddr, registry: Registry, ready: Ready) -> Result<()> {
+/// `registry` there from its own thread until the process exits; its connections are named in
+/// `own` as they come and go.
+pub(crate) fn start(
+    addr: SocketAddr,
+    registry: Registry,
+    ready: Ready,
+    own: OwnConnections,
+) -> Result<()> {
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("--metrics {addr}: cannot listen there"))?;
     listener.set_nonblocking(true)?;
@@ -49,7 +114,7 @@ pub(crate) fn start(addr: SocketAddr, registry: Registry, ready: Ready) -> Resul
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(l) => serve(l, Arc::new(registry), ready).await,
+                    Ok(l) => serve(l, Arc::new(registry), ready, own).await,
                     Err(e) => eprintln!("finwait-trace: warning: --metrics {addr}: {e}"),
                 }
             });
@@ -58,7 +123,7 @@ pub(crate) fn start(addr: SocketAddr, registry: Registry, ready: Ready) -> Resul
 }
 
 /// Serves `registry` until the runtime stops.
-async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Ready) {
+async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Ready, own: OwnConnections) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
@@ -75,6 +140,10 @@ async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Ready) {
         };
         let registry = registry.clone();
         let ready = ready.clone();
+        let (own, key) = (own.clone(), key_of(&stream));
+        if let Some(key) = key {
+            own.opened(key);
+        }
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let r = respond(&req, &registry, ready.load(Ordering::Acquire));
@@ -85,6 +154,9 @@ async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Ready) {
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
+            if let Some(key) = key {
+                own.closed(key);
+            }
             drop(slot);
         });
     }
@@ -124,5 +196,48 @@ fn respond(req: &Request<Incoming>, registry: &Registry, ready: bool) -> Respons
             text,
             "encoding failed\n".into(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    fn ends(local: &str, lport: u16, remote: &str, rport: u16) -> Endpoints {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        Endpoints {
+            local: ip(local),
+            lport,
+            remote: ip(remote),
+            rport,
+        }
+    }
+
+    /// Its own connection, either side and however the address is written, and nothing else
+    /// on its port.
+    #[test]
+    fn own_connections_are_known_by_their_full_ends() {
+        let own = OwnConnections::default();
+        let mapped = |s: &str| s.parse::<IpAddr>().unwrap();
+        own.opened(ends_key(
+            mapped("::ffff:127.0.0.2"),
+            9977,
+            mapped("127.0.0.1"),
+            40000,
+        ));
+        assert!(own.contains(&ends("127.0.0.2", 9977, "127.0.0.1", 40000)));
+        assert!(own.contains(&ends("127.0.0.1", 40000, "127.0.0.2", 9977)));
+        assert!(!own.contains(&ends("127.0.0.1", 9977, "127.0.0.1", 40000)));
+        assert!(!own.contains(&ends("127.0.0.2", 9977, "127.0.0.1", 40001)));
+        // Closed, its last transitions still come: still known.
+        own.closed(ends_key(
+            mapped("::ffff:127.0.0.2"),
+            9977,
+            mapped("127.0.0.1"),
+            40000,
+        ));
+        assert!(own.contains(&ends("127.0.0.2", 9977, "127.0.0.1", 40000)));
     }
 }

@@ -6,7 +6,7 @@ use finwait_common::TcpState;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 
-use crate::model::Report;
+use crate::{model::Report, output::endpoint::OwnConnections};
 
 /// The followed processes, as the kernel keeps them (children join at fork, leave at exit).
 pub(crate) trait PidSet {
@@ -39,8 +39,8 @@ pub(crate) struct Filter {
     ports: Vec<u16>,
     states: Vec<TcpState>,
     ipv6: Option<bool>,
-    /// `--metrics`' own port: its scrapes are finwait's traffic, not the host's (either end).
-    own_port: Option<u16>,
+    /// `--metrics`' own connections: its scrapes are finwait's traffic, not the host's.
+    own: Option<OwnConnections>,
     /// The kernel's set of followed processes (None: every process is followed).
     traced: Option<Box<dyn PidSet>>,
     /// Sockets with a transition shown: their later transitions are shown too. (A close without
@@ -56,10 +56,15 @@ impl Filter {
             ports: o.load.ports.clone(),
             states: o.states.clone(),
             ipv6: o.ipv6,
-            own_port: o.metrics.map(|a| a.port()),
+            own: None,
             traced: None,
             shown: HashSet::new(),
         }
+    }
+
+    /// Leave out the `--metrics` endpoint's own connections.
+    pub(crate) fn exclude(&mut self, own: OwnConnections) {
+        self.own = Some(own);
     }
 
     /// Follow the processes in the kernel's map (`--pid`, `--comm`).
@@ -82,8 +87,8 @@ impl Filter {
 
     /// `--state`, `-4`/`-6` and `--port`, and not the endpoint's own connections.
     fn matches(&self, r: &Report) -> bool {
-        if let (Some(p), Some(e)) = (self.own_port, r.ends())
-            && (e.lport == p || e.rport == p)
+        if let (Some(own), Some(e)) = (&self.own, r.ends())
+            && own.contains(e)
         {
             return false;
         }
@@ -108,7 +113,7 @@ impl Filter {
     /// A socket the start-up inventory found in `state` (its holder already chosen by
     /// `--pid`/`--comm`): `--state`, `-4`/`-6`, `--port`, and not the endpoint's own.
     pub(crate) fn inventory_wanted(&self, e: &crate::model::Endpoints, state: TcpState) -> bool {
-        let own = self.own_port.is_some_and(|p| e.lport == p || e.rport == p);
+        let own = self.own.as_ref().is_some_and(|o| o.contains(e));
         let states = self.states.is_empty() || self.states.contains(&state);
         let family = self.ipv6.is_none_or(|v6| e.is_ipv6() == v6);
         let ports =
@@ -218,7 +223,7 @@ mod tests {
             ports: Vec::new(),
             states: Vec::new(),
             ipv6: None,
-            own_port: None,
+            own: None,
             traced: Some(Box::new(set.clone())),
             shown: HashSet::new(),
         };

@@ -79,7 +79,8 @@ pub(crate) type Stopper = Option<oneshot::Receiver<()>>;
 pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -> Result<()> {
     procs::check_exists(&opts.load.pids)?;
     let signals = Signals::catch()?;
-    let sinks = sinks(&opts)?;
+    let own = output::endpoint::OwnConnections::default();
+    let sinks = sinks(&opts, &own)?;
     let mut loaded = loader::load(&opts.load)?;
     // Only with -v is aya-log's ring read (without it, the programs never write to it).
     let diagnostics = loaded
@@ -93,7 +94,7 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
     let mut p = Pipeline::new(
         Correlator::new(refs_zero_based),
         Resolver::new(owners::Scanner::start(owners::scan)),
-        Filter::new(&opts),
+        filter(&opts, own),
         sinks,
         fin_timeout_s,
     );
@@ -120,9 +121,18 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
     traced
 }
 
+/// What the user asked to see, without the `--metrics` endpoint's own connections.
+fn filter(o: &Options, own: output::endpoint::OwnConnections) -> Filter {
+    let mut f = Filter::new(o);
+    if o.metrics.is_some() {
+        f.exclude(own);
+    }
+    f
+}
+
 /// Where the findings go: stdout (unless `--quiet`), and the `--metrics` endpoint, whose
 /// port is taken here, before anything loads.
-fn sinks(o: &Options) -> Result<Box<dyn output::Sink>> {
+fn sinks(o: &Options, own: &output::endpoint::OwnConnections) -> Result<Box<dyn output::Sink>> {
     let mut sinks: Vec<Box<dyn output::Sink>> = Vec::new();
     if !o.quiet {
         let style = Style::for_stdout(o.wall_clock, monotonic_ns());
@@ -133,7 +143,7 @@ fn sinks(o: &Options) -> Result<Box<dyn output::Sink>> {
             o.metrics_max_workloads,
             Box::new(crate::host::namespaces::close_path_of),
         );
-        output::endpoint::start(addr, registry, sink.readiness())?;
+        output::endpoint::start(addr, registry, sink.readiness(), own.clone())?;
         sinks.push(Box::new(sink));
     }
     Ok(Box::new(output::Tee(sinks)))
