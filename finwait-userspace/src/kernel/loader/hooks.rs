@@ -111,7 +111,7 @@ impl Programs {
     }
 
     /// A guarded hook's second program, which catches what the kernel skipped `first` for.
-    pub(super) fn second_copy(self, first: &str) -> Option<&'static str> {
+    pub(super) fn second_program(self, first: &str) -> Option<&'static str> {
         GUARDED
             .iter()
             .find(|(f, _)| *f == first && !self.noop)
@@ -190,7 +190,7 @@ mod tests {
             names.extend(
                 names
                     .iter()
-                    .filter_map(|n| p.second_copy(n).map(String::from))
+                    .filter_map(|n| p.second_program(n).map(String::from))
                     .collect::<Vec<_>>(),
             );
             for name in names {

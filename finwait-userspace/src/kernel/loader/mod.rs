@@ -118,7 +118,7 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     let table = attach::attach_table(&mut ebpf, programs, wrappers, &mut degraded)?;
     let inventory_refused = load_inventory(&mut ebpf, layouts.offsets, btf.as_ref()).err();
     drop(btf);
-    degraded.extend(attach::second_copies_missing(&ebpf));
+    degraded.extend(attach::second_programs_missing(&ebpf));
     // Loading parsed megabytes of BTF that are free now: give them back to the system.
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };

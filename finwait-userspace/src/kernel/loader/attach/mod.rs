@@ -58,7 +58,7 @@ fn hook_refusal(e: anyhow::Error) -> String {
 
 /// The guarded hooks whose first program is loaded and second is not: what the kernel skips
 /// the first for is lost there (counted).
-pub(super) fn second_copies_missing(ebpf: &Ebpf) -> Vec<String> {
+pub(super) fn second_programs_missing(ebpf: &Ebpf) -> Vec<String> {
     let loaded = |name: &str| ebpf.program(name).is_some_and(|p| p.fd().is_ok());
     GUARDED
         .iter()

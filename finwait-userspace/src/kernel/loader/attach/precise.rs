@@ -99,8 +99,8 @@ fn attach_fentry(
         Ok(())
     };
     // A trampoline runs the newest program first: the second copy goes in first. It is
-    // optional; `second_copies_missing` says so if it did not load.
-    if let Some(second) = programs.second_copy(prog) {
+    // optional; `second_programs_missing` says so if it did not load.
+    if let Some(second) = programs.second_program(prog) {
         let _ = fentry(ebpf, second);
     }
     fentry(ebpf, prog)
@@ -118,7 +118,7 @@ fn attach_pair(
         if let Err(e) = attach_one(ebpf, &programs.call_hook(call, kind), func) {
             for (_, done) in &PRECISE_FUNCTIONS[..=i] {
                 let first = programs.call_hook(done, kind);
-                let second = programs.second_copy(&first);
+                let second = programs.second_program(&first);
                 for name in std::iter::once(first.as_str()).chain(second) {
                     unload(ebpf, name);
                 }

@@ -17,8 +17,8 @@ pub(in crate::kernel::loader) fn attach_state_hook(
         match attach_btf(ebpf, programs.state_btf(), btf) {
             Ok(()) => {
                 // A tracepoint runs its programs in attach order: the second copy goes in
-                // second. It is optional; `second_copies_missing` says so if it did not load.
-                if let Some(second) = programs.second_copy(programs.state_btf()) {
+                // second. It is optional; `second_programs_missing` says so if it did not load.
+                if let Some(second) = programs.second_program(programs.state_btf()) {
                     let _ = attach_btf(ebpf, second, btf);
                 }
                 return Ok(StateHook::TpBtf);

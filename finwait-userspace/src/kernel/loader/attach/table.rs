@@ -129,7 +129,7 @@ fn attach_classic(
 
 impl Wrapper {
     /// Both programs, the second first: a trampoline runs the newest program first. The second
-    /// is optional; `second_copies_missing` says so if it did not load.
+    /// is optional; `second_programs_missing` says so if it did not load.
     fn attach(&self, ebpf: &mut Ebpf, btf: &aya::Btf, types: Option<&btf_rs::Btf>) -> Result<()> {
         // An exit reads only the return value; an entry reads `regs`.
         if !self.exit
