@@ -127,19 +127,45 @@ pub(crate) fn with_descendants(pids: &[u32]) -> Vec<u32> {
     all
 }
 
-/// Whether `pid` runs: it exists and is not a zombie (its exit has happened; only its parent's
-/// wait is missing).
+/// Whether `pid` runs: one of its threads is not a zombie. (Its main thread may have exited
+/// while others run: the process is alive, its leader a zombie; every thread a zombie is a
+/// process that exited and waits for its parent.)
 pub(crate) fn alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
-    Process::new(pid)
-        .and_then(|p| p.stat())
-        .is_ok_and(|s| s.state != 'Z' && s.state != 'X')
+    let Ok(tasks) = Process::new(pid).and_then(|p| p.tasks()) else {
+        return false;
+    };
+    tasks
+        .flatten()
+        .any(|t| t.stat().is_ok_and(|s| s.state != 'Z' && s.state != 'X'))
 }
 
 #[cfg(test)]
 mod tests {
+    /// A process whose main thread exited while another runs is alive; one that exited and
+    /// waits for its parent (a zombie) is not.
+    #[test]
+    fn alive_means_a_thread_still_runs() {
+        assert!(super::alive(std::process::id()));
+        assert!(!super::alive(u32::MAX));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!super::alive(pid), "a zombie is not alive");
+        child.wait().unwrap();
+        let leader_gone = std::process::Command::new("python3")
+            .args(["-c", "import threading,time,ctypes\nthreading.Thread(target=time.sleep,args=(5,)).start()\nctypes.CDLL(None).pthread_exit(None)"])
+            .spawn();
+        if let Ok(mut p) = leader_gone {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            assert!(super::alive(p.id()), "its main thread exited, another runs");
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
     #[test]
     fn a_child_is_a_descendant() {
         let mut child = std::process::Command::new("sleep")
