@@ -275,6 +275,50 @@ fn hostile_process_names_are_escaped() {
     );
 }
 
+/// A name with a bidirectional override, an invisible character, a line separator and the text
+/// of an escape: each JSON line stays one valid line (a splitter at U+2028 cannot cut it), and
+/// the name arrives with those characters escaped, never raw.
+#[test]
+fn names_cannot_reorder_hide_or_split_a_line() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    let (child, _) = spawn_attached(&["--port", &lp.to_string(), "--no-snapshot", "--json"]);
+    let hostile = std::thread::spawn(move || {
+        // SAFETY: renames this thread only; 15 bytes plus NUL.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c"a\u{202e}b\u{200b}\u{2028}\\e".as_ptr()) };
+        let (a, b) = pair(&listener);
+        a.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        drop((a, b));
+    });
+    hostile.join().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for raw in ['\u{202e}', '\u{200b}', '\u{2028}'] {
+        assert!(
+            !text.contains(raw),
+            "{raw:?} reached the output raw: {text:?}"
+        );
+    }
+    for line in text.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not one JSON line ({e}): {line:?}"));
+    }
+    let escaped = r"a\u{202e}b\u{200b}\u{2028}\\e";
+    let named = text.lines().any(|l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+            v["event"] == "transition" && v["cause"]["comm"].as_str() == Some(escaped)
+        })
+    });
+    assert!(named, "the name, escaped, is missing: {text}");
+}
+
 /// `--stuck 1`: a half-closed socket and two CLOSE_WAIT sockets still open after a second are
 /// each reported once, with the process and fd that must close them.
 #[test]
