@@ -689,3 +689,45 @@ fn an_application_on_the_metrics_port_is_traced_and_the_scrapes_are_not() {
         "the endpoint's own connections: {scrapes:#?}"
     );
 }
+
+/// `--metrics HOST:0`: the kernel picks the port, and the tracer says which, so it can be
+/// scraped.
+#[test]
+fn metrics_on_port_zero_says_the_port_it_bound() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut child = Command::new(finwait_trace())
+        .args(mode_args(&[]))
+        .args(["--metrics", "127.0.0.1:0", "--quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let port = loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(n > 0, "the tracer ended without saying its port");
+        if let Some(rest) = line.trim_end().split("serving on 127.0.0.1:").nth(1) {
+            break rest.parse::<u16>().unwrap();
+        }
+    };
+    assert_ne!(port, 0);
+    // Drain the rest of stderr so the tracer never blocks on it.
+    let drain =
+        std::thread::spawn(move || std::io::Read::read_to_end(&mut stderr, &mut Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(port, "/healthz").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing answers on the port it named"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let _ = drain.join();
+}

@@ -105,6 +105,11 @@ pub(crate) fn start(
 ) -> Result<()> {
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("--metrics {addr}: cannot listen there"))?;
+    if addr.port() == 0 {
+        // The kernel chose the port: say which, or nobody can scrape it.
+        let bound = listener.local_addr()?;
+        eprintln!("finwait-trace: --metrics {addr}: serving on {bound}");
+    }
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
