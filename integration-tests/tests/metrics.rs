@@ -716,8 +716,7 @@ fn metrics_on_port_zero_says_the_port_it_bound() {
     };
     assert_ne!(port, 0);
     // Drain the rest of stderr so the tracer never blocks on it.
-    let drain =
-        std::thread::spawn(move || std::io::Read::read_to_end(&mut stderr, &mut Vec::new()));
+    let drain = std::thread::spawn(move || stderr.read_to_end(&mut Vec::new()));
     let deadline = Instant::now() + Duration::from_secs(60);
     while http_status(port, "/healthz").is_none() {
         assert!(
