@@ -635,11 +635,6 @@ impl TcpState {
             Self::Unknown => "UNKNOWN",
         }
     }
-
-    /// The kernel's number (0 for `Unknown`).
-    pub const fn number(self) -> u8 {
-        self as u8
-    }
 }
 
 #[cfg(feature = "user")]

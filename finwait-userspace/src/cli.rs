@@ -117,7 +117,7 @@ pub(crate) struct TraceArgs {
     pub(crate) json: bool,
 
     /// Stop after this many seconds (at most a year).
-    #[arg(long, value_name = "SECONDS", value_parser = parse_duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "SECONDS", value_parser = up_to_a_year, allow_hyphen_values = true)]
     pub(crate) duration: Option<Duration>,
 
     /// Show every TCP state transition, not only those on the close path.
@@ -139,7 +139,7 @@ pub(crate) struct TraceArgs {
 
     /// Report each socket still half-closed (FIN_WAIT2 after shutdown()) or in CLOSE_WAIT after
     /// this many seconds, once, with its owner (at most a year).
-    #[arg(long, value_name = "SECONDS", value_parser = parse_stuck, allow_hyphen_values = true)]
+    #[arg(long, value_name = "SECONDS", value_parser = up_to_a_year, allow_hyphen_values = true)]
     pub(crate) stuck: Option<Duration>,
 
     /// Wall-clock times in the human output (default: seconds since start).
@@ -299,11 +299,8 @@ fn parse_comm(s: &str) -> Result<String, String> {
 /// A year: longer durations are typos, and `Duration` (or a timer) would overflow on some.
 const YEAR_S: f64 = 365.0 * 24.0 * 3600.0;
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    seconds(s, 0.001, YEAR_S)
-}
-
-fn parse_stuck(s: &str) -> Result<Duration, String> {
+/// `--duration`, `--stuck`.
+fn up_to_a_year(s: &str) -> Result<Duration, String> {
     seconds(s, 0.001, YEAR_S)
 }
 
