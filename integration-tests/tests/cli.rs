@@ -241,18 +241,18 @@ fn summary_counts_after_a_scripted_scenario() {
     drop(keep);
 }
 
-/// A process that names itself with a terminal escape and a newline cannot forge output.
-#[test]
-fn hostile_process_names_are_escaped() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+/// The tracer's output (with `args`) while a thread named `name` shuts a connection down and
+/// closes it.
+fn shutdown_by_a_thread_named(name: &'static std::ffi::CStr, args: &[&str]) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lp = listener.local_addr().unwrap().port();
-    let (child, _) = spawn_attached(&["--port", &lp.to_string(), "--no-snapshot"]);
+    let port = lp.to_string();
+    let mut all = vec!["--port", &port, "--no-snapshot"];
+    all.extend_from_slice(args);
+    let (child, _) = spawn_attached(&all);
     let hostile = std::thread::spawn(move || {
-        // SAFETY: renames this thread only; 15 bytes plus NUL.
-        unsafe { libc::prctl(libc::PR_SET_NAME, c"\x1b[2Jevil\nFAKE".as_ptr()) };
+        // SAFETY: renames this thread only; at most 15 bytes plus NUL.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
         let (a, b) = pair(&listener);
         a.shutdown(Shutdown::Write).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(500));
@@ -263,7 +263,16 @@ fn hostile_process_names_are_escaped() {
     // SAFETY: our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A process that names itself with a terminal escape and a newline cannot forge output.
+#[test]
+fn hostile_process_names_are_escaped() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let text = shutdown_by_a_thread_named(c"\x1b[2Jevil\nFAKE", &[]);
     assert!(
         !text.contains('\x1b'),
         "a raw escape reached the terminal: {text:?}"
@@ -283,23 +292,7 @@ fn names_cannot_reorder_hide_or_split_a_line() {
     let _g = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let lp = listener.local_addr().unwrap().port();
-    let (child, _) = spawn_attached(&["--port", &lp.to_string(), "--no-snapshot", "--json"]);
-    let hostile = std::thread::spawn(move || {
-        // SAFETY: renames this thread only; 15 bytes plus NUL.
-        unsafe { libc::prctl(libc::PR_SET_NAME, c"a\u{202e}b\u{200b}\u{2028}\\e".as_ptr()) };
-        let (a, b) = pair(&listener);
-        a.shutdown(Shutdown::Write).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        drop((a, b));
-    });
-    hostile.join().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    // SAFETY: our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = shutdown_by_a_thread_named(c"a\u{202e}b\u{200b}\u{2028}\\e", &["--json"]);
     for raw in ['\u{202e}', '\u{200b}', '\u{2028}'] {
         assert!(
             !text.contains(raw),
