@@ -476,16 +476,21 @@ mod tests {
         assert!(text(&reg).contains("finwait_close_wait_sockets{comm=\"other\",container_id=\"\",k8s_pod_uid=\"\",systemd_unit=\"\"} 0\n"));
     }
 
-    #[test]
-    fn sockets_the_kernel_no_longer_has_are_released_and_counted() {
-        let (mut m, reg) = sink(10);
-        send(&mut m, &close_wait(1, 0, owner("imapd", "/")));
+    /// imapd holds two CLOSE_WAIT sockets: to ports 4000 (sock 1) and 4001 (sock 2).
+    fn two_close_waits_of_imapd(m: &mut MetricsSink) {
+        send(m, &close_wait(1, 0, owner("imapd", "/")));
         let mut other = ends();
         other.rport = 4001;
         let mut t =
             TransitionReport::new(1, 2, other, TcpState::Established, TcpState::CloseWait, 0);
         t.owner = Some(owner("imapd", "/"));
-        send(&mut m, &Report::Transition(t));
+        send(m, &Report::Transition(t));
+    }
+
+    #[test]
+    fn sockets_the_kernel_no_longer_has_are_released_and_counted() {
+        let (mut m, reg) = sink(10);
+        two_close_waits_of_imapd(&mut m);
         // The close of the first was lost: the kernel's table no longer has it.
         m.release_gone(|h| h.key.3 == 4000);
         let t = text(&reg);
@@ -509,13 +514,7 @@ mod tests {
             })
         };
         let (mut m, reg) = MetricsSink::new(10, Box::new(read));
-        send(&mut m, &close_wait(1, 0, owner("imapd", "/")));
-        let mut other = ends();
-        other.rport = 4001;
-        let mut t =
-            TransitionReport::new(1, 2, other, TcpState::Established, TcpState::CloseWait, 0);
-        t.owner = Some(owner("imapd", "/"));
-        send(&mut m, &Report::Transition(t));
+        two_close_waits_of_imapd(&mut m);
         m.check_against_kernel();
         let t = text(&reg);
         assert!(t.contains("finwait_close_wait_sockets{comm=\"imapd\",container_id=\"\",k8s_pod_uid=\"\",systemd_unit=\"\"} 1\n"), "{t}");
