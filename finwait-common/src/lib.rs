@@ -117,8 +117,7 @@ pub struct SocketFdRec {
     pub fd: u32,
     pub state: u8,
     pub _pad: [u8; 3],
-    /// The task's name (the thread the iterator visited: the first of its process that holds
-    /// this fd table).
+    /// The process's name (its main thread's `comm`).
     pub comm: [u8; 16],
 }
 
@@ -138,6 +137,7 @@ pub struct OwnerRec {
     pub ts_ns: u64,
     pub tgid: u32,
     pub fd: i32,
+    /// The process's name (its main thread's `comm`, not the calling thread's).
     pub comm: [u8; 16],
     pub flags: u32,
     pub _pad: u32,
@@ -195,6 +195,8 @@ pub struct Event {
     /// IPv4 addresses use the first 4 bytes.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
+    /// The process's name (its main thread's `comm`; a thread's own name can be anything). In
+    /// a transition or a reset, the name of whatever task the packet interrupted.
     pub comm: [u8; 16],
     /// Transition, CallEnter: the socket's ownership record (see [`flags::OWNER_VALID`]).
     pub owner: OwnerRec,
@@ -315,6 +317,11 @@ pub struct KernelOffsets {
     /// found (then the main thread's exit ends it).
     pub task_signal: u32,
     pub signal_live: u32,
+    /// `task_struct.group_leader` and `task_struct.comm`: a process's name is its main thread's
+    /// (what `/proc/PID/comm` says); a thread may rename itself, not its process. 0: not
+    /// found (then the current thread's name).
+    pub task_group_leader: u32,
+    pub process_comm: u32,
     /// `sock_common.skc_state` (one byte).
     pub sock_state: u32,
     /// For the socket inventory (`iter/task_file`): `task_struct.tgid`, `task_struct.comm`,

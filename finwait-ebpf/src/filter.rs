@@ -1,9 +1,13 @@
 //! `--pid`, `--comm`, `--port`: which processes and sockets are followed, decided in the kernel
 //! so that the rest never reaches userspace.
-use aya_ebpf::helpers::bpf_get_current_comm;
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use finwait_common::{Event, MAX_COMMS, MAX_PORTS, Site, counter, flags, owner_flags};
 
-use crate::{FILTER, TRACED_PIDS, diag, event::count, read::config};
+use crate::{
+    FILTER, TRACED_PIDS, diag,
+    event::{count, process_comm},
+    read::config,
+};
 
 /// With `--pid`/`--comm`: is this process followed? A process matching `--comm` joins the set,
 /// so its children are followed too.
@@ -17,7 +21,8 @@ pub(crate) fn pid_traced(site: Site, tgid: u32) -> bool {
     if comm_count == 0 {
         return false;
     }
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // The process's name: a thread naming itself after a followed process is not followed.
+    let comm = process_comm(bpf_get_current_pid_tgid());
     if !comm_followed(&comm) {
         return false;
     }

@@ -241,25 +241,31 @@ fn summary_counts_after_a_scripted_scenario() {
     drop(keep);
 }
 
-/// The tracer's output (with `args`) while a thread named `name` shuts a connection down and
-/// closes it.
-fn shutdown_by_a_thread_named(name: &'static std::ffi::CStr, args: &[&str]) -> String {
+/// The tracer's output (with `args`) while a process named `name` (its main thread's name, set
+/// after fork) shuts a connection down, then exits holding it.
+fn shutdown_by_a_process_named(name: &'static std::ffi::CStr, args: &[&str]) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lp = listener.local_addr().unwrap().port();
     let port = lp.to_string();
     let mut all = vec!["--port", &port, "--no-snapshot"];
     all.extend_from_slice(args);
     let (child, _) = spawn_attached(&all);
-    let hostile = std::thread::spawn(move || {
-        // SAFETY: renames this thread only; at most 15 bytes plus NUL.
-        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
-        let (a, b) = pair(&listener);
-        a.shutdown(Shutdown::Write).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        drop((a, b));
+    let (a, b) = pair(&listener);
+    let sock = a.as_raw_fd();
+    let hostile = fork_child(move || {
+        // SAFETY: raw calls in the child: renames its only (main) thread, so the process.
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+            libc::shutdown(sock, libc::SHUT_WR);
+        }
+        sleep_ms(500);
+        0
     });
-    hostile.join().unwrap();
+    drop(a);
+    wait_child(hostile);
     std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(b);
+    std::thread::sleep(std::time::Duration::from_millis(300));
     // SAFETY: our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
@@ -272,7 +278,7 @@ fn hostile_process_names_are_escaped() {
     let _g = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let text = shutdown_by_a_thread_named(c"\x1b[2Jevil\nFAKE", &[]);
+    let text = shutdown_by_a_process_named(c"\x1b[2Jevil\nFAKE", &[]);
     assert!(
         !text.contains('\x1b'),
         "a raw escape reached the terminal: {text:?}"
@@ -292,7 +298,7 @@ fn names_cannot_reorder_hide_or_split_a_line() {
     let _g = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let text = shutdown_by_a_thread_named(c"a\u{202e}b\u{200b}\u{2028}\\e", &["--json"]);
+    let text = shutdown_by_a_process_named(c"a\u{202e}b\u{200b}\u{2028}\\e", &["--json"]);
     for raw in ['\u{202e}', '\u{200b}', '\u{2028}'] {
         assert!(
             !text.contains(raw),
@@ -310,6 +316,45 @@ fn names_cannot_reorder_hide_or_split_a_line() {
         })
     });
     assert!(named, "the name, escaped, is missing: {text}");
+}
+
+/// A thread that names itself after another program does not rename its process: the call,
+/// the STUCK report and the summary name the process by its main thread (`/proc/PID/comm`).
+#[test]
+fn a_thread_cannot_relabel_its_process() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let process = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let process = process.trim_end();
+    assert_ne!(process, "nginx");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&["--port", &lp.to_string(), "--stuck", "1", "--no-snapshot"]);
+    let (a, b) = std::thread::spawn(move || {
+        // SAFETY: renames this thread only.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c"nginx".as_ptr()) };
+        let (a, b) = pair(&listener);
+        a.shutdown(Shutdown::Write).unwrap();
+        (a, b)
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    let all = tracer.stop_when(&[]);
+    drop((a, b));
+    let shutdown = all
+        .iter()
+        .find(|v| v["event"] == "transition" && v["cause"]["call"] == "shutdown")
+        .unwrap_or_else(|| panic!("no shutdown: {all:#?}"));
+    assert_eq!(shutdown["cause"]["comm"], process, "{shutdown}");
+    let stuck = all
+        .iter()
+        .find(|v| v["event"] == "stuck")
+        .unwrap_or_else(|| panic!("no stuck report: {all:#?}"));
+    assert_eq!(stuck["comm"], process, "{stuck}");
+    let text: String = all.iter().map(|v| format!("{v}\n")).collect();
+    assert!(!text.contains("nginx"), "the thread's name named the process: {text}");
 }
 
 /// `--stuck 1`: a half-closed socket and two CLOSE_WAIT sockets still open after a second are
