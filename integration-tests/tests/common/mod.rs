@@ -115,11 +115,7 @@ impl Tracer {
         expect: &[(u16, u16, &str, &str)],
     ) -> Vec<Value> {
         let all = self.stop_after(limit, expect);
-        let stats = all.last().unwrap();
-        assert_eq!(
-            stats["kernel_skipped_nested"], 0,
-            "the kernel skipped events: {stats}"
-        );
+        assert_losses_owned_up_to(all.last().unwrap());
         all
     }
 
@@ -222,6 +218,32 @@ impl Drop for Tracer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What the product promises when the kernel skips a program run (a BPF program of the same
+/// kind already held the CPU: on 7.x, another task preempted inside it, more often under
+/// emulation and load): the loss is counted per program in `stats`, never silent. Whether it
+/// cost the scenario an answer is for the test's own assertions, which name every transition
+/// and cause they need: a skip elsewhere on the host (any process's close() runs the hook) is
+/// not a failure. The hooks guarded by a second program make a counted loss rare; it is shown.
+pub(crate) fn assert_losses_owned_up_to(stats: &Value) {
+    assert_eq!(stats["event"], "stats", "{stats}");
+    let skipped = stats["kernel_skipped_nested"].as_u64().unwrap_or(0);
+    if skipped == 0 {
+        return;
+    }
+    let by_program = stats["kernel_skipped_by_program"]
+        .as_object()
+        .map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>());
+    assert_eq!(
+        by_program, skipped,
+        "a skip not named per program: {stats}"
+    );
+    eprintln!(
+        "note: the kernel skipped {skipped} program runs (counted: {}); the test's assertions \
+         say whether the scenario lost anything",
+        stats["kernel_skipped_by_program"]
+    );
 }
 
 /// Waits (up to 10 s) until the kernel shows the socket `lport` -> `rport` in `state` (or past
