@@ -28,6 +28,9 @@ impl Container {
     /// Reads a cgroup path, e.g.
     /// `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`.
     pub(crate) fn from_path(path: &str) -> Self {
+        // Cgroup names are chosen by whoever may create one (a delegated subtree: any user).
+        let escaped = super::escape::sanitize(path);
+        let path = escaped.as_str();
         let mut c = Container {
             cgroup: path.to_string(),
             ..Default::default()

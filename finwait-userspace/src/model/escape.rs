@@ -1,4 +1,7 @@
 //! Process names and paths are chosen by the process: never print them raw to a terminal.
+//! A name is escaped once, as it enters ([`sanitize`]); the JSON contract carries it as it was
+//! ([`unescape`]), with JSON's own `\u` escapes for what could lie ([`must_escape`]).
+use std::borrow::Cow;
 
 /// Replaces what a name could use to lie with visible escapes: control characters (escape
 /// sequences, newlines), invalid UTF-8, the bidirectional controls (which reorder the rest of a
@@ -10,7 +13,7 @@ pub(crate) fn sanitize(s: &str) -> String {
     for c in s.chars() {
         if c == '\\' {
             out.push_str("\\\\");
-        } else if c.is_control() || c == '\u{fffd}' || deceptive(c) {
+        } else if c.is_control() || must_escape(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -19,11 +22,51 @@ pub(crate) fn sanitize(s: &str) -> String {
     out
 }
 
-/// Bidirectional controls, invisible characters and separators (Unicode's Bidi_Control and
-/// Default_Ignorable characters that names have no use for, and Zl/Zp).
-fn deceptive(c: char) -> bool {
+/// The name [`sanitize`] escaped, as it was (what the process chose, a lost byte of invalid
+/// UTF-8 as U+FFFD): for JSON, whose writer escapes what could lie as `\uXXXX`. Borrowed when
+/// nothing was escaped.
+pub(crate) fn unescape(s: &str) -> Cow<'_, str> {
+    if !s.contains('\\') {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (c, used) = match after.as_bytes().first() {
+            Some(b'\\') => (Some('\\'), 1),
+            Some(b'n') => (Some('\n'), 1),
+            Some(b't') => (Some('\t'), 1),
+            Some(b'r') => (Some('\r'), 1),
+            Some(b'u') => after
+                .strip_prefix("u{")
+                .and_then(|h| h.split_once('}'))
+                .and_then(|(hex, _)| {
+                    let c = char::from_u32(u32::from_str_radix(hex, 16).ok()?)?;
+                    Some((Some(c), hex.len() + 3))
+                })
+                .unwrap_or((None, 0)),
+            _ => (None, 0),
+        };
+        match c {
+            Some(c) => out.push(c),
+            // Not one of sanitize's escapes: kept as written.
+            None => out.push('\\'),
+        }
+        rest = &after[used..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+/// What a name could lie with besides controls: bidirectional controls, invisible characters
+/// and separators (Unicode's Bidi_Control and Default_Ignorable characters that names have no
+/// use for, and Zl/Zp), and U+FFFD (a byte that was not UTF-8).
+pub(crate) fn must_escape(c: char) -> bool {
     matches!(c,
-        '\u{00ad}' // soft hyphen
+        '\u{fffd}' // replacement character
+        | '\u{00ad}' // soft hyphen
         | '\u{061c}' // Arabic letter mark
         | '\u{115f}' | '\u{1160}' | '\u{3164}' | '\u{ffa0}' // Hangul fillers
         | '\u{180e}' // Mongolian vowel separator
@@ -58,5 +101,25 @@ mod tests {
         assert_eq!(s("a\\u{1b}b"), "a\\\\u{1b}b");
         // Other scripts are names like any.
         assert_eq!(s("nginx-été-日本"), "nginx-été-日本");
+    }
+
+    /// What sanitize escaped comes back as it was, whatever the name holds.
+    #[test]
+    fn unescape_undoes_sanitize() {
+        for name in [
+            "nginx",
+            "a\u{202e}b\u{200b}\u{2028}\\e",
+            "evil\x1b[2J\nFAKE\t\r\0",
+            "a\\u{1b}b",
+            "\\",
+            "x\\",
+            "\u{e0041}tag\u{fffd}",
+            "nginx-été-日本\\n",
+        ] {
+            assert_eq!(super::unescape(&super::sanitize(name)), name, "{name:?}");
+        }
+        assert!(matches!(super::unescape("plain"), std::borrow::Cow::Borrowed(_)));
+        // Not an escape sanitize makes: left as written.
+        assert_eq!(super::unescape("a\\qb\\u{zz}"), "a\\qb\\u{zz}");
     }
 }

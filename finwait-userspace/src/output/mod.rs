@@ -146,7 +146,8 @@ impl Out {
 
     /// One JSON object on a line.
     pub(crate) fn json_line(&mut self, v: &impl serde::Serialize) -> io::Result<()> {
-        serde_json::to_writer((&mut self.buf).writer(), v)?;
+        let mut json = serde_json::Serializer::with_formatter((&mut self.buf).writer(), SafeJson);
+        v.serialize(&mut json)?;
         self.end_line()
     }
 
@@ -167,5 +168,52 @@ impl Out {
     pub(crate) fn flush(&mut self) -> io::Result<()> {
         self.write_out()?;
         self.w.flush()
+    }
+}
+
+/// serde_json's compact format, with what could make a string lie (bidirectional controls,
+/// invisible characters, U+2028/2029, which some readers split lines at) written as `\uXXXX`
+/// escapes: no such character reaches the output raw, and a JSON reader gets it back exactly.
+/// (serde_json already escapes the control characters.)
+pub(crate) struct SafeJson;
+
+impl serde_json::ser::Formatter for SafeJson {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        let mut from = 0;
+        for (at, c) in fragment.char_indices() {
+            if crate::model::escape::must_escape(c) {
+                w.write_all(&fragment.as_bytes()[from..at])?;
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    write!(w, "\\u{u:04x}")?;
+                }
+                from = at + c.len_utf8();
+            }
+        }
+        w.write_all(&fragment.as_bytes()[from..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A name that could reorder, hide or split a line reaches the JSON bytes as escapes only,
+    /// and a reader gets it back exactly.
+    #[test]
+    fn json_escapes_what_could_lie_and_keeps_the_name() {
+        let name = "a\u{202e}b\u{200b}\u{2028}\u{e0041}\x1b\\é";
+        let mut out = Vec::new();
+        let mut json = serde_json::Serializer::with_formatter(&mut out, super::SafeJson);
+        serde::Serialize::serialize(&name, &mut json).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            r#""a\u202eb\u200b\u2028\udb40\udc41\u001b\\é""#,
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<String>(&text).unwrap(), name);
     }
 }

@@ -17,7 +17,7 @@ use crate::{
         Cause, CloseNoFinReport, Container, Endpoints, Fw2Exit, Owner, Stuck, TransitionReport,
         Verdict,
         diagnosis::{FinReading, OwnerState, Polled, epoll_events},
-        how_name,
+        escape, how_name,
         summary::Summary,
     },
     snapshot::{Entry, Snapshot},
@@ -105,20 +105,21 @@ impl Serialize for ContainerJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
         struct Fields<'a> {
+            #[serde(serialize_with = "name")]
             cgroup: &'a str,
-            #[serde(rename = "container.id", skip_serializing_if = "Option::is_none")]
+            #[serde(rename = "container.id", skip_serializing_if = "Option::is_none", serialize_with = "opt_name")]
             id: Option<&'a str>,
             #[serde(rename = "container.runtime", skip_serializing_if = "Option::is_none")]
             runtime: Option<&'static str>,
-            #[serde(rename = "k8s.pod.uid", skip_serializing_if = "Option::is_none")]
+            #[serde(rename = "k8s.pod.uid", skip_serializing_if = "Option::is_none", serialize_with = "opt_name")]
             pod_uid: Option<&'a str>,
-            #[serde(rename = "k8s.namespace.name", skip_serializing_if = "Option::is_none")]
+            #[serde(rename = "k8s.namespace.name", skip_serializing_if = "Option::is_none", serialize_with = "opt_name")]
             namespace: Option<&'a str>,
-            #[serde(rename = "k8s.pod.name", skip_serializing_if = "Option::is_none")]
+            #[serde(rename = "k8s.pod.name", skip_serializing_if = "Option::is_none", serialize_with = "opt_name")]
             pod_name: Option<&'a str>,
             #[serde(rename = "k8s.pod.qos_class", skip_serializing_if = "Option::is_none")]
             qos: Option<&'static str>,
-            #[serde(rename = "systemd.unit", skip_serializing_if = "Option::is_none")]
+            #[serde(rename = "systemd.unit", skip_serializing_if = "Option::is_none", serialize_with = "opt_name")]
             systemd_unit: Option<&'a str>,
         }
         let c = self.0;
@@ -142,6 +143,7 @@ pub(crate) struct CauseJson<'a> {
     how: Option<&'static str>,
     pid: Option<u32>,
     tid: Option<u32>,
+    #[serde(serialize_with = "opt_name")]
     comm: Option<&'a str>,
     fd: Option<i32>,
     exact: bool,
@@ -167,6 +169,7 @@ impl<'a> From<&'a Cause> for CauseJson<'a> {
 #[derive(Serialize)]
 pub(crate) struct OwnerJson<'a> {
     pid: u32,
+    #[serde(serialize_with = "name")]
     comm: &'a str,
     fd: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -184,6 +187,21 @@ impl<'a> From<&'a Owner> for OwnerJson<'a> {
             cgroup_id: o.cgroup_id,
             container: ContainerJson::of(o.container.as_deref()),
         }
+    }
+}
+
+/// A name or path as the process or the host chose it (the model keeps it escaped for
+/// terminals): JSON's writer escapes what could lie ([`super::SafeJson`]), and a reader gets
+/// the name itself.
+fn name<S: Serializer>(n: &impl AsRef<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&escape::unescape(n.as_ref()))
+}
+
+#[allow(clippy::ref_option)] // serde's serialize_with passes a reference to the field
+fn opt_name<S: Serializer>(n: &Option<impl AsRef<str>>, s: S) -> Result<S::Ok, S::Error> {
+    match n {
+        Some(n) => s.serialize_some(&*escape::unescape(n.as_ref())),
+        None => s.serialize_none(),
     }
 }
 
@@ -262,6 +280,7 @@ pub(crate) struct CloseNoFin<'a> {
     call: &'static str,
     pid: u32,
     tid: u32,
+    #[serde(serialize_with = "name")]
     comm: &'a str,
     fd: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -304,6 +323,7 @@ pub(crate) struct StuckEvent<'a> {
     sock: Hex,
     state: &'a str,
     pid: u32,
+    #[serde(serialize_with = "name")]
     comm: &'a str,
     fd: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -342,6 +362,7 @@ impl<'a> StuckEvent<'a> {
 #[derive(Serialize)]
 pub(crate) struct ProcessJson<'a> {
     pid: u32,
+    #[serde(serialize_with = "name")]
     comm: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     container: Option<ContainerJson<'a>>,
@@ -366,6 +387,7 @@ pub(crate) struct LongestJson {
     sock: Hex,
     state: String,
     pid: u32,
+    #[serde(serialize_with = "name")]
     comm: String,
     fd: Option<i32>,
     #[serde(flatten)]
@@ -507,6 +529,7 @@ pub(crate) struct TimerJson {
 #[derive(Serialize)]
 pub(crate) struct InferredJson<'a> {
     pid: u32,
+    #[serde(serialize_with = "name")]
     comm: &'a str,
 }
 
@@ -584,6 +607,7 @@ impl<'a> From<&'a Entry> for SnapshotEvent<'a> {
 #[derive(Serialize)]
 pub(crate) struct GroupJson {
     pid: Option<u32>,
+    #[serde(serialize_with = "name")]
     comm: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     container: Option<SharedContainerJson>,
