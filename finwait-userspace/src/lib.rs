@@ -140,7 +140,7 @@ fn snapshot_command(a: &cli::SnapshotArgs) -> anyhow::Result<()> {
     let mut sink = output::for_stdout(a.json, output::human::Style::default(), false);
     sink.snapshot(&snap, a.detail)?;
     sink.flush()?;
-    Ok(())
+    snap.complete()
 }
 
 fn exit_code(result: anyhow::Result<()>) -> ExitCode {

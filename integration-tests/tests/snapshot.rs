@@ -497,22 +497,27 @@ fn another_network_namespace_is_seen_from_the_host() {
     );
 }
 
-/// `snapshot` run as `pre` makes it (in the child, before exec): stdout's JSON lines, stderr.
-fn snapshot_as(pre: fn() -> std::io::Result<()>) -> (Vec<Value>, String) {
+/// `snapshot ARGS` run as `pre` makes it (in the child, before exec): its output.
+fn snapshot_output(args: &[&str], pre: fn() -> std::io::Result<()>) -> std::process::Output {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(finwait_trace());
-    cmd.args(["snapshot", "--json"]);
+    cmd.arg("snapshot").args(args);
     // SAFETY: `pre` makes raw syscalls only.
     unsafe { cmd.pre_exec(pre) };
-    let out = cmd.output().expect("run finwait-trace snapshot");
+    cmd.output().expect("run finwait-trace snapshot")
+}
+
+/// `snapshot --json` run as `pre` makes it: stdout's JSON lines, stderr, and whether it
+/// succeeded.
+fn snapshot_as(pre: fn() -> std::io::Result<()>) -> (Vec<Value>, String, bool) {
+    let out = snapshot_output(&["--json"], pre);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{err}");
     let lines = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    (lines, err)
+    (lines, err, out.status.success())
 }
 
 /// Without CAP_SYS_ADMIN another namespace is read through /proc/PID/net (no timers), and
@@ -531,7 +536,8 @@ fn without_privileges_what_is_not_seen_is_said() {
             _ => Err(std::io::Error::last_os_error()),
         }
     };
-    let (lines, err) = snapshot_as(no_sys_admin);
+    let (lines, err, ok) = snapshot_as(no_sys_admin);
+    assert!(ok, "{err}");
     let in_pod: Vec<&Value> = lines
         .iter()
         .filter(|v| {
@@ -616,7 +622,32 @@ fn without_privileges_what_is_not_seen_is_said() {
             _ => Err(std::io::Error::last_os_error()),
         }
     };
-    let (lines, err) = snapshot_as(nobody);
+    // A CLOSE_WAIT held by root (this process): nobody sees the socket, not its holder.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (client, held) = pair(&listener);
+    let (lport, rport) = ports(&held, &client);
+    drop(client);
+    wait_for_kernel_state(lport, rport, "CLOSE-WAIT");
+    let (lines, err, ok) = snapshot_as(nobody);
+    // An answer it could not know fails the command, after saying what it saw.
+    assert!(!ok, "exit status 0 with holders it could not read: {err}");
+    assert!(
+        err.contains("incomplete: the open files of")
+            && err.contains("sockets show no holder; run as root"),
+        "{err}"
+    );
+    let unheld = entry(&lines, lport, rport).unwrap_or_else(|| panic!("{lines:#?}"));
+    assert_eq!(unheld["owners"], serde_json::json!([]), "{unheld}");
+    let human = snapshot_output(&[], nobody);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("no holder found: ")
+            && text.contains("CLOSE_WAIT held open")
+            && text.contains("whoever holds them must close them"),
+        "{text}"
+    );
+    assert!(!text.contains("(no owner found)"), "{text}");
+    drop(held);
     let summary = &lines[0];
     assert!(
         summary["namespaces"]["hidden_processes"].as_u64() >= Some(1),

@@ -27,6 +27,9 @@ pub(crate) struct Index {
     comms: HashMap<u32, Comm>,
     /// CLOCK_MONOTONIC (the kernel's event clock) when the scan started.
     pub(crate) built_ns: u64,
+    /// Processes whose open files this process may not read (no privileges): the sockets they
+    /// hold show no holder.
+    pub(crate) unreadable: usize,
 }
 
 impl Index {
@@ -107,7 +110,14 @@ pub(crate) fn scan() -> Index {
     };
     if let Ok(procs) = all_processes() {
         for p in procs.flatten() {
-            let Ok(fds) = p.fd() else { continue };
+            let fds = match p.fd() {
+                Ok(fds) => fds,
+                Err(procfs::ProcError::PermissionDenied(_)) => {
+                    index.unreadable += 1;
+                    continue;
+                }
+                Err(_) => continue, // exited meanwhile
+            };
             let mut comm: Option<Comm> = None;
             for fd in fds.flatten() {
                 if let FDTarget::Socket(inode) = fd.target {

@@ -87,6 +87,22 @@ impl Snapshot {
         }
     }
 
+    /// Whether every socket's holder could be looked for: Err names what this process was not
+    /// allowed to read, and how many sockets have no holder for it (their answer is unknown,
+    /// not "nobody").
+    pub(crate) fn complete(&self) -> Result<()> {
+        let unread = self.owners.unreadable;
+        let unowned = self.tally.unowned();
+        if unread > 0 && unowned > 0 {
+            anyhow::bail!(
+                "incomplete: the open files of {unread} processes could not be read (permission \
+                 denied), so {unowned} sockets show no holder; run as root (or with \
+                 CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)"
+            );
+        }
+        Ok(())
+    }
+
     /// Entries alone, as made up by tests.
     #[cfg(test)]
     pub(crate) fn of(entries: Vec<Entry>) -> Self {

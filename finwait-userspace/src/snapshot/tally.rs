@@ -62,6 +62,15 @@ impl Tally {
         }
     }
 
+    /// Sockets for which no holder was found.
+    pub(crate) fn unowned(&self) -> usize {
+        self.groups
+            .iter()
+            .filter(|((pid, _), _)| *pid == 0)
+            .map(|(_, g)| g.counts.values().sum::<usize>())
+            .sum()
+    }
+
     /// One sentence per process, most stuck sockets first, then the TIME_WAIT count.
     pub(crate) fn lines(&self) -> Vec<String> {
         let mut rows: Vec<_> = self.groups.iter().collect();
@@ -81,10 +90,12 @@ impl Tally {
 /// One process's sentence: `nginx[12]: 8 FIN_WAIT2: ...; 3 CLOSE_WAIT held open: ...`.
 fn group_line(pid: u32, comm: &str, g: &Group) -> String {
     let n = |c: &str| g.counts.get(c).copied().unwrap_or(0);
+    // No holder found: the sentence names nobody ("whoever holds them").
+    let holder = if pid == 0 { "whoever holds them" } else { comm };
     let whose = |c: &str| {
         g.verdicts
             .get(c)
-            .map(|v| v.plural(comm).to_string())
+            .map(|v| v.plural(holder).to_string())
             .unwrap_or_default()
     };
     let mut parts = Vec::new();
@@ -131,7 +142,7 @@ fn group_line(pid: u32, comm: &str, g: &Group) -> String {
         }
     }
     let mut who = if pid == 0 {
-        comm.to_string()
+        "no holder found".to_string()
     } else {
         format!("{comm}[{pid}]")
     };
