@@ -86,6 +86,9 @@ pub mod flags {
     /// mark): userspace drops a transition if the same change of the same socket came just
     /// before, a call's entry if it repeats the call in progress.
     pub const MAYBE_DUPLICATE: u8 = 1 << 5;
+    /// CallEnter: `family`, the ports and the addresses hold the socket's ends (read where the
+    /// call leaves other references: no transition will name them).
+    pub const ENDS_VALID: u8 = 1 << 6;
 }
 
 /// `OwnerRec::flags` bits.
@@ -322,6 +325,9 @@ pub struct KernelOffsets {
     /// found (then the current thread's name).
     pub task_group_leader: u32,
     pub process_comm: u32,
+    /// 1 when the ends' offsets below (`inet_sport` .. `sock_v6_daddr`) were all found, with
+    /// or without the BTF state hook's `sk_protocol`.
+    pub sock_ends: u32,
     /// `sock_common.skc_state` (one byte).
     pub sock_state: u32,
     /// For the socket inventory (`iter/task_file`): `task_struct.tgid`, `task_struct.comm`,

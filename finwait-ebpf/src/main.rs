@@ -107,6 +107,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     signal_live: 0,
     task_group_leader: 0,
     process_comm: 0,
+    sock_ends: 0,
     sock_state: 0,
     inventory: 0,
     task_tgid: 0,

@@ -1,8 +1,6 @@
 //! Ownership records (`OWNERS`): who holds each socket, written when a task obtains an fd to it
 //! (accept, dup, a passed fd, connect), read by the state hook and by the calls that end it.
-use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-};
+use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use finwait_common::{Event, EventKind, OwnerRec, Site, counter, flags, owner_flags, tcp_state};
 
 use crate::{
@@ -71,6 +69,14 @@ pub(crate) fn follow_owner(sk: u64, inode: u64) {
     }
 }
 
+/// Does the file behind a closed fd keep other references (`refs` as read before the call;
+/// `u64::MAX`: unknown)? Then the close ends nothing: no FIN, no transition.
+#[inline(always)]
+pub(crate) fn others_remain(refs: u64) -> bool {
+    // file_ref_t (6.13+) counts from zero; atomic_long_t f_count from one.
+    refs != u64::MAX && refs > (config(&OFFSETS).file_ref_is_zero_based == 0) as u64
+}
+
 /// A close of `e.fd` (close, dup2/dup3 over it, close_range): copies the socket's ownership
 /// record into the record; when other references to the file remain and the recorded holder is
 /// the one closing, the record no longer names a holder: mark it stale.
@@ -84,9 +90,7 @@ pub(crate) fn release_owner(e: &mut Event, refs: u64) {
         let _ = OWNERS.remove(e.sock); // an earlier socket's record
         return;
     }
-    let o = config(&OFFSETS);
-    // file_ref_t (6.13+) counts from zero; atomic_long_t f_count from one.
-    let others_remain = refs != u64::MAX && refs > (o.file_ref_is_zero_based == 0) as u64;
+    let others_remain = others_remain(refs);
     // SAFETY: a map value pointer, valid for this program run; plain integer fields.
     unsafe {
         if others_remain && (*rec).tgid == (e.pid_tgid >> 32) as u32 && (*rec).fd == e.fd {

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use finwait_common::{Event, EventKind, Site, flags, tcp_state};
+use finwait_common::{Event, EventKind, KernelOffsets, Site, flags, tcp_state};
 
 use crate::{
     FILTER, OFFSETS, OWNERS, STATE_TP,
@@ -85,6 +85,14 @@ fn try_state_btf(site: Site, sk: u64, old: u8, new: u8, extra_flags: u8) -> Opti
     }
     let mut e = transition_event(site, sk, old, new)?;
     e.flags |= extra_flags;
+    read_ends(site, sk, &o, &mut e)?;
+    emit_state(site, e);
+    Some(())
+}
+
+/// The socket's family, ports and addresses into `e` (the `sock_ends` offsets).
+#[inline(always)]
+pub(crate) fn read_ends(site: Site, sk: u64, o: &KernelOffsets, e: &mut Event) -> Option<()> {
     e.family = read::<u16>(site, sk, o.sock_family as u64)?;
     e.sport = u16::from_be(read::<u16>(site, sk, o.inet_sport as u64)?);
     e.dport = u16::from_be(read::<u16>(site, sk, o.sock_dport as u64)?);
@@ -97,7 +105,6 @@ fn try_state_btf(site: Site, sk: u64, old: u8, new: u8, extra_flags: u8) -> Opti
         e.saddr[..4].copy_from_slice(&s);
         e.daddr[..4].copy_from_slice(&d);
     }
-    emit_state(site, e);
     Some(())
 }
 

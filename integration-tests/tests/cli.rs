@@ -313,9 +313,8 @@ fn names_cannot_reorder_hide_or_split_a_line() {
     assert!(text.contains(r#""a\u202eb\u200b\u2028\\e""#), "{text}");
     let name = "a\u{202e}b\u{200b}\u{2028}\\e";
     let named = text.lines().any(|l| {
-        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
-            v["event"] == "transition" && v["cause"]["comm"].as_str() == Some(name)
-        })
+        serde_json::from_str::<serde_json::Value>(l)
+            .is_ok_and(|v| v["event"] == "transition" && v["cause"]["comm"].as_str() == Some(name))
     });
     assert!(named, "the name is missing: {text}");
 }
@@ -356,7 +355,10 @@ fn a_thread_cannot_relabel_its_process() {
         .unwrap_or_else(|| panic!("no stuck report: {all:#?}"));
     assert_eq!(stuck["comm"], process, "{stuck}");
     let text: String = all.iter().map(|v| format!("{v}\n")).collect();
-    assert!(!text.contains("nginx"), "the thread's name named the process: {text}");
+    assert!(
+        !text.contains("nginx"),
+        "the thread's name named the process: {text}"
+    );
 }
 
 /// `--stuck 1`: a half-closed socket and two CLOSE_WAIT sockets still open after a second are

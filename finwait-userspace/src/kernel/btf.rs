@@ -53,7 +53,9 @@ fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
         process_comm: off("task_struct", "comm").unwrap_or(0),
         sock_state: off("sock", "__sk_common.skc_state")?,
         ..with_inventory(
-            state_btf_offsets(btf).unwrap_or_default(),
+            state_btf_offsets(btf)
+                .or_else(|_| ends_offsets(btf))
+                .unwrap_or_default(),
             inventory_offsets(btf).unwrap_or_default(),
         )
     })
@@ -94,10 +96,19 @@ fn inventory_offsets(btf: &Btf) -> Result<KernelOffsets> {
 /// What the BTF state hook reads from `struct sock`; any missing field (or a bitfield, on old
 /// kernels) keeps the classic tracepoint.
 fn state_btf_offsets(btf: &Btf) -> Result<KernelOffsets> {
-    let off = |path: &str| member_offset(btf, "sock", path);
     Ok(KernelOffsets {
         state_btf: 1,
-        sock_protocol: off("sk_protocol")?,
+        sock_protocol: member_offset(btf, "sock", "sk_protocol")?,
+        ..ends_offsets(btf)?
+    })
+}
+
+/// A socket's ends (family, ports, addresses): the BTF state hook's, and a close's that leaves
+/// other references (no transition will name them).
+fn ends_offsets(btf: &Btf) -> Result<KernelOffsets> {
+    let off = |path: &str| member_offset(btf, "sock", path);
+    Ok(KernelOffsets {
+        sock_ends: 1,
         // struct inet_sock starts with struct sock: its offsets apply to the same pointer.
         inet_sport: member_offset(btf, "inet_sock", "inet_sport")?,
         sock_dport: off("__sk_common.skc_dport")?,
@@ -229,6 +240,7 @@ mod tests {
         assert_eq!(o.inventory, 1, "and every field the socket inventory reads");
         assert!(o.task_comm > o.task_tgid && o.net_ns_inum > 0);
         assert!(o.task_group_leader > 0 && o.process_comm == o.task_comm);
+        assert_eq!(o.sock_ends, 1);
         assert!(o.file_dentry > 0 && o.dentry_name > 0);
     }
 

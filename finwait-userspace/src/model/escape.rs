@@ -118,7 +118,10 @@ mod tests {
         ] {
             assert_eq!(super::unescape(&super::sanitize(name)), name, "{name:?}");
         }
-        assert!(matches!(super::unescape("plain"), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            super::unescape("plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
         // Not an escape sanitize makes: left as written.
         assert_eq!(super::unescape("a\\qb\\u{zz}"), "a\\qb\\u{zz}");
     }

@@ -210,8 +210,7 @@ mod tests {
         serde::Serialize::serialize(&name, &mut json).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
-            text,
-            r#""a\u202eb\u200b\u2028\udb40\udc41\u001b\\é""#,
+            text, r#""a\u202eb\u200b\u2028\udb40\udc41\u001b\\é""#,
             "{text}"
         );
         assert_eq!(serde_json::from_str::<String>(&text).unwrap(), name);

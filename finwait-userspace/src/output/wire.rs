@@ -107,19 +107,39 @@ impl Serialize for ContainerJson<'_> {
         struct Fields<'a> {
             #[serde(serialize_with = "name")]
             cgroup: &'a str,
-            #[serde(rename = "container.id", skip_serializing_if = "Option::is_none", serialize_with = "opt_name")]
+            #[serde(
+                rename = "container.id",
+                skip_serializing_if = "Option::is_none",
+                serialize_with = "opt_name"
+            )]
             id: Option<&'a str>,
             #[serde(rename = "container.runtime", skip_serializing_if = "Option::is_none")]
             runtime: Option<&'static str>,
-            #[serde(rename = "k8s.pod.uid", skip_serializing_if = "Option::is_none", serialize_with = "opt_name")]
+            #[serde(
+                rename = "k8s.pod.uid",
+                skip_serializing_if = "Option::is_none",
+                serialize_with = "opt_name"
+            )]
             pod_uid: Option<&'a str>,
-            #[serde(rename = "k8s.namespace.name", skip_serializing_if = "Option::is_none", serialize_with = "opt_name")]
+            #[serde(
+                rename = "k8s.namespace.name",
+                skip_serializing_if = "Option::is_none",
+                serialize_with = "opt_name"
+            )]
             namespace: Option<&'a str>,
-            #[serde(rename = "k8s.pod.name", skip_serializing_if = "Option::is_none", serialize_with = "opt_name")]
+            #[serde(
+                rename = "k8s.pod.name",
+                skip_serializing_if = "Option::is_none",
+                serialize_with = "opt_name"
+            )]
             pod_name: Option<&'a str>,
             #[serde(rename = "k8s.pod.qos_class", skip_serializing_if = "Option::is_none")]
             qos: Option<&'static str>,
-            #[serde(rename = "systemd.unit", skip_serializing_if = "Option::is_none", serialize_with = "opt_name")]
+            #[serde(
+                rename = "systemd.unit",
+                skip_serializing_if = "Option::is_none",
+                serialize_with = "opt_name"
+            )]
             systemd_unit: Option<&'a str>,
         }
         let c = self.0;

@@ -323,7 +323,7 @@ impl Correlator {
             remaining_refs: remaining.unwrap_or(0),
             holders: Vec::new(),
             inode: e.inode,
-            ends: s.ends.clone(),
+            ends: s.ends.clone().or_else(|| e.ends.clone()),
             state: s.state,
             recorded_owner: e.owner,
         }));
@@ -664,6 +664,7 @@ mod tests {
             inode: sock + 1000,
             file_refs: Some(refs),
             owner: None,
+            ends: None,
             maybe_duplicate: false,
         })
     }
@@ -1346,6 +1347,30 @@ mod tests {
             panic!()
         };
         assert_eq!(t.cause.as_ref().unwrap().task.as_ref().unwrap().pid, 12);
+    }
+
+    /// A close that leaves other references names the socket by the ends the kernel read at
+    /// the call: no transition came before it to name them.
+    #[test]
+    fn a_close_that_ends_nothing_names_the_ends_the_kernel_read() {
+        let mut c = Correlator::new(false);
+        let a = task(10, 10, "parent");
+        let ends = Endpoints {
+            local: "127.0.0.1".parse().unwrap(),
+            lport: 8080,
+            remote: "127.0.0.1".parse().unwrap(),
+            rport: 40000,
+        };
+        let Decoded::CallEnter(mut e) = enter(Call::Close, 5, 0, A, 2) else {
+            unreachable!()
+        };
+        e.ends = Some(ends.clone());
+        let mut out = Vec::new();
+        c.handle(rec(1, &a, Decoded::CallEnter(e)), &mut out);
+        let Report::CloseNoFin(n) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(n.ends, Some(ends));
     }
 
     /// 6.13+ file_ref_t: 0 means one reference.

@@ -92,6 +92,9 @@ pub(crate) struct CallEnter {
     pub(crate) file_refs: Option<u64>,
     /// The socket's ownership record, as this close found it.
     pub(crate) owner: Option<KernelOwner>,
+    /// The socket's ends, read where the call leaves other references to it (no transition
+    /// will name them).
+    pub(crate) ends: Option<Endpoints>,
     /// A guarded syscall hook's second program's report of a call the first may have reported.
     pub(crate) maybe_duplicate: bool,
 }
@@ -161,6 +164,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Record> {
             inode: e.inode,
             file_refs: (e.flags & flags::REFS_VALID != 0).then_some(e.file_refs),
             owner: kernel_owner_of(&e),
+            ends: (e.flags & flags::ENDS_VALID != 0).then(|| endpoints(&e)),
             maybe_duplicate: e.flags & flags::MAYBE_DUPLICATE != 0,
         }),
         EventKind::CallExit => Decoded::CallExit {

@@ -187,6 +187,7 @@ mod tests {
             inode: 0,
             file_refs: None,
             owner: None,
+            ends: None,
             maybe_duplicate: marked,
         })
     }

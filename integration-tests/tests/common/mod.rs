@@ -235,10 +235,7 @@ pub(crate) fn assert_losses_owned_up_to(stats: &Value) {
     let by_program = stats["kernel_skipped_by_program"]
         .as_object()
         .map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>());
-    assert_eq!(
-        by_program, skipped,
-        "a skip not named per program: {stats}"
-    );
+    assert_eq!(by_program, skipped, "a skip not named per program: {stats}");
     eprintln!(
         "note: the kernel skipped {skipped} program runs (counted: {}); the test's assertions \
          say whether the scenario lost anything",
