@@ -389,8 +389,14 @@ impl Sink for HumanSink {
             None => String::new(),
         };
         let fd = if s.fd_resolution { "on" } else { "off" };
+        // Correlated mode where precise is unavailable: what that costs, once (-v says why).
+        let unknown = if s.precise_unavailable.is_some() {
+            ": closes without a close() or shutdown() syscall, such as io_uring's, show as unknown"
+        } else {
+            ""
+        };
         self.out.line(&format!(
-            "finwait-trace: tracing TCP close paths (mode: {}{hook}, fd->socket resolution: {fd}, socket inventory: {}, tcp_fin_timeout {} s); Ctrl-C to stop",
+            "finwait-trace: tracing TCP close paths (mode: {}{hook}{unknown}; fd->socket resolution: {fd}, socket inventory: {}, tcp_fin_timeout {} s); Ctrl-C to stop",
             s.mode, s.inventory, s.tcp_fin_timeout_s
         ))
     }

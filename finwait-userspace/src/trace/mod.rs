@@ -151,14 +151,16 @@ fn sinks(o: &Options, own: &output::endpoint::OwnConnections) -> Result<Box<dyn 
 
 /// Warnings about what is off, and the start event.
 fn announce(o: &Options, l: &Loaded, fin_timeout_s: u64, p: &mut Pipeline) -> Result<()> {
-    for note in &l.degraded {
-        eprintln!("finwait-trace: warning: {note}");
+    // Warnings for what reduces what the user sees; the expected detail only with -v.
+    let verbose = o.load.diagnostics;
+    let preemptible = programs_run_preemptibly(&kernel_release());
+    for d in &l.degraded {
+        if !d.nesting_only || preemptible || verbose {
+            eprintln!("finwait-trace: warning: {}", d.note);
+        }
     }
-    if let Some(why) = &l.precise_unavailable {
-        eprintln!(
-            "finwait-trace: note: correlated mode, {why}; io_uring closes and other paths without \
-             a close()/shutdown() syscall will show as unknown"
-        );
+    if let (Some(why), true) = (&l.precise_unavailable, verbose) {
+        eprintln!("finwait-trace: note: correlated mode: {why}");
     }
     let start = Start {
         mode: l.mode,
@@ -438,8 +440,32 @@ fn warn_full(full: u64) {
     }
 }
 
+/// Linux 7.0 on (x86 keeps only the full and lazy preemption models) preempts BPF programs:
+/// a program preempted on a CPU makes the kernel skip the others of its kind there, under load
+/// often, where before only an interrupt nesting in one did.
+fn programs_run_preemptibly(release: &str) -> bool {
+    release
+        .split('.')
+        .next()
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major >= 7)
+}
+
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn which_kernels_preempt_bpf_programs() {
+        let p = super::programs_run_preemptibly;
+        assert!(p("7.2.13+deb14-cloud-amd64"));
+        assert!(p("10.0.0"));
+        assert!(!p("6.18.0-finwait"));
+        assert!(!p("5.10.0-32-cloud-amd64"));
+        assert!(!p(""));
+    }
 }

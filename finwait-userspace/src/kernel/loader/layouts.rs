@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use finwait_common::{KernelOffsets, OtherTpLayout, StateTpLayout};
 
-use super::LoadError;
+use super::{Degraded, LoadError};
 use crate::kernel::{btf as kernel_btf, tracefs::Format};
 
 /// This kernel's layouts, which the programs read as globals.
@@ -16,16 +16,16 @@ pub(super) struct Layouts {
     pub(super) offsets: Option<KernelOffsets>,
 }
 
-pub(super) fn layouts(tracefs: &Path, degraded: &mut Vec<String>) -> Result<Layouts, LoadError> {
+pub(super) fn layouts(tracefs: &Path, degraded: &mut Vec<Degraded>) -> Result<Layouts, LoadError> {
     let state = state_layout(tracefs).map_err(LoadError::classify)?;
     let other = other_layout(tracefs);
     let offsets = match kernel_btf::kernel_offsets() {
         Ok(o) => Some(o),
         Err(e) => {
-            degraded.push(format!(
+            degraded.push(Degraded::loss(format!(
                 "fd -> socket resolution is off ({e:#}); calls are matched to transitions per thread, \
                  and close() without FIN cannot be detected"
-            ));
+            )));
             None
         }
     };

@@ -50,12 +50,41 @@ impl Options {
     }
 }
 
+/// Something the load could not do the way it prefers, and what that costs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Degraded {
+    pub(crate) note: String,
+    /// It costs only the events the kernel skips a program for while another BPF program is
+    /// running on the same CPU: material where programs run preemptibly (Linux 7.x), where
+    /// that happens under load; elsewhere (a program nested by an interrupt) rare, and a
+    /// detail for `-v`. Skips are counted either way.
+    pub(crate) nesting_only: bool,
+}
+
+impl Degraded {
+    /// A note that says what the user will not see.
+    pub(crate) fn loss(note: String) -> Self {
+        Self {
+            note,
+            nesting_only: false,
+        }
+    }
+
+    /// A note about skips under nesting (see `nesting_only`).
+    pub(crate) fn nesting(note: String) -> Self {
+        Self {
+            note,
+            nesting_only: true,
+        }
+    }
+}
+
 pub(crate) struct Loaded {
     pub(crate) ebpf: Ebpf,
     /// fd -> socket resolution is on (BTF offsets found).
     pub(crate) offsets: Option<KernelOffsets>,
-    /// Human-readable notes about features that are off, and why.
-    pub(crate) degraded: Vec<String>,
+    /// What is off, and what it costs.
+    pub(crate) degraded: Vec<Degraded>,
     pub(crate) attached: usize,
     pub(crate) attach_failed: usize,
     /// The mode that runs: `Precise` or `Correlated` (`Auto` has been decided).
@@ -84,11 +113,11 @@ pub(crate) fn load(opts: &Options) -> Result<Loaded, LoadError> {
     match load_with(opts, true) {
         Err(refused) => {
             let mut loaded = load_with(opts, false)?;
-            loaded.degraded.push(format!(
+            loaded.degraded.push(Degraded::loss(format!(
                 "-v: the programs did not load with their kernel diagnostics ({}); tracing \
                  without them",
                 refused.brief()
-            ));
+            )));
             Ok(loaded)
         }
         loaded => loaded,

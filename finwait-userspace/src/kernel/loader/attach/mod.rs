@@ -7,7 +7,7 @@ use aya::{
 };
 use finwait_common::GUARDED;
 
-use super::LoadError;
+use super::{Degraded, LoadError};
 
 mod precise;
 mod state;
@@ -58,16 +58,16 @@ fn hook_refusal(e: anyhow::Error) -> String {
 
 /// The guarded hooks whose first program is loaded and second is not: what the kernel skips
 /// the first for is lost there (counted).
-pub(super) fn second_programs_missing(ebpf: &Ebpf) -> Vec<String> {
+pub(super) fn second_programs_missing(ebpf: &Ebpf) -> Vec<Degraded> {
     let loaded = |name: &str| ebpf.program(name).is_some_and(|p| p.fd().is_ok());
     GUARDED
         .iter()
         .filter(|(first, second)| loaded(first) && !loaded(second))
         .map(|(first, second)| {
-            format!(
+            Degraded::nesting(format!(
                 "{second} did not load: an event the kernel skips {first} for (it was already \
                  running on that CPU) is lost, and counted in kernel_skipped_nested"
-            )
+            ))
         })
         .collect()
 }

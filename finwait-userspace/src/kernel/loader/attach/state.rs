@@ -3,7 +3,7 @@
 use anyhow::Result;
 use aya::{Ebpf, programs::BtfTracePoint};
 
-use super::{LoadError, program, tracepoint};
+use super::{Degraded, LoadError, program, tracepoint};
 use crate::kernel::loader::{hooks::Programs, kinds::StateHook};
 
 /// The BTF tracepoint where the kernel has what it reads, else the classic one.
@@ -11,7 +11,7 @@ pub(in crate::kernel::loader) fn attach_state_hook(
     ebpf: &mut Ebpf,
     programs: Programs,
     btf: Option<&aya::Btf>,
-    degraded: &mut Vec<String>,
+    degraded: &mut Vec<Degraded>,
 ) -> Result<StateHook, LoadError> {
     if let Some(btf) = btf {
         match attach_btf(ebpf, programs.state_btf(), btf) {
@@ -23,12 +23,12 @@ pub(in crate::kernel::loader) fn attach_state_hook(
                 }
                 return Ok(StateHook::TpBtf);
             }
-            Err(e) => degraded.push(format!(
+            Err(e) => degraded.push(Degraded::nesting(format!(
                 "the BTF tracepoint for TCP state changes is unavailable ({}); using the classic \
                  tracepoint, which the kernel skips while another BPF program runs on the same CPU \
                  (counted as kernel_skipped_nested)",
                 LoadError::classify(e).brief()
-            )),
+            ))),
         }
     }
     let classic = programs.tracepoint("inet_sock_set_state");

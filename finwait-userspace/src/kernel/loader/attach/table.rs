@@ -6,7 +6,7 @@ use aya::{
     programs::{FEntry, FExit},
 };
 
-use super::{LoadError, hook_refusal, program, tracepoint, unload};
+use super::{Degraded, LoadError, hook_refusal, program, tracepoint, unload};
 use crate::kernel::{
     btf as kernel_btf,
     loader::{
@@ -44,17 +44,17 @@ struct Refused {
 
 impl Refused {
     /// The note for the degraded list; `all`: the wrappers were refused for every syscall.
-    fn note(self, all: bool) -> Option<String> {
+    fn note(self, all: bool) -> Option<Degraded> {
         let why = self.why?;
         let which = if all {
             "syscalls are".to_string()
         } else {
             format!("syscalls:{{{}}} are", self.names.join(","))
         };
-        Some(format!(
+        Some(Degraded::nesting(format!(
             "{which} hooked by their tracepoints, which the kernel skips while another BPF \
              program holds the CPU (counted in kernel_skipped_nested): the kernel refused {why}"
-        ))
+        )))
     }
 }
 
@@ -65,7 +65,7 @@ pub(in crate::kernel::loader) fn attach_table(
     ebpf: &mut Ebpf,
     programs: Programs,
     wrappers: Option<&aya::Btf>,
-    degraded: &mut Vec<String>,
+    degraded: &mut Vec<Degraded>,
 ) -> Result<Table, LoadError> {
     let mut t = Table::default();
     let mut wrappers = wrappers;
@@ -104,7 +104,7 @@ fn attach_classic(
     programs: Programs,
     hook: &Hook,
     t: &mut Table,
-    degraded: &mut Vec<String>,
+    degraded: &mut Vec<Degraded>,
 ) -> Result<(), LoadError> {
     let (category, name) = (hook.category, hook.tracepoint);
     match tracepoint(ebpf, programs.tracepoint(hook.program), category, name) {
@@ -117,11 +117,11 @@ fn attach_classic(
         }
         Err(e) => {
             t.failed += 1;
-            degraded.push(format!(
+            degraded.push(Degraded::loss(format!(
                 "{category}:{name} not attached ({}); {}",
                 LoadError::classify(e).brief(),
                 hook.lost_without
-            ));
+            )));
         }
     }
     Ok(())
