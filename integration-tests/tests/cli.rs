@@ -413,6 +413,70 @@ fn stuck_sockets_are_reported_once() {
     drop((a1, b1, b2));
 }
 
+/// A client pool's leak of 600 CLOSE_WAIT sockets to one server reads as one STUCK line (its
+/// count, fds and peer, one explanation), timestamped; another process's socket is its own.
+#[test]
+fn stuck_sockets_of_one_leak_are_one_line() {
+    const N: usize = 600;
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut go = [0i32; 2];
+    // SAFETY: a valid array of two fds.
+    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+    let (go_r, go_w) = (go[0], go[1]);
+    let pool = fork_child(move || {
+        // SAFETY: raw calls in the child: wait for the word, then open N connections and
+        // never read them.
+        unsafe {
+            let mut b = [0u8; 1];
+            libc::read(go_r, b.as_mut_ptr().cast(), 1);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as u16;
+            addr.sin_port = port.to_be();
+            addr.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+            let len = size_of::<libc::sockaddr_in>() as u32;
+            for _ in 0..N {
+                let c = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                if c < 0 || libc::connect(c, (&raw const addr).cast(), len) != 0 {
+                    return 1;
+                }
+            }
+            libc::sleep(30);
+        }
+        0
+    });
+    let _reap = ChildGuard(pool);
+    close_fd(go_r);
+    let (child, _) = spawn_attached(&["--pid", &pool.to_string(), "--stuck", "1", "--no-snapshot"]);
+    // SAFETY: one byte to our own pipe.
+    unsafe { libc::write(go_w, [1u8].as_ptr().cast(), 1) };
+    let accepted: Vec<_> = (0..N).map(|_| listener.accept().unwrap().0).collect();
+    drop(accepted);
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stuck: Vec<&str> = text.lines().filter(|l| l.contains(" STUCK ")).collect();
+    assert_eq!(stuck.len(), 1, "one line for the one leak: {text}");
+    let line = stuck[0];
+    assert!(
+        line.contains(&format!(
+            "STUCK {N} sockets to 127.0.0.1:{port} CLOSE_WAIT held by "
+        )) && line.contains(&format!("[{pool}] fds "))
+            && line.contains("must close them"),
+        "{line}"
+    );
+    assert_eq!(line.matches("must close").count(), 1, "said once: {line}");
+    // Timestamped like the other lines: seconds since start.
+    let time = line.split_whitespace().next().unwrap();
+    assert!(time.parse::<f64>().is_ok(), "{line}");
+    close_fd(go_w);
+}
+
 /// `--pid` of a process that exits: the tracer says so and stops by itself, exit status 0.
 #[test]
 fn stops_when_the_traced_process_exits() {

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use finwait_common::{Call, TcpState};
 
-use super::{Out, Sink, Start, Stats};
+use super::{Out, Sink, Start, Stats, stuck_groups};
 use crate::{
     host::clock::Clock,
     model::{
@@ -100,24 +100,30 @@ impl Style {
         out.push(char::from(b'0' + (frac % 10) as u8));
     }
 
-    /// States that need someone's attention stand out.
-    fn write_state(&self, out: &mut String, s: TcpState, width: usize) {
-        let code = match s {
-            TcpState::CloseWait => "31", // red: a process must act
-            TcpState::FinWait2 | TcpState::FinWait1 => "33", // yellow
-            TcpState::TimeWait | TcpState::Close => "2", // dim: done
-            _ => "",
-        };
-        let colored = self.color && !code.is_empty();
-        if colored {
+    /// `s`, coloured by whose job the socket is (`v`): what a process must close stands out,
+    /// what the kernel frees (or is over) is dim; no verdict, no colour.
+    fn write_state(&self, out: &mut String, s: TcpState, width: usize, v: Option<&Verdict>) {
+        let code = if self.color { tone(v) } else { "" };
+        if !code.is_empty() {
             let _ = write!(out, "\x1b[{code}m");
         }
         let name = s.name();
         out.push_str(name);
         out.extend(std::iter::repeat_n(' ', width.saturating_sub(name.len())));
-        if colored {
+        if !code.is_empty() {
             out.push_str("\x1b[0m");
         }
+    }
+}
+
+/// The colour of a verdict (SGR codes): bold red where a process must act, dim where the
+/// kernel frees the socket or nothing is left to do, yellow where it cannot be known.
+fn tone(v: Option<&Verdict>) -> &'static str {
+    match v {
+        Some(Verdict::ApplicationMustClose(_) | Verdict::OwnerMustClose(_)) => "1;31",
+        Some(Verdict::KernelFrees(_) | Verdict::Done) => "2",
+        Some(Verdict::Unknown) => "33",
+        None => "",
     }
 }
 
@@ -310,9 +316,9 @@ fn write_transition(
 ) {
     style.write_time(&mut b.head, clock, t.ts_ns);
     b.head.push(' ');
-    style.write_state(&mut b.head, t.old, 11);
+    style.write_state(&mut b.head, t.old, 11, None);
     b.head.push_str(" -> ");
-    style.write_state(&mut b.head, t.effective_new(), 11);
+    style.write_state(&mut b.head, t.effective_new(), 11, verdict);
     b.head.push(' ');
     // 12 + 1 + 11 + 4 + 11 + 1 + 31 = 71 columns before the explanation.
     let start = b.head.len();
@@ -369,7 +375,12 @@ pub(crate) struct HumanSink {
     clock: Clock,
     style: Style,
     line: LineBuf,
+    /// This check's `--stuck` reports, written grouped at the next flush.
+    stuck: Vec<Stuck>,
 }
+
+/// Stuck reports held for grouping at most (a larger check is written in parts).
+const MAX_PENDING_STUCK: usize = 100_000;
 
 impl HumanSink {
     pub(crate) fn new(out: Out, style: Style) -> Self {
@@ -378,8 +389,77 @@ impl HumanSink {
             clock: Clock::new(),
             style,
             line: LineBuf::default(),
+            stuck: Vec::new(),
         }
     }
+
+    /// The pending `--stuck` reports, one line per group of sockets like each other.
+    fn write_stuck(&mut self) -> std::io::Result<()> {
+        let pending = std::mem::take(&mut self.stuck);
+        let mut time = String::new();
+        self.style
+            .write_time(&mut time, &self.clock, crate::host::clock::monotonic_ns());
+        for g in stuck_groups::group(&pending) {
+            let (head, text) = stuck_line(&g, &time);
+            let mut line = String::new();
+            self.style.fit(&head, head.len(), &text, &mut line);
+            self.out.line(&line)?;
+        }
+        Ok(())
+    }
+}
+
+/// A group's line: the head (time, STUCK, how many and where) and the words (whose job, what
+/// the owner does about it).
+fn stuck_line(g: &stuck_groups::Group<'_>, time: &str) -> (String, String) {
+    let s = g.first;
+    let at_least = if g.at_least { "at least " } else { "" };
+    let who = format!("{}[{}]", s.holder.comm, s.holder.pid);
+    if g.count == 1 {
+        let e = &s.ends;
+        let head = format!(
+            "{time} STUCK {}:{} > {}:{}",
+            e.local, e.lport, e.remote, e.rport
+        );
+        let mut text = format!(
+            "{} for {at_least}{}: {}",
+            s.what,
+            Dur::tenths(s.stuck_ns),
+            s.verdict.clause()
+        );
+        if let Some(o) = &s.owner_state {
+            text += &format!("; {}", o.sentence(&who, s.holder.fd));
+        }
+        return (head, text);
+    }
+    let peers = match g.peers {
+        stuck_groups::Peers::One(ip, port) => format!("to {ip}:{port}"),
+        stuck_groups::Peers::OnPort(port) => format!("on port {port}"),
+        stuck_groups::Peers::Many(n) => format!("to {n} peers"),
+    };
+    let head = format!("{time} STUCK {} sockets {peers}", g.count);
+    let fds = match stuck_groups::fd_ranges(&g.fds, 4) {
+        f if f.is_empty() => String::new(),
+        f => format!(" fds {f}"),
+    };
+    let (young, old) = (
+        Dur::tenths(g.youngest_ns).to_string(),
+        Dur::tenths(g.oldest_ns).to_string(),
+    );
+    let ages = if young == old {
+        old
+    } else {
+        format!("{young} to {old}")
+    };
+    let mut text = format!(
+        "{} held by {who}{fds} for {at_least}{ages}: {}",
+        s.what,
+        s.verdict.plural(&s.holder.comm)
+    );
+    if let Some(o) = &s.owner_state {
+        text += &format!("; {}", o.sentence(&who, None));
+    }
+    (head, text)
 }
 
 impl Sink for HumanSink {
@@ -441,23 +521,11 @@ impl Sink for HumanSink {
     }
 
     fn stuck(&mut self, s: &Stuck) -> std::io::Result<()> {
-        let e = &s.ends;
-        let mut line = format!(
-            "STUCK {}:{} > {}:{} {} for {}{:.1} s: {}",
-            e.local,
-            e.lport,
-            e.remote,
-            e.rport,
-            s.what,
-            if s.at_least { "at least " } else { "" },
-            s.stuck_ns as f64 / 1e9,
-            s.verdict.clause()
-        );
-        if let Some(o) = &s.owner_state {
-            let who = format!("{}[{}]", s.holder.comm, s.holder.pid);
-            line += &format!("; {}", o.sentence(&who, s.holder.fd));
+        self.stuck.push(s.clone());
+        if self.stuck.len() >= MAX_PENDING_STUCK {
+            self.write_stuck()?;
         }
-        self.out.line(&line)
+        Ok(())
     }
 
     fn summary(&mut self, s: &Summary, now_ns: u64) -> std::io::Result<()> {
@@ -512,6 +580,9 @@ impl Sink for HumanSink {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
+        if !self.stuck.is_empty() {
+            self.write_stuck()?;
+        }
         self.out.flush()
     }
 }
@@ -528,9 +599,9 @@ mod tests {
             out
         }
 
-        fn state(&self, s: TcpState, width: usize) -> String {
+        fn state(&self, s: TcpState, width: usize, v: Option<&Verdict>) -> String {
             let mut out = String::new();
-            self.write_state(&mut out, s, width);
+            self.write_state(&mut out, s, width, v);
             out
         }
     }
@@ -563,15 +634,35 @@ mod tests {
             relative_to: None,
             width: None,
         };
-        assert_eq!(plain.state(TcpState::CloseWait, 11), "CLOSE_WAIT ");
+        let owner = Verdict::OwnerMustClose(None);
         assert_eq!(
-            color.state(TcpState::CloseWait, 11),
-            "\x1b[31mCLOSE_WAIT \x1b[0m"
+            plain.state(TcpState::CloseWait, 11, Some(&owner)),
+            "CLOSE_WAIT "
         );
         assert_eq!(
-            color.state(TcpState::Established, 11),
+            color.state(TcpState::CloseWait, 11, Some(&owner)),
+            "\x1b[1;31mCLOSE_WAIT \x1b[0m",
+            "a process must act: it stands out"
+        );
+        // The same state, by whose job it is: an orphan the kernel frees is dim, a half-closed
+        // socket its application must close stands out.
+        let frees = Verdict::KernelFrees(crate::model::verdict::Bound::FinTimeout(60));
+        assert_eq!(
+            color.state(TcpState::FinWait2, 11, Some(&frees)),
+            "\x1b[2mFIN_WAIT2  \x1b[0m"
+        );
+        assert_eq!(
+            color.state(
+                TcpState::FinWait2,
+                11,
+                Some(&Verdict::ApplicationMustClose(None))
+            ),
+            "\x1b[1;31mFIN_WAIT2  \x1b[0m"
+        );
+        assert_eq!(
+            color.state(TcpState::Established, 11, None),
             "ESTABLISHED",
-            "no colour where nothing is wrong"
+            "no colour without a verdict"
         );
         assert_eq!(plain.time(&Clock::new(), 3_500_000_000), "       2.500");
     }

@@ -15,6 +15,7 @@ pub(crate) mod health;
 pub(crate) mod human;
 pub(crate) mod json;
 pub(crate) mod metrics;
+mod stuck_groups;
 pub(crate) mod wire;
 
 pub(crate) use health::{Start, Stats};
