@@ -74,6 +74,11 @@ pub(crate) struct SelectArgs {
     /// sockets in it. FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, CLOSE, ...
     #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
     pub(crate) states: Vec<TcpState>,
+
+    /// Only what a process must act on: sockets half-closed by shutdown() and still held, and
+    /// CLOSE_WAIT; hides the orphans the kernel frees by itself and what is over.
+    #[arg(long)]
+    pub(crate) needs_action: bool,
 }
 
 /// Containers, pods and network namespaces: who a snapshot or a trace is about, by where the
@@ -153,7 +158,7 @@ pub(crate) struct TraceArgs {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics while tracing (`[::]:9977`,
     /// `0.0.0.0:9977`, `127.0.0.1:9977`): sockets half-closed and in CLOSE_WAIT now, entries by
     /// cause, durations, and finwait's own health, by workload (process name and container).
-    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["states", "demo"])]
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["states", "needs_action", "demo"])]
     pub(crate) metrics: Option<std::net::SocketAddr>,
 
     /// With --metrics: workloads with series of their own at most; beyond it idle ones lose
@@ -375,6 +380,7 @@ impl From<&TraceArgs> for crate::trace::Options {
             json: t.json,
             duration: t.duration,
             states: t.select.states.clone(),
+            needs_action: t.select.needs_action,
             ipv6: (t.ipv4 || t.ipv6).then_some(t.ipv6),
             summary_only: t.summary_only,
             quiet: t.quiet,

@@ -116,6 +116,7 @@ fn snapshot_command(a: &cli::SnapshotArgs) -> anyhow::Result<()> {
     let mut narrow = snapshot::Narrow {
         ports: sel.ports.clone(),
         states: sel.states.clone(),
+        needs_action: sel.needs_action,
         netns: w.netns.clone(),
         containers: w.containers.clone(),
         pods: w.pods.clone(),

@@ -477,6 +477,77 @@ fn stuck_sockets_of_one_leak_are_one_line() {
     close_fd(go_w);
 }
 
+/// `--needs-action` hides exactly what the kernel frees by itself: live, the orphan's
+/// transitions go and the half-closed and CLOSE_WAIT sockets' stay; in a snapshot, the orphan
+/// goes and the three sockets a process must close stay.
+#[test]
+fn needs_action_hides_exactly_what_the_kernel_frees() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&["--port", &lp.to_string(), "--needs-action", "--no-snapshot"]);
+    let (half, b1) = pair(&listener);
+    half.shutdown(Shutdown::Write).unwrap();
+    let (orphan, b2) = pair(&listener);
+    let (hp, op) = (
+        half.local_addr().unwrap().port(),
+        orphan.local_addr().unwrap().port(),
+    );
+    drop(orphan);
+    for p in [hp, op] {
+        wait_for_kernel_state(p, lp, "FIN_WAIT2");
+    }
+    let all = tracer.stop_when(&[
+        (hp, lp, "FIN_WAIT1", "FIN_WAIT2"),
+        (lp, hp, "ESTABLISHED", "CLOSE_WAIT"),
+        (lp, op, "ESTABLISHED", "CLOSE_WAIT"),
+    ]);
+    let shown: Vec<&serde_json::Value> =
+        all.iter().filter(|v| v["event"] == "transition").collect();
+    assert!(
+        shown.iter().all(|v| v["lport"] != op),
+        "an orphan's transition shown: {shown:#?}"
+    );
+    assert!(
+        shown.iter().all(|v| v["verdict"] == "application_must_close"
+            || v["verdict"] == "owner_must_close"),
+        "{shown:#?}"
+    );
+    assert!(shown.iter().any(|v| v["lport"] == hp), "{shown:#?}");
+
+    let classes = |args: &[&str]| {
+        let mut c: Vec<(u64, String)> = snapshot(args)
+            .iter()
+            .filter(|v| v["event"] == "snapshot")
+            .map(|v| {
+                (
+                    v["lport"].as_u64().unwrap(),
+                    v["class"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        c.sort();
+        c
+    };
+    let port = lp.to_string();
+    let all = classes(&["--port", &port]);
+    let acted = classes(&["--port", &port, "--needs-action"]);
+    let mut want = vec![
+        (u64::from(hp), "fin_wait2_half_closed".to_string()),
+        (u64::from(lp), "close_wait".to_string()),
+        (u64::from(lp), "close_wait".to_string()),
+    ];
+    want.sort();
+    assert_eq!(acted, want, "all: {all:?}");
+    assert!(
+        all.contains(&(u64::from(op), "fin_wait2_orphaned".to_string())),
+        "{all:?}"
+    );
+    drop((half, b1, b2));
+}
+
 /// `--pid` of a process that exits: the tracer says so and stops by itself, exit status 0.
 #[test]
 fn stops_when_the_traced_process_exits() {

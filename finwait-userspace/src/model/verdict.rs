@@ -179,6 +179,14 @@ impl TransitionReport {
 }
 
 impl Verdict {
+    /// A process must act (close, or finish with, the socket); `--needs-action` keeps these.
+    pub(crate) fn needs_action(&self) -> bool {
+        matches!(
+            self,
+            Verdict::ApplicationMustClose(_) | Verdict::OwnerMustClose(_)
+        )
+    }
+
     /// The JSON contract's name.
     pub(crate) fn name(&self) -> &'static str {
         match self {

@@ -30,6 +30,8 @@ pub(crate) type EpollFds = HashMap<u32, Vec<i32>>;
 pub(crate) struct Narrow {
     pub(crate) ports: Vec<u16>,
     pub(crate) states: Vec<TcpState>,
+    /// `--needs-action`: only sockets a process must act on.
+    pub(crate) needs_action: bool,
     pub(crate) netns: Vec<u64>,
     /// Container ids (or prefixes), lowercase.
     pub(crate) containers: Vec<String>,
@@ -46,7 +48,8 @@ impl Narrow {
         let s = &e.sock;
         let port =
             self.ports.is_empty() || self.ports.contains(&s.lport) || self.ports.contains(&s.rport);
-        let state = self.states.is_empty() || self.states.contains(&s.state);
+        let state = (self.states.is_empty() || self.states.contains(&s.state))
+            && (!self.needs_action || e.verdict.needs_action());
         let netns = self.netns.is_empty() || self.netns.contains(&s.netns);
         let in_container = |o: &Owner| {
             o.container

@@ -6,7 +6,10 @@ use finwait_common::TcpState;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 
-use crate::{model::Report, output::endpoint::OwnConnections};
+use crate::{
+    model::{Report, Verdict},
+    output::endpoint::OwnConnections,
+};
 
 /// The followed processes, as the kernel keeps them (children join at fork, leave at exit).
 pub(crate) trait PidSet {
@@ -39,6 +42,8 @@ pub(crate) struct Filter {
     ports: Vec<u16>,
     states: Vec<TcpState>,
     ipv6: Option<bool>,
+    /// `--needs-action`: only reports whose verdict asks a process to act.
+    needs_action: bool,
     /// `--metrics`' own connections: its scrapes are finwait's traffic, not the host's.
     own: Option<OwnConnections>,
     /// The kernel's set of followed processes (None: every process is followed).
@@ -56,10 +61,17 @@ impl Filter {
             ports: o.load.ports.clone(),
             states: o.states.clone(),
             ipv6: o.ipv6,
+            needs_action: o.needs_action,
             own: None,
             traced: None,
             shown: HashSet::new(),
         }
+    }
+
+    /// `--needs-action`: is a report with this verdict shown? (Asked once the verdict is known;
+    /// the summary still counts what it hides.)
+    pub(crate) fn shows_verdict(&self, verdict: Option<&Verdict>) -> bool {
+        !self.needs_action || verdict.is_some_and(Verdict::needs_action)
     }
 
     /// Leave out the `--metrics` endpoint's own connections.
@@ -223,6 +235,7 @@ mod tests {
             ports: Vec::new(),
             states: Vec::new(),
             ipv6: None,
+            needs_action: false,
             own: None,
             traced: Some(Box::new(set.clone())),
             shown: HashSet::new(),

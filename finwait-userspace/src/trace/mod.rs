@@ -52,6 +52,8 @@ pub(crate) struct Options {
     pub(crate) duration: Option<Duration>,
     /// Only transitions into or out of these states (empty: all).
     pub(crate) states: Vec<TcpState>,
+    /// Only reports whose verdict asks a process to act (`--needs-action`).
+    pub(crate) needs_action: bool,
     /// Only this family: Some(false) IPv4, Some(true) IPv6.
     pub(crate) ipv6: Option<bool>,
     /// Print only the summary at the end.

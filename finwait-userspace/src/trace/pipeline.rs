@@ -130,6 +130,9 @@ impl Pipeline {
                 Report::CloseNoFin(_) => None,
             };
             self.summary.add(r, verdict.as_ref());
+            if !self.filter.shows_verdict(verdict.as_ref()) {
+                return Ok(());
+            }
             self.sink.report(r, verdict.as_ref())
         });
         ready.clear();
