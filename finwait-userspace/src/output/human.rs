@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use finwait_common::{Call, TcpState};
 
-use super::{Out, Sink, Start, Stats, stuck_groups};
+use super::{Out, Sink, Start, Stats, detail_table, stuck_groups};
 use crate::{
     host::clock::Clock,
     model::{
@@ -75,6 +75,20 @@ impl Style {
                 out.push(' ');
                 out.push_str(text);
             }
+        }
+    }
+
+    /// A block's line, indented two columns; on a terminal wrapped to its width, the
+    /// continuation indented two more.
+    fn indented(&self, text: &str) -> String {
+        match self.width {
+            Some(width) if text.len() + 2 > width => {
+                let opts = textwrap::Options::new(width)
+                    .initial_indent("  ")
+                    .subsequent_indent("    ");
+                textwrap::fill(text, opts)
+            }
+            _ => format!("  {text}"),
         }
     }
 
@@ -490,22 +504,13 @@ impl Sink for HumanSink {
         self.out
             .line(&format!("Sockets on the close path now{spaces}:"))?;
         for line in snap.tally.lines() {
-            self.out.line(&format!("  {line}"))?;
+            self.out.line(&self.style.indented(&line))?;
         }
         if !detail {
             return Ok(());
         }
-        for e in entries.iter().filter(|e| !e.is_time_wait()) {
-            let s = &e.sock;
-            self.out.line(&format!(
-                "{}:{} > {}:{} {}: {}",
-                s.local,
-                s.lport,
-                s.remote,
-                s.rport,
-                s.state.name(),
-                e.answer()
-            ))?;
+        for line in detail_table::lines(entries.iter()) {
+            self.out.line(&line)?;
         }
         Ok(())
     }
@@ -533,7 +538,7 @@ impl Sink for HumanSink {
         let mut any = false;
         for p in s.processes() {
             any = true;
-            self.out.line(&format!("  {}", p.answer))?;
+            self.out.line(&self.style.indented(&p.answer))?;
         }
         if !any {
             self.out
@@ -665,6 +670,26 @@ mod tests {
             "no colour without a verdict"
         );
         assert_eq!(plain.time(&Clock::new(), 3_500_000_000), "       2.500");
+    }
+
+    /// A snapshot's or summary's sentence wraps to the terminal, indented under its first
+    /// line; piped, it stays one line.
+    #[test]
+    fn blocks_wrap_to_the_terminal() {
+        let text = "python3[1463]: 2196 CLOSE_WAIT held open (2196 never read the peer's FIN: \
+                    not reading these sockets): python3 must close them (a leak if they stay)";
+        let tty = Style {
+            width: Some(80),
+            ..Style::default()
+        };
+        let wrapped = tty.indented(text);
+        assert!(wrapped.lines().count() > 1, "{wrapped}");
+        assert!(wrapped.lines().all(|l| l.len() <= 80), "{wrapped}");
+        assert!(
+            wrapped.lines().skip(1).all(|l| l.starts_with("    ")),
+            "{wrapped}"
+        );
+        assert_eq!(Style::default().indented(text), format!("  {text}"));
     }
 
     /// On an 80-column terminal every line of a report fits; piped, a report is one line.

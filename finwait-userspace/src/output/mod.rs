@@ -10,6 +10,7 @@ use crate::{
     snapshot::Snapshot,
 };
 
+mod detail_table;
 pub(crate) mod endpoint;
 pub(crate) mod health;
 pub(crate) mod human;
