@@ -19,7 +19,7 @@ use crate::{
         loader::{self, Loaded, OwnerSeeder},
     },
     output::{self, Start, human::Style},
-    snapshot,
+    sandbox, snapshot,
 };
 
 pub(crate) mod correlate;
@@ -69,6 +69,10 @@ pub(crate) struct Options {
     pub(crate) snapshot: bool,
     /// Print the counters (JSON, to stderr) this often.
     pub(crate) stats_every: Option<Duration>,
+    /// Sandbox the tracer once its programs are attached (off: `--no-sandbox`).
+    pub(crate) sandbox: bool,
+    /// The hidden self-test: what a compromise would try, tried on this pid's memory.
+    pub(crate) sandbox_self_test: Option<u32>,
 }
 
 /// Ends a run early (the demo, once its workload is done).
@@ -98,7 +102,8 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
         sinks,
         fin_timeout_s,
     );
-    announce(&opts, &loaded, fin_timeout_s, &mut p)?;
+    let sandbox = enter_sandbox(&opts);
+    announce(&opts, &loaded, fin_timeout_s, sandbox, &mut p)?;
     if !health::skips_counted(&loaded.ebpf) {
         eprintln!(
             "finwait-trace: note: this kernel does not count the runs of BPF programs it skips \
@@ -149,8 +154,28 @@ fn sinks(o: &Options, own: &output::endpoint::OwnConnections) -> Result<Box<dyn 
     Ok(Box::new(output::Tee(sinks)))
 }
 
+/// Attached, and every thread started (the endpoint's, the owner scanner's): from here on the
+/// tracer needs no write, no new program, no new process (docs/sandbox.md).
+fn enter_sandbox(o: &Options) -> sandbox::Status {
+    let status = if o.sandbox {
+        sandbox::enter()
+    } else {
+        sandbox::Status::Disabled
+    };
+    if let Some(pid) = o.sandbox_self_test {
+        sandbox::self_test(pid);
+    }
+    status
+}
+
 /// Warnings about what is off, and the start event.
-fn announce(o: &Options, l: &Loaded, fin_timeout_s: u64, p: &mut Pipeline) -> Result<()> {
+fn announce(
+    o: &Options,
+    l: &Loaded,
+    fin_timeout_s: u64,
+    sandbox: sandbox::Status,
+    p: &mut Pipeline,
+) -> Result<()> {
     for note in &l.degraded {
         eprintln!("finwait-trace: warning: {note}");
     }
@@ -178,6 +203,7 @@ fn announce(o: &Options, l: &Loaded, fin_timeout_s: u64, p: &mut Pipeline) -> Re
         } else {
             "proc"
         },
+        sandbox: sandbox.to_string(),
     };
     Ok(p.sink.start(&start)?)
 }
