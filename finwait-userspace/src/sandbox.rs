@@ -232,7 +232,8 @@ fn install() -> Result<(), Error> {
         arch,
     )?;
     // glibc tries clone3 first, whose flags a filter cannot read: ENOSYS sends it to clone,
-    // which the list above allows for threads only.
+    // which the list allows for threads only. The list allows clone3 so that this filter's
+    // ENOSYS is the answer (of two errnos, the later filter's wins).
     let no_clone3 = SeccompFilter::new(
         BTreeMap::from([(libc::SYS_clone3, vec![])]),
         SeccompAction::Allow,
@@ -263,7 +264,8 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     let exec = libc::PROT_EXEC as u64;
     rules.insert(libc::SYS_mmap, vec![masked(2, exec, 0)?]);
     rules.insert(libc::SYS_mprotect, vec![masked(2, exec, 0)?]);
-    // New threads only, never a new process.
+    // New threads only, never a new process (clone3: refused by the other filter).
+    rules.insert(libc::SYS_clone3, vec![]);
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(libc::SYS_clone, vec![masked(0, thread, thread)?]);
     // Into other network namespaces only (their sockets and sysctls).
