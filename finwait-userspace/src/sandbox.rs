@@ -200,12 +200,14 @@ const BPF_COMMANDS: &[u64] = &[
 ];
 
 /// ioctl() requests still needed: non-blocking and close-on-exec fds, whether stdout is a
-/// terminal. Refused among others: TIOCSTI (typing into a terminal).
+/// terminal, aya disabling its perf events as they detach at exit. Refused among others:
+/// TIOCSTI (typing into a terminal).
 const IOCTLS: &[u64] = &[
     libc::FIONBIO as u64,
     libc::FIOCLEX as u64,
     libc::TCGETS as u64,
     libc::TIOCGWINSZ as u64,
+    0x2401, // PERF_EVENT_IOC_DISABLE
 ];
 
 /// prctl() options still needed: thread names.
