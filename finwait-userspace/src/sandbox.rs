@@ -203,10 +203,10 @@ const BPF_COMMANDS: &[u64] = &[
 /// terminal, aya disabling its perf events as they detach at exit. Refused among others:
 /// TIOCSTI (typing into a terminal).
 const IOCTLS: &[u64] = &[
-    libc::FIONBIO as u64,
-    libc::FIOCLEX as u64,
-    libc::TCGETS as u64,
-    libc::TIOCGWINSZ as u64,
+    libc::FIONBIO,
+    libc::FIOCLEX,
+    libc::TCGETS,
+    libc::TIOCGWINSZ,
     0x2401, // PERF_EVENT_IOC_DISABLE
 ];
 
@@ -277,7 +277,7 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     // Its own limits only (pid 0).
     rules.insert(libc::SYS_prlimit64, vec![equal(0, 0)?]);
     // Signals to itself only (an abort's SIGABRT).
-    let own = std::process::id() as u64;
+    let own = u64::from(std::process::id());
     rules.insert(libc::SYS_tgkill, vec![equal(0, own)?]);
     rules.insert(libc::SYS_kill, vec![equal(0, own)?]);
     rules.insert(libc::SYS_bpf, any_of(0, BPF_COMMANDS)?);
@@ -345,7 +345,7 @@ mod tests {
             // MAP_CREATE, PROG_LOAD, OBJ_PIN, PROG/MAP_GET_FD_BY_ID, BTF_LOAD
             assert!(!BPF_COMMANDS.contains(&cmd), "bpf command {cmd} is allowed");
         }
-        assert!(!IOCTLS.contains(&(libc::TIOCSTI as u64)));
+        assert!(!IOCTLS.contains(&libc::TIOCSTI));
     }
 
     #[test]

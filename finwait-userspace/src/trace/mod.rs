@@ -103,7 +103,7 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
         fin_timeout_s,
     );
     let sandbox = enter_sandbox(&opts);
-    announce(&opts, &loaded, fin_timeout_s, sandbox, &mut p)?;
+    announce(&opts, &loaded, fin_timeout_s, &sandbox, &mut p)?;
     if !health::skips_counted(&loaded.ebpf) {
         eprintln!(
             "finwait-trace: note: this kernel does not count the runs of BPF programs it skips \
@@ -173,7 +173,7 @@ fn announce(
     o: &Options,
     l: &Loaded,
     fin_timeout_s: u64,
-    sandbox: sandbox::Status,
+    sandbox: &sandbox::Status,
     p: &mut Pipeline,
 ) -> Result<()> {
     for note in &l.degraded {
