@@ -303,24 +303,41 @@ fn any_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, Error> {
 }
 
 /// The hidden `--sandbox-self-test-write-proc-mem PID`: what a compromise would try first,
-/// tried now; each outcome on stderr as one JSON line, for the tests.
+/// tried now; each outcome on stderr as one JSON line (errno 0: it worked), for the tests.
 pub(crate) fn self_test(pid: u32) {
-    use std::fs::OpenOptions;
+    use std::{fs::OpenOptions, process::Command};
     let mem = format!("/proc/{pid}/mem");
     let tmp = format!("/tmp/finwait-sandbox-self-test-{}", std::process::id());
     let tries = [
         (
             "open_proc_mem_rw",
-            OpenOptions::new().read(true).write(true).open(&mem),
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&mem)
+                .map(drop),
         ),
         (
             "create_file",
-            OpenOptions::new().write(true).create_new(true).open(&tmp),
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map(drop),
+        ),
+        ("bpf_map_create", bpf_map_create()),
+        (
+            "spawn_process",
+            Command::new("/proc/self/exe")
+                .arg("--version")
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map(drop),
         ),
     ];
     for (what, outcome) in tries {
         let errno = match outcome {
-            Ok(_) => 0,
+            Ok(()) => 0,
             Err(e) => e.raw_os_error().unwrap_or(-1),
         };
         eprintln!(
@@ -329,6 +346,20 @@ pub(crate) fn self_test(pid: u32) {
         );
     }
     let _ = std::fs::remove_file(&tmp); // only there without the sandbox
+}
+
+/// A one-entry array map, closed at once: refused with the rest of BPF_MAP_CREATE.
+fn bpf_map_create() -> std::io::Result<()> {
+    // map_type, key_size, value_size, max_entries: the head of union bpf_attr.
+    let attr: [u32; 16] = [2, 4, 4, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    // SAFETY: attr outlives the call and is as large as the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just returned to us.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! finwait's own sandbox (docs/sandbox.md): once the programs are attached, what a compromise
-//! would try first (another process's memory opened read-write, a file written) is refused;
+//! would try first (another process's memory opened read-write, a file written, a BPF map
+//! made, a process started) is refused;
 //! with `--no-sandbox` the same tries succeed, which shows the test can fail.
 #![allow(unused_crate_dependencies)]
 mod common;
@@ -13,11 +14,14 @@ use serde_json::Value;
 /// and each try's errno by name.
 fn self_test(victim: i32, extra: &[&str]) -> (Value, Vec<(String, i64)>) {
     let pid = victim.to_string();
+    // Only the victim is followed: the host's other connections would fill the pipe.
     let mut args = vec![
         "--json",
         "--duration",
         "1",
         "--no-snapshot",
+        "--pid",
+        &pid,
         "--sandbox-self-test-write-proc-mem",
         &pid,
     ];
@@ -50,7 +54,7 @@ fn self_test(victim: i32, extra: &[&str]) -> (Value, Vec<(String, i64)>) {
             ))
         })
         .collect::<Vec<_>>();
-    assert_eq!(tries.len(), 2, "the self-test did not run: {stderr}");
+    assert_eq!(tries.len(), 4, "the self-test did not run: {stderr}");
     (start, tries)
 }
 
