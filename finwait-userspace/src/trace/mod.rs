@@ -84,7 +84,7 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
     procs::check_exists(&opts.load.pids)?;
     let signals = Signals::catch()?;
     let own = output::endpoint::OwnConnections::default();
-    let sinks = sinks(&opts, &own)?;
+    let (sinks, endpoint) = sinks(&opts, &own)?;
     let mut loaded = loader::load(&opts.load)?;
     // Only with -v is aya-log's ring read (without it, the programs never write to it).
     let diagnostics = loaded
@@ -103,6 +103,9 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
         fin_timeout_s,
     );
     let sandbox = enter_sandbox(&opts);
+    if let Some(endpoint) = endpoint {
+        endpoint.serve()?;
+    }
     announce(&opts, &loaded, fin_timeout_s, &sandbox, &mut p)?;
     if !health::skips_counted(&loaded.ebpf) {
         eprintln!(
@@ -136,9 +139,13 @@ fn filter(o: &Options, own: output::endpoint::OwnConnections) -> Filter {
 }
 
 /// Where the findings go: stdout (unless `--quiet`), and the `--metrics` endpoint, whose
-/// port is taken here, before anything loads.
-fn sinks(o: &Options, own: &output::endpoint::OwnConnections) -> Result<Box<dyn output::Sink>> {
+/// port is taken here, before anything loads, and served once the tracer is sandboxed.
+fn sinks(
+    o: &Options,
+    own: &output::endpoint::OwnConnections,
+) -> Result<(Box<dyn output::Sink>, Option<output::endpoint::Endpoint>)> {
     let mut sinks: Vec<Box<dyn output::Sink>> = Vec::new();
+    let mut endpoint = None;
     if !o.quiet {
         let style = Style::for_stdout(o.wall_clock, monotonic_ns());
         sinks.push(output::for_stdout(o.json, style, o.summary_only));
@@ -148,14 +155,19 @@ fn sinks(o: &Options, own: &output::endpoint::OwnConnections) -> Result<Box<dyn 
             o.metrics_max_workloads,
             Box::new(crate::host::namespaces::close_path_of),
         );
-        output::endpoint::start(addr, registry, sink.readiness(), own.clone())?;
+        endpoint = Some(output::endpoint::bind(
+            addr,
+            registry,
+            sink.readiness(),
+            own.clone(),
+        )?);
         sinks.push(Box::new(sink));
     }
-    Ok(Box::new(output::Tee(sinks)))
+    Ok((Box::new(output::Tee(sinks)), endpoint))
 }
 
-/// Attached, and every thread started (the endpoint's, the owner scanner's): from here on the
-/// tracer needs no write, no new program, no new process (docs/sandbox.md).
+/// Attached, and the owner scanner's thread started (the endpoint's comes next, inside): from
+/// here on the tracer needs no write, no new program, no new process (docs/sandbox.md).
 fn enter_sandbox(o: &Options) -> sandbox::Status {
     let status = if o.sandbox {
         sandbox::enter()
