@@ -51,6 +51,10 @@ pub(crate) struct SnapshotArgs {
     /// After the summary, one line per socket.
     #[arg(long)]
     pub(crate) detail: bool,
+
+    /// Do not sandbox finwait itself (for debugging; see docs/sandbox.md).
+    #[arg(long)]
+    pub(crate) no_sandbox: bool,
 }
 
 /// Processes, ports and states: what a snapshot or a trace is about (the same flags for both).
@@ -191,6 +195,17 @@ pub(crate) struct TraceArgs {
     /// `--demo`'s workload processes: run one side of it.
     #[arg(long, hide = true, value_enum, value_name = "ROLE")]
     pub(crate) demo_role: Option<crate::demo::Role>,
+
+    /// Do not sandbox finwait itself once its programs are attached (for debugging: the
+    /// sandbox refuses writing files, loading BPF programs, running programs, reaching into other
+    /// processes; see docs/sandbox.md).
+    #[arg(long)]
+    pub(crate) no_sandbox: bool,
+
+    /// The sandbox's test: once it is on, try to open /proc/PID/mem read-write and to create a
+    /// file, and print each errno to stderr as a JSON line.
+    #[arg(long, hide = true, value_name = "PID")]
+    pub(crate) sandbox_self_test_write_proc_mem: Option<u32>,
 
     /// Benchmark floor: attach every program as a no-op.
     #[arg(long, hide = true)]
@@ -390,6 +405,8 @@ impl From<&TraceArgs> for crate::trace::Options {
             wall_clock: t.timestamp,
             snapshot: !t.no_snapshot,
             stats_every: t.stats_every,
+            sandbox: !t.no_sandbox,
+            sandbox_self_test: t.sandbox_self_test_write_proc_mem,
         }
     }
 }

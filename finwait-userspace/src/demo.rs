@@ -7,7 +7,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
-    process::{Child, ChildStdout, Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
@@ -21,6 +21,8 @@ use crate::trace::{self, Options};
 const CLOSE_WAIT_MS: u64 = 300;
 /// What a role prints once its part is done.
 const DONE: &str = "done";
+/// What the client waits for before it starts: tracing is ready.
+const GO: &str = "go";
 
 /// The two sides of the demo workload, each run as its own process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -47,6 +49,7 @@ impl Role {
 /// first, it sees EOF and exits on its own.
 struct RoleProcess {
     child: Child,
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
@@ -64,7 +67,22 @@ impl RoleProcess {
         }
         let mut child = cmd.spawn().map_err(|e| spawn_error(role, &e))?;
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        Ok(Self { child, stdout })
+        let stdin = child.stdin.take();
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    /// Tells a role waiting for it to start its part.
+    fn go(&mut self) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("the demo's workload has no stdin")?;
+        stdin.write_all(format!("{GO}\n").as_bytes())?;
+        Ok(stdin.flush()?)
     }
 
     /// The next line the role printed.
@@ -95,6 +113,8 @@ fn spawn_error(role: Role, e: &std::io::Error) -> anyhow::Error {
 
 impl Drop for RoleProcess {
     fn drop(&mut self) {
+        // Its stdin closed, it exits on its own (the sandbox refuses kill() on other processes).
+        drop(self.stdin.take());
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -105,19 +125,21 @@ impl Drop for RoleProcess {
 pub(crate) async fn run(mut opts: Options) -> Result<()> {
     let mut server = RoleProcess::spawn(Role::Server, None)?;
     let port: u16 = server.line()?.parse().context("the demo server's port")?;
+    // Both processes start before tracing: once it is ready, the sandbox starts none.
+    let mut client = RoleProcess::spawn(Role::Client, Some(port))?;
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
 
-    // Started once the programs are attached; hands the processes back to be ended after tracing
+    // Set going once the programs are attached; hands the processes back to be ended after tracing
     // stops, so the output holds only the scenarios.
     let workload =
         thread::Builder::new()
             .name("demo".into())
             .spawn(move || -> Result<Vec<RoleProcess>> {
                 if ready_rx.recv().is_err() {
-                    return Ok(vec![server]); // tracing never started
+                    return Ok(vec![client, server]); // tracing never started
                 }
-                let mut client = RoleProcess::spawn(Role::Client, Some(port))?;
+                client.go()?;
                 for p in [&mut client, &mut server] {
                     if p.line()? != DONE {
                         bail!("the demo's workload failed");
@@ -154,17 +176,23 @@ pub(crate) fn role(role: Role, ports: &[u16]) -> Result<()> {
     let name = std::ffi::CString::new(role.comm()).expect("no NUL");
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    let mut stdin = std::io::stdin().lock();
     let held = match role {
         Role::Server => server()?,
         Role::Client => {
             let port = *ports.first().context("--demo-role client needs --port")?;
+            let mut go = String::new();
+            stdin.read_line(&mut go)?;
+            if go.trim() != GO {
+                return Ok(()); // the demo ended before tracing started
+            }
             client(port)?
         }
     };
     println!("{DONE}");
     std::io::stdout().flush()?;
-    // Hold the sockets until the demo ends (it kills us, or our stdin closes with it).
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    // Hold the sockets until the demo ends (our stdin closes with it, or it kills us).
+    let _ = stdin.read_to_end(&mut Vec::new());
     drop(held);
     Ok(())
 }

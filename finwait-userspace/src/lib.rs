@@ -33,9 +33,10 @@
 //!   reports) -> `correlate` (what caused each transition) -> `resolve` (who holds the socket)
 //!   -> `filter` -> enrich -> verdict -> summary and sinks; `health` gathers the counters;
 //!   `trace` itself loads, announces and runs the loop.
+//! - `sandbox`: the tracer's own seccomp allow-list, on once the programs are attached.
 //! - `demo`: the built-in loopback workload, traced by the same pipeline.
 //!
-//! Layers, each using only those above it: model; host, kernel; snapshot; output; trace; demo;
+//! Layers, each using only those above it: model; host, kernel, sandbox; snapshot; output; trace; demo;
 //! cli (the flags, and the options built from them).
 // The test build also links the integration tests' dev-dependencies.
 #![cfg_attr(test, allow(unused_crate_dependencies))]
@@ -46,6 +47,7 @@ mod host;
 mod kernel;
 mod model;
 mod output;
+mod sandbox;
 mod snapshot;
 mod trace;
 
@@ -136,6 +138,10 @@ fn snapshot_command(a: &cli::SnapshotArgs) -> anyhow::Result<()> {
     let mut kernel = kernel::loader::load_inventory_only().map_err(|e| format!("{e:#}"));
     let every_socket = a.json || a.detail;
     let kernel = kernel.as_mut().map_err(|e| e.clone());
+    if !a.no_sandbox {
+        // The iterator is loaded: from here on the snapshot only reads.
+        sandbox::enter();
+    }
     let snap = snapshot::take(&pids, kernel, narrow, every_socket)?;
     snap.warn_unseen();
     let mut sink = output::for_stdout(a.json, output::human::Style::default(), false);

@@ -94,15 +94,24 @@ fn key_of(stream: &TcpStream) -> Option<EndsKey> {
     Some(ends_key(l.ip(), l.port(), r.ip(), r.port()))
 }
 
-/// Binds `addr` now (before the programs load: a taken port fails at once) and serves
-/// `registry` there from its own thread until the process exits; its connections are named in
-/// `own` as they come and go.
-pub(crate) fn start(
+/// The endpoint's port, bound before the programs load (a taken port fails at once), not yet
+/// served: [`Endpoint::serve`] starts its thread once the tracer is sandboxed, so no request is
+/// read before (a scraper that connects meanwhile waits in the listen backlog).
+pub(crate) struct Endpoint {
+    addr: SocketAddr,
+    listener: std::net::TcpListener,
+    registry: Registry,
+    ready: Ready,
+    own: OwnConnections,
+}
+
+/// Binds `addr` now; its connections will be named in `own` as they come and go.
+pub(crate) fn bind(
     addr: SocketAddr,
     registry: Registry,
     ready: Ready,
     own: OwnConnections,
-) -> Result<()> {
+) -> Result<Endpoint> {
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("--metrics {addr}: cannot listen there"))?;
     if addr.port() == 0 {
@@ -111,20 +120,40 @@ pub(crate) fn start(
         eprintln!("finwait-trace: --metrics {addr}: serving on {bound}");
     }
     listener.set_nonblocking(true)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("finwait-metrics".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                match TcpListener::from_std(listener) {
-                    Ok(l) => serve(l, Arc::new(registry), ready, own).await,
-                    Err(e) => eprintln!("finwait-trace: warning: --metrics {addr}: {e}"),
-                }
-            });
-        })?;
-    Ok(())
+    Ok(Endpoint {
+        addr,
+        listener,
+        registry,
+        ready,
+        own,
+    })
+}
+
+impl Endpoint {
+    /// Serves the registry from a thread of its own until the process exits.
+    pub(crate) fn serve(self) -> Result<()> {
+        let Self {
+            addr,
+            listener,
+            registry,
+            ready,
+            own,
+        } = self;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("finwait-metrics".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => serve(l, Arc::new(registry), ready, own).await,
+                        Err(e) => eprintln!("finwait-trace: warning: --metrics {addr}: {e}"),
+                    }
+                });
+            })?;
+        Ok(())
+    }
 }
 
 /// Serves `registry` until the runtime stops.

@@ -25,6 +25,8 @@ pub(crate) struct Start {
     /// Where the start-up snapshot's holders come from: `iter/task_file` (the kernel's socket
     /// inventory) or `proc`.
     pub(crate) inventory: &'static str,
+    /// finwait's own sandbox: `seccomp`, or `off (why)`.
+    pub(crate) sandbox: String,
 }
 
 /// Every counter: at exit, and with `--stats-every`.

@@ -19,7 +19,7 @@ use crate::{
         loader::{self, Loaded, OwnerSeeder},
     },
     output::{self, Start, human::Style},
-    snapshot,
+    sandbox, snapshot,
 };
 
 pub(crate) mod correlate;
@@ -71,6 +71,10 @@ pub(crate) struct Options {
     pub(crate) snapshot: bool,
     /// Print the counters (JSON, to stderr) this often.
     pub(crate) stats_every: Option<Duration>,
+    /// Sandbox the tracer once its programs are attached (off: `--no-sandbox`).
+    pub(crate) sandbox: bool,
+    /// The hidden self-test: what a compromise would try, tried on this pid's memory.
+    pub(crate) sandbox_self_test: Option<u32>,
 }
 
 /// Ends a run early (the demo, once its workload is done).
@@ -82,7 +86,7 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
     procs::check_exists(&opts.load.pids)?;
     let signals = Signals::catch()?;
     let own = output::endpoint::OwnConnections::default();
-    let sinks = sinks(&opts, &own)?;
+    let (sinks, endpoint) = sinks(&opts, &own)?;
     let mut loaded = loader::load(&opts.load)?;
     // Only with -v is aya-log's ring read (without it, the programs never write to it).
     let diagnostics = loaded
@@ -100,7 +104,11 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
         sinks,
         fin_timeout_s,
     );
-    announce(&opts, &loaded, fin_timeout_s, &mut p)?;
+    let sandbox = enter_sandbox(&opts);
+    if let Some(endpoint) = endpoint {
+        endpoint.serve()?;
+    }
+    announce(&opts, &loaded, fin_timeout_s, &sandbox, &mut p)?;
     if !health::skips_counted(&loaded.ebpf) {
         eprintln!(
             "finwait-trace: note: this kernel does not count the runs of BPF programs it skips \
@@ -133,9 +141,13 @@ fn filter(o: &Options, own: output::endpoint::OwnConnections) -> Filter {
 }
 
 /// Where the findings go: stdout (unless `--quiet`), and the `--metrics` endpoint, whose
-/// port is taken here, before anything loads.
-fn sinks(o: &Options, own: &output::endpoint::OwnConnections) -> Result<Box<dyn output::Sink>> {
+/// port is taken here, before anything loads, and served once the tracer is sandboxed.
+fn sinks(
+    o: &Options,
+    own: &output::endpoint::OwnConnections,
+) -> Result<(Box<dyn output::Sink>, Option<output::endpoint::Endpoint>)> {
     let mut sinks: Vec<Box<dyn output::Sink>> = Vec::new();
+    let mut endpoint = None;
     if !o.quiet {
         let style = Style::for_stdout(o.wall_clock, monotonic_ns());
         sinks.push(output::for_stdout(o.json, style, o.summary_only));
@@ -145,14 +157,39 @@ fn sinks(o: &Options, own: &output::endpoint::OwnConnections) -> Result<Box<dyn 
             o.metrics_max_workloads,
             Box::new(crate::host::namespaces::close_path_of),
         );
-        output::endpoint::start(addr, registry, sink.readiness(), own.clone())?;
+        endpoint = Some(output::endpoint::bind(
+            addr,
+            registry,
+            sink.readiness(),
+            own.clone(),
+        )?);
         sinks.push(Box::new(sink));
     }
-    Ok(Box::new(output::Tee(sinks)))
+    Ok((Box::new(output::Tee(sinks)), endpoint))
+}
+
+/// Attached, and the owner scanner's thread started (the endpoint's comes next, inside): from
+/// here on the tracer needs no write, no new program, no new process (docs/sandbox.md).
+fn enter_sandbox(o: &Options) -> sandbox::Status {
+    let status = if o.sandbox {
+        sandbox::enter()
+    } else {
+        sandbox::Status::Disabled
+    };
+    if let Some(pid) = o.sandbox_self_test {
+        sandbox::self_test(pid);
+    }
+    status
 }
 
 /// Warnings about what is off, and the start event.
-fn announce(o: &Options, l: &Loaded, fin_timeout_s: u64, p: &mut Pipeline) -> Result<()> {
+fn announce(
+    o: &Options,
+    l: &Loaded,
+    fin_timeout_s: u64,
+    sandbox: &sandbox::Status,
+    p: &mut Pipeline,
+) -> Result<()> {
     // Warnings for what reduces what the user sees; the expected detail only with -v.
     let verbose = o.load.diagnostics;
     let preemptible = programs_run_preemptibly(&kernel_release());
@@ -182,6 +219,7 @@ fn announce(o: &Options, l: &Loaded, fin_timeout_s: u64, p: &mut Pipeline) -> Re
         } else {
             "proc"
         },
+        sandbox: sandbox.to_string(),
     };
     Ok(p.sink.start(&start)?)
 }
