@@ -747,3 +747,350 @@ fn fleet_doc_names_existing_files() {
         );
     }
 }
+
+/// The Kubernetes documents of a file under deploy/kubernetes.
+fn documents(rel: &str) -> Vec<Value> {
+    let text = read(&format!("kubernetes/{rel}"));
+    text.split("\n---\n").map(yaml).collect()
+}
+
+/// What is wrong with the NetworkPolicy: it must select the DaemonSet's pods, admit only
+/// Prometheus (pods with a label in a namespace, both) to the metrics port, and let nothing
+/// out.
+fn policy_problems(np: &Value, ds: &Value) -> Vec<String> {
+    let mut p = Vec::new();
+    if np["kind"] != "NetworkPolicy" || np["metadata"]["namespace"] != ds["metadata"]["namespace"] {
+        p.push("namespace: not the DaemonSet's".to_string());
+    }
+    let labels = &ds["spec"]["template"]["metadata"]["labels"];
+    let selector = np["spec"]["podSelector"]["matchLabels"].as_mapping();
+    let selects = selector.is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels[k] == *v));
+    if !selects {
+        p.push("podSelector: does not select the DaemonSet's pods".into());
+    }
+    let types = strings(&np["spec"]["policyTypes"]);
+    if !(types.contains(&"Ingress") && types.contains(&"Egress")) {
+        p.push(format!("policyTypes: Ingress and Egress, not {types:?}"));
+    }
+    if np["spec"]["egress"].as_sequence().is_none_or(|e| !e.is_empty()) {
+        p.push("egress: must be [] (finwait connects nowhere)".into());
+    }
+    let ingress = np["spec"]["ingress"].as_sequence().map_or(&[][..], Vec::as_slice);
+    if ingress.len() != 1 {
+        p.push(format!("ingress: one rule (Prometheus), not {}", ingress.len()));
+    }
+    for rule in ingress {
+        let ports: Vec<(&str, u64)> = rule["ports"]
+            .as_sequence()
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .map(|x| (x["protocol"].as_str().unwrap_or("TCP"), x["port"].as_u64().unwrap_or(0)))
+            .collect();
+        if ports != [("TCP", u64::from(PORT))] {
+            p.push(format!("port: only TCP {PORT}, not {ports:?}"));
+        }
+        let peers = rule["from"].as_sequence().map_or(&[][..], Vec::as_slice);
+        let only_prometheus = !peers.is_empty()
+            && peers.iter().all(|peer| {
+                let labelled = |s: &Value| s["matchLabels"].as_mapping().is_some_and(|m| !m.is_empty());
+                peer["ipBlock"].is_null()
+                    && labelled(&peer["namespaceSelector"])
+                    && labelled(&peer["podSelector"])
+            });
+        if !only_prometheus {
+            p.push(
+                "from: only Prometheus (namespaceSelector and podSelector with labels, in one \
+                 peer), not every pod of a namespace or an address block"
+                    .into(),
+            );
+        }
+    }
+    p
+}
+
+fn network_policy() -> Value {
+    let docs = documents("networkpolicy.yaml");
+    assert_eq!(docs.len(), 1, "networkpolicy.yaml: one document");
+    docs[0].clone()
+}
+
+#[test]
+fn network_policy_admits_only_prometheus() {
+    assert_eq!(
+        policy_problems(&network_policy(), &daemonset()),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn network_policy_checks_catch_mistakes() {
+    type Mutation = fn(&mut Value);
+    let mutants: [(&str, Mutation); 7] = [
+        ("podSelector", |n| {
+            n["spec"]["podSelector"] = yaml("{matchLabels: {app: other}}");
+        }),
+        ("policyTypes", |n| {
+            n["spec"]["policyTypes"] = yaml("[Ingress]");
+        }),
+        ("egress", |n| {
+            n["spec"]["egress"] = yaml("[{}]");
+        }),
+        ("port", |n| {
+            n["spec"]["ingress"][0]["ports"][0]["port"] = 9978.into();
+        }),
+        ("only Prometheus", |n| {
+            let from = &mut n["spec"]["ingress"][0]["from"][0];
+            from.as_mapping_mut().unwrap().remove("podSelector");
+        }),
+        ("only Prometheus", |n| {
+            let from = n["spec"]["ingress"][0]["from"].as_sequence_mut().unwrap();
+            from.push(yaml("{ipBlock: {cidr: 0.0.0.0/0}}"));
+        }),
+        ("one rule", |n| {
+            let ingress = n["spec"]["ingress"].as_sequence_mut().unwrap();
+            ingress.push(yaml("{}"));
+        }),
+    ];
+    let (np, ds) = (network_policy(), daemonset());
+    for (what, mutate) in mutants {
+        let mut broken = np.clone();
+        mutate(&mut broken);
+        let found = policy_problems(&broken, &ds);
+        assert!(found.iter().any(|p| p.contains(what)), "{what}: {found:?}");
+    }
+}
+
+/// `patch` applied to `base` as `kubectl patch` (strategic merge) does for the fields the
+/// patches under deploy/kubernetes/patches use: maps merged, null deleting a key, the lists of
+/// containers, volumes, env and ports merged by `name` and volumeMounts by `mountPath`, any
+/// other list replaced.
+fn strategic_merge(base: &mut Value, patch: &Value) {
+    let (Some(into), Some(from)) = (base.as_mapping_mut(), patch.as_mapping()) else {
+        *base = patch.clone();
+        return;
+    };
+    for (key, value) in from {
+        if value.is_null() {
+            into.remove(key);
+            continue;
+        }
+        let merge_key = match key.as_str() {
+            Some("containers" | "volumes" | "env" | "ports") => Some("name"),
+            Some("volumeMounts") => Some("mountPath"),
+            _ => None,
+        };
+        match (merge_key, into.get_mut(key)) {
+            (Some(k), Some(Value::Sequence(items))) => {
+                for item in value.as_sequence().expect("a list in the patch") {
+                    match items.iter_mut().find(|i| i[k] == item[k]) {
+                        Some(existing) => strategic_merge(existing, item),
+                        None => items.push(item.clone()),
+                    }
+                }
+            }
+            (None, Some(existing)) if existing.is_mapping() => strategic_merge(existing, value),
+            _ => {
+                into.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// The DaemonSet with a patch of deploy/kubernetes/patches applied.
+fn patched(name: &str) -> Value {
+    let mut ds = daemonset();
+    let patch = yaml(&read(&format!("kubernetes/patches/{name}")));
+    strategic_merge(&mut ds, &patch);
+    ds
+}
+
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    let items = list.as_sequence().map_or(&[][..], Vec::as_slice);
+    items
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("no {name:?} in {list:?}"))
+}
+
+#[test]
+fn kernel_before_5_11_patch_adds_sys_resource_only() {
+    let ds = patched("kernel-before-5.11.yaml");
+    let added: BTreeSet<&str> =
+        strings(&container(&ds)["securityContext"]["capabilities"]["add"]).into_iter().collect();
+    let mut want: BTreeSet<&str> = POD_CAPS.into();
+    want.insert("SYS_RESOURCE");
+    assert_eq!(added, want);
+    let rest: Vec<String> = problems(&ds)
+        .into_iter()
+        .filter(|p| !p.contains("SYS_RESOURCE") && !p.contains("capabilities: add"))
+        .collect();
+    assert_eq!(rest, Vec::<String>::new());
+    // The image for those nodes carries it too (a file capability outside the bounding set
+    // makes the exec fail): the Containerfile says how.
+    let containerfile = read("container/Containerfile");
+    assert!(containerfile.contains("--build-arg CAPS=cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search,cap_sys_resource"));
+}
+
+#[test]
+fn debugfs_patch_mounts_only_the_tracefs_under_it() {
+    let ds = patched("debugfs-tracing.yaml");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        named(&pod["volumes"], "tracefs")["hostPath"]["path"],
+        "/sys/kernel/debug/tracing"
+    );
+    let mount = named(&container(&ds)["volumeMounts"], "tracefs");
+    assert_eq!(mount["mountPath"], "/sys/kernel/tracing");
+    assert_eq!(mount["readOnly"], true);
+    let rest: Vec<String> = problems(&ds)
+        .into_iter()
+        .filter(|p| !p.contains("/sys/kernel/tracing is not mounted"))
+        .collect();
+    assert_eq!(rest, Vec::<String>::new());
+}
+
+/// The TLS variant: `--web-config-file` naming the Secret's file, whose TLS files are in the
+/// mounted certificate Secret, client certificates required.
+#[test]
+fn tls_variant_serves_https_with_client_certificates() {
+    let ds = patched("tls.yaml");
+    let c = container(&ds);
+    let args = strings(&c["args"]);
+    let at = args.iter().position(|a| *a == "--web-config-file").expect("--web-config-file");
+    let config_path = args[at + 1];
+    assert_eq!(config_path, "/etc/finwait/web-config.yml");
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == config_path)
+        .expect("the web config mounted");
+    let pod = &ds["spec"]["template"]["spec"];
+    let volume = named(&pod["volumes"], mount["name"].as_str().unwrap());
+    let secret_name = volume["secret"]["secretName"].as_str().unwrap();
+    let secret = documents("tls.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == secret_name)
+        .expect("tls.yaml defines the Secret the patch mounts");
+    assert_eq!(secret["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    let key = mount["subPath"].as_str().unwrap();
+    let config = yaml(secret["stringData"][key].as_str().expect("the web config"));
+    let tls = &config["tls_server_config"];
+    assert_eq!(tls["client_auth_type"], "RequireAndVerifyClientCert");
+    // Each file it names is in the certificate Secret's mount.
+    let certs = named(&c["volumeMounts"], "tls")["mountPath"].as_str().unwrap();
+    for file in ["cert_file", "key_file", "client_ca_file"] {
+        let path = tls[file].as_str().unwrap_or("");
+        assert!(path.starts_with(&format!("{certs}/")), "{file}: {path}");
+    }
+    // Readable by finwait's group only.
+    assert_eq!(pod["securityContext"]["fsGroup"], POD_UID);
+    for v in ["web-config", "tls"] {
+        assert_eq!(named(&pod["volumes"], v)["secret"]["defaultMode"], 0o440);
+    }
+    // The kubelet has no client certificate: the probes only connect.
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert!(c[probe]["httpGet"].is_null(), "{probe}: {:?}", c[probe]);
+        assert_eq!(c[probe]["tcpSocket"]["port"], "metrics");
+    }
+    let rest: Vec<String> = problems(&ds)
+        .into_iter()
+        .filter(|p| !p.contains("Probe"))
+        .collect();
+    assert_eq!(rest, Vec::<String>::new());
+}
+
+/// The kube-rbac-proxy variant: finwait on loopback only, the proxy on the metrics port in
+/// front of it, the API token in the proxy's container alone, and RBAC to match.
+#[test]
+fn kube_rbac_proxy_variant_keeps_the_token_from_finwait() {
+    let ds = patched("kube-rbac-proxy.yaml");
+    let pod = &ds["spec"]["template"]["spec"];
+    let finwait = named(&pod["containers"], "finwait");
+    let proxy = named(&pod["containers"], "kube-rbac-proxy");
+    let args = strings(&finwait["args"]);
+    let at = args.iter().position(|a| *a == "--metrics").unwrap();
+    let upstream = args[at + 1];
+    assert!(upstream.starts_with("127.0.0.1:"), "finwait listens on {upstream}");
+    let proxy_args = strings(&proxy["args"]);
+    let flag = |name: &str| {
+        proxy_args
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("kube-rbac-proxy: no --{name}"))
+    };
+    assert_eq!(flag("upstream"), format!("http://{upstream}/"));
+    assert_eq!(port_of(flag("secure-listen-address")), Some(PORT));
+    assert_ne!(port_of(upstream), Some(PORT), "the proxy's port");
+    // Only the probes' paths pass unauthenticated, never /metrics.
+    assert_eq!(flag("ignore-paths"), "/healthz,/ready");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(finwait[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+    }
+    // The token: not automounted (it would reach every container), projected into the proxy.
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let token_dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let mounted = |c: &Value| {
+        c["volumeMounts"]
+            .as_sequence()
+            .is_some_and(|m| m.iter().any(|m| m["mountPath"] == token_dir))
+    };
+    assert!(mounted(proxy) && !mounted(finwait));
+    let sources = &named(&pod["volumes"], "kube-api-access")["projected"]["sources"];
+    assert!(sources.as_sequence().unwrap().iter().any(|s| !s["serviceAccountToken"].is_null()));
+    // The proxy gets nothing of finwait's privileges.
+    let sc = &proxy["securityContext"];
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert!(sc["capabilities"]["add"].is_null());
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert!(proxy["volumeMounts"].as_sequence().unwrap().iter().all(|m| m["readOnly"] == true));
+    // RBAC: the pod's ServiceAccount may review tokens and access, and nothing else.
+    let docs = documents("kube-rbac-proxy.yaml");
+    let sa = docs.iter().find(|d| d["kind"] == "ServiceAccount").unwrap();
+    assert_eq!(sa["metadata"]["name"], pod["serviceAccountName"]);
+    assert_eq!(sa["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding" && d["subjects"][0]["name"] == sa["metadata"]["name"])
+        .expect("a binding for the proxy's ServiceAccount");
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == binding["roleRef"]["name"])
+        .unwrap();
+    let rules: BTreeSet<(&str, &str, &str)> = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            let groups = strings(&r["apiGroups"]);
+            let resources = strings(&r["resources"]);
+            let verbs = strings(&r["verbs"]);
+            groups.into_iter().flat_map(move |g| {
+                let verbs = verbs.clone();
+                resources.clone().into_iter().flat_map(move |res| verbs.clone().into_iter().map(move |v| (g, res, v)))
+            })
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("authentication.k8s.io", "tokenreviews", "create"),
+            ("authorization.k8s.io", "subjectaccessreviews", "create"),
+        ]
+        .into()
+    );
+    // Prometheus may get /metrics.
+    let reader = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["rules"][0]["nonResourceURLs"].is_sequence())
+        .unwrap();
+    assert_eq!(strings(&reader["rules"][0]["nonResourceURLs"]), ["/metrics"]);
+    assert_eq!(strings(&reader["rules"][0]["verbs"]), ["get"]);
+    // finwait's own container is as before, but for its (now loopback) port.
+    let rest: Vec<String> = problems(&ds)
+        .into_iter()
+        .filter(|p| !p.starts_with("port:"))
+        .collect();
+    assert_eq!(rest, Vec::<String>::new());
+}
