@@ -1094,3 +1094,201 @@ fn kube_rbac_proxy_variant_keeps_the_token_from_finwait() {
         .collect();
     assert_eq!(rest, Vec::<String>::new());
 }
+
+/// The lowercase `cap_*` names of capabilities named like the pod's (`BPF` -> `cap_bpf`).
+fn cap_names(caps: &[&str]) -> BTreeSet<String> {
+    caps.iter()
+        .map(|c| format!("cap_{}", c.to_lowercase()))
+        .collect()
+}
+
+/// The image gives the binary exactly the pod's capabilities as file capabilities, runs it as
+/// the pod's uid, and copies it into a base without setuid programs.
+#[test]
+fn containerfile_sets_the_file_capabilities() {
+    let text = read("container/Containerfile");
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    let caps = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("ARG CAPS="))
+        .expect("ARG CAPS=");
+    let caps: BTreeSet<String> = caps.split(',').map(String::from).collect();
+    assert_eq!(caps, cap_names(&POD_CAPS));
+    assert!(
+        lines.iter().any(|l| l.contains(r#"setcap "${CAPS}+ep" /usr/local/bin/finwait-trace"#)),
+        "no setcap of ${{CAPS}}+ep on the binary"
+    );
+    assert!(lines.contains(&"COPY target/release/finwait-trace /usr/local/bin/finwait-trace"));
+    let stages: Vec<&&str> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
+    let last = stages.last().expect("FROM");
+    assert!(last.starts_with("FROM gcr.io/distroless/"), "{last}");
+    assert!(lines.contains(&"COPY --from=caps /usr/local/bin/finwait-trace /usr/local/bin/finwait-trace"));
+    let user = lines.iter().rev().find_map(|l| l.strip_prefix("USER ")).expect("USER");
+    assert_eq!(user, format!("{POD_UID}:{POD_UID}"));
+    // The DaemonSet runs what the image holds, as the same user.
+    let ds = daemonset();
+    let sc = &container(&ds)["securityContext"];
+    assert_eq!(sc["runAsUser"], POD_UID);
+    assert_eq!(strings(&container(&ds)["command"]), ["/usr/local/bin/finwait-trace"]);
+}
+
+/// The calls deploy/seccomp/finwait.json allows (it denies the rest).
+fn seccomp_allowed() -> BTreeSet<String> {
+    let profile: serde_json::Value = serde_json::from_str(&read("seccomp/finwait.json")).unwrap();
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    let rules = profile["syscalls"].as_array().unwrap();
+    for r in rules {
+        assert_eq!(r["action"], "SCMP_ACT_ALLOW", "{r}");
+        assert!(r.get("args").is_none(), "no argument filters: {r}");
+    }
+    rules
+        .iter()
+        .flat_map(|r| r["names"].as_array().unwrap())
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn seccomp_profile_allows_tracing_and_no_memory_access() {
+    let allowed = seccomp_allowed();
+    for call in ["bpf", "perf_event_open", "read", "openat", "socket", "setns", "execve"] {
+        assert!(allowed.contains(call), "finwait.json does not allow {call}");
+    }
+    // CAP_SYS_PTRACE passes the ptrace access check for any process, which is all these ask:
+    // writing or reading its memory, taking its fds, or its file system by handle.
+    for call in [
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "pidfd_getfd",
+        "open_by_handle_at",
+        "kexec_load",
+        "init_module",
+        "finit_module",
+        "mount",
+    ] {
+        assert!(!allowed.contains(call), "finwait.json allows {call}");
+    }
+}
+
+/// The AppArmor profile: the pod's capabilities exactly, /proc/PID/mem denied, no write
+/// rules; and apparmor_parser compiles it (without loading it: that needs an AppArmor kernel).
+#[test]
+fn apparmor_profile_compiles() {
+    let text = read("apparmor/finwait");
+    let rules: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    assert!(
+        rules
+            .iter()
+            .any(|l| l.starts_with(&format!("profile {APPARMOR_PROFILE} "))),
+        "no profile {APPARMOR_PROFILE}"
+    );
+    let caps: BTreeSet<String> = rules
+        .iter()
+        .filter_map(|l| l.strip_prefix("capability "))
+        .map(|c| format!("cap_{}", c.trim_end_matches(',')))
+        .collect();
+    assert_eq!(caps, cap_names(&POD_CAPS));
+    for deny in ["deny @{PROC}/*/mem rw,", "deny @{PROC}/*/task/*/mem rw,"] {
+        assert!(rules.contains(&deny), "no {deny}");
+    }
+    let writes: Vec<&&str> = rules
+        .iter()
+        .filter(|l| !l.starts_with("deny") && l.ends_with(" w,") || l.contains(" rw,") && !l.starts_with("deny"))
+        .collect();
+    assert!(writes.is_empty(), "write rules: {writes:?}");
+
+    if !on_path("apparmor_parser") {
+        eprintln!(
+            "note: no apparmor_parser here (Debian's `apparmor`; `cargo xtask test` installs it): \
+             deploy/apparmor/finwait not compiled"
+        );
+        return;
+    }
+    let compile = |text: &str| {
+        let dir = scratch("apparmor");
+        let file = dir.join("finwait");
+        fs::write(&file, text).unwrap();
+        // -Q: do not load it; -K: no cache; -S: the compiled policy to stdout (discarded).
+        run(Command::new("apparmor_parser").args(["-Q", "-K", "-S"]).arg(&file))
+    };
+    let (ok, out) = compile(&text);
+    assert!(ok, "apparmor_parser deploy/apparmor/finwait:\n{out}");
+    // The compilation sees mistakes.
+    for (from, to) in [
+        ("capability bpf,", "capability bfp,"),
+        ("deny @{PROC}/*/mem rw,", "deny @{PROC}/*/mem rw"),
+    ] {
+        assert!(text.contains(from), "deploy/apparmor/finwait no longer has {from}");
+        assert!(!compile(&text.replace(from, to)).0, "apparmor_parser accepts {to}");
+    }
+}
+
+/// The scrape job over https, commented in prometheus.yml, is valid in place of the plain one:
+/// both ways of authenticating (a client certificate; a ServiceAccount token).
+#[test]
+fn https_scrape_job_is_valid() {
+    let text = read("prometheus/prometheus.yml");
+    let begin = "  # BEGIN finwait-kubernetes over https\n";
+    let end = "  # END finwait-kubernetes over https";
+    let block = &text[text.find(begin).expect(begin) + begin.len()..text.find(end).expect(end)];
+    // One `#` off each line: the block's own comments stay comments.
+    let uncomment = |block: &str| -> String {
+        block
+            .lines()
+            .map(|l| match l.strip_prefix("  #") {
+                Some(rest) => format!("  {rest}\n"),
+                None => format!("{l}\n"),
+            })
+            .collect()
+    };
+    let dir = scratch("https");
+    let files = dir.join("finwait");
+    fs::create_dir_all(&files).unwrap();
+    // promtool checks that the files exist.
+    for f in ["ca.crt", "client.crt", "client.key"] {
+        fs::write(files.join(f), "").unwrap();
+    }
+    let token_line = "  #  #authorization:\n  #  #  credentials_file: /var/run/secrets/kubernetes.io/serviceaccount/token\n";
+    assert!(block.contains(token_line), "the token variant is not as expected");
+    let cert_lines = "  #    cert_file: /etc/prometheus/finwait/client.crt\n  #    key_file: /etc/prometheus/finwait/client.key\n";
+    assert!(block.contains(cert_lines), "the certificate variant is not as expected");
+    let token = files.join("token");
+    fs::write(&token, "").unwrap();
+    let with_token = block.replace(cert_lines, "").replace(
+        token_line,
+        &format!("  #  authorization:\n  #    credentials_file: {}\n", token.display()),
+    );
+    for (what, block) in [("client certificate", block.to_string()), ("token", with_token)] {
+        let job = yaml(&uncomment(&block).replace("/etc/prometheus/finwait", files.to_str().unwrap()));
+        let job = &job[0];
+        assert_eq!(job["job_name"], "finwait-kubernetes");
+        assert_eq!(job["scheme"], "https");
+        let mut config = yaml(&text);
+        let jobs = config["scrape_configs"].as_sequence_mut().unwrap();
+        let plain = jobs.iter().position(|j| j["job_name"] == "finwait-kubernetes").unwrap();
+        // The same selection and labels as the plain job.
+        assert_eq!(jobs[plain]["relabel_configs"], job["relabel_configs"]);
+        assert_eq!(jobs[plain]["kubernetes_sd_configs"], job["kubernetes_sd_configs"]);
+        jobs[plain] = job.clone();
+        for j in jobs.iter_mut() {
+            let j = j.as_mapping_mut().unwrap();
+            // Debian's promtool has no Kubernetes service discovery (`scrape_config_is_valid`).
+            if j.remove("kubernetes_sd_configs").is_some() {
+                j.insert("static_configs".into(), yaml("[{targets: ['pod.invalid:9977']}]"));
+            }
+        }
+        fs::write(dir.join("alerts.yml"), read("prometheus/alerts.yml")).unwrap();
+        fs::write(dir.join("prometheus.yml"), serde_norway::to_string(&config).unwrap()).unwrap();
+        let (ok, out) = run(promtool_in(&dir).args(["check", "config", "prometheus.yml"]));
+        assert!(ok, "the https job ({what}):\n{out}");
+    }
+}
