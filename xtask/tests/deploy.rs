@@ -1292,3 +1292,264 @@ fn https_scrape_job_is_valid() {
         assert!(ok, "the https job ({what}):\n{out}");
     }
 }
+
+// The kernel's side of the claims above, checked on the machine the tests run on (as root:
+// `cargo xtask test` runs them so; otherwise they say they were skipped).
+
+/// Whether this process is root; if not, says which test is skipped.
+fn root_or_skip(test: &str) -> bool {
+    let uid = fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next().map(String::from));
+    let root = uid.as_deref() == Some("0");
+    if !root {
+        eprintln!("skipped {test}: needs root (`cargo xtask test` runs the deploy tests as root)");
+    }
+    root
+}
+
+/// A root process to aim at, killed when dropped.
+struct Victim(std::process::Child);
+
+impl Victim {
+    fn start() -> Self {
+        Self(Command::new("sleep").arg("120").spawn().expect("sleep"))
+    }
+
+    fn mem(&self) -> String {
+        format!("/proc/{}/mem", self.0.id())
+    }
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `sh -c SCRIPT FILE` as `uid` with exactly `caps` (setpriv names: `bpf`, `dac_override`):
+/// bounding, inheritable and ambient, so the shell holds them.
+fn as_uid_with(uid: u64, caps: &[&str], script: &str, file: &str) -> (bool, String) {
+    let set: String = caps.iter().map(|c| format!(",+{c}")).collect();
+    let id = uid.to_string();
+    run(Command::new("setpriv")
+        .args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+        .arg(format!("--inh-caps=-all{set}"))
+        .arg(format!("--ambient-caps=-all{set}"))
+        .arg(format!("--bounding-set=-all{set}"))
+        .args(["sh", "-c", script, file]))
+}
+
+const FOUR: [&str; 4] = ["bpf", "perfmon", "sys_ptrace", "dac_read_search"];
+
+/// What issue 28 measured, and why uid 65532 closes that door: with the pod's four
+/// capabilities, root opens a root process's /proc/PID/mem for writing (the file is root's, mode
+/// 0600: the owner passes the permission check, and CAP_SYS_PTRACE the ptrace one); uid 65532 is
+/// refused by the permission check, which only CAP_DAC_OVERRIDE (not granted) would pass.
+/// Reading stays possible (CAP_DAC_READ_SEARCH): the pod is not a confidentiality boundary.
+#[test]
+fn proc_mem_write_needs_root_or_dac_override() {
+    if !root_or_skip("proc_mem_write_needs_root_or_dac_override") {
+        return;
+    }
+    let victim = Victim::start();
+    let mem = victim.mem();
+    let write = r#"exec 3<>"$0""#;
+    let (ok, out) = as_uid_with(POD_UID, &FOUR, write, &mem);
+    assert!(!ok && out.contains("Permission denied"), "uid {POD_UID} opened {mem} for writing: {out}");
+    let (ok, out) = as_uid_with(0, &FOUR, write, &mem);
+    assert!(ok, "uid 0 with the four capabilities could not open {mem} for writing: {out}");
+    let with_override = [&FOUR[..], &["dac_override"]].concat();
+    let (ok, out) = as_uid_with(POD_UID, &with_override, write, &mem);
+    assert!(ok, "the refusal is not the permission check's: with CAP_DAC_OVERRIDE: {out}");
+    let (ok, out) = as_uid_with(POD_UID, &FOUR, r#"exec 3<"$0""#, &mem);
+    assert!(ok, "uid {POD_UID} could not read {mem}: {out}");
+}
+
+/// Sets this process up as an OCI runtime leaves a container's process before it execs the
+/// entrypoint: the uid and gid, the bounding set, the capabilities the runtime holds in its
+/// permitted and effective sets (none without --held), no ambient ones, no_new_privs (--nnp),
+/// the seccomp profile (--seccomp, as runc would load it); then runs `poke PID` (tries to
+/// reach another process's memory, prints what the kernel answered) or execs the rest.
+const RUNTIME_LIKE: &str = r#"
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def check(r, what):
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+args = sys.argv[1:]
+uid = int(args.pop(0)); caps = [int(c) for c in args.pop(0).split(",")]
+held = nnp = False; seccomp = None
+while args[0].startswith("--"):
+    a = args.pop(0)
+    if a == "--held": held = True
+    elif a == "--nnp": nnp = True
+    elif a == "--seccomp": seccomp = args.pop(0)
+last = int(open("/proc/sys/kernel/cap_last_cap").read())
+for c in range(last + 1):
+    if c not in caps:
+        check(libc.prctl(24, c, 0, 0, 0), f"PR_CAPBSET_DROP {c}")
+check(libc.prctl(47, 4, 0, 0, 0), "PR_CAP_AMBIENT_CLEAR_ALL")
+check(libc.prctl(8, 1, 0, 0, 0), "PR_SET_KEEPCAPS")
+os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
+class Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+mask = sum(1 << c for c in caps) if held else 0
+lo, hi = mask & 0xFFFFFFFF, mask >> 32
+check(libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)(Data(lo, lo, 0), Data(hi, hi, 0))), "capset")
+if nnp:
+    check(libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+class Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+def poke(pid, addr, byte):
+    buf = ctypes.create_string_buffer(byte, 1)
+    local, remote = Iovec(ctypes.cast(buf, ctypes.c_void_p), 1), Iovec(addr, 1)
+    r = {}
+    for name in ["process_vm_readv", "process_vm_writev"]:
+        n = getattr(libc, name)(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        r[name] = "ok" if n == 1 else os.strerror(ctypes.get_errno())
+    n = libc.ptrace(16, pid, 0, 0)
+    r["ptrace_attach"] = "ok" if n == 0 else os.strerror(ctypes.get_errno())
+    return r
+if args[0] == "poke":
+    pid = int(args[1])
+    addr = next(int(l.split("-")[0], 16) for l in open(f"/proc/{pid}/maps") if l.split()[1].startswith("rw"))
+    byte = open(f"/proc/{pid}/mem", "rb", buffering=0)
+    byte.seek(addr); byte = byte.read(1)
+if seccomp:
+    seccomp_lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    seccomp_lib.seccomp_init.restype = ctypes.c_void_p
+    seccomp_lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+    seccomp_lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    profile = json.load(open(seccomp))
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
+    ctx = seccomp_lib.seccomp_init(0x00050000 | profile.get("defaultErrnoRet", 1))
+    for rule in profile["syscalls"]:
+        assert rule["action"] == "SCMP_ACT_ALLOW" and "args" not in rule
+        for name in rule["names"]:
+            nr = seccomp_lib.seccomp_syscall_resolve_name(name.encode())
+            if nr >= 0:
+                check(seccomp_lib.seccomp_rule_add(ctx, 0x7FFF0000, nr, 0), f"rule {name}")
+    check(seccomp_lib.seccomp_load(ctx), "seccomp_load")
+if args[0] == "poke":
+    print(json.dumps(poke(pid, addr, byte)))
+else:
+    os.execv(args[0], args)
+"#;
+
+/// python3 running [`RUNTIME_LIKE`], when this host has python3 and libseccomp.
+fn runtime_like(dir: &Path) -> Option<Command> {
+    let libseccomp = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"]
+        .iter()
+        .any(|d| Path::new(d).join("libseccomp.so.2").exists());
+    if !on_path("python3") || !libseccomp {
+        eprintln!("note: no python3 or libseccomp.so.2 here: the runtime-like checks are skipped");
+        return None;
+    }
+    let script = dir.join("runtime_like.py");
+    fs::write(&script, RUNTIME_LIKE).unwrap();
+    let mut cmd = Command::new("python3");
+    cmd.arg(script);
+    Some(cmd)
+}
+
+fn cap_list() -> String {
+    CAP_NUMBERS.map(|c| c.to_string()).join(",")
+}
+
+/// The other doors CAP_SYS_PTRACE opens, for any uid: process_vm_writev(2) and ptrace(2) ask
+/// only the ptrace access check. The runtime's default seccomp profile allows them to a
+/// container with SYS_PTRACE; deploy/seccomp/finwait.json refuses them.
+#[test]
+fn seccomp_profile_refuses_memory_writes() {
+    if !root_or_skip("seccomp_profile_refuses_memory_writes") {
+        return;
+    }
+    let dir = scratch("seccomp");
+    let profile = xtask::workspace().join("deploy/seccomp/finwait.json");
+    let Some(_) = runtime_like(&dir) else { return };
+    let poke = |seccomp: bool| {
+        let victim = Victim::start();
+        let mut cmd = runtime_like(&dir).unwrap();
+        cmd.args([POD_UID.to_string(), cap_list(), "--held".into(), "--nnp".into()]);
+        if seccomp {
+            cmd.arg("--seccomp").arg(&profile);
+        }
+        let (ok, out) = run(cmd.args(["poke".to_string(), victim.0.id().to_string()]));
+        assert!(ok, "{out}");
+        let line = out.lines().last().unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let open = poke(false);
+    for call in ["process_vm_readv", "process_vm_writev", "ptrace_attach"] {
+        assert_eq!(open[call], "ok", "without the profile, uid {POD_UID}: {open}");
+    }
+    let fenced = poke(true);
+    for call in ["process_vm_readv", "process_vm_writev", "ptrace_attach"] {
+        assert_eq!(fenced[call], "Operation not permitted", "with finwait.json: {fenced}");
+    }
+}
+
+/// The pod's configuration, as far as a kernel shows it: the release of finwait-trace with the
+/// image's file capabilities, run as uid 65532 with the pod's bounding set, under no_new_privs
+/// and deploy/seccomp/finwait.json, traces (its start event appears). And the two ways it
+/// would not: a runtime that did not hold the capabilities when it execs it (no_new_privs
+/// then withholds the file's), and a file capability outside the bounding set (no exec).
+#[test]
+fn finwait_traces_as_the_pod_runs_it() {
+    if !root_or_skip("finwait_traces_as_the_pod_runs_it") {
+        return;
+    }
+    let target = xtask::workspace().join("target");
+    let binary = env::var_os("FINWAIT_TRACE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(["debug", "release"].map(|p| target.join(p).join("finwait-trace")))
+        .find(|b| b.is_file());
+    let Some(binary) = binary else {
+        eprintln!("skipped finwait_traces_as_the_pod_runs_it: no finwait-trace built (FINWAIT_TRACE, target/debug)");
+        return;
+    };
+    if !on_path("setcap") {
+        eprintln!("skipped finwait_traces_as_the_pod_runs_it: no setcap (Debian's libcap2-bin; `cargo xtask test` installs it)");
+        return;
+    }
+    let dir = scratch("pod");
+    let Some(_) = runtime_like(&dir) else { return };
+    let copy = dir.join("finwait-trace");
+    fs::copy(&binary, &copy).unwrap();
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+    let caps = cap_names(&POD_CAPS).into_iter().collect::<Vec<_>>().join(",");
+    let (ok, out) = run(Command::new("setcap").arg(format!("{caps}+ep")).arg(&copy));
+    assert!(ok, "setcap: {out}");
+    let profile = xtask::workspace().join("deploy/seccomp/finwait.json");
+    let pod = |held: bool, file: &Path, args: &[&str]| {
+        let mut cmd = runtime_like(&dir).unwrap();
+        cmd.args([POD_UID.to_string(), cap_list()]);
+        if held {
+            cmd.arg("--held");
+        }
+        cmd.arg("--nnp").arg("--seccomp").arg(&profile).arg(file).args(args);
+        run(&mut cmd)
+    };
+    let trace = ["--json", "--duration", "2"];
+    let (ok, out) = pod(true, &copy, &trace);
+    assert!(ok && out.contains(r#"{"event":"start""#), "finwait-trace as the pod runs it:\n{out}");
+    let (ok, out) = pod(false, &copy, &trace);
+    assert!(
+        !ok && !out.contains(r#"{"event":"start""#) && out.contains("CAP_BPF"),
+        "no_new_privs without the capabilities held: finwait should be refused them:\n{out}"
+    );
+    let extra = dir.join("true");
+    fs::copy("/bin/true", &extra).unwrap();
+    let (ok, out) = run(Command::new("setcap").arg(format!("{caps},cap_net_admin+ep")).arg(&extra));
+    assert!(ok, "setcap: {out}");
+    let (ok, out) = pod(true, &extra, &[]);
+    assert!(!ok && out.contains("Operation not permitted"), "exec of a file with a capability outside the bounding set:\n{out}");
+}
