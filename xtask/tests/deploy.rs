@@ -373,7 +373,10 @@ fn unit_network_problems(unit: &str) -> Vec<String> {
         ));
     }
     if one("SocketBindDeny") != ["any"] {
-        p.push(format!("SocketBindDeny=any, not {:?}", one("SocketBindDeny")));
+        p.push(format!(
+            "SocketBindDeny=any, not {:?}",
+            one("SocketBindDeny")
+        ));
     }
     if one("RestrictNamespaces") != ["yes"] {
         p.push(format!(
@@ -394,9 +397,17 @@ fn unit_network_checks_catch_mistakes() {
             "IPAddressAllow=localhost",
             "IPAddressAllow=any",
         ),
-        ("SocketBindAllow", "SocketBindAllow=tcp:9977", "SocketBindAllow=tcp:9978"),
+        (
+            "SocketBindAllow",
+            "SocketBindAllow=tcp:9977",
+            "SocketBindAllow=tcp:9978",
+        ),
         ("SocketBindDeny", "SocketBindDeny=any", ""),
-        ("RestrictNamespaces", "RestrictNamespaces=yes", "RestrictNamespaces=net"),
+        (
+            "RestrictNamespaces",
+            "RestrictNamespaces=yes",
+            "RestrictNamespaces=net",
+        ),
     ] {
         assert!(unit.contains(from), "finwait.service no longer has {from}");
         let found = unit_network_problems(&unit.replace(from, to));
@@ -487,7 +498,6 @@ fn container_mut(ds: &mut Value) -> &mut Value {
 fn problems(ds: &Value) -> Vec<String> {
     let pod = &ds["spec"]["template"]["spec"];
     let c = container(ds);
-    let sc = &c["securityContext"];
     let mut p = Vec::new();
     let mut want = |ok: bool, what: &str| {
         if !ok {
@@ -499,9 +509,39 @@ fn problems(ds: &Value) -> Vec<String> {
         pod["automountServiceAccountToken"] == false,
         "automountServiceAccountToken: false",
     );
+    let every_node = pod["tolerations"].as_sequence().is_some_and(|t| {
+        t.iter()
+            .any(|t| t["operator"] == "Exists" && t["key"].is_null())
+    });
+    want(every_node, "tolerations: operator Exists (every node)");
+    want(
+        c["resources"]["limits"]["memory"] == "256Mi",
+        "memory limit 256Mi",
+    );
+    let node_name = c["env"].as_sequence().is_some_and(|env| {
+        env.iter().any(|e| {
+            e["name"] == "NODE_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+        })
+    });
+    want(node_name, "env NODE_NAME from spec.nodeName");
+    p.extend(security_problems(pod, &c["securityContext"]));
+    p.extend(port_problems(ds));
+    p.extend(mount_problems(pod, c));
+    p
+}
+
+/// Who the container runs as, with what: uid 65532 and the four capabilities, no_new_privs,
+/// and the two profiles of deploy/.
+fn security_problems(pod: &Value, sc: &Value) -> Vec<String> {
+    let mut p = Vec::new();
+    let mut want = |ok: bool, what: &str| {
+        if !ok {
+            p.push(what.to_string());
+        }
+    };
     want(sc["privileged"] == false, "privileged: false");
     // no_new_privs stays on: the file capabilities are ones the runtime already holds
-    // (`file_capabilities_are_no_new_privileges`).
+    // (`finwait_traces_as_the_pod_runs_it`).
     want(
         sc["allowPrivilegeEscalation"] == false,
         "allowPrivilegeEscalation: false",
@@ -547,23 +587,6 @@ fn problems(ds: &Value) -> Vec<String> {
         !added.contains("SYS_RESOURCE"),
         "SYS_RESOURCE: only for kernels before 5.11 (patches/kernel-before-5.11.yaml)",
     );
-    let every_node = pod["tolerations"].as_sequence().is_some_and(|t| {
-        t.iter()
-            .any(|t| t["operator"] == "Exists" && t["key"].is_null())
-    });
-    want(every_node, "tolerations: operator Exists (every node)");
-    want(
-        c["resources"]["limits"]["memory"] == "256Mi",
-        "memory limit 256Mi",
-    );
-    let node_name = c["env"].as_sequence().is_some_and(|env| {
-        env.iter().any(|e| {
-            e["name"] == "NODE_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-        })
-    });
-    want(node_name, "env NODE_NAME from spec.nodeName");
-    p.extend(port_problems(ds));
-    p.extend(mount_problems(pod, c));
     p
 }
 
@@ -653,14 +676,56 @@ fn daemonset_runs_finwait_as_designed() {
     assert_eq!(problems(&ds), Vec::<String>::new());
 }
 
+type Mutation = fn(&mut Value);
+
+/// Each mutation of the DaemonSet makes `problems` report its kind of mistake.
+fn assert_caught(mutants: &[(&str, Mutation)]) {
+    let ds = daemonset();
+    for (what, mutate) in mutants {
+        let mut broken = ds.clone();
+        mutate(&mut broken);
+        let found = problems(&broken);
+        assert!(found.iter().any(|p| p.contains(what)), "{what}: {found:?}");
+    }
+}
+
 /// The checks above see each kind of mistake.
 #[test]
 fn daemonset_checks_catch_mistakes() {
-    type Mutation = fn(&mut Value);
-    let mutants: [(&str, Mutation); 17] = [
+    assert_caught(&[
         ("hostPID", |d| {
             d["spec"]["template"]["spec"]["hostPID"] = false.into();
         }),
+        ("automountServiceAccountToken", |d| {
+            d["spec"]["template"]["spec"]["automountServiceAccountToken"] = true.into();
+        }),
+        ("not readOnly", |d| {
+            container_mut(d)["volumeMounts"][3]["readOnly"] = false.into();
+        }),
+        ("/sys/fs/cgroup is not mounted", |d| {
+            d["spec"]["template"]["spec"]["volumes"][2]["hostPath"]["path"] = "/sys".into();
+        }),
+        ("debugfs", |d| {
+            let volumes = &mut d["spec"]["template"]["spec"]["volumes"];
+            let debugfs = yaml("{name: debugfs, hostPath: {path: /sys/kernel/debug}}");
+            volumes.as_sequence_mut().unwrap().push(debugfs);
+        }),
+        ("port", |d| {
+            container_mut(d)["ports"][0]["containerPort"] = 9978.into();
+        }),
+        ("no --metrics", |d| {
+            container_mut(d)["args"] = yaml("[--quiet]");
+        }),
+        ("tolerations", |d| {
+            d["spec"]["template"]["spec"]["tolerations"] = yaml("[{key: a, operator: Exists}]");
+        }),
+    ]);
+}
+
+/// The security checks see each kind of mistake.
+#[test]
+fn daemonset_security_checks_catch_mistakes() {
+    assert_caught(&[
         ("capabilities: add", |d| {
             let caps = &mut container_mut(d)["securityContext"]["capabilities"]["add"];
             caps.as_sequence_mut().unwrap().pop();
@@ -690,37 +755,7 @@ fn daemonset_checks_catch_mistakes() {
         ("seccompProfile", |d| {
             container_mut(d)["securityContext"]["seccompProfile"] = yaml("{type: RuntimeDefault}");
         }),
-        ("automountServiceAccountToken", |d| {
-            d["spec"]["template"]["spec"]["automountServiceAccountToken"] = true.into();
-        }),
-        ("not readOnly", |d| {
-            container_mut(d)["volumeMounts"][3]["readOnly"] = false.into();
-        }),
-        ("/sys/fs/cgroup is not mounted", |d| {
-            d["spec"]["template"]["spec"]["volumes"][2]["hostPath"]["path"] = "/sys".into();
-        }),
-        ("debugfs", |d| {
-            let volumes = &mut d["spec"]["template"]["spec"]["volumes"];
-            let debugfs = yaml("{name: debugfs, hostPath: {path: /sys/kernel/debug}}");
-            volumes.as_sequence_mut().unwrap().push(debugfs);
-        }),
-        ("port", |d| {
-            container_mut(d)["ports"][0]["containerPort"] = 9978.into();
-        }),
-        ("no --metrics", |d| {
-            container_mut(d)["args"] = yaml("[--quiet]");
-        }),
-        ("tolerations", |d| {
-            d["spec"]["template"]["spec"]["tolerations"] = yaml("[{key: a, operator: Exists}]");
-        }),
-    ];
-    let ds = daemonset();
-    for (what, mutate) in mutants {
-        let mut broken = ds.clone();
-        mutate(&mut broken);
-        let found = problems(&broken);
-        assert!(found.iter().any(|p| p.contains(what)), "{what}: {found:?}");
-    }
+    ]);
 }
 
 /// The README's fleet section names no file of deploy/ that is not there.
@@ -772,38 +807,58 @@ fn policy_problems(np: &Value, ds: &Value) -> Vec<String> {
     if !(types.contains(&"Ingress") && types.contains(&"Egress")) {
         p.push(format!("policyTypes: Ingress and Egress, not {types:?}"));
     }
-    if np["spec"]["egress"].as_sequence().is_none_or(|e| !e.is_empty()) {
+    if np["spec"]["egress"]
+        .as_sequence()
+        .is_none_or(|e| !e.is_empty())
+    {
         p.push("egress: must be [] (finwait connects nowhere)".into());
     }
-    let ingress = np["spec"]["ingress"].as_sequence().map_or(&[][..], Vec::as_slice);
+    let ingress = np["spec"]["ingress"]
+        .as_sequence()
+        .map_or(&[][..], Vec::as_slice);
     if ingress.len() != 1 {
-        p.push(format!("ingress: one rule (Prometheus), not {}", ingress.len()));
+        p.push(format!(
+            "ingress: one rule (Prometheus), not {}",
+            ingress.len()
+        ));
     }
     for rule in ingress {
-        let ports: Vec<(&str, u64)> = rule["ports"]
-            .as_sequence()
-            .map_or(&[][..], Vec::as_slice)
-            .iter()
-            .map(|x| (x["protocol"].as_str().unwrap_or("TCP"), x["port"].as_u64().unwrap_or(0)))
-            .collect();
-        if ports != [("TCP", u64::from(PORT))] {
-            p.push(format!("port: only TCP {PORT}, not {ports:?}"));
-        }
-        let peers = rule["from"].as_sequence().map_or(&[][..], Vec::as_slice);
-        let only_prometheus = !peers.is_empty()
-            && peers.iter().all(|peer| {
-                let labelled = |s: &Value| s["matchLabels"].as_mapping().is_some_and(|m| !m.is_empty());
-                peer["ipBlock"].is_null()
-                    && labelled(&peer["namespaceSelector"])
-                    && labelled(&peer["podSelector"])
-            });
-        if !only_prometheus {
-            p.push(
-                "from: only Prometheus (namespaceSelector and podSelector with labels, in one \
-                 peer), not every pod of a namespace or an address block"
-                    .into(),
-            );
-        }
+        p.extend(ingress_rule_problems(rule));
+    }
+    p
+}
+
+/// One ingress rule: the metrics port only, from Prometheus only.
+fn ingress_rule_problems(rule: &Value) -> Vec<String> {
+    let mut p = Vec::new();
+    let ports: Vec<(&str, u64)> = rule["ports"]
+        .as_sequence()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|x| {
+            (
+                x["protocol"].as_str().unwrap_or("TCP"),
+                x["port"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    if ports != [("TCP", u64::from(PORT))] {
+        p.push(format!("port: only TCP {PORT}, not {ports:?}"));
+    }
+    let peers = rule["from"].as_sequence().map_or(&[][..], Vec::as_slice);
+    let only_prometheus = !peers.is_empty()
+        && peers.iter().all(|peer| {
+            let labelled = |s: &Value| s["matchLabels"].as_mapping().is_some_and(|m| !m.is_empty());
+            peer["ipBlock"].is_null()
+                && labelled(&peer["namespaceSelector"])
+                && labelled(&peer["podSelector"])
+        });
+    if !only_prometheus {
+        p.push(
+            "from: only Prometheus (namespaceSelector and podSelector with labels, in one \
+             peer), not every pod of a namespace or an address block"
+                .into(),
+        );
     }
     p
 }
@@ -824,7 +879,6 @@ fn network_policy_admits_only_prometheus() {
 
 #[test]
 fn network_policy_checks_catch_mistakes() {
-    type Mutation = fn(&mut Value);
     let mutants: [(&str, Mutation); 7] = [
         ("podSelector", |n| {
             n["spec"]["podSelector"] = yaml("{matchLabels: {app: other}}");
@@ -915,8 +969,9 @@ fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
 #[test]
 fn kernel_before_5_11_patch_adds_sys_resource_only() {
     let ds = patched("kernel-before-5.11.yaml");
-    let added: BTreeSet<&str> =
-        strings(&container(&ds)["securityContext"]["capabilities"]["add"]).into_iter().collect();
+    let added: BTreeSet<&str> = strings(&container(&ds)["securityContext"]["capabilities"]["add"])
+        .into_iter()
+        .collect();
     let mut want: BTreeSet<&str> = POD_CAPS.into();
     want.insert("SYS_RESOURCE");
     assert_eq!(added, want);
@@ -928,7 +983,9 @@ fn kernel_before_5_11_patch_adds_sys_resource_only() {
     // The image for those nodes carries it too (a file capability outside the bounding set
     // makes the exec fail): the Containerfile says how.
     let containerfile = read("container/Containerfile");
-    assert!(containerfile.contains("--build-arg CAPS=cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search,cap_sys_resource"));
+    assert!(containerfile.contains(
+        "--build-arg CAPS=cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search,cap_sys_resource"
+    ));
 }
 
 #[test]
@@ -956,7 +1013,10 @@ fn tls_variant_serves_https_with_client_certificates() {
     let ds = patched("tls.yaml");
     let c = container(&ds);
     let args = strings(&c["args"]);
-    let at = args.iter().position(|a| *a == "--web-config-file").expect("--web-config-file");
+    let at = args
+        .iter()
+        .position(|a| *a == "--web-config-file")
+        .expect("--web-config-file");
     let config_path = args[at + 1];
     assert_eq!(config_path, "/etc/finwait/web-config.yml");
     let mount = c["volumeMounts"]
@@ -978,7 +1038,9 @@ fn tls_variant_serves_https_with_client_certificates() {
     let tls = &config["tls_server_config"];
     assert_eq!(tls["client_auth_type"], "RequireAndVerifyClientCert");
     // Each file it names is in the certificate Secret's mount.
-    let certs = named(&c["volumeMounts"], "tls")["mountPath"].as_str().unwrap();
+    let certs = named(&c["volumeMounts"], "tls")["mountPath"]
+        .as_str()
+        .unwrap();
     for file in ["cert_file", "key_file", "client_ca_file"] {
         let path = tls[file].as_str().unwrap_or("");
         assert!(path.starts_with(&format!("{certs}/")), "{file}: {path}");
@@ -1011,7 +1073,10 @@ fn kube_rbac_proxy_variant_keeps_the_token_from_finwait() {
     let args = strings(&finwait["args"]);
     let at = args.iter().position(|a| *a == "--metrics").unwrap();
     let upstream = args[at + 1];
-    assert!(upstream.starts_with("127.0.0.1:"), "finwait listens on {upstream}");
+    assert!(
+        upstream.starts_with("127.0.0.1:"),
+        "finwait listens on {upstream}"
+    );
     let proxy_args = strings(&proxy["args"]);
     let flag = |name: &str| {
         proxy_args
@@ -1037,22 +1102,49 @@ fn kube_rbac_proxy_variant_keeps_the_token_from_finwait() {
     };
     assert!(mounted(proxy) && !mounted(finwait));
     let sources = &named(&pod["volumes"], "kube-api-access")["projected"]["sources"];
-    assert!(sources.as_sequence().unwrap().iter().any(|s| !s["serviceAccountToken"].is_null()));
+    assert!(
+        sources
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|s| !s["serviceAccountToken"].is_null())
+    );
     // The proxy gets nothing of finwait's privileges.
     let sc = &proxy["securityContext"];
     assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
     assert!(sc["capabilities"]["add"].is_null());
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["runAsNonRoot"], true);
-    assert!(proxy["volumeMounts"].as_sequence().unwrap().iter().all(|m| m["readOnly"] == true));
-    // RBAC: the pod's ServiceAccount may review tokens and access, and nothing else.
+    assert!(
+        proxy["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .all(|m| m["readOnly"] == true)
+    );
+    // finwait's own container is as before, but for its (now loopback) port.
+    let rest: Vec<String> = problems(&ds)
+        .into_iter()
+        .filter(|p| !p.starts_with("port:"))
+        .collect();
+    assert_eq!(rest, Vec::<String>::new());
+}
+
+/// The kube-rbac-proxy variant's RBAC: the pod's ServiceAccount may review tokens and access,
+/// and nothing else; Prometheus may get /metrics.
+#[test]
+fn kube_rbac_proxy_rbac_grants_reviews_only() {
+    let ds = patched("kube-rbac-proxy.yaml");
+    let pod = &ds["spec"]["template"]["spec"];
     let docs = documents("kube-rbac-proxy.yaml");
     let sa = docs.iter().find(|d| d["kind"] == "ServiceAccount").unwrap();
     assert_eq!(sa["metadata"]["name"], pod["serviceAccountName"]);
     assert_eq!(sa["metadata"]["namespace"], ds["metadata"]["namespace"]);
     let binding = docs
         .iter()
-        .find(|d| d["kind"] == "ClusterRoleBinding" && d["subjects"][0]["name"] == sa["metadata"]["name"])
+        .find(|d| {
+            d["kind"] == "ClusterRoleBinding" && d["subjects"][0]["name"] == sa["metadata"]["name"]
+        })
         .expect("a binding for the proxy's ServiceAccount");
     let role = docs
         .iter()
@@ -1068,7 +1160,10 @@ fn kube_rbac_proxy_variant_keeps_the_token_from_finwait() {
             let verbs = strings(&r["verbs"]);
             groups.into_iter().flat_map(move |g| {
                 let verbs = verbs.clone();
-                resources.clone().into_iter().flat_map(move |res| verbs.clone().into_iter().map(move |v| (g, res, v)))
+                resources
+                    .clone()
+                    .into_iter()
+                    .flat_map(move |res| verbs.clone().into_iter().map(move |v| (g, res, v)))
             })
         })
         .collect();
@@ -1085,14 +1180,11 @@ fn kube_rbac_proxy_variant_keeps_the_token_from_finwait() {
         .iter()
         .find(|d| d["kind"] == "ClusterRole" && d["rules"][0]["nonResourceURLs"].is_sequence())
         .unwrap();
-    assert_eq!(strings(&reader["rules"][0]["nonResourceURLs"]), ["/metrics"]);
+    assert_eq!(
+        strings(&reader["rules"][0]["nonResourceURLs"]),
+        ["/metrics"]
+    );
     assert_eq!(strings(&reader["rules"][0]["verbs"]), ["get"]);
-    // finwait's own container is as before, but for its (now loopback) port.
-    let rest: Vec<String> = problems(&ds)
-        .into_iter()
-        .filter(|p| !p.starts_with("port:"))
-        .collect();
-    assert_eq!(rest, Vec::<String>::new());
 }
 
 /// The lowercase `cap_*` names of capabilities named like the pod's (`BPF` -> `cap_bpf`).
@@ -1119,21 +1211,34 @@ fn containerfile_sets_the_file_capabilities() {
     let caps: BTreeSet<String> = caps.split(',').map(String::from).collect();
     assert_eq!(caps, cap_names(&POD_CAPS));
     assert!(
-        lines.iter().any(|l| l.contains(r#"setcap "${CAPS}+ep" /usr/local/bin/finwait-trace"#)),
+        lines
+            .iter()
+            .any(|l| l.contains(r#"setcap "${CAPS}+ep" /usr/local/bin/finwait-trace"#)),
         "no setcap of ${{CAPS}}+ep on the binary"
     );
     assert!(lines.contains(&"COPY target/release/finwait-trace /usr/local/bin/finwait-trace"));
     let stages: Vec<&&str> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
     let last = stages.last().expect("FROM");
     assert!(last.starts_with("FROM gcr.io/distroless/"), "{last}");
-    assert!(lines.contains(&"COPY --from=caps /usr/local/bin/finwait-trace /usr/local/bin/finwait-trace"));
-    let user = lines.iter().rev().find_map(|l| l.strip_prefix("USER ")).expect("USER");
+    assert!(
+        lines.contains(
+            &"COPY --from=caps /usr/local/bin/finwait-trace /usr/local/bin/finwait-trace"
+        )
+    );
+    let user = lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("USER");
     assert_eq!(user, format!("{POD_UID}:{POD_UID}"));
     // The DaemonSet runs what the image holds, as the same user.
     let ds = daemonset();
     let sc = &container(&ds)["securityContext"];
     assert_eq!(sc["runAsUser"], POD_UID);
-    assert_eq!(strings(&container(&ds)["command"]), ["/usr/local/bin/finwait-trace"]);
+    assert_eq!(
+        strings(&container(&ds)["command"]),
+        ["/usr/local/bin/finwait-trace"]
+    );
 }
 
 /// The calls deploy/seccomp/finwait.json allows (it denies the rest).
@@ -1155,7 +1260,15 @@ fn seccomp_allowed() -> BTreeSet<String> {
 #[test]
 fn seccomp_profile_allows_tracing_and_no_memory_access() {
     let allowed = seccomp_allowed();
-    for call in ["bpf", "perf_event_open", "read", "openat", "socket", "setns", "execve"] {
+    for call in [
+        "bpf",
+        "perf_event_open",
+        "read",
+        "openat",
+        "socket",
+        "setns",
+        "execve",
+    ] {
         assert!(allowed.contains(call), "finwait.json does not allow {call}");
     }
     // CAP_SYS_PTRACE passes the ptrace access check for any process, which is all these ask:
@@ -1202,7 +1315,10 @@ fn apparmor_profile_compiles() {
     }
     let writes: Vec<&&str> = rules
         .iter()
-        .filter(|l| !l.starts_with("deny") && l.ends_with(" w,") || l.contains(" rw,") && !l.starts_with("deny"))
+        .filter(|l| {
+            !l.starts_with("deny") && l.ends_with(" w,")
+                || l.contains(" rw,") && !l.starts_with("deny")
+        })
         .collect();
     assert!(writes.is_empty(), "write rules: {writes:?}");
 
@@ -1218,7 +1334,9 @@ fn apparmor_profile_compiles() {
         let file = dir.join("finwait");
         fs::write(&file, text).unwrap();
         // -Q: do not load it; -K: no cache; -S: the compiled policy to stdout (discarded).
-        run(Command::new("apparmor_parser").args(["-Q", "-K", "-S"]).arg(&file))
+        run(Command::new("apparmor_parser")
+            .args(["-Q", "-K", "-S"])
+            .arg(&file))
     };
     let (ok, out) = compile(&text);
     assert!(ok, "apparmor_parser deploy/apparmor/finwait:\n{out}");
@@ -1227,9 +1345,53 @@ fn apparmor_profile_compiles() {
         ("capability bpf,", "capability bfp,"),
         ("deny @{PROC}/*/mem rw,", "deny @{PROC}/*/mem rw"),
     ] {
-        assert!(text.contains(from), "deploy/apparmor/finwait no longer has {from}");
-        assert!(!compile(&text.replace(from, to)).0, "apparmor_parser accepts {to}");
+        assert!(
+            text.contains(from),
+            "deploy/apparmor/finwait no longer has {from}"
+        );
+        assert!(
+            !compile(&text.replace(from, to)).0,
+            "apparmor_parser accepts {to}"
+        );
     }
+}
+
+/// prometheus.yml (`text`) with `job` in place of the plain finwait-kubernetes job passes
+/// `promtool check config` in `dir`.
+fn check_https_job(text: &str, job: &Value, dir: &Path, what: &str) {
+    assert_eq!(job["job_name"], "finwait-kubernetes");
+    assert_eq!(job["scheme"], "https");
+    let mut config = yaml(text);
+    let jobs = config["scrape_configs"].as_sequence_mut().unwrap();
+    let plain = jobs
+        .iter()
+        .position(|j| j["job_name"] == "finwait-kubernetes")
+        .unwrap();
+    // The same selection and labels as the plain job.
+    assert_eq!(jobs[plain]["relabel_configs"], job["relabel_configs"]);
+    assert_eq!(
+        jobs[plain]["kubernetes_sd_configs"],
+        job["kubernetes_sd_configs"]
+    );
+    jobs[plain] = job.clone();
+    for j in jobs.iter_mut() {
+        let j = j.as_mapping_mut().unwrap();
+        // Debian's promtool has no Kubernetes service discovery (`scrape_config_is_valid`).
+        if j.remove("kubernetes_sd_configs").is_some() {
+            j.insert(
+                "static_configs".into(),
+                yaml("[{targets: ['pod.invalid:9977']}]"),
+            );
+        }
+    }
+    fs::write(dir.join("alerts.yml"), read("prometheus/alerts.yml")).unwrap();
+    fs::write(
+        dir.join("prometheus.yml"),
+        serde_norway::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let (ok, out) = run(promtool_in(dir).args(["check", "config", "prometheus.yml"]));
+    assert!(ok, "the https job ({what}):\n{out}");
 }
 
 /// The scrape job over https, commented in prometheus.yml, is valid in place of the plain one:
@@ -1258,38 +1420,31 @@ fn https_scrape_job_is_valid() {
         fs::write(files.join(f), "").unwrap();
     }
     let token_line = "  #  #authorization:\n  #  #  credentials_file: /var/run/secrets/kubernetes.io/serviceaccount/token\n";
-    assert!(block.contains(token_line), "the token variant is not as expected");
+    assert!(
+        block.contains(token_line),
+        "the token variant is not as expected"
+    );
     let cert_lines = "  #    cert_file: /etc/prometheus/finwait/client.crt\n  #    key_file: /etc/prometheus/finwait/client.key\n";
-    assert!(block.contains(cert_lines), "the certificate variant is not as expected");
+    assert!(
+        block.contains(cert_lines),
+        "the certificate variant is not as expected"
+    );
     let token = files.join("token");
     fs::write(&token, "").unwrap();
     let with_token = block.replace(cert_lines, "").replace(
         token_line,
-        &format!("  #  authorization:\n  #    credentials_file: {}\n", token.display()),
+        &format!(
+            "  #  authorization:\n  #    credentials_file: {}\n",
+            token.display()
+        ),
     );
-    for (what, block) in [("client certificate", block.to_string()), ("token", with_token)] {
-        let job = yaml(&uncomment(&block).replace("/etc/prometheus/finwait", files.to_str().unwrap()));
-        let job = &job[0];
-        assert_eq!(job["job_name"], "finwait-kubernetes");
-        assert_eq!(job["scheme"], "https");
-        let mut config = yaml(&text);
-        let jobs = config["scrape_configs"].as_sequence_mut().unwrap();
-        let plain = jobs.iter().position(|j| j["job_name"] == "finwait-kubernetes").unwrap();
-        // The same selection and labels as the plain job.
-        assert_eq!(jobs[plain]["relabel_configs"], job["relabel_configs"]);
-        assert_eq!(jobs[plain]["kubernetes_sd_configs"], job["kubernetes_sd_configs"]);
-        jobs[plain] = job.clone();
-        for j in jobs.iter_mut() {
-            let j = j.as_mapping_mut().unwrap();
-            // Debian's promtool has no Kubernetes service discovery (`scrape_config_is_valid`).
-            if j.remove("kubernetes_sd_configs").is_some() {
-                j.insert("static_configs".into(), yaml("[{targets: ['pod.invalid:9977']}]"));
-            }
-        }
-        fs::write(dir.join("alerts.yml"), read("prometheus/alerts.yml")).unwrap();
-        fs::write(dir.join("prometheus.yml"), serde_norway::to_string(&config).unwrap()).unwrap();
-        let (ok, out) = run(promtool_in(&dir).args(["check", "config", "prometheus.yml"]));
-        assert!(ok, "the https job ({what}):\n{out}");
+    for (what, block) in [
+        ("client certificate", block.to_string()),
+        ("token", with_token),
+    ] {
+        let job =
+            yaml(&uncomment(&block).replace("/etc/prometheus/finwait", files.to_str().unwrap()));
+        check_https_job(&text, &job[0], &dir, what);
     }
 }
 
@@ -1359,12 +1514,21 @@ fn proc_mem_write_needs_root_or_dac_override() {
     let mem = victim.mem();
     let write = r#"exec 3<>"$0""#;
     let (ok, out) = as_uid_with(POD_UID, &FOUR, write, &mem);
-    assert!(!ok && out.contains("Permission denied"), "uid {POD_UID} opened {mem} for writing: {out}");
+    assert!(
+        !ok && out.contains("Permission denied"),
+        "uid {POD_UID} opened {mem} for writing: {out}"
+    );
     let (ok, out) = as_uid_with(0, &FOUR, write, &mem);
-    assert!(ok, "uid 0 with the four capabilities could not open {mem} for writing: {out}");
+    assert!(
+        ok,
+        "uid 0 with the four capabilities could not open {mem} for writing: {out}"
+    );
     let with_override = [&FOUR[..], &["dac_override"]].concat();
     let (ok, out) = as_uid_with(POD_UID, &with_override, write, &mem);
-    assert!(ok, "the refusal is not the permission check's: with CAP_DAC_OVERRIDE: {out}");
+    assert!(
+        ok,
+        "the refusal is not the permission check's: with CAP_DAC_OVERRIDE: {out}"
+    );
     let (ok, out) = as_uid_with(POD_UID, &FOUR, r#"exec 3<"$0""#, &mem);
     assert!(ok, "uid {POD_UID} could not read {mem}: {out}");
 }
@@ -1445,9 +1609,14 @@ else:
 
 /// python3 running [`RUNTIME_LIKE`], when this host has python3 and libseccomp.
 fn runtime_like(dir: &Path) -> Option<Command> {
-    let libseccomp = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"]
-        .iter()
-        .any(|d| Path::new(d).join("libseccomp.so.2").exists());
+    let libseccomp = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+    ]
+    .iter()
+    .any(|d| Path::new(d).join("libseccomp.so.2").exists());
     if !on_path("python3") || !libseccomp {
         eprintln!("note: no python3 or libseccomp.so.2 here: the runtime-like checks are skipped");
         return None;
@@ -1477,7 +1646,12 @@ fn seccomp_profile_refuses_memory_writes() {
     let poke = |seccomp: bool| {
         let victim = Victim::start();
         let mut cmd = runtime_like(&dir).unwrap();
-        cmd.args([POD_UID.to_string(), cap_list(), "--held".into(), "--nnp".into()]);
+        cmd.args([
+            POD_UID.to_string(),
+            cap_list(),
+            "--held".into(),
+            "--nnp".into(),
+        ]);
         if seccomp {
             cmd.arg("--seccomp").arg(&profile);
         }
@@ -1488,12 +1662,46 @@ fn seccomp_profile_refuses_memory_writes() {
     };
     let open = poke(false);
     for call in ["process_vm_readv", "process_vm_writev", "ptrace_attach"] {
-        assert_eq!(open[call], "ok", "without the profile, uid {POD_UID}: {open}");
+        assert_eq!(
+            open[call], "ok",
+            "without the profile, uid {POD_UID}: {open}"
+        );
     }
     let fenced = poke(true);
     for call in ["process_vm_readv", "process_vm_writev", "ptrace_attach"] {
-        assert_eq!(fenced[call], "Operation not permitted", "with finwait.json: {fenced}");
+        assert_eq!(
+            fenced[call], "Operation not permitted",
+            "with finwait.json: {fenced}"
+        );
     }
+}
+
+/// A copy of the finwait-trace built here (`FINWAIT_TRACE`, else target/debug or release) in
+/// `dir`, with the image's file capabilities; None (said) without a binary or setcap.
+fn binary_with_file_caps(dir: &Path) -> Option<PathBuf> {
+    let target = xtask::workspace().join("target");
+    let binary = env::var_os("FINWAIT_TRACE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(["debug", "release"].map(|p| target.join(p).join("finwait-trace")))
+        .find(|b| b.is_file());
+    let Some(binary) = binary else {
+        eprintln!("skipped: no finwait-trace built (FINWAIT_TRACE, target/debug, target/release)");
+        return None;
+    };
+    if !on_path("setcap") {
+        eprintln!("skipped: no setcap (Debian's libcap2-bin; `cargo xtask test` installs it)");
+        return None;
+    }
+    let copy = dir.join("finwait-trace");
+    fs::copy(&binary, &copy).unwrap();
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+    let caps = cap_names(&POD_CAPS).into_iter().collect::<Vec<_>>();
+    let (ok, out) = run(Command::new("setcap")
+        .arg(format!("{}+ep", caps.join(",")))
+        .arg(&copy));
+    assert!(ok, "setcap: {out}");
+    Some(copy)
 }
 
 /// The pod's configuration, as far as a kernel shows it: the release of finwait-trace with the
@@ -1506,28 +1714,15 @@ fn finwait_traces_as_the_pod_runs_it() {
     if !root_or_skip("finwait_traces_as_the_pod_runs_it") {
         return;
     }
-    let target = xtask::workspace().join("target");
-    let binary = env::var_os("FINWAIT_TRACE")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(["debug", "release"].map(|p| target.join(p).join("finwait-trace")))
-        .find(|b| b.is_file());
-    let Some(binary) = binary else {
-        eprintln!("skipped finwait_traces_as_the_pod_runs_it: no finwait-trace built (FINWAIT_TRACE, target/debug)");
-        return;
-    };
-    if !on_path("setcap") {
-        eprintln!("skipped finwait_traces_as_the_pod_runs_it: no setcap (Debian's libcap2-bin; `cargo xtask test` installs it)");
-        return;
-    }
     let dir = scratch("pod");
     let Some(_) = runtime_like(&dir) else { return };
-    let copy = dir.join("finwait-trace");
-    fs::copy(&binary, &copy).unwrap();
-    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
-    let caps = cap_names(&POD_CAPS).into_iter().collect::<Vec<_>>().join(",");
-    let (ok, out) = run(Command::new("setcap").arg(format!("{caps}+ep")).arg(&copy));
-    assert!(ok, "setcap: {out}");
+    let Some(copy) = binary_with_file_caps(&dir) else {
+        return;
+    };
+    let caps = cap_names(&POD_CAPS)
+        .into_iter()
+        .collect::<Vec<_>>()
+        .join(",");
     let profile = xtask::workspace().join("deploy/seccomp/finwait.json");
     let pod = |held: bool, file: &Path, args: &[&str]| {
         let mut cmd = runtime_like(&dir).unwrap();
@@ -1535,12 +1730,19 @@ fn finwait_traces_as_the_pod_runs_it() {
         if held {
             cmd.arg("--held");
         }
-        cmd.arg("--nnp").arg("--seccomp").arg(&profile).arg(file).args(args);
+        cmd.arg("--nnp")
+            .arg("--seccomp")
+            .arg(&profile)
+            .arg(file)
+            .args(args);
         run(&mut cmd)
     };
     let trace = ["--json", "--duration", "2"];
     let (ok, out) = pod(true, &copy, &trace);
-    assert!(ok && out.contains(r#"{"event":"start""#), "finwait-trace as the pod runs it:\n{out}");
+    assert!(
+        ok && out.contains(r#"{"event":"start""#),
+        "finwait-trace as the pod runs it:\n{out}"
+    );
     let (ok, out) = pod(false, &copy, &trace);
     assert!(
         !ok && !out.contains(r#"{"event":"start""#) && out.contains("CAP_BPF"),
@@ -1548,8 +1750,13 @@ fn finwait_traces_as_the_pod_runs_it() {
     );
     let extra = dir.join("true");
     fs::copy("/bin/true", &extra).unwrap();
-    let (ok, out) = run(Command::new("setcap").arg(format!("{caps},cap_net_admin+ep")).arg(&extra));
+    let (ok, out) = run(Command::new("setcap")
+        .arg(format!("{caps},cap_net_admin+ep"))
+        .arg(&extra));
     assert!(ok, "setcap: {out}");
     let (ok, out) = pod(true, &extra, &[]);
-    assert!(!ok && out.contains("Operation not permitted"), "exec of a file with a capability outside the bounding set:\n{out}");
+    assert!(
+        !ok && out.contains("Operation not permitted"),
+        "exec of a file with a capability outside the bounding set:\n{out}"
+    );
 }
