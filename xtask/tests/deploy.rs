@@ -1313,11 +1313,13 @@ fn apparmor_profile_compiles() {
     for deny in ["deny @{PROC}/*/mem rw,", "deny @{PROC}/*/task/*/mem rw,"] {
         assert!(rules.contains(&deny), "no {deny}");
     }
+    // File rules (a path, then permissions) that allow writing or appending: none.
     let writes: Vec<&&str> = rules
         .iter()
+        .filter(|l| l.starts_with('/') || l.starts_with("@{"))
         .filter(|l| {
-            !l.starts_with("deny") && l.ends_with(" w,")
-                || l.contains(" rw,") && !l.starts_with("deny")
+            let perms = l.trim_end_matches(',').rsplit(' ').next().unwrap_or("");
+            perms.contains(['w', 'a'])
         })
         .collect();
     assert!(writes.is_empty(), "write rules: {writes:?}");
