@@ -9,6 +9,45 @@ use aya::programs::{KProbeError, ProgramError};
 const PRIVILEGES: &str = "finwait-trace needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_ADMIN \
      to mount tracefs).\n  Fix: sudo finwait-trace ...";
 
+/// RLIMIT_MEMLOCK (bytes) when finwait could not raise it on a kernel that charges BPF maps to
+/// it (before 5.11): set at start, for the message of a refusal.
+static MEMLOCK_LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Notes that RLIMIT_MEMLOCK stayed at `limit` bytes on a kernel of `release`; only kernels
+/// before 5.11 charge BPF maps to it.
+pub(crate) fn note_memlock_not_raised(release: &str, limit: u64) {
+    if charges_memlock(release) {
+        let _ = MEMLOCK_LIMIT.set(limit);
+    }
+}
+
+/// Whether a kernel release (`5.10.0-28-amd64`) charges BPF maps to RLIMIT_MEMLOCK: before 5.11
+/// (from 5.11 they are charged to the memory cgroup).
+fn charges_memlock(release: &str) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) < (5, 11),
+        _ => false,
+    }
+}
+
+/// The refusal's message: on such a kernel, EPERM from creating a map is also what a too low
+/// RLIMIT_MEMLOCK gives.
+fn privileges_message(memlock: Option<u64>) -> String {
+    match memlock {
+        None => PRIVILEGES.to_string(),
+        Some(limit) => format!(
+            "{PRIVILEGES}\n  On this kernel (before 5.11) EPERM also means that the BPF maps do not \
+             fit under RLIMIT_MEMLOCK ({} KiB), which finwait could not raise: grant it \
+             CAP_SYS_RESOURCE (deploy/kubernetes/patches/kernel-before-5.11.yaml), or raise the \
+             limit (LimitMEMLOCK=infinity, ulimit -l unlimited).",
+            limit / 1024
+        ),
+    }
+}
+
 /// Lines kept from the end of a verifier log: the log can run to megabytes, its end says why.
 const VERIFIER_TAIL_LINES: usize = 3;
 
@@ -19,7 +58,7 @@ const ENOTSUPP: i32 = 524;
 pub(crate) enum LoadError {
     /// EPERM or EACCES from the kernel outside the verifier: this process lacks privileges (for
     /// an optional hook, the kernel may refuse it to everyone, e.g. fentry under lockdown).
-    #[error("{}", PRIVILEGES)]
+    #[error("{}", privileges_message(MEMLOCK_LIMIT.get().copied()))]
     Privileges { errno: i32 },
     /// The verifier refused a program. It answers EACCES or EINVAL, so its log, not the errno,
     /// says what went wrong.
@@ -152,6 +191,24 @@ mod tests {
     use aya_obj::VerifierLog;
 
     use super::*;
+
+    #[test]
+    fn memlock_is_named_only_where_the_kernel_charges_it() {
+        for (release, charges) in [
+            ("5.10.0-28-amd64", true),
+            ("4.19.0", true),
+            ("5.11.0", false),
+            ("6.1.0-18-cloud-amd64", false),
+            ("6.18.44-fc-v1272", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(charges_memlock(release), charges, "{release}");
+        }
+        assert_eq!(privileges_message(None), PRIVILEGES);
+        let hint = privileges_message(Some(8 << 20));
+        assert!(hint.starts_with(PRIVILEGES));
+        assert!(hint.contains("RLIMIT_MEMLOCK (8192 KiB)") && hint.contains("CAP_SYS_RESOURCE"));
+    }
 
     fn os(errno: i32) -> io::Error {
         io::Error::from_raw_os_error(errno)

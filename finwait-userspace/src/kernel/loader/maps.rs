@@ -61,11 +61,24 @@ impl<'a> OwnerSeeder<'a> {
 
 pub(super) fn raise_memlock() {
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones ignore it. Failure
-    // (no CAP_SYS_RESOURCE) is harmless on those.
+    // (no CAP_SYS_RESOURCE) is harmless on those; on the others, a refusal to create a map
+    // then names the limit (`load_error`).
     let r = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: valid pointer to a rlimit.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) } == 0 {
+        return;
+    }
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer to a rlimit.
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut now) } == 0;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if read && now.rlim_cur != libc::RLIM_INFINITY {
+        crate::kernel::load_error::note_memlock_not_raised(release.trim(), now.rlim_cur);
+    }
 }
