@@ -548,6 +548,87 @@ fn needs_action_hides_exactly_what_the_kernel_frees() {
     drop((half, b1, b2));
 }
 
+/// A process is named by its command line too, and its leak by where it goes: the live summary
+/// and the snapshot give both (three CLOSE_WAIT to one server: `3 to 127.0.0.1:PORT`).
+#[test]
+fn processes_are_named_by_command_line_and_leaks_by_peer() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut go = [0i32; 2];
+    // SAFETY: a valid array of two fds.
+    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+    let (go_r, go_w) = (go[0], go[1]);
+    let leaker = fork_child(move || {
+        // SAFETY: raw calls in the child: three connections, never read.
+        unsafe {
+            let mut b = [0u8; 1];
+            libc::read(go_r, b.as_mut_ptr().cast(), 1);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as u16;
+            addr.sin_port = port.to_be();
+            addr.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+            for _ in 0..3 {
+                let c = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                libc::connect(
+                    c,
+                    (&raw const addr).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                );
+            }
+            libc::sleep(30);
+        }
+        0
+    });
+    let _reap = ChildGuard(leaker);
+    close_fd(go_r);
+    let program = std::env::current_exe().unwrap();
+    let program = program.file_name().unwrap().to_string_lossy().into_owned();
+    let tracer = Tracer::start(&[
+        "--pid",
+        &leaker.to_string(),
+        "--summary-only",
+        "--no-snapshot",
+    ]);
+    // SAFETY: one byte to our own pipe.
+    unsafe { libc::write(go_w, [1u8].as_ptr().cast(), 1) };
+    let accepted: Vec<_> = (0..3).map(|_| listener.accept().unwrap().0).collect();
+    let peers: Vec<u16> = accepted
+        .iter()
+        .map(|s| s.peer_addr().unwrap().port())
+        .collect();
+    drop(accepted);
+    for p in &peers {
+        wait_for_kernel_state(*p, port, "CLOSE_WAIT");
+    }
+    let all = tracer.stop_when(&[]);
+    let want = serde_json::json!([{"raddr": "127.0.0.1", "rport": port, "sockets": 3}]);
+    let summary = all.iter().find(|v| v["event"] == "summary").unwrap();
+    let p = summary["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == leaker)
+        .unwrap_or_else(|| panic!("{summary}"));
+    assert!(p["cmdline"].as_str().unwrap().starts_with(&program), "{p}");
+    assert_eq!(p["peers"], want, "{p}");
+    assert!(
+        p["answer"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("still open: 3 to 127.0.0.1:{port}")),
+        "{p}"
+    );
+    let snap = snapshot(&["--pid", &leaker.to_string()]);
+    let g = &snap[0]["processes"][0];
+    assert_eq!(g["pid"], leaker, "{g}");
+    assert!(g["cmdline"].as_str().unwrap().starts_with(&program), "{g}");
+    assert_eq!(g["peers"], want, "{g}");
+    close_fd(go_w);
+}
+
 /// `--pid` of a process that exits: the tracer says so and stops by itself, exit status 0.
 #[test]
 fn stops_when_the_traced_process_exits() {

@@ -130,6 +130,35 @@ pub(crate) fn with_descendants(pids: &[u32]) -> Vec<u32> {
 /// Whether `pid` runs: one of its threads is not a zombie. (Its main thread may have exited
 /// while others run: the process is alive, its leader a zombie; every thread a zombie is a
 /// process that exited and waits for its parent.)
+/// `pid`'s command line, short and escaped (see [`short_cmdline`]); None when it has exited, is
+/// a kernel thread, or cannot be read.
+pub(crate) fn cmdline(pid: u32) -> Option<String> {
+    short_cmdline(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)
+}
+
+/// A command line as people recognise it: the program's file name and its arguments, cut at
+/// [`CMDLINE_MAX`] characters, escaped like every name (a process writes its own).
+pub(crate) fn short_cmdline(raw: &[u8]) -> Option<String> {
+    let mut args = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(String::from_utf8_lossy);
+    let program = args.next()?;
+    let program = program.rsplit('/').next().unwrap_or(&program).to_string();
+    let mut line = std::iter::once(program)
+        .chain(args.map(std::borrow::Cow::into_owned))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if let Some((cut, _)) = line.char_indices().nth(CMDLINE_MAX) {
+        line.truncate(cut);
+        line.push_str("...");
+    }
+    Some(crate::model::escape::sanitize(&line))
+}
+
+/// Characters of a command line shown at most.
+const CMDLINE_MAX: usize = 60;
+
 pub(crate) fn alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
@@ -144,6 +173,29 @@ pub(crate) fn alive(pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::short_cmdline;
+
+    #[test]
+    fn command_lines_short_and_escaped() {
+        assert_eq!(
+            short_cmdline(b"/usr/bin/python3\0app.py\0--pool\08\0").as_deref(),
+            Some("python3 app.py --pool 8")
+        );
+        assert_eq!(short_cmdline(b""), None);
+        let long = format!("/x/y\0{}\0", "a".repeat(100));
+        let s = short_cmdline(long.as_bytes()).unwrap();
+        assert!(s.ends_with("...") && s.chars().count() == 63, "{s}");
+        assert_eq!(
+            short_cmdline(b"evil\x1b[2J\0").as_deref(),
+            Some("evil\\u{1b}[2J")
+        );
+        // nginx rewrites its argv into one string: kept as it is.
+        assert_eq!(
+            short_cmdline(b"nginx: worker process\0").as_deref(),
+            Some("nginx: worker process")
+        );
+    }
+
     /// A process whose main thread exited while another runs is alive; one that exited and
     /// waits for its parent (a zombie) is not.
     #[test]

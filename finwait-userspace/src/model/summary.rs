@@ -2,6 +2,7 @@
 //! ends, and the sockets still open that `--stuck` names.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -78,6 +79,9 @@ pub(crate) struct Longest {
 pub(crate) struct ProcessSummary<'a> {
     pub(crate) pid: u32,
     pub(crate) comm: &'a Comm,
+    pub(crate) cmdline: Option<&'a Comm>,
+    /// Its sockets still open that it must close, by peer, most first (at most [`TOP_PEERS`]).
+    pub(crate) peers: Vec<PeerCount>,
     pub(crate) container: Option<&'a Container>,
     pub(crate) counts: &'a Counts,
     pub(crate) answer: String,
@@ -103,6 +107,8 @@ pub(crate) struct Summary {
     pub(crate) half_closed_ms: Histogram,
     pub(crate) close_wait_ms: Histogram,
     pub(crate) stuck_reported: u64,
+    /// Processes added since [`Summary::take_new`] last ran.
+    new: Vec<u32>,
 }
 
 /// One process's name, container and counts.
@@ -111,6 +117,8 @@ struct Process {
     comm: Comm,
     container: Option<Arc<Container>>,
     counts: Counts,
+    /// Its command line, short (looked for once, by whoever reads [`Summary::take_new`]).
+    cmdline: Option<Comm>,
 }
 
 /// The call a socket half-closed before tracing started is filed under (it is not known which
@@ -299,7 +307,22 @@ impl Summary {
             self.by_process.retain(|p, _| holding.contains(p));
             self.processes_dropped += (before - self.by_process.len()) as u64;
         }
+        if !self.by_process.contains_key(&pid) && self.new.len() < MAX_PROCESSES {
+            self.new.push(pid);
+        }
         self.by_process.entry(pid).or_default()
+    }
+
+    /// The processes added since the last call: their command lines are for the caller to
+    /// read (this model does no I/O) and hand to [`Summary::set_cmdline`].
+    pub(crate) fn take_new(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.new)
+    }
+
+    pub(crate) fn set_cmdline(&mut self, pid: u32, cmdline: Option<String>) {
+        if let Some(p) = self.by_process.get_mut(&pid) {
+            p.cmdline = cmdline.map(Into::into);
+        }
     }
 
     /// FIN_WAIT2 entered: counted by call under the caller, as its verdict says.
@@ -425,12 +448,35 @@ impl Summary {
 
     /// Every process, with its answer.
     pub(crate) fn processes(&self) -> impl Iterator<Item = ProcessSummary<'_>> {
-        self.by_process.iter().map(|(pid, p)| ProcessSummary {
-            pid: *pid,
-            comm: &p.comm,
-            container: p.container.as_deref(),
-            counts: &p.counts,
-            answer: answer(*pid, &p.comm, p.container.as_deref(), &p.counts),
+        let mut peers: HashMap<u32, HashMap<(IpAddr, u16), u64>> = HashMap::new();
+        for o in self.open.values().chain(self.seeded.values()) {
+            let e = &o.ends;
+            *peers
+                .entry(o.who)
+                .or_default()
+                .entry((e.remote, e.rport))
+                .or_default() += 1;
+        }
+        self.by_process.iter().map(move |(pid, p)| {
+            let peers = peers.get(pid).map(by_peer).unwrap_or_default();
+            let mut answer = answer(*pid, &p.comm, p.container.as_deref(), &p.counts);
+            if let Some(c) = &p.cmdline {
+                // `python3[1463] (python3 app.py --pool 8) ...`: after the name and pid.
+                let at = answer.find(']').map_or(0, |i| i + 1);
+                answer.insert_str(at, &format!(" ({c})"));
+            }
+            if !peers.is_empty() {
+                answer += &format!("; still open: {}", peers_words(&peers));
+            }
+            ProcessSummary {
+                pid: *pid,
+                comm: &p.comm,
+                cmdline: p.cmdline.as_ref(),
+                peers,
+                container: p.container.as_deref(),
+                counts: &p.counts,
+                answer,
+            }
         })
     }
 
@@ -488,6 +534,61 @@ impl Summary {
             })
             .collect()
     }
+}
+
+/// Peers listed per process at most.
+pub(crate) const TOP_PEERS: usize = 3;
+
+/// Sockets to one peer: an address and port, or (when no two sockets share one: a server's
+/// clients) an address alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PeerCount {
+    pub(crate) addr: IpAddr,
+    pub(crate) port: Option<u16>,
+    pub(crate) count: u64,
+    /// Further peers not listed (on the last entry only).
+    pub(crate) more: usize,
+}
+
+/// Sockets counted by peer (address and port), most first; by address alone where no two
+/// sockets share a port (a server's clients).
+pub(crate) fn by_peer(counts: &HashMap<(IpAddr, u16), u64>) -> Vec<PeerCount> {
+    let mut by: HashMap<(IpAddr, Option<u16>), u64> = HashMap::new();
+    let singletons = counts.len() > 1 && counts.values().all(|n| *n == 1);
+    for ((addr, port), n) in counts {
+        let port = (!singletons).then_some(*port);
+        *by.entry((addr.to_canonical(), port)).or_default() += n;
+    }
+    let mut v: Vec<((IpAddr, Option<u16>), u64)> = by.into_iter().collect();
+    v.sort_by_key(|((addr, port), n)| (std::cmp::Reverse(*n), *addr, *port));
+    let more = v.len().saturating_sub(TOP_PEERS);
+    v.truncate(TOP_PEERS);
+    let last = v.len().saturating_sub(1);
+    v.into_iter()
+        .enumerate()
+        .map(|(i, ((addr, port), count))| PeerCount {
+            addr,
+            port,
+            count,
+            more: if i == last { more } else { 0 },
+        })
+        .collect()
+}
+
+/// `2190 to 127.0.0.1:8080, 10 to 10.0.0.7, 4 more peers`.
+pub(crate) fn peers_words(peers: &[PeerCount]) -> String {
+    let mut words: Vec<String> = peers
+        .iter()
+        .map(|p| match p.port {
+            Some(port) => format!("{} to {}:{port}", p.count, p.addr),
+            None => format!("{} to {}", p.count, p.addr),
+        })
+        .collect();
+    let more = peers.last().map_or(0, |p| p.more);
+    if more > 0 {
+        words.push(format!("{more} more peers"));
+    }
+    words.join(", ")
 }
 
 /// One sentence per process: shutdown() or close(), and whose job the clean-up is.
@@ -648,7 +749,7 @@ mod tests {
         let answer = s.processes().next().unwrap().answer;
         assert_eq!(
             answer,
-            "python3[9]: 1 FIN_WAIT2 after shutdown() before the start, 1 ended later, 0 still half-closed; 3 CLOSE_WAIT (2 already at start), 1 closed later, 2 never closed while traced: python3 must close them (a leak if they stay)"
+            "python3[9]: 1 FIN_WAIT2 after shutdown() before the start, 1 ended later, 0 still half-closed; 3 CLOSE_WAIT (2 already at start), 1 closed later, 2 never closed while traced: python3 must close them (a leak if they stay); still open: 2 to 127.0.0.1:2"
         );
     }
 
@@ -698,11 +799,11 @@ mod tests {
         let answers: Vec<String> = s.processes().map(|p| p.answer).collect();
         assert_eq!(
             answers[0],
-            "nginx[7]: 3 FIN_WAIT2 after shutdown(SHUT_WR), 1 ended later, 2 still half-closed: nginx must close them; 1 FIN_WAIT2 after close(): orphans, the kernel frees them"
+            "nginx[7]: 3 FIN_WAIT2 after shutdown(SHUT_WR), 1 ended later, 2 still half-closed: nginx must close them; 1 FIN_WAIT2 after close(): orphans, the kernel frees them; still open: 2 to 127.0.0.1:2"
         );
         assert_eq!(
             answers[1],
-            "python3[9]: 2 CLOSE_WAIT, 1 closed later, 1 never closed while traced: python3 must close them (a leak if they stay)"
+            "python3[9]: 2 CLOSE_WAIT, 1 closed later, 1 never closed while traced: python3 must close them (a leak if they stay); still open: 1 to 127.0.0.1:2"
         );
         // 300 ms falls in [256, 512).
         assert_eq!(s.close_wait_ms.buckets().collect::<Vec<_>>(), [(512, 1)]);
@@ -718,5 +819,32 @@ mod tests {
             "python3[9] fd 4 must close it (CLOSE_WAIT never times out)"
         );
         assert_eq!(s.stuck_reported, 3);
+    }
+
+    /// A pool's leak reads by its back-end; a server's sockets from many clients by address.
+    #[test]
+    fn still_open_sockets_by_peer() {
+        let count = |peers: &[(&str, u16)]| {
+            let mut m: HashMap<(IpAddr, u16), u64> = HashMap::new();
+            for (a, p) in peers {
+                *m.entry((a.parse().unwrap(), *p)).or_default() += 1;
+            }
+            peers_words(&by_peer(&m))
+        };
+        let pool: Vec<(&str, u16)> = [("127.0.0.1", 8080); 5]
+            .into_iter()
+            .chain([("10.0.0.7", 5432)])
+            .collect();
+        assert_eq!(count(&pool), "5 to 127.0.0.1:8080, 1 to 10.0.0.7:5432");
+        let clients: Vec<(&str, u16)> = (0..6)
+            .map(|i| (if i < 4 { "10.0.0.9" } else { "10.0.0.8" }, 50000 + i))
+            .collect();
+        assert_eq!(count(&clients), "4 to 10.0.0.9, 2 to 10.0.0.8");
+        let addrs = ["10.0.1.0", "10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.4"];
+        let many: Vec<(&str, u16)> = addrs.iter().map(|a| (*a, 1)).collect();
+        assert_eq!(
+            count(&many),
+            "1 to 10.0.1.0, 1 to 10.0.1.1, 1 to 10.0.1.2, 2 more peers"
+        );
     }
 }

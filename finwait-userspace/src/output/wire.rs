@@ -384,6 +384,11 @@ pub(crate) struct ProcessJson<'a> {
     pid: u32,
     #[serde(serialize_with = "name")]
     comm: &'a str,
+    #[serde(serialize_with = "opt_name")]
+    cmdline: Option<&'a str>,
+    /// The peers of its sockets still open that it must close, most first.
+    peers: Vec<PeerCountJson>,
+    peers_more: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     container: Option<ContainerJson<'a>>,
     fin_wait2_half_closed: &'a BTreeMap<String, u64>,
@@ -394,6 +399,24 @@ pub(crate) struct ProcessJson<'a> {
     close_wait_closed: u64,
     close_wait_readings: &'a BTreeMap<&'static str, u64>,
     answer: String,
+}
+
+#[derive(Serialize)]
+pub(crate) struct PeerCountJson {
+    raddr: IpAddr,
+    /// None: grouped by address (no two sockets shared a port: a server's clients).
+    rport: Option<u16>,
+    sockets: u64,
+}
+
+impl From<&crate::model::summary::PeerCount> for PeerCountJson {
+    fn from(p: &crate::model::summary::PeerCount) -> Self {
+        Self {
+            raddr: p.addr,
+            rport: p.port,
+            sockets: p.count,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -442,6 +465,9 @@ impl<'a> SummaryEvent<'a> {
                 .map(|p| ProcessJson {
                     pid: p.pid,
                     comm: p.comm,
+                    cmdline: p.cmdline.map(|c| &**c),
+                    peers_more: p.peers.last().map_or(0, |l| l.more),
+                    peers: p.peers.iter().map(PeerCountJson::from).collect(),
                     container: ContainerJson::of(p.container),
                     fin_wait2_half_closed: &p.counts.half_closed,
                     fin_wait2_half_closed_ended: &p.counts.half_closed_ended,
@@ -629,6 +655,10 @@ pub(crate) struct GroupJson {
     pid: Option<u32>,
     #[serde(serialize_with = "name")]
     comm: String,
+    #[serde(serialize_with = "opt_name")]
+    cmdline: Option<String>,
+    peers: Vec<PeerCountJson>,
+    peers_more: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     container: Option<SharedContainerJson>,
     counts: BTreeMap<&'static str, usize>,
@@ -685,13 +715,19 @@ impl SnapshotSummary {
         let processes = t
             .groups
             .iter()
-            .map(|((pid, comm), g)| GroupJson {
-                pid: (*pid != 0).then_some(*pid),
-                comm: comm.clone(),
-                container: g.container.clone().map(SharedContainerJson),
-                counts: g.counts.clone(),
-                inferred: g.inferred,
-                close_wait_readings: g.readings.clone(),
+            .map(|((pid, comm), g)| {
+                let peers = g.peers();
+                GroupJson {
+                    pid: (*pid != 0).then_some(*pid),
+                    comm: comm.clone(),
+                    cmdline: g.cmdline.clone(),
+                    peers_more: peers.last().map_or(0, |l| l.more),
+                    peers: peers.iter().map(PeerCountJson::from).collect(),
+                    container: g.container.clone().map(SharedContainerJson),
+                    counts: g.counts.clone(),
+                    inferred: g.inferred,
+                    close_wait_readings: g.readings.clone(),
+                }
             })
             .collect();
         Self {

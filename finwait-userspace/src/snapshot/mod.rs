@@ -154,7 +154,9 @@ pub(crate) fn take(
         0 => b.listener(&s),
         _ => b.socket(s),
     })?;
-    let (entries, tally) = b.finish();
+    let (entries, mut tally) = b.finish();
+    // The holders' command lines: one read per process the answer names.
+    tally.name(procs::cmdline);
     Ok(Snapshot {
         entries,
         tally,

@@ -1,9 +1,20 @@
 //! The snapshot's summary: per process, how many sockets of each class, folded one socket at a
 //! time (a host's 100,000 sockets need not be kept to be counted), and the sentences for it.
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use super::Entry;
-use crate::model::{Container, Verdict, diagnosis::readings_words};
+use crate::model::{
+    Container, Verdict,
+    diagnosis::readings_words,
+    summary::{PeerCount, by_peer, peers_words},
+};
+
+/// Distinct peers counted per process at most (a server's thousands of clients need not be).
+const MAX_PEERS: usize = 4096;
 
 /// Per process: counts by class (and how many were inferred).
 #[derive(Default, Debug, PartialEq, Eq)]
@@ -16,6 +27,17 @@ pub(crate) struct Group {
     verdicts: BTreeMap<&'static str, Verdict>,
     /// The process's container, where it runs in one.
     pub(crate) container: Option<Arc<Container>>,
+    /// Its command line, short (filled in once the tally is done: see [`Tally::name`]).
+    pub(crate) cmdline: Option<String>,
+    /// Its sockets a process must close, by peer (bounded: [`MAX_PEERS`]).
+    peers: HashMap<(IpAddr, u16), u64>,
+}
+
+impl Group {
+    /// Where its sockets that a process must close go, most first.
+    pub(crate) fn peers(&self) -> Vec<PeerCount> {
+        by_peer(&self.peers)
+    }
 }
 
 /// Sockets on the close path by responsible process ((0, "(no owner found)") when none), and
@@ -57,6 +79,12 @@ impl Tally {
             .entry(e.class())
             .or_insert_with(|| e.verdict.clone());
         g.inferred += usize::from(inferred);
+        let s = &e.sock;
+        if e.verdict.needs_action()
+            && (g.peers.len() < MAX_PEERS || g.peers.contains_key(&(s.remote, s.rport)))
+        {
+            *g.peers.entry((s.remote, s.rport)).or_default() += 1;
+        }
         if let Some(r) = e.owner_state.as_ref().and_then(|o| o.reading) {
             *g.readings.entry(r.name()).or_default() += 1;
         }
@@ -69,6 +97,15 @@ impl Tally {
             .filter(|((pid, _), _)| *pid == 0)
             .map(|(_, g)| g.counts.values().sum::<usize>())
             .sum()
+    }
+
+    /// Each process's command line, from `cmdline` (the caller reads /proc).
+    pub(crate) fn name(&mut self, cmdline: impl Fn(u32) -> Option<String>) {
+        for ((pid, _), g) in &mut self.groups {
+            if *pid != 0 {
+                g.cmdline = cmdline(*pid);
+            }
+        }
     }
 
     /// One sentence per process, most stuck sockets first, then the TIME_WAIT count.
@@ -141,11 +178,20 @@ fn group_line(pid: u32, comm: &str, g: &Group) -> String {
             parts.push(format!("{} {label}", n(c)));
         }
     }
-    let mut who = if pid == 0 {
-        "no holder found".to_string()
-    } else {
-        format!("{comm}[{pid}]")
+    let peers = g.peers();
+    if !peers.is_empty() {
+        parts.push(format!("by peer: {}", peers_words(&peers)));
+    }
+    format!("{}: {}", who(pid, comm, g), parts.join("; "))
+}
+
+/// `python3[1463] (python3 app.py --pool 8) (docker:3f2a9c1b7d4e)`, or `no holder found`.
+fn who(pid: u32, comm: &str, g: &Group) -> String {
+    let mut who = match (pid, &g.cmdline) {
+        (0, _) => "no holder found".to_string(),
+        (_, Some(c)) => format!("{comm}[{pid}] ({c})"),
+        (_, None) => format!("{comm}[{pid}]"),
     };
     crate::model::container::write_short(&mut who, g.container.as_deref());
-    format!("{who}: {}", parts.join("; "))
+    who
 }

@@ -138,6 +138,11 @@ impl Pipeline {
         ready.clear();
         self.ready = ready;
         written?;
+        // New processes in the summary: their command lines, while they still run.
+        for pid in self.summary.take_new() {
+            self.summary
+                .set_cmdline(pid, crate::host::procs::cmdline(pid));
+        }
         self.sink.flush()
     }
 
