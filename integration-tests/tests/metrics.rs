@@ -505,24 +505,60 @@ fn ten_thousand_process_names_do_not_make_ten_thousand_series() {
     ]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    // One thread, renamed before each connection: every close() comes from a new name (the
-    // kernel records the calling thread's name, as for short-lived processes).
-    std::thread::spawn(move || {
-        for i in 0..names {
-            let name = std::ffi::CString::new(format!("w{i}")).unwrap();
-            // SAFETY: names this thread.
-            unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
-            let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            drop(client);
-            drop(server);
-            if i % 100 == 99 {
-                std::thread::sleep(Duration::from_millis(20));
+    // One process, renamed (its main thread) before each connection: every close() comes from
+    // a process of a new name, as from short-lived processes.
+    let client = fork_child(move || {
+        // SAFETY: raw calls in the child; the name is built on the stack.
+        unsafe {
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as u16;
+            addr.sin_port = port.to_be();
+            addr.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+            for i in 0..names {
+                let mut name = [0u8; 16];
+                name[0] = b'w';
+                let mut digits = [0u8; 10];
+                let (mut n, mut len) = (i, 0);
+                loop {
+                    digits[len] = b'0' + (n % 10) as u8;
+                    len += 1;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                for k in 0..len {
+                    name[1 + k] = digits[len - 1 - k];
+                }
+                libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+                let c = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                if libc::connect(
+                    c,
+                    (&raw const addr).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                ) != 0
+                {
+                    return 1;
+                }
+                libc::close(c);
+                if i % 100 == 99 {
+                    libc::usleep(20_000);
+                }
             }
         }
-    })
-    .join()
-    .unwrap();
+        0
+    });
+    let reap = ChildGuard(client);
+    for _ in 0..names {
+        let (server, _) = listener.accept().unwrap();
+        drop(server);
+    }
+    let status = wait_child(client);
+    std::mem::forget(reap); // reaped: its pid may be another process's now
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the client failed to connect: {status:#x}"
+    );
     // A debug build under qemu's emulation takes a while to work through 10,000 connections.
     let deadline = Instant::now() + Duration::from_secs(240);
     let s = loop {
