@@ -34,6 +34,8 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// List the TCP sockets on the close path now: who holds each one and whose job it is.
     Snapshot(SnapshotArgs),
+    /// The manual: every flag, then every JSON event and field (through `man` on a terminal).
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -121,7 +123,7 @@ pub(crate) struct TraceArgs {
     #[command(flatten)]
     pub(crate) workloads: WorkloadArgs,
 
-    /// One JSON object per line (see README.md for the fields).
+    /// One JSON object per line (every event and field: `finwait-trace man`).
     #[arg(long)]
     pub(crate) json: bool,
 
@@ -256,7 +258,11 @@ pub(crate) fn generate(what: &str, out: &mut dyn std::io::Write) -> anyhow::Resu
     use clap::CommandFactory;
     let mut cmd = Cli::command();
     let shell = match what {
-        "man" => return Ok(clap_mangen::Man::new(cmd).render(out)?),
+        "man" => {
+            // The flags, then the JSON contract: the reference a host with only the binary has.
+            clap_mangen::Man::new(cmd).render(out)?;
+            return Ok(out.write_all(markdown_to_roff(JSON_DOC).as_bytes())?);
+        }
         "bash" => clap_complete::Shell::Bash,
         "zsh" => clap_complete::Shell::Zsh,
         "fish" => clap_complete::Shell::Fish,
@@ -264,6 +270,59 @@ pub(crate) fn generate(what: &str, out: &mut dyn std::io::Write) -> anyhow::Resu
     };
     clap_complete::generate(shell, &mut cmd, "finwait-trace", out);
     Ok(())
+}
+
+/// The JSON contract (docs/json.md), carried in the binary for the man page.
+const JSON_DOC: &str = include_str!("../../docs/json.md");
+
+/// `finwait-trace man`: the man page with the JSON contract appended, through `man` when
+/// stdout is a terminal that has it, else as roff.
+pub(crate) fn man() -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let mut page = Vec::new();
+    generate("man", &mut page)?;
+    if std::io::stdout().is_terminal() {
+        let viewer = std::process::Command::new("man")
+            .args(["-l", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn();
+        if let Ok(mut man) = viewer {
+            if let Some(mut input) = man.stdin.take() {
+                input.write_all(&page)?;
+            }
+            man.wait()?;
+            return Ok(());
+        }
+    }
+    std::io::stdout().write_all(&page)?;
+    Ok(())
+}
+
+/// Just enough Markdown for docs/json.md as a man page section: headings, bullets (two
+/// levels), paragraphs; code spans lose their backticks; roff's specials are escaped.
+fn markdown_to_roff(md: &str) -> String {
+    let mut out = String::new();
+    for line in md.lines() {
+        let text = line.trim_start();
+        let escaped = text.replace('\\', "\\e").replace('`', "");
+        let escaped = if escaped.starts_with(['.', '\'']) {
+            format!("\\&{escaped}")
+        } else {
+            escaped
+        };
+        if let Some(h) = line.strip_prefix("# ") {
+            out += &format!(".SH \"{}\"\n", h.replace('`', "").to_uppercase());
+        } else if let Some(item) = escaped.strip_prefix("- ") {
+            let indent = if line.starts_with("  ") { 4 } else { 2 };
+            out += &format!(".IP \\(bu {indent}\n{item}\n");
+        } else if text.is_empty() {
+            out += ".PP\n";
+        } else {
+            out += &escaped;
+            out.push('\n');
+        }
+    }
+    out
 }
 
 fn parse_state(s: &str) -> Result<TcpState, String> {
@@ -482,5 +541,16 @@ mod tests {
         generate("bash", &mut bash).unwrap();
         assert!(String::from_utf8(bash).unwrap().contains("--stuck"));
         assert!(generate("tcsh", &mut Vec::new()).is_err());
+        // The man page carries the JSON contract, in roff.
+        let roff = markdown_to_roff(JSON_DOC);
+        assert!(roff.starts_with(".SH \"JSON LINES (--JSON)\""), "{roff}");
+        assert!(
+            roff.contains(".IP \\(bu 2\n{\"event\": \"transition\""),
+            "{roff}"
+        );
+        assert!(!roff.lines().any(|l| l.starts_with('.')
+            && !l.starts_with(".SH")
+            && !l.starts_with(".IP")
+            && !l.starts_with(".PP")));
     }
 }

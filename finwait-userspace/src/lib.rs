@@ -76,8 +76,10 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    if let Some(Command::Snapshot(args)) = cli.command {
-        return snapshot_command(&args);
+    match cli.command {
+        Some(Command::Snapshot(args)) => return snapshot_command(&args),
+        Some(Command::Man) => return cli::man(),
+        None => {}
     }
     let t = cli.trace;
     if let Some(what) = &t.generate {

@@ -638,6 +638,33 @@ fn processes_are_named_by_command_line_and_leaks_by_peer() {
     close_fd(go_w);
 }
 
+/// The reference travels in the binary: `finwait-trace man` prints every flag and every JSON
+/// event and field (roff when stdout is not a terminal), and `--help` points there.
+#[test]
+fn the_manual_is_in_the_binary() {
+    let out = Command::new(finwait_trace()).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        ".TH finwait-trace",
+        "\\-\\-needs\\-action",
+        ".SH \"JSON LINES",
+        "close_no_fin",
+        "remaining_refs",
+    ] {
+        assert!(page.contains(want), "{want} missing from the man page");
+    }
+    let help = Command::new(finwait_trace())
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("finwait-trace man") && !help.contains("README"),
+        "{help}"
+    );
+}
+
 /// `--pid` of a process that exits: the tracer says so and stops by itself, exit status 0.
 #[test]
 fn stops_when_the_traced_process_exits() {

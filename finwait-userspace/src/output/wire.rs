@@ -754,7 +754,11 @@ mod tests {
         model::{CauseKind, Holder, Task, Verdict},
     };
 
-    const README: &str = include_str!("../../../README.md");
+    /// Where the contract is written down: the README's Usage and docs/json.md.
+    const README: &str = concat!(
+        include_str!("../../../README.md"),
+        include_str!("../../../docs/json.md")
+    );
 
     /// Every `{"event": "NAME", ...}` in the README: (name, top-level fields, complete?).
     fn documented() -> Vec<(String, BTreeSet<String>, bool)> {
