@@ -534,6 +534,12 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--metrics-max-workloads", "5"]).is_err());
         let m = Cli::try_parse_from(["x", "--metrics", "127.0.0.1:9977", "-q"]).unwrap();
         assert_eq!(m.trace.metrics, Some("127.0.0.1:9977".parse().unwrap()));
+    }
+
+    /// The man page and completions come from these definitions; the man page carries the
+    /// JSON contract, in roff.
+    #[test]
+    fn man_page_and_completions() {
         let mut man = Vec::new();
         generate("man", &mut man).unwrap();
         assert!(String::from_utf8(man).unwrap().contains("snapshot"));
