@@ -159,6 +159,41 @@ pub(crate) fn short_cmdline(raw: &[u8]) -> Option<String> {
 /// Characters of a command line shown at most.
 const CMDLINE_MAX: usize = 60;
 
+/// What this process uses, for the standard `process_*` metrics.
+pub(crate) struct Usage {
+    pub(crate) cpu_seconds: f64,
+    pub(crate) rss_bytes: u64,
+    pub(crate) vsize_bytes: u64,
+    pub(crate) open_fds: usize,
+    pub(crate) max_fds: u64,
+    pub(crate) start_time_seconds: f64,
+}
+
+/// This process's usage from /proc/self; None where /proc cannot say.
+pub(crate) fn own_usage() -> Option<Usage> {
+    let me = Process::myself().ok()?;
+    let stat = me.stat().ok()?;
+    let ticks = procfs::ticks_per_second() as f64;
+    let page = procfs::page_size();
+    let boot = procfs::boot_time_secs().ok()? as f64;
+    let max_fds = me
+        .limits()
+        .ok()
+        .and_then(|l| match l.max_open_files.soft_limit {
+            procfs::process::LimitValue::Value(v) => Some(v),
+            procfs::process::LimitValue::Unlimited => None,
+        })
+        .unwrap_or(0);
+    Some(Usage {
+        cpu_seconds: (stat.utime + stat.stime) as f64 / ticks,
+        rss_bytes: stat.rss * page,
+        vsize_bytes: stat.vsize,
+        open_fds: me.fd_count().ok()?,
+        max_fds,
+        start_time_seconds: boot + stat.starttime as f64 / ticks,
+    })
+}
+
 pub(crate) fn alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;

@@ -18,8 +18,8 @@ pub(crate) use self::held::ReadKernel;
 use self::{
     held::{CHECK_EVERY, Held, Kind},
     registry::{
-        CauseLabels, Families, Health, PodLabels, Workload, duration_histogram, remove_series,
-        set_counter,
+        CauseLabels, Families, Health, PodLabels, ProcessMetrics, Workload, duration_histogram,
+        remove_series, set_counter,
     },
     workloads::Workloads,
 };
@@ -32,6 +32,7 @@ use crate::{
 pub(crate) struct MetricsSink {
     families: Families,
     health: Health,
+    process: ProcessMetrics,
     half_closed_seconds: Histogram,
     close_wait_seconds: Histogram,
     /// One series, 1: the mode, state hook, kernel and version as labels.
@@ -54,6 +55,7 @@ impl MetricsSink {
         let sink = Self {
             families: Families::default(),
             health: Health::default(),
+            process: ProcessMetrics::default(),
             half_closed_seconds: duration_histogram(),
             close_wait_seconds: duration_histogram(),
             info: Family::default(),
@@ -218,8 +220,10 @@ impl Sink for MetricsSink {
         set_counter(&h.sockets_evicted, s.sockets_evicted);
         set_counter(&h.containers_unresolved, s.containers_unresolved);
         h.attach_failed.set(s.attach_failed as i64);
-        h.rss_bytes.set((s.rss_kib * 1024) as i64);
         h.workloads.set(self.workloads.live.len() as i64);
+        if let Some(u) = crate::host::procs::own_usage() {
+            self.process.set(&u);
+        }
         Ok(())
     }
 

@@ -4,12 +4,7 @@ use std::{fmt, sync::Arc};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, LabelSetEncoder},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
 
@@ -172,7 +167,6 @@ pub(super) struct Health {
     pub(super) containers_unresolved: Counter,
     pub(super) gauge_corrections: Counter,
     pub(super) attach_failed: Gauge,
-    pub(super) rss_bytes: Gauge,
     pub(super) workloads: Gauge,
     pub(super) workloads_evicted: Counter,
     pub(super) workloads_folded: Counter,
@@ -242,9 +236,79 @@ impl Health {
     }
 }
 
-/// Time half-closed or in CLOSE_WAIT: 1 ms to 70 minutes, by powers of four.
+/// Time half-closed or in CLOSE_WAIT, in round bounds from 10 ms to an hour.
 pub(super) fn duration_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 4.0, 12))
+    Histogram::new([
+        0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+    ])
+}
+
+/// The standard process metrics (`process_*`, as every Prometheus client library exports
+/// them), set from /proc/self every second.
+#[derive(Default)]
+pub(super) struct ProcessMetrics {
+    pub(super) cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    pub(super) resident_memory_bytes: Gauge,
+    pub(super) virtual_memory_bytes: Gauge,
+    pub(super) open_fds: Gauge,
+    pub(super) max_fds: Gauge,
+    pub(super) start_time_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl ProcessMetrics {
+    pub(super) fn set(&self, u: &crate::host::procs::Usage) {
+        let now = self.cpu_seconds.get();
+        if u.cpu_seconds > now {
+            self.cpu_seconds.inc_by(u.cpu_seconds - now);
+        }
+        self.resident_memory_bytes
+            .set(i64::try_from(u.rss_bytes).unwrap_or(i64::MAX));
+        self.virtual_memory_bytes
+            .set(i64::try_from(u.vsize_bytes).unwrap_or(i64::MAX));
+        self.open_fds
+            .set(i64::try_from(u.open_fds).unwrap_or(i64::MAX));
+        self.max_fds
+            .set(i64::try_from(u.max_fds).unwrap_or(i64::MAX));
+        self.start_time_seconds.set(u.start_time_seconds);
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            self.cpu_seconds.clone(),
+        );
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                &self.resident_memory_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                &self.virtual_memory_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                &self.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                &self.max_fds,
+            ),
+        ];
+        for (name, help, g) in gauges {
+            r.register(name, help, g.clone());
+        }
+        r.register(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds",
+            self.start_time_seconds.clone(),
+        );
+    }
 }
 
 /// Every series of a workload that no longer has its own.
@@ -276,7 +340,9 @@ pub(super) fn set_counter(c: &Counter, v: u64) {
 
 impl MetricsSink {
     pub(super) fn registry(&self) -> Registry {
-        let mut r = Registry::with_prefix("finwait");
+        let mut root = Registry::default();
+        self.process.register(&mut root);
+        let r = root.sub_registry_with_prefix("finwait");
         let f = &self.families;
         r.register(
             "fin_wait2_entries",
@@ -325,8 +391,8 @@ impl MetricsSink {
             "A Kubernetes pod with series here: its namespace and name by UID (from the node's /var/log/pods), always 1",
             f.pod_info.clone(),
         );
-        self.register_health(&mut r);
-        r
+        self.register_health(r);
+        root
     }
 
     fn register_health(&self, r: &mut Registry) {
@@ -334,18 +400,13 @@ impl MetricsSink {
             r.register(name, help, c.clone());
         }
         let h = &self.health;
-        let gauges: [(&str, &str, &Gauge); 3] = [
+        let gauges: [(&str, &str, &Gauge); 2] = [
             (
                 "attach_failed",
                 "Hooks that failed to attach",
                 &h.attach_failed,
             ),
             ("workloads", "Workloads with series now", &h.workloads),
-            (
-                "resident_memory_bytes",
-                "finwait-trace's resident memory",
-                &h.rss_bytes,
-            ),
         ];
         for (name, help, g) in gauges {
             r.register(name, help, g.clone());
