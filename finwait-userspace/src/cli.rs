@@ -34,6 +34,23 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// List the TCP sockets on the close path now: who holds each one and whose job it is.
     Snapshot(SnapshotArgs),
+    /// A live, full-screen table of the workloads holding sockets someone must close
+    /// (half-closed, CLOSE_WAIT; orphans dimmed), refreshed every second. Keys: c h o g n sort
+    /// by CLOSE_WAIT, half-closed, oldest, growth, name; q quits.
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TopArgs {
+    #[command(flatten)]
+    pub(crate) select: SelectArgs,
+
+    #[command(flatten)]
+    pub(crate) workloads: WorkloadArgs,
+
+    /// How calls are tied to sockets (as for a trace).
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub(crate) mode: Mode,
 }
 
 #[derive(Debug, Args)]
@@ -221,10 +238,21 @@ impl Cli {
     fn check(&self) -> Result<(), clap::Error> {
         use clap::CommandFactory;
         let max = finwait_common::MAX_COMMS;
-        if self.trace.select.comms.len() > max {
+        let select = match &self.command {
+            Some(Command::Top(t)) => &t.select,
+            _ => &self.trace.select,
+        };
+        if select.comms.len() > max {
             return Err(Self::command().error(
                 clap::error::ErrorKind::TooManyValues,
                 format!("--comm is matched in the kernel, which holds {max} names at most"),
+            ));
+        }
+        // The table counts sockets in and out of their states: it needs every transition.
+        if matches!(&self.command, Some(Command::Top(t)) if !t.select.states.is_empty()) {
+            return Err(Self::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "top counts every socket on the close path: --state does not apply",
             ));
         }
         Ok(())
@@ -384,6 +412,40 @@ impl From<&TraceArgs> for crate::trace::Options {
             wall_clock: t.timestamp,
             snapshot: !t.no_snapshot,
             stats_every: t.stats_every,
+            top: false,
+        }
+    }
+}
+
+/// `top`: a trace whose only output is the table, with the defaults a trace has.
+impl From<&TopArgs> for crate::trace::Options {
+    fn from(t: &TopArgs) -> Self {
+        let load = loader::Options {
+            all_transitions: false,
+            pids: t.select.pids.clone(),
+            comms: t.select.comms.clone(),
+            ports: t.select.ports.clone(),
+            ring_bytes: 4096 * 1024,
+            noop: false,
+            mode: t.mode.into(),
+            owners_max: finwait_common::OWNERS_MAX,
+            diagnostics: false,
+        };
+        Self {
+            load,
+            json: false,
+            duration: None,
+            states: Vec::new(),
+            ipv6: None,
+            summary_only: false,
+            quiet: true,
+            metrics: None,
+            metrics_max_workloads: 0,
+            stuck: None,
+            wall_clock: false,
+            snapshot: true,
+            stats_every: None,
+            top: true,
         }
     }
 }
@@ -459,5 +521,23 @@ mod tests {
         generate("bash", &mut bash).unwrap();
         assert!(String::from_utf8(bash).unwrap().contains("--stuck"));
         assert!(generate("tcsh", &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn top_takes_the_selection_flags() {
+        let c = Cli::try_parse_from(["x", "top", "--pid", "7", "--port", "80"]).unwrap();
+        let Some(Command::Top(t)) = &c.command else {
+            panic!("{c:?}")
+        };
+        let o = crate::trace::Options::from(t);
+        assert!(o.top && o.quiet && o.snapshot);
+        assert_eq!((o.load.pids, o.load.ports), (vec![7], vec![80]));
+        let states = Cli::try_parse_from(["x", "top", "--state", "CLOSE_WAIT"]).unwrap();
+        assert!(states.check().is_err());
+        let four = ["x", "top", "--comm", "a", "--comm", "b", "--comm", "c", "--comm", "d"];
+        assert!(Cli::try_parse_from(four).unwrap().check().is_ok());
+        let five = [&four[..], &["--comm", "e"]].concat();
+        assert!(Cli::try_parse_from(five).unwrap().check().is_err());
+        assert!(Cli::try_parse_from(["x", "--json", "top"]).is_err());
     }
 }

@@ -70,12 +70,14 @@ fn host_tests(extra: &[String]) -> Result<()> {
 /// The metrics tests scrape finwait with a real Prometheus server (Debian's `prometheus`, also
 /// the deploy/ checks' `promtool`). Installing must not start the packaged service.
 /// What the host's tests run beside finwait: a real Prometheus server (and promtool for
-/// `deploy/`), and a real container runtime (podman with runc).
+/// `deploy/`), a real container runtime (podman with runc), and a real terminal (tmux) for
+/// `top`.
 fn install_test_packages() -> Result<()> {
     let wanted = [
         ("/usr/bin/prometheus", "prometheus"),
         ("/usr/bin/podman", "podman"),
         ("/usr/sbin/runc", "runc"),
+        ("/usr/bin/tmux", "tmux"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -87,7 +89,7 @@ fn install_test_packages() -> Result<()> {
     }
     if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
         bail!(
-            "the tests need a Prometheus server and a container runtime: apt-get install {}",
+            "the tests need a Prometheus server, a container runtime and tmux: apt-get install {}",
             missing.join(" ")
         );
     }

@@ -15,6 +15,7 @@ pub(crate) mod health;
 pub(crate) mod human;
 pub(crate) mod json;
 pub(crate) mod metrics;
+pub(crate) mod top;
 pub(crate) mod wire;
 
 pub(crate) use health::{Start, Stats};

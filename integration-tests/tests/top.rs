@@ -1,0 +1,228 @@
+//! `finwait-trace top` in a real terminal (a tmux pane of a fixed size): a process the test
+//! controls leaks CLOSE_WAIT in two steps, 3 before `top` starts (the start-up snapshot's) and
+//! 5 more while it runs; its row shows 3, then 8; `q` ends it with status 0 and the terminal
+//! back as it was (no alternate screen, cooked mode).
+#![allow(unused_crate_dependencies)]
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+/// A tmux server of the test's own (its socket name), killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("run tmux (apt-get install tmux; `cargo xtask test` installs it)")
+    }
+
+    fn capture(&self) -> String {
+        let out = self.cmd(&["capture-pane", "-p", "-t", "top"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.cmd(&["kill-server"]);
+    }
+}
+
+/// A process that leaks CLOSE_WAIT sockets when told: for each byte N written to it, it
+/// accepts N connections whose clients (its own) close, then answers one byte.
+struct Leaker {
+    pid: i32,
+    ctl: i32,
+    ack: i32,
+    _guard: ChildGuard,
+}
+
+impl Leaker {
+    fn start() -> Self {
+        let (ctl_r, ctl_w) = pipe();
+        let (ack_r, ack_w) = pipe();
+        let pid = fork_child(move || leaker_main(ctl_r, ack_w));
+        close_fd(ctl_r);
+        close_fd(ack_w);
+        Leaker {
+            pid,
+            ctl: ctl_w,
+            ack: ack_r,
+            _guard: ChildGuard(pid),
+        }
+    }
+
+    /// `n` more sockets in CLOSE_WAIT, held by the leaker.
+    fn leak(&self, n: u8) {
+        let mut pfd = libc::pollfd {
+            fd: self.ack,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let mut answer = [9u8];
+        // SAFETY: our own pipe fds, a one-byte buffer, one valid pollfd.
+        let read = unsafe {
+            assert_eq!(libc::write(self.ctl, [n].as_ptr().cast(), 1), 1);
+            libc::poll(&mut pfd, 1, 10_000);
+            libc::read(self.ack, answer.as_mut_ptr().cast(), 1)
+        };
+        assert_eq!((read, answer[0]), (1, 0), "the leaker failed");
+    }
+}
+
+impl Drop for Leaker {
+    fn drop(&mut self) {
+        close_fd(self.ctl);
+        close_fd(self.ack);
+    }
+}
+
+fn pipe() -> (i32, i32) {
+    let mut fds = [0i32; 2];
+    // SAFETY: a valid array of two fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    (fds[0], fds[1])
+}
+
+/// The leaker's body, in the forked child: raw syscalls only.
+fn leaker_main(ctl: i32, ack: i32) -> i32 {
+    // SAFETY: raw syscalls on this child's own fds and memory.
+    unsafe {
+        // Nothing of the parent's but the two pipes, at 100 and 101.
+        if libc::dup2(ctl, 100) != 100 || libc::dup2(ack, 101) != 101 {
+            return 1;
+        }
+        libc::syscall(libc::SYS_close_range, 0u32, 99u32, 0u32);
+        libc::syscall(libc::SYS_close_range, 102u32, u32::MAX, 0u32);
+        let (ctl, ack) = (100, 101);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as u16;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let len = size_of::<libc::sockaddr_in>() as u32;
+        let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if libc::bind(l, (&raw const addr).cast(), len) != 0 || libc::listen(l, 64) != 0 {
+            return 2;
+        }
+        let mut len_out = len;
+        libc::getsockname(l, (&raw mut addr).cast(), &mut len_out);
+        let mut n = [0u8];
+        while libc::read(ctl, n.as_mut_ptr().cast(), 1) == 1 {
+            let mut status = 0u8;
+            for _ in 0..n[0] {
+                let c = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let connected = libc::connect(c, (&raw const addr).cast(), len) == 0;
+                let s = libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut());
+                if !connected || s < 0 {
+                    status = 1;
+                }
+                libc::close(c); // the peer's FIN: `s` goes to CLOSE_WAIT, kept open
+            }
+            libc::write(ack, [status].as_ptr().cast(), 1);
+        }
+        0
+    }
+}
+
+/// The number in `column` of the row whose workload is `comm[pid]`, as the pane shows it.
+fn cell(screen: &str, pid: i32, column: &str) -> Option<u64> {
+    let lines: Vec<&str> = screen.lines().collect();
+    let header = lines
+        .iter()
+        .find(|l| l.contains("WORKLOAD") && l.contains(column))?;
+    let at = header.split_whitespace().position(|w| w == column)?;
+    let tag = format!("[{pid}]");
+    let row = lines
+        .iter()
+        .find(|l| l.split_whitespace().next().is_some_and(|w| w.ends_with(&tag)))?;
+    row.split_whitespace().nth(at)?.parse().ok()
+}
+
+/// Waits until the leaker's CLOSE_WAIT cell shows `want`; the pane on failure.
+fn wait_for_close_wait(t: &Tmux, pid: i32, want: u64, limit: Duration) {
+    let start = Instant::now();
+    let mut screen = String::new();
+    while start.elapsed() < limit {
+        screen = t.capture();
+        if cell(&screen, pid, "CLOSE_WAIT") == Some(want) {
+            return;
+        }
+        sleep_ms(200);
+    }
+    panic!(
+        "the row of pid {pid} did not show CLOSE_WAIT {want} within {limit:?} (it shows {:?}); the pane:\n{screen}",
+        cell(&screen, pid, "CLOSE_WAIT")
+    );
+}
+
+fn wait_for_file(path: &Path, limit: Duration) -> Option<String> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && s.ends_with('\n')
+        {
+            return Some(s);
+        }
+        sleep_ms(100);
+    }
+    None
+}
+
+#[test]
+fn top_shows_close_wait_rising_and_quits_cleanly() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root (`cargo xtask test`)");
+    let leaker = Leaker::start();
+    leaker.leak(3); // before the start: the start-up snapshot's
+    let dir = PathBuf::from(format!("/tmp/finwait-top-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mode = mode_args(&[]).join(" ");
+    // After top: its exit status, and the terminal's mode as it was left; then the pane stays
+    // for the checks.
+    let cmd = format!(
+        "{} top --pid {} {mode}; echo $? > {d}/status; stty -a > {d}/stty; sleep 600",
+        finwait_trace().display(),
+        leaker.pid,
+        d = dir.display()
+    );
+    let tmux = Tmux {
+        socket: format!("finwait-top-{}", std::process::id()),
+    };
+    let started = tmux.cmd(&[
+        "new-session", "-d", "-s", "top", "-x", "160", "-y", "40", &cmd,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    wait_for_close_wait(&tmux, leaker.pid, 3, Duration::from_secs(90));
+    leaker.leak(5);
+    wait_for_close_wait(&tmux, leaker.pid, 8, Duration::from_secs(30));
+    // Counted once each: a few refreshes later, still 8.
+    sleep_ms(2500);
+    let screen = tmux.capture();
+    assert_eq!(cell(&screen, leaker.pid, "CLOSE_WAIT"), Some(8), "{screen}");
+    assert!(screen.contains("lost (ring full) 0"), "{screen}");
+    tmux.cmd(&["send-keys", "-t", "top", "q"]);
+    let status = wait_for_file(&dir.join("status"), Duration::from_secs(30));
+    let screen = tmux.capture();
+    assert_eq!(status.as_deref(), Some("0\n"), "top did not exit 0 on q:\n{screen}");
+    // The terminal back: no alternate screen, no table, cooked mode with echo.
+    let alt = tmux.cmd(&["display-message", "-p", "-t", "top", "#{alternate_on}"]);
+    assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "0", "{screen}");
+    assert!(!screen.contains("WORKLOAD"), "{screen}");
+    let stty = wait_for_file(&dir.join("stty"), Duration::from_secs(5)).unwrap_or_default();
+    let flags: Vec<&str> = stty.split_whitespace().collect();
+    for flag in ["icanon", "echo", "isig"] {
+        assert!(flags.contains(&flag), "{flag} not restored: {stty}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
