@@ -534,7 +534,9 @@ mod tests {
         assert_eq!((o.load.pids, o.load.ports), (vec![7], vec![80]));
         let states = Cli::try_parse_from(["x", "top", "--state", "CLOSE_WAIT"]).unwrap();
         assert!(states.check().is_err());
-        let four = ["x", "top", "--comm", "a", "--comm", "b", "--comm", "c", "--comm", "d"];
+        let four = [
+            "x", "top", "--comm", "a", "--comm", "b", "--comm", "c", "--comm", "d",
+        ];
         assert!(Cli::try_parse_from(four).unwrap().check().is_ok());
         let five = [&four[..], &["--comm", "e"]].concat();
         assert!(Cli::try_parse_from(five).unwrap().check().is_err());

@@ -142,9 +142,11 @@ fn cell(screen: &str, pid: i32, column: &str) -> Option<u64> {
         .find(|l| l.contains("WORKLOAD") && l.contains(column))?;
     let at = header.split_whitespace().position(|w| w == column)?;
     let tag = format!("[{pid}]");
-    let row = lines
-        .iter()
-        .find(|l| l.split_whitespace().next().is_some_and(|w| w.ends_with(&tag)))?;
+    let row = lines.iter().find(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|w| w.ends_with(&tag))
+    })?;
     row.split_whitespace().nth(at)?.parse().ok()
 }
 
@@ -181,7 +183,11 @@ fn wait_for_file(path: &Path, limit: Duration) -> Option<String> {
 #[test]
 fn top_shows_close_wait_rising_and_quits_cleanly() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root (`cargo xtask test`)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (`cargo xtask test`)"
+    );
     let leaker = Leaker::start();
     leaker.leak(3); // before the start: the start-up snapshot's
     let dir = PathBuf::from(format!("/tmp/finwait-top-test-{}", std::process::id()));
@@ -200,7 +206,15 @@ fn top_shows_close_wait_rising_and_quits_cleanly() {
         socket: format!("finwait-top-{}", std::process::id()),
     };
     let started = tmux.cmd(&[
-        "new-session", "-d", "-s", "top", "-x", "160", "-y", "40", &cmd,
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "160",
+        "-y",
+        "40",
+        &cmd,
     ]);
     assert!(started.status.success(), "{started:?}");
     wait_for_close_wait(&tmux, leaker.pid, 3, Duration::from_secs(90));
@@ -210,11 +224,16 @@ fn top_shows_close_wait_rising_and_quits_cleanly() {
     sleep_ms(2500);
     let screen = tmux.capture();
     assert_eq!(cell(&screen, leaker.pid, "CLOSE_WAIT"), Some(8), "{screen}");
+    eprintln!("the pane:\n{screen}");
     assert!(screen.contains("lost (ring full) 0"), "{screen}");
     tmux.cmd(&["send-keys", "-t", "top", "q"]);
     let status = wait_for_file(&dir.join("status"), Duration::from_secs(30));
     let screen = tmux.capture();
-    assert_eq!(status.as_deref(), Some("0\n"), "top did not exit 0 on q:\n{screen}");
+    assert_eq!(
+        status.as_deref(),
+        Some("0\n"),
+        "top did not exit 0 on q:\n{screen}"
+    );
     // The terminal back: no alternate screen, no table, cooked mode with echo.
     let alt = tmux.cmd(&["display-message", "-p", "-t", "top", "#{alternate_on}"]);
     assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "0", "{screen}");

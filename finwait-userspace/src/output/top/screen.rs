@@ -174,7 +174,9 @@ fn gather_stderr(shared: Arc<Mutex<Shared>>) -> io::Result<mpsc::Receiver<()>> {
     let reader = move || {
         for line in BufReader::new(std::fs::File::from(read)).lines() {
             let Ok(line) = line else { break };
-            let mut s = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut s = shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if s.notes.len() < NOTES_MAX {
                 s.notes.push(line);
             } else {
@@ -194,7 +196,9 @@ fn gather_stderr(shared: Arc<Mutex<Shared>>) -> io::Result<mpsc::Receiver<()>> {
 fn finish_notes(shared: &Mutex<Shared>, ended: &mpsc::Receiver<()>) {
     // The pipe ends when stderr is restored; a moment for its last lines.
     let _ = ended.recv_timeout(Duration::from_secs(1));
-    let s = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let s = shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut err = io::stderr().lock();
     for n in &s.notes {
         let _ = writeln!(err, "{n}");
@@ -215,7 +219,9 @@ fn run(shared: &Mutex<Shared>, stop: &AtomicBool) -> io::Result<()> {
     let mut drawn = None;
     while !stop.load(Ordering::Acquire) {
         {
-            let s = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let s = shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if drawn != Some(s.generation) {
                 drawn = Some(s.generation);
                 term.draw(|f| draw(f, &s, sort))?;
@@ -226,8 +232,8 @@ fn run(shared: &Mutex<Shared>, stop: &AtomicBool) -> io::Result<()> {
         }
         match event::read()? {
             Event::Key(k) if k.kind != KeyEventKind::Release => {
-                let ctrl_c = k.modifiers.contains(KeyModifiers::CONTROL)
-                    && k.code == KeyCode::Char('c');
+                let ctrl_c =
+                    k.modifiers.contains(KeyModifiers::CONTROL) && k.code == KeyCode::Char('c');
                 match k.code {
                     _ if ctrl_c => return Ok(()),
                     KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
@@ -271,9 +277,10 @@ fn draw(f: &mut Frame<'_>, s: &Shared, sort: SortBy) {
     f.render_widget(rows_table(&rows, sort), body);
     let mut footer = vec![Line::from(v.losses.clone())];
     if let Some(last) = s.notes.last() {
-        footer.push(Line::from(format!("stderr: {last}")).style(Style::new().fg(
-            ratatui::style::Color::Yellow,
-        )));
+        footer.push(
+            Line::from(format!("stderr: {last}"))
+                .style(Style::new().fg(ratatui::style::Color::Yellow)),
+        );
     }
     f.render_widget(Paragraph::new(footer), foot);
 }
@@ -386,7 +393,11 @@ mod tests {
         let columns: Vec<&str> = lines[header].split_whitespace().collect();
         assert_eq!(columns, COLUMNS, "{lines:#?}");
         assert!(lines.iter().any(|l| l.contains("lost 0 (ring full)")));
-        assert!(lines.iter().any(|l| l.contains("stderr: finwait-trace: warning: x")));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("stderr: finwait-trace: warning: x"))
+        );
         assert!(lines[1].contains("1 workloads: 1 half-closed, 8 CLOSE_WAIT, 2 orphans"));
     }
 }

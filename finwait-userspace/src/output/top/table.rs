@@ -23,7 +23,9 @@ pub(crate) enum Kind {
     HalfClosed,
     /// The owner must close it.
     CloseWait,
-    /// FIN_WAIT2 no process holds: the kernel frees it (shown, not counted as stuck).
+    /// FIN_WAIT2 no process holds: the kernel frees it (shown, not counted as stuck). Most
+    /// become time-wait mini-sockets at once, whose end is not traced: counted until the
+    /// kernel's bound, tcp_fin_timeout.
     Orphan,
 }
 
@@ -109,7 +111,12 @@ pub(crate) struct Table {
     /// ... or by inode (the start-up snapshot has no addresses).
     seeded: HashMap<u64, Held>,
     counts: HashMap<Workload, Counts>,
+    /// Orphans, each until the kernel frees it at the latest.
+    orphans: Vec<(u64, Workload)>,
 }
+
+/// An orphan whose bound is not known is counted this long (Linux's default tcp_fin_timeout).
+const ORPHAN_DEFAULT_NS: u64 = 60 * 1_000_000_000;
 
 impl Table {
     /// The sockets already stuck when `top` starts count from the start, aged from then.
@@ -121,14 +128,22 @@ impl Table {
                 (Verdict::KernelFrees(_), TcpState::FinWait2) => Kind::Orphan,
                 _ => continue,
             };
-            if e.sock.inode == 0 || self.seeded.contains_key(&e.sock.inode) {
-                continue;
-            }
             let workload = match (e.owners.first(), &e.inferred) {
                 (Some(o), _) => Workload::new(o.pid, &o.comm, o.container.as_deref()),
                 (None, Some(i)) => Workload::new(i.pid, &i.comm, None),
                 (None, None) => Workload::unknown(),
             };
+            if kind == Kind::Orphan {
+                let left = e
+                    .sock
+                    .timer
+                    .map_or(ORPHAN_DEFAULT_NS, |t| t.left().as_nanos() as u64);
+                self.orphan(snap.taken_ns.saturating_add(left), workload);
+                continue;
+            }
+            if e.sock.inode == 0 || self.seeded.contains_key(&e.sock.inode) {
+                continue;
+            }
             let held = Held {
                 kind,
                 workload,
@@ -146,7 +161,10 @@ impl Table {
             Report::Transition(t) => self.transition(t, verdict),
             // The last close of a half-closed socket: the kernel's to free from now on.
             Report::CloseNoFin(n) if n.remaining_refs == 0 => {
-                if let Some(h) = self.live.get_mut(&n.sock).filter(|h| h.kind == Kind::HalfClosed)
+                if let Some(h) = self
+                    .live
+                    .get_mut(&n.sock)
+                    .filter(|h| h.kind == Kind::HalfClosed)
                 {
                     let mut orphan = h.clone();
                     orphan.kind = Kind::Orphan;
@@ -160,8 +178,7 @@ impl Table {
     }
 
     fn transition(&mut self, t: &TransitionReport, verdict: Option<&Verdict>) {
-        if t.old == TcpState::FinWait2 || t.old == TcpState::CloseWait || t.new == TcpState::Close
-        {
+        if t.old == TcpState::FinWait2 || t.old == TcpState::CloseWait || t.new == TcpState::Close {
             self.release(t.sock, t.inode);
         }
         // Entered while the inventory was read, which saw it too: counted once, from here.
@@ -182,6 +199,10 @@ impl Table {
                 let w = task.map_or_else(Workload::unknown, |k| {
                     Workload::new(k.pid, &k.comm, k.container.as_deref())
                 });
+                if kind == Kind::Orphan {
+                    let bound = t.fin_timeout_s.saturating_mul(1_000_000_000);
+                    return self.orphan(t.ts_ns.saturating_add(bound), w);
+                }
                 (kind, w)
             }
             TransitionKind::PeerFin => {
@@ -215,14 +236,40 @@ impl Table {
     }
 
     fn count(&mut self, h: &Held, delta: i64) {
-        let c = self.counts.entry(h.workload.clone()).or_default();
-        let n = &mut c.by_kind[h.kind as usize];
+        self.count_kind(&h.workload, h.kind, delta);
+    }
+
+    fn count_kind(&mut self, w: &Workload, kind: Kind, delta: i64) {
+        let c = self.counts.entry(w.clone()).or_default();
+        let n = &mut c.by_kind[kind as usize];
         *n = n.saturating_add_signed(delta);
+    }
+
+    /// An orphan of `w`'s, counted until `until_ns`.
+    fn orphan(&mut self, until_ns: u64, w: Workload) {
+        self.count_kind(&w, Kind::Orphan, 1);
+        self.orphans.push((until_ns, w));
+    }
+
+    /// The orphans the kernel has freed by `now_ns` leave the counts.
+    fn expire_orphans(&mut self, now_ns: u64) {
+        let mut freed = Vec::new();
+        self.orphans.retain(|(until, w)| {
+            let keep = *until > now_ns;
+            if !keep {
+                freed.push(w.clone());
+            }
+            keep
+        });
+        for w in freed {
+            self.count_kind(&w, Kind::Orphan, -1);
+        }
     }
 
     /// The rows at `now_ns` (one sample of each workload's growth taken): every workload that
     /// holds something or held something within the window.
     pub(crate) fn rows(&mut self, now_ns: u64) -> Vec<Row> {
+        self.expire_orphans(now_ns);
         let mut oldest: HashMap<&Workload, (u64, bool)> = HashMap::new();
         for h in self.live.values().chain(self.seeded.values()) {
             if h.kind == Kind::Orphan {
@@ -239,9 +286,7 @@ impl Table {
             let stuck = c.stuck();
             c.samples.push_back((now_ns, stuck));
             // One sample at or before the window's start stays: the base of the change.
-            while c.samples.len() > 1
-                && c.samples[1].0 <= now_ns.saturating_sub(GROWTH_WINDOW_NS)
-            {
+            while c.samples.len() > 1 && c.samples[1].0 <= now_ns.saturating_sub(GROWTH_WINDOW_NS) {
                 c.samples.pop_front();
             }
             let growth = growth(&c.samples, stuck);
@@ -333,7 +378,11 @@ pub(crate) fn age(ns: u64, at_least: bool) -> String {
 
 /// `+5`, `-3`, `0`.
 pub(crate) fn signed(n: i64) -> String {
-    if n > 0 { format!("+{n}") } else { n.to_string() }
+    if n > 0 {
+        format!("+{n}")
+    } else {
+        n.to_string()
+    }
 }
 
 /// Per kind, the sum over `rows`: (half-closed, CLOSE_WAIT, orphans).
@@ -462,6 +511,19 @@ mod tests {
         send(&mut t, &closed(11 * S, 1, 0));
         assert_eq!(row(&t.rows(12 * S), 7).close_wait, 2);
         assert_eq!(totals(&t.rows(12 * S)), (1, 2, 1));
+        // Its hand-off to a time-wait mini-socket does not free it: the kernel's bound does.
+        let mut tw = TransitionReport::new(
+            2 * S,
+            11,
+            ends(5000),
+            TcpState::FinWait2,
+            TcpState::Close,
+            0,
+        );
+        tw.orphan = Some(true);
+        send(&mut t, &Report::Transition(tw));
+        assert_eq!(row(&t.rows(60 * S), 8).orphans, 1);
+        assert_eq!(row(&t.rows(61 * S), 8).orphans, 0);
     }
 
     #[test]
@@ -541,9 +603,9 @@ mod tests {
             send(&mut t, &closed(63 * S, sock, 0));
         }
         assert_eq!(t.rows(63 * S)[0].growth, -4);
-        // Idle for a whole window: the row goes.
-        assert_eq!(t.rows(124 * S).len(), 1);
-        assert!(t.rows(125 * S).is_empty());
+        // Kept while its window still holds a sample with sockets; idle for a whole window, gone.
+        assert_eq!(t.rows(122 * S).len(), 1);
+        assert!(t.rows(124 * S).is_empty());
     }
 
     fn plain(pid: u32, comm: &str, cw: u64, hc: u64, growth: i64, oldest: u64) -> Row {
