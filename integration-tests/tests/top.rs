@@ -162,8 +162,9 @@ fn wait_for_close_wait(t: &Tmux, pid: i32, want: u64, limit: Duration) {
         sleep_ms(200);
     }
     panic!(
-        "the row of pid {pid} did not show CLOSE_WAIT {want} within {limit:?} (it shows {:?}); the pane:\n{screen}",
-        cell(&screen, pid, "CLOSE_WAIT")
+        "the row of pid {pid} did not show CLOSE_WAIT {want} within {limit:?} (it shows {:?}); the pane:\n{screen}\nsessions: {:?}",
+        cell(&screen, pid, "CLOSE_WAIT"),
+        t.cmd(&["list-sessions"]),
     );
 }
 
@@ -180,8 +181,25 @@ fn wait_for_file(path: &Path, limit: Duration) -> Option<String> {
     None
 }
 
-#[test]
-fn top_shows_close_wait_rising_and_quits_cleanly() {
+/// How the test ends `top`.
+#[derive(Clone, Copy, Debug)]
+enum End {
+    /// These keys, as tmux names them.
+    Keys(&'static str),
+    /// The traced process exits: `top` stops by itself and says why once the terminal is back.
+    TracedExit,
+}
+
+/// Tests here fork and load the CPU: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Starts `top --pid` on a leaker in a 160x40 tmux pane; its CLOSE_WAIT cell goes 3 -> 8
+/// (3 from the start-up snapshot, 5 live); `end` ends it, with status 0 and the terminal back
+/// as it was. The pane after the end, for more checks.
+fn top_run(name: &str, end: End) -> String {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -190,7 +208,10 @@ fn top_shows_close_wait_rising_and_quits_cleanly() {
     );
     let leaker = Leaker::start();
     leaker.leak(3); // before the start: the start-up snapshot's
-    let dir = PathBuf::from(format!("/tmp/finwait-top-test-{}", std::process::id()));
+    let dir = PathBuf::from(format!(
+        "/tmp/finwait-top-test-{}-{name}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mode = mode_args(&[]).join(" ");
@@ -217,22 +238,42 @@ fn top_shows_close_wait_rising_and_quits_cleanly() {
         &cmd,
     ]);
     assert!(started.status.success(), "{started:?}");
-    wait_for_close_wait(&tmux, leaker.pid, 3, Duration::from_secs(90));
+    eprintln!("in tmux: {cmd}");
+    wait_for_close_wait(&tmux, leaker.pid, 3, Duration::from_secs(40));
     leaker.leak(5);
     wait_for_close_wait(&tmux, leaker.pid, 8, Duration::from_secs(30));
-    // Counted once each: a few refreshes later, still 8.
+    // Counted once each: a few refreshes later, still 8; the leaker's own clients, closed,
+    // are its orphans (the 5 seen live at least).
     sleep_ms(2500);
     let screen = tmux.capture();
-    assert_eq!(cell(&screen, leaker.pid, "CLOSE_WAIT"), Some(8), "{screen}");
     eprintln!("the pane:\n{screen}");
+    assert_eq!(cell(&screen, leaker.pid, "CLOSE_WAIT"), Some(8), "{screen}");
+    let orphans = cell(&screen, leaker.pid, "ORPHANS").unwrap_or_default();
+    assert!((5..=8).contains(&orphans), "{screen}");
     assert!(screen.contains("lost (ring full) 0"), "{screen}");
-    tmux.cmd(&["send-keys", "-t", "top", "q"]);
+    // A key sorts (and redraws at once).
+    tmux.cmd(&["send-keys", "-t", "top", "n"]);
+    let start = Instant::now();
+    while !tmux.capture().contains("sort: WORKLOAD") {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{}",
+            tmux.capture()
+        );
+        sleep_ms(100);
+    }
+    match end {
+        End::Keys(keys) => {
+            tmux.cmd(&["send-keys", "-t", "top", keys]);
+        }
+        End::TracedExit => drop(leaker),
+    }
     let status = wait_for_file(&dir.join("status"), Duration::from_secs(30));
     let screen = tmux.capture();
     assert_eq!(
         status.as_deref(),
         Some("0\n"),
-        "top did not exit 0 on q:\n{screen}"
+        "top did not exit 0 ({end:?}):\n{screen}"
     );
     // The terminal back: no alternate screen, no table, cooked mode with echo.
     let alt = tmux.cmd(&["display-message", "-p", "-t", "top", "#{alternate_on}"]);
@@ -244,4 +285,26 @@ fn top_shows_close_wait_rising_and_quits_cleanly() {
         assert!(flags.contains(&flag), "{flag} not restored: {stty}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+    screen
+}
+
+#[test]
+fn q_quits() {
+    top_run("q", End::Keys("q"));
+}
+
+/// Raw mode turns Ctrl-C into a key: it quits as q does.
+#[test]
+fn ctrl_c_quits() {
+    top_run("ctrl-c", End::Keys("C-c"));
+}
+
+/// What the tracer wrote to stderr while the table was up reaches the terminal after it.
+#[test]
+fn the_end_of_the_traced_process_ends_it_and_says_so() {
+    let screen = top_run("traced-exit", End::TracedExit);
+    assert!(
+        screen.contains("every traced process has exited"),
+        "{screen}"
+    );
 }
