@@ -214,31 +214,7 @@ fn top_run(name: &str, end: End) -> String {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mode = mode_args(&[]).join(" ");
-    // After top: its exit status, and the terminal's mode as it was left; then the pane stays
-    // for the checks.
-    let cmd = format!(
-        "{} top --pid {} {mode}; echo $? > {d}/status; stty -a > {d}/stty; sleep 600",
-        finwait_trace().display(),
-        leaker.pid,
-        d = dir.display()
-    );
-    let tmux = Tmux {
-        socket: format!("finwait-top-{}", std::process::id()),
-    };
-    let started = tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "160",
-        "-y",
-        "40",
-        &cmd,
-    ]);
-    assert!(started.status.success(), "{started:?}");
-    eprintln!("in tmux: {cmd}");
+    let tmux = start_top(leaker.pid, &dir);
     wait_for_close_wait(&tmux, leaker.pid, 3, Duration::from_secs(40));
     leaker.leak(5);
     wait_for_close_wait(&tmux, leaker.pid, 8, Duration::from_secs(30));
@@ -268,6 +244,33 @@ fn top_run(name: &str, end: End) -> String {
         }
         End::TracedExit => drop(leaker),
     }
+    let screen = assert_restored(&tmux, &dir, end);
+    let _ = std::fs::remove_dir_all(&dir);
+    screen
+}
+
+/// `top --pid PID` in a tmux pane of 160x40; after it, its exit status and the terminal's
+/// modes go to files in `dir`, and the pane stays for the checks.
+fn start_top(pid: i32, dir: &Path) -> Tmux {
+    let mode = mode_args(&[]).join(" ");
+    let cmd = format!(
+        "{} top --pid {pid} {mode}; echo $? > {d}/status; stty -a > {d}/stty; sleep 600",
+        finwait_trace().display(),
+        d = dir.display()
+    );
+    let tmux = Tmux {
+        socket: format!("finwait-top-{}", std::process::id()),
+    };
+    let size = ["-x", "160", "-y", "40"];
+    let started = tmux.cmd(&[&["new-session", "-d", "-s", "top"], &size[..], &[&cmd]].concat());
+    assert!(started.status.success(), "{started:?}");
+    eprintln!("in tmux: {cmd}");
+    tmux
+}
+
+/// `top` exited 0 and left the terminal as it found it: no alternate screen, no table, cooked
+/// mode with echo. The pane.
+fn assert_restored(tmux: &Tmux, dir: &Path, end: End) -> String {
     let status = wait_for_file(&dir.join("status"), Duration::from_secs(30));
     let screen = tmux.capture();
     assert_eq!(
@@ -275,7 +278,6 @@ fn top_run(name: &str, end: End) -> String {
         Some("0\n"),
         "top did not exit 0 ({end:?}):\n{screen}"
     );
-    // The terminal back: no alternate screen, no table, cooked mode with echo.
     let alt = tmux.cmd(&["display-message", "-p", "-t", "top", "#{alternate_on}"]);
     assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "0", "{screen}");
     assert!(!screen.contains("WORKLOAD"), "{screen}");
@@ -284,7 +286,6 @@ fn top_run(name: &str, end: End) -> String {
     for flag in ["icanon", "echo", "isig"] {
         assert!(flags.contains(&flag), "{flag} not restored: {stty}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
     screen
 }
 

@@ -326,9 +326,15 @@ fn rows_table(rows: &[table::Row], sort: SortBy) -> Table<'static> {
             right(oldest),
         ])
     });
+    let names = widest(rows.iter().map(|r| r.workload.name()), 8);
+    let containers = widest(
+        rows.iter()
+            .map(|r| r.workload.container.as_deref().unwrap_or("-").to_string()),
+        9,
+    );
     let widths = [
-        Constraint::Min(24),
-        Constraint::Length(20),
+        Constraint::Length(names),
+        Constraint::Length(containers),
         Constraint::Length(11),
         Constraint::Length(10),
         Constraint::Length(7),
@@ -336,6 +342,12 @@ fn rows_table(rows: &[table::Row], sort: SortBy) -> Table<'static> {
         Constraint::Length(9),
     ];
     Table::new(body, widths).header(header).column_spacing(2)
+}
+
+/// As wide as the longest cell (at least the header's, at most 48), not the whole screen.
+fn widest(cells: impl Iterator<Item = String>, header: usize) -> u16 {
+    let w = cells.map(|c| c.chars().count()).fold(header, usize::max);
+    w.min(48) as u16
 }
 
 #[cfg(test)]

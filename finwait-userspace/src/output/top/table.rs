@@ -484,7 +484,7 @@ mod tests {
         Report::Transition(t)
     }
 
-    fn row<'a>(rows: &'a [Row], pid: u32) -> &'a Row {
+    fn row(rows: &[Row], pid: u32) -> &Row {
         rows.iter().find(|r| r.workload.pid == pid).unwrap()
     }
 
