@@ -144,7 +144,8 @@ fn sinks(
     let mut sinks: Vec<Box<dyn output::Sink>> = Vec::new();
     let mut quit = None;
     if o.top {
-        let (sink, stopped) = output::top::TopSink::new();
+        let read_kernel = Box::new(crate::host::namespaces::close_path_of);
+        let (sink, stopped) = output::top::TopSink::new(read_kernel);
         sinks.push(Box::new(sink));
         quit = Some(stopped);
     }

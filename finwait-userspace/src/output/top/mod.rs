@@ -7,6 +7,7 @@ mod table;
 use std::{
     io,
     sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::oneshot;
@@ -15,7 +16,7 @@ use self::{
     screen::{Screen, Shared},
     table::Table,
 };
-use super::{Sink, Start, Stats};
+use super::{Sink, Start, Stats, metrics::ReadKernel};
 use crate::{
     host::clock::monotonic_ns,
     model::{Report, Stuck, Verdict, summary::Summary},
@@ -41,11 +42,20 @@ pub(crate) struct TopSink {
     screen: Option<Screen>,
     /// Taking the terminal failed: the trace ends with this error.
     failed: Option<io::Error>,
+    /// What the counts are checked against every [`CHECK_EVERY`], and when they were.
+    read_kernel: ReadKernel,
+    checked_at: Instant,
+    /// Sockets released by the checks (their transitions were lost).
+    corrections: u64,
 }
+
+/// The counts are checked against the kernel's socket table this often: a transition lost on
+/// the way must not leave a socket counted forever.
+const CHECK_EVERY: Duration = Duration::from_secs(60);
 
 impl TopSink {
     /// The sink, and what ends the trace when the screen is left.
-    pub(crate) fn new() -> (Self, oneshot::Receiver<()>) {
+    pub(crate) fn new(read_kernel: ReadKernel) -> (Self, oneshot::Receiver<()>) {
         let (quit, stopped) = oneshot::channel();
         let mut shared = Shared::default();
         shared.view.losses = "counters: first reading within a second".into();
@@ -55,6 +65,9 @@ impl TopSink {
             quit: Some(quit),
             screen: None,
             failed: None,
+            read_kernel,
+            checked_at: Instant::now(),
+            corrections: 0,
         };
         (sink, stopped)
     }
@@ -65,7 +78,7 @@ impl TopSink {
         let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         s.view.rows = rows;
         if let Some(stats) = stats {
-            s.view.losses = losses(stats);
+            s.view.losses = losses(stats, self.corrections);
         }
         s.generation += 1;
     }
@@ -76,14 +89,14 @@ impl TopSink {
 }
 
 /// The counters that say what the table may be missing: none is silent.
-fn losses(s: &Stats) -> String {
+fn losses(s: &Stats, corrections: u64) -> String {
     let skipped = if s.kernel_skips_counted {
         s.kernel_skipped_nested.to_string()
     } else {
         "not counted by this kernel".into()
     };
     format!(
-        "records {}  lost (ring full) {}  skipped (nested) {}  read failed {}  transitions missed {}  owner map full {}  sockets evicted {}",
+        "records {}  lost (ring full) {}  skipped (nested) {}  read failed {}  transitions missed {}  owner map full {}  sockets evicted {}  corrected {corrections}",
         s.records,
         s.lost_ring_full,
         skipped,
@@ -136,6 +149,13 @@ impl Sink for TopSink {
     }
 
     fn health(&mut self, s: &Stats) -> io::Result<()> {
+        if self.checked_at.elapsed() >= CHECK_EVERY {
+            self.checked_at = Instant::now();
+            // A failed read releases nothing: checked next time.
+            if let Some(k) = (self.read_kernel)(&self.table.holders()) {
+                self.corrections += self.table.check(&k);
+            }
+        }
         self.publish(Some(s));
         self.failed()
     }

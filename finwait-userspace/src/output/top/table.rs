@@ -2,14 +2,15 @@
 //! start-up snapshot and the live reports, their growth and oldest age, and the sort orders.
 use std::{
     cmp::Reverse,
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
 };
 
 use finwait_common::TcpState;
 
 use crate::{
-    model::{Comm, Container, Report, TransitionKind, TransitionReport, Verdict},
+    host::namespaces::CloseTable,
+    model::{Comm, Container, EndsKey, Report, TransitionKind, TransitionReport, Verdict},
     snapshot::Snapshot,
 };
 
@@ -74,6 +75,8 @@ struct Held {
     since_ns: u64,
     /// Stuck before the start: `since_ns` is when the inventory saw it (a lower bound).
     at_least: bool,
+    /// To find it in the kernel's table when the counts are checked.
+    key: EndsKey,
 }
 
 /// A workload's counts now, and its totals of sockets someone must close, sampled.
@@ -149,6 +152,7 @@ impl Table {
                 workload,
                 since_ns: snap.taken_ns,
                 at_least: true,
+                key: e.sock.key(),
             };
             self.count(&held, 1);
             self.seeded.insert(e.sock.inode, held);
@@ -218,6 +222,7 @@ impl Table {
             workload,
             since_ns: t.ts_ns,
             at_least: false,
+            key: t.ends.key(),
         };
         self.count(&held, 1);
         if let Some(old) = self.live.insert(t.sock, held) {
@@ -233,6 +238,46 @@ impl Table {
         if let Some(h) = found {
             self.count(&h, -1);
         }
+    }
+
+    /// The processes holding what is counted (whose namespaces [`Self::check`] needs).
+    pub(crate) fn holders(&self) -> HashSet<u32> {
+        let held = self.live.values().chain(self.seeded.values());
+        held.map(|h| h.workload.pid).collect()
+    }
+
+    /// Every socket counted that the kernel's table no longer has in its state (a transition
+    /// lost on the way) is released; how many were. A holder whose namespace was not read is
+    /// not checked; orphans leave by their bound.
+    pub(crate) fn check(&mut self, k: &CloseTable) -> u64 {
+        let gone = |h: &Held| {
+            let ns = k.ns_of.get(&h.workload.pid).copied().flatten();
+            let Some(ns) = ns.filter(|ns| k.read.contains(ns)) else {
+                return false;
+            };
+            match (h.kind, k.sockets.get(&(ns, h.key))) {
+                (Kind::Orphan, _) => false,
+                (Kind::CloseWait, Some((state, _))) => *state != TcpState::CloseWait,
+                (Kind::HalfClosed, Some((state, inode))) => {
+                    *state != TcpState::FinWait2 || *inode == 0
+                }
+                (_, None) => true,
+            }
+        };
+        let mut stale = Vec::new();
+        for table in [&mut self.live, &mut self.seeded] {
+            table.retain(|_, h| {
+                let keep = !gone(h);
+                if !keep {
+                    stale.push(h.clone());
+                }
+                keep
+            });
+        }
+        for h in &stale {
+            self.count(h, -1);
+        }
+        stale.len() as u64
     }
 
     fn count(&mut self, h: &Held, delta: i64) {
@@ -585,6 +630,29 @@ mod tests {
         let rows = t.rows(8 * S);
         assert_eq!(rows[0].close_wait, 1);
         assert_eq!(rows[0].oldest, Some((6 * S, false)));
+    }
+
+    /// A close whose transition was lost: the kernel's table no longer has the socket, and the
+    /// check releases it; one it still has, or in a namespace not read, stays.
+    #[test]
+    fn the_check_releases_what_the_kernel_no_longer_has() {
+        let mut t = Table::default();
+        for sock in 1..=2 {
+            send(&mut t, &close_wait(S, sock, 0, owner(7, "imapd")));
+        }
+        send(&mut t, &close_wait(S, 3, 0, owner(9, "other")));
+        assert_eq!(t.holders(), [7, 9].into());
+        let k = CloseTable {
+            ns_of: [(7, Some(70)), (9, Some(90))].into(),
+            read: [70].into(),
+            sockets: [((70, ends(4002).key()), (TcpState::CloseWait, 5))].into(),
+        };
+        assert_eq!(t.check(&k), 1);
+        let rows = t.rows(2 * S);
+        assert_eq!((row(&rows, 7).close_wait, row(&rows, 9).close_wait), (1, 1));
+        // Its late transition, if it comes, releases nothing more.
+        send(&mut t, &closed(3 * S, 1, 0));
+        assert_eq!(row(&t.rows(4 * S), 7).close_wait, 1);
     }
 
     #[test]
