@@ -24,7 +24,7 @@ impl Tmux {
             .args(["-L", &self.socket])
             .args(args)
             .output()
-            .expect("run tmux (apt-get install tmux; `cargo xtask test` installs it)")
+            .expect("run tmux")
     }
 
     fn capture(&self) -> String {
@@ -195,11 +195,20 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Starts `top --pid` on a leaker in a 160x40 tmux pane; its CLOSE_WAIT cell goes 3 -> 8
 /// (3 from the start-up snapshot, 5 live); `end` ends it, with status 0 and the terminal back
-/// as it was. The pane after the end, for more checks.
-fn top_run(name: &str, end: End) -> String {
+/// as it was. The pane after the end, for more checks; None where there is no tmux.
+fn top_run(name: &str, end: End) -> Option<String> {
     let _one = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !Path::new("/usr/bin/tmux").exists() {
+        // The qemu guests carry the test binaries only; the host runs this test for real.
+        assert!(
+            std::env::var_os("FINWAIT_TEST_GUEST").is_some(),
+            "no /usr/bin/tmux: `cargo xtask test` installs Debian's `tmux` package"
+        );
+        eprintln!("skipped: no tmux in this guest");
+        return None;
+    }
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -246,7 +255,7 @@ fn top_run(name: &str, end: End) -> String {
     }
     let screen = assert_restored(&tmux, &dir, end);
     let _ = std::fs::remove_dir_all(&dir);
-    screen
+    Some(screen)
 }
 
 /// `top --pid PID` in a tmux pane of 160x40; after it, its exit status and the terminal's
@@ -303,7 +312,9 @@ fn ctrl_c_quits() {
 /// What the tracer wrote to stderr while the table was up reaches the terminal after it.
 #[test]
 fn the_end_of_the_traced_process_ends_it_and_says_so() {
-    let screen = top_run("traced-exit", End::TracedExit);
+    let Some(screen) = top_run("traced-exit", End::TracedExit) else {
+        return;
+    };
     assert!(
         screen.contains("every traced process has exited"),
         "{screen}"
