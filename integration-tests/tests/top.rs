@@ -223,7 +223,7 @@ fn top_run(name: &str, end: End) -> Option<String> {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let tmux = start_top(leaker.pid, &dir);
+    let tmux = start_top(name, leaker.pid, &dir);
     wait_for_close_wait(&tmux, leaker.pid, 3, Duration::from_secs(40));
     leaker.leak(5);
     wait_for_close_wait(&tmux, leaker.pid, 8, Duration::from_secs(30));
@@ -260,7 +260,7 @@ fn top_run(name: &str, end: End) -> Option<String> {
 
 /// `top --pid PID` in a tmux pane of 160x40; after it, its exit status and the terminal's
 /// modes go to files in `dir`, and the pane stays for the checks.
-fn start_top(pid: i32, dir: &Path) -> Tmux {
+fn start_top(name: &str, pid: i32, dir: &Path) -> Tmux {
     let mode = mode_args(&[]).join(" ");
     let cmd = format!(
         "{} top --pid {pid} {mode}; echo $? > {d}/status; stty -a > {d}/stty; sleep 600",
@@ -268,7 +268,8 @@ fn start_top(pid: i32, dir: &Path) -> Tmux {
         d = dir.display()
     );
     let tmux = Tmux {
-        socket: format!("finwait-top-{}", std::process::id()),
+        // A server of its own per test: one just killed may still hold its socket's name.
+        socket: format!("finwait-top-{}-{name}", std::process::id()),
     };
     let size = ["-x", "160", "-y", "40"];
     let started = tmux.cmd(&[&["new-session", "-d", "-s", "top"], &size[..], &[&cmd]].concat());

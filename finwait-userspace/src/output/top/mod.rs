@@ -83,8 +83,15 @@ impl TopSink {
         s.generation += 1;
     }
 
+    /// Taking the terminal, or drawing on it, failed: the trace ends with the error.
     fn failed(&mut self) -> io::Result<()> {
-        self.failed.take().map_or(Ok(()), Err)
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        let s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        s.failed
+            .clone()
+            .map_or(Ok(()), |e| Err(io::Error::other(e)))
     }
 }
 

@@ -51,6 +51,8 @@ pub(super) struct Shared {
     pub(super) generation: u64,
     notes: Vec<String>,
     notes_dropped: u64,
+    /// The screen ended on an error: the trace ends with it.
+    pub(super) failed: Option<String>,
 }
 
 /// The drawing thread; stopped (and the terminal restored) when dropped.
@@ -78,12 +80,15 @@ impl Screen {
             .name("finwait-top".into())
             .spawn(move || {
                 let ended = run(&shared, &stopping);
+                if let Err(e) = ended {
+                    let mut s = shared
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    s.failed = Some(format!("the terminal: {e}"));
+                }
                 drop(quit); // the trace stops with the screen
                 restore();
                 finish_notes(&shared, &notes);
-                if let Err(e) = ended {
-                    eprintln!("finwait-trace: error: the terminal: {e}");
-                }
             });
         match thread {
             Ok(t) => Ok(Self {
