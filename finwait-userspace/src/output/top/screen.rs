@@ -270,10 +270,19 @@ fn draw(f: &mut Frame<'_>, s: &Shared, sort: SortBy) {
     let mut rows = v.rows.clone();
     table::sort(&mut rows, sort);
     let (h, c, o) = table::totals(&rows);
+    // Rows past the bottom are not silent either.
+    let hidden = rows
+        .len()
+        .saturating_sub(usize::from(body.height.saturating_sub(1)));
+    let below = if hidden > 0 {
+        format!(" ({hidden} below the screen)")
+    } else {
+        String::new()
+    };
     let header = vec![
         Line::from(format!("finwait top  {}", v.mode)),
         Line::from(format!(
-            "{} workloads: {h} half-closed, {c} CLOSE_WAIT, {o} orphans   sort: {} (c h o g n; q quits)",
+            "{} workloads{below}: {h} half-closed, {c} CLOSE_WAIT, {o} orphans   sort: {} (c h o g n; q quits)",
             rows.len(),
             sort.column()
         )),
@@ -416,5 +425,15 @@ mod tests {
                 .any(|l| l.contains("stderr: finwait-trace: warning: x"))
         );
         assert!(lines[1].contains("1 workloads: 1 half-closed, 8 CLOSE_WAIT, 2 orphans"));
+        // Rows past the bottom are counted in the header: 10 lines hold 5 rows.
+        let row = s.view.rows[0].clone();
+        s.view.rows = (0..7).map(|_| row.clone()).collect();
+        term.draw(|f| draw(f, &s, SortBy::CloseWait)).unwrap();
+        let buf = term.backend().buffer();
+        let second: String = (0..buf.area.width).map(|x| buf[(x, 1)].symbol()).collect();
+        assert!(
+            second.contains("7 workloads (2 below the screen)"),
+            "{second}"
+        );
     }
 }
