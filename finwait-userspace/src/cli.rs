@@ -36,6 +36,23 @@ pub(crate) enum Command {
     Snapshot(SnapshotArgs),
     /// The manual: every flag, then every JSON event and field (through `man` on a terminal).
     Man,
+    /// A live, full-screen table of the workloads holding sockets someone must close
+    /// (half-closed, CLOSE_WAIT; orphans dimmed), refreshed every second. Keys: c h o g n sort
+    /// by CLOSE_WAIT, half-closed, oldest, growth, name; q quits.
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TopArgs {
+    #[command(flatten)]
+    pub(crate) select: SelectArgs,
+
+    #[command(flatten)]
+    pub(crate) workloads: WorkloadArgs,
+
+    /// How calls are tied to sockets (as for a trace).
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub(crate) mode: Mode,
 }
 
 #[derive(Debug, Args)]
@@ -243,10 +260,21 @@ impl Cli {
     fn check(&self) -> Result<(), clap::Error> {
         use clap::CommandFactory;
         let max = finwait_common::MAX_COMMS;
-        if self.trace.select.comms.len() > max {
+        let select = match &self.command {
+            Some(Command::Top(t)) => &t.select,
+            _ => &self.trace.select,
+        };
+        if select.comms.len() > max {
             return Err(Self::command().error(
                 clap::error::ErrorKind::TooManyValues,
                 format!("--comm is matched in the kernel, which holds {max} names at most"),
+            ));
+        }
+        // The table counts sockets in and out of their states: it needs every transition.
+        if matches!(&self.command, Some(Command::Top(t)) if !t.select.states.is_empty()) {
+            return Err(Self::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "top counts every socket on the close path: --state does not apply",
             ));
         }
         Ok(())
@@ -466,6 +494,43 @@ impl From<&TraceArgs> for crate::trace::Options {
             stats_every: t.stats_every,
             sandbox: !t.no_sandbox,
             sandbox_self_test: t.sandbox_self_test_write_proc_mem,
+            top: false,
+        }
+    }
+}
+
+/// `top`: a trace whose only output is the table, with the defaults a trace has.
+impl From<&TopArgs> for crate::trace::Options {
+    fn from(t: &TopArgs) -> Self {
+        let load = loader::Options {
+            all_transitions: false,
+            pids: t.select.pids.clone(),
+            comms: t.select.comms.clone(),
+            ports: t.select.ports.clone(),
+            ring_bytes: 4096 * 1024,
+            noop: false,
+            mode: t.mode.into(),
+            owners_max: finwait_common::OWNERS_MAX,
+            diagnostics: false,
+        };
+        Self {
+            load,
+            json: false,
+            duration: None,
+            states: Vec::new(),
+            ipv6: None,
+            summary_only: false,
+            quiet: true,
+            metrics: None,
+            metrics_max_workloads: 0,
+            stuck: None,
+            wall_clock: false,
+            snapshot: true,
+            stats_every: None,
+            sandbox: true,
+            sandbox_self_test: None,
+            needs_action: false,
+            top: true,
         }
     }
 }
@@ -558,5 +623,25 @@ mod tests {
             && !l.starts_with(".SH")
             && !l.starts_with(".IP")
             && !l.starts_with(".PP")));
+    }
+
+    #[test]
+    fn top_takes_the_selection_flags() {
+        let c = Cli::try_parse_from(["x", "top", "--pid", "7", "--port", "80"]).unwrap();
+        let Some(Command::Top(t)) = &c.command else {
+            panic!("{c:?}")
+        };
+        let o = crate::trace::Options::from(t);
+        assert!(o.top && o.quiet && o.snapshot);
+        assert_eq!((o.load.pids, o.load.ports), (vec![7], vec![80]));
+        let states = Cli::try_parse_from(["x", "top", "--state", "CLOSE_WAIT"]).unwrap();
+        assert!(states.check().is_err());
+        let four = [
+            "x", "top", "--comm", "a", "--comm", "b", "--comm", "c", "--comm", "d",
+        ];
+        assert!(Cli::try_parse_from(four).unwrap().check().is_ok());
+        let five = [&four[..], &["--comm", "e"]].concat();
+        assert!(Cli::try_parse_from(five).unwrap().check().is_err());
+        assert!(Cli::try_parse_from(["x", "--json", "top"]).is_err());
     }
 }

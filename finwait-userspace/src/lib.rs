@@ -28,7 +28,8 @@
 //!   `entry`: one socket's answer; `tally`: the counts per process).
 //! - `output`: sinks, one per output mode behind one trait: `human`, `json` (writing `wire`, the
 //!   JSON contract as types), `metrics` (`registry`, `workloads`, `held`; served by
-//!   `endpoint`); `health`: the tracer's start and counters every sink shows.
+//!   `endpoint`), `top` (the live table: `table` counts and sorts, `screen` draws it on the
+//!   terminal); `health`: the tracer's start and counters every sink shows.
 //! - `trace`: live tracing as a `pipeline`: `decode` -> `dedup` (a guarded hook's second
 //!   reports) -> `correlate` (what caused each transition) -> `resolve` (who holds the socket)
 //!   -> `filter` -> enrich -> verdict -> summary and sinks; `health` gathers the counters;
@@ -79,6 +80,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Snapshot(args)) => return snapshot_command(&args),
         Some(Command::Man) => return cli::man(),
+        Some(Command::Top(args)) => return top_command(&args).await,
         None => {}
     }
     let t = cli.trace;
@@ -86,22 +88,42 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         return cli::generate(what, &mut std::io::stdout());
     }
     let mut opts = trace::Options::from(&t);
-    if !t.workloads.is_empty() {
-        // Followed as processes: those there now, and their descendants.
-        let w = &t.workloads;
-        let (pids, missing) = host::procs::in_workloads(&host::procs::Workloads {
-            containers: &w.containers,
-            pods: &w.pods,
-            netns: &w.netns,
-        })?;
-        if !missing.is_empty() {
-            anyhow::bail!("no process runs in {}", missing.join(", "));
-        }
-        opts.load.pids.extend(pids);
-    }
+    follow_workloads(&t.workloads, &mut opts)?;
     if t.demo {
         return demo::run(opts).await;
     }
+    trace::run(opts, None, || {}).await
+}
+
+/// Containers, pods and namespaces are followed as processes: those there now, and their
+/// descendants.
+fn follow_workloads(w: &cli::WorkloadArgs, opts: &mut trace::Options) -> anyhow::Result<()> {
+    if w.is_empty() {
+        return Ok(());
+    }
+    let (pids, missing) = host::procs::in_workloads(&host::procs::Workloads {
+        containers: &w.containers,
+        pods: &w.pods,
+        netns: &w.netns,
+    })?;
+    if !missing.is_empty() {
+        anyhow::bail!("no process runs in {}", missing.join(", "));
+    }
+    opts.load.pids.extend(pids);
+    Ok(())
+}
+
+/// `finwait-trace top`: a trace whose output is the live table.
+async fn top_command(a: &cli::TopArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        anyhow::bail!(
+            "top draws a table on a terminal, and stdout is not one (a trace's --json or \
+             --metrics suit a pipe or a file)"
+        );
+    }
+    let mut opts = trace::Options::from(a);
+    follow_workloads(&a.workloads, &mut opts)?;
     trace::run(opts, None, || {}).await
 }
 

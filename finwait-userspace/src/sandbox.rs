@@ -141,11 +141,17 @@ const ALLOWED: &[(&str, &[libc::c_long])] = &[
         "--demo: its workload processes are reaped at the end",
         &[libc::SYS_wait4, libc::SYS_waitid],
     ),
+    (
+        "top: the terminal's event source wakes on a pipe, and stderr is held in one while the \
+         table is up (new fds, no file)",
+        &[libc::SYS_pipe2, libc::SYS_dup, libc::SYS_dup3],
+    ),
 ];
 
 /// The older calls of x86_64 that glibc and Rust's std still use there.
 #[cfg(target_arch = "x86_64")]
 const ALLOWED_X86_64: &[libc::c_long] = &[
+    libc::SYS_dup2,
     libc::SYS_epoll_wait,
     libc::SYS_poll,
     libc::SYS_readlink,
@@ -200,12 +206,20 @@ const BPF_COMMANDS: &[u64] = &[
 ];
 
 /// ioctl() requests still needed: non-blocking and close-on-exec fds, whether stdout is a
-/// terminal, aya disabling its perf events as they detach at exit. Refused among others:
-/// TIOCSTI (typing into a terminal).
+/// terminal, `top` setting its terminal's modes (raw, then restored), aya disabling its perf
+/// events as they detach at exit. Refused among others: TIOCSTI (typing into a terminal).
 const IOCTLS: &[u64] = &[
     libc::FIONBIO,
     libc::FIOCLEX,
     libc::TCGETS,
+    libc::TCSETS,
+    libc::TCSETSW,
+    libc::TCSETSF,
+    // glibc 2.42 on: termios2.
+    libc::TCGETS2 as u64,
+    libc::TCSETS2 as u64,
+    libc::TCSETSW2 as u64,
+    libc::TCSETSF2 as u64,
     libc::TIOCGWINSZ,
     0x2401, // PERF_EVENT_IOC_DISABLE
 ];
@@ -274,6 +288,8 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     rules.insert(libc::SYS_setns, vec![equal(1, libc::CLONE_NEWNET as u64)?]);
     // sock_diag's netlink sockets only.
     rules.insert(libc::SYS_socket, vec![equal(0, libc::AF_NETLINK as u64)?]);
+    // `top`: the terminal's signal delivery is a local pair of sockets.
+    rules.insert(libc::SYS_socketpair, vec![equal(0, libc::AF_UNIX as u64)?]);
     // Its own limits only (pid 0).
     rules.insert(libc::SYS_prlimit64, vec![equal(0, 0)?]);
     // Signals to itself only (an abort's SIGABRT).

@@ -70,10 +70,10 @@ fn host_tests(extra: &[String]) -> Result<()> {
 /// The metrics tests scrape finwait with a real Prometheus server (Debian's `prometheus`, also
 /// the deploy/ checks' `promtool`). Installing must not start the packaged service.
 /// What the host's tests run beside finwait: a real Prometheus server (and promtool for
-/// `deploy/`), and a real container runtime (podman with runc). The deploy/ checks also set
-/// file capabilities (setcap), compile the AppArmor profile without loading it
-/// (apparmor_parser), and apply the seccomp profile as a runtime would (python3 with
-/// libseccomp, which runc brings).
+/// `deploy/`), a real container runtime (podman with runc), and a real terminal (tmux) for
+/// `top`. The deploy/ checks also set file capabilities (setcap), compile the AppArmor profile
+/// without loading it (apparmor_parser), and apply the seccomp profile as a runtime would
+/// (python3 with libseccomp, which runc brings).
 fn install_test_packages() -> Result<()> {
     let wanted = [
         ("/usr/bin/prometheus", "prometheus"),
@@ -82,6 +82,7 @@ fn install_test_packages() -> Result<()> {
         ("/usr/sbin/setcap", "libcap2-bin"),
         ("/usr/sbin/apparmor_parser", "apparmor"),
         ("/usr/bin/python3", "python3"),
+        ("/usr/bin/tmux", "tmux"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -93,8 +94,8 @@ fn install_test_packages() -> Result<()> {
     }
     if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
         bail!(
-            "the tests need a Prometheus server, a container runtime and the deploy checks' \
-             tools: apt-get install {}",
+            "the tests need a Prometheus server, a container runtime, tmux and the deploy \
+             checks' tools: apt-get install {}",
             missing.join(" ")
         );
     }

@@ -17,6 +17,7 @@ pub(crate) mod human;
 pub(crate) mod json;
 pub(crate) mod metrics;
 mod stuck_groups;
+pub(crate) mod top;
 pub(crate) mod wire;
 
 pub(crate) use health::{Start, Stats};

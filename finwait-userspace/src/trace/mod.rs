@@ -38,7 +38,8 @@ use resolve::Resolver;
 
 /// Drains at least this often even without a wake-up (the kernel side batches wake-ups).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
-/// `--metrics`: finwait's own counters are brought up to date this often.
+/// `--metrics`, `top`: finwait's own counters (and `top`'s table) are brought up to date this
+/// often.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// Read the loss counters (a syscall per program) at most this often.
 const LOSS_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -75,6 +76,8 @@ pub(crate) struct Options {
     pub(crate) sandbox: bool,
     /// The hidden self-test: what a compromise would try, tried on this pid's memory.
     pub(crate) sandbox_self_test: Option<u32>,
+    /// `top`: the live table is the output (and quitting it ends the trace).
+    pub(crate) top: bool,
 }
 
 /// Ends a run early (the demo, once its workload is done).
@@ -86,7 +89,8 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
     procs::check_exists(&opts.load.pids)?;
     let signals = Signals::catch()?;
     let own = output::endpoint::OwnConnections::default();
-    let (sinks, endpoint) = sinks(&opts, &own)?;
+    let (sinks, endpoint, quit) = sinks(&opts, &own)?;
+    let stop = stop.or(quit);
     let mut loaded = loader::load(&opts.load)?;
     // Only with -v is aya-log's ring read (without it, the programs never write to it).
     let diagnostics = loaded
@@ -140,14 +144,26 @@ fn filter(o: &Options, own: output::endpoint::OwnConnections) -> Filter {
     f
 }
 
-/// Where the findings go: stdout (unless `--quiet`), and the `--metrics` endpoint, whose
-/// port is taken here, before anything loads, and served once the tracer is sandboxed.
+/// Where the findings go: stdout (unless `--quiet`), the `--metrics` endpoint, whose port is
+/// taken here, before anything loads, and served once the tracer is sandboxed, and `top`'s
+/// table (with what ends the trace when it is left).
 fn sinks(
     o: &Options,
     own: &output::endpoint::OwnConnections,
-) -> Result<(Box<dyn output::Sink>, Option<output::endpoint::Endpoint>)> {
+) -> Result<(
+    Box<dyn output::Sink>,
+    Option<output::endpoint::Endpoint>,
+    Stopper,
+)> {
     let mut sinks: Vec<Box<dyn output::Sink>> = Vec::new();
     let mut endpoint = None;
+    let mut quit = None;
+    if o.top {
+        let read_kernel = Box::new(crate::host::namespaces::close_path_of);
+        let (sink, stopped) = output::top::TopSink::new(read_kernel);
+        sinks.push(Box::new(sink));
+        quit = Some(stopped);
+    }
     if !o.quiet {
         let style = Style::for_stdout(o.wall_clock, monotonic_ns());
         sinks.push(output::for_stdout(o.json, style, o.summary_only));
@@ -165,7 +181,7 @@ fn sinks(
         )?);
         sinks.push(Box::new(sink));
     }
-    Ok((Box::new(output::Tee(sinks)), endpoint))
+    Ok((Box::new(output::Tee(sinks)), endpoint, quit))
 }
 
 /// Attached, and the owner scanner's thread started (the endpoint's comes next, inside): from
@@ -301,7 +317,7 @@ async fn trace(
             _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
                 stats_to_stderr(&kernel.stats(ebpf, p))?;
             }
-            _ = health_tick.tick(), if o.metrics.is_some() => p.sink.health(&kernel.stats(ebpf, p))?,
+            _ = health_tick.tick(), if o.metrics.is_some() || o.top => p.sink.health(&kernel.stats(ebpf, p))?,
             _ = gone_check.tick(), if watch_targets => if p.filter.none_left(&procs::alive) {
                 eprintln!("finwait-trace: every traced process has exited (and no descendant is left); stopping");
                 break;
