@@ -208,6 +208,8 @@ const BPF_COMMANDS: &[u64] = &[
 /// ioctl() requests still needed: non-blocking and close-on-exec fds, whether stdout is a
 /// terminal, `top` setting its terminal's modes (raw, then restored), aya disabling its perf
 /// events as they detach at exit. Refused among others: TIOCSTI (typing into a terminal).
+// The request constants' type differs between C libraries: each is cast.
+#[allow(clippy::unnecessary_cast)]
 const IOCTLS: &[u64] = &[
     libc::FIONBIO,
     libc::FIOCLEX,
