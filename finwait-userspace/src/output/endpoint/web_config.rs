@@ -50,7 +50,7 @@ pub(super) struct TlsFile {
     pub(super) max_version: Option<TlsVersion>,
     /// Accepted for compatibility; rustls always picks the suite itself (as Go does now).
     #[allow(dead_code)]
-    prefer_server_cipher_suites: Option<bool>,
+    pub(super) prefer_server_cipher_suites: Option<bool>,
 }
 
 /// exporter-toolkit's names, Go's `tls.ClientAuthType`s.
