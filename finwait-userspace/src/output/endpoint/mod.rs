@@ -21,7 +21,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -54,6 +54,9 @@ const MAX_LIFETIME: Duration = Duration::from_secs(600);
 /// A request's head at most (hyper's read buffer; GETs are small).
 const MAX_BUF: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
+/// `/metrics` answers encoded this recently are sent again as they are (the values move on
+/// events and every second).
+const FRESH: Duration = Duration::from_millis(100);
 
 const SERVED: &str = "finwait-trace serves GET /metrics, /ready and /healthz\n";
 const NOT_READY: &str = "not ready: reading the sockets already stuck, to seed the gauges\n";
@@ -72,6 +75,8 @@ struct Shared {
     web: WebConfig,
     stats: Stats,
     table: Table,
+    /// The last `/metrics` body, and when it was encoded.
+    encoded: Mutex<Option<(Instant, Bytes)>>,
 }
 
 /// Binds `addr` now (before the programs load: a taken port fails at once) and serves
@@ -101,6 +106,7 @@ pub(crate) fn start(
         web,
         stats,
         table: Table::default(),
+        encoded: Mutex::default(),
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -135,6 +141,10 @@ async fn serve(listener: TcpListener, s: Arc<Shared>) {
         s.stats.accepted();
         let (id, cancel) = s.table.admit(&s.stats);
         tokio::spawn(connection(s.clone(), stream, id, cancel));
+        // The newcomer reads its request before the next accept: in a burst of connections
+        // (each shedding the oldest that never asked), a scraper that asked at once is no
+        // longer one that never asked.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -205,6 +215,8 @@ where
         let s = shared.clone();
         async move {
             s.table.requested(id);
+            // One request, then the other connections' turn: pipelined requests wait theirs.
+            tokio::task::yield_now().await;
             Ok::<_, Infallible>(s.answer(req).await)
         }
     });
@@ -237,20 +249,39 @@ where
 }
 
 impl Shared {
+    /// The registry encoded, at most once per [`FRESH`]: however many requests come at once
+    /// (pipelined by a client that never reads, say), the endpoint encodes a few a second.
+    fn encoded(&self) -> Option<Bytes> {
+        let mut last = self.encoded.lock().ok()?;
+        if let Some((at, body)) = &*last
+            && at.elapsed() < FRESH
+        {
+            return Some(body.clone());
+        }
+        let mut body = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut body, &self.registry).ok()?;
+        let body = Bytes::from(body);
+        *last = Some((Instant::now(), body.clone()));
+        Some(body)
+    }
+
     /// A request's answer: 401 without the right credentials (every path, as exporter-toolkit
     /// does), the configured headers on every answer.
     async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let mut r = match &self.web.users {
             Some(u) if !u.allow(req.headers().get(header::AUTHORIZATION)).await => {
                 self.stats.unauthorized();
-                let mut r = reply(StatusCode::UNAUTHORIZED, TEXT, UNAUTHORIZED.into());
+                let mut r = reply(StatusCode::UNAUTHORIZED, TEXT, UNAUTHORIZED);
                 r.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     header::HeaderValue::from_static("Basic"),
                 );
                 r
             }
-            _ => respond(&req, &self.registry, self.ready.load(Ordering::Acquire)),
+            _ => {
+                let ready = self.ready.load(Ordering::Acquire);
+                respond(&req, || self.encoded(), ready)
+            }
         };
         for (name, value) in &self.web.headers {
             r.headers_mut().insert(name.clone(), value.clone());
@@ -261,8 +292,8 @@ impl Shared {
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
-fn reply(status: StatusCode, kind: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+fn reply(status: StatusCode, kind: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     if let Ok(v) = kind.parse() {
         r.headers_mut().insert(header::CONTENT_TYPE, v);
@@ -270,31 +301,31 @@ fn reply(status: StatusCode, kind: &str, body: String) -> Response<Full<Bytes>> 
     r
 }
 
-fn respond(req: &Request<Incoming>, registry: &Registry, ready: bool) -> Response<Full<Bytes>> {
+/// `metrics` encodes the registry (only `/metrics` calls it).
+fn respond(
+    req: &Request<Incoming>,
+    metrics: impl FnOnce() -> Option<Bytes>,
+    ready: bool,
+) -> Response<Full<Bytes>> {
     let text = TEXT;
     let path = req.uri().path();
     if !matches!(path, "/metrics" | "/ready" | "/healthz") {
-        return reply(StatusCode::NOT_FOUND, text, SERVED.into());
+        return reply(StatusCode::NOT_FOUND, text, SERVED);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, text, SERVED.into());
+        return reply(StatusCode::METHOD_NOT_ALLOWED, text, SERVED);
     }
     if path == "/healthz" {
-        return reply(StatusCode::OK, text, "ok\n".into());
+        return reply(StatusCode::OK, text, "ok\n");
     }
     if !ready {
-        return reply(StatusCode::SERVICE_UNAVAILABLE, text, NOT_READY.into());
+        return reply(StatusCode::SERVICE_UNAVAILABLE, text, NOT_READY);
     }
     if path == "/ready" {
-        return reply(StatusCode::OK, text, "ready\n".into());
+        return reply(StatusCode::OK, text, "ready\n");
     }
-    let mut body = String::with_capacity(16 * 1024);
-    match prometheus_client::encoding::text::encode(&mut body, registry) {
-        Ok(()) => reply(StatusCode::OK, OPENMETRICS, body),
-        Err(_) => reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            text,
-            "encoding failed\n".into(),
-        ),
+    match metrics() {
+        Some(body) => reply(StatusCode::OK, OPENMETRICS, body),
+        None => reply(StatusCode::INTERNAL_SERVER_ERROR, text, "encoding failed\n"),
     }
 }
