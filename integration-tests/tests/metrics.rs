@@ -841,8 +841,9 @@ fn hostile_clients(port: u16, how_long: Duration) -> usize {
 }
 
 /// issue 28: slowloris clients, idle ones and ones that pipeline requests without reading the
-/// answers, all at once, do not make a real Prometheus scraping every second miss a scrape:
-/// each has a deadline, and at the cap a newcomer sheds the least active connection.
+/// answers, all at once, do not keep out a real Prometheus that starts scraping (every second)
+/// while they go on, nor make it miss a scrape after: each has a deadline, and at the cap a
+/// newcomer sheds the least active connection.
 #[test]
 fn hostile_clients_do_not_make_prometheus_miss_a_scrape() {
     let _one = SERIAL
@@ -859,14 +860,21 @@ fn hostile_clients_do_not_make_prometheus_miss_a_scrape() {
         "--pid",
         &pid,
     ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(metrics, "/ready").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The attack first: Prometheus must get in while it goes on, then stay in.
+    const ATTACK: u64 = 25;
+    let attack =
+        std::thread::spawn(move || hostile_clients(metrics, Duration::from_secs(ATTACK + 10)));
+    std::thread::sleep(Duration::from_secs(3));
     let Some(prom) = Prometheus::start(metrics) else {
         let _ = sleeper.kill();
         return;
     };
-    prom.wait_for("up{job=\"finwait\"}", "1");
-    std::thread::sleep(Duration::from_secs(2));
-    const ATTACK: u64 = 25;
-    let made = hostile_clients(metrics, Duration::from_secs(ATTACK));
+    let made = attack.join().unwrap();
     let window = format!("up{{job=\"finwait\"}}[{ATTACK}s]");
     let scrapes = prom.value(&format!("count_over_time({window})"));
     let worst = prom.value(&format!("min_over_time({window})"));
@@ -880,7 +888,7 @@ fn hostile_clients_do_not_make_prometheus_miss_a_scrape() {
         )
     };
     eprintln!(
-        "{made} hostile connections in {ATTACK} s; Prometheus: {scrapes:?} scrapes, {good:?} \
+        "{made} hostile connections; Prometheus in the last {ATTACK} s: {scrapes:?} scrapes, {good:?} \
          up, worst up {worst:?}; dropped: shed {:?}, header timeout {:?}, write timeout {:?}",
         dropped("shed"),
         dropped("header_timeout"),
