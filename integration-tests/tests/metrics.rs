@@ -1124,3 +1124,84 @@ fn a_bad_web_config_file_is_refused_at_start_naming_it() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// At its open-files limit the endpoint backs off, says so once, counts each failed accept,
+/// and still lets a scraper in (a connection that never asked makes room for it).
+#[test]
+fn at_the_open_files_limit_the_endpoint_says_so_once_and_still_serves() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let port = free_port();
+    let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+    let mut child = Command::new(finwait_trace())
+        .args(mode_args(&[]))
+        .args(["--metrics", &format!("127.0.0.1:{port}"), "--quiet"])
+        .args(["--no-snapshot", "--pid", &sleeper.id().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = stderr.read_to_string(&mut all);
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(port, "/ready").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Room for eight more open files, then a hundred connections that send nothing.
+    let pid = child.id() as i32;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    let limit = libc::rlimit {
+        rlim_cur: open + 8,
+        rlim_max: open + 8,
+    };
+    // SAFETY: sets a limit of our own child.
+    assert_eq!(
+        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &raw const limit, std::ptr::null_mut()) },
+        0
+    );
+    let held: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let scraped = (0..10).find_map(|_| {
+        let body = http_get(port, "/metrics");
+        if body.is_none() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        body
+    });
+    drop(held);
+    let body = scraped.expect("no scrape got in at the open-files limit");
+    let s: Vec<(String, f64)> = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            Some((series.to_string(), v.parse().ok()?))
+        })
+        .collect();
+    let errors = value(&s, "finwait_metrics_accept_errors_total", &[]);
+    let made_room = value(
+        &s,
+        "finwait_metrics_connections_dropped_total",
+        &[("reason", "fd_limit")],
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let err = drain.join().unwrap();
+    let said = err.matches("accept failed").count();
+    eprintln!("accept errors {errors:?}, made room {made_room:?}, said {said} times:\n{err}");
+    assert!(errors.is_some_and(|n| n >= 1.0), "{body}");
+    assert!(made_room.is_some_and(|n| n >= 1.0), "{body}");
+    assert!((1..=2).contains(&said), "{err}");
+    assert!(status.success(), "{status:?}: {err}");
+}
