@@ -872,6 +872,7 @@ fn hostile_clients_do_not_make_prometheus_miss_a_scrape() {
     std::thread::sleep(Duration::from_secs(3));
     let Some(prom) = Prometheus::start(metrics) else {
         let _ = sleeper.kill();
+        let _ = sleeper.wait();
         return;
     };
     let made = attack.join().unwrap();
@@ -1155,14 +1156,23 @@ fn at_the_open_files_limit_the_endpoint_says_so_once_and_still_serves() {
     }
     // Room for eight more open files, then a hundred connections that send nothing.
     let pid = child.id() as i32;
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
     let limit = libc::rlimit {
         rlim_cur: open + 8,
         rlim_max: open + 8,
     };
     // SAFETY: sets a limit of our own child.
     assert_eq!(
-        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &raw const limit, std::ptr::null_mut()) },
+        unsafe {
+            libc::prlimit(
+                pid,
+                libc::RLIMIT_NOFILE,
+                &raw const limit,
+                std::ptr::null_mut(),
+            )
+        },
         0
     );
     let held: Vec<TcpStream> = (0..100)
