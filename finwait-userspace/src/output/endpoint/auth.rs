@@ -115,6 +115,14 @@ mod tests {
         assert_eq!(users.0.passed.lock().unwrap().len(), 1);
     }
 
+    /// htpasswd writes `$2y$`: the same bcrypt.
+    #[tokio::test]
+    async fn htpasswds_2y_hashes_are_taken() {
+        let hash = bcrypt::hash("pw", 4).unwrap().replacen("$2b$", "$2y$", 1);
+        let users = Users::new(BTreeMap::from([("a".into(), hash)])).unwrap();
+        assert!(users.allow(Some(&header("a", "pw"))).await);
+    }
+
     #[test]
     fn a_plain_password_is_no_hash() {
         let e = Users::new(BTreeMap::from([("a".into(), "pw".into())])).err();
