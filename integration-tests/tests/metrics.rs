@@ -1215,3 +1215,71 @@ fn at_the_open_files_limit_the_endpoint_says_so_once_and_still_serves() {
     assert!((1..=2).contains(&said), "{err}");
     assert!(status.success(), "{status:?}: {err}");
 }
+
+/// The other client-certificate policies, by curl: `VerifyClientCertIfGiven` serves a client
+/// without a certificate and refuses one the CA did not sign; `RequireAnyClientCert` refuses a
+/// client without one and serves one the CA did not sign (not checked, as in Go).
+#[test]
+fn client_certificates_optional_or_unchecked_as_exporter_toolkit_says() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = TempDir(temp_dir("tls-policies"));
+    let d = dir.0.as_path();
+    certificates(d);
+    // A client certificate of its own CA: not one the server's CA signed.
+    let stranger = d.join("stranger");
+    std::fs::create_dir_all(&stranger).unwrap();
+    certificates(&stranger);
+    let cert_of = |dir: &Path| {
+        [
+            "--cert".to_string(),
+            dir.join("client.crt").display().to_string(),
+            "--key".to_string(),
+            dir.join("client.key").display().to_string(),
+        ]
+    };
+    let (own, strange) = (cert_of(d), cert_of(&stranger));
+    let own: Vec<&str> = own.iter().map(String::as_str).collect();
+    let strange: Vec<&str> = strange.iter().map(String::as_str).collect();
+    for (policy, served) in [
+        ("VerifyClientCertIfGiven", [true, true, false]),
+        ("RequireAnyClientCert", [false, true, true]),
+    ] {
+        let web = d.join(format!("{policy}.yml"));
+        std::fs::write(
+            &web,
+            format!(
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  \
+                 client_auth_type: {policy}\n  client_ca_file: ca.crt\n"
+            ),
+        )
+        .unwrap();
+        let metrics = free_port();
+        let tracer = Tracer::start(&[
+            "--metrics",
+            &format!("127.0.0.1:{metrics}"),
+            "--web-config-file",
+            web.to_str().unwrap(),
+            "--no-snapshot",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while curl(d, metrics, "/ready", &own).map(|r| r.0) != Ok(200) {
+            assert!(Instant::now() < deadline, "{policy}: never ready over TLS");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        for (client, want) in [("none", &[][..]), ("own", &own), ("stranger", &strange)]
+            .iter()
+            .zip(served)
+        {
+            let got = curl(d, metrics, "/healthz", client.1);
+            assert_eq!(
+                got.as_ref().is_ok_and(|r| r.0 == 200),
+                want,
+                "{policy}, {} certificate: {got:?}",
+                client.0
+            );
+        }
+        drop(tracer);
+    }
+}
