@@ -124,27 +124,23 @@ pub(super) struct Slot {
     last_request: Option<Instant>,
 }
 
-/// A newcomer this young is shed last: its request may be on its way (a connection accepted
-/// as it opens has sent nothing yet).
-const GRACE: Duration = Duration::from_millis(250);
-
 impl Slot {
     /// Which to shed first: those that never sent a whole request (idle, slow or handshaking:
-    /// the oldest first) once past [`GRACE`]; then the one whose last request is the oldest (a
-    /// kept-alive scraper asks again within its interval; a client that never reads stopped
-    /// asking); then the newcomers, oldest first.
-    fn shed_order(&self, now: Instant) -> (u8, Instant, Instant) {
+    /// the oldest first), then the one whose last request is the oldest (a kept-alive scraper
+    /// asks again within its interval; a client that never reads stopped asking). A connection
+    /// that has asked is kept over a newcomer that has not: under a flood of connections, a
+    /// scraper that got in stays in (a newcomer reads its request as soon as it is accepted).
+    fn shed_order(&self) -> (bool, Instant, Instant) {
         match self.last_request {
-            None if now.duration_since(self.start) >= GRACE => (0, self.start, self.start),
-            Some(t) => (1, t, self.start),
-            None => (2, self.start, self.start),
+            None => (false, self.start, self.start),
+            Some(t) => (true, t, self.start),
         }
     }
 }
 
-/// The connection to shed for a newcomer at `now`, if any.
-fn victim<'a, K: Copy + 'a>(slots: impl Iterator<Item = (K, &'a Slot)>, now: Instant) -> Option<K> {
-    slots.min_by_key(|(_, s)| s.shed_order(now)).map(|(k, _)| k)
+/// The connection to shed for a newcomer, if any.
+fn victim<'a, K: Copy + 'a>(slots: impl Iterator<Item = (K, &'a Slot)>) -> Option<K> {
+    slots.min_by_key(|(_, s)| s.shed_order()).map(|(k, _)| k)
 }
 
 struct Live {
@@ -208,7 +204,7 @@ impl Table {
 }
 
 fn shed_one(t: &mut TableInner) -> bool {
-    let id = victim(t.live.iter().map(|(id, l)| (*id, &l.slot)), Instant::now());
+    let id = victim(t.live.iter().map(|(id, l)| (*id, &l.slot)));
     id.and_then(|id| t.live.remove(&id)).is_some()
 }
 
@@ -267,26 +263,19 @@ mod tests {
             start: at(start),
             last_request: last.map(at),
         };
-        // At 21: a scraper kept alive since 0 that asked at 20, a client that asked at 5 and
-        // stopped, two that never asked (connected at 10 and 15), and two that just came.
-        let young = |ms: u64| Slot {
-            start: at(21) - Duration::from_millis(ms),
-            last_request: None,
-        };
+        // A scraper kept alive since 0 that asked at 20, a client that asked at 5 and stopped,
+        // two that never asked (connected at 10 and 15).
         let slots = [
             ("scraper", slot(0, Some(20))),
-            ("just-now", young(0)),
-            ("a-bit-ago", young(100)),
             ("stalled", slot(1, Some(5))),
             ("idle-new", slot(15, None)),
             ("idle-old", slot(10, None)),
         ];
-        let pick = |s: &[(&'static str, Slot)]| victim(s.iter().map(|(k, s)| (*k, s)), at(21));
+        let pick = |s: &[(&'static str, Slot)]| victim(s.iter().map(|(k, s)| (*k, s)));
         assert_eq!(pick(&slots), Some("idle-old"));
-        assert_eq!(pick(&slots[..5]), Some("idle-new"));
-        assert_eq!(pick(&slots[..4]), Some("stalled"));
-        assert_eq!(pick(&slots[..3]), Some("scraper"));
-        assert_eq!(pick(&slots[1..3]), Some("a-bit-ago"));
+        assert_eq!(pick(&slots[..3]), Some("idle-new"));
+        assert_eq!(pick(&slots[..2]), Some("stalled"));
+        assert_eq!(pick(&slots[..1]), Some("scraper"));
         assert_eq!(pick(&[]), None);
     }
 
@@ -308,8 +297,7 @@ mod tests {
                 .try_recv()
                 .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
         );
-        // Full: the one that never asked goes, once past its grace.
-        std::thread::sleep(GRACE + Duration::from_millis(20));
+        // Full: the one that never asked goes.
         let (_, mut newest) = table.admit(&stats);
         assert_eq!(first.try_recv(), Err(oneshot::error::TryRecvError::Closed));
         assert!(
