@@ -1288,3 +1288,62 @@ fn client_certificates_optional_or_unchecked_as_exporter_toolkit_says() {
         drop(tracer);
     }
 }
+
+/// A connection that sends nothing, and one that sends its head a byte a second, are closed
+/// at the header deadline (5 s), and counted.
+#[test]
+fn idle_and_slow_connections_are_closed_at_the_header_deadline() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let metrics = free_port();
+    let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+    let tracer = Tracer::start(&[
+        "--metrics",
+        &format!("127.0.0.1:{metrics}"),
+        "--no-snapshot",
+        "--pid",
+        &sleeper.id().to_string(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(metrics, "/ready").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let opened = Instant::now();
+    let mut idle = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+    let mut slow = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+    slow.set_nonblocking(true).unwrap();
+    let mut closed = None;
+    for b in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa".iter() {
+        if dropped(&slow) {
+            closed = Some(opened.elapsed());
+            break;
+        }
+        let _ = slow.write(&[*b]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = idle.read(&mut [0u8; 64]).unwrap_or(usize::MAX);
+    let idle_closed = opened.elapsed();
+    let slow_closed = closed.expect("the slow head was never cut off");
+    eprintln!("idle closed after {idle_closed:?} (read {n}), slow after {slow_closed:?}");
+    assert_eq!(n, 0, "the idle connection was not closed");
+    for t in [idle_closed, slow_closed] {
+        assert!(
+            t >= Duration::from_secs(4) && t < Duration::from_secs(9),
+            "{t:?}"
+        );
+    }
+    let s = scrape(metrics);
+    let timed_out = value(
+        &s,
+        "finwait_metrics_connections_dropped_total",
+        &[("reason", "header_timeout")],
+    );
+    assert!(timed_out.is_some_and(|n| n >= 2.0), "{timed_out:?}");
+    drop(tracer);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
