@@ -1315,7 +1315,7 @@ fn idle_and_slow_connections_are_closed_at_the_header_deadline() {
     let mut slow = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
     slow.set_nonblocking(true).unwrap();
     let mut closed = None;
-    for b in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa".iter() {
+    for b in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa" {
         if dropped(&slow) {
             closed = Some(opened.elapsed());
             break;
