@@ -189,6 +189,13 @@ pub(crate) struct TraceArgs {
     #[arg(long, value_name = "N", default_value_t = 500, requires = "metrics", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub(crate) metrics_max_workloads: u32,
 
+    /// With --metrics: TLS, client certificates, basic auth and response headers from FILE, in
+    /// the Prometheus exporter-toolkit's web-config format (as node_exporter's
+    /// --web.config.file: tls_server_config, basic_auth_users, http_server_config); paths in
+    /// it are relative to its directory. Checked at start.
+    #[arg(long, value_name = "FILE", requires = "metrics")]
+    pub(crate) web_config_file: Option<std::path::PathBuf>,
+
     /// Print nothing on stdout (with --metrics: the endpoint is the output).
     #[arg(long, short = 'q', conflicts_with_all = ["json", "summary_only"])]
     pub(crate) quiet: bool,
@@ -488,6 +495,7 @@ impl From<&TraceArgs> for crate::trace::Options {
             quiet: t.quiet,
             metrics: t.metrics,
             metrics_max_workloads: t.metrics_max_workloads as usize,
+            web_config: t.web_config_file.clone(),
             stuck: t.stuck,
             wall_clock: t.timestamp,
             snapshot: !t.no_snapshot,
@@ -523,6 +531,7 @@ impl From<&TopArgs> for crate::trace::Options {
             quiet: true,
             metrics: None,
             metrics_max_workloads: 0,
+            web_config: None,
             stuck: None,
             wall_clock: false,
             snapshot: true,
@@ -597,6 +606,7 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["x", "--metrics", "9977"]).is_err());
         assert!(Cli::try_parse_from(["x", "--metrics-max-workloads", "5"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--web-config-file", "w.yml"]).is_err());
         let m = Cli::try_parse_from(["x", "--metrics", "127.0.0.1:9977", "-q"]).unwrap();
         assert_eq!(m.trace.metrics, Some("127.0.0.1:9977".parse().unwrap()));
     }

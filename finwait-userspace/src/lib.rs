@@ -28,8 +28,11 @@
 //!   `entry`: one socket's answer; `tally`: the counts per process).
 //! - `output`: sinks, one per output mode behind one trait: `human`, `json` (writing `wire`, the
 //!   JSON contract as types), `metrics` (`registry`, `workloads`, `held`; served by
-//!   `endpoint`), `top` (the live table: `table` counts and sorts, `screen` draws it on the
-//!   terminal); `health`: the tracer's start and counters every sink shows.
+//!   `endpoint`: `limits`, the deadlines, the shedding cap and the accept backoff; `deadline`,
+//!   writes that time out; `own`, its connections named to the tracer; `web_config`,
+//!   `--web-config-file`, with `tls` and `auth`), `top` (the live table: `table` counts and
+//!   sorts, `screen` draws it on the terminal); `health`: the tracer's start and counters every
+//!   sink shows.
 //! - `trace`: live tracing as a `pipeline`: `decode` -> `dedup` (a guarded hook's second
 //!   reports) -> `correlate` (what caused each transition) -> `resolve` (who holds the socket)
 //!   -> `filter` -> enrich -> verdict -> summary and sinks; `health` gathers the counters;

@@ -354,6 +354,15 @@ struct Prometheus {
 
 struct TempDir(PathBuf);
 
+/// A new directory of this test process's, `tag` in its name.
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("finwait-{tag}-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -362,6 +371,13 @@ impl Drop for TempDir {
 
 impl Prometheus {
     fn start(target: u16) -> Option<Self> {
+        Self::with_jobs(&format!(
+            "  - job_name: finwait\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+        ))
+    }
+
+    /// Scraping as `jobs` (scrape_configs' entries, YAML indented by two) say, every second.
+    fn with_jobs(jobs: &str) -> Option<Self> {
         let bin = Path::new("/usr/bin/prometheus");
         if !bin.exists() {
             // The qemu guests carry the test binaries only; the host runs this test for real.
@@ -372,14 +388,14 @@ impl Prometheus {
             eprintln!("no Prometheus in this guest: scraped directly only");
             return None;
         }
-        let dir = std::env::temp_dir().join(format!("finwait-prom-{}", std::process::id()));
+        let dir = temp_dir("prom");
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: finwait\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+                 scrape_configs:\n{jobs}"
             ),
         )
         .unwrap();
@@ -416,6 +432,14 @@ impl Prometheus {
         let body = http_get(self.port, &format!("/api/v1/query?query={q}"))?;
         let v: Value = serde_json::from_str(&body).ok()?;
         (v["status"] == "success").then(|| v["data"]["result"].as_array().cloned())?
+    }
+
+    /// The value of `promql`'s one sample, if it has exactly one.
+    fn value(&self, promql: &str) -> Option<f64> {
+        match &self.query(promql)?[..] {
+            [one] => one["value"][1].as_str()?.parse().ok(),
+            _ => None,
+        }
     }
 
     /// Polls `promql` until its one sample reads `want` (60 s at most: Prometheus starts, then
@@ -765,4 +789,597 @@ fn metrics_on_port_zero_says_the_port_it_bound() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
     let _ = drain.join();
+}
+
+/// Whether the endpoint has dropped `s` (closed or reset), without reading what it sent.
+fn dropped(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.peek(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+fn connect_nonblocking(port: u16) -> Option<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_nonblocking(true).ok()?;
+    Some(s)
+}
+
+/// A client that asks for `/metrics` many times at once and reads none of the answers: a small
+/// receive buffer, so the endpoint's writes soon wait on it.
+fn connect_unread(port: u16) -> Option<TcpStream> {
+    let mut s = connect_nonblocking(port)?;
+    let small: libc::c_int = 4096;
+    // SAFETY: an int option on our own socket.
+    unsafe {
+        libc::setsockopt(
+            fd(&s) as i32,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const small).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    pipeline(&mut s);
+    Some(s)
+}
+
+/// A hundred more requests, as many as go in without waiting.
+fn pipeline(s: &mut TcpStream) {
+    let requests = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(100);
+    let _ = s.write(requests.as_bytes());
+}
+
+/// For `how_long`, at once: 100 clients sending a request head a byte at a time, 100 that
+/// send nothing, 64 that keep pipelining requests and never read; each dropped one comes back within
+/// half a second. How many connections were made.
+fn hostile_clients(port: u16, how_long: Duration) -> usize {
+    const HEAD: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ";
+    let mut slow: Vec<(Option<TcpStream>, usize)> = (0..100).map(|_| (None, 0)).collect();
+    let mut idle: Vec<Option<TcpStream>> = (0..100).map(|_| None).collect();
+    let mut unread: Vec<Option<TcpStream>> = (0..64).map(|_| None).collect();
+    let mut made = 0;
+    let end = Instant::now() + how_long;
+    while Instant::now() < end {
+        for (s, sent) in &mut slow {
+            if s.as_ref().is_none_or(dropped) {
+                *s = connect_nonblocking(port);
+                made += 1;
+                *sent = 0;
+            }
+            if let Some(c) = s {
+                let byte = HEAD.get(*sent).copied().unwrap_or(b'x');
+                if c.write(&[byte]).is_ok() {
+                    *sent += 1;
+                }
+            }
+        }
+        for s in &mut idle {
+            if s.as_ref().is_none_or(dropped) {
+                *s = connect_nonblocking(port);
+                made += 1;
+            }
+        }
+        for s in &mut unread {
+            match s {
+                Some(c) if !dropped(c) => pipeline(c),
+                _ => {
+                    *s = connect_unread(port);
+                    made += 1;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    made
+}
+
+/// issue 28: slowloris clients, idle ones and ones that pipeline requests without reading the
+/// answers, all at once, do not keep out a real Prometheus that starts scraping (every second)
+/// while they go on, nor make it miss a scrape after: each has a deadline, and at the cap a
+/// newcomer sheds the least active connection.
+#[test]
+fn hostile_clients_do_not_make_prometheus_miss_a_scrape() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let metrics = free_port();
+    // The tracer follows a sleeper alone: the attack's connections are not its findings.
+    let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+    let pid = sleeper.id().to_string();
+    let tracer = Tracer::start(&[
+        "--metrics",
+        &format!("127.0.0.1:{metrics}"),
+        "--no-snapshot",
+        "--pid",
+        &pid,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(metrics, "/ready").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The attack first: Prometheus must get in while it goes on, then stay in.
+    const ATTACK: u64 = 25;
+    let attack =
+        std::thread::spawn(move || hostile_clients(metrics, Duration::from_secs(ATTACK + 10)));
+    std::thread::sleep(Duration::from_secs(3));
+    let Some(prom) = Prometheus::start(metrics) else {
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        return;
+    };
+    let made = attack.join().unwrap();
+    let window = format!("up{{job=\"finwait\"}}[{ATTACK}s]");
+    let scrapes = prom.value(&format!("count_over_time({window})"));
+    let worst = prom.value(&format!("min_over_time({window})"));
+    let good = prom.value(&format!("sum_over_time({window})"));
+    let s = scrape(metrics);
+    let dropped = |reason| {
+        value(
+            &s,
+            "finwait_metrics_connections_dropped_total",
+            &[("reason", reason)],
+        )
+    };
+    eprintln!(
+        "{made} hostile connections; Prometheus in the last {ATTACK} s: {scrapes:?} scrapes, {good:?} \
+         up, worst up {worst:?}; dropped: shed {:?}, header timeout {:?}, write timeout {:?}",
+        dropped("shed"),
+        dropped("header_timeout"),
+        dropped("write_timeout"),
+    );
+    assert_eq!(worst, Some(1.0), "a scrape failed during the attack");
+    assert!(
+        scrapes.is_some_and(|n| n >= (ATTACK - 5) as f64),
+        "scrapes in {ATTACK} s: {scrapes:?}"
+    );
+    assert!(dropped("shed").is_some_and(|n| n > 0.0), "{s:?}");
+    assert!(dropped("write_timeout").is_some_and(|n| n > 0.0), "{s:?}");
+    drop(tracer);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with `openssl` in
+/// `dir`: `ca.crt`, `server.{crt,key}`, `client.{crt,key}`.
+fn certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    openssl(
+        &[
+            &["req", "-x509", "-nodes", "-days", "2"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-subj",
+                "/CN=finwait test CA",
+            ],
+        ]
+        .concat(),
+    );
+    for (who, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{who}.ext")), ext).unwrap();
+        let (key, csr, crt) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.crt"),
+        );
+        let subject = format!("/CN={who}");
+        openssl(
+            &[
+                &["req", "-nodes"][..],
+                &ec,
+                &["-keyout", &key, "-out", &csr, "-subj", &subject],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &crt,
+            "-extfile",
+            &format!("{who}.ext"),
+        ]);
+    }
+}
+
+/// `curl` over TLS to the endpoint: the HTTP status, or curl's exit code as an error.
+fn curl(dir: &Path, port: u16, path: &str, extra: &[&str]) -> Result<(u16, String), i32> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-D", "-", "--cacert"])
+        .arg(dir.join("ca.crt"))
+        .args(extra)
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl");
+    if !out.status.success() {
+        return Err(out.status.code().unwrap_or(-1));
+    }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, text))
+}
+
+/// `--web-config-file` as node_exporter's: TLS with verified client certificates and basic
+/// auth. A real Prometheus with the CA, its client certificate and the password scrapes it;
+/// without the certificate, with a wrong password, or over plain HTTP, nothing is served.
+#[test]
+fn prometheus_scrapes_over_tls_with_a_client_certificate_and_basic_auth() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = TempDir(temp_dir("tls"));
+    let d = dir.0.as_path();
+    certificates(d);
+    let hash = bcrypt::hash("s3cret", 10).unwrap();
+    // Relative paths: relative to the file's directory, whatever the tracer's is.
+    let web = d.join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  \
+             client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n  \
+             min_version: TLS12\n\
+             basic_auth_users:\n  prometheus: {hash}\n\
+             http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n"
+        ),
+    )
+    .unwrap();
+    let metrics = free_port();
+    let tracer = Tracer::start(&[
+        "--metrics",
+        &format!("127.0.0.1:{metrics}"),
+        "--web-config-file",
+        web.to_str().unwrap(),
+        "--no-snapshot",
+    ]);
+    let cert = [
+        "--cert",
+        &d.join("client.crt").display().to_string(),
+        "--key",
+        &d.join("client.key").display().to_string(),
+    ]
+    .map(String::from);
+    let cert: Vec<&str> = cert.iter().map(String::as_str).collect();
+    let with = |user: &'static str| [&cert[..], &["-u", user]].concat();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (status, head) = loop {
+        if let Ok(r @ (200, _)) = curl(d, metrics, "/ready", &with("prometheus:s3cret")) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "never ready over TLS");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(status, 200);
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    // Every path is authenticated, as exporter-toolkit does.
+    let (status, head) = curl(d, metrics, "/healthz", &with("prometheus:wrong")).unwrap();
+    assert_eq!(status, 401, "{head}");
+    assert!(head.contains("www-authenticate: Basic"), "{head}");
+    assert_eq!(curl(d, metrics, "/metrics", &cert).unwrap().0, 401);
+    assert!(
+        curl(d, metrics, "/metrics", &["-u", "prometheus:s3cret"]).is_err(),
+        "served a client without a certificate"
+    );
+    assert_eq!(http_status(metrics, "/metrics"), None, "served plain HTTP");
+
+    let ca = d.join("ca.crt").display().to_string();
+    let (crt, key) = (cert[1], cert[3]);
+    let job = |name: &str, tls: &str, password: &str| {
+        format!(
+            "  - job_name: {name}\n    scheme: https\n    tls_config: {{ca_file: '{ca}'{tls}}}\n    \
+             basic_auth: {{username: prometheus, password: '{password}'}}\n    \
+             static_configs:\n      - targets: ['127.0.0.1:{metrics}']\n"
+        )
+    };
+    let with_cert = format!(", cert_file: '{crt}', key_file: '{key}'");
+    let jobs = [
+        job("finwait", &with_cert, "s3cret"),
+        job("nocert", "", "s3cret"),
+        job("wrongpw", &with_cert, "guess"),
+    ]
+    .concat();
+    let Some(prom) = Prometheus::with_jobs(&jobs) else {
+        return;
+    };
+    prom.wait_for("up{job=\"finwait\"}", "1");
+    prom.wait_for("count(finwait_info{job=\"finwait\"})", "1");
+    prom.wait_for("up{job=\"nocert\"}", "0");
+    prom.wait_for("up{job=\"wrongpw\"}", "0");
+    // The wrong password's scrapes are counted (in the scrapes the right one makes).
+    let refused = prom.wait_for(
+        "finwait_metrics_unauthorized_total{job=\"finwait\"} > bool 0",
+        "1",
+    );
+    eprintln!("Prometheus over TLS: refused {refused}");
+    drop(prom);
+    drop(tracer);
+}
+
+/// A bad `--web-config-file` is a usage error, naming the file and the key, before anything
+/// loads.
+#[test]
+fn a_bad_web_config_file_is_refused_at_start_naming_it() {
+    let dir = TempDir(temp_dir("webcfg"));
+    let web = dir.0.join("web.yml");
+    std::fs::write(
+        &web,
+        "tls_server_config:\n  cert_file: a.crt\n  keyfile: a.key\n",
+    )
+    .unwrap();
+    let out = Command::new(finwait_trace())
+        .args(["--metrics", "127.0.0.1:0", "--web-config-file"])
+        .arg(&web)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("--web-config-file {}", web.display())) && err.contains("keyfile"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// At its open-files limit the endpoint backs off, says so once, counts each failed accept,
+/// and still lets a scraper in (a connection that never asked makes room for it).
+#[test]
+fn at_the_open_files_limit_the_endpoint_says_so_once_and_still_serves() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let port = free_port();
+    let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+    let mut child = Command::new(finwait_trace())
+        .args(mode_args(&[]))
+        .args(["--metrics", &format!("127.0.0.1:{port}"), "--quiet"])
+        .args(["--no-snapshot", "--pid", &sleeper.id().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = stderr.read_to_string(&mut all);
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(port, "/ready").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Room for eight more open files, then a hundred connections that send nothing.
+    let pid = child.id() as i32;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let limit = libc::rlimit {
+        rlim_cur: open + 8,
+        rlim_max: open + 8,
+    };
+    // SAFETY: sets a limit of our own child.
+    assert_eq!(
+        unsafe {
+            libc::prlimit(
+                pid,
+                libc::RLIMIT_NOFILE,
+                &raw const limit,
+                std::ptr::null_mut(),
+            )
+        },
+        0
+    );
+    let held: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let scraped = (0..10).find_map(|_| {
+        let body = http_get(port, "/metrics");
+        if body.is_none() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        body
+    });
+    drop(held);
+    let body = scraped.expect("no scrape got in at the open-files limit");
+    // The hundred gone, it serves as before (the limit still lowered).
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..5 {
+        assert_eq!(http_status(port, "/healthz"), Some((200, "ok\n".into())));
+    }
+    let s: Vec<(String, f64)> = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            Some((series.to_string(), v.parse().ok()?))
+        })
+        .collect();
+    let errors = value(&s, "finwait_metrics_accept_errors_total", &[]);
+    let made_room = value(
+        &s,
+        "finwait_metrics_connections_dropped_total",
+        &[("reason", "fd_limit")],
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let err = drain.join().unwrap();
+    let said = err.matches("accept failed").count();
+    eprintln!("accept errors {errors:?}, made room {made_room:?}, said {said} times:\n{err}");
+    assert!(errors.is_some_and(|n| n >= 1.0), "{body}");
+    assert!(made_room.is_some_and(|n| n >= 1.0), "{body}");
+    assert!((1..=2).contains(&said), "{err}");
+    assert!(status.success(), "{status:?}: {err}");
+}
+
+/// The other client-certificate policies, by curl: `VerifyClientCertIfGiven` serves a client
+/// without a certificate and refuses one the CA did not sign; `RequireAnyClientCert` refuses a
+/// client without one and serves one the CA did not sign (not checked, as in Go).
+#[test]
+fn client_certificates_optional_or_unchecked_as_exporter_toolkit_says() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = TempDir(temp_dir("tls-policies"));
+    let d = dir.0.as_path();
+    certificates(d);
+    // A client certificate of its own CA: not one the server's CA signed.
+    let stranger = d.join("stranger");
+    std::fs::create_dir_all(&stranger).unwrap();
+    certificates(&stranger);
+    let cert_of = |dir: &Path| {
+        [
+            "--cert".to_string(),
+            dir.join("client.crt").display().to_string(),
+            "--key".to_string(),
+            dir.join("client.key").display().to_string(),
+        ]
+    };
+    let (own, strange) = (cert_of(d), cert_of(&stranger));
+    let own: Vec<&str> = own.iter().map(String::as_str).collect();
+    let strange: Vec<&str> = strange.iter().map(String::as_str).collect();
+    for (policy, served) in [
+        ("VerifyClientCertIfGiven", [true, true, false]),
+        ("RequireAnyClientCert", [false, true, true]),
+    ] {
+        let web = d.join(format!("{policy}.yml"));
+        std::fs::write(
+            &web,
+            format!(
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  \
+                 client_auth_type: {policy}\n  client_ca_file: ca.crt\n"
+            ),
+        )
+        .unwrap();
+        let metrics = free_port();
+        let tracer = Tracer::start(&[
+            "--metrics",
+            &format!("127.0.0.1:{metrics}"),
+            "--web-config-file",
+            web.to_str().unwrap(),
+            "--no-snapshot",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while curl(d, metrics, "/ready", &own).map(|r| r.0) != Ok(200) {
+            assert!(Instant::now() < deadline, "{policy}: never ready over TLS");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        for (client, want) in [("none", &[][..]), ("own", &own), ("stranger", &strange)]
+            .iter()
+            .zip(served)
+        {
+            let got = curl(d, metrics, "/healthz", client.1);
+            assert_eq!(
+                got.as_ref().is_ok_and(|r| r.0 == 200),
+                want,
+                "{policy}, {} certificate: {got:?}",
+                client.0
+            );
+        }
+        drop(tracer);
+    }
+}
+
+/// A connection that sends nothing, and one that sends its head a byte a second, are closed
+/// at the header deadline (5 s), and counted.
+#[test]
+fn idle_and_slow_connections_are_closed_at_the_header_deadline() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let metrics = free_port();
+    let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+    let tracer = Tracer::start(&[
+        "--metrics",
+        &format!("127.0.0.1:{metrics}"),
+        "--no-snapshot",
+        "--pid",
+        &sleeper.id().to_string(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(metrics, "/ready").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let opened = Instant::now();
+    let mut idle = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+    let mut slow = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+    slow.set_nonblocking(true).unwrap();
+    let mut closed = None;
+    for b in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa" {
+        if dropped(&slow) {
+            closed = Some(opened.elapsed());
+            break;
+        }
+        let _ = slow.write(&[*b]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = idle.read(&mut [0u8; 64]).unwrap_or(usize::MAX);
+    let idle_closed = opened.elapsed();
+    let slow_closed = closed.expect("the slow head was never cut off");
+    eprintln!("idle closed after {idle_closed:?} (read {n}), slow after {slow_closed:?}");
+    assert_eq!(n, 0, "the idle connection was not closed");
+    for t in [idle_closed, slow_closed] {
+        assert!(
+            t >= Duration::from_secs(4) && t < Duration::from_secs(9),
+            "{t:?}"
+        );
+    }
+    let s = scrape(metrics);
+    let timed_out = value(
+        &s,
+        "finwait_metrics_connections_dropped_total",
+        &[("reason", "header_timeout")],
+    );
+    assert!(timed_out.is_some_and(|n| n >= 2.0), "{timed_out:?}");
+    drop(tracer);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }

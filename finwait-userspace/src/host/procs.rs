@@ -194,16 +194,28 @@ pub(crate) fn own_usage() -> Option<Usage> {
     })
 }
 
+/// /proc that cannot be read (out of fds, say) is no answer: alive until a later check says.
 pub(crate) fn alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
-    let Ok(tasks) = Process::new(pid).and_then(|p| p.tasks()) else {
-        return false;
+    let tasks = match Process::new(pid).and_then(|p| p.tasks()) {
+        Ok(tasks) => tasks,
+        Err(e) => return !gone(&e),
     };
-    tasks
-        .flatten()
-        .any(|t| t.stat().is_ok_and(|s| s.state != 'Z' && s.state != 'X'))
+    tasks.into_iter().any(|t| match t.and_then(|t| t.stat()) {
+        Ok(s) => s.state != 'Z' && s.state != 'X',
+        Err(e) => !gone(&e),
+    })
+}
+
+/// An error that says the process or thread is not there, rather than that it was not read.
+fn gone(e: &procfs::ProcError) -> bool {
+    match e {
+        procfs::ProcError::NotFound(_) => true,
+        procfs::ProcError::Io(e, _) => e.raw_os_error() == Some(libc::ESRCH),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

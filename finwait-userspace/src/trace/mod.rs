@@ -64,6 +64,8 @@ pub(crate) struct Options {
     /// Serve metrics here.
     pub(crate) metrics: Option<std::net::SocketAddr>,
     pub(crate) metrics_max_workloads: usize,
+    /// `--web-config-file`: TLS and auth for the endpoint.
+    pub(crate) web_config: Option<std::path::PathBuf>,
     /// Report sockets half-closed or in CLOSE_WAIT for this long, once each.
     pub(crate) stuck: Option<Duration>,
     /// Human lines show wall-clock time instead of seconds since start.
@@ -169,6 +171,11 @@ fn sinks(
         sinks.push(output::for_stdout(o.json, style, o.summary_only));
     }
     if let Some(addr) = o.metrics {
+        // Checked before anything loads: a bad file is a usage error.
+        let web = match &o.web_config {
+            Some(path) => output::endpoint::WebConfig::read(path)?,
+            None => output::endpoint::WebConfig::default(),
+        };
         let (sink, registry) = output::metrics::MetricsSink::new(
             o.metrics_max_workloads,
             Box::new(crate::host::namespaces::close_path_of),
@@ -178,6 +185,7 @@ fn sinks(
             registry,
             sink.readiness(),
             own.clone(),
+            web,
         )?);
         sinks.push(Box::new(sink));
     }
