@@ -448,6 +448,12 @@ impl Correlator {
         if new == TcpState::Close {
             // The socket is gone; its address may be reused by a new one.
             self.socks.pop(&sock);
+        } else if let Some(s) = self.socks.peek_mut(&sock) {
+            // A reset ends its socket at once (tcp_done): it is the next transition's or none's.
+            // One whose socket's CLOSE never came here (with --pid the kernel forwards every
+            // reset, but only followed sockets' transitions; an active reset may follow the
+            // CLOSE) must not end the next socket at the address.
+            (s.reset_received, s.reset_sent) = (false, false);
         }
         r
     }
@@ -892,6 +898,54 @@ mod tests {
         c.handle(rec(5, &softirq, close), &mut out);
         let t = transitions(&out);
         assert!(t[3].missed_before && !t[3].earlier_socket_lost);
+    }
+
+    /// With `--pid` the kernel forwards every reset but only followed sockets' transitions: a
+    /// socket of another process was reset and its CLOSE never came. The followed socket that
+    /// gets its address later closes its half-closed FIN_WAIT2 itself; a reset of its own is
+    /// still one.
+    #[test]
+    fn a_reset_belongs_to_the_transition_after_it_only() {
+        let mut c = Correlator::new(false);
+        let child = task(20, 20, "httpd");
+        let softirq = task(0, 0, "swapper/0");
+        let mut out = Vec::new();
+        c.handle(
+            rec(1, &softirq, Decoded::ReceiveReset { sock: A }),
+            &mut out,
+        );
+        c.handle(rec(2, &child, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
+        let fw1 = tr(A, TcpState::Established, TcpState::FinWait1, 0, 80, 40000);
+        c.handle(rec(3, &child, fw1), &mut out);
+        let fw2 = tr(A, TcpState::FinWait1, TcpState::FinWait2, 0, 80, 40000);
+        c.handle(rec(4, &softirq, fw2), &mut out);
+        c.handle(rec(5, &child, exit(Call::Shutdown)), &mut out);
+        c.handle(rec(6, &child, enter(Call::Close, 5, 0, A, 1)), &mut out);
+        let close = tr(A, TcpState::FinWait2, TcpState::Close, SOCK_DEAD, 80, 40000);
+        c.handle(rec(7, &child, close), &mut out);
+        // The same again, reset by the peer in FIN_WAIT2.
+        c.handle(rec(8, &child, enter(Call::Shutdown, 6, 1, B, 1)), &mut out);
+        let fw1 = tr(B, TcpState::Established, TcpState::FinWait1, 0, 80, 40002);
+        c.handle(rec(9, &child, fw1), &mut out);
+        let fw2 = tr(B, TcpState::FinWait1, TcpState::FinWait2, 0, 80, 40002);
+        c.handle(rec(10, &softirq, fw2), &mut out);
+        c.handle(
+            rec(11, &softirq, Decoded::ReceiveReset { sock: B }),
+            &mut out,
+        );
+        let reset = tr(B, TcpState::FinWait2, TcpState::Close, 0, 80, 40002);
+        c.handle(rec(12, &softirq, reset), &mut out);
+        let exits: Vec<_> = transitions(&out)
+            .iter()
+            .filter_map(|t| Some((t.fw2_exit?, t.cause.as_ref()?.kind)))
+            .collect();
+        assert_eq!(
+            exits,
+            [
+                (Fw2Exit::OrphanTimewait, CauseKind::Call(Call::Close)),
+                (Fw2Exit::Reset, CauseKind::PeerRst)
+            ]
+        );
     }
 
     /// A prefork child closed in FIN_WAIT1 and the peer's ACK moved the orphan to FIN_WAIT2 and
