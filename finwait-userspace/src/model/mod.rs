@@ -322,6 +322,10 @@ pub(crate) struct TransitionReport {
     /// The socket left a state other than the one its last transition here entered: at least
     /// one transition in between never arrived.
     pub(crate) missed_before: bool,
+    /// Another socket had this address before (its ends were others: the kernel freed it and
+    /// reused the memory) and its transition to CLOSE never arrived: that socket's gap, and
+    /// nothing of it carries over to this one.
+    pub(crate) earlier_socket_lost: bool,
 }
 
 impl TransitionReport {
@@ -354,6 +358,7 @@ impl TransitionReport {
             fin_by: None,
             recorded_owner: None,
             missed_before: false,
+            earlier_socket_lost: false,
         }
     }
 

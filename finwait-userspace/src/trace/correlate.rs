@@ -416,6 +416,7 @@ impl Correlator {
     fn transition(&mut self, c: &Change<'_>) -> TransitionReport {
         let (sock, old, new) = (c.c.sock, c.c.old, c.c.new);
         let mut r = TransitionReport::new(c.ts, sock, c.c.ends.clone(), old, new, c.c.inode);
+        r.earlier_socket_lost = self.forget_earlier_socket(sock, &c.c.ends);
         // Each transition leaves the state the previous one entered; where it does not, one in
         // between never arrived (the kernel ran none of the programs for it, or lost it).
         r.missed_before = self
@@ -447,8 +448,39 @@ impl Correlator {
         if new == TcpState::Close {
             // The socket is gone; its address may be reused by a new one.
             self.socks.pop(&sock);
+        } else if let Some(s) = self.socks.peek_mut(&sock) {
+            // A reset ends its socket at once (tcp_done): it is the next transition's or none's.
+            // One whose socket's CLOSE never came here (with --pid the kernel forwards every
+            // reset, but only followed sockets' transitions; an active reset may follow the
+            // CLOSE) must not end the next socket at the address.
+            (s.reset_received, s.reset_sent) = (false, false);
         }
         r
+    }
+
+    /// A socket's ends are fixed once it is connected: a transition at this address with other
+    /// ends is a new socket in the memory of one whose CLOSE never arrived (the kernel skipped
+    /// it, or, with `--pid`, did not forward it: a socket of a process not followed). That
+    /// socket's state goes; what came after its last transition (a call, a reset) is kept, as
+    /// the new socket's more likely. True if there was one.
+    fn forget_earlier_socket(&mut self, sock: u64, ends: &crate::model::Endpoints) -> bool {
+        let Some(s) = self.socks.peek_mut(&sock) else {
+            return false;
+        };
+        // A connect()'s SYN_SENT is reported before its local port is chosen.
+        let earlier = s
+            .ends
+            .as_ref()
+            .is_some_and(|e| e.lport != 0 && e.key() != ends.key());
+        if earlier {
+            *s = SockState {
+                pending: s.pending.take(),
+                reset_received: s.reset_received,
+                reset_sent: s.reset_sent,
+                ..SockState::default()
+            };
+        }
+        earlier
     }
 
     /// Records the new state. Leaving a state whose start finwait never saw: if the start-up
@@ -833,6 +865,86 @@ mod tests {
         assert_eq!(
             (close.kind, close.task.map(|t| t.pid)),
             (CauseKind::Call(Call::Close), Some(20))
+        );
+    }
+
+    /// A half-closed socket's CLOSE never arrived and its memory went to a new socket (other
+    /// ends) whose FIN_WAIT1 never arrived either: the new one owes the earlier one neither a gap
+    /// nor its shutdown as the cause of its FIN_WAIT2.
+    #[test]
+    fn a_new_socket_at_an_address_inherits_nothing_of_the_earlier_one() {
+        let mut c = Correlator::new(false);
+        let child = task(20, 20, "httpd");
+        let softirq = task(0, 0, "swapper/0");
+        let mut out = Vec::new();
+        c.handle(rec(1, &child, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
+        let fw1 = tr(A, TcpState::Established, TcpState::FinWait1, 0, 80, 40000);
+        c.handle(rec(2, &child, fw1), &mut out);
+        let fw2 = tr(A, TcpState::FinWait1, TcpState::FinWait2, 0, 80, 40000);
+        c.handle(rec(3, &softirq, fw2), &mut out);
+        // Another connection's socket at the same address.
+        let fw2 = tr(A, TcpState::FinWait1, TcpState::FinWait2, 0, 80, 40002);
+        c.handle(rec(4, &softirq, fw2), &mut out);
+        let t = transitions(&out);
+        let flags: Vec<_> = t
+            .iter()
+            .map(|t| (t.missed_before, t.earlier_socket_lost))
+            .collect();
+        assert_eq!(flags, [(false, false), (false, false), (false, true)]);
+        assert_eq!(t[2].cause.as_ref().unwrap().kind, CauseKind::Unknown);
+        assert_eq!(t[2].since_fin_ns, None);
+        // The same socket again: its own gap.
+        let close = tr(A, TcpState::TimeWait, TcpState::Close, 0, 80, 40002);
+        c.handle(rec(5, &softirq, close), &mut out);
+        let t = transitions(&out);
+        assert!(t[3].missed_before && !t[3].earlier_socket_lost);
+    }
+
+    /// With `--pid` the kernel forwards every reset but only followed sockets' transitions: a
+    /// socket of another process was reset and its CLOSE never came. The followed socket that
+    /// gets its address later closes its half-closed FIN_WAIT2 itself; a reset of its own is
+    /// still one.
+    #[test]
+    fn a_reset_belongs_to_the_transition_after_it_only() {
+        let mut c = Correlator::new(false);
+        let child = task(20, 20, "httpd");
+        let softirq = task(0, 0, "swapper/0");
+        let mut out = Vec::new();
+        c.handle(
+            rec(1, &softirq, Decoded::ReceiveReset { sock: A }),
+            &mut out,
+        );
+        c.handle(rec(2, &child, enter(Call::Shutdown, 5, 1, A, 1)), &mut out);
+        let fw1 = tr(A, TcpState::Established, TcpState::FinWait1, 0, 80, 40000);
+        c.handle(rec(3, &child, fw1), &mut out);
+        let fw2 = tr(A, TcpState::FinWait1, TcpState::FinWait2, 0, 80, 40000);
+        c.handle(rec(4, &softirq, fw2), &mut out);
+        c.handle(rec(5, &child, exit(Call::Shutdown)), &mut out);
+        c.handle(rec(6, &child, enter(Call::Close, 5, 0, A, 1)), &mut out);
+        let close = tr(A, TcpState::FinWait2, TcpState::Close, SOCK_DEAD, 80, 40000);
+        c.handle(rec(7, &child, close), &mut out);
+        // The same again, reset by the peer in FIN_WAIT2.
+        c.handle(rec(8, &child, enter(Call::Shutdown, 6, 1, B, 1)), &mut out);
+        let fw1 = tr(B, TcpState::Established, TcpState::FinWait1, 0, 80, 40002);
+        c.handle(rec(9, &child, fw1), &mut out);
+        let fw2 = tr(B, TcpState::FinWait1, TcpState::FinWait2, 0, 80, 40002);
+        c.handle(rec(10, &softirq, fw2), &mut out);
+        c.handle(
+            rec(11, &softirq, Decoded::ReceiveReset { sock: B }),
+            &mut out,
+        );
+        let reset = tr(B, TcpState::FinWait2, TcpState::Close, 0, 80, 40002);
+        c.handle(rec(12, &softirq, reset), &mut out);
+        let exits: Vec<_> = transitions(&out)
+            .iter()
+            .filter_map(|t| Some((t.fw2_exit?, t.cause.as_ref()?.kind)))
+            .collect();
+        assert_eq!(
+            exits,
+            [
+                (Fw2Exit::OrphanTimewait, CauseKind::Call(Call::Close)),
+                (Fw2Exit::Reset, CauseKind::PeerRst)
+            ]
         );
     }
 

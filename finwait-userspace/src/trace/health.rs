@@ -153,7 +153,7 @@ impl Warned {
         let missed = p.transitions_missed;
         if missed > self.missed {
             eprintln!(
-                "finwait-trace: warning: {} transitions of reported sockets never arrived (the socket's next transition left another state; transitions_missed)",
+                "finwait-trace: warning: {} transitions of reported sockets never arrived (the socket's next transition left another state, or another socket took its address; transitions_missed)",
                 missed - self.missed
             );
             self.missed = missed;

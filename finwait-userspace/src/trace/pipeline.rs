@@ -48,8 +48,8 @@ pub(crate) struct Pipeline {
     batch: Vec<Report>,
     /// Reports whose owners are known, in kernel order.
     ready: Vec<Report>,
-    /// Transitions of reported sockets that never arrived (see `Filter::missed_transition`
-    /// and `count_moved_on`).
+    /// Transitions of reported sockets that never arrived (see `Filter::pass` and
+    /// `count_moved_on`).
     pub(crate) transitions_missed: u64,
 }
 
@@ -115,11 +115,11 @@ impl Pipeline {
         // report is worked on in place (a report is a few hundred bytes: no moves).
         let mut ready = std::mem::take(&mut self.ready);
         let written = ready.iter_mut().try_for_each(|r| {
-            let missed = self.filter.missed_transition(r);
-            if !self.filter.wanted(r) {
+            let (wanted, missed) = self.filter.pass(r);
+            self.transitions_missed += missed;
+            if !wanted {
                 return Ok(());
             }
-            self.transitions_missed += u64::from(missed);
             if let Report::Transition(t) = r {
                 self.enrich(t);
             }
