@@ -503,6 +503,116 @@ fn prometheus_scrapes_the_close_wait_leak_of_a_container() {
     tracer.stop_when(&[]);
 }
 
+/// One GET of `/metrics` with this `Accept`: the response's head and body.
+fn metrics_as(port: u16, accept: &str) -> (String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    (head.to_ascii_lowercase(), body.to_string())
+}
+
+/// Every panel of deploy/grafana/finwait.json, run against the real Prometheus that scrapes a
+/// leak, half-closed sockets and their closes, returns series; the standard process metrics are
+/// among them. The endpoint speaks the format the scraper asks for, and describes every family
+/// from the start.
+#[test]
+fn the_dashboard_s_queries_answer_and_the_format_is_the_one_asked_for() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let metrics = free_port();
+    let tracer = Tracer::start(&["--metrics", &format!("127.0.0.1:{metrics}")]);
+    // Before anything happened: every family has its HELP and TYPE.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(metrics, "/ready").is_none() {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (head, om) = metrics_as(metrics, "*/*");
+    assert!(
+        head.contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(
+        om.contains("# TYPE finwait_closes_without_fin counter"),
+        "{om}"
+    );
+    assert!(om.ends_with("# EOF\n"));
+    let (head, text) = metrics_as(metrics, "text/plain;version=0.0.4;q=0.9");
+    assert!(
+        head.contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert!(
+        text.contains("# TYPE finwait_close_wait_entries_total counter"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("# EOF") && !text.contains("# UNIT"),
+        "{text}"
+    );
+    let Some(prom) = Prometheus::start(metrics) else {
+        tracer.stop_when_with_skips(&[]);
+        return;
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let leaker = Leaker::start(&listener);
+    leaker.leak(port, 3);
+    let (half, _peer) = {
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = listener.accept().unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        (c, s)
+    };
+    let leaked = format!("sum(finwait_close_wait_sockets{{comm=\"{LEAKER_NAME}\"}})");
+    prom.wait_for(&leaked, "3");
+    std::thread::sleep(Duration::from_secs(3));
+    leaker.send(b'c');
+    prom.wait_for(&leaked, "0");
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/finwait.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8, "{panels:?}");
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let promql = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$job", "finwait")
+                .replace("$__rate_interval", "1m");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let series = prom.query(&promql).unwrap_or_default();
+                if !series.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "panel {:?}: {promql} returned no series",
+                    panel["title"]
+                );
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    drop(half);
+    tracer.stop_when_with_skips(&[]);
+}
+
 #[test]
 fn ten_thousand_process_names_do_not_make_ten_thousand_series() {
     let _one = SERIAL

@@ -176,13 +176,13 @@ fn sinks(
             Some(path) => output::endpoint::WebConfig::read(path)?,
             None => output::endpoint::WebConfig::default(),
         };
-        let (sink, registry) = output::metrics::MetricsSink::new(
+        let (sink, exposition) = output::metrics::MetricsSink::new(
             o.metrics_max_workloads,
             Box::new(crate::host::namespaces::close_path_of),
         );
         endpoint = Some(output::endpoint::bind(
             addr,
-            registry,
+            exposition,
             sink.readiness(),
             own.clone(),
             web,

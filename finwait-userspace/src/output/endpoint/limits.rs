@@ -10,9 +10,10 @@ use std::{
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
-    registry::Registry,
 };
 use tokio::sync::oneshot;
+
+use crate::output::metrics::Exposition;
 
 /// Connections served at once at most: the cap on the endpoint's fds and memory.
 pub(super) const MAX_CONNECTIONS: usize = 64;
@@ -62,7 +63,7 @@ pub(super) struct Stats {
 }
 
 impl Stats {
-    pub(super) fn register(&self, r: &mut Registry) {
+    pub(super) fn register(&self, r: &mut Exposition) {
         r.register(
             "metrics_connections",
             "Connections the --metrics endpoint accepted",

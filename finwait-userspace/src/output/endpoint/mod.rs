@@ -32,7 +32,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::registry::Registry;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
@@ -41,6 +40,8 @@ use tokio::{
 
 use deadline::WriteDeadline;
 use limits::{Backoff, Dropped, Stats, Table};
+
+use super::metrics::{Exposition, Format};
 pub(crate) use own::OwnConnections;
 pub(crate) use web_config::WebConfig;
 
@@ -62,21 +63,19 @@ const SERVED: &str = "finwait-trace serves GET /metrics, /ready and /healthz\n";
 const NOT_READY: &str = "not ready: reading the sockets already stuck, to seed the gauges\n";
 const UNAUTHORIZED: &str = "unauthorized\n";
 
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
 /// Set once the gauges are seeded: `/metrics` and `/ready` answer from then on.
 pub(crate) type Ready = Arc<AtomicBool>;
 
 /// What every connection shares.
 struct Shared {
-    registry: Registry,
+    exposition: Exposition,
     ready: Ready,
     own: OwnConnections,
     web: WebConfig,
     stats: Stats,
     table: Table,
-    /// The last `/metrics` body, and when it was encoded.
-    encoded: Mutex<Option<(Instant, Bytes)>>,
+    /// The last `/metrics` body of each format, and when it was encoded.
+    encoded: Mutex<[Option<(Instant, Bytes)>; 2]>,
 }
 
 /// The endpoint's port, bound before the programs load (a taken port fails at once), not yet
@@ -92,7 +91,7 @@ pub(crate) struct Endpoint {
 /// as they come and go, and counted in `registry`.
 pub(crate) fn bind(
     addr: SocketAddr,
-    mut registry: Registry,
+    mut exposition: Exposition,
     ready: Ready,
     own: OwnConnections,
     web: WebConfig,
@@ -106,9 +105,9 @@ pub(crate) fn bind(
     }
     listener.set_nonblocking(true)?;
     let stats = Stats::default();
-    stats.register(&mut registry);
+    stats.register(&mut exposition);
     let shared = Arc::new(Shared {
-        registry,
+        exposition,
         ready,
         own,
         web,
@@ -275,17 +274,16 @@ where
 impl Shared {
     /// The registry encoded, at most once per [`FRESH`]: however many requests come at once
     /// (pipelined by a client that never reads, say), the endpoint encodes a few a second.
-    fn encoded(&self) -> Option<Bytes> {
+    fn encoded(&self, format: Format) -> Option<Bytes> {
         let mut last = self.encoded.lock().ok()?;
-        if let Some((at, body)) = &*last
+        let slot = &mut last[usize::from(format == Format::Text004)];
+        if let Some((at, body)) = &*slot
             && at.elapsed() < FRESH
         {
             return Some(body.clone());
         }
-        let mut body = String::with_capacity(16 * 1024);
-        prometheus_client::encoding::text::encode(&mut body, &self.registry).ok()?;
-        let body = Bytes::from(body);
-        *last = Some((Instant::now(), body.clone()));
+        let body = Bytes::from(self.exposition.encode(format)?);
+        *slot = Some((Instant::now(), body.clone()));
         Some(body)
     }
 
@@ -304,7 +302,7 @@ impl Shared {
             }
             _ => {
                 let ready = self.ready.load(Ordering::Acquire);
-                respond(&req, || self.encoded(), ready)
+                respond(&req, |f| self.encoded(f), ready)
             }
         };
         for (name, value) in &self.web.headers {
@@ -325,10 +323,11 @@ fn reply(status: StatusCode, kind: &str, body: impl Into<Bytes>) -> Response<Ful
     r
 }
 
-/// `metrics` encodes the registry (only `/metrics` calls it).
+/// `metrics` encodes the registry in a format (only `/metrics` calls it): the one `Accept`
+/// asks for.
 fn respond(
     req: &Request<Incoming>,
-    metrics: impl FnOnce() -> Option<Bytes>,
+    metrics: impl FnOnce(Format) -> Option<Bytes>,
     ready: bool,
 ) -> Response<Full<Bytes>> {
     let text = TEXT;
@@ -348,8 +347,13 @@ fn respond(
     if path == "/ready" {
         return reply(StatusCode::OK, text, "ready\n");
     }
-    match metrics() {
-        Some(body) => reply(StatusCode::OK, OPENMETRICS, body),
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(accept);
+    match metrics(format) {
+        Some(body) => reply(StatusCode::OK, format.content_type(), body),
         None => reply(StatusCode::INTERNAL_SERVER_ERROR, text, "encoding failed\n"),
     }
 }

@@ -2,6 +2,7 @@
 //! for the endpoint in [`super::endpoint`] to serve. A sink like the others: this file is what
 //! each report counts; [`registry`] names the series, [`workloads`] caps them, [`held`] keeps
 //! the sockets someone must close so that the gauges are exact.
+mod exposition;
 mod held;
 mod registry;
 mod workloads;
@@ -9,12 +10,12 @@ mod workloads;
 use std::{collections::HashMap, io, time::Instant};
 
 use finwait_common::TcpState;
-use prometheus_client::{
-    metrics::{family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
-};
+use prometheus_client::metrics::{family::Family, gauge::Gauge, histogram::Histogram};
 
-pub(crate) use self::held::ReadKernel;
+pub(crate) use self::{
+    exposition::{Exposition, Format},
+    held::ReadKernel,
+};
 use self::{
     held::{CHECK_EVERY, Held, Kind},
     registry::{
@@ -51,7 +52,7 @@ pub(crate) struct MetricsSink {
 
 impl MetricsSink {
     /// The sink, and the registry holding its metrics (for the endpoint).
-    pub(crate) fn new(max_workloads: usize, read_kernel: ReadKernel) -> (Self, Registry) {
+    pub(crate) fn new(max_workloads: usize, read_kernel: ReadKernel) -> (Self, Exposition) {
         let sink = Self {
             families: Families::default(),
             health: Health::default(),
@@ -251,7 +252,7 @@ mod tests {
     use prometheus_client::metrics::counter::Counter;
 
     /// A sink whose kernel table cannot be read (nothing is ever released by a check).
-    fn sink(max_workloads: usize) -> (MetricsSink, Registry) {
+    fn sink(max_workloads: usize) -> (MetricsSink, Exposition) {
         MetricsSink::new(max_workloads, Box::new(|_| None))
     }
 
@@ -326,10 +327,8 @@ mod tests {
         m.report(r, v.as_ref()).unwrap();
     }
 
-    fn text(r: &Registry) -> String {
-        let mut s = String::new();
-        prometheus_client::encoding::text::encode(&mut s, r).unwrap();
-        s
+    fn text(r: &Exposition) -> String {
+        r.encode(Format::OpenMetrics).unwrap()
     }
 
     const DOCKER: &str = "/system.slice/docker-3f2a9c1b7d4e5f60718293a4b5c6d7e8f0112233445566778899aabbccddeeff.scope";

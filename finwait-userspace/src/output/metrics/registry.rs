@@ -8,7 +8,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::MetricsSink;
+use super::{MetricsSink, exposition::Exposition};
 use crate::model::{Comm, Container, Owner, Task};
 
 /// Who a series is about: a process name and where it runs. Never a pid, port or address.
@@ -339,63 +339,70 @@ pub(super) fn set_counter(c: &Counter, v: u64) {
 }
 
 impl MetricsSink {
-    pub(super) fn registry(&self) -> Registry {
+    pub(super) fn registry(&self) -> Exposition {
         let mut root = Registry::default();
         self.process.register(&mut root);
-        let r = root.sub_registry_with_prefix("finwait");
+        let mut r = Exposition::new(root, "finwait");
         let f = &self.families;
-        r.register(
+        r.register_family(
             "fin_wait2_entries",
             "Sockets that entered FIN_WAIT2, by the call that sent our FIN and the workload that made it",
+            "counter",
             f.fin_wait2_entries.clone(),
         );
-        r.register(
+        r.register_family(
             "close_wait_entries",
             "Sockets that entered CLOSE_WAIT (the peer closed), by the workload that holds them",
+            "counter",
             f.close_wait_entries.clone(),
         );
-        r.register(
+        r.register_family(
             "closes_without_fin",
             "close() calls that sent no FIN because another reference to the socket remained",
+            "counter",
             f.closes_without_fin.clone(),
         );
-        r.register(
+        r.register_family(
             "half_closed_sockets",
             "Sockets half-closed by shutdown() now: the application must close them (no kernel timeout)",
+            "gauge",
             f.half_closed.clone(),
         );
-        r.register(
+        r.register_family(
             "close_wait_sockets",
             "Sockets in CLOSE_WAIT now: their owner must close them (CLOSE_WAIT never times out)",
+            "gauge",
             f.close_wait.clone(),
         );
-        r.register_with_unit(
+        r.registry_mut().register_with_unit(
             "half_closed_duration",
             "Time from FIN_WAIT2 after shutdown() to its end",
             Unit::Seconds,
             self.half_closed_seconds.clone(),
         );
-        r.register_with_unit(
+        r.registry_mut().register_with_unit(
             "close_wait_duration",
             "Time in CLOSE_WAIT before the owner closed",
             Unit::Seconds,
             self.close_wait_seconds.clone(),
         );
-        r.register(
+        r.register_family(
             "info",
             "How finwait-trace runs here (labels), always 1",
+            "gauge",
             self.info.clone(),
         );
-        r.register(
+        r.register_family(
             "pod_info",
             "A Kubernetes pod with series here: its namespace and name by UID (from the node's /var/log/pods), always 1",
+            "gauge",
             f.pod_info.clone(),
         );
-        self.register_health(r);
-        root
+        self.register_health(&mut r);
+        r
     }
 
-    fn register_health(&self, r: &mut Registry) {
+    fn register_health(&self, r: &mut Exposition) {
         for (name, help, c) in self.health.counters() {
             r.register(name, help, c.clone());
         }
