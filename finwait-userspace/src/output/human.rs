@@ -369,6 +369,49 @@ fn write_close_no_fin(b: &mut LineBuf, n: &CloseNoFinReport, clock: &Clock, styl
     style.fit(&b.head, b.head.len(), &b.text, &mut b.line);
 }
 
+/// The sockets open the longest, those of one process in one state on one line (their fds
+/// as ranges, the age of the oldest).
+fn longest_lines(longest: &[crate::model::summary::Longest]) -> Vec<String> {
+    let mut groups: Vec<(&crate::model::summary::Longest, Vec<i32>, usize)> = Vec::new();
+    for l in longest {
+        match groups.iter_mut().find(|(g, _, _)| {
+            (g.pid, &g.what, g.ends.local, g.ends.lport)
+                == (l.pid, &l.what, l.ends.local, l.ends.lport)
+        }) {
+            Some((_, fds, n)) => {
+                fds.extend(l.fd);
+                *n += 1;
+            }
+            None => groups.push((l, l.fd.into_iter().collect(), 1)),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(l, mut fds, n)| {
+            let secs = l.age_ns as f64 / 1e9;
+            let at_least = if l.at_least { "at least " } else { "" };
+            let e = &l.ends;
+            if n == 1 {
+                let fd = l.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
+                return format!(
+                    "    {} {}[{}]{fd} {}:{} > {}:{} for {at_least}{secs:.1} s",
+                    l.what, l.comm, l.pid, e.local, e.lport, e.remote, e.rport
+                );
+            }
+            fds.sort_unstable();
+            format!(
+                "    {n} x {} {}[{}] fds {} on {}:{} for {at_least}{secs:.1} s",
+                l.what,
+                l.comm,
+                l.pid,
+                stuck_groups::fd_ranges(&fds, 4),
+                e.local,
+                e.lport
+            )
+        })
+        .collect()
+}
+
 /// A histogram as bars of `#`, the longest 40 wide.
 fn histogram_lines(h: &Histogram) -> impl Iterator<Item = String> + '_ {
     let max = h.buckets().map(|(_, n)| n).max().unwrap_or(0).max(1);
@@ -559,15 +602,8 @@ impl Sink for HumanSink {
         if !longest.is_empty() {
             self.out.line("  Longest stuck, still open:")?;
         }
-        for l in longest {
-            let secs = l.age_ns as f64 / 1e9;
-            let fd = l.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
-            let e = &l.ends;
-            let at_least = if l.at_least { "at least " } else { "" };
-            self.out.line(&format!(
-                "    {} {}[{}]{fd} {}:{} > {}:{} for {at_least}{secs:.1} s",
-                l.what, l.comm, l.pid, e.local, e.lport, e.remote, e.rport
-            ))?;
+        for line in longest_lines(&longest) {
+            self.out.line(&line)?;
         }
         Ok(())
     }
