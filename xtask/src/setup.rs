@@ -51,7 +51,7 @@ pub fn setup() -> Result<()> {
             "the eBPF toolchain is missing. On Debian 12 or newer, as root:\n  \
              apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}\n  \
              LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --version {BPF_LINKER_VERSION} --no-default-features --features llvm-22\n\
-             Elsewhere: a Rust nightly with rust-src and `cargo install bpf-linker` (see README.md, 'Building').",
+             Elsewhere: a Rust nightly with rust-src and `cargo install bpf-linker` (see docs/building.md).",
             APT_PACKAGES.join(" ")
         );
     }

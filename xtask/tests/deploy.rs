@@ -758,16 +758,11 @@ fn daemonset_security_checks_catch_mistakes() {
     ]);
 }
 
-/// The README's fleet section names no file of deploy/ that is not there.
+/// The fleet guide (docs/fleet.md) names no file of deploy/ that is not there.
 #[test]
 fn fleet_doc_names_existing_files() {
-    let path = xtask::workspace().join("README.md");
-    let readme = fs::read_to_string(&path).unwrap();
-    let start = readme
-        .find("## On a fleet")
-        .expect("README.md has its fleet section");
-    let doc = &readme[start..];
-    let doc = &doc[..doc[3..].find("\n## ").map_or(doc.len(), |e| e + 3)];
+    let path = xtask::workspace().join("docs/fleet.md");
+    let doc = fs::read_to_string(&path).unwrap();
     let root = xtask::workspace();
     let named: BTreeSet<&str> = doc
         .split(|c: char| c.is_whitespace() || "`()[],:;".contains(c))
@@ -778,7 +773,7 @@ fn fleet_doc_names_existing_files() {
     for path in named {
         assert!(
             root.join(path).exists(),
-            "README.md's fleet section names {path}, which is not there"
+            "docs/fleet.md names {path}, which is not there"
         );
     }
 }

@@ -754,16 +754,17 @@ mod tests {
         model::{CauseKind, Holder, Task, Verdict},
     };
 
-    /// Where the contract is written down: the README's Usage and docs/json.md.
-    const README: &str = concat!(
-        include_str!("../../../README.md"),
+    /// Where the contract is written down: docs/json.md, and docs/usage.md for the events of
+    /// each mode.
+    const DOCS: &str = concat!(
+        include_str!("../../../docs/usage.md"),
         include_str!("../../../docs/json.md")
     );
 
     /// Every `{"event": "NAME", ...}` in the README: (name, top-level fields, complete?).
     fn documented() -> Vec<(String, BTreeSet<String>, bool)> {
         let mut out = Vec::new();
-        let mut rest = README;
+        let mut rest = DOCS;
         while let Some(at) = rest.find("{\"event\": \"") {
             let body = &rest[at + 1..];
             let (mut depth, mut end) = (1, body.len());
@@ -939,16 +940,16 @@ mod tests {
         let documented = documented();
         for (name, fields, complete) in &documented {
             let Some(have) = written.get(name.as_str()) else {
-                panic!("README documents an event `{name}` that finwait never writes")
+                panic!("the docs document an event `{name}` that finwait never writes")
             };
             let unknown: Vec<_> = fields.difference(have).collect();
             assert!(
                 unknown.is_empty(),
-                "README's `{name}` names {unknown:?}, not written"
+                "the docs' `{name}` names {unknown:?}, not written"
             );
             if *complete {
                 let missing: Vec<_> = have.difference(fields).collect();
-                assert!(missing.is_empty(), "README's `{name}` omits {missing:?}");
+                assert!(missing.is_empty(), "the docs' `{name}` omits {missing:?}");
             }
         }
         for name in written.keys() {
@@ -956,7 +957,7 @@ mod tests {
                 documented
                     .iter()
                     .any(|(n, _, complete)| n == name && *complete),
-                "README has no complete field list for `{name}`"
+                "the docs have no complete field list for `{name}`"
             );
         }
     }
