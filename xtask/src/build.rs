@@ -1,8 +1,8 @@
 //! `cargo xtask build`, `run` and `docs`, and the builds the other commands start from: the
 //! `finwait-trace` binary and finwait-userspace's examples (the benchmark drivers).
-use std::{path::PathBuf, process::Command};
+use std::{io, path::PathBuf, process::Command};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::{as_root, cargo, sh, workspace};
@@ -55,8 +55,44 @@ pub fn docs() -> Result<()> {
     Ok(())
 }
 
-/// Builds `finwait-trace` (debug or release); returns its path.
+/// The target a release is built for: this machine's architecture, linked statically against
+/// musl, so that the binary runs on any distribution's userland (a glibc build needs a glibc
+/// at least as new as the build machine's: Debian 11, RHEL 8 or Amazon Linux 2 have older).
+pub fn static_target() -> String {
+    format!("{}-unknown-linux-musl", std::env::consts::ARCH)
+}
+
+/// Builds `finwait-trace`; returns its path. Debug builds (what the tests run) link glibc
+/// dynamically, as any cargo build; a release is the static build for `static_target()`,
+/// copied to `target/release/finwait-trace`, where README and deploy/ point.
 pub(crate) fn build_tracer(release: bool) -> Result<PathBuf> {
+    if !release {
+        sh(&mut cargo_build(None))?;
+        return Ok(workspace().join("target/debug/finwait-trace"));
+    }
+    let target = static_target();
+    sh(cargo_build(Some(&target)).arg("--release"))?;
+    let built = workspace()
+        .join("target")
+        .join(&target)
+        .join("release/finwait-trace");
+    let dest = workspace().join("target/release/finwait-trace");
+    std::fs::create_dir_all(workspace().join("target/release"))?;
+    // A plain `cargo build --release` left a hard link to its own output here: unlink it
+    // rather than write through it into cargo's build.
+    match std::fs::remove_file(&dest) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", dest.display()));
+        }
+        _ => {}
+    }
+    std::fs::copy(&built, &dest)
+        .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+    Ok(dest)
+}
+
+/// `cargo build` of the `finwait-trace` binary, for `target` if given.
+fn cargo_build(target: Option<&str>) -> Command {
     let mut cmd = cargo();
     cmd.args([
         "build",
@@ -65,15 +101,10 @@ pub(crate) fn build_tracer(release: bool) -> Result<PathBuf> {
         "--bin",
         "finwait-trace",
     ]);
-    if release {
-        cmd.arg("--release");
+    if let Some(t) = target {
+        cmd.args(["--target", t]);
     }
-    sh(&mut cmd)?;
-    let profile = if release { "release" } else { "debug" };
-    Ok(workspace()
-        .join("target")
-        .join(profile)
-        .join("finwait-trace"))
+    cmd
 }
 
 /// Release builds of finwait-userspace's examples (the benchmark drivers).

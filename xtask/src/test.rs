@@ -1,4 +1,5 @@
 //! `cargo xtask test`: the unit tests and the root integration tests on this kernel (as root),
+//! with the static release binary in a Debian 11 chroot (xtask's `tests/old_userland.rs`),
 //! then (unless `--host-only`) the integration tests in qemu on the kernel matrix (`vm`).
 use std::{env, path::Path, process::Command};
 
@@ -45,6 +46,10 @@ fn host_tests(extra: &[String]) -> Result<()> {
     let tracer = build_tracer(false)?;
     // SAFETY: xtask is single-threaded here.
     unsafe { env::set_var("FINWAIT_TRACE", &tracer) };
+    // The release binary, which xtask's old-userland test runs in a Debian 11 chroot.
+    let release = build_tracer(true)?;
+    // SAFETY: xtask is single-threaded here.
+    unsafe { env::set_var("FINWAIT_STATIC_TRACE", &release) };
     // Build first as the invoking user, so a sudo run only executes.
     sh(cargo().args([
         "test",
@@ -67,15 +72,16 @@ fn host_tests(extra: &[String]) -> Result<()> {
     as_root(Path::new(&cargo_path()), &args)
 }
 
-/// The metrics tests scrape finwait with a real Prometheus server (Debian's `prometheus`, also
-/// the deploy/ checks' `promtool`). Installing must not start the packaged service.
 /// What the host's tests run beside finwait: a real Prometheus server (and promtool for
-/// `deploy/`), and a real container runtime (podman with runc).
+/// `deploy/`), a real container runtime (podman with runc), and debootstrap. Installing must
+/// not start the packaged service.
 fn install_test_packages() -> Result<()> {
     let wanted = [
         ("/usr/bin/prometheus", "prometheus"),
         ("/usr/bin/podman", "podman"),
         ("/usr/sbin/runc", "runc"),
+        // The old-userland test's Debian 11 root file system.
+        ("/usr/sbin/debootstrap", "debootstrap"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -87,7 +93,7 @@ fn install_test_packages() -> Result<()> {
     }
     if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
         bail!(
-            "the tests need a Prometheus server and a container runtime: apt-get install {}",
+            "the tests need a Prometheus server, a container runtime and debootstrap: apt-get install {}",
             missing.join(" ")
         );
     }
