@@ -5,13 +5,38 @@ use std::{io, path::PathBuf, process::Command};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{as_root, cargo, sh, workspace};
+use crate::{as_root, cargo, setup::add_rust_target, sh, workspace};
 
 #[derive(Args)]
 pub struct BuildOptions {
     #[arg(long)]
     release: bool,
+    /// Cross-build the static release binary for another architecture's musl target (see
+    /// `STATIC_TARGETS`), into target/TARGET/release/.
+    #[arg(long, requires = "release", value_parser = STATIC_TARGETS.map(|t| t.triple))]
+    target: Option<String>,
 }
+
+/// A static (musl) target a release is built for, and how to link it from any machine.
+pub struct StaticTarget {
+    pub triple: &'static str,
+    /// Its `std::env::consts::ARCH`.
+    arch: &'static str,
+}
+
+/// The architectures finwait ships for (its `kernel::arch` table has their syscall interface).
+/// Linked by rust-lld with the musl the target ships: no C toolchain for the other
+/// architecture, as finwait has no C to compile.
+pub const STATIC_TARGETS: [StaticTarget; 2] = [
+    StaticTarget {
+        triple: "x86_64-unknown-linux-musl",
+        arch: "x86_64",
+    },
+    StaticTarget {
+        triple: "aarch64-unknown-linux-musl",
+        arch: "aarch64",
+    },
+];
 
 #[derive(Args)]
 pub struct RunOptions {
@@ -21,9 +46,12 @@ pub struct RunOptions {
     args: Vec<String>,
 }
 
-/// `build`: builds `finwait-trace` and says where it is.
+/// `build`: builds `finwait-trace` (for `--target`, if given) and says where it is.
 pub fn build(opts: &BuildOptions) -> Result<()> {
-    let bin = build_tracer(opts.release)?;
+    let bin = match &opts.target {
+        Some(target) if *target != static_target() => build_static(target)?,
+        _ => build_tracer(opts.release)?,
+    };
     println!("built {}", bin.display());
     Ok(())
 }
@@ -70,12 +98,7 @@ pub(crate) fn build_tracer(release: bool) -> Result<PathBuf> {
         sh(&mut cargo_build(None))?;
         return Ok(workspace().join("target/debug/finwait-trace"));
     }
-    let target = static_target();
-    sh(cargo_build(Some(&target)).arg("--release"))?;
-    let built = workspace()
-        .join("target")
-        .join(&target)
-        .join("release/finwait-trace");
+    let built = build_static(&static_target())?;
     let dest = workspace().join("target/release/finwait-trace");
     std::fs::create_dir_all(workspace().join("target/release"))?;
     // A plain `cargo build --release` left a hard link to its own output here: unlink it
@@ -89,6 +112,29 @@ pub(crate) fn build_tracer(release: bool) -> Result<PathBuf> {
     std::fs::copy(&built, &dest)
         .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
     Ok(dest)
+}
+
+/// The static release build for `target` (one of `STATIC_TARGETS`); returns its path.
+fn build_static(target: &str) -> Result<PathBuf> {
+    add_rust_target(target)?;
+    let mut cmd = cargo_build(Some(target));
+    cmd.arg("--release");
+    if STATIC_TARGETS
+        .iter()
+        .any(|t| t.triple == target && t.arch != std::env::consts::ARCH)
+    {
+        // rustc finds rust-lld in its sysroot; the target's own musl makes it self-contained.
+        let var = format!(
+            "CARGO_TARGET_{}_LINKER",
+            target.to_uppercase().replace('-', "_")
+        );
+        cmd.env(var, "rust-lld");
+    }
+    sh(&mut cmd)?;
+    Ok(workspace()
+        .join("target")
+        .join(target)
+        .join("release/finwait-trace"))
 }
 
 /// `cargo build` of the `finwait-trace` binary, for `target` if given.

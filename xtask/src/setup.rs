@@ -51,7 +51,11 @@ pub fn setup() -> Result<()> {
 /// needs no root; the target ships musl's libc, the host's cc links it, and finwait has no C
 /// to compile).
 fn setup_static() -> Result<()> {
-    let target = static_target();
+    add_rust_target(&static_target())
+}
+
+/// Adds rustup's `target` (its standard library) unless it is there.
+pub(crate) fn add_rust_target(target: &str) -> Result<()> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output();
@@ -63,7 +67,7 @@ fn setup_static() -> Result<()> {
         .any(|l| l.trim() == target)
     {
         eprintln!("xtask: adding the {target} target (the static release build)...");
-        sh(Command::new("rustup").args(["target", "add", &target]))?;
+        sh(Command::new("rustup").args(["target", "add", target]))?;
     }
     Ok(())
 }

@@ -390,8 +390,8 @@ impl Sink for HumanSink {
         };
         let fd = if s.fd_resolution { "on" } else { "off" };
         self.out.line(&format!(
-            "finwait-trace: tracing TCP close paths (mode: {}{hook}, fd->socket resolution: {fd}, socket inventory: {}, tcp_fin_timeout {} s); Ctrl-C to stop",
-            s.mode, s.inventory, s.tcp_fin_timeout_s
+            "finwait-trace: tracing TCP close paths on {} (mode: {}{hook}, fd->socket resolution: {fd}, socket inventory: {}, tcp_fin_timeout {} s); Ctrl-C to stop",
+            s.arch, s.mode, s.inventory, s.tcp_fin_timeout_s
         ))
     }
 
