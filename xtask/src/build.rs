@@ -18,8 +18,8 @@ pub struct BuildOptions {
 }
 
 /// A static (musl) target a release is built for, and how to link it from any machine.
-pub struct StaticTarget {
-    pub triple: &'static str,
+pub(crate) struct StaticTarget {
+    pub(crate) triple: &'static str,
     /// Its `std::env::consts::ARCH`.
     arch: &'static str,
 }
@@ -27,7 +27,7 @@ pub struct StaticTarget {
 /// The architectures finwait ships for (its `kernel::arch` table has their syscall interface).
 /// Linked by rust-lld with the musl the target ships: no C toolchain for the other
 /// architecture, as finwait has no C to compile.
-pub const STATIC_TARGETS: [StaticTarget; 2] = [
+pub(crate) const STATIC_TARGETS: [StaticTarget; 2] = [
     StaticTarget {
         triple: "x86_64-unknown-linux-musl",
         arch: "x86_64",
@@ -86,7 +86,7 @@ pub fn docs() -> Result<()> {
 /// The target a release is built for: this machine's architecture, linked statically against
 /// musl, so that the binary runs on any distribution's userland (a glibc build needs a glibc
 /// at least as new as the build machine's: Debian 11, RHEL 8 or Amazon Linux 2 have older).
-pub fn static_target() -> String {
+pub(crate) fn static_target() -> String {
     format!("{}-unknown-linux-musl", std::env::consts::ARCH)
 }
 
