@@ -18,7 +18,6 @@ use std::{
 use serde_json::Value;
 
 const SUITE: &str = "bullseye";
-const MIRROR: &str = "http://deb.debian.org/debian";
 /// Where the binary goes inside the root file system.
 const INSIDE: &str = "usr/local/bin/finwait-trace";
 
@@ -93,7 +92,7 @@ fn rootfs() -> PathBuf {
     let status = Command::new(debootstrap)
         .args(["--variant=minbase", SUITE])
         .arg(&scratch)
-        .arg(MIRROR)
+        .arg(xtask::vm::debian_mirror())
         .status()
         .expect("run debootstrap");
     assert!(status.success(), "debootstrap {SUITE} failed ({status})");
