@@ -276,6 +276,16 @@ pub struct OtherTpLayout {
     pub _pad: u32,
 }
 
+/// Where a syscall wrapper's `struct pt_regs` (the user registers, its one argument) holds the
+/// syscall's first three arguments: the architecture's, written by userspace (its `arch`
+/// table), so one eBPF object serves x86-64 and arm64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallRegs {
+    pub args: [u32; 3],
+    pub _pad: u32,
+}
+
 /// Offsets into kernel structures, read from `/sys/kernel/btf/vmlinux` by userspace so the
 /// programs can find the socket behind an fd without CO-RE. `valid == 0` disables every lookup
 /// that needs them (the programs then fall back to per-thread correlation).
@@ -410,7 +420,7 @@ pub const GUARDED: [(&str, &str); 21] = [
     ("inet_sock_set_state_btf", "inet_sock_set_state_btf2"),
     ("tcp_close_fentry", "tcp_close_fentry2"),
     ("tcp_shutdown_fentry", "tcp_shutdown_fentry2"),
-    // The syscall hooks on the x86-64 syscall wrappers (fentry for enters, fexit for exits),
+    // The syscall hooks on the syscall wrappers (fentry for enters, fexit for exits),
     // named after the classic tracepoint each replaces.
     ("sys_enter_shutdown_btf", "sys_enter_shutdown_btf2"),
     ("sys_exit_shutdown_btf", "sys_exit_shutdown_btf2"),
@@ -656,6 +666,7 @@ mod pod {
     unsafe impl aya::Pod for super::StateTpLayout {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::OtherTpLayout {}
+    unsafe impl aya::Pod for super::SyscallRegs {}
     unsafe impl aya::Pod for super::FilterConfig {}
     unsafe impl aya::Pod for super::OwnerRec {}
     unsafe impl aya::Pod for super::SocketFdRec {}

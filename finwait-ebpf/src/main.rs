@@ -34,7 +34,7 @@ use aya_ebpf::{
 };
 use finwait_common::{
     FilterConfig, KernelOffsets, MAX_COMMS, MAX_PORTS, OWNERS_MAX, OtherTpLayout, OwnerRec,
-    StateTpLayout, counter,
+    StateTpLayout, SyscallRegs, counter,
 };
 
 // The macros first: `guarded!` (a guarded pair), then `syscall_hooks!` and `syscall_pair!`.
@@ -132,6 +132,12 @@ static OTHER_TP: OtherTpLayout = OtherTpLayout {
     fork_child_pid: 20,
     send_reset_skaddr: 16,
     receive_reset_skaddr: 8,
+    _pad: 0,
+};
+/// The architecture's: x86-64's di, si, dx here.
+#[unsafe(no_mangle)]
+static SYSCALL_REGS: SyscallRegs = SyscallRegs {
+    args: [112, 104, 96],
     _pad: 0,
 };
 

@@ -1,6 +1,6 @@
 //! A syscall hook's programs: the classic sys_enter/sys_exit tracepoint program, and the guarded
-//! pair on the x86-64 syscall wrapper (fentry for an enter, fexit for an exit) that userspace
-//! prefers where the kernel has it. A classic tracepoint is skipped while any BPF program holds
+//! pair on the syscall wrapper, `__x64_sys_*` or `__arm64_sys_*` (fentry for an enter, fexit for
+//! an exit), that userspace prefers where the kernel has it. A classic tracepoint is skipped while any BPF program holds
 //! the CPU's `bpf_prog_active`, which from Linux 7.0 includes a preempted one; the pair is
 //! skipped only for itself, and its second program catches that (see `guard`).
 //!
@@ -9,11 +9,14 @@
 use aya_ebpf::programs::TracePointContext;
 use finwait_common::Site;
 
-use crate::read::{field, read};
+use crate::{
+    SYSCALL_REGS,
+    read::{config, field, read},
+};
 
 /// Where a syscall's arguments and return value come from: a classic sys_enter/sys_exit
-/// tracepoint's record, or the `struct pt_regs` that the x86-64 syscall wrapper (`__x64_sys_*`)
-/// receives, at its fentry/fexit.
+/// tracepoint's record, or the `struct pt_regs` that the syscall wrapper (`__x64_sys_*`,
+/// `__arm64_sys_*`) receives, at its fentry/fexit.
 pub(crate) trait SyscallArgs {
     fn arg(&self, site: Site, n: u32) -> Option<i64>;
     /// The return value (exits only); -1 if unreadable.
@@ -40,14 +43,9 @@ pub(crate) struct Regs(pub(crate) u64);
 impl SyscallArgs for Regs {
     #[inline(always)]
     fn arg(&self, site: Site, n: u32) -> Option<i64> {
-        // x86-64 struct pt_regs: di, si, dx, r10, r8, r9 carry the arguments (an ABI).
-        let offset = match n {
-            0 => 112,
-            1 => 104,
-            2 => 96,
-            _ => return None,
-        };
-        read::<i64>(site, self.0, offset)
+        // Where the architecture's registers are in `struct pt_regs` (userspace's `arch`).
+        let offset = *config(&SYSCALL_REGS).args.get(n as usize)?;
+        read::<i64>(site, self.0, u64::from(offset))
     }
 
     /// An entry has none.
@@ -73,6 +71,8 @@ impl SyscallArgs for Returned {
 }
 
 /// A syscall's guarded pair on its wrapper `$func`, the programs named `$first` and `$second`.
+/// `$func` (x86-64's) only names the section: userspace loads the pair for the running
+/// architecture's wrapper (its `arch` table), and writes where that one's registers are.
 /// `enter`: `$body(args, site, flags)` at the fentry, for the thread's call; `exit`:
 /// `$body(args, site)` at the fexit (a repeated exit finds its thread's call gone, so it needs
 /// no flag).

@@ -1,17 +1,42 @@
 //! `cargo xtask build`, `run` and `docs`, and the builds the other commands start from: the
 //! `finwait-trace` binary and finwait-userspace's examples (the benchmark drivers).
-use std::{path::PathBuf, process::Command};
+use std::{io, path::PathBuf, process::Command};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{as_root, cargo, sh, workspace};
+use crate::{as_root, cargo, setup::add_rust_target, sh, workspace};
 
 #[derive(Args)]
 pub struct BuildOptions {
     #[arg(long)]
     release: bool,
+    /// Cross-build the static release binary for another architecture's musl target (see
+    /// `STATIC_TARGETS`), into target/TARGET/release/.
+    #[arg(long, requires = "release", value_parser = STATIC_TARGETS.map(|t| t.triple))]
+    target: Option<String>,
 }
+
+/// A static (musl) target a release is built for, and how to link it from any machine.
+pub(crate) struct StaticTarget {
+    pub(crate) triple: &'static str,
+    /// Its `std::env::consts::ARCH`.
+    arch: &'static str,
+}
+
+/// The architectures finwait ships for (its `kernel::arch` table has their syscall interface).
+/// Linked by rust-lld with the musl the target ships: no C toolchain for the other
+/// architecture, as finwait has no C to compile.
+pub(crate) const STATIC_TARGETS: [StaticTarget; 2] = [
+    StaticTarget {
+        triple: "x86_64-unknown-linux-musl",
+        arch: "x86_64",
+    },
+    StaticTarget {
+        triple: "aarch64-unknown-linux-musl",
+        arch: "aarch64",
+    },
+];
 
 #[derive(Args)]
 pub struct RunOptions {
@@ -21,9 +46,12 @@ pub struct RunOptions {
     args: Vec<String>,
 }
 
-/// `build`: builds `finwait-trace` and says where it is.
+/// `build`: builds `finwait-trace` (for `--target`, if given) and says where it is.
 pub fn build(opts: &BuildOptions) -> Result<()> {
-    let bin = build_tracer(opts.release)?;
+    let bin = match &opts.target {
+        Some(target) if *target != static_target() => build_static(target)?,
+        _ => build_tracer(opts.release)?,
+    };
     println!("built {}", bin.display());
     Ok(())
 }
@@ -55,8 +83,62 @@ pub fn docs() -> Result<()> {
     Ok(())
 }
 
-/// Builds `finwait-trace` (debug or release); returns its path.
+/// The target a release is built for: this machine's architecture, linked statically against
+/// musl, so that the binary runs on any distribution's userland (a glibc build needs a glibc
+/// at least as new as the build machine's: Debian 11, RHEL 8 or Amazon Linux 2 have older).
+pub(crate) fn static_target() -> String {
+    format!("{}-unknown-linux-musl", std::env::consts::ARCH)
+}
+
+/// Builds `finwait-trace`; returns its path. Debug builds (what the tests run) link glibc
+/// dynamically, as any cargo build; a release is the static build for `static_target()`,
+/// copied to `target/release/finwait-trace`, where README and deploy/ point.
 pub(crate) fn build_tracer(release: bool) -> Result<PathBuf> {
+    if !release {
+        sh(&mut cargo_build(None))?;
+        return Ok(workspace().join("target/debug/finwait-trace"));
+    }
+    let built = build_static(&static_target())?;
+    let dest = workspace().join("target/release/finwait-trace");
+    std::fs::create_dir_all(workspace().join("target/release"))?;
+    // A plain `cargo build --release` left a hard link to its own output here: unlink it
+    // rather than write through it into cargo's build.
+    match std::fs::remove_file(&dest) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", dest.display()));
+        }
+        _ => {}
+    }
+    std::fs::copy(&built, &dest)
+        .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+    Ok(dest)
+}
+
+/// The static release build for `target` (one of `STATIC_TARGETS`); returns its path.
+fn build_static(target: &str) -> Result<PathBuf> {
+    add_rust_target(target)?;
+    let mut cmd = cargo_build(Some(target));
+    cmd.arg("--release");
+    if STATIC_TARGETS
+        .iter()
+        .any(|t| t.triple == target && t.arch != std::env::consts::ARCH)
+    {
+        // rustc finds rust-lld in its sysroot; the target's own musl makes it self-contained.
+        let var = format!(
+            "CARGO_TARGET_{}_LINKER",
+            target.to_uppercase().replace('-', "_")
+        );
+        cmd.env(var, "rust-lld");
+    }
+    sh(&mut cmd)?;
+    Ok(workspace()
+        .join("target")
+        .join(target)
+        .join("release/finwait-trace"))
+}
+
+/// `cargo build` of the `finwait-trace` binary, for `target` if given.
+fn cargo_build(target: Option<&str>) -> Command {
     let mut cmd = cargo();
     cmd.args([
         "build",
@@ -65,15 +147,10 @@ pub(crate) fn build_tracer(release: bool) -> Result<PathBuf> {
         "--bin",
         "finwait-trace",
     ]);
-    if release {
-        cmd.arg("--release");
+    if let Some(t) = target {
+        cmd.args(["--target", t]);
     }
-    sh(&mut cmd)?;
-    let profile = if release { "release" } else { "debug" };
-    Ok(workspace()
-        .join("target")
-        .join(profile)
-        .join("finwait-trace"))
+    cmd
 }
 
 /// Release builds of finwait-userspace's examples (the benchmark drivers).

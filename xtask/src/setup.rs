@@ -1,10 +1,11 @@
 //! `cargo xtask setup` (and the first step of every command): the eBPF toolchain, installed
-//! when missing: Debian's rustc with a prebuilt `core` for the BPF target, and bpf-linker.
+//! when missing: Debian's rustc with a prebuilt `core` for the BPF target, and bpf-linker; and
+//! rustup's musl target, for the static release build.
 use std::{env, path::Path, process::Command};
 
 use anyhow::{Result, bail};
 
-use crate::{apt_install, is_root, sh};
+use crate::{apt_install, build::static_target, is_root, sh};
 
 /// Debian packages: rustc/cargo 1.96 with LLVM 22 and a prebuilt `core` for bpfel-unknown-none,
 /// and LLVM 22 to build bpf-linker against.
@@ -40,8 +41,39 @@ fn bpf_linker_installed() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Installs the toolchain unless it is there (as root on Debian; elsewhere says how).
+/// Installs both toolchains unless they are there.
 pub fn setup() -> Result<()> {
+    setup_ebpf()?;
+    setup_static()
+}
+
+/// The static release build's: rustup's musl target for this machine's architecture (rustup
+/// needs no root; the target ships musl's libc, the host's cc links it, and finwait has no C
+/// to compile).
+fn setup_static() -> Result<()> {
+    add_rust_target(&static_target())
+}
+
+/// Adds rustup's `target` (its standard library) unless it is there.
+pub(crate) fn add_rust_target(target: &str) -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    let Ok(installed) = installed else {
+        bail!("the static release build needs rustup (to add the {target} target)");
+    };
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == target)
+    {
+        eprintln!("xtask: adding the {target} target (the static release build)...");
+        sh(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    Ok(())
+}
+
+/// Installs the eBPF toolchain unless it is there (as root on Debian; elsewhere says how).
+fn setup_ebpf() -> Result<()> {
     if bpf_core_installed() && bpf_linker_installed() {
         return Ok(());
     }

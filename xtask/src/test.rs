@@ -1,4 +1,5 @@
 //! `cargo xtask test`: the unit tests and the root integration tests on this kernel (as root),
+//! with the static release binary in a Debian 11 chroot (xtask's `tests/old_userland.rs`),
 //! then (unless `--host-only`) the integration tests in qemu on the kernel matrix (`vm`).
 use std::{env, path::Path, process::Command};
 
@@ -45,6 +46,10 @@ fn host_tests(extra: &[String]) -> Result<()> {
     let tracer = build_tracer(false)?;
     // SAFETY: xtask is single-threaded here.
     unsafe { env::set_var("FINWAIT_TRACE", &tracer) };
+    // The release binary, which xtask's old-userland test runs in a Debian 11 chroot.
+    let release = build_tracer(true)?;
+    // SAFETY: xtask is single-threaded here.
+    unsafe { env::set_var("FINWAIT_STATIC_TRACE", &release) };
     // Build first as the invoking user, so a sudo run only executes.
     sh(cargo().args([
         "test",
@@ -67,13 +72,12 @@ fn host_tests(extra: &[String]) -> Result<()> {
     as_root(Path::new(&cargo_path()), &args)
 }
 
-/// The metrics tests scrape finwait with a real Prometheus server (Debian's `prometheus`, also
-/// the deploy/ checks' `promtool`). Installing must not start the packaged service.
 /// What the host's tests run beside finwait: a real Prometheus server (and promtool for
-/// `deploy/`), a real container runtime (podman with runc), and a real terminal (tmux) for
-/// `top`. The deploy/ checks also set file capabilities (setcap), compile the AppArmor profile
-/// without loading it (apparmor_parser), and apply the seccomp profile as a runtime would
-/// (python3 with libseccomp, which runc brings).
+/// `deploy/`), a real container runtime (podman with runc), a real terminal (tmux) for `top`,
+/// and debootstrap (the old-userland test's Debian 11). The deploy/ checks also set file
+/// capabilities (setcap), compile the AppArmor profile without loading it (apparmor_parser),
+/// and apply the seccomp profile as a runtime would (python3 with libseccomp, which runc
+/// brings). Installing must not start the packaged services.
 fn install_test_packages() -> Result<()> {
     let wanted = [
         ("/usr/bin/prometheus", "prometheus"),
@@ -83,6 +87,8 @@ fn install_test_packages() -> Result<()> {
         ("/usr/sbin/apparmor_parser", "apparmor"),
         ("/usr/bin/python3", "python3"),
         ("/usr/bin/tmux", "tmux"),
+        // The old-userland test's Debian 11 root file system.
+        ("/usr/sbin/debootstrap", "debootstrap"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -94,8 +100,8 @@ fn install_test_packages() -> Result<()> {
     }
     if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
         bail!(
-            "the tests need a Prometheus server, a container runtime, tmux and the deploy \
-             checks' tools: apt-get install {}",
+            "the tests need a Prometheus server, a container runtime, tmux, debootstrap and the \
+             deploy checks' tools: apt-get install {}",
             missing.join(" ")
         );
     }

@@ -3,7 +3,10 @@
 //! and blocking syscalls (`/proc/PID/task/TID/{stat,syscall}`).
 use std::{collections::HashMap, fs};
 
-use crate::model::diagnosis::{Polled, Threads};
+use crate::{
+    kernel::arch,
+    model::diagnosis::{Polled, Threads},
+};
 
 /// A process's epoll sets: registered fd -> (epoll fd, events), and how many sets it has.
 #[derive(Default, Debug)]
@@ -88,40 +91,16 @@ pub(crate) fn threads(pid: u32) -> Option<Threads> {
         let syscall = fs::read_to_string(path.join("syscall")).unwrap_or_default();
         let wait = match (state, syscall.split_whitespace().next()) {
             ("R", _) | (_, Some("running")) => "running".to_string(),
-            (_, Some(nr)) => nr
-                .parse::<i64>()
-                .map_or_else(|_| "?".into(), |nr| format!("{}()", syscall_name(nr))),
+            (_, Some(nr)) => nr.parse::<i64>().map_or_else(
+                |_| "?".into(),
+                |nr| format!("{}()", arch::HOST.syscall_name(nr)),
+            ),
             _ => "?".into(),
         };
         t.total += 1;
         *t.by_wait.entry(wait).or_default() += 1;
     }
     Some(t)
-}
-
-/// x86-64 numbers of the syscalls a server's threads block in.
-fn syscall_name(nr: i64) -> String {
-    let name = match nr {
-        0 => "read",
-        7 => "poll",
-        23 => "select",
-        35 => "nanosleep",
-        43 => "accept",
-        45 => "recvfrom",
-        47 => "recvmsg",
-        61 => "wait4",
-        202 => "futex",
-        230 => "clock_nanosleep",
-        232 => "epoll_wait",
-        270 => "pselect6",
-        271 => "ppoll",
-        281 => "epoll_pwait",
-        288 => "accept4",
-        426 => "io_uring_enter",
-        441 => "epoll_pwait2",
-        _ => return format!("syscall {nr}"),
-    };
-    name.to_string()
 }
 
 #[cfg(test)]

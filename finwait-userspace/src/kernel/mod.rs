@@ -1,6 +1,7 @@
-//! The kernel side, from userspace: this kernel's layouts (tracefs formats, BTF), loading and
+//! The kernel side, from userspace: the architecture's syscall interface, this kernel's layouts (tracefs formats, BTF), loading and
 //! attaching the embedded eBPF programs, their counters, the kernel's per-program statistics, and
 //! the programs' own diagnostics (`-v`), and the kernel's socket inventory.
+pub(crate) mod arch;
 pub(crate) mod btf;
 pub(crate) mod counters;
 pub(crate) mod diagnostics;

@@ -17,6 +17,8 @@ pub(crate) struct Start {
     pub(crate) precise_unavailable: Option<String>,
     pub(crate) fd_resolution: bool,
     pub(crate) kernel: String,
+    /// The architecture (`x86_64`, `aarch64`): which syscall wrappers and numbers are used.
+    pub(crate) arch: &'static str,
     pub(crate) tcp_fin_timeout_s: u64,
     pub(crate) attached: usize,
     pub(crate) attach_failed: usize,

@@ -533,8 +533,8 @@ impl Sink for HumanSink {
             ""
         };
         self.out.line(&format!(
-            "finwait-trace: tracing TCP close paths (mode: {}{hook}{unknown}; fd->socket resolution: {fd}, socket inventory: {}, tcp_fin_timeout {} s, sandbox: {}); Ctrl-C to stop",
-            s.mode, s.inventory, s.tcp_fin_timeout_s, s.sandbox
+            "finwait-trace: tracing TCP close paths on {} (mode: {}{hook}{unknown}; fd->socket resolution: {fd}, socket inventory: {}, tcp_fin_timeout {} s, sandbox: {}); Ctrl-C to stop",
+            s.arch, s.mode, s.inventory, s.tcp_fin_timeout_s, s.sandbox
         ))
     }
 

@@ -233,6 +233,7 @@ fn announce(
         precise_unavailable: l.precise_unavailable.clone(),
         fd_resolution: l.offsets.is_some(),
         kernel: kernel_release(),
+        arch: crate::kernel::arch::HOST.name,
         tcp_fin_timeout_s: fin_timeout_s,
         attached: l.attached,
         attach_failed: l.attach_failed,

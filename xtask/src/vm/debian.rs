@@ -236,8 +236,9 @@ fn release_numbers(name: &str) -> Vec<u64> {
         .collect()
 }
 
-/// The Debian mirror the system's sources name (deb.debian.org when none is found).
-fn debian_mirror() -> String {
+/// The Debian mirror the system's sources name (deb.debian.org when none is found); also
+/// where the old-userland test's debootstrap reads.
+pub fn debian_mirror() -> String {
     let mut texts = vec![fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
     if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
         for e in dir.filter_map(std::result::Result::ok) {

@@ -29,6 +29,7 @@ mod matrix;
 mod plan;
 mod qemu;
 
+pub use debian::debian_mirror;
 use initramfs::build_initramfs;
 use kernels::{Kernel, fetch_kernel};
 use matrix::print_matrix;

@@ -3,6 +3,7 @@
 use finwait_common::{GUARD_STATE, GUARDED};
 
 use super::kinds::CallHook;
+use crate::kernel::arch;
 
 /// A tracepoint finwait attaches one of its programs to.
 pub(super) struct Hook {
@@ -36,6 +37,18 @@ const fn optional(
         tracepoint,
         required: false,
         lost_without,
+    }
+}
+
+impl Hook {
+    /// The syscall a `syscalls` hook follows (`close` for `sys_enter_close`).
+    pub(super) fn syscall(&self) -> Option<&'static str> {
+        if self.category != "syscalls" {
+            return None;
+        }
+        let name = self.tracepoint;
+        name.strip_prefix("sys_enter_")
+            .or_else(|| name.strip_prefix("sys_exit_"))
     }
 }
 
@@ -126,7 +139,7 @@ impl Programs {
 }
 
 /// The guarded pair that stands in for a syscall tracepoint: fentry (for sys_enter_*) or fexit
-/// (sys_exit_*) on the syscall's x86-64 wrapper, which receives the user registers. Skipped only
+/// (sys_exit_*) on the syscall's wrapper (`arch`), which receives the user registers. Skipped only
 /// for itself (the second program catches that), where a classic tracepoint is skipped while
 /// any BPF program holds the CPU: from Linux 7.0 that includes a preempted one.
 pub(super) struct Wrapper {
@@ -137,24 +150,18 @@ pub(super) struct Wrapper {
 }
 
 impl Wrapper {
-    /// The pair for a syscall hook (`GUARDED` names it after the tracepoint), on x86-64.
+    /// The pair for a syscall hook (`GUARDED` names it after the tracepoint).
     pub(super) fn of(hook: &Hook) -> Option<Self> {
-        if !cfg!(target_arch = "x86_64") || hook.category != "syscalls" {
-            return None;
-        }
+        let syscall = hook.syscall()?;
         let name = hook.tracepoint;
-        let (exit, syscall) = match name.strip_prefix("sys_enter_") {
-            Some(s) => (false, s),
-            None => (true, name.strip_prefix("sys_exit_")?),
-        };
         let (first, second) = *GUARDED
             .iter()
             .find(|(first, _)| first.strip_suffix("_btf") == Some(name))?;
         Some(Self {
             first,
             second,
-            function: format!("__x64_sys_{syscall}"),
-            exit,
+            function: format!("{}{syscall}", arch::HOST.wrapper_prefix),
+            exit: name.starts_with("sys_exit_"),
         })
     }
 
@@ -215,14 +222,18 @@ mod tests {
                 "{}",
                 h.tracepoint
             );
-            assert!(w.function.starts_with("__x64_sys_"), "{}", w.function);
+            assert!(
+                w.function.starts_with(arch::HOST.wrapper_prefix),
+                "{}",
+                w.function
+            );
             for name in [w.first, w.second] {
                 assert!(object.programs.contains_key(name), "{name}");
             }
         }
         assert_eq!(
             Wrapper::of(&HOOKS[0]).map(|w| w.function),
-            Some("__x64_sys_close".to_string())
+            Some(format!("{}close", arch::HOST.wrapper_prefix))
         );
     }
 

@@ -148,9 +148,13 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     let inventory_refused = load_inventory(&mut ebpf, layouts.offsets, btf.as_ref()).err();
     drop(btf);
     degraded.extend(attach::second_programs_missing(&ebpf));
-    // Loading parsed megabytes of BTF that are free now: give them back to the system.
+    // Loading parsed megabytes of BTF that are free now: give them back to the system. glibc's
+    // malloc keeps them until asked; musl's (the static release build's) returns them itself.
+    #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
+    unsafe {
+        libc::malloc_trim(0);
+    }
     Ok(Loaded {
         ebpf,
         offsets: layouts.offsets,

@@ -7,6 +7,7 @@ use finwait_common::{
 };
 
 use super::{LoadError, Options, layouts::Layouts};
+use crate::kernel::arch;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/finwait.bpf.o"));
 
@@ -52,6 +53,7 @@ pub(super) fn for_tracing(
         .override_global(aya_log::LEVEL, &log_level, true)
         .override_global("STATE_TP", &layouts.state, true)
         .override_global("OTHER_TP", &layouts.other, true)
+        .override_global("SYSCALL_REGS", &arch::HOST.regs, true)
         .override_global("OFFSETS", &layouts.offsets.unwrap_or_default(), true)
         .override_global("FILTER", &filter_config(opts), true)
         .map_max_entries(EVENTS_MAP, opts.ring_bytes)

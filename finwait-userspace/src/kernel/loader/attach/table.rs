@@ -8,7 +8,7 @@ use aya::{
 
 use super::{Degraded, LoadError, hook_refusal, program, tracepoint, unload};
 use crate::kernel::{
-    btf as kernel_btf,
+    arch, btf as kernel_btf,
     loader::{
         hooks::{HOOKS, Hook, Programs, Wrapper},
         kinds::SyscallHook,
@@ -72,7 +72,11 @@ pub(in crate::kernel::loader) fn attach_table(
     // To check the wrappers' argument types before the verifier does (it only says EACCES).
     let types = wrappers.and_then(|_| kernel_btf::open().ok());
     let mut refused = Refused::default();
-    for hook in HOOKS {
+    // A syscall the architecture lacks (arm64 has no dup2) loses nothing.
+    let present = HOOKS
+        .iter()
+        .filter(|h| h.syscall().is_none_or(|s| arch::HOST.has_syscall(s)));
+    for hook in present {
         if let (Some(btf), Some(w)) = (wrappers, Wrapper::of(hook)) {
             match w.attach(ebpf, btf, types.as_ref()) {
                 Ok(()) => {
