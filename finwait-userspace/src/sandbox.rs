@@ -208,21 +208,22 @@ const BPF_COMMANDS: &[u64] = &[
 /// ioctl() requests still needed: non-blocking and close-on-exec fds, whether stdout is a
 /// terminal, `top` setting its terminal's modes (raw, then restored), aya disabling its perf
 /// events as they detach at exit. Refused among others: TIOCSTI (typing into a terminal).
-// The request constants' type differs between C libraries: each is cast.
+// A request's type differs between C libraries (glibc's unsigned long, musl's int): each is
+// taken as the 32 bits the kernel reads (the rules compare those only).
 #[allow(clippy::unnecessary_cast)]
 const IOCTLS: &[u64] = &[
-    libc::FIONBIO,
-    libc::FIOCLEX,
-    libc::TCGETS,
-    libc::TCSETS,
-    libc::TCSETSW,
-    libc::TCSETSF,
+    libc::FIONBIO as u32 as u64,
+    libc::FIOCLEX as u32 as u64,
+    libc::TCGETS as u32 as u64,
+    libc::TCSETS as u32 as u64,
+    libc::TCSETSW as u32 as u64,
+    libc::TCSETSF as u32 as u64,
     // glibc 2.42 on: termios2.
-    libc::TCGETS2 as u64,
-    libc::TCSETS2 as u64,
-    libc::TCSETSW2 as u64,
-    libc::TCSETSF2 as u64,
-    libc::TIOCGWINSZ,
+    libc::TCGETS2 as u32 as u64,
+    libc::TCSETS2 as u32 as u64,
+    libc::TCSETSW2 as u32 as u64,
+    libc::TCSETSF2 as u32 as u64,
+    libc::TIOCGWINSZ as u32 as u64,
     0x2401, // PERF_EVENT_IOC_DISABLE
 ];
 
