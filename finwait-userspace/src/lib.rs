@@ -21,13 +21,17 @@
 //!   - `loader`: load and attach (`hooks`: the hook table; `attach`: the strategies; `object`:
 //!     the object and its globals; `layouts`: tracefs and BTF offsets; `maps`: seeding and
 //!     memlock; `kinds`: mode and hook kinds), with typed errors in `load_error`.
-//!   - `tracefs`, `btf`: this kernel's layouts; `inventory`: the `iter/task_file` socket
+//!   - `arch`: what differs between x86-64 and arm64 (syscall wrappers, `pt_regs`, numbers);
+//!     `tracefs`, `btf`: this kernel's layouts; `inventory`: the `iter/task_file` socket
 //!     inventory; `counters`: the programs' counters; `prog_stats`: the kernel's per-program
 //!     statistics; `diagnostics`: the programs' own messages (`-v`).
 //! - `snapshot`: the sockets on the close path now (`build`: one socket at a time to answers;
 //!   `entry`: one socket's answer; `tally`: the counts per process).
-//! - `output`: sinks, one per output mode behind one trait: `human`, `json` (writing `wire`, the
-//!   JSON contract as types), `metrics` (`registry`, `workloads`, `held`; served by
+//! - `output`: sinks, one per output mode behind one trait: `human` (with `stuck_groups`, the
+//!   `--stuck` reports of one check grouped, and `detail_table`, `snapshot --detail`), `json`
+//!   (writing `wire`, the JSON contract as types, with names escaped by JSON's own rules:
+//!   `SafeJson`), `metrics` (`registry`, `workloads`, `held`, and `exposition`: the format a
+//!   scraper asks for; served by
 //!   `endpoint`: `limits`, the deadlines, the shedding cap and the accept backoff; `deadline`,
 //!   writes that time out; `own`, its connections named to the tracer; `web_config`,
 //!   `--web-config-file`, with `tls` and `auth`), `top` (the live table: `table` counts and
