@@ -641,9 +641,16 @@ fn ten_thousand_process_names_do_not_make_ten_thousand_series() {
     let port = listener.local_addr().unwrap().port();
     // One process, renamed (its main thread) before each connection: every close() comes from
     // a process of a new name, as from short-lived processes.
+    // One connection at a time, as before the names were a process's: the child closes its end
+    // once the parent has accepted and closed its own (a byte on `ack`).
+    let mut ack = [0i32; 2];
+    // SAFETY: a valid array of two fds.
+    assert_eq!(unsafe { libc::pipe(ack.as_mut_ptr()) }, 0);
+    let (ack_r, ack_w) = (ack[0], ack[1]);
     let client = fork_child(move || {
         // SAFETY: raw calls in the child; the name is built on the stack.
         unsafe {
+            let mut byte = [0u8; 1];
             let mut addr: libc::sockaddr_in = std::mem::zeroed();
             addr.sin_family = libc::AF_INET as u16;
             addr.sin_port = port.to_be();
@@ -674,6 +681,9 @@ fn ten_thousand_process_names_do_not_make_ten_thousand_series() {
                 {
                     return 1;
                 }
+                if libc::read(ack_r, byte.as_mut_ptr().cast(), 1) != 1 {
+                    return 1;
+                }
                 libc::close(c);
                 if i % 100 == 99 {
                     libc::usleep(20_000);
@@ -686,7 +696,11 @@ fn ten_thousand_process_names_do_not_make_ten_thousand_series() {
     for _ in 0..names {
         let (server, _) = listener.accept().unwrap();
         drop(server);
+        // SAFETY: one byte to our own pipe.
+        unsafe { libc::write(ack_w, [1u8].as_ptr().cast(), 1) };
     }
+    close_fd(ack_w);
+    close_fd(ack_r);
     let status = wait_child(client);
     std::mem::forget(reap); // reaped: its pid may be another process's now
     assert!(
