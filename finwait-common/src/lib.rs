@@ -86,8 +86,9 @@ pub mod flags {
     /// mark): userspace drops a transition if the same change of the same socket came just
     /// before, a call's entry if it repeats the call in progress.
     pub const MAYBE_DUPLICATE: u8 = 1 << 5;
-    /// CallEnter: `family`, the ports and the addresses hold the socket's ends (read where the
-    /// call leaves other references: no transition will name them).
+    /// CallEnter: `family`, the ports and the addresses hold the socket's ends, for a close that
+    /// leaves other references (no transition will name them). Not set by the programs yet: see
+    /// `KernelOffsets::sock_ends`.
     pub const ENDS_VALID: u8 = 1 << 6;
 }
 
@@ -120,7 +121,8 @@ pub struct SocketFdRec {
     pub fd: u32,
     pub state: u8,
     pub _pad: [u8; 3],
-    /// The process's name (its main thread's `comm`).
+    /// The task's name (the thread the iterator visited: the first of its process that holds
+    /// this fd table).
     pub comm: [u8; 16],
 }
 
@@ -140,7 +142,6 @@ pub struct OwnerRec {
     pub ts_ns: u64,
     pub tgid: u32,
     pub fd: i32,
-    /// The process's name (its main thread's `comm`, not the calling thread's).
     pub comm: [u8; 16],
     pub flags: u32,
     pub _pad: u32,
@@ -198,8 +199,8 @@ pub struct Event {
     /// IPv4 addresses use the first 4 bytes.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    /// The process's name (its main thread's `comm`; a thread's own name can be anything). In
-    /// a transition or a reset, the name of whatever task the packet interrupted.
+    /// The current thread's name (`bpf_get_current_comm`); in a transition or a reset, that of
+    /// whatever task the packet interrupted.
     pub comm: [u8; 16],
     /// Transition, CallEnter: the socket's ownership record (see [`flags::OWNER_VALID`]).
     pub owner: OwnerRec,
@@ -330,13 +331,14 @@ pub struct KernelOffsets {
     /// found (then the main thread's exit ends it).
     pub task_signal: u32,
     pub signal_live: u32,
-    /// `task_struct.group_leader` and `task_struct.comm`: a process's name is its main thread's
-    /// (what `/proc/PID/comm` says); a thread may rename itself, not its process. 0: not
-    /// found (then the current thread's name).
+    /// `task_struct.group_leader` and `task_struct.comm`, for a process's name from its main
+    /// thread. Found, not read yet: reading them in every program made loading too slow for
+    /// the 5.10 verifier (under emulation); names are still the calling thread's.
     pub task_group_leader: u32,
     pub process_comm: u32,
     /// 1 when the ends' offsets below (`inet_sport` .. `sock_v6_daddr`) were all found, with
-    /// or without the BTF state hook's `sk_protocol`.
+    /// or without the BTF state hook's `sk_protocol`. (A close's ends are not read from them
+    /// yet: see `task_group_leader`.)
     pub sock_ends: u32,
     /// `sock_common.skc_state` (one byte).
     pub sock_state: u32,

@@ -2,16 +2,12 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
 };
 use finwait_common::{Event, EventKind, counter};
 
-use crate::{
-    COUNTERS, EVENTS, FILTER, OFFSETS,
-    read::{config, probe},
-};
+use crate::{COUNTERS, EVENTS, FILTER, read::config};
 
 /// Adds one to the counter `index` (`finwait_common::counter`).
 #[inline(always)]
@@ -63,36 +59,14 @@ pub(crate) fn new_event(kind: EventKind) -> Event {
     // SAFETY: plain helper calls.
     e.ts_ns = unsafe { bpf_ktime_get_ns() };
     e.pid_tgid = bpf_get_current_pid_tgid();
-    // The caller's container and name; a transition's task is whoever the packet interrupted.
-    if matches!(
+    e.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // The caller's container; a transition's task is whoever the packet interrupted.
+    if !matches!(
         kind,
         EventKind::Transition | EventKind::ReceiveReset | EventKind::SendReset
     ) {
-        e.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    } else {
-        e.comm = process_comm(e.pid_tgid);
         // SAFETY: a plain helper call.
         e.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     }
     e
-}
-
-/// The current process's name: its main thread's `comm`, as `/proc/PID/comm` says. A thread
-/// may name itself anything (`prctl(PR_SET_NAME)`), but not its process. Without the offsets
-/// the thread's own name; a failed read is counted.
-#[inline(always)]
-pub(crate) fn process_comm(pid_tgid: u64) -> [u8; 16] {
-    let o = config(&OFFSETS);
-    let main_thread = pid_tgid as u32 == (pid_tgid >> 32) as u32;
-    if !main_thread && o.task_group_leader != 0 && o.process_comm != 0 {
-        // SAFETY: a plain helper call; the pointer is only used through probe reads.
-        let task = unsafe { bpf_get_current_task() };
-        match probe::<u64>(task, o.task_group_leader as u64)
-            .and_then(|leader| probe::<[u8; 16]>(leader, o.process_comm as u64))
-        {
-            Ok(comm) => return comm,
-            Err(_) => count(counter::READ_FAILED),
-        }
-    }
-    bpf_get_current_comm().unwrap_or([0; 16])
 }

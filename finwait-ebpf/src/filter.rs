@@ -1,13 +1,9 @@
 //! `--pid`, `--comm`, `--port`: which processes and sockets are followed, decided in the kernel
 //! so that the rest never reaches userspace.
-use aya_ebpf::helpers::bpf_get_current_pid_tgid;
+use aya_ebpf::helpers::bpf_get_current_comm;
 use finwait_common::{Event, MAX_COMMS, MAX_PORTS, Site, counter, flags, owner_flags};
 
-use crate::{
-    FILTER, TRACED_PIDS, diag,
-    event::{count, process_comm},
-    read::config,
-};
+use crate::{FILTER, TRACED_PIDS, diag, event::count, read::config};
 
 /// With `--pid`/`--comm`: is this process followed? A process matching `--comm` joins the set,
 /// so its children are followed too.
@@ -21,8 +17,7 @@ pub(crate) fn pid_traced(site: Site, tgid: u32) -> bool {
     if comm_count == 0 {
         return false;
     }
-    // The process's name: a thread naming itself after a followed process is not followed.
-    let comm = process_comm(bpf_get_current_pid_tgid());
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
     if !comm_followed(&comm) {
         return false;
     }

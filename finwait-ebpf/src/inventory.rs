@@ -110,16 +110,6 @@ fn record(task: u64, file: u64, fd: u32) -> Result<Option<SocketFdRec>, u64> {
         fd,
         state: probe::<u8>(sk, o.sock_state as u64)?,
         _pad: [0; 3],
-        // The process's name (its main thread's), not the visited thread's.
-        comm: probe::<[u8; 16]>(leader_of(task, &o)?, o.task_comm as u64)?,
+        comm: probe::<[u8; 16]>(task, o.task_comm as u64)?,
     }))
-}
-
-/// The main thread of `task`'s process (itself without the offset).
-#[inline(always)]
-fn leader_of(task: u64, o: &KernelOffsets) -> Result<u64, u64> {
-    if o.task_group_leader == 0 {
-        return Ok(task);
-    }
-    probe::<u64>(task, o.task_group_leader as u64)
 }

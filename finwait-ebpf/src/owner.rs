@@ -1,11 +1,13 @@
 //! Ownership records (`OWNERS`): who holds each socket, written when a task obtains an fd to it
 //! (accept, dup, a passed fd, connect), read by the state hook and by the calls that end it.
-use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+};
 use finwait_common::{Event, EventKind, OwnerRec, Site, counter, flags, owner_flags, tcp_state};
 
 use crate::{
     CONNECTING, FILTER, OFFSETS, OWNERS, diag,
-    event::{count, new_event, process_comm, submit},
+    event::{count, new_event, submit},
     fd::{inode_of_socket, sock_of_fd},
     filter::pid_traced,
     read::{config, read},
@@ -139,7 +141,7 @@ fn insert_owner(site: Site, sk: u64, inode: u64, fd: i32, pid_tgid: u64) -> Opti
         ts_ns: unsafe { bpf_ktime_get_ns() },
         tgid,
         fd,
-        comm: process_comm(pid_tgid),
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
         flags: if followed { owner_flags::FOLLOWED } else { 0 },
         _pad: 0,
     };

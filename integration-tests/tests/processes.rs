@@ -81,45 +81,6 @@ fn scenario_5_inherited_fd() {
     drop(b);
 }
 
-/// With `--port`, a close() that ends nothing (a child holds the socket too) is still shown,
-/// and names the socket's ends: no transition came before it to name them.
-#[test]
-fn a_close_that_ends_nothing_is_shown_with_its_ends_under_port() {
-    let _g = serial();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let lp = listener.local_addr().unwrap().port();
-    let tracer = Tracer::start(&["--port", &lp.to_string()]);
-    let (a, b) = pair(&listener);
-    let (ap, bp) = ports(&a, &b);
-    let afd = a.into_raw_fd();
-    let child = fork_child(move || {
-        sleep_ms(500);
-        close_fd(afd);
-        0
-    });
-    sleep_ms(100);
-    close_fd(afd);
-    wait_child(child);
-    let all = tracer.stop_when(&[(ap, bp, "ESTABLISHED", "FIN_WAIT1")]);
-    let no_fin: Vec<&serde_json::Value> = all
-        .iter()
-        .filter(|v| v["event"] == "close_no_fin" && v["pid"] == me())
-        .collect();
-    assert_eq!(no_fin.len(), 1, "{all:#?}");
-    let n = no_fin[0];
-    assert_eq!(
-        (&n["laddr"], &n["lport"], &n["raddr"], &n["rport"]),
-        (
-            &serde_json::json!("127.0.0.1"),
-            &serde_json::json!(ap),
-            &serde_json::json!("127.0.0.1"),
-            &serde_json::json!(bp)
-        ),
-        "{n}"
-    );
-    drop(b);
-}
-
 /// Scenario 6: a process that exits holding an established socket: the cause is its exit. A process
 /// killed with SIGKILL while holding a half-closed socket: the FIN_WAIT2 socket is orphaned by
 /// the exit.
