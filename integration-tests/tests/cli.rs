@@ -319,6 +319,50 @@ fn names_cannot_reorder_hide_or_split_a_line() {
     assert!(named, "the name is missing: {text}");
 }
 
+/// A thread that names itself after another program does not rename its process: the call,
+/// the STUCK report and the summary name the process by its main thread (`/proc/PID/comm`), and
+/// the thread's name is said as the thread's.
+#[test]
+fn a_thread_cannot_relabel_its_process() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let process = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let process = process.trim_end();
+    assert_ne!(process, "nginx");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&["--port", &lp.to_string(), "--stuck", "1", "--no-snapshot"]);
+    let (a, b) = std::thread::spawn(move || {
+        // SAFETY: renames this thread only.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c"nginx".as_ptr()) };
+        let (a, b) = pair(&listener);
+        a.shutdown(Shutdown::Write).unwrap();
+        (a, b)
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    let all = tracer.stop_when(&[]);
+    drop((a, b));
+    let shutdown = all
+        .iter()
+        .find(|v| v["event"] == "transition" && v["cause"]["call"] == "shutdown")
+        .unwrap_or_else(|| panic!("no shutdown: {all:#?}"));
+    assert_eq!(shutdown["cause"]["comm"], process, "{shutdown}");
+    assert_eq!(shutdown["cause"]["thread_comm"], "nginx", "{shutdown}");
+    let stuck = all
+        .iter()
+        .find(|v| v["event"] == "stuck")
+        .unwrap_or_else(|| panic!("no stuck report: {all:#?}"));
+    assert_eq!(stuck["comm"], process, "{stuck}");
+    let text: String = all.iter().map(|v| format!("{v}\n")).collect();
+    assert!(
+        !text.contains(r#""comm":"nginx""#),
+        "the thread's name named the process: {text}"
+    );
+}
+
 /// `--stuck 1`: a half-closed socket and two CLOSE_WAIT sockets still open after a second are
 /// each reported once, with the process and fd that must close them.
 #[test]

@@ -3,6 +3,7 @@
 pub(crate) mod cgroup;
 pub(crate) mod clock;
 pub(crate) mod inspect;
+pub(crate) mod names;
 pub(crate) mod namespaces;
 pub(crate) mod netns;
 pub(crate) mod owners;

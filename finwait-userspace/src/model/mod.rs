@@ -21,7 +21,10 @@ pub(crate) type Comm = Arc<str>;
 pub(crate) struct Task {
     pub(crate) pid: u32,
     pub(crate) tid: u32,
+    /// The process's name (its main thread's: see `host::names`).
     pub(crate) comm: Comm,
+    /// The calling thread's own name, when it is not the process's (a thread names itself).
+    pub(crate) thread_comm: Option<Comm>,
     /// The task's cgroup v2 id when it made the call (0: not recorded).
     pub(crate) cgroup_id: u64,
     /// What that cgroup says (enriched for reports that are shown).

@@ -666,6 +666,7 @@ mod tests {
                 pid: 7,
                 tid: 7,
                 comm: "nginx".into(),
+                thread_comm: None,
                 ..Default::default()
             }),
             fd: Some(3),

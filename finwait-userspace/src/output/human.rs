@@ -185,6 +185,7 @@ fn write_who(out: &mut String, c: &Cause) {
             out.push('/');
             out.push_str(n.format(t.tid));
             out.push(']');
+            write_thread(out, t);
             container::write_short(out, t.container.as_deref());
             out.push_str(" fd ");
             out.push_str(n.format(fd));
@@ -196,10 +197,21 @@ fn write_who(out: &mut String, c: &Cause) {
                 " of {}[{}/{}] (in the kernel, not a close/shutdown syscall: io_uring?)",
                 t.comm, t.pid, t.tid
             );
+            write_thread(out, t);
         }
         None => {
             let _ = write!(out, " of {}[{}/{}]", t.comm, t.pid, t.tid);
+            write_thread(out, t);
         }
+    }
+}
+
+/// The calling thread's own name, said as the thread's, where it is not its process's.
+fn write_thread(out: &mut String, t: &crate::model::Task) {
+    if let Some(name) = &t.thread_comm {
+        out.push_str(" (thread ");
+        out.push_str(name);
+        out.push(')');
     }
 }
 
@@ -351,11 +363,16 @@ fn write_transition(
 fn write_close_no_fin(b: &mut LineBuf, n: &CloseNoFinReport, clock: &Clock, style: &Style) {
     let _ = write!(
         b.text,
-        "{}() from {}[{}/{}] fd {} sent no FIN: the socket is still held by ",
+        "{}() from {}[{}/{}]",
         CauseKind::Call(n.call).name(),
         n.task.comm,
         n.task.pid,
         n.task.tid,
+    );
+    write_thread(&mut b.text, &n.task);
+    let _ = write!(
+        b.text,
+        " fd {} sent no FIN: the socket is still held by ",
         n.fd
     );
     if n.holders.is_empty() {
@@ -753,6 +770,7 @@ mod tests {
                 pid: 123456,
                 tid: 123457,
                 comm: "nginx-worker-15".into(),
+                thread_comm: None,
                 ..Default::default()
             }),
             fd: Some(1017),

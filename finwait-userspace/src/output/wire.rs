@@ -165,6 +165,9 @@ pub(crate) struct CauseJson<'a> {
     tid: Option<u32>,
     #[serde(serialize_with = "opt_name")]
     comm: Option<&'a str>,
+    /// The calling thread's own name, where it is not its process's.
+    #[serde(serialize_with = "opt_name")]
+    thread_comm: Option<&'a str>,
     fd: Option<i32>,
     exact: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -179,6 +182,7 @@ impl<'a> From<&'a Cause> for CauseJson<'a> {
             pid: c.task.as_ref().map(|t| t.pid),
             tid: c.task.as_ref().map(|t| t.tid),
             comm: c.task.as_ref().map(|t| &*t.comm),
+            thread_comm: c.task.as_ref().and_then(|t| t.thread_comm.as_deref()),
             fd: c.fd,
             exact: c.exact,
             container: ContainerJson::of(c.task.as_ref().and_then(|t| t.container.as_deref())),
@@ -302,6 +306,8 @@ pub(crate) struct CloseNoFin<'a> {
     tid: u32,
     #[serde(serialize_with = "name")]
     comm: &'a str,
+    #[serde(serialize_with = "opt_name")]
+    thread_comm: Option<&'a str>,
     fd: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
     container: Option<ContainerJson<'a>>,
@@ -324,6 +330,7 @@ impl<'a> CloseNoFin<'a> {
             pid: n.task.pid,
             tid: n.task.tid,
             comm: &n.task.comm,
+            thread_comm: n.task.thread_comm.as_deref(),
             fd: n.fd,
             container: ContainerJson::of(n.task.container.as_deref()),
             remaining_refs: n.remaining_refs,
@@ -830,6 +837,7 @@ mod tests {
             pid: 1,
             tid: 1,
             comm: "x".into(),
+            thread_comm: None,
             ..Default::default()
         }
     }

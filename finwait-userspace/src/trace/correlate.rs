@@ -668,6 +668,7 @@ mod tests {
             pid,
             tid,
             comm: comm.into(),
+            thread_comm: None,
             ..Default::default()
         }
     }

@@ -14,6 +14,7 @@ fn task_of(e: &Event) -> Task {
         pid: (e.pid_tgid >> 32) as u32,
         tid: e.pid_tgid as u32,
         comm: comm(&e.comm),
+        thread_comm: None,
         cgroup_id: e.cgroup_id,
         container: None,
     }
@@ -247,6 +248,7 @@ mod tests {
                 pid: 10,
                 tid: 11,
                 comm: "nginx".into(),
+                thread_comm: None,
                 ..Default::default()
             }
         );

@@ -155,6 +155,7 @@ mod tests {
                 pid: 7,
                 tid,
                 comm: "srv".into(),
+                thread_comm: None,
                 ..Default::default()
             },
             what,

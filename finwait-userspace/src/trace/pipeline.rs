@@ -21,6 +21,7 @@ use crate::{
         cgroup::Cgroups,
         clock::monotonic_ns,
         inspect::{self, EpollSets},
+        names::Names,
         namespaces::Diags,
         netns::FinTimeouts,
     },
@@ -39,6 +40,8 @@ pub(crate) struct Pipeline {
     pub(crate) filter: Filter,
     fin_timeouts: FinTimeouts,
     pub(crate) cgroups: Cgroups,
+    /// Processes by their own name, not a thread's.
+    names: Names,
     /// `tcp_fin_timeout` of the tracer's own namespace (where a socket's cannot be read).
     own_fin_timeout_s: u64,
     pub(crate) summary: Summary,
@@ -68,6 +71,7 @@ impl Pipeline {
             filter,
             fin_timeouts: FinTimeouts::default(),
             cgroups: Cgroups::new(),
+            names: Names::default(),
             own_fin_timeout_s,
             summary: Summary::default(),
             sink,
@@ -146,25 +150,37 @@ impl Pipeline {
         self.sink.flush()
     }
 
-    /// The container of every task the report names, from the cgroup the kernel recorded.
+    /// Every process the report names: by its own name (not a thread's) and its container,
+    /// from the cgroup the kernel recorded.
     fn identify(&mut self, r: &mut Report) {
-        let cg = &mut self.cgroups;
-        let task = |t: &mut Task, cg: &mut Cgroups| t.container = cg.of(t.cgroup_id, t.pid);
-        let owner = |o: &mut Owner, cg: &mut Cgroups| {
+        let (cg, names) = (&mut self.cgroups, &mut self.names);
+        let now = Instant::now();
+        let task = |t: &mut Task, cg: &mut Cgroups, names: &mut Names| {
+            let process = names.of_task(t.pid, t.tid, &t.comm, now);
+            if process != t.comm {
+                t.thread_comm = Some(std::mem::replace(&mut t.comm, process));
+            }
+            t.container = cg.of(t.cgroup_id, t.pid);
+        };
+        // The kernel recorded the name of the thread that obtained the socket.
+        let owner = |o: &mut Owner, cg: &mut Cgroups, names: &mut Names| {
+            if let Some(process) = names.of_process(o.pid, now) {
+                o.comm = process;
+            }
             o.container = cg.of(o.cgroup_id.unwrap_or(0), o.pid);
         };
         match r {
             Report::Transition(t) => {
                 if let Some(t) = t.cause.as_mut().and_then(|c| c.task.as_mut()) {
-                    task(t, cg);
+                    task(t, cg, names);
                 }
                 if let Some(o) = &mut t.owner {
-                    owner(o, cg);
+                    owner(o, cg, names);
                 }
             }
             Report::CloseNoFin(n) => {
-                task(&mut n.task, cg);
-                n.holders.iter_mut().for_each(|o| owner(o, cg));
+                task(&mut n.task, cg, names);
+                n.holders.iter_mut().for_each(|o| owner(o, cg, names));
             }
         }
     }

@@ -427,6 +427,7 @@ mod tests {
                 pid: 5,
                 tid: 5,
                 comm: "nginx".into(),
+                thread_comm: None,
                 ..Task::default()
             }),
             fd: Some(4),

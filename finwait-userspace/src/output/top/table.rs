@@ -520,6 +520,7 @@ mod tests {
                 pid,
                 tid: pid,
                 comm: "nginx".into(),
+                thread_comm: None,
                 ..Task::default()
             }),
             fd: Some(4),
