@@ -87,8 +87,7 @@ pub mod flags {
     /// before, a call's entry if it repeats the call in progress.
     pub const MAYBE_DUPLICATE: u8 = 1 << 5;
     /// CallEnter: `family`, the ports and the addresses hold the socket's ends, for a close that
-    /// leaves other references (no transition will name them). Not set by the programs yet: see
-    /// `KernelOffsets::sock_ends`.
+    /// leaves other references (no transition will name them).
     pub const ENDS_VALID: u8 = 1 << 6;
 }
 
@@ -331,14 +330,8 @@ pub struct KernelOffsets {
     /// found (then the main thread's exit ends it).
     pub task_signal: u32,
     pub signal_live: u32,
-    /// `task_struct.group_leader` and `task_struct.comm`, for a process's name from its main
-    /// thread. Found, not read yet: reading them in every program made loading too slow for
-    /// the 5.10 verifier (under emulation); names are still the calling thread's.
-    pub task_group_leader: u32,
-    pub process_comm: u32,
     /// 1 when the ends' offsets below (`inet_sport` .. `sock_v6_daddr`) were all found, with
-    /// or without the BTF state hook's `sk_protocol`. (A close's ends are not read from them
-    /// yet: see `task_group_leader`.)
+    /// or without the BTF state hook's `sk_protocol` (a close that sends no FIN reads them).
     pub sock_ends: u32,
     /// `sock_common.skc_state` (one byte).
     pub sock_state: u32,

@@ -9,8 +9,9 @@ use crate::{
     event::{count, new_event, submit},
     fd::{set_sock, sock_of_fd},
     filter::pid_traced,
-    owner::{follow_owner, record_owner, release_owner},
+    owner::{follow_owner, others_remain, record_owner, release_owner},
     read::config,
+    state::read_ends,
     syscall::SyscallArgs,
 };
 
@@ -51,6 +52,14 @@ fn call_enter(ctx: &impl SyscallArgs, site: Site, call: Call, extra: u8) -> Opti
             follow_owner(s.sk, s.inode);
             if call != Call::Shutdown {
                 release_owner(&mut e, s.refs);
+                // A close that ends nothing: no transition will name the socket's ends
+                // (`--port` needs them). Only then: it is rare, and costs six reads.
+                if others_remain(s.refs) {
+                    let o = config(&OFFSETS);
+                    if o.sock_ends != 0 && read_ends(site, s.sk, &o, &mut e).is_some() {
+                        e.flags |= flags::ENDS_VALID;
+                    }
+                }
             }
         }
         // Without offsets every call is forwarded; with them, only calls on stream sockets.

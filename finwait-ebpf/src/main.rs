@@ -105,8 +105,6 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sock_v6_daddr: 0,
     task_signal: 0,
     signal_live: 0,
-    task_group_leader: 0,
-    process_comm: 0,
     sock_ends: 0,
     sock_state: 0,
     inventory: 0,

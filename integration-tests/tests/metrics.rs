@@ -117,13 +117,14 @@ fn cgroup2_root() -> PathBuf {
         .expect("cgroup v2 is mounted")
 }
 
-/// A cgroup named as docker's systemd driver names a container's, removed when dropped.
-struct DockerLikeCgroup {
+/// A cgroup of this test (a container's as docker's systemd driver names it, or a service's),
+/// removed when dropped.
+struct TestCgroup {
     dir: PathBuf,
     id: String,
 }
 
-impl DockerLikeCgroup {
+impl TestCgroup {
     fn new(tag: &str) -> Self {
         let id: String = format!("{:08x}{tag}", std::process::id())
             .bytes()
@@ -131,9 +132,18 @@ impl DockerLikeCgroup {
             .chain(std::iter::repeat_n("f".to_string(), 64))
             .take(64)
             .collect();
+        Self::named(&format!("docker-{id}.scope"), id)
+    }
+
+    /// A cgroup as systemd names a service's (`NAME.service`).
+    fn service(name: &str) -> Self {
+        Self::named(&format!("{name}.service"), String::new())
+    }
+
+    fn named(leaf: &str, id: String) -> Self {
         let dir = cgroup2_root()
             .join(format!("finwait-test-{}.slice", std::process::id()))
-            .join(format!("docker-{id}.scope"));
+            .join(leaf);
         std::fs::create_dir_all(&dir).expect("create a cgroup (as root)");
         Self { dir, id }
     }
@@ -143,7 +153,7 @@ impl DockerLikeCgroup {
     }
 }
 
-impl Drop for DockerLikeCgroup {
+impl Drop for TestCgroup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.dir);
         let _ = std::fs::remove_dir(self.dir.parent().unwrap());
@@ -224,12 +234,72 @@ impl Leaker {
     }
 }
 
+/// Two processes of one name in two systemd services: each line names its service beside
+/// `comm[pid]` (snapshot, human and JSON), and the gauges keep one series per service.
+#[test]
+fn same_named_processes_are_told_apart_by_their_service() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let me = std::process::id();
+    let units = [format!("shop-a-{me}"), format!("shop-b-{me}")];
+    let (cg_a, cg_b) = (
+        TestCgroup::service(&units[0]),
+        TestCgroup::service(&units[1]),
+    );
+    let (la, lb) = (
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let (a, b) = (Leaker::start(&la), Leaker::start(&lb));
+    cg_a.add(a.pid);
+    cg_b.add(b.pid);
+    a.leak(la.local_addr().unwrap().port(), 2);
+    b.leak(lb.local_addr().unwrap().port(), 3);
+    let out = std::process::Command::new(finwait_trace())
+        .args([
+            "snapshot",
+            "--pid",
+            &a.pid.to_string(),
+            "--pid",
+            &b.pid.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (pid, unit) in [(a.pid, &units[0]), (b.pid, &units[1])] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("{LEAKER_NAME}[{pid}]")))
+            .unwrap_or_else(|| panic!("no line for {pid}: {text}"));
+        assert!(line.contains(&format!("({unit}.service)")), "{line}");
+    }
+    let json = snapshot(&["--pid", &a.pid.to_string()]);
+    let unit_a = format!("{}.service", units[0]);
+    assert!(
+        json.iter().any(|v| v
+            .to_string()
+            .contains(&format!(r#""systemd.unit":"{unit_a}""#))),
+        "{json:#?}"
+    );
+    let metrics = free_port();
+    let (pa, pb) = (a.pid.to_string(), b.pid.to_string());
+    let addr = format!("127.0.0.1:{metrics}");
+    let tracer = Tracer::start(&["--metrics", &addr, "--pid", &pa, "--pid", &pb]);
+    for (unit, n) in [(&units[0], 2.0), (&units[1], 3.0)] {
+        let unit = format!("{unit}.service");
+        let who = [("comm", LEAKER_NAME), ("systemd_unit", unit.as_str())];
+        wait_for(metrics, "finwait_close_wait_sockets", &who, n);
+    }
+    drop(tracer);
+}
+
 #[test]
 fn close_wait_gauge_by_container_is_exact_from_the_snapshot_on() {
     let _one = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let cg = DockerLikeCgroup::new("gauge");
+    let cg = TestCgroup::new("gauge");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let leaker = Leaker::start(&listener);
@@ -298,7 +368,7 @@ fn gauges_are_exact_at_every_scrape_after_ready_with_a_leak_during_start_up() {
     let _one = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let cg = DockerLikeCgroup::new("race");
+    let cg = TestCgroup::new("race");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let leaker = Leaker::start(&listener);
@@ -474,7 +544,7 @@ fn prometheus_scrapes_the_close_wait_leak_of_a_container() {
     let _one = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let cg = DockerLikeCgroup::new("prom");
+    let cg = TestCgroup::new("prom");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let leaker = Leaker::start(&listener);

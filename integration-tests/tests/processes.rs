@@ -81,6 +81,45 @@ fn scenario_5_inherited_fd() {
     drop(b);
 }
 
+/// `--port`: a close that sends no FIN (the fd was inherited) is shown with the socket's ends,
+/// which the kernel reads for such a close (no transition will name them).
+#[test]
+fn port_filter_shows_a_close_without_fin() {
+    let _g = serial();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&["--port", &lp.to_string()]);
+    let (a, b) = pair(&listener);
+    let (ap, bp) = ports(&a, &b);
+    let afd = a.into_raw_fd();
+    let child = fork_child(move || {
+        sleep_ms(1500);
+        close_fd(afd);
+        sleep_ms(100);
+        0
+    });
+    sleep_ms(100);
+    close_fd(afd);
+    wait_child(child);
+    let all = tracer.stop_when(&[(ap, bp, "ESTABLISHED", "FIN_WAIT1")]);
+    let no_fin: Vec<_> = all
+        .iter()
+        .filter(|v| v["event"] == "close_no_fin" && v["pid"] == me())
+        .collect();
+    assert_eq!(no_fin.len(), 1, "{all:#?}");
+    let n = no_fin[0];
+    assert_eq!(
+        (
+            n["lport"].as_u64(),
+            n["rport"].as_u64(),
+            n["laddr"].as_str()
+        ),
+        (Some(u64::from(ap)), Some(u64::from(bp)), Some("127.0.0.1")),
+        "{n}"
+    );
+    drop(b);
+}
+
 /// Scenario 6: a process that exits holding an established socket: the cause is its exit. A process
 /// killed with SIGKILL while holding a half-closed socket: the FIN_WAIT2 socket is orphaned by
 /// the exit.

@@ -49,8 +49,6 @@ fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
         inode_mode: off("inode", "i_mode")?,
         task_signal: off("task_struct", "signal").unwrap_or(0),
         signal_live: off("signal_struct", "live").unwrap_or(0),
-        task_group_leader: off("task_struct", "group_leader").unwrap_or(0),
-        process_comm: off("task_struct", "comm").unwrap_or(0),
         sock_state: off("sock", "__sk_common.skc_state")?,
         ..with_inventory(
             state_btf_offsets(btf)
@@ -239,7 +237,6 @@ mod tests {
         );
         assert_eq!(o.inventory, 1, "and every field the socket inventory reads");
         assert!(o.task_comm > o.task_tgid && o.net_ns_inum > 0);
-        assert!(o.task_group_leader > 0 && o.process_comm == o.task_comm);
         assert_eq!(o.sock_ends, 1);
         assert!(o.file_dentry > 0 && o.dentry_name > 0);
     }

@@ -91,9 +91,22 @@ impl Container {
     }
 }
 
-/// ` (docker:3f2a9c1b7d4e)` after a process's name, where it runs in a container.
+impl Container {
+    /// What people know a process by beside its name: its container (see [`Self::short`]),
+    /// else the systemd service it runs in (`nginx.service`). A session's scope or the root
+    /// says nothing more.
+    pub(crate) fn label(&self) -> Option<String> {
+        self.short().or_else(|| {
+            let unit = self.systemd_unit.as_deref()?;
+            unit.ends_with(".service").then(|| unit.to_string())
+        })
+    }
+}
+
+/// ` (docker:3f2a9c1b7d4e)` or ` (nginx.service)` after a process's name, where it runs in a
+/// container or a systemd service.
 pub(crate) fn write_short(out: &mut String, c: Option<&Container>) {
-    if let Some(short) = c.and_then(Container::short) {
+    if let Some(short) = c.and_then(Container::label) {
         out.push_str(" (");
         out.push_str(&short);
         out.push(')');
@@ -264,6 +277,11 @@ mod tests {
         assert_eq!((c.runtime, c.id.as_deref()), (Some("lxc"), Some("web01")));
         assert_eq!(c.systemd_unit.as_deref(), Some("nginx.service"));
         assert_eq!(c.short().as_deref(), Some("lxc:web01"));
+        assert_eq!(
+            c.label().as_deref(),
+            Some("lxc:web01"),
+            "the container first"
+        );
         let c = Container::from_path("/lxc/db");
         assert_eq!(c.id.as_deref(), Some("db"));
     }
@@ -272,7 +290,16 @@ mod tests {
     fn a_systemd_service_is_no_container() {
         let c = Container::from_path("/system.slice/nginx.service");
         assert_eq!(c.systemd_unit.as_deref(), Some("nginx.service"));
-        assert_eq!((c.short(), c.id, c.pod_uid), (None, None, None));
+        assert_eq!(
+            (c.short(), c.id.clone(), c.pod_uid.clone()),
+            (None, None, None)
+        );
+        assert_eq!(c.label().as_deref(), Some("nginx.service"));
+        let mut line = "nginx[42]".to_string();
+        write_short(&mut line, Some(&c));
+        assert_eq!(line, "nginx[42] (nginx.service)");
+        let session = Container::from_path("/user.slice/user-1000.slice/session-3.scope");
+        assert_eq!(session.label(), None);
         let root = Container::from_path("/");
         assert_eq!(
             root,
