@@ -256,7 +256,7 @@ fn same_named_processes_are_told_apart_by_their_service() {
     cg_b.add(b.pid);
     a.leak(la.local_addr().unwrap().port(), 2);
     b.leak(lb.local_addr().unwrap().port(), 3);
-    let out = std::process::Command::new(finwait_trace())
+    let out = Command::new(finwait_trace())
         .args([
             "snapshot",
             "--pid",
