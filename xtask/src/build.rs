@@ -25,8 +25,9 @@ pub(crate) struct StaticTarget {
 }
 
 /// The architectures finwait ships for (its `kernel::arch` table has their syscall interface).
-/// Linked by rust-lld with the musl the target ships: no C toolchain for the other
-/// architecture, as finwait has no C to compile.
+/// Linked by rust-lld with the musl the target ships; the one C and assembly finwait builds is
+/// ring's (rustls' crypto, for the endpoint's TLS), compiled for another architecture by
+/// Debian's cross gcc (freestanding code: no libc of that architecture needed).
 pub(crate) const STATIC_TARGETS: [StaticTarget; 2] = [
     StaticTarget {
         triple: "x86_64-unknown-linux-musl",
@@ -48,18 +49,31 @@ pub struct RunOptions {
 
 /// `build`: builds `finwait-trace` (for `--target`, if given) and says where it is.
 pub fn build(opts: &BuildOptions) -> Result<()> {
-    let bin = match &opts.target {
-        Some(target) if *target != static_target() => build_static(target)?,
-        _ => build_tracer(opts.release)?,
-    };
+    let bin = build_for(opts.target.as_deref(), opts.release)?;
     println!("built {}", bin.display());
     Ok(())
+}
+
+/// `finwait-trace` for `target` (a static release), else this machine's; returns its path.
+pub(crate) fn build_for(target: Option<&str>, release: bool) -> Result<PathBuf> {
+    Ok(match target {
+        Some(target) if target != static_target() => build_static(target)?,
+        _ => build_tracer(release)?,
+    })
 }
 
 /// `run`: builds `finwait-trace` and runs it as root with `args`.
 pub fn run_tracer(opts: &RunOptions) -> Result<()> {
     let bin = build_tracer(opts.release)?;
     as_root(&bin, &opts.args)
+}
+
+/// The README's first command, `cargo xtask run -- --demo`, as a new user runs it.
+pub(crate) fn demo() -> Result<()> {
+    run_tracer(&RunOptions {
+        release: false,
+        args: vec!["--demo".into()],
+    })
 }
 
 /// `docs`: writes the man page and shell completions the release binary generates.
@@ -129,12 +143,32 @@ fn build_static(target: &str) -> Result<PathBuf> {
             target.to_uppercase().replace('-', "_")
         );
         cmd.env(var, "rust-lld");
+        let arch = target.split('-').next().unwrap_or(target);
+        let gcc = cross_gcc(arch)?;
+        let under = target.replace('-', "_");
+        cmd.env(format!("CC_{under}"), &gcc);
+        cmd.env(format!("AR_{under}"), gcc.replace("-gcc", "-ar"));
     }
     sh(&mut cmd)?;
     Ok(workspace()
         .join("target")
         .join(target)
         .join("release/finwait-trace"))
+}
+
+/// Debian's cross gcc for `arch` (`aarch64-linux-gnu-gcc`), installed if missing.
+fn cross_gcc(arch: &str) -> Result<String> {
+    let gcc = format!("{arch}-linux-gnu-gcc");
+    if std::path::Path::new("/usr/bin").join(&gcc).exists() {
+        return Ok(gcc);
+    }
+    let package = format!("gcc-{arch}-linux-gnu");
+    if !crate::is_root() || !std::path::Path::new("/usr/bin/apt-get").exists() {
+        bail!("building for {arch} compiles ring's C with {gcc}: apt-get install {package}");
+    }
+    eprintln!("xtask: installing {package} (ring's C for {arch})...");
+    crate::apt_install(&[&package])?;
+    Ok(gcc)
 }
 
 /// `cargo build` of the `finwait-trace` binary, for `target` if given.

@@ -46,10 +46,15 @@ fn host_tests(extra: &[String]) -> Result<()> {
     let tracer = build_tracer(false)?;
     // SAFETY: xtask is single-threaded here.
     unsafe { env::set_var("FINWAIT_TRACE", &tracer) };
+    // The README's first command, before anything else: if the demo cannot trace here,
+    // nothing after it can (integration-tests/tests/readme.rs knows it is run here).
+    crate::build::demo()?;
     // The release binary, which xtask's old-userland test runs in a Debian 11 chroot.
     let release = build_tracer(true)?;
     // SAFETY: xtask is single-threaded here.
     unsafe { env::set_var("FINWAIT_STATIC_TRACE", &release) };
+    // The README's arm64 install command (a cross-build: about five minutes on two cores).
+    crate::build::build_for(Some("aarch64-unknown-linux-musl"), true)?;
     // Build first as the invoking user, so a sudo run only executes.
     sh(cargo().args([
         "test",
