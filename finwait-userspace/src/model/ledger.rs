@@ -70,6 +70,22 @@ impl CloseTable {
     }
 }
 
+/// What a live transition did to a ledger, before its user holds anything new.
+pub(crate) struct Moved<T> {
+    /// A seeded entry the live view replaces (see [`Ledger::transition`]): its count is taken
+    /// back.
+    pub(crate) replaced: Option<Entry<T>>,
+    /// The entry the transition closed: the socket left CLOSE_WAIT or FIN_WAIT2, or closed.
+    pub(crate) released: Option<Entry<T>>,
+}
+
+impl<T> Moved<T> {
+    /// Both, for a user that only counts what is held.
+    pub(crate) fn entries(self) -> impl Iterator<Item = Entry<T>> {
+        self.replaced.into_iter().chain(self.released)
+    }
+}
+
 /// The sockets someone must close, each once.
 pub(crate) struct Ledger<T> {
     /// By kernel address: seen live.
@@ -107,12 +123,24 @@ impl<T> Ledger<T> {
         true
     }
 
-    /// Any live transition, before it is counted: a seeded socket it names (by inode, or by
-    /// ends when it has none) moves under its kernel address. Returned instead, for its user
-    /// to take its count back, when the live view replaces it: the transition enters the state
-    /// it was seeded in (it happened while the inventory was read, and is counted live), or
-    /// the address is already held.
-    pub(crate) fn adopt(&mut self, t: &TransitionReport) -> Option<Entry<T>> {
+    /// Any live transition, before its user counts it. A seeded socket it names (by inode, or
+    /// by ends when it has none) moves under its kernel address, or is replaced by the live
+    /// view: when the transition enters the state it was seeded in (it happened while the
+    /// inventory was read, and is counted live), or the address is already held. Then the
+    /// socket's entry is released if the transition leaves CLOSE_WAIT or FIN_WAIT2, or closes.
+    pub(crate) fn transition(&mut self, t: &TransitionReport) -> Moved<T> {
+        let replaced = self.adopt(t);
+        let leaves = matches!(t.old, TcpState::FinWait2 | TcpState::CloseWait);
+        let released = if leaves || t.new == TcpState::Close {
+            self.release(t.sock, t.inode)
+        } else {
+            None
+        };
+        Moved { replaced, released }
+    }
+
+    /// See [`Self::transition`]: the seeded entry replaced, if any.
+    fn adopt(&mut self, t: &TransitionReport) -> Option<Entry<T>> {
         if self.seeded.is_empty() {
             return None;
         }
@@ -134,7 +162,7 @@ impl<T> Ledger<T> {
     }
 
     /// The socket's closing transition: its entry by address, else by inode (0: none).
-    pub(crate) fn release(&mut self, sock: u64, inode: u64) -> Option<Entry<T>> {
+    fn release(&mut self, sock: u64, inode: u64) -> Option<Entry<T>> {
         match self.live.remove(&sock) {
             Some(e) => Some(e),
             None if inode != 0 => self.take_seeded(inode),
@@ -264,6 +292,31 @@ mod tests {
         assert_eq!(l.iter().map(|(s, _)| s).collect::<Vec<_>>(), [0x200]);
         assert!(l.release(0x200, 0).is_some());
         assert_eq!(l.count(), 0);
+    }
+
+    /// What a transition hands back to be un-counted: a seeded entry the live view replaces,
+    /// and the entry it closes.
+    #[test]
+    fn a_transition_replaces_or_releases() {
+        let mut l = Ledger::default();
+        l.seed(10, entry(Kind::CloseWait, 7, 4000));
+        l.seed(11, entry(Kind::HalfClosed, 7, 4001));
+        let m = l.transition(&tr(
+            0x100,
+            10,
+            4000,
+            TcpState::Established,
+            TcpState::CloseWait,
+        ));
+        assert!(m.replaced.is_some() && m.released.is_none());
+        // Orphaned by its close, then closed: found by its ends.
+        let m = l.transition(&tr(0x200, 0, 4001, TcpState::FinWait2, TcpState::Close));
+        assert!(m.replaced.is_none());
+        assert_eq!(m.released.map(|e| e.kind), Some(Kind::HalfClosed));
+        assert_eq!(l.count(), 0);
+        // Nothing held: nothing handed back.
+        let m = l.transition(&tr(0x300, 12, 4002, TcpState::CloseWait, TcpState::LastAck));
+        assert_eq!(m.entries().count(), 0);
     }
 
     /// A transition into the state the inventory saw (it happened while it was read) is the

@@ -198,8 +198,8 @@ impl Summary {
         }
     }
 
-    /// A seeded socket the live trace counts instead (see [`Ledger::adopt`]): its seeded count
-    /// is taken back.
+    /// A seeded socket the live trace counts instead (see [`Ledger::transition`]): its seeded
+    /// count is taken back.
     fn take_back(&mut self, e: &Held) {
         let c = self.counts(e.pid);
         match &e.data.half_closed_by {
@@ -215,8 +215,9 @@ impl Summary {
     /// Counts one report, with its verdict.
     pub(crate) fn add(&mut self, r: &Report, verdict: Option<&Verdict>) {
         let Report::Transition(t) = r else { return };
-        if let Some(e) = self.open.adopt(t) {
-            self.take_back(&e);
+        let moved = self.open.transition(t);
+        if let Some(e) = &moved.replaced {
+            self.take_back(e);
         }
         match t.kind {
             TransitionKind::FinWait2Entered => self.fin_wait2(t, verdict),
@@ -228,22 +229,19 @@ impl Summary {
             | TransitionKind::FinsCrossed
             | TransitionKind::ClosingDone
             | TransitionKind::Aborted
-            | TransitionKind::Other => self.left(t),
-        }
-        if t.new == TcpState::Close {
-            self.open.release(t.sock, t.inode);
+            | TransitionKind::Other => self.left(t, moved.released),
         }
     }
 
-    /// A socket left CLOSE_WAIT or half-closed FIN_WAIT2: how long it was there, and the
-    /// ledger's entry closed.
-    fn left(&mut self, t: &TransitionReport) {
+    /// A socket left CLOSE_WAIT or half-closed FIN_WAIT2: how long it was there, and its
+    /// ledger entry (`released`) counted as closed.
+    fn left(&mut self, t: &TransitionReport, released: Option<Held>) {
         match t.old {
             TcpState::CloseWait => {
                 if let Some(ns) = t.close_wait_ns {
                     self.close_wait_ms.add(ns);
                 }
-                if let Some(o) = self.open.release(t.sock, t.inode) {
+                if let Some(o) = released {
                     self.counts(o.pid).close_wait_closed += 1;
                 }
             }
@@ -251,7 +249,7 @@ impl Summary {
                 if let Some(ns) = t.half_closed_ns {
                     self.half_closed_ms.add(ns);
                 }
-                if let Some(o) = self.open.release(t.sock, t.inode)
+                if let Some(o) = released
                     && let Some(call) = o.data.half_closed_by
                 {
                     *self

@@ -94,14 +94,9 @@ impl MetricsSink {
     }
 
     fn transition(&mut self, t: &TransitionReport, verdict: Option<&Verdict>) {
-        // Entered while the start-up inventory was read, which saw it there too: one socket,
-        // counted once, from the live report.
-        if let Some(h) = self.held.adopt(t) {
-            self.release_held(&h);
-        }
-        if (t.old == TcpState::FinWait2 || t.old == TcpState::CloseWait || t.new == TcpState::Close)
-            && let Some(h) = self.held.release(t.sock, t.inode)
-        {
+        // Closed, or entered while the start-up inventory was read (which saw it there too:
+        // one socket, counted once, from the live report).
+        for h in self.held.transition(t).entries() {
             self.release_held(&h);
         }
         if let Some(ns) = t.half_closed_ns.filter(|_| t.old == TcpState::FinWait2) {

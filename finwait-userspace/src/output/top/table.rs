@@ -189,13 +189,9 @@ impl Table {
     }
 
     fn transition(&mut self, t: &TransitionReport, verdict: Option<&Verdict>) {
-        // Entered while the inventory was read, which saw it too: counted once, from here.
-        if let Some(h) = self.held.adopt(t) {
-            self.count(&h, -1);
-        }
-        if (t.old == TcpState::FinWait2 || t.old == TcpState::CloseWait || t.new == TcpState::Close)
-            && let Some(h) = self.held.release(t.sock, t.inode)
-        {
+        // Closed, or entered while the inventory was read (which saw it too: counted once,
+        // from here).
+        for h in self.held.transition(t).entries() {
             self.count(&h, -1);
         }
         let (kind, workload) = match t.kind {
