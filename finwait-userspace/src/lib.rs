@@ -7,7 +7,10 @@
 //! - `model`: the domain, no I/O: tasks, connections, causes, owners, reports, `TcpState`
 //!   transitions classified once (`TransitionKind`), durations in words (`Dur`).
 //!   - `verdict`: the one place that decides whose job a socket is, with the words for it.
-//!   - `summary`: what a session found per process, and the `--stuck` ledger.
+//!   - `summary`: what a session found per process, and the sockets `--stuck` names.
+//!   - `ledger`: the sockets someone must close, one entry per socket whichever path saw it
+//!     (the start-up inventory or a live transition), checked against the kernel's table; the
+//!     summary, the metrics' gauges and `top` each keep one.
 //!   - `diagnosis`: why a CLOSE_WAIT is still open (Recv-Q, polling, thread states).
 //!   - `container`: container, pod and systemd unit from a cgroup path.
 //!   - `escape`: names made safe for a terminal.
@@ -30,7 +33,7 @@
 //! - `output`: sinks, one per output mode behind one trait: `human` (with `stuck_groups`, the
 //!   `--stuck` reports of one check grouped, and `detail_table`, `snapshot --detail`), `json`
 //!   (writing `wire`, the JSON contract as types, with names escaped by JSON's own rules:
-//!   `SafeJson`), `metrics` (`registry`, `workloads`, `held`, and `exposition`: the format a
+//!   `SafeJson`), `metrics` (`registry`, `workloads`, `held`: the gauges' ledger, and `exposition`: the format a
 //!   scraper asks for; served by
 //!   `endpoint`: `limits`, the deadlines, the shedding cap and the accept backoff; `deadline`,
 //!   writes that time out; `own`, its connections named to the tracer; `web_config`,

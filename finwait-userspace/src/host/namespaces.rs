@@ -396,13 +396,8 @@ fn proc_net(
     Ok(Read::ProcNet)
 }
 
-/// For each holder's pid its network namespace, the namespaces read, and their sockets in
-/// CLOSE_WAIT or FIN_WAIT2 by (namespace, ends): (state, inode).
-pub(crate) struct CloseTable {
-    pub(crate) ns_of: HashMap<u32, Option<u64>>,
-    pub(crate) read: HashSet<u64>,
-    pub(crate) sockets: HashMap<(u64, crate::model::EndsKey), (TcpState, u64)>,
-}
+/// What the ledgers are checked against (a model type: the check is theirs).
+pub(crate) use crate::model::ledger::CloseTable;
 
 /// The sockets in CLOSE_WAIT or FIN_WAIT2 of the namespaces these pids are in: what the metrics'
 /// gauges are checked against. Only those namespaces are read. None: the read failed.

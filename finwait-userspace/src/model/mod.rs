@@ -7,6 +7,7 @@ use finwait_common::{Call, TcpState};
 pub(crate) mod container;
 pub(crate) mod diagnosis;
 pub(crate) mod escape;
+pub(crate) mod ledger;
 pub(crate) mod summary;
 pub(crate) mod verdict;
 

@@ -1,7 +1,7 @@
 //! What a tracing session found, per process: counted as reports pass, answered when tracing
 //! ends, and the sockets still open that `--stuck` names.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::Arc,
 };
@@ -11,6 +11,7 @@ use finwait_common::TcpState;
 use super::{
     Comm, Container, Endpoints, Holder, Report, Stuck, TransitionKind, TransitionReport, Verdict,
     diagnosis::{FinReading, readings_words},
+    ledger::{Entry, Kind, Ledger},
     verdict::{Bound, Facts, whose_job},
 };
 
@@ -34,11 +35,10 @@ pub(crate) struct Counts {
     pub(crate) close_wait_readings: BTreeMap<&'static str, u64>,
 }
 
-/// A socket someone must close, still open.
+/// What the summary keeps of a socket someone must close, still open (its ledger entry's
+/// payload).
 #[derive(Debug, Clone)]
 pub(crate) struct Open {
-    pub(crate) since_ns: u64,
-    pub(crate) who: u32,
     /// FIN_WAIT2 after this call (None: CLOSE_WAIT).
     pub(crate) half_closed_by: Option<String>,
     pub(crate) ends: Endpoints,
@@ -46,9 +46,10 @@ pub(crate) struct Open {
     pub(crate) container: Option<Arc<Container>>,
     /// Already reported by `--stuck`.
     reported: bool,
-    /// Stuck before tracing started: `since_ns` is when the inventory saw it (a lower bound).
-    pub(crate) at_least: bool,
 }
+
+/// A socket someone must close, in the summary's ledger.
+type Held = Entry<Open>;
 
 impl Open {
     /// `CLOSE_WAIT`, or `FIN_WAIT2 after shutdown(SHUT_WR)`.
@@ -95,15 +96,9 @@ pub(crate) struct Summary {
     /// Processes dropped to keep the summary bounded: at [`MAX_PROCESSES`], those with nothing
     /// left open (a long run on a host that forks constantly).
     pub(crate) processes_dropped: u64,
-    /// By kernel address.
-    open: HashMap<u64, Open>,
-    /// Stuck before tracing started, by inode (the inventory has no kernel addresses) until
-    /// a live transition names the socket; then it moves to `open`: one entry per socket,
-    /// whichever path saw it first.
-    seeded: HashMap<u64, Open>,
-    /// The seeded sockets by ends, for a transition that no longer carries the inode (a
-    /// half-closed socket's close orphans it before its last transition).
-    seeded_ends: HashMap<super::EndsKey, u64>,
+    /// The sockets someone must close, still open: seeded by the start-up inventory, moved by
+    /// the live transitions.
+    open: Ledger<Open>,
     pub(crate) half_closed_ms: Histogram,
     pub(crate) close_wait_ms: Histogram,
     pub(crate) stuck_reported: u64,
@@ -166,83 +161,64 @@ impl Summary {
         half_closed: bool,
         ends: Endpoints,
     ) {
-        if inode == 0 || self.seeded.contains_key(&inode) {
-            return;
+        let e = Entry {
+            kind: if half_closed {
+                Kind::HalfClosed
+            } else {
+                Kind::CloseWait
+            },
+            pid: holder.pid,
+            key: ends.key(),
+            since_ns,
+            at_least: true,
+            data: Open {
+                half_closed_by: half_closed.then(|| SHUTDOWN_BEFORE_START.to_string()),
+                ends,
+                fd: Some(holder.fd),
+                container: holder.container.clone(),
+                reported: false,
+            },
+        };
+        if !self.open.seed(inode, e) {
+            return; // no inode, or seeded already
         }
         let entry = self.process(holder.pid);
         entry.comm = holder.comm.clone();
         if holder.container.is_some() {
             entry.container.clone_from(&holder.container);
         }
-        let half_closed_by = if half_closed {
+        if half_closed {
             *entry
                 .counts
                 .half_closed
                 .entry(SHUTDOWN_BEFORE_START.into())
                 .or_default() += 1;
-            Some(SHUTDOWN_BEFORE_START.to_string())
         } else {
             entry.counts.close_wait_at_start += 1;
-            None
-        };
-        self.seeded_ends.insert(ends.key(), inode);
-        self.seeded.insert(
-            inode,
-            Open {
-                since_ns,
-                who: holder.pid,
-                half_closed_by,
-                ends,
-                fd: Some(holder.fd),
-                container: holder.container.clone(),
-                reported: false,
-                at_least: true,
-            },
-        );
+        }
     }
 
-    /// A live transition of a seeded socket: the entry moves to `open`, under its address. A
-    /// transition into the state it was seeded in (seen while the inventory was read) wins,
-    /// and the seeded count is taken back.
-    fn adopt(&mut self, t: &TransitionReport) {
-        if self.seeded.is_empty() {
-            return;
-        }
-        let inode = if t.inode != 0 && self.seeded.contains_key(&t.inode) {
-            t.inode
-        } else {
-            match self.seeded_ends.get(&t.ends.key()) {
-                Some(&i) => i,
-                None => return,
-            }
-        };
-        let Some(o) = self.seeded.remove(&inode) else {
-            return;
-        };
-        self.seeded_ends.remove(&o.ends.key());
-        let entered_again = matches!(
-            (t.new, &o.half_closed_by),
-            (TcpState::CloseWait, None) | (TcpState::FinWait2, Some(_))
-        );
-        if entered_again {
-            let c = self.counts(o.who);
-            match &o.half_closed_by {
-                None => c.close_wait_at_start = c.close_wait_at_start.saturating_sub(1),
-                Some(call) => {
-                    if let Some(n) = c.half_closed.get_mut(call) {
-                        *n = n.saturating_sub(1);
-                    }
+    /// A seeded socket the live trace counts instead (see [`Ledger::transition`]): its seeded
+    /// count is taken back.
+    fn take_back(&mut self, e: &Held) {
+        let c = self.counts(e.pid);
+        match &e.data.half_closed_by {
+            None => c.close_wait_at_start = c.close_wait_at_start.saturating_sub(1),
+            Some(call) => {
+                if let Some(n) = c.half_closed.get_mut(call) {
+                    *n = n.saturating_sub(1);
                 }
             }
-            return;
         }
-        self.open.entry(t.sock).or_insert(o);
     }
 
     /// Counts one report, with its verdict.
     pub(crate) fn add(&mut self, r: &Report, verdict: Option<&Verdict>) {
         let Report::Transition(t) = r else { return };
-        self.adopt(t);
+        let moved = self.open.transition(t);
+        if let Some(e) = &moved.replaced {
+            self.take_back(e);
+        }
         match t.kind {
             TransitionKind::FinWait2Entered => self.fin_wait2(t, verdict),
             TransitionKind::PeerFin => self.close_wait(t),
@@ -253,34 +229,31 @@ impl Summary {
             | TransitionKind::FinsCrossed
             | TransitionKind::ClosingDone
             | TransitionKind::Aborted
-            | TransitionKind::Other => self.left(t),
-        }
-        if t.new == TcpState::Close {
-            self.open.remove(&t.sock);
+            | TransitionKind::Other => self.left(t, moved.released),
         }
     }
 
-    /// A socket left CLOSE_WAIT or half-closed FIN_WAIT2: how long it was there, and the
-    /// ledger's entry closed.
-    fn left(&mut self, t: &TransitionReport) {
+    /// A socket left CLOSE_WAIT or half-closed FIN_WAIT2: how long it was there, and its
+    /// ledger entry (`released`) counted as closed.
+    fn left(&mut self, t: &TransitionReport, released: Option<Held>) {
         match t.old {
             TcpState::CloseWait => {
                 if let Some(ns) = t.close_wait_ns {
                     self.close_wait_ms.add(ns);
                 }
-                if let Some(o) = self.open.remove(&t.sock) {
-                    self.counts(o.who).close_wait_closed += 1;
+                if let Some(o) = released {
+                    self.counts(o.pid).close_wait_closed += 1;
                 }
             }
             TcpState::FinWait2 => {
                 if let Some(ns) = t.half_closed_ns {
                     self.half_closed_ms.add(ns);
                 }
-                if let Some(o) = self.open.remove(&t.sock)
-                    && let Some(call) = o.half_closed_by
+                if let Some(o) = released
+                    && let Some(call) = o.data.half_closed_by
                 {
                     *self
-                        .counts(o.who)
+                        .counts(o.pid)
                         .half_closed_ended
                         .entry(call)
                         .or_default() += 1;
@@ -297,12 +270,7 @@ impl Summary {
     /// `pid`'s entry, made room for at [`MAX_PROCESSES`].
     fn process(&mut self, pid: u32) -> &mut Process {
         if self.by_process.len() >= MAX_PROCESSES && !self.by_process.contains_key(&pid) {
-            let holding: HashSet<u32> = self
-                .open
-                .values()
-                .chain(self.seeded.values())
-                .map(|o| o.who)
-                .collect();
+            let holding = self.open.holders();
             let before = self.by_process.len();
             self.by_process.retain(|p, _| holding.contains(p));
             self.processes_dropped += (before - self.by_process.len()) as u64;
@@ -340,19 +308,15 @@ impl Summary {
         match verdict {
             Some(Verdict::ApplicationMustClose(_)) => {
                 *entry.counts.half_closed.entry(call.clone()).or_default() += 1;
-                self.open.insert(
-                    t.sock,
-                    Open {
-                        since_ns: t.ts_ns,
-                        who: task.pid,
-                        half_closed_by: Some(call),
-                        ends: t.ends.clone(),
-                        fd: c.fd,
-                        container: task.container.clone(),
-                        reported: false,
-                        at_least: false,
-                    },
-                );
+                let open = Open {
+                    half_closed_by: Some(call),
+                    ends: t.ends.clone(),
+                    fd: c.fd,
+                    container: task.container.clone(),
+                    reported: false,
+                };
+                self.open
+                    .hold(t.sock, live(t, Kind::HalfClosed, task.pid, open));
             }
             Some(Verdict::KernelFrees(_)) => *entry.counts.orphaned.entry(call).or_default() += 1,
             _ => {}
@@ -368,19 +332,15 @@ impl Summary {
             entry.container.clone_from(&o.container);
         }
         entry.counts.close_wait += 1;
-        self.open.insert(
-            t.sock,
-            Open {
-                since_ns: t.ts_ns,
-                who: o.pid,
-                half_closed_by: None,
-                ends: t.ends.clone(),
-                fd: Some(o.fd),
-                container: o.container.clone(),
-                reported: false,
-                at_least: false,
-            },
-        );
+        let open = Open {
+            half_closed_by: None,
+            ends: t.ends.clone(),
+            fd: Some(o.fd),
+            container: o.container.clone(),
+            reported: false,
+        };
+        self.open
+            .hold(t.sock, live(t, Kind::CloseWait, o.pid, open));
     }
 
     fn comm(&self, pid: u32) -> Comm {
@@ -391,20 +351,16 @@ impl Summary {
     }
 
     /// Whose job an open socket is (the same verdict a live report gives).
-    fn verdict_of(&self, o: &Open) -> (Holder, Verdict) {
+    fn verdict_of(&self, o: &Held) -> (Holder, Verdict) {
         let holder = Holder {
-            pid: o.who,
-            comm: self.comm(o.who),
-            fd: o.fd,
+            pid: o.pid,
+            comm: self.comm(o.pid),
+            fd: o.data.fd,
             others: 0,
-            container: o.container.clone(),
-        };
-        let state = match o.half_closed_by {
-            Some(_) => TcpState::FinWait2,
-            None => TcpState::CloseWait,
+            container: o.data.container.clone(),
         };
         let facts = Facts {
-            state,
+            state: o.kind.state(),
             held: Some(true),
             holder: Some(holder.clone()),
             bound: Bound::Retries,
@@ -417,11 +373,10 @@ impl Summary {
     pub(crate) fn take_stuck(&mut self, now_ns: u64, threshold_ns: u64) -> Vec<Stuck> {
         let mut due = Vec::new();
         // A seeded socket has no address yet: 0 (its inode is known to the inventory only).
-        let seeded = self.seeded.values_mut().map(|o| (0, o));
-        for (sock, o) in self.open.iter_mut().map(|(s, o)| (*s, o)).chain(seeded) {
+        for (sock, o) in self.open.iter_mut() {
             let age = now_ns.saturating_sub(o.since_ns);
-            if !o.reported && age >= threshold_ns {
-                o.reported = true;
+            if !o.data.reported && age >= threshold_ns {
+                o.data.reported = true;
                 due.push((sock, o.clone(), age));
             }
         }
@@ -431,11 +386,11 @@ impl Summary {
                 let (holder, verdict) = self.verdict_of(&o);
                 Stuck {
                     sock,
-                    what: o.what(),
+                    what: o.data.what(),
                     holder,
                     verdict,
                     owner_state: None,
-                    ends: o.ends,
+                    ends: o.data.ends,
                     stuck_ns: age,
                     at_least: o.at_least,
                 }
@@ -449,10 +404,10 @@ impl Summary {
     /// Every process, with its answer.
     pub(crate) fn processes(&self) -> impl Iterator<Item = ProcessSummary<'_>> {
         let mut peers: HashMap<u32, HashMap<(IpAddr, u16), u64>> = HashMap::new();
-        for o in self.open.values().chain(self.seeded.values()) {
-            let e = &o.ends;
+        for o in self.open.values() {
+            let e = &o.data.ends;
             *peers
-                .entry(o.who)
+                .entry(o.pid)
                 .or_default()
                 .entry((e.remote, e.rport))
                 .or_default() += 1;
@@ -490,10 +445,9 @@ impl Summary {
         let open: Vec<(u32, Endpoints)> = self
             .open
             .values()
-            .chain(self.seeded.values())
-            .filter(|o| o.half_closed_by.is_none())
+            .filter(|o| o.kind == Kind::CloseWait)
             .take(max)
-            .map(|o| (o.who, o.ends.clone()))
+            .map(|o| (o.pid, o.data.ends.clone()))
             .collect();
         for (who, ends) in open {
             if let Some(q) = recv_queue(who, &ends) {
@@ -505,34 +459,46 @@ impl Summary {
 
     /// Sockets still open that someone must close.
     pub(crate) fn still_stuck(&self) -> usize {
-        self.open.len() + self.seeded.len()
+        self.open.count()
     }
 
     /// The `n` open the longest, oldest first.
     pub(crate) fn longest(&self, now_ns: u64, n: usize) -> Vec<Longest> {
-        let seeded = self.seeded.values().map(|o| (0, o));
         let mut v: Vec<_> = self
             .open
             .iter()
-            .map(|(s, o)| (*s, o))
-            .chain(seeded)
             .map(|(s, o)| (s, o, now_ns.saturating_sub(o.since_ns)))
             .collect();
         // Oldest first; the same age in a stable order (by port, then socket).
-        v.sort_by_key(|(s, o, age)| (std::cmp::Reverse(*age), o.ends.lport, o.ends.rport, *s));
+        v.sort_by_key(|(s, o, age)| {
+            let e = &o.data.ends;
+            (std::cmp::Reverse(*age), e.lport, e.rport, *s)
+        });
         v.truncate(n);
         v.into_iter()
             .map(|(sock, o, age)| Longest {
                 sock,
-                what: o.what(),
-                pid: o.who,
-                comm: self.comm(o.who),
-                fd: o.fd,
-                ends: o.ends.clone(),
+                what: o.data.what(),
+                pid: o.pid,
+                comm: self.comm(o.pid),
+                fd: o.data.fd,
+                ends: o.data.ends.clone(),
                 age_ns: age,
                 at_least: o.at_least,
             })
             .collect()
+    }
+}
+
+/// A socket seen live entering its state, timed from the transition.
+fn live(t: &TransitionReport, kind: Kind, pid: u32, open: Open) -> Held {
+    Entry {
+        kind,
+        pid,
+        key: t.ends.key(),
+        since_ns: t.ts_ns,
+        at_least: false,
+        data: open,
     }
 }
 

@@ -1,7 +1,7 @@
 //! `--metrics`: the findings as Prometheus metrics, by workload (process name and container),
 //! for the endpoint in [`super::endpoint`] to serve. A sink like the others: this file is what
-//! each report counts; [`registry`] names the series, [`workloads`] caps them, [`held`] keeps
-//! the sockets someone must close so that the gauges are exact.
+//! each report counts; [`registry`] names the series, [`workloads`] caps them, [`held`] moves
+//! the gauges with the ledger of the sockets someone must close, so that they are exact.
 mod exposition;
 mod held;
 mod registry;
@@ -17,7 +17,7 @@ pub(crate) use self::{
     held::ReadKernel,
 };
 use self::{
-    held::{CHECK_EVERY, Held, Kind},
+    held::{CHECK_EVERY, Held},
     registry::{
         CauseLabels, Families, Health, PodLabels, ProcessMetrics, Workload, duration_histogram,
         remove_series, set_counter,
@@ -26,7 +26,11 @@ use self::{
 };
 use super::{Sink, Start, Stats};
 use crate::{
-    model::{Report, Stuck, TransitionKind, TransitionReport, Verdict, summary::Summary},
+    model::{
+        Report, Stuck, TransitionKind, TransitionReport, Verdict,
+        ledger::{Kind, Ledger},
+        summary::Summary,
+    },
     snapshot::Snapshot,
 };
 
@@ -39,10 +43,8 @@ pub(crate) struct MetricsSink {
     /// One series, 1: the mode, state hook, kernel and version as labels.
     info: Family<Vec<(&'static str, String)>, Gauge>,
     workloads: Workloads,
-    /// Sockets someone must close, by kernel address (seen live) ...
-    held: HashMap<u64, Held>,
-    /// ... or by inode (found by the start-up snapshot, which has no addresses).
-    seeded: HashMap<u64, Held>,
+    /// Sockets someone must close, each counted once in a gauge.
+    held: Ledger<Workload>,
     checked_at: Instant,
     /// What the gauges are checked against every [`CHECK_EVERY`].
     read_kernel: ReadKernel,
@@ -65,8 +67,7 @@ impl MetricsSink {
                 live: HashMap::new(),
                 clock: 0,
             },
-            held: HashMap::new(),
-            seeded: HashMap::new(),
+            held: Ledger::default(),
             checked_at: Instant::now(),
             read_kernel,
             ready: Default::default(),
@@ -93,15 +94,9 @@ impl MetricsSink {
     }
 
     fn transition(&mut self, t: &TransitionReport, verdict: Option<&Verdict>) {
-        if t.old == TcpState::FinWait2 || t.old == TcpState::CloseWait || t.new == TcpState::Close {
-            self.release(t.sock, t.inode);
-        }
-        // Entered while the start-up inventory was read, which saw it there too: one socket,
-        // counted once, from the live report.
-        if matches!(t.new, TcpState::FinWait2 | TcpState::CloseWait)
-            && t.inode != 0
-            && let Some(h) = self.seeded.remove(&t.inode)
-        {
+        // Closed, or entered while the start-up inventory was read (which saw it there too:
+        // one socket, counted once, from the live report).
+        for h in self.held.transition(t).entries() {
             self.release_held(&h);
         }
         if let Some(ns) = t.half_closed_ns.filter(|_| t.old == TcpState::FinWait2) {
@@ -122,14 +117,14 @@ impl MetricsSink {
                 self.families.fin_wait2_entries.get_or_create(&labels).inc();
                 if matches!(verdict, Some(Verdict::ApplicationMustClose(_))) {
                     let pid = task.map_or(0, |t| t.pid);
-                    self.hold(t.sock, Kind::HalfClosed, w, &t.ends, pid);
+                    self.hold(t, Kind::HalfClosed, w, pid);
                 }
             }
             TransitionKind::PeerFin => {
                 let w = self.counted(Workload::of_owner(t.owner.as_ref()));
                 self.families.close_wait_entries.get_or_create(&w).inc();
                 let pid = t.owner.as_ref().map_or(0, |o| o.pid);
-                self.hold(t.sock, Kind::CloseWait, w, &t.ends, pid);
+                self.hold(t, Kind::CloseWait, w, pid);
             }
             TransitionKind::FinSent
             | TransitionKind::CloseWaitClosed
@@ -168,16 +163,19 @@ impl Sink for MetricsSink {
                 continue;
             }
             let w = self.counted(Workload::of_owner(e.owners.first()));
-            self.gauge(kind, &w).inc();
-            self.workloads.held(&w, 1);
-            let s = &e.sock;
             let held = Held {
                 kind,
-                workload: w,
-                key: s.key(),
                 pid: e.owners.first().map_or(0, |o| o.pid),
+                key: e.sock.key(),
+                since_ns: snap.taken_ns,
+                at_least: true,
+                data: w.clone(),
             };
-            self.seeded.insert(e.sock.inode, held);
+            // The same socket twice counts once.
+            if self.held.seed(e.sock.inode, held) {
+                self.gauge(kind, &w).inc();
+                self.workloads.held(&w, 1);
+            }
         }
         Ok(())
     }

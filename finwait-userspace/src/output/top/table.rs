@@ -10,7 +10,10 @@ use finwait_common::TcpState;
 
 use crate::{
     host::namespaces::CloseTable,
-    model::{Comm, Container, EndsKey, Report, TransitionKind, TransitionReport, Verdict},
+    model::{
+        Comm, Container, Report, TransitionKind, TransitionReport, Verdict,
+        ledger::{self, Entry, Ledger},
+    },
     snapshot::Snapshot,
 };
 
@@ -67,16 +70,25 @@ impl Workload {
     }
 }
 
-/// One socket counted, and since when.
+/// What the table keeps of a socket in its ledger: the row it counts in.
 #[derive(Clone, Debug)]
-struct Held {
-    kind: Kind,
+struct Shown {
     workload: Workload,
-    since_ns: u64,
-    /// Stuck before the start: `since_ns` is when the inventory saw it (a lower bound).
-    at_least: bool,
-    /// To find it in the kernel's table when the counts are checked.
-    key: EndsKey,
+    /// Half-closed, then closed by its last holder: the kernel's to free now (an orphan until
+    /// its transition, which the check does not judge).
+    orphaned: bool,
+}
+
+/// One socket counted, and since when.
+type Held = Entry<Shown>;
+
+/// What a held socket counts as.
+fn kind_of(h: &Held) -> Kind {
+    match h.kind {
+        _ if h.data.orphaned => Kind::Orphan,
+        ledger::Kind::HalfClosed => Kind::HalfClosed,
+        ledger::Kind::CloseWait => Kind::CloseWait,
+    }
 }
 
 /// A workload's counts now, and its totals of sockets someone must close, sampled.
@@ -109,10 +121,8 @@ pub(crate) struct Row {
 /// The sockets someone must close, by workload.
 #[derive(Default)]
 pub(crate) struct Table {
-    /// By kernel address (seen live) ...
-    live: HashMap<u64, Held>,
-    /// ... or by inode (the start-up snapshot has no addresses).
-    seeded: HashMap<u64, Held>,
+    /// The sockets counted, each once.
+    held: Ledger<Shown>,
     counts: HashMap<Workload, Counts>,
     /// Orphans, each until the kernel frees it at the latest.
     orphans: Vec<(u64, Workload)>,
@@ -126,36 +136,34 @@ impl Table {
     pub(crate) fn seed(&mut self, snap: &Snapshot) {
         for e in &snap.entries {
             let kind = match (&e.verdict, e.sock.state) {
-                (Verdict::OwnerMustClose(_), TcpState::CloseWait) => Kind::CloseWait,
-                (Verdict::ApplicationMustClose(_), TcpState::FinWait2) => Kind::HalfClosed,
-                (Verdict::KernelFrees(_), TcpState::FinWait2) => Kind::Orphan,
+                (Verdict::OwnerMustClose(_), TcpState::CloseWait) => ledger::Kind::CloseWait,
+                (Verdict::ApplicationMustClose(_), TcpState::FinWait2) => ledger::Kind::HalfClosed,
+                (Verdict::KernelFrees(_), TcpState::FinWait2) => {
+                    // The kernel's: counted until its timer fires, not held.
+                    let left = e
+                        .sock
+                        .timer
+                        .map_or(ORPHAN_DEFAULT_NS, |t| t.left().as_nanos() as u64);
+                    self.orphan(snap.taken_ns.saturating_add(left), workload_of(e));
+                    continue;
+                }
                 _ => continue,
             };
-            let workload = match (e.owners.first(), &e.inferred) {
-                (Some(o), _) => Workload::new(o.pid, &o.comm, o.container.as_deref()),
-                (None, Some(i)) => Workload::new(i.pid, &i.comm, None),
-                (None, None) => Workload::unknown(),
-            };
-            if kind == Kind::Orphan {
-                let left = e
-                    .sock
-                    .timer
-                    .map_or(ORPHAN_DEFAULT_NS, |t| t.left().as_nanos() as u64);
-                self.orphan(snap.taken_ns.saturating_add(left), workload);
-                continue;
-            }
-            if e.sock.inode == 0 || self.seeded.contains_key(&e.sock.inode) {
-                continue;
-            }
+            let workload = workload_of(e);
             let held = Held {
                 kind,
-                workload,
+                pid: workload.pid,
+                key: e.sock.key(),
                 since_ns: snap.taken_ns,
                 at_least: true,
-                key: e.sock.key(),
+                data: Shown {
+                    workload,
+                    orphaned: false,
+                },
             };
-            self.count(&held, 1);
-            self.seeded.insert(e.sock.inode, held);
+            if self.held.seed(e.sock.inode, held.clone()) {
+                self.count(&held, 1);
+            }
         }
     }
 
@@ -166,15 +174,14 @@ impl Table {
             // The last close of a half-closed socket: the kernel's to free from now on.
             Report::CloseNoFin(n) if n.remaining_refs == 0 => {
                 if let Some(h) = self
-                    .live
-                    .get_mut(&n.sock)
-                    .filter(|h| h.kind == Kind::HalfClosed)
+                    .held
+                    .get_mut(n.sock)
+                    .filter(|h| kind_of(h) == Kind::HalfClosed)
                 {
-                    let mut orphan = h.clone();
-                    orphan.kind = Kind::Orphan;
-                    let before = std::mem::replace(h, orphan.clone());
-                    self.count(&before, -1);
-                    self.count(&orphan, 1);
+                    h.data.orphaned = true;
+                    let w = h.data.workload.clone();
+                    self.count_kind(&w, Kind::HalfClosed, -1);
+                    self.count_kind(&w, Kind::Orphan, 1);
                 }
             }
             Report::CloseNoFin(_) => {}
@@ -182,98 +189,61 @@ impl Table {
     }
 
     fn transition(&mut self, t: &TransitionReport, verdict: Option<&Verdict>) {
-        if t.old == TcpState::FinWait2 || t.old == TcpState::CloseWait || t.new == TcpState::Close {
-            self.release(t.sock, t.inode);
-        }
-        // Entered while the inventory was read, which saw it too: counted once, from here.
-        if matches!(t.new, TcpState::FinWait2 | TcpState::CloseWait)
-            && t.inode != 0
-            && let Some(h) = self.seeded.remove(&t.inode)
-        {
+        // Closed, or entered while the inventory was read (which saw it too: counted once,
+        // from here).
+        for h in self.held.transition(t).entries() {
             self.count(&h, -1);
         }
         let (kind, workload) = match t.kind {
             TransitionKind::FinWait2Entered => {
-                let kind = match verdict {
-                    Some(Verdict::ApplicationMustClose(_)) => Kind::HalfClosed,
-                    Some(Verdict::KernelFrees(_)) => Kind::Orphan,
-                    _ => return,
-                };
                 let task = t.cause.as_ref().and_then(|c| c.task.as_ref());
                 let w = task.map_or_else(Workload::unknown, |k| {
                     Workload::new(k.pid, &k.comm, k.container.as_deref())
                 });
-                if kind == Kind::Orphan {
-                    let bound = t.fin_timeout_s.saturating_mul(1_000_000_000);
-                    return self.orphan(t.ts_ns.saturating_add(bound), w);
+                match verdict {
+                    Some(Verdict::ApplicationMustClose(_)) => (ledger::Kind::HalfClosed, w),
+                    Some(Verdict::KernelFrees(_)) => {
+                        let bound = t.fin_timeout_s.saturating_mul(1_000_000_000);
+                        return self.orphan(t.ts_ns.saturating_add(bound), w);
+                    }
+                    _ => return,
                 }
-                (kind, w)
             }
             TransitionKind::PeerFin => {
                 let w = t.owner.as_ref().map_or_else(Workload::unknown, |o| {
                     Workload::new(o.pid, &o.comm, o.container.as_deref())
                 });
-                (Kind::CloseWait, w)
+                (ledger::Kind::CloseWait, w)
             }
             _ => return,
         };
         let held = Held {
             kind,
-            workload,
+            pid: workload.pid,
+            key: t.ends.key(),
             since_ns: t.ts_ns,
             at_least: false,
-            key: t.ends.key(),
+            data: Shown {
+                workload,
+                orphaned: false,
+            },
         };
         self.count(&held, 1);
-        if let Some(old) = self.live.insert(t.sock, held) {
+        if let Some(old) = self.held.hold(t.sock, held) {
             self.count(&old, -1);
-        }
-    }
-
-    fn release(&mut self, sock: u64, inode: u64) {
-        let found = self
-            .live
-            .remove(&sock)
-            .or_else(|| (inode != 0).then(|| self.seeded.remove(&inode)).flatten());
-        if let Some(h) = found {
-            self.count(&h, -1);
         }
     }
 
     /// The processes holding what is counted (whose namespaces [`Self::check`] needs).
     pub(crate) fn holders(&self) -> HashSet<u32> {
-        let held = self.live.values().chain(self.seeded.values());
-        held.map(|h| h.workload.pid).collect()
+        self.held.holders()
     }
 
     /// Every socket counted that the kernel's table no longer has in its state (a transition
     /// lost on the way) is released; how many were. A holder whose namespace was not read is
     /// not checked; orphans leave by their bound.
     pub(crate) fn check(&mut self, k: &CloseTable) -> u64 {
-        let gone = |h: &Held| {
-            let ns = k.ns_of.get(&h.workload.pid).copied().flatten();
-            let Some(ns) = ns.filter(|ns| k.read.contains(ns)) else {
-                return false;
-            };
-            match (h.kind, k.sockets.get(&(ns, h.key))) {
-                (Kind::Orphan, _) => false,
-                (Kind::CloseWait, Some((state, _))) => *state != TcpState::CloseWait,
-                (Kind::HalfClosed, Some((state, inode))) => {
-                    *state != TcpState::FinWait2 || *inode == 0
-                }
-                (_, None) => true,
-            }
-        };
-        let mut stale = Vec::new();
-        for table in [&mut self.live, &mut self.seeded] {
-            table.retain(|_, h| {
-                let keep = !gone(h);
-                if !keep {
-                    stale.push(h.clone());
-                }
-                keep
-            });
-        }
+        let stale = self.held.release_gone(k, |h| !h.data.orphaned);
         for h in &stale {
             self.count(h, -1);
         }
@@ -281,7 +251,7 @@ impl Table {
     }
 
     fn count(&mut self, h: &Held, delta: i64) {
-        self.count_kind(&h.workload, h.kind, delta);
+        self.count_kind(&h.data.workload, kind_of(h), delta);
     }
 
     fn count_kind(&mut self, w: &Workload, kind: Kind, delta: i64) {
@@ -316,12 +286,12 @@ impl Table {
     pub(crate) fn rows(&mut self, now_ns: u64) -> Vec<Row> {
         self.expire_orphans(now_ns);
         let mut oldest: HashMap<&Workload, (u64, bool)> = HashMap::new();
-        for h in self.live.values().chain(self.seeded.values()) {
-            if h.kind == Kind::Orphan {
+        for h in self.held.values() {
+            if h.data.orphaned {
                 continue;
             }
             let age = (now_ns.saturating_sub(h.since_ns), h.at_least);
-            let o = oldest.entry(&h.workload).or_insert(age);
+            let o = oldest.entry(&h.data.workload).or_insert(age);
             if age.0 > o.0 {
                 *o = age;
             }
@@ -350,6 +320,16 @@ impl Table {
             true
         });
         rows
+    }
+}
+
+/// The row a socket of the start-up snapshot counts in: its holder's, else the process
+/// inferred to have accepted it.
+fn workload_of(e: &crate::snapshot::Entry) -> Workload {
+    match (e.owners.first(), &e.inferred) {
+        (Some(o), _) => Workload::new(o.pid, &o.comm, o.container.as_deref()),
+        (None, Some(i)) => Workload::new(i.pid, &i.comm, None),
+        (None, None) => Workload::unknown(),
     }
 }
 
