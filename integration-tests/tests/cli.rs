@@ -342,8 +342,10 @@ fn a_thread_cannot_relabel_its_process() {
     })
     .join()
     .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(2000));
-    let all = tracer.stop_when(&[]);
+    let all = tracer.read_until(std::time::Duration::from_secs(30), |v| {
+        v["event"] == "stuck"
+    });
+    assert_losses_owned_up_to(all.last().unwrap());
     drop((a, b));
     let shutdown = all
         .iter()
@@ -381,8 +383,16 @@ fn stuck_sockets_are_reported_once() {
         a2.local_addr().unwrap().port(),
     );
     drop(a2);
-    std::thread::sleep(std::time::Duration::from_millis(2500));
-    let all = tracer.stop_when(&[]);
+    // Until the three reports (a loaded machine may take a while), then 1.5 s more: once each.
+    let mut seen = 0;
+    let all = tracer.read_until(std::time::Duration::from_secs(30), |v| {
+        seen += usize::from(v["event"] == "stuck");
+        if seen == 3 {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
+        seen == 3
+    });
+    assert_losses_owned_up_to(all.last().unwrap());
     let stuck: Vec<_> = all.iter().filter(|v| v["event"] == "stuck").collect();
     assert_eq!(stuck.len(), 3, "{stuck:#?}");
     let me = std::process::id();
