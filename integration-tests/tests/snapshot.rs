@@ -462,6 +462,10 @@ fn another_network_namespace_is_seen_from_the_host() {
             "{v}"
         );
         assert!(v["stuck_s"].as_f64().unwrap() >= 1.0, "{v}");
+        assert_eq!(
+            v["netns"], pod.netns,
+            "the pod's namespace, in a live report: {v}"
+        );
         // Read in the pod's namespace (a socket of another is not found in finwait's own).
         if v["state"] == "CLOSE_WAIT" {
             assert_eq!(v["owner_state"]["diagnosis"], "fin_not_read", "{v}");

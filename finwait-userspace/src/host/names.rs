@@ -4,7 +4,8 @@
 //! The kernel records the calling thread's name. A call by the main thread carries the process's
 //! own name, exactly, at no cost; for any other thread the process's name is read from /proc
 //! once a second at most, and where that is no longer possible (the process is gone and was
-//! never seen) the answer is `unknown`, not the thread's word.
+//! never seen) the answer is `unknown`, not the thread's word. Beside the name, the process's
+//! network namespace: what a live report says its socket is in.
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
@@ -23,6 +24,7 @@ pub(crate) const UNKNOWN: &str = "unknown";
 #[derive(Default)]
 pub(crate) struct Names {
     known: HashMap<u32, (Comm, Instant)>,
+    netns: HashMap<u32, (Option<u64>, Instant)>,
 }
 
 impl Names {
@@ -50,6 +52,23 @@ impl Names {
             // Gone: the last name seen is still its own (a pid is reused only after a while).
             None => self.known.get(&pid).map(|(n, _)| n.clone()),
         }
+    }
+
+    /// Process `pid`'s network namespace (`net:[INODE]`), read once a second at most; the
+    /// last one seen once it is gone.
+    pub(crate) fn netns(&mut self, pid: u32, now: Instant) -> Option<u64> {
+        if let Some((ns, at)) = self.netns.get(&pid)
+            && now.saturating_duration_since(*at) < FRESH
+        {
+            return *ns;
+        }
+        let read = super::namespaces::of_pid(pid);
+        let ns = read.or_else(|| self.netns.get(&pid).and_then(|(ns, _)| *ns));
+        if self.netns.len() >= MAX && !self.netns.contains_key(&pid) {
+            self.netns.clear();
+        }
+        self.netns.insert(pid, (ns, now));
+        ns
     }
 
     fn remember(&mut self, pid: u32, name: Comm, now: Instant) {
@@ -82,6 +101,16 @@ mod tests {
         // The main thread's call carries the process's name itself.
         assert_eq!(n.of_task(7, 7, &"main".into(), now), "main".into());
         assert_eq!(n.of_task(7, 8, &"spoof".into(), now), "main".into());
+    }
+
+    #[test]
+    fn a_process_is_in_its_network_namespace() {
+        let mut n = Names::default();
+        let me = std::process::id();
+        let own = super::super::namespaces::of_pid(me);
+        assert!(own.is_some());
+        assert_eq!(n.netns(me, Instant::now()), own);
+        assert_eq!(n.netns(1 << 23, Instant::now()), None);
     }
 
     #[test]

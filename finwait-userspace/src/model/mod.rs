@@ -326,6 +326,8 @@ pub(crate) struct TransitionReport {
     /// The socket left a state other than the one its last transition here entered: at least
     /// one transition in between never arrived.
     pub(crate) missed_before: bool,
+    /// The socket's network namespace (its holder's, else the caller's; None: not known).
+    pub(crate) netns: Option<u64>,
     /// Another socket had this address before (its ends were others: the kernel freed it and
     /// reused the memory) and its transition to CLOSE never arrived: that socket's gap, and
     /// nothing of it carries over to this one.
@@ -363,6 +365,7 @@ impl TransitionReport {
             recorded_owner: None,
             missed_before: false,
             earlier_socket_lost: false,
+            netns: None,
         }
     }
 
@@ -427,6 +430,8 @@ pub(crate) struct CloseNoFinReport {
     /// The kernel's ownership record as this close found it: another holder, or this caller
     /// (then marked stale).
     pub(crate) recorded_owner: Option<KernelOwner>,
+    /// The caller's network namespace (None: not known).
+    pub(crate) netns: Option<u64>,
 }
 
 /// What the correlator says about one kernel record.
@@ -481,6 +486,8 @@ pub(crate) struct Stuck {
     pub(crate) stuck_ns: u64,
     /// Stuck before tracing started: `stuck_ns` counts from the start-up inventory.
     pub(crate) at_least: bool,
+    /// The holder's network namespace (None: not known).
+    pub(crate) netns: Option<u64>,
 }
 
 #[cfg(test)]

@@ -393,6 +393,7 @@ impl Summary {
                     ends: o.data.ends,
                     stuck_ns: age,
                     at_least: o.at_least,
+                    netns: None,
                 }
             })
             .collect();

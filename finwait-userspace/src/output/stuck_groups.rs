@@ -167,6 +167,7 @@ mod tests {
             },
             stuck_ns: age_s * 1_000_000_000,
             at_least: false,
+            netns: None,
         }
     }
 

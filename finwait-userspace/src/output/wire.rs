@@ -242,6 +242,8 @@ pub(crate) struct Transition<'a> {
     kernel_to: &'static str,
     cause: Option<CauseJson<'a>>,
     inode: Option<u64>,
+    /// The socket's network namespace (`net:[INODE]`), from its holder or caller.
+    netns: Option<u64>,
     #[serde(flatten)]
     conn: Conn,
     /// FIN_WAIT2 entries and exits only (then possibly null).
@@ -279,6 +281,7 @@ impl<'a> Transition<'a> {
             kernel_to: t.new.name(),
             cause: t.cause.as_ref().map(CauseJson::from),
             inode: (t.inode != 0).then_some(t.inode),
+            netns: t.netns,
             conn: Conn::from(&t.ends),
             orphan: t.touches_fin_wait2().then_some(t.orphan),
             owner: t
@@ -313,6 +316,7 @@ pub(crate) struct CloseNoFin<'a> {
     container: Option<ContainerJson<'a>>,
     remaining_refs: u64,
     holders: Vec<OwnerJson<'a>>,
+    netns: Option<u64>,
     state: Option<&'static str>,
     laddr: Option<IpAddr>,
     lport: Option<u16>,
@@ -335,6 +339,7 @@ impl<'a> CloseNoFin<'a> {
             container: ContainerJson::of(n.task.container.as_deref()),
             remaining_refs: n.remaining_refs,
             holders: n.holders.iter().map(OwnerJson::from).collect(),
+            netns: n.netns,
             state: n.state.map(TcpState::name),
             laddr: e.map(|e| e.local),
             lport: e.map(|e| e.lport),
@@ -358,6 +363,7 @@ pub(crate) struct StuckEvent<'a> {
     stuck_s: f64,
     /// Stuck before tracing started: `stuck_s` counts from the start-up inventory.
     at_least: bool,
+    netns: Option<u64>,
     verdict: &'static str,
     owner_state: Option<OwnerStateJson>,
     #[serde(flatten)]
@@ -376,6 +382,7 @@ impl<'a> StuckEvent<'a> {
             container: ContainerJson::of(s.holder.container.as_deref()),
             stuck_s: s.stuck_ns as f64 / 1e9,
             at_least: s.at_least,
+            netns: s.netns,
             verdict: s.verdict.name(),
             owner_state: s.owner_state.as_ref().map(|o| {
                 let who = format!("{}[{}]", s.holder.comm, s.holder.pid);
@@ -882,6 +889,7 @@ mod tests {
             ends: Some(ends()),
             state: Some(TcpState::Established),
             recorded_owner: None,
+            netns: None,
         }
     }
 
@@ -911,6 +919,7 @@ mod tests {
             ends: ends(),
             stuck_ns: 1,
             at_least: false,
+            netns: None,
         };
         m.insert("stuck", keys(&Event::Stuck(StuckEvent::new(&s, &clock))));
         let summary = Summary::default();

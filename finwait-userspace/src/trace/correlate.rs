@@ -326,6 +326,7 @@ impl Correlator {
             ends: s.ends.clone().or_else(|| e.ends.clone()),
             state: s.state,
             recorded_owner: e.owner,
+            netns: None,
         }));
         if let Some(t) = self.threads.get_mut(&tid).filter(|_| !per_fd) {
             t.current = None;

@@ -330,6 +330,7 @@ mod tests {
             ends: None,
             state: None,
             recorded_owner: None,
+            netns: None,
         });
         assert!(f.wanted(&no_fin));
         assert!(

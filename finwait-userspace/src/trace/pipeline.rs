@@ -177,10 +177,20 @@ impl Pipeline {
                 if let Some(o) = &mut t.owner {
                     owner(o, cg, names);
                 }
+                // The socket's namespace: its holder's, else the caller's (a softirq's task is
+                // whoever the packet interrupted: not asked).
+                let holder = t.owner.as_ref().map(|o| o.pid);
+                let caller = t
+                    .cause
+                    .as_ref()
+                    .and_then(|c| c.task.as_ref())
+                    .map(|t| t.pid);
+                t.netns = holder.or(caller).and_then(|pid| names.netns(pid, now));
             }
             Report::CloseNoFin(n) => {
                 task(&mut n.task, cg, names);
                 n.holders.iter_mut().for_each(|o| owner(o, cg, names));
+                n.netns = names.netns(n.task.pid, now);
             }
         }
     }
@@ -211,6 +221,7 @@ impl Pipeline {
     pub(crate) fn stuck(&mut self, threshold_ns: u64) -> io::Result<()> {
         for mut s in self.summary.take_stuck(monotonic_ns(), threshold_ns) {
             s.owner_state = self.inspector.owner_state(&s);
+            s.netns = self.names.netns(s.holder.pid, Instant::now());
             self.sink.stuck(&s)?;
         }
         self.sink.flush()

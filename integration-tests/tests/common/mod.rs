@@ -180,17 +180,28 @@ impl Tracer {
     fn stop_after(mut self, limit: Duration, expect: &[(u16, u16, &str, &str)]) -> Vec<Value> {
         let mut all = vec![self.start.clone()];
         let deadline = std::time::Instant::now() + limit;
-        let seen = |all: &[Value], (l, r, from, to): &(u16, u16, &str, &str)| {
-            all.iter().any(|v| {
-                v["lport"] == *l && v["rport"] == *r && v["from"] == *from && v["to"] == *to
-            })
+        let is = |v: &Value, (l, r, from, to): &(u16, u16, &str, &str)| {
+            v["lport"] == *l && v["rport"] == *r && v["from"] == *from && v["to"] == *to
         };
-        while !expect.iter().all(|e| seen(&all, e)) {
+        // Each line is checked once as it comes: a busy host (every socket's transitions, with
+        // no filter) sends tens of thousands, and rescanning them all per line never ends.
+        let mut seen = vec![false; expect.len()];
+        while !seen.iter().all(|s| *s) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(v) => all.push(v),
+                Ok(v) => {
+                    for (e, s) in expect.iter().zip(&mut seen) {
+                        *s |= is(&v, e);
+                    }
+                    all.push(v);
+                }
                 Err(_) => {
-                    let missing: Vec<_> = expect.iter().filter(|e| !seen(&all, e)).collect();
+                    let missing: Vec<_> = expect
+                        .iter()
+                        .zip(&seen)
+                        .filter(|(_, s)| !**s)
+                        .map(|(e, _)| e)
+                        .collect();
                     eprintln!("stop_when: still missing after {limit:?}: {missing:?}");
                     for (l, r, _, _) in missing {
                         let ss = Command::new("ss")

@@ -568,6 +568,7 @@ mod tests {
             ends: None,
             state: Some(TcpState::FinWait2),
             recorded_owner: None,
+            netns: None,
         };
         send(&mut t, &Report::CloseNoFin(close));
         let rows = t.rows(3 * S);
