@@ -330,7 +330,10 @@ fn orphan_expiry_follows_the_namespace_fin_timeout() {
                 drop(a);
                 // With 61 s the orphan stays a full socket and the orphan timer fires after 1 s.
                 thread::sleep(Duration::from_millis(1500));
-                (fin_timeout, ap, bp, gettid(), b)
+                let ns = std::os::unix::fs::MetadataExt::ino(
+                    &std::fs::metadata("/proc/thread-self/ns/net").unwrap(),
+                );
+                (fin_timeout, ap, bp, gettid(), b, ns)
             })
         })
         .collect();
@@ -340,10 +343,13 @@ fn orphan_expiry_follows_the_namespace_fin_timeout() {
         .map(|r| (r.1, r.2, "FIN_WAIT2", "CLOSE"))
         .collect();
     let all = tracer.stop_when(&expect);
-    for (fin_timeout, ap, bp, tid, _b) in &results {
+    for (fin_timeout, ap, bp, tid, _b, ns) in &results {
         let ts = transitions(&all, *ap, *bp);
         let gone = find(&ts, *ap, "FIN_WAIT2", "CLOSE");
         assert_eq!(gone["tcp_fin_timeout_s"], *fin_timeout, "{gone}");
+        // The closing thread's own namespace, not its process's.
+        let closed = find(&ts, *ap, "ESTABLISHED", "FIN_WAIT1");
+        assert_eq!(closed["netns"], *ns, "{closed}");
         let since_fin_s = gone["since_fin_ms"].as_f64().unwrap() / 1000.0;
         if *fin_timeout <= 60 && since_fin_s > *fin_timeout as f64 / 2.0 {
             // The kernel's other path: the peer's ACK was processed while close() still held

@@ -54,20 +54,22 @@ impl Names {
         }
     }
 
-    /// Process `pid`'s network namespace (`net:[INODE]`), read once a second at most; the
-    /// last one seen once it is gone.
-    pub(crate) fn netns(&mut self, pid: u32, now: Instant) -> Option<u64> {
-        if let Some((ns, at)) = self.netns.get(&pid)
+    /// The network namespace of task `tid` of process `pid` (`net:[INODE]`; a thread may have
+    /// joined another: `setns()`), read once a second at most; the last one seen once gone.
+    pub(crate) fn netns(&mut self, pid: u32, tid: u32, now: Instant) -> Option<u64> {
+        if let Some((ns, at)) = self.netns.get(&tid)
             && now.saturating_duration_since(*at) < FRESH
         {
             return *ns;
         }
-        let read = super::namespaces::of_pid(pid);
-        let ns = read.or_else(|| self.netns.get(&pid).and_then(|(ns, _)| *ns));
-        if self.netns.len() >= MAX && !self.netns.contains_key(&pid) {
+        let read = std::fs::metadata(format!("/proc/{pid}/task/{tid}/ns/net"))
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let ns = read.or_else(|| self.netns.get(&tid).and_then(|(ns, _)| *ns));
+        if self.netns.len() >= MAX && !self.netns.contains_key(&tid) {
             self.netns.clear();
         }
-        self.netns.insert(pid, (ns, now));
+        self.netns.insert(tid, (ns, now));
         ns
     }
 
@@ -109,8 +111,8 @@ mod tests {
         let me = std::process::id();
         let own = super::super::namespaces::of_pid(me);
         assert!(own.is_some());
-        assert_eq!(n.netns(me, Instant::now()), own);
-        assert_eq!(n.netns(1 << 23, Instant::now()), None);
+        assert_eq!(n.netns(me, me, Instant::now()), own);
+        assert_eq!(n.netns(1 << 23, 1 << 23, Instant::now()), None);
     }
 
     #[test]

@@ -179,18 +179,18 @@ impl Pipeline {
                 }
                 // The socket's namespace: its holder's, else the caller's (a softirq's task is
                 // whoever the packet interrupted: not asked).
-                let holder = t.owner.as_ref().map(|o| o.pid);
-                let caller = t
-                    .cause
-                    .as_ref()
-                    .and_then(|c| c.task.as_ref())
-                    .map(|t| t.pid);
-                t.netns = holder.or(caller).and_then(|pid| names.netns(pid, now));
+                // A thread may have joined another namespace than its process's.
+                let holder = t.owner.as_ref().map(|o| (o.pid, o.pid));
+                let caller = t.cause.as_ref().and_then(|c| c.task.as_ref());
+                let caller = caller.map(|t| (t.pid, t.tid));
+                t.netns = holder
+                    .or(caller)
+                    .and_then(|(pid, tid)| names.netns(pid, tid, now));
             }
             Report::CloseNoFin(n) => {
                 task(&mut n.task, cg, names);
                 n.holders.iter_mut().for_each(|o| owner(o, cg, names));
-                n.netns = names.netns(n.task.pid, now);
+                n.netns = names.netns(n.task.pid, n.task.tid, now);
             }
         }
     }
@@ -221,7 +221,7 @@ impl Pipeline {
     pub(crate) fn stuck(&mut self, threshold_ns: u64) -> io::Result<()> {
         for mut s in self.summary.take_stuck(monotonic_ns(), threshold_ns) {
             s.owner_state = self.inspector.owner_state(&s);
-            s.netns = self.names.netns(s.holder.pid, Instant::now());
+            s.netns = self.names.netns(s.holder.pid, s.holder.pid, Instant::now());
             self.sink.stuck(&s)?;
         }
         self.sink.flush()
