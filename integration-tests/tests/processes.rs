@@ -31,13 +31,23 @@ fn me() -> u32 {
     std::process::id()
 }
 
-/// Scenario 5: the parent's close() of an fd a child inherited sends no FIN (reported as such, naming the
-/// child as a holder); the child's later close() is the cause.
-#[test]
-fn scenario_5_inherited_fd() {
-    let _g = serial();
-    let tracer = Tracer::start(&[]);
+/// This process closes its copy of an fd a forked child inherited (no FIN: the child still
+/// holds it), and the child closes its own 1.5 s later; traced with `--port` of the listener or
+/// without a filter. What was printed, the ports, the fd, the child and the closing thread.
+struct Inherited {
+    all: Vec<serde_json::Value>,
+    ports: (u16, u16),
+    fd: i32,
+    child: u32,
+    tid: u32,
+    _peer: std::net::TcpStream,
+}
+
+fn close_an_inherited_fd(port_filter: bool) -> Inherited {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lp = listener.local_addr().unwrap().port().to_string();
+    let filter = ["--port", lp.as_str()];
+    let tracer = Tracer::start(if port_filter { &filter } else { &[] });
     let (a, b) = pair(&listener);
     let (ap, bp) = ports(&a, &b);
     let afd = a.into_raw_fd();
@@ -53,7 +63,29 @@ fn scenario_5_inherited_fd() {
     let tid = gettid();
     close_fd(afd);
     wait_child(child as i32);
-    let all = tracer.stop_when(&[(ap, bp, "ESTABLISHED", "FIN_WAIT1")]);
+    Inherited {
+        all: tracer.stop_when(&[(ap, bp, "ESTABLISHED", "FIN_WAIT1")]),
+        ports: (ap, bp),
+        fd: afd,
+        child,
+        tid,
+        _peer: b,
+    }
+}
+
+/// Scenario 5: the parent's close() of an fd a child inherited sends no FIN (reported as such, naming the
+/// child as a holder); the child's later close() is the cause.
+#[test]
+fn scenario_5_inherited_fd() {
+    let _g = serial();
+    let Inherited {
+        all,
+        ports: (ap, bp),
+        fd: afd,
+        child,
+        tid,
+        ..
+    } = close_an_inherited_fd(false);
     let ts = transitions(&all, ap, bp);
     let fw1 = find(&ts, ap, "ESTABLISHED", "FIN_WAIT1");
     assert_cause(fw1, "close", child, child, Some(i64::from(afd)));
@@ -78,7 +110,6 @@ fn scenario_5_inherited_fd() {
             .any(|h| h["pid"] == child),
         "{n}"
     );
-    drop(b);
 }
 
 /// `--port`: a close that sends no FIN (the fd was inherited) is shown with the socket's ends,
@@ -86,22 +117,11 @@ fn scenario_5_inherited_fd() {
 #[test]
 fn port_filter_shows_a_close_without_fin() {
     let _g = serial();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let lp = listener.local_addr().unwrap().port();
-    let tracer = Tracer::start(&["--port", &lp.to_string()]);
-    let (a, b) = pair(&listener);
-    let (ap, bp) = ports(&a, &b);
-    let afd = a.into_raw_fd();
-    let child = fork_child(move || {
-        sleep_ms(1500);
-        close_fd(afd);
-        sleep_ms(100);
-        0
-    });
-    sleep_ms(100);
-    close_fd(afd);
-    wait_child(child);
-    let all = tracer.stop_when(&[(ap, bp, "ESTABLISHED", "FIN_WAIT1")]);
+    let Inherited {
+        all,
+        ports: (ap, bp),
+        ..
+    } = close_an_inherited_fd(true);
     let no_fin: Vec<_> = all
         .iter()
         .filter(|v| v["event"] == "close_no_fin" && v["pid"] == me())
@@ -117,7 +137,6 @@ fn port_filter_shows_a_close_without_fin() {
         (Some(u64::from(ap)), Some(u64::from(bp)), Some("127.0.0.1")),
         "{n}"
     );
-    drop(b);
 }
 
 /// Scenario 6: a process that exits holding an established socket: the cause is its exit. A process

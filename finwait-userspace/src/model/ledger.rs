@@ -245,13 +245,14 @@ impl<T> Ledger<T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::IpAddr;
 
     use super::*;
     use crate::model::Endpoints;
 
-    fn ends(rport: u16) -> Endpoints {
+    /// 127.0.0.1:80 to 127.0.0.1:`rport` (the tests of the ledger's users share it).
+    pub(crate) fn ends(rport: u16) -> Endpoints {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         Endpoints {
             local: lo,

@@ -419,27 +419,18 @@ pub(crate) fn totals(rows: &[Row]) -> (u64, u64, u64) {
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
 
     use finwait_common::Call;
 
     use super::*;
     use crate::{
         host::sockdiag::DiagSocket,
-        model::{Cause, CauseKind, CloseNoFinReport, Endpoints, Owner, Task},
+        model::{Cause, CauseKind, CloseNoFinReport, Owner, Task},
     };
 
     const S: u64 = 1_000_000_000;
 
-    fn ends(rport: u16) -> Endpoints {
-        let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        Endpoints {
-            local: lo,
-            lport: 80,
-            remote: lo,
-            rport,
-        }
-    }
+    use crate::model::ledger::tests::ends;
 
     fn owner(pid: u32, comm: &str) -> Owner {
         Owner {
