@@ -192,7 +192,7 @@ fn from_kernel(ebpf: &mut aya::Ebpf) -> Result<(Index, EpollFds)> {
 #[derive(Default)]
 struct Containers {
     cgroups: Option<Cgroups>,
-    by_pid: HashMap<u32, Option<Arc<Container>>>,
+    by_pid: HashMap<u32, Option<Arc<Container>>, foldhash::fast::RandomState>,
 }
 
 impl Containers {
