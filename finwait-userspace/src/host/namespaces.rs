@@ -24,7 +24,7 @@ use super::sockdiag::{Diag, DiagSocket, unmap};
 const NAMED: [&str; 3] = ["/run/netns", "/var/run/netns", "/run/docker/netns"];
 
 /// Namespaces looked at, at most: a host with more is said to have more (each costs a thread
-/// and two sock_diag dumps).
+/// and a sock_diag dump per pass).
 const MAX_NAMESPACES: usize = 4096;
 
 /// One network namespace and the ways into it.

@@ -10,6 +10,7 @@ use std::{
     thread,
 };
 
+use foldhash::fast::RandomState as FastHash;
 use procfs::process::{FDTarget, all_processes};
 
 use crate::{
@@ -22,9 +23,11 @@ use crate::{
 /// process's name once.
 #[derive(Default)]
 pub(crate) struct Index {
-    first: HashMap<u64, (u32, i32)>,
-    more: HashMap<u64, Vec<(u32, i32)>>,
-    comms: HashMap<u32, Comm>,
+    // Looked up once per socket of a 100,000-socket host: a fast hash (the keys are the
+    // kernel's inode numbers, not an attacker's), not SipHash.
+    first: HashMap<u64, (u32, i32), FastHash>,
+    more: HashMap<u64, Vec<(u32, i32)>, FastHash>,
+    comms: HashMap<u32, Comm, FastHash>,
     /// CLOCK_MONOTONIC (the kernel's event clock) when the scan started.
     pub(crate) built_ns: u64,
     /// Processes whose open files this process may not read (no privileges): the sockets they

@@ -100,19 +100,34 @@ impl Diag {
         Self::new(super::namespaces::own().unwrap_or(0))
     }
 
-    /// As [`dump_each`], in this socket's namespace.
+    /// As [`dump_each`], in this socket's namespace. One request answers for both address
+    /// families: each dump walks the kernel's whole TCP hash table (shared by every
+    /// namespace), so one walk instead of one per family halves the cost. Where the kernel
+    /// refuses the older request, each family is asked for in turn.
     pub(crate) fn dump_each(
         &mut self,
         states: &StateFlags,
         mut each: impl FnMut(DiagSocket),
     ) -> Result<()> {
         let netns = self.netns;
+        let mut tagged = |mut s: DiagSocket| {
+            s.netns = netns;
+            each(s);
+        };
+        let mut seen = 0usize;
+        let mut counted = |s: DiagSocket| {
+            seen += 1;
+            tagged(s);
+        };
+        match dump_both(&mut self.socket, states.bits(), &mut counted) {
+            Ok(()) => return Ok(()),
+            // Refused before any answer: the per-family requests below; a failure midway is
+            // not retried (its sockets were handed on already).
+            Err(e) if seen > 0 => return Err(e).context("sock_diag dump of TCP sockets"),
+            Err(_) => {}
+        }
         for family in [AF_INET, AF_INET6] {
             let request = dump_request(family, states.clone());
-            let mut tagged = |mut s: DiagSocket| {
-                s.netns = netns;
-                each(s);
-            };
             exchange(
                 &mut self.socket,
                 request,
@@ -128,6 +143,103 @@ impl Diag {
         }
         Ok(())
     }
+}
+
+/// `TCPDIAG_GETSOCK`: the request older than `SOCK_DIAG_BY_FAMILY`, still served; its dump
+/// asks for no family (`AF_UNSPEC`), so IPv4 and IPv6 sockets come from one table walk.
+const TCPDIAG_GETSOCK: u16 = 18;
+/// `struct inet_diag_msg`: the fixed part of each answer.
+const DIAG_MSG_LEN: usize = 72;
+const NLMSG_HDR_LEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+/// Dumps the TCP sockets of both families in `states` (a bitmask by state number) with one
+/// `TCPDIAG_GETSOCK` request, each answer read in place (nothing is allocated per socket).
+fn dump_both(socket: &mut Socket, states: u32, each: &mut impl FnMut(DiagSocket)) -> Result<()> {
+    // nlmsghdr, then struct inet_diag_req: family, src_len, dst_len, ext, the 48-byte
+    // inet_diag_sockid (zero: any), idiag_states, idiag_dbs.
+    const LEN: usize = NLMSG_HDR_LEN + 60;
+    let mut req = [0u8; LEN];
+    req[0..4].copy_from_slice(&(LEN as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&TCPDIAG_GETSOCK.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    let at = NLMSG_HDR_LEN + 4 + 48;
+    req[at..at + 4].copy_from_slice(&states.to_ne_bytes());
+    socket.send(&req, 0)?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let size = socket.recv(&mut &mut buf[..], 0)?;
+        if size == 0 {
+            bail!("sock_diag: the dump ended without its last message");
+        }
+        let mut offset = 0;
+        while offset + NLMSG_HDR_LEN <= size {
+            let msg = &buf[offset..size];
+            let len = u32::from_ne_bytes(msg[0..4].try_into()?) as usize;
+            let kind = u16::from_ne_bytes(msg[4..6].try_into()?);
+            if len < NLMSG_HDR_LEN || len > msg.len() {
+                bail!("bad sock_diag message (length {len})");
+            }
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = msg
+                        .get(NLMSG_HDR_LEN..NLMSG_HDR_LEN + 4)
+                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap_or([0; 4])));
+                    bail!(
+                        "sock_diag error: {}",
+                        std::io::Error::from_raw_os_error(-errno)
+                    );
+                }
+                TCPDIAG_GETSOCK => {
+                    if let Some(s) = parse_diag_msg(&msg[NLMSG_HDR_LEN..len]) {
+                        each(s);
+                    }
+                }
+                _ => {}
+            }
+            // Messages are 4-byte aligned.
+            offset += (len + 3) & !3;
+        }
+    }
+}
+
+/// One `struct inet_diag_msg` (None: too short, or not an IPv4/IPv6 socket).
+fn parse_diag_msg(m: &[u8]) -> Option<DiagSocket> {
+    if m.len() < DIAG_MSG_LEN {
+        return None;
+    }
+    let u32_at = |at: usize| u32::from_ne_bytes([m[at], m[at + 1], m[at + 2], m[at + 3]]);
+    let addr = |at: usize| -> Option<IpAddr> {
+        match m[0] {
+            AF_INET => Some(IpAddr::from([m[at], m[at + 1], m[at + 2], m[at + 3]])),
+            AF_INET6 => Some(IpAddr::from(<[u8; 16]>::try_from(&m[at..at + 16]).ok()?)),
+            _ => None,
+        }
+    };
+    let expires = Duration::from_millis(u64::from(u32_at(52)));
+    let timer = match m[2] {
+        1 => Some(TimerLeft::Retransmit(expires)),
+        2 => Some(TimerLeft::KeepAlive(expires)),
+        3 => Some(TimerLeft::TimeWait(expires)),
+        4 => Some(TimerLeft::Probe(expires)),
+        _ => None,
+    };
+    Some(DiagSocket {
+        state: TcpState::from_u8(m[1]),
+        local: unmap(addr(8)?),
+        lport: u16::from_be_bytes([m[4], m[5]]),
+        remote: unmap(addr(24)?),
+        rport: u16::from_be_bytes([m[6], m[7]]),
+        inode: u64::from(u32_at(68)),
+        uid: u32_at(64),
+        timer,
+        recv_queue: u32_at(56),
+        send_queue: u32_at(60),
+        netns: 0,
+    })
 }
 
 /// Offset of `idiag_expires` in `struct inet_diag_msg`, after the 16-byte netlink header. The
@@ -265,5 +377,42 @@ fn convert(r: &InetResponse, raw_expires_ms: u32) -> DiagSocket {
         recv_queue: h.recv_queue,
         send_queue: h.send_queue,
         netns: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpListener, os::unix::fs::MetadataExt};
+
+    use super::*;
+
+    /// One request answers for both families, each socket with its ends and inode.
+    #[test]
+    fn one_dump_answers_for_both_families() {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        // A host without IPv6 has no ::1: then only the IPv4 listener is looked for.
+        let v6 = TcpListener::bind("[::1]:0").ok();
+        let inode = |l: &TcpListener| {
+            use std::os::fd::AsRawFd;
+            std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd()))
+                .unwrap()
+                .ino()
+        };
+        let mut socket = Diag::here().unwrap().socket;
+        let mut found = Vec::new();
+        dump_both(&mut socket, 1 << 10, &mut |s| found.push(s)).unwrap();
+        let mut want = vec![&v4];
+        want.extend(v6.as_ref());
+        for l in want {
+            let at = l.local_addr().unwrap();
+            let s = found
+                .iter()
+                .find(|s| s.inode == inode(l))
+                .unwrap_or_else(|| panic!("{at} not in the dump"));
+            assert_eq!(
+                (s.state, s.local, s.lport),
+                (TcpState::Listen, at.ip(), at.port())
+            );
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! Offsets into kernel structures, read from the running kernel's BTF so the eBPF programs can
 //! walk task -> files -> fd -> socket -> sock on any kernel, without CO-RE or kprobes.
+use std::{cell::RefCell, collections::HashMap};
+
 use anyhow::{Context, Result, bail};
 use btf_rs::{Backend, Btf, Type};
 use finwait_common::KernelOffsets;
@@ -8,7 +10,32 @@ pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Reads every offset the programs need. An error means the fd -> socket lookup is unavailable.
 pub(crate) fn kernel_offsets() -> Result<KernelOffsets> {
-    offsets_from(&open()?)
+    offsets_from(&Structs::new(&open()?))
+}
+
+/// The kernel's BTF, each struct looked up once: a lookup by name scans the whole mmapped BTF,
+/// and the offsets ask for the same dozen structs some forty times.
+struct Structs<'a> {
+    btf: &'a Btf,
+    found: RefCell<HashMap<String, Type>>,
+}
+
+impl<'a> Structs<'a> {
+    fn new(btf: &'a Btf) -> Self {
+        Self {
+            btf,
+            found: RefCell::new(HashMap::new()),
+        }
+    }
+
+    fn find(&self, name: &str) -> Result<Type> {
+        if let Some(t) = self.found.borrow().get(name) {
+            return Ok(t.clone());
+        }
+        let t = find_struct(self.btf, name)?;
+        self.found.borrow_mut().insert(name.to_string(), t.clone());
+        Ok(t)
+    }
 }
 
 /// The kernel's BTF, for a handful of lookups.
@@ -19,7 +46,7 @@ pub(crate) fn open() -> Result<Btf> {
         .with_context(|| format!("reading {VMLINUX_BTF}"))
 }
 
-fn offsets_from(btf: &Btf) -> Result<KernelOffsets> {
+fn offsets_from(btf: &Structs<'_>) -> Result<KernelOffsets> {
     let off = |s: &str, path: &str| member_offset(btf, s, path);
     // 6.13 replaced `atomic_long_t f_count` with `file_ref_t f_ref`, which counts from zero.
     let (file_count, zero_based) = match off("file", "f_ref") {
@@ -76,7 +103,7 @@ fn with_inventory(base: KernelOffsets, inv: KernelOffsets) -> KernelOffsets {
 
 /// What the socket inventory reads besides the fd walk's fields; missing: no inventory (the
 /// holders then come from /proc).
-fn inventory_offsets(btf: &Btf) -> Result<KernelOffsets> {
+fn inventory_offsets(btf: &Structs<'_>) -> Result<KernelOffsets> {
     Ok(KernelOffsets {
         inventory: 1,
         task_tgid: member_offset(btf, "task_struct", "tgid")?,
@@ -93,7 +120,7 @@ fn inventory_offsets(btf: &Btf) -> Result<KernelOffsets> {
 
 /// What the BTF state hook reads from `struct sock`; any missing field (or a bitfield, on old
 /// kernels) keeps the classic tracepoint.
-fn state_btf_offsets(btf: &Btf) -> Result<KernelOffsets> {
+fn state_btf_offsets(btf: &Structs<'_>) -> Result<KernelOffsets> {
     Ok(KernelOffsets {
         state_btf: 1,
         sock_protocol: member_offset(btf, "sock", "sk_protocol")?,
@@ -103,7 +130,7 @@ fn state_btf_offsets(btf: &Btf) -> Result<KernelOffsets> {
 
 /// A socket's ends (family, ports, addresses): the BTF state hook's, and a close's that leaves
 /// other references (no transition will name them).
-fn ends_offsets(btf: &Btf) -> Result<KernelOffsets> {
+fn ends_offsets(btf: &Structs<'_>) -> Result<KernelOffsets> {
     let off = |path: &str| member_offset(btf, "sock", path);
     Ok(KernelOffsets {
         sock_ends: 1,
@@ -120,8 +147,9 @@ fn ends_offsets(btf: &Btf) -> Result<KernelOffsets> {
 
 /// Byte offset of `path` (dot-separated members) inside `struct name`. Members of anonymous
 /// structs and unions are found as if they were direct members, as in C.
-pub(crate) fn member_offset(btf: &Btf, name: &str, path: &str) -> Result<u32> {
-    let mut ty = find_struct(btf, name)?;
+fn member_offset(structs: &Structs<'_>, name: &str, path: &str) -> Result<u32> {
+    let btf = structs.btf;
+    let mut ty = structs.find(name)?;
     let mut total_bits = 0u32;
     let mut parts = path.split('.').peekable();
     while let Some(part) = parts.next() {

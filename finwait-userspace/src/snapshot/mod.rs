@@ -25,6 +25,7 @@ use crate::{
         namespaces::{self, Coverage},
         owners::{self, Index},
         procs,
+        sockdiag::DiagSocket,
     },
     kernel::inventory,
     model::{Container, escape},
@@ -128,8 +129,24 @@ pub(crate) fn take(
     keep_entries: bool,
 ) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
-    // The holders first: each socket is answered for as the dump streams in.
-    let from = kernel.and_then(|k| from_kernel(k).map_err(|e| format!("{e:#}")));
+    // The holders and the sockets are read at once: both are mostly the kernel's work (the
+    // inventory's walk of every fd, sock_diag's of the TCP table), one core each. The sockets
+    // wait in a buffer until the holders are known (sized by the sockets on the close path,
+    // smaller than the kernel BTF parsed while loading, the peak before this).
+    let passes = [StateFlags::LISTEN, close_path()];
+    let (from, dumped) = std::thread::scope(|scope| {
+        let dump = scope.spawn(|| {
+            let mut buffered = Buffered::default();
+            namespaces::dump_passes(&passes, |pass, s| buffered.push(pass, s))
+                .map(|c| (c, buffered))
+        });
+        let from = kernel.and_then(|k| from_kernel(k).map_err(|e| format!("{e:#}")));
+        let dumped = dump
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the thread reading the sockets failed")));
+        (from, dumped)
+    });
+    let (coverage, buffered) = dumped?;
     let (owners, epoll, holders) = match from {
         Ok((index, epoll)) => (index, Some(epoll), Holders::Kernel),
         Err(why) => (owners::scan(), None, Holders::Proc(why)),
@@ -149,11 +166,12 @@ pub(crate) fn take(
     };
     let mut b =
         Builder::new(owners_of, &keep, narrow, keep_entries).inspecting(Inspector::new(epoll));
-    let passes = [StateFlags::LISTEN, close_path()];
-    let coverage = namespaces::dump_passes(&passes, |pass, s| match pass {
+    // Each namespace's listeners come before its other sockets (to infer who accepted an
+    // orphan), as the dump read them.
+    buffered.drain(|pass, s| match pass {
         0 => b.listener(&s),
         _ => b.socket(s),
-    })?;
+    });
     let (entries, mut tally) = b.finish();
     // The holders' command lines: one read per process the answer names.
     tally.name(procs::cmdline);
@@ -188,11 +206,42 @@ fn from_kernel(ebpf: &mut aya::Ebpf) -> Result<(Index, EpollFds)> {
     Ok((index, epoll))
 }
 
+/// The sockets as the dump read them, with their pass, in chunks (never one large buffer
+/// copied as it grows).
+#[derive(Default)]
+struct Buffered {
+    chunks: Vec<Vec<(u8, DiagSocket)>>,
+}
+
+impl Buffered {
+    const CHUNK: usize = 4096;
+
+    fn push(&mut self, pass: usize, s: DiagSocket) {
+        match self.chunks.last_mut() {
+            Some(c) if c.len() < Self::CHUNK => c.push((pass as u8, s)),
+            _ => {
+                let mut c = Vec::with_capacity(Self::CHUNK);
+                c.push((pass as u8, s));
+                self.chunks.push(c);
+            }
+        }
+    }
+
+    /// Hands each socket on in order, freeing each chunk once handed on.
+    fn drain(self, mut each: impl FnMut(usize, DiagSocket)) {
+        for chunk in self.chunks {
+            for (pass, s) in chunk {
+                each(usize::from(pass), s);
+            }
+        }
+    }
+}
+
 /// Each owner's container, read once per process.
 #[derive(Default)]
 struct Containers {
     cgroups: Option<Cgroups>,
-    by_pid: HashMap<u32, Option<Arc<Container>>>,
+    by_pid: HashMap<u32, Option<Arc<Container>>, foldhash::fast::RandomState>,
 }
 
 impl Containers {
