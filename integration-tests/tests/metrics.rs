@@ -904,6 +904,27 @@ fn an_application_on_the_metrics_port_is_traced_and_the_scrapes_are_not() {
         s.read_to_string(&mut reply).ok()?;
         Some(reply)
     };
+    // Scraped only once it serves (before its start line): a scraper that gives up on a
+    // tracer still loading closes its connection before the endpoint ever saw it, and that
+    // close is the scraper's own, traced like any.
+    let mut child = child;
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let start = lines
+        .recv_timeout(start_limit())
+        .expect("tracer did not start");
+    assert!(start.contains(r#""event":"start""#), "{start}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !get("/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200")) {
         assert!(Instant::now() < deadline, "the endpoint never became ready");
@@ -922,7 +943,9 @@ fn an_application_on_the_metrics_port_is_traced_and_the_scrapes_are_not() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = output_within(child, Duration::from_secs(30));
     drop(held);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    reader.join().unwrap();
+    let stdout: String = lines.iter().map(|l| l + "\n").collect();
     let transitions: Vec<Value> = stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
