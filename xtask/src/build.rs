@@ -148,6 +148,17 @@ fn build_static(target: &str) -> Result<PathBuf> {
         let under = target.replace('-', "_");
         cmd.env(format!("CC_{under}"), &gcc);
         cmd.env(format!("AR_{under}"), gcc.replace("-gcc", "-ar"));
+    } else {
+        // This machine's own musl target: cc-rs looks for `x86_64-linux-musl-gcc`, which a
+        // fresh Debian does not have (musl-tools does), and gives up. ring's C is freestanding,
+        // so the host's gcc compiles it as it is; a caller's own choice is kept.
+        let under = target.replace('-', "_");
+        for (tool, host) in [("CC", "cc"), ("AR", "ar")] {
+            let var = format!("{tool}_{under}");
+            if std::env::var_os(&var).is_none() {
+                cmd.env(var, host);
+            }
+        }
     }
     sh(&mut cmd)?;
     Ok(workspace()
