@@ -27,7 +27,7 @@ pub(crate) struct StaticTarget {
 /// The architectures finwait ships for (its `kernel::arch` table has their syscall interface).
 /// Linked by rust-lld with the musl the target ships; the one C and assembly finwait builds is
 /// ring's (rustls' crypto, for the endpoint's TLS), compiled for another architecture by
-/// Debian's cross gcc (freestanding code: no libc of that architecture needed).
+/// Debian's cross gcc with that architecture's C headers (nothing of its libc is linked).
 pub(crate) const STATIC_TARGETS: [StaticTarget; 2] = [
     StaticTarget {
         triple: "x86_64-unknown-linux-musl",
@@ -167,18 +167,39 @@ fn build_static(target: &str) -> Result<PathBuf> {
         .join("release/finwait-trace"))
 }
 
-/// Debian's cross gcc for `arch` (`aarch64-linux-gnu-gcc`), installed if missing.
+/// Debian's cross gcc for `arch` (`aarch64-linux-gnu-gcc`) and that architecture's C headers,
+/// installed if missing: ring's C includes `<stdint.h>`, which a hosted gcc takes from the
+/// target's libc headers (without them it finds the host's, which ask for glibc's own).
 fn cross_gcc(arch: &str) -> Result<String> {
     let gcc = format!("{arch}-linux-gnu-gcc");
-    if std::path::Path::new("/usr/bin").join(&gcc).exists() {
+    let headers = format!("/usr/{arch}-linux-gnu/include/stdint.h");
+    let debian_arch = match arch {
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let wanted = [
+        (format!("/usr/bin/{gcc}"), format!("gcc-{arch}-linux-gnu")),
+        (headers, format!("libc6-dev-{debian_arch}-cross")),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(file, _)| !std::path::Path::new(file).exists())
+        .map(|(_, package)| package.as_str())
+        .collect();
+    if missing.is_empty() {
         return Ok(gcc);
     }
-    let package = format!("gcc-{arch}-linux-gnu");
     if !crate::is_root() || !std::path::Path::new("/usr/bin/apt-get").exists() {
-        bail!("building for {arch} compiles ring's C with {gcc}: apt-get install {package}");
+        bail!(
+            "building for {arch} compiles ring's C with {gcc}: apt-get install {}",
+            missing.join(" ")
+        );
     }
-    eprintln!("xtask: installing {package} (ring's C for {arch})...");
-    crate::apt_install(&[&package])?;
+    eprintln!(
+        "xtask: installing {} (ring's C for {arch})...",
+        missing.join(", ")
+    );
+    crate::apt_install(&missing)?;
     Ok(gcc)
 }
 
