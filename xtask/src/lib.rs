@@ -42,10 +42,12 @@ pub(crate) fn is_root() -> bool {
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
-/// `apt-get install` of Debian packages, without recommends or questions.
+/// `apt-get install` of Debian packages, without recommends or questions. Another install
+/// under way (a second xtask, the system's own updates) is waited for, not failed on.
 pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
     sh(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(["-o", "DPkg::Lock::Timeout=600"])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }

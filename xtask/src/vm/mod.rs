@@ -155,6 +155,7 @@ fn install_host_packages() -> Result<()> {
     eprintln!("xtask: installing qemu-system-x86 and busybox-static...");
     let apt = |args: &[&str]| {
         sh(Command::new("apt-get")
+            .args(["-o", "DPkg::Lock::Timeout=600"])
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive"))
     };
