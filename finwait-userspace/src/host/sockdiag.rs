@@ -68,13 +68,6 @@ impl DiagSocket {
     }
 }
 
-/// Hands every TCP socket (IPv4 and IPv6) of finwait's own network namespace in one of
-/// `states` to `each`, as the kernel sends them (nothing is kept: a host's 100,000 sockets cost
-/// no memory).
-pub(crate) fn dump_each(states: &StateFlags, each: impl FnMut(DiagSocket)) -> Result<()> {
-    Diag::here()?.dump_each(states, each)
-}
-
 /// A sock_diag socket: it answers for the network namespace it was made in, whichever thread
 /// uses it later.
 pub(crate) struct Diag {

@@ -1,6 +1,9 @@
 //! Live tracing: load the programs, say what runs, take the start-up snapshot, then feed the ring
 //! buffer through the [`pipeline`] until stopped, and end with the summary and the counters.
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
@@ -12,12 +15,13 @@ use tokio::{
 };
 
 use crate::{
-    host::{clock::monotonic_ns, netns, owners, procs, sockdiag},
+    host::{clock::monotonic_ns, namespaces, netns, owners, procs},
     kernel::{
         counters::Counters,
         diagnostics::Diagnostics,
         loader::{self, Loaded, OwnerSeeder},
     },
+    model::EndsKey,
     output::{self, Start, human::Style},
     sandbox, snapshot,
 };
@@ -161,7 +165,7 @@ fn sinks(
     let mut endpoint = None;
     let mut quit = None;
     if o.top {
-        let read_kernel = Box::new(crate::host::namespaces::close_path_of);
+        let read_kernel = Box::new(namespaces::close_path_of);
         let (sink, stopped) = output::top::TopSink::new(read_kernel);
         sinks.push(Box::new(sink));
         quit = Some(stopped);
@@ -178,7 +182,7 @@ fn sinks(
         };
         let (sink, exposition) = output::metrics::MetricsSink::new(
             o.metrics_max_workloads,
-            Box::new(crate::host::namespaces::close_path_of),
+            Box::new(namespaces::close_path_of),
         );
         endpoint = Some(output::endpoint::bind(
             addr,
@@ -357,12 +361,9 @@ async fn trace(
     finish(o, ebpf, &kernel, p).await
 }
 
-/// The states of the sockets on the close path in finwait's network namespace, by ends, and
-/// when the read began; None if sock_diag could not be read (nothing is counted then).
-fn close_path_table() -> Option<(
-    std::collections::HashMap<crate::model::EndsKey, TcpState>,
-    u64,
-)> {
+/// The states of the sockets on the close path in every network namespace, by ends, and when
+/// the read began; None if sock_diag could not be read (nothing is counted then).
+fn close_path_table() -> Option<(HashMap<EndsKey, TcpState>, u64)> {
     use netlink_packet_sock_diag::inet::StateFlags;
     let states = StateFlags::FIN_WAIT1
         | StateFlags::FIN_WAIT2
@@ -371,11 +372,31 @@ fn close_path_table() -> Option<(
         | StateFlags::CLOSE_WAIT
         | StateFlags::LAST_ACK;
     let taken_ns = monotonic_ns();
-    let mut table = std::collections::HashMap::new();
-    let read = sockdiag::dump_each(&states, |s| {
-        table.insert(s.key(), s.state);
-    });
-    read.ok().map(|()| (table, taken_ns))
+    let mut seen = Vec::new();
+    namespaces::dump_everywhere(&states, |s| seen.push((s.netns, s.key(), s.state))).ok()?;
+    Some((by_ends(seen), taken_ns))
+}
+
+/// The sockets' states by ends. Live reports name a socket by its ends only, and ends repeat
+/// across namespaces (every pod has its own 127.0.0.1): ends found in two namespaces say
+/// nothing about either socket and are left out, so that no loss is counted on a stranger.
+fn by_ends(sockets: Vec<(u64, EndsKey, TcpState)>) -> HashMap<EndsKey, TcpState> {
+    let mut table: HashMap<EndsKey, (u64, Option<TcpState>)> =
+        HashMap::with_capacity(sockets.len());
+    for (netns, ends, state) in sockets {
+        table
+            .entry(ends)
+            .and_modify(|(ns, known)| {
+                if *ns != netns {
+                    *known = None;
+                }
+            })
+            .or_insert((netns, Some(state)));
+    }
+    table
+        .into_iter()
+        .filter_map(|(ends, (_, state))| Some((ends, state?)))
+        .collect()
 }
 
 /// The last reports, the summary and the counters.
@@ -489,7 +510,7 @@ fn seed_owners(
     // Streamed: a host's 100,000 established sockets are never held in memory at once.
     let established = StateFlags::ESTABLISHED | StateFlags::SYN_SENT;
     // Every namespace: a pod's sockets obtained before the start are as much its own.
-    if let Err(e) = crate::host::namespaces::dump_everywhere(&established, |s| seed(s.inode)) {
+    if let Err(e) = namespaces::dump_everywhere(&established, |s| seed(s.inode)) {
         eprintln!(
             "finwait-trace: warning: established sockets not read ({e:#}); their owners will come from /proc"
         );
@@ -532,5 +553,24 @@ mod tests {
         assert!(!p("6.18.0-finwait"));
         assert!(!p("5.10.0-32-cloud-amd64"));
         assert!(!p(""));
+    }
+
+    #[test]
+    fn ends_in_two_namespaces_say_nothing() {
+        use std::net::{IpAddr, Ipv4Addr};
+
+        use finwait_common::TcpState::{CloseWait, FinWait2, LastAck};
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let a = crate::model::ends_key(lo, 80, lo, 5000);
+        let b = crate::model::ends_key(lo, 80, lo, 5001);
+        let table = super::by_ends(vec![
+            (1, a, CloseWait),
+            (2, a, LastAck),
+            (1, b, FinWait2),
+            (1, b, FinWait2),
+        ]);
+        assert_eq!(table.get(&a), None);
+        assert_eq!(table.get(&b), Some(&FinWait2));
+        assert_eq!(table.len(), 1);
     }
 }
