@@ -33,7 +33,7 @@ fn self_test(victim: i32, extra: &[&str]) -> (Value, Vec<(String, i64)>) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn finwait-trace");
-    let out = output_within(child, Duration::from_secs(120));
+    let out = output_within(child, start_limit() + Duration::from_secs(30));
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
