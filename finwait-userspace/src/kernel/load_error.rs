@@ -142,6 +142,8 @@ impl LoadError {
     pub(crate) fn brief(&self) -> String {
         match self {
             Self::Privileges { errno } => format!("refused by the kernel ({})", errno_name(*errno)),
+            // Which hook, and why: the kernel's answer is what a reader can act on.
+            Self::Required { cause, .. } => format!("{self}: {}", cause.brief()),
             Self::Other(e) => format!("{e:#}"),
             e => e.to_string(),
         }
