@@ -440,7 +440,7 @@ fn stuck_sockets_of_one_leak_are_one_line() {
     assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
     let (go_r, go_w) = (go[0], go[1]);
     let pool = fork_child(move || {
-        close_inherited_fds(go_r);
+        close_inherited_fds(&[go_r]);
         // SAFETY: raw calls in the child: wait for the word, then open N connections and
         // never read them.
         unsafe {
@@ -584,7 +584,7 @@ fn processes_are_named_by_command_line_and_leaks_by_peer() {
     assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
     let (go_r, go_w) = (go[0], go[1]);
     let leaker = fork_child(move || {
-        close_inherited_fds(go_r);
+        close_inherited_fds(&[go_r]);
         // SAFETY: raw calls in the child: three connections, never read.
         unsafe {
             let mut b = [0u8; 1];

@@ -302,7 +302,10 @@ mod tests {
         // On one line too (-v's warning when the diagnostics build is refused): with the reason.
         let err = LoadError::required("syscalls:sys_enter_close", prog_load(libc::E2BIG, LOG));
         let brief = err.brief();
-        assert!(brief.starts_with("attaching syscalls:sys_enter_close failed"), "{brief}");
+        assert!(
+            brief.starts_with("attaching syscalls:sys_enter_close failed"),
+            "{brief}"
+        );
         assert!(brief.ends_with("total_states 0"), "{brief}");
         // Missing privileges are said plainly, not under the hook's name.
         let err = LoadError::required("syscalls:sys_enter_close", prog_load(libc::EPERM, ""));

@@ -378,11 +378,12 @@ pub(crate) fn fork_child(f: impl FnOnce() -> i32) -> i32 {
     }
 }
 
-/// In a forked child: closes every fd from 3 on but `keep`, so that the child holds only the
-/// sockets it makes (the parent's other tests, running meanwhile, have theirs open). Raw calls.
-pub(crate) fn close_inherited_fds(keep: i32) {
+/// In a forked child: closes every fd from 3 on but those in `keep`, so that the child holds
+/// only the sockets it makes (the parent's other tests, running meanwhile, have theirs open).
+/// Raw calls.
+pub(crate) fn close_inherited_fds(keep: &[i32]) {
     for fd in 3..4096 {
-        if fd != keep {
+        if !keep.contains(&fd) {
             // SAFETY: closing fds in a forked child; EBADF for those not open.
             unsafe { libc::close(fd) };
         }
