@@ -366,6 +366,10 @@ pub struct FilterConfig {
     pub comm_count: u32,
     /// How many entries of `ports` are in use (0: every port).
     pub port_count: u32,
+    /// 1: a close that leaves other references reads the socket's ends (no transition will
+    /// name them, and `--port` needs them). 0 where the verifier cannot take those reads with
+    /// `-v`'s logging as well (5.10: over its million instructions in `sys_enter_close`).
+    pub close_ends: u32,
     /// Process names (`comm`, NUL-padded) whose calls are followed, with their children.
     pub comms: [[u8; 16]; MAX_COMMS],
     /// `--port`: only transitions of sockets with one of these local or remote ports.

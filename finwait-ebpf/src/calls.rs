@@ -5,7 +5,7 @@ use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use finwait_common::{Call, EventKind, Site, counter, flags};
 
 use crate::{
-    IN_CALL, OFFSETS, close_range, diag,
+    FILTER, IN_CALL, OFFSETS, close_range, diag,
     event::{count, new_event, submit},
     fd::{set_sock, sock_of_fd},
     filter::pid_traced,
@@ -54,7 +54,7 @@ fn call_enter(ctx: &impl SyscallArgs, site: Site, call: Call, extra: u8) -> Opti
                 release_owner(&mut e, s.refs);
                 // A close that ends nothing: no transition will name the socket's ends
                 // (`--port` needs them). Only then: it is rare, and costs six reads.
-                if others_remain(s.refs) {
+                if others_remain(s.refs) && config(&FILTER.close_ends) != 0 {
                     let o = config(&OFFSETS);
                     if o.sock_ends != 0 && read_ends(site, s.sk, &o, &mut e).is_some() {
                         e.flags |= flags::ENDS_VALID;

@@ -122,6 +122,7 @@ static FILTER: FilterConfig = FilterConfig {
     wakeup_bytes: 0,
     comm_count: 0,
     port_count: 0,
+    close_ends: 0,
     comms: [[0; 16]; MAX_COMMS],
     ports: [0; MAX_PORTS],
 };

@@ -148,6 +148,13 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     let inventory_refused = load_inventory(&mut ebpf, layouts.offsets, btf.as_ref()).err();
     drop(btf);
     degraded.extend(attach::second_programs_missing(&ebpf));
+    if !opts.ports.is_empty() && !object::close_ends(diagnostics) {
+        degraded.push(Degraded::loss(
+            "-v on this kernel: a close that sends no FIN is not matched against --port (its \
+             ends are read only without -v here)"
+                .into(),
+        ));
+    }
     // Loading parsed megabytes of BTF that are free now: give them back to the system. glibc's
     // malloc keeps them until asked; musl's (the static release build's) returns them itself.
     #[cfg(target_env = "gnu")]
