@@ -220,7 +220,7 @@ fn announce(
 ) -> Result<()> {
     // Warnings for what reduces what the user sees; the expected detail only with -v.
     let verbose = o.load.diagnostics;
-    let preemptible = programs_run_preemptibly(&kernel_release());
+    let preemptible = programs_run_preemptibly(&crate::kernel::release());
     for d in &l.degraded {
         if !d.nesting_only || preemptible || verbose {
             eprintln!("finwait-trace: warning: {}", d.note);
@@ -236,7 +236,7 @@ fn announce(
         syscall_hook: l.syscall_hook,
         precise_unavailable: l.precise_unavailable.clone(),
         fd_resolution: l.offsets.is_some(),
-        kernel: kernel_release(),
+        kernel: crate::kernel::release(),
         arch: crate::kernel::arch::HOST.name,
         tcp_fin_timeout_s: fin_timeout_s,
         attached: l.attached,
@@ -530,17 +530,7 @@ fn warn_full(full: u64) {
 /// a program preempted on a CPU makes the kernel skip the others of its kind there, under load
 /// often, where before only an interrupt nesting in one did.
 fn programs_run_preemptibly(release: &str) -> bool {
-    release
-        .split('.')
-        .next()
-        .and_then(|major| major.parse::<u32>().ok())
-        .is_some_and(|major| major >= 7)
-}
-
-fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    !crate::kernel::release_before(release, (7, 0))
 }
 
 #[cfg(test)]

@@ -77,8 +77,8 @@ pub(super) fn raise_memlock() {
     };
     // SAFETY: valid pointer to a rlimit.
     let read = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut now) } == 0;
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = crate::kernel::release();
     if read && now.rlim_cur != libc::RLIM_INFINITY {
-        crate::kernel::load_error::note_memlock_not_raised(release.trim(), now.rlim_cur);
+        crate::kernel::load_error::note_memlock_not_raised(&release, now.rlim_cur);
     }
 }

@@ -116,39 +116,11 @@ fn filter_config(opts: &Options, diagnostics: bool) -> FilterConfig {
 /// Linux 6.1: 5.10's verifier gave up on `sys_enter_close` with both (1,000,001 instructions
 /// after 160-208 s); 6.18 and 7.2 take it.
 pub(super) fn close_ends(diagnostics: bool) -> bool {
-    !diagnostics || !release_before(&kernel_release(), (6, 1))
-}
-
-fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()
-}
-
-/// Is `release` ("5.10.0-32-cloud-amd64") older than `major.minor`? Unreadable: assumed old.
-fn release_before(release: &str, (major, minor): (u32, u32)) -> bool {
-    let mut parts = release.trim().split(['.', '-', '+']);
-    let number = |p: Option<&str>| p.and_then(|p| p.parse::<u32>().ok());
-    match (number(parts.next()), number(parts.next())) {
-        (Some(a), Some(b)) => (a, b) < (major, minor),
-        _ => true,
-    }
+    !diagnostics || !crate::kernel::release_before(&crate::kernel::release(), (6, 1))
 }
 
 fn page_size() -> u32 {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u32::try_from(size).unwrap_or(4096)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::release_before;
-
-    #[test]
-    fn kernel_releases_compare_by_major_and_minor() {
-        assert!(release_before("5.10.0-32-cloud-amd64\n", (6, 1)));
-        assert!(!release_before("6.1.0-25-amd64", (6, 1)));
-        assert!(!release_before("7.2.13+deb14-cloud-amd64", (6, 1)));
-        assert!(!release_before("6.18.0-finwait", (6, 1)));
-        assert!(release_before("", (6, 1)));
-    }
 }
