@@ -66,19 +66,21 @@ impl Names {
             .ok()
             .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
         let ns = read.or_else(|| self.netns.get(&tid).and_then(|(ns, _)| *ns));
-        if self.netns.len() >= MAX && !self.netns.contains_key(&tid) {
-            self.netns.clear();
-        }
-        self.netns.insert(tid, (ns, now));
+        bounded_insert(&mut self.netns, tid, (ns, now));
         ns
     }
 
     fn remember(&mut self, pid: u32, name: Comm, now: Instant) {
-        if self.known.len() >= MAX && !self.known.contains_key(&pid) {
-            self.known.clear();
-        }
-        self.known.insert(pid, (name, now));
+        bounded_insert(&mut self.known, pid, (name, now));
     }
+}
+
+/// Inserts, first clearing a map that holds [`MAX`] others (the next calls read again).
+fn bounded_insert<V>(map: &mut HashMap<u32, V>, key: u32, value: V) {
+    if map.len() >= MAX && !map.contains_key(&key) {
+        map.clear();
+    }
+    map.insert(key, value);
 }
 
 /// `/proc/PID/comm`, escaped like every name (a process chooses its own).
