@@ -12,7 +12,7 @@ use crate::{
     fd::{AF_INET6, IPPROTO_TCP, inode_of_socket},
     filter::{owner_followed, port_wanted},
     owner::{connecting, owner_of},
-    read::{checked, config, field, probe, read},
+    read::{config, field, read},
 };
 
 #[tracepoint]
@@ -90,29 +90,22 @@ fn try_state_btf(site: Site, sk: u64, old: u8, new: u8, extra_flags: u8) -> Opti
     Some(())
 }
 
-/// The socket's family, ports and addresses into `e` (the `sock_ends` offsets). One failure
-/// report for the six reads, not one each: with `-v`, every report is a log call inlined here,
-/// and six of them in a close's program were more than 5.10's verifier would take.
+/// The socket's family, ports and addresses into `e` (the `sock_ends` offsets).
 #[inline(always)]
 pub(crate) fn read_ends(site: Site, sk: u64, o: &KernelOffsets, e: &mut Event) -> Option<()> {
-    checked(site, probe_ends(sk, o, e))
-}
-
-#[inline(always)]
-fn probe_ends(sk: u64, o: &KernelOffsets, e: &mut Event) -> Result<(), u64> {
-    e.family = probe::<u16>(sk, o.sock_family as u64)?;
-    e.sport = u16::from_be(probe::<u16>(sk, o.inet_sport as u64)?);
-    e.dport = u16::from_be(probe::<u16>(sk, o.sock_dport as u64)?);
+    e.family = read::<u16>(site, sk, o.sock_family as u64)?;
+    e.sport = u16::from_be(read::<u16>(site, sk, o.inet_sport as u64)?);
+    e.dport = u16::from_be(read::<u16>(site, sk, o.sock_dport as u64)?);
     if e.family == AF_INET6 {
-        e.saddr = probe::<[u8; 16]>(sk, o.sock_v6_rcv_saddr as u64)?;
-        e.daddr = probe::<[u8; 16]>(sk, o.sock_v6_daddr as u64)?;
+        e.saddr = read::<[u8; 16]>(site, sk, o.sock_v6_rcv_saddr as u64)?;
+        e.daddr = read::<[u8; 16]>(site, sk, o.sock_v6_daddr as u64)?;
     } else {
-        let s = probe::<[u8; 4]>(sk, o.inet_saddr as u64)?;
-        let d = probe::<[u8; 4]>(sk, o.sock_daddr as u64)?;
+        let s = read::<[u8; 4]>(site, sk, o.inet_saddr as u64)?;
+        let d = read::<[u8; 4]>(site, sk, o.sock_daddr as u64)?;
         e.saddr[..4].copy_from_slice(&s);
         e.daddr[..4].copy_from_slice(&d);
     }
-    Ok(())
+    Some(())
 }
 
 /// A transition record for `sk`, if this transition is one to report.
