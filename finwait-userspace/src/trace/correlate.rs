@@ -9,6 +9,9 @@
 //!   calling thread before its next syscall: a call stays pending for its thread until then.
 //! - Softirq transitions (FIN_WAIT2, CLOSE_WAIT, TIME_WAIT, LAST_ACK -> CLOSE) inherit or are the
 //!   peer's doing; the pid of whatever ran in softirq is never used.
+//! - finwait's own /proc reads hold a file for a moment (a readlink of /proc/PID/fd/N takes a
+//!   reference): a close in that moment leaves the socket's end to finwait's thread. That end
+//!   belongs to the application's close that left the reference, never to finwait.
 use std::{collections::HashMap, num::NonZeroUsize};
 
 use finwait_common::{Call, TcpState};
@@ -74,6 +77,9 @@ struct SockState {
     last_ns: u64,
     /// A call on this socket whose effect may still be on its way (see module docs).
     pending: Option<PendingCall>,
+    /// The last close that left other references: if finwait's own thread drops the last one
+    /// (a /proc read), this close is what ended the socket.
+    released: Option<PendingCall>,
     /// The close()/shutdown()/exit that sent our FIN.
     fin_cause: Option<Cause>,
     fin_sent_ns: Option<u64>,
@@ -159,6 +165,8 @@ pub(crate) struct Correlator {
     seeds: HashMap<u64, u64>,
     /// file_ref_t (6.13+) counts from zero.
     refs_zero_based: bool,
+    /// finwait's own process: its threads close no traced socket but their own.
+    own_pid: u32,
     stats: Stats,
 }
 
@@ -174,6 +182,7 @@ impl Correlator {
             threads: LruCache::with_hasher(cap(threads), FastHash::default()),
             seeds: HashMap::new(),
             refs_zero_based,
+            own_pid: std::process::id(),
             stats: Stats::default(),
         }
     }
@@ -314,6 +323,7 @@ impl Correlator {
             return;
         }
         let s = self.sock(sock);
+        s.released = Some(pending.clone());
         out.push(Report::CloseNoFin(CloseNoFinReport {
             ts_ns: ts,
             sock,
@@ -359,9 +369,26 @@ impl Correlator {
             .is_some_and(|(s, k)| *s == sock && (!close_only || k.call == Call::Close))
     }
 
+    /// Is this transition finwait's own thread dropping a reference it held for a moment, after
+    /// the application's close (see module docs)? Not when finwait itself called on the socket
+    /// (its own endpoint's connections).
+    fn released_by_us(&self, sock: u64, task: &Task) -> bool {
+        task.pid == self.own_pid
+            && self.socks.peek(&sock).is_some_and(|s| {
+                s.released.is_some() && s.pending.as_ref().is_none_or(|p| p.task.pid != task.pid)
+            })
+    }
+
     /// The call by this thread that may have caused a local transition of `sock`.
     fn local_cause(&mut self, sock: u64, task: &Task) -> Cause {
         let tid = task.tid;
+        if self.released_by_us(sock, task) {
+            if let Some(t) = self.threads.peek_mut(&tid) {
+                t.kernel_call.take_if(|(s, _)| *s == sock);
+            }
+            let released = self.socks.peek_mut(&sock).and_then(|s| s.released.take());
+            return released.map_or_else(Cause::unknown, |p| p.cause());
+        }
         let kernel = self
             .threads
             .peek_mut(&tid)
@@ -549,7 +576,8 @@ impl Correlator {
             .peek(&sock)
             .and_then(|s| s.pending.as_ref())
             .is_some_and(|p| p.task.tid == tid && p.call != Call::Shutdown)
-            || self.kernel_call_by(sock, tid, true);
+            || self.kernel_call_by(sock, tid, true)
+            || self.released_by_us(sock, c.task);
         let in_unresolved_close = self
             .threads
             .peek(&tid)
@@ -1004,6 +1032,53 @@ mod tests {
             (CauseKind::Call(Call::Close), Some(5), true)
         );
         assert_eq!(cause.task.unwrap().tid, 11);
+    }
+
+    /// A forking server's child closes its half-closed socket while finwait's own /proc read
+    /// holds a reference for a moment (seen under load on 7.2): the socket ends in finwait's
+    /// thread, and belongs to the child's close, in both modes. finwait's own endpoint
+    /// connections, which finwait itself closes, stay finwait's.
+    #[test]
+    fn a_close_finished_by_our_own_proc_read_is_the_applications() {
+        for precise in [false, true] {
+            let mut c = Correlator::new(false);
+            let child = task(20, 20, "server");
+            let us = task(std::process::id(), 7, "finwait-trace");
+            let mut out = Vec::new();
+            c.handle(rec(1, &child, enter(Call::Shutdown, 4, 1, A, 1)), &mut out);
+            let to_fw1 = tr(A, TcpState::Established, TcpState::FinWait1, 0, 80, 40000);
+            c.handle(rec(2, &child, to_fw1), &mut out);
+            let to_fw2 = tr(A, TcpState::FinWait1, TcpState::FinWait2, 0, 80, 40000);
+            c.handle(rec(3, &child, to_fw2), &mut out);
+            // The child's close leaves the reference our readlink holds.
+            c.handle(rec(4, &child, enter(Call::Close, 4, 0, A, 2)), &mut out);
+            c.handle(
+                rec(5, &child, Decoded::ProcessExit { group_dead: true }),
+                &mut out,
+            );
+            if precise {
+                c.handle(rec(6, &us, kernel(Call::Close, A, None)), &mut out);
+            }
+            let to_close = tr(A, TcpState::FinWait2, TcpState::Close, SOCK_DEAD, 80, 40000);
+            c.handle(rec(7, &us, to_close), &mut out);
+            let cause = transitions(&out)[2].cause.clone().unwrap();
+            assert_eq!(
+                (cause.kind, cause.fd, cause.task.map(|t| t.pid)),
+                (CauseKind::Call(Call::Close), Some(4), Some(20)),
+                "precise: {precise}"
+            );
+
+            // Our own connection, closed by us: ours.
+            c.handle(rec(8, &us, enter(Call::Close, 9, 0, B, 1)), &mut out);
+            c.handle(rec(9, &us, exit(Call::Close)), &mut out);
+            let to_fw1 = tr(B, TcpState::Established, TcpState::FinWait1, 0, 9977, 50000);
+            c.handle(rec(10, &us, to_fw1), &mut out);
+            let cause = transitions(&out)[3].cause.clone().unwrap();
+            assert_eq!(
+                (cause.kind, cause.task.map(|t| t.pid)),
+                (CauseKind::Call(Call::Close), Some(std::process::id()))
+            );
+        }
     }
 
     /// Precise mode, io_uring: no syscall we follow, yet the kernel names the process.
