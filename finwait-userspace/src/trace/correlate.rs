@@ -10,8 +10,8 @@
 //! - Softirq transitions (FIN_WAIT2, CLOSE_WAIT, TIME_WAIT, LAST_ACK -> CLOSE) inherit or are the
 //!   peer's doing; the pid of whatever ran in softirq is never used.
 //! - finwait's own /proc reads hold a file for a moment (a readlink of /proc/PID/fd/N takes a
-//!   reference): a close in that moment leaves the socket's end to finwait's thread. That end
-//!   belongs to the application's close that left the reference, never to finwait.
+//!   reference): a close in that moment leaves the socket's end to finwait's thread (or another
+//!   finwait run's). That end belongs to the application's close that left the reference.
 use std::{collections::HashMap, num::NonZeroUsize};
 
 use finwait_common::{Call, TcpState};
@@ -132,6 +132,46 @@ impl ThreadState {
     }
 }
 
+/// Which processes are finwait: this one, and other runs of the same executable (an operator's
+/// beside the DaemonSet's), whose /proc reads hold files for a moment too.
+struct Finwaits {
+    own: u32,
+    /// This executable's (device, inode).
+    exe: Option<(u64, u64)>,
+    seen: LruCache<u32, bool, FastHash>,
+}
+
+impl Finwaits {
+    fn new() -> Self {
+        Self {
+            own: std::process::id(),
+            exe: Self::exe_of("self"),
+            seen: LruCache::with_hasher(
+                NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
+                FastHash::default(),
+            ),
+        }
+    }
+
+    fn exe_of(pid: &str) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+        Some((m.dev(), m.ino()))
+    }
+
+    /// Asked only of a transition with no call of its own, right after a close that left
+    /// references: rare, so one stat of /proc/PID/exe per new pid is cheap.
+    fn is(&mut self, pid: u32) -> bool {
+        if pid == self.own {
+            return true;
+        }
+        let exe = self.exe;
+        *self.seen.get_or_insert(pid, || {
+            exe.is_some() && Self::exe_of(&pid.to_string()) == exe
+        })
+    }
+}
+
 /// One state change, as the correlator works on it.
 struct Change<'a> {
     ts: u64,
@@ -165,8 +205,8 @@ pub(crate) struct Correlator {
     seeds: HashMap<u64, u64>,
     /// file_ref_t (6.13+) counts from zero.
     refs_zero_based: bool,
-    /// finwait's own process: its threads close no traced socket but their own.
-    own_pid: u32,
+    /// finwait's processes: their threads close no traced socket but their own.
+    finwaits: Finwaits,
     stats: Stats,
 }
 
@@ -182,7 +222,7 @@ impl Correlator {
             threads: LruCache::with_hasher(cap(threads), FastHash::default()),
             seeds: HashMap::new(),
             refs_zero_based,
-            own_pid: std::process::id(),
+            finwaits: Finwaits::new(),
             stats: Stats::default(),
         }
     }
@@ -372,11 +412,10 @@ impl Correlator {
     /// Is this transition finwait's own thread dropping a reference it held for a moment, after
     /// the application's close (see module docs)? Not when finwait itself called on the socket
     /// (its own endpoint's connections).
-    fn released_by_us(&self, sock: u64, task: &Task) -> bool {
-        task.pid == self.own_pid
-            && self.socks.peek(&sock).is_some_and(|s| {
-                s.released.is_some() && s.pending.as_ref().is_none_or(|p| p.task.pid != task.pid)
-            })
+    fn released_by_us(&mut self, sock: u64, task: &Task) -> bool {
+        self.socks.peek(&sock).is_some_and(|s| {
+            s.released.is_some() && s.pending.as_ref().is_none_or(|p| p.task.pid != task.pid)
+        }) && self.finwaits.is(task.pid)
     }
 
     /// The call by this thread that may have caused a local transition of `sock`.
@@ -1079,6 +1118,34 @@ mod tests {
                 (CauseKind::Call(Call::Close), Some(std::process::id()))
             );
         }
+    }
+
+    /// Another run of the same executable is finwait too; another program is not.
+    #[test]
+    fn finwaits_are_this_process_and_runs_of_its_executable() {
+        let mut f = Finwaits::new();
+        assert!(f.is(std::process::id()));
+        // SAFETY: the child only waits in pause() until it is killed.
+        let twin = unsafe { libc::fork() };
+        if twin == 0 {
+            loop {
+                // SAFETY: async-signal-safe.
+                unsafe { libc::pause() };
+            }
+        }
+        let mut other = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let (is_twin, is_other) = (f.is(twin as u32), f.is(other.id()));
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(twin, libc::SIGKILL);
+            libc::waitpid(twin, std::ptr::null_mut(), 0);
+        }
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert!(is_twin && !is_other);
     }
 
     /// Precise mode, io_uring: no syscall we follow, yet the kernel names the process.
