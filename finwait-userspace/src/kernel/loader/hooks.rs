@@ -104,6 +104,11 @@ pub(super) const PRECISE_FUNCTIONS: [(&str, &str); 2] =
 #[derive(Clone, Copy)]
 pub(super) struct Programs {
     pub(super) noop: bool,
+    /// The guarded hooks' second copies are loaded: only where the kernel skips a program for
+    /// itself (its per-program recursion guard, Linux 5.12, set once the first program is in).
+    /// Before that nothing is skipped for a second copy to catch, and each copy costs 5.10's
+    /// verifier up to seconds.
+    pub(super) seconds: bool,
 }
 
 impl Programs {
@@ -127,7 +132,7 @@ impl Programs {
     pub(super) fn second_program(self, first: &str) -> Option<&'static str> {
         GUARDED
             .iter()
-            .find(|(f, _)| *f == first && !self.noop)
+            .find(|(f, _)| *f == first && !self.noop && self.seconds)
             .map(|(_, second)| *second)
     }
 
@@ -184,7 +189,10 @@ mod tests {
     fn the_object_has_every_program_the_loader_names() {
         let object = aya_obj::Object::parse(object().unwrap()).unwrap();
         for noop in [false, true] {
-            let p = Programs { noop };
+            let p = Programs {
+                noop,
+                seconds: true,
+            };
             let mut names: Vec<String> = HOOKS
                 .iter()
                 .map(|h| p.tracepoint(h.program).to_string())

@@ -136,9 +136,12 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     // FINWAIT_FORCE_TRACEPOINT=1 keeps the classic hook (tests compare both; also a diagnosis aid).
     let force_classic = env_is_1("FINWAIT_FORCE_TRACEPOINT");
     let btf_ok = layouts.offsets.is_some_and(|o| o.state_btf == 1) && !force_classic;
-    let programs = hooks::Programs { noop: opts.noop };
+    let mut programs = hooks::Programs {
+        noop: opts.noop,
+        seconds: true,
+    };
     let state_btf = btf.as_ref().filter(|_| btf_ok);
-    let state_hook = attach::attach_state_hook(&mut ebpf, programs, state_btf, &mut degraded)?;
+    let state_hook = attach::attach_state_hook(&mut ebpf, &mut programs, state_btf, &mut degraded)?;
     let calls = attach::attach_call_hooks(&mut ebpf, programs, opts.mode, btf.as_ref())?;
     // FINWAIT_FORCE_SYSCALL_TRACEPOINTS=1 keeps only the syscall hooks classic (the bench
     // compares the two).
@@ -147,7 +150,9 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     let table = attach::attach_table(&mut ebpf, programs, wrappers, &mut degraded)?;
     let inventory_refused = load_inventory(&mut ebpf, layouts.offsets, btf.as_ref()).err();
     drop(btf);
-    degraded.extend(attach::second_programs_missing(&ebpf));
+    if programs.seconds {
+        degraded.extend(attach::second_programs_missing(&ebpf));
+    }
     if !opts.ports.is_empty() && !object::close_ends(diagnostics) {
         degraded.push(Degraded::loss(
             "-v on this kernel: a close that sends no FIN is not matched against --port (its \

@@ -56,6 +56,16 @@ fn hook_refusal(e: anyhow::Error) -> String {
     }
 }
 
+/// Does this kernel skip a tracing program for itself (its per-program recursion guard, Linux
+/// 5.12, which came with `recursion_misses` in the program's info)? `loaded`: any loaded program.
+pub(super) fn skips_for_itself(ebpf: &Ebpf, loaded: &str) -> bool {
+    ebpf.program(loaded)
+        .and_then(|p| p.fd().ok())
+        .is_some_and(|fd| {
+            crate::kernel::prog_stats::recursion_misses(std::os::fd::AsFd::as_fd(fd)).is_some()
+        })
+}
+
 /// The guarded hooks whose first program is loaded and second is not: what the kernel skips
 /// the first for is lost there (counted).
 pub(super) fn second_programs_missing(ebpf: &Ebpf) -> Vec<Degraded> {

@@ -3,19 +3,20 @@
 use anyhow::Result;
 use aya::{Ebpf, programs::BtfTracePoint};
 
-use super::{Degraded, LoadError, program, tracepoint};
+use super::{Degraded, LoadError, program, skips_for_itself, tracepoint};
 use crate::kernel::loader::{hooks::Programs, kinds::StateHook};
 
 /// The BTF tracepoint where the kernel has what it reads, else the classic one.
 pub(in crate::kernel::loader) fn attach_state_hook(
     ebpf: &mut Ebpf,
-    programs: Programs,
+    programs: &mut Programs,
     btf: Option<&aya::Btf>,
     degraded: &mut Vec<Degraded>,
 ) -> Result<StateHook, LoadError> {
     if let Some(btf) = btf {
         match attach_btf(ebpf, programs.state_btf(), btf) {
             Ok(()) => {
+                programs.seconds = skips_for_itself(ebpf, programs.state_btf());
                 // A tracepoint runs its programs in attach order: the second copy goes in
                 // second. It is optional; `second_programs_missing` says so if it did not load.
                 if let Some(second) = programs.second_program(programs.state_btf()) {
@@ -34,6 +35,7 @@ pub(in crate::kernel::loader) fn attach_state_hook(
     let classic = programs.tracepoint("inet_sock_set_state");
     tracepoint(ebpf, classic, "sock", "inet_sock_set_state")
         .map_err(|e| LoadError::required("sock:inet_sock_set_state", e))?;
+    programs.seconds = skips_for_itself(ebpf, classic);
     Ok(StateHook::Tracepoint)
 }
 

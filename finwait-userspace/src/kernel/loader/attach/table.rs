@@ -78,7 +78,7 @@ pub(in crate::kernel::loader) fn attach_table(
         .filter(|h| h.syscall().is_none_or(|s| arch::HOST.has_syscall(s)));
     for hook in present {
         if let (Some(btf), Some(w)) = (wrappers, Wrapper::of(hook)) {
-            match w.attach(ebpf, btf, types.as_ref()) {
+            match w.attach(ebpf, programs.seconds, btf, types.as_ref()) {
                 Ok(()) => {
                     t.attached += 1;
                     t.wrapped += 1;
@@ -132,9 +132,16 @@ fn attach_classic(
 }
 
 impl Wrapper {
-    /// Both programs, the second first: a trampoline runs the newest program first. The second
-    /// is optional; `second_programs_missing` says so if it did not load.
-    fn attach(&self, ebpf: &mut Ebpf, btf: &aya::Btf, types: Option<&btf_rs::Btf>) -> Result<()> {
+    /// Both programs (the second where `seconds`), the second first: a trampoline runs the
+    /// newest program first. The second is optional; `second_programs_missing` says so if it
+    /// did not load.
+    fn attach(
+        &self,
+        ebpf: &mut Ebpf,
+        seconds: bool,
+        btf: &aya::Btf,
+        types: Option<&btf_rs::Btf>,
+    ) -> Result<()> {
         // An exit reads only the return value; an entry reads `regs`.
         if !self.exit
             && let Some(types) = types
@@ -145,7 +152,9 @@ impl Wrapper {
                  some syscalls), and the verifier will not let a program read it"
             );
         }
-        let _ = self.attach_one(ebpf, self.second, btf);
+        if seconds {
+            let _ = self.attach_one(ebpf, self.second, btf);
+        }
         self.attach_one(ebpf, self.first, btf).inspect_err(|_| {
             unload(ebpf, self.first);
             unload(ebpf, self.second);
