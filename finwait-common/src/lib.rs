@@ -367,8 +367,8 @@ pub struct FilterConfig {
     /// How many entries of `ports` are in use (0: every port).
     pub port_count: u32,
     /// 1: a close that leaves other references reads the socket's ends (no transition will
-    /// name them, and `--port` needs them). 0 where the verifier cannot take those reads with
-    /// `-v`'s logging as well (5.10: over its million instructions in `sys_enter_close`).
+    /// name them, and `--port` needs them). 0 where the verifier takes those reads slowly
+    /// (5.10: seconds per program; with `-v`, over its million instructions).
     pub close_ends: u32,
     /// Process names (`comm`, NUL-padded) whose calls are followed, with their children.
     pub comms: [[u8; 16]; MAX_COMMS],

@@ -113,7 +113,8 @@ fn scenario_5_inherited_fd() {
 }
 
 /// `--port`: a close that sends no FIN (the fd was inherited) is shown with the socket's ends,
-/// which the kernel reads for such a close (no transition will name them).
+/// which the kernel reads for such a close (no transition will name them). Before Linux 6.1
+/// the kernel side leaves them unread (its verifier's cost), and such a close is not shown.
 #[test]
 fn port_filter_shows_a_close_without_fin() {
     let _g = serial();
@@ -126,6 +127,10 @@ fn port_filter_shows_a_close_without_fin() {
         .iter()
         .filter(|v| v["event"] == "close_no_fin" && v["pid"] == me())
         .collect();
+    if kernel_before(6, 1) {
+        assert!(no_fin.is_empty(), "{all:#?}");
+        return;
+    }
     assert_eq!(no_fin.len(), 1, "{all:#?}");
     let n = no_fin[0];
     assert_eq!(

@@ -54,6 +54,19 @@ pub(crate) fn fd(s: &impl AsRawFd) -> i64 {
 
 /// How long a tracer may take to attach: an emulated guest on a machine loaded by other work
 /// attaches its 36 fentry/fexit programs slowly (over 60 s seen on 7.2 under TCG).
+/// Is the running kernel older than `major.minor`?
+pub(crate) fn kernel_before(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-', '+']);
+    let mut number = || {
+        parts
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    (number(), number()) < (major, minor)
+}
+
 pub(crate) fn start_limit() -> Duration {
     if std::env::var_os("FINWAIT_TEST_GUEST").is_some() {
         Duration::from_secs(240)

@@ -153,10 +153,10 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     if programs.seconds {
         degraded.extend(attach::second_programs_missing(&ebpf));
     }
-    if !opts.ports.is_empty() && !object::close_ends(diagnostics) {
+    if !opts.ports.is_empty() && !object::close_ends() {
         degraded.push(Degraded::loss(
-            "-v on this kernel: a close that sends no FIN is not matched against --port (its \
-             ends are read only without -v here)"
+            "before Linux 6.1 the kernel side does not read the ends of a close that sends no \
+             FIN: one whose ends finwait has not seen is not matched against --port"
                 .into(),
         ));
     }

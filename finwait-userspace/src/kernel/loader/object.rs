@@ -55,7 +55,7 @@ pub(super) fn for_tracing(
         .override_global("OTHER_TP", &layouts.other, true)
         .override_global("SYSCALL_REGS", &arch::HOST.regs, true)
         .override_global("OFFSETS", &layouts.offsets.unwrap_or_default(), true)
-        .override_global("FILTER", &filter_config(opts, diagnostics), true)
+        .override_global("FILTER", &filter_config(opts), true)
         .map_max_entries(EVENTS_MAP, opts.ring_bytes)
         .map_max_entries(OWNERS_MAP, opts.owners_max.max(1))
         .load(object().map_err(LoadError::Other)?)
@@ -87,7 +87,7 @@ pub(super) fn for_inventory(offsets: &KernelOffsets) -> Result<Ebpf> {
 }
 
 /// What the programs forward, from the options.
-fn filter_config(opts: &Options, diagnostics: bool) -> FilterConfig {
+fn filter_config(opts: &Options) -> FilterConfig {
     // More ports than the kernel filter holds: userspace alone filters.
     let ports_in_kernel: &[u16] = if opts.ports.len() <= MAX_PORTS {
         &opts.ports
@@ -106,17 +106,17 @@ fn filter_config(opts: &Options, diagnostics: bool) -> FilterConfig {
         wakeup_bytes: opts.ring_bytes / WAKEUP_FRACTION,
         comm_count: opts.comms.len().min(MAX_COMMS) as u32,
         port_count: ports_in_kernel.len() as u32,
-        close_ends: u32::from(close_ends(diagnostics)),
+        close_ends: u32::from(close_ends()),
         comms,
         ports,
     }
 }
 
-/// Does a close that leaves other references read the socket's ends? Not with `-v` before
-/// Linux 6.1: 5.10's verifier gave up on `sys_enter_close` with both (1,000,001 instructions
-/// after 160-208 s); 6.18 and 7.2 take it.
-pub(super) fn close_ends(diagnostics: bool) -> bool {
-    !diagnostics || !crate::kernel::release_before(&crate::kernel::release(), (6, 1))
+/// Does a close that leaves other references read the socket's ends? Not before Linux 6.1:
+/// the reads cost 5.10's verifier 2-2.5 s more for each of close, dup2 and dup3 under emulation
+/// (with `-v` it gave up: 1,000,001 instructions after 160-208 s); 6.18 and 7.2 take them.
+pub(super) fn close_ends() -> bool {
+    !crate::kernel::release_before(&crate::kernel::release(), (6, 1))
 }
 
 fn page_size() -> u32 {
