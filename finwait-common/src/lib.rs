@@ -96,7 +96,9 @@ pub mod owner_flags {
     /// The recorded holder closed its fd while other references to the file remained (a forked
     /// child, a dup, a passed fd): someone else holds the socket now, the kernel cannot say who.
     pub const STALE: u32 = 1 << 0;
-    // 1 << 1 is free (it marked records seeded from the start-up snapshot, which nothing read).
+    /// The record was made by the process's main thread: its `comm` is the process's own name
+    /// then (another thread's name is only the thread's).
+    pub const MAIN_THREAD: u32 = 1 << 1;
     /// With `--pid`/`--comm`: the task that obtained the socket was followed then, or a followed
     /// task made a call on it since. Its transitions stay followed after that task exits (an
     /// orphan's FIN_WAIT2 in softirq).

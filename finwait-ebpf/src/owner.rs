@@ -142,7 +142,8 @@ fn insert_owner(site: Site, sk: u64, inode: u64, fd: i32, pid_tgid: u64) -> Opti
         tgid,
         fd,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        flags: if followed { owner_flags::FOLLOWED } else { 0 },
+        flags: if followed { owner_flags::FOLLOWED } else { 0 }
+            | u32::from(pid_tgid as u32 == tgid) * owner_flags::MAIN_THREAD,
         _pad: 0,
     };
     if OWNERS.insert(sk, rec, 0).is_err() {

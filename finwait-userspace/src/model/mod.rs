@@ -73,6 +73,8 @@ pub(crate) struct KernelOwner {
     /// The task that obtained the socket was followed (`--pid`, `--comm`) then, or a followed
     /// task made a call on it since.
     pub(crate) followed: bool,
+    /// Recorded by the process's main thread: `comm` is the process's own name then.
+    pub(crate) main_thread: bool,
 }
 
 /// A process holding the socket's file.

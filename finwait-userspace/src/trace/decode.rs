@@ -60,6 +60,7 @@ pub(crate) fn kernel_owner(o: &OwnerRec) -> KernelOwner {
         cgroup_id: o.cgroup_id,
         stale: o.flags & owner_flags::STALE != 0,
         followed: o.flags & owner_flags::FOLLOWED != 0,
+        main_thread: o.flags & owner_flags::MAIN_THREAD != 0,
         since_ns: o.ts_ns,
     }
 }

@@ -454,6 +454,7 @@ mod tests {
             stale: false,
             since_ns: 0,
             followed,
+            main_thread: true,
         };
         let mut cw = transition(3, TcpState::Established, TcpState::CloseWait);
         cw.cause = Some(Cause::bare(CauseKind::PeerFin));

@@ -174,8 +174,15 @@ impl Pipeline {
                 if let Some(t) = t.cause.as_mut().and_then(|c| c.task.as_mut()) {
                     task(t, cg, names);
                 }
+                // The kernel's record by the main thread names the process as it was when it
+                // obtained the socket (it may have renamed itself since): exact, kept.
+                let recorded = t.recorded_owner.as_ref();
                 if let Some(o) = &mut t.owner {
-                    owner(o, cg, names);
+                    if recorded.is_some_and(|k| k.main_thread && (k.pid, k.fd) == (o.pid, o.fd)) {
+                        o.container = cg.of(o.cgroup_id.unwrap_or(0), o.pid);
+                    } else {
+                        owner(o, cg, names);
+                    }
                 }
                 // The socket's namespace: its holder's, else the caller's (a softirq's task is
                 // whoever the packet interrupted: not asked).

@@ -396,6 +396,7 @@ mod tests {
             stale,
             since_ns: 0,
             followed: false,
+            main_thread: true,
         })
     }
 
