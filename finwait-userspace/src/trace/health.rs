@@ -16,13 +16,16 @@ use crate::{
 pub(crate) struct KernelCounters {
     counters: Counters,
     attach_failed: usize,
+    /// The kernel counts the runs it skips (the loader's probe).
+    skips_counted: bool,
 }
 
 impl KernelCounters {
-    pub(crate) fn new(counters: Counters, attach_failed: usize) -> Self {
+    pub(crate) fn new(counters: Counters, attach_failed: usize, skips_counted: bool) -> Self {
         Self {
             counters,
             attach_failed,
+            skips_counted,
         }
     }
 
@@ -65,7 +68,7 @@ impl KernelCounters {
             kernel_calls: c.kernel_calls,
             lost_ring_full: self.counters.get(counter::RING_FULL),
             kernel_skipped_nested: losses.values().sum(),
-            kernel_skips_counted: skips_counted(ebpf),
+            kernel_skips_counted: self.skips_counted,
             kernel_skipped_by_program: losses,
             kernel_recovered_nested: recovered,
             duplicates_dropped: d.duplicates_dropped,
@@ -99,14 +102,6 @@ fn run_time(ebpf: &aya::Ebpf) -> BTreeMap<String, RunTime> {
             Some((name.to_string(), RunTime { runs, ns_per_run }))
         })
         .collect()
-}
-
-/// Whether this kernel counts the runs it skips (`bpf_prog_info.recursion_misses`, Linux 5.12
-/// and later): where it does not, `kernel_skipped_nested` reads 0 without meaning.
-pub(crate) fn skips_counted(ebpf: &aya::Ebpf) -> bool {
-    ebpf.programs()
-        .filter_map(|(_, p)| p.fd().ok())
-        .any(|fd| prog_stats::recursion_misses(fd.as_fd()).is_some())
 }
 
 /// The runs each program lost, from the kernel's skips (`misses`, per program) and what the

@@ -119,7 +119,7 @@ pub(crate) async fn run(opts: Options, stop: Stopper, on_ready: impl FnOnce()) -
         endpoint.serve()?;
     }
     announce(&opts, &loaded, fin_timeout_s, &sandbox, &mut p)?;
-    if !health::skips_counted(&loaded.ebpf) {
+    if !loaded.skips_counted {
         eprintln!(
             "finwait-trace: note: this kernel does not count the runs of BPF programs it skips \
              (bpf_prog_info.recursion_misses arrives in Linux 5.12): events it drops while another \
@@ -269,7 +269,7 @@ fn take_maps(
         p.resolver.set_owner_map(BpfHashMap::try_from(map)?);
     }
     let counters = ebpf.take_map(COUNTERS_MAP).context("counters map")?;
-    let counters = KernelCounters::new(Counters::new(counters)?, l.attach_failed);
+    let counters = KernelCounters::new(Counters::new(counters)?, l.attach_failed, l.skips_counted);
     let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("events map")?)?;
     Ok((counters, ring))
 }

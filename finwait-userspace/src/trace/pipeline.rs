@@ -162,9 +162,11 @@ impl Pipeline {
             }
             t.container = cg.of(t.cgroup_id, t.pid);
         };
-        // The kernel recorded the name of the thread that obtained the socket.
-        let owner = |o: &mut Owner, cg: &mut Cgroups, names: &mut Names| {
-            if let Some(process) = names.of_process(o.pid, now) {
+        // The kernel recorded the name of the thread that obtained the socket: the process's
+        // own (`exact`) when that was its main thread, kept then (it may have renamed itself
+        // since); another thread's is replaced by the process's.
+        let owner = |o: &mut Owner, exact: bool, cg: &mut Cgroups, names: &mut Names| {
+            if !exact && let Some(process) = names.of_process(o.pid, now) {
                 o.comm = process;
             }
             o.container = cg.of(o.cgroup_id.unwrap_or(0), o.pid);
@@ -174,15 +176,11 @@ impl Pipeline {
                 if let Some(t) = t.cause.as_mut().and_then(|c| c.task.as_mut()) {
                     task(t, cg, names);
                 }
-                // The kernel's record by the main thread names the process as it was when it
-                // obtained the socket (it may have renamed itself since): exact, kept.
                 let recorded = t.recorded_owner.as_ref();
                 if let Some(o) = &mut t.owner {
-                    if recorded.is_some_and(|k| k.main_thread && (k.pid, k.fd) == (o.pid, o.fd)) {
-                        o.container = cg.of(o.cgroup_id.unwrap_or(0), o.pid);
-                    } else {
-                        owner(o, cg, names);
-                    }
+                    let exact =
+                        recorded.is_some_and(|k| k.main_thread && (k.pid, k.fd) == (o.pid, o.fd));
+                    owner(o, exact, cg, names);
                 }
                 // The socket's namespace: its holder's, else the caller's (a softirq's task is
                 // whoever the packet interrupted: not asked).
@@ -196,7 +194,9 @@ impl Pipeline {
             }
             Report::CloseNoFin(n) => {
                 task(&mut n.task, cg, names);
-                n.holders.iter_mut().for_each(|o| owner(o, cg, names));
+                n.holders
+                    .iter_mut()
+                    .for_each(|o| owner(o, false, cg, names));
                 n.netns = names.netns(n.task.pid, n.task.tid, now);
             }
         }

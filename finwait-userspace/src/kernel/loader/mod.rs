@@ -87,6 +87,10 @@ pub(crate) struct Loaded {
     pub(crate) degraded: Vec<Degraded>,
     pub(crate) attached: usize,
     pub(crate) attach_failed: usize,
+    /// The kernel skips a program for itself and counts it (`recursion_misses`, Linux 5.12),
+    /// probed once on the state hook: where it does not, `kernel_skipped_nested` means nothing
+    /// and no second copy is loaded.
+    pub(crate) skips_counted: bool,
     /// The mode that runs: `Precise` or `Correlated` (`Auto` has been decided).
     pub(crate) mode: Mode,
     /// How TCP state changes are hooked.
@@ -174,6 +178,7 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
         // The state hook, then the table's.
         attached: 1 + table.attached,
         attach_failed: table.failed,
+        skips_counted: programs.seconds,
         mode: calls.mode,
         state_hook,
         call_hook: calls.hook,
