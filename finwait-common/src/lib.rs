@@ -551,7 +551,7 @@ const fn str_eq(a: &str, b: &str) -> bool {
     true
 }
 
-/// Default size of `OWNERS`: entries leave when their socket reaches CLOSE.
+/// Size of `OWNERS` as compiled; userspace sizes it from the host before load.
 pub const OWNERS_MAX: u32 = 262_144;
 
 /// Linux TCP states as the tracepoint reports them (include/net/tcp_states.h).

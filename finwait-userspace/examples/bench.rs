@@ -36,6 +36,8 @@ struct Sample {
     /// Its CPU before the churn: attaching (BTF parsing, loading), once per run.
     startup_cpu_s: f64,
     rss_kib: i64,
+    /// The tracer's BPF maps (memlock in its map fds' fdinfo), at the end of the churn.
+    map_bytes: u64,
     records: u64,
     transitions: u64,
     lost: u64,
@@ -60,6 +62,10 @@ fn main() {
     if soak > 0.0 {
         return run_soak(&finwait, &churn, &threads, soak);
     }
+    // The sockets a real host holds (idle connections): the tracers' maps are measured with
+    // them open.
+    let host_sockets: usize = opt("--host-sockets", "20000").parse().unwrap();
+    let _held = hold_sockets(host_sockets);
 
     // An idle process for the excluding --pid filter.
     let mut idle = Command::new("sleep").arg("100000").spawn().unwrap();
@@ -198,6 +204,7 @@ fn main() {
         })
         .collect();
     kernel_cost(&costed, &churn, &threads, seconds, peer_wait);
+    maps_of_a_default_run(&finwait, host_sockets);
 }
 
 /// The kernel side alone: one more churn per mode with `kernel.bpf_stats_enabled` on (not part
@@ -259,9 +266,9 @@ fn report(
         "Loopback churn, {threads} thread(s), {rounds} interleaved rounds of {seconds} s; untraced median {base:.0} conn/s.\n"
     );
     println!(
-        "| mode | conn/s (median) | ratio to untraced | x tcpstates' ratio | events delivered | lost | records/conn | transitions/conn | tracer CPU per event | tracer CPU per conn | start-up CPU | peak RSS |"
+        "| mode | conn/s (median) | ratio to untraced | x tcpstates' ratio | events delivered | lost | records/conn | transitions/conn | tracer CPU per event | tracer CPU per conn | start-up CPU | peak RSS | BPF maps |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for (m, ss) in modes.iter().zip(samples) {
         let rate = median(ss.iter().map(|s| s.conn_per_s).collect());
@@ -273,6 +280,7 @@ fn report(
         let cpu: f64 = ss.iter().map(|s| s.cpu_s).sum();
         let startup = ss.iter().map(|s| s.startup_cpu_s).sum::<f64>() / ss.len().max(1) as f64;
         let rss = ss.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+        let maps = ss.iter().map(|s| s.map_bytes).max().unwrap_or(0);
         let dash = || "-".to_string();
         let per_event = if m.finwait && records > 0 {
             format!("{:.2} µs", cpu / records as f64 * 1e6)
@@ -300,7 +308,7 @@ fn report(
             dash()
         };
         println!(
-            "| {} | {:.0} | {:.3} | {} | {} | {} | {rpc} | {} | {} | {} | {startup_col} | {} |",
+            "| {} | {:.0} | {:.3} | {} | {} | {} | {rpc} | {} | {} | {} | {startup_col} | {} | {} |",
             m.name,
             rate,
             ratio,
@@ -322,6 +330,11 @@ fn report(
             } else {
                 dash()
             },
+            if m.cmd.is_some() {
+                format!("{:.1} MiB", maps as f64 / f64::from(1 << 20))
+            } else {
+                dash()
+            },
         );
         rows.push(serde_json::json!({
             "mode": m.name,
@@ -334,6 +347,7 @@ fn report(
             "cpu_s": cpu,
             "startup_cpu_s": startup,
             "peak_rss_kib": rss,
+            "bpf_map_bytes": maps,
             "samples": ss.iter().map(|s| s.conn_per_s).collect::<Vec<_>>(),
         }));
     }
@@ -350,6 +364,88 @@ fn report(
     let json = format!("{json:#}\n");
     std::fs::write(json_path, json).unwrap();
     println!("\nJSON: {json_path}");
+}
+
+/// `n` idle TCP sockets (n/2 loopback connections, both ends), held while the value lives.
+fn hold_sockets(n: usize) -> Vec<std::net::TcpStream> {
+    let want = n as u64 + 4096;
+    // SAFETY: plain rlimit calls on this process (root: the hard limit may be raised).
+    unsafe {
+        let r = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n / 2 {
+        held.push(std::net::TcpStream::connect(addr).expect("connect (fd limit?)"));
+        held.push(listener.accept().unwrap().0);
+    }
+    held
+}
+
+/// A default run (snapshot and seeding included) with the held sockets open: each map's memory,
+/// beside the same run with the hash maps preallocated and beside the sizes before they came
+/// from the host (262,144 owners, 16,384 per thread, a 4 MiB ring, all preallocated).
+fn maps_of_a_default_run(finwait: &str, host_sockets: usize) {
+    println!("\nBPF maps of a default run with {host_sockets} TCP sockets open on the host:\n");
+    println!("| run | total | per map |");
+    println!("|---|---:|---|");
+    let runs: [(&str, &[&str]); 2] = [
+        ("default", &[]),
+        ("hash maps preallocated", &["--preallocate-maps"]),
+    ];
+    for (name, extra) in runs {
+        let mut cmd = vec![finwait.to_string(), "--stats-every".into(), "3600".into()];
+        cmd.extend(extra.iter().map(ToString::to_string));
+        let (child, lines) = start_tracer(&cmd, true, Duration::ZERO);
+        thread::sleep(Duration::from_secs(2));
+        let (_, _, stats) = stop(child, lines);
+        let Some(stats) = stats.and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        else {
+            println!("| {name} | no stats | |");
+            continue;
+        };
+        let maps = stats["bpf_map_bytes"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let total: u64 = maps.values().filter_map(serde_json::Value::as_u64).sum();
+        let mut big: Vec<(String, u64)> = maps
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+            .filter(|(_, b)| *b >= 64 << 10)
+            .collect();
+        big.sort_by(|a, b| b.1.cmp(&a.1));
+        let per_map: Vec<String> = big
+            .iter()
+            .map(|(k, b)| format!("{k} {:.2}", *b as f64 / f64::from(1 << 20)))
+            .collect();
+        println!(
+            "| {name} | {:.2} MiB | {} (MiB; maps under 64 KiB left out) |",
+            total as f64 / f64::from(1 << 20),
+            per_map.join(", ")
+        );
+    }
+}
+
+/// The BPF maps a process holds: the sum of `memlock` over its map fds.
+fn map_bytes_of(pid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter(|info| info.contains("map_id:"))
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// Starts the tracer (if any), waits until it is attached, runs the churn, stops the tracer.
@@ -370,6 +466,7 @@ fn measure(mode: &Mode, churn: &str, threads: &str, seconds: f64, peer_wait: Dur
         ..Default::default()
     };
     if let Some((child, stderr_lines)) = tracer.take() {
+        s.map_bytes = map_bytes_of(child.id());
         let (cpu, rss, stats) = stop(child, stderr_lines);
         s.cpu_s = cpu - startup_cpu;
         s.startup_cpu_s = startup_cpu;

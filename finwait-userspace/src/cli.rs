@@ -210,9 +210,15 @@ pub(crate) struct TraceArgs {
     pub(crate) stats_every: Option<Duration>,
 
     /// Size of the kernel's socket ownership map (entries; each socket holds one until it
-    /// reaches CLOSE). A full map is counted (`owner_map_full`) and those owners come from /proc.
-    #[arg(long, value_name = "ENTRIES", default_value_t = finwait_common::OWNERS_MAX, hide = true, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
-    pub(crate) owner_map_entries: u32,
+    /// reaches CLOSE; default: twice the host's TCP sockets at start, plus 16,384). A full map is
+    /// counted (`owner_map_full`) and those owners come from /proc.
+    #[arg(long, value_name = "ENTRIES", hide = true, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
+    pub(crate) owner_map_entries: Option<u32>,
+
+    /// Preallocate the kernel's hash maps even where it can allocate their entries as they are
+    /// written (Linux 6.1+): a test compares the two.
+    #[arg(long, hide = true)]
+    pub(crate) preallocate_maps: bool,
 
     /// Write a man page (`man`) or shell completions (`bash`, `zsh`, `fish`) to stdout.
     #[arg(long, hide = true, value_name = "WHAT")]
@@ -243,9 +249,10 @@ pub(crate) struct TraceArgs {
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub(crate) mode: Mode,
 
-    /// Ring buffer size in KiB (a power of two, at least 4).
-    #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
-    pub(crate) ring_buffer_kib: u32,
+    /// Ring buffer size in KiB (a power of two, at least 4; default: 1 MiB per CPU, from 4 to
+    /// 16 MiB).
+    #[arg(long, value_name = "KIB", value_parser = parse_ring_kib)]
+    pub(crate) ring_buffer_kib: Option<u32>,
 
     /// Also print the eBPF programs' own diagnostics to stderr, as `finwait-trace: kernel: LEVEL
     /// MESSAGE`: a kernel read that failed (which program, at which offset), a kernel map that
@@ -472,10 +479,11 @@ impl From<&TraceArgs> for loader::Options {
             pids: t.select.pids.clone(),
             comms: t.select.comms.clone(),
             ports: t.select.ports.clone(),
-            ring_bytes: t.ring_buffer_kib * 1024,
+            ring_bytes: t.ring_buffer_kib.map(|k| k * 1024),
             noop: t.bench_noop,
             mode: t.mode.into(),
             owners_max: t.owner_map_entries,
+            prealloc: t.preallocate_maps,
             diagnostics: t.verbose,
         }
     }
@@ -515,10 +523,11 @@ impl From<&TopArgs> for crate::trace::Options {
             pids: t.select.pids.clone(),
             comms: t.select.comms.clone(),
             ports: t.select.ports.clone(),
-            ring_bytes: 4096 * 1024,
+            ring_bytes: None,
             noop: false,
             mode: t.mode.into(),
-            owners_max: finwait_common::OWNERS_MAX,
+            owners_max: None,
+            prealloc: false,
             diagnostics: false,
         };
         Self {

@@ -8,6 +8,7 @@ pub(crate) mod diagnostics;
 pub(crate) mod inventory;
 pub(crate) mod load_error;
 pub(crate) mod loader;
+pub(crate) mod map_memory;
 pub(crate) mod prog_stats;
 pub(crate) mod tracefs;
 

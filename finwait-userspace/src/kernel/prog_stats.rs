@@ -1,9 +1,10 @@
 //! Per-program kernel counters that aya does not expose: `recursion_misses` counts the times the
 //! kernel skipped a program because a BPF program was already running on that CPU (for classic
-//! tracepoints, any program: a softirq that interrupts one of ours loses its event).
+//! tracepoints, any program: a softirq that interrupts one of ours loses its event). And a map's
+//! name from its fd (aya asks by id, which needs CAP_SYS_ADMIN).
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use aya_obj::generated::bpf_prog_info;
+use aya_obj::generated::{bpf_map_info, bpf_prog_info};
 
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
@@ -17,11 +18,28 @@ struct InfoAttr {
 /// The kernel's info on a program, and how much of it this kernel wrote.
 fn prog_info(prog: BorrowedFd<'_>) -> Option<(bpf_prog_info, usize)> {
     // SAFETY: bpf_prog_info is plain old data; zero is a valid value.
-    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    obj_info(prog, unsafe { std::mem::zeroed() })
+}
+
+/// The name of the map behind `fd` (None: not a map, or unnamed).
+pub(crate) fn map_name(fd: BorrowedFd<'_>) -> Option<String> {
+    // SAFETY: bpf_map_info is plain old data; zero is a valid value.
+    let (info, _) = obj_info::<bpf_map_info>(fd, unsafe { std::mem::zeroed() })?;
+    let name: Vec<u8> = info
+        .name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    (!name.is_empty()).then(|| String::from_utf8_lossy(&name).into_owned())
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD into `info` (one of the kernel's plain `bpf_*_info` structs).
+fn obj_info<T>(fd: BorrowedFd<'_>, mut info: T) -> Option<(T, usize)> {
     let mut attr = InfoAttr {
-        bpf_fd: prog.as_raw_fd() as u32,
-        info_len: size_of::<bpf_prog_info>() as u32,
-        info: (&mut info as *mut bpf_prog_info) as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<T>() as u32,
+        info: (&mut info as *mut T) as u64,
     };
     // SAFETY: attr points to a live, correctly sized buffer.
     let rc = unsafe {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::kernel::loader::{CallHook, Mode, StateHook, SyscallHook};
+use crate::kernel::loader::{CallHook, Mode, Sizes, StateHook, SyscallHook};
 
 /// Printed once the programs are attached.
 #[derive(Serialize, Clone, Debug, Default)]
@@ -29,6 +29,8 @@ pub(crate) struct Start {
     pub(crate) inventory: &'static str,
     /// finwait's own sandbox: `seccomp`, or `off (why)`.
     pub(crate) sandbox: String,
+    /// The kernel maps' capacities, sized from this host, and how their entries are allocated.
+    pub(crate) maps: Sizes,
 }
 
 /// Every counter: at exit, and with `--stats-every`.
@@ -67,6 +69,9 @@ pub(crate) struct Stats {
     /// Tasks whose container could not be found (their cgroup was gone).
     pub(crate) containers_unresolved: u64,
     pub(crate) rss_kib: u64,
+    /// Memory of each of finwait's BPF maps, as the kernel accounts it (`memlock` in the map's
+    /// fdinfo; before Linux 6.4 what it charged at creation).
+    pub(crate) bpf_map_bytes: BTreeMap<String, u64>,
     pub(crate) kernel_run_time: BTreeMap<String, RunTime>,
 }
 

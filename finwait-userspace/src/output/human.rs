@@ -550,8 +550,8 @@ impl Sink for HumanSink {
             ""
         };
         self.out.line(&format!(
-            "finwait-trace: tracing TCP close paths on {} (mode: {}{hook}{unknown}; fd->socket resolution: {fd}, socket inventory: {}, tcp_fin_timeout {} s, sandbox: {}); Ctrl-C to stop",
-            s.arch, s.mode, s.inventory, s.tcp_fin_timeout_s, s.sandbox
+            "finwait-trace: tracing TCP close paths on {} (mode: {}{hook}{unknown}; fd->socket resolution: {fd}, socket inventory: {}, BPF maps: {}, tcp_fin_timeout {} s, sandbox: {}); Ctrl-C to stop",
+            s.arch, s.mode, s.inventory, s.maps.allocation, s.tcp_fin_timeout_s, s.sandbox
         ))
     }
 
@@ -627,13 +627,15 @@ impl Sink for HumanSink {
 
     fn stats(&mut self, s: &Stats) -> std::io::Result<()> {
         self.out.line(&format!(
-            "finwait-trace: {} records, {} lost (ring full), {} skipped by the kernel, {} transitions never arrived, {} sockets evicted, {} hooks failed to attach",
+            "finwait-trace: {} records, {} lost (ring full), {} skipped by the kernel, {} transitions never arrived, {} sockets evicted, {} hooks failed to attach; BPF maps {:.1} MiB, RSS {:.1} MiB",
             s.records,
             s.lost_ring_full,
             s.kernel_skipped_nested,
             s.transitions_missed,
             s.sockets_evicted,
-            s.attach_failed
+            s.attach_failed,
+            s.bpf_map_bytes.values().sum::<u64>() as f64 / f64::from(1 << 20),
+            s.rss_kib as f64 / 1024.0,
         ))
     }
 

@@ -88,6 +88,7 @@ impl KernelCounters {
             owner_lookups_timed_out: o.timed_out,
             containers_unresolved: p.cgroups.unresolved,
             rss_kib: rss_kib(),
+            bpf_map_bytes: crate::kernel::map_memory::by_map(),
             kernel_run_time: run_time(ebpf),
         }
     }

@@ -249,6 +249,7 @@ fn announce(
             "proc"
         },
         sandbox: sandbox.to_string(),
+        maps: l.sizes,
     };
     Ok(p.sink.start(&start)?)
 }

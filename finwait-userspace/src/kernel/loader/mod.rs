@@ -15,9 +15,11 @@ mod kinds;
 mod layouts;
 mod maps;
 mod object;
+mod sizing;
 
 pub(crate) use kinds::{CallHook, Mode, StateHook, SyscallHook};
 pub(crate) use maps::OwnerSeeder;
+pub(crate) use sizing::Sizes;
 
 /// What to load: which processes, ports and transitions the programs forward, how calls are
 /// tied to sockets, and the sizes of the kernel's maps.
@@ -32,13 +34,16 @@ pub(crate) struct Options {
     /// `--port`: only sockets with one of these local or remote ports (empty: all); the kernel
     /// drops the others' transitions.
     pub(crate) ports: Vec<u16>,
-    /// Size of the ring buffer the events come through.
-    pub(crate) ring_bytes: u32,
+    /// Size of the ring buffer the events come through (None: from the host's CPUs).
+    pub(crate) ring_bytes: Option<u32>,
     /// Attach programs that only return, at the same hooks (the benchmark's floor).
     pub(crate) noop: bool,
     pub(crate) mode: Mode,
-    /// Size of the kernel's ownership map.
-    pub(crate) owners_max: u32,
+    /// Size of the kernel's ownership map (None: from the host's sockets).
+    pub(crate) owners_max: Option<u32>,
+    /// Preallocate the hash maps even where the kernel can allocate their entries by need (a
+    /// test compares the two).
+    pub(crate) prealloc: bool,
     /// `-v`: the programs log their diagnostics (aya-log); off, the verifier removes that code.
     pub(crate) diagnostics: bool,
 }
@@ -106,6 +111,8 @@ pub(crate) struct Loaded {
     pub(crate) diagnostics: bool,
     /// Why the kernel's socket inventory is not loaded (the holders then come from /proc).
     pub(crate) inventory_refused: Option<String>,
+    /// The maps' sizes, and how their entries are allocated.
+    pub(crate) sizes: Sizes,
 }
 
 /// Loads and attaches; with `-v`, a kernel that refuses the programs with their diagnostics in
@@ -133,7 +140,9 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
     let tracefs = layouts::find_tracefs()?;
     let mut degraded = Vec::new();
     let layouts = layouts::layouts(&tracefs, &mut degraded)?;
-    let mut ebpf = object::for_tracing(opts, &layouts, diagnostics)?;
+    let by_need = !opts.prealloc && sizing::by_need_allowed(&crate::kernel::release());
+    let sizes = sizing::sizes(opts, &sizing::Host::read(), by_need);
+    let mut ebpf = object::for_tracing(opts, &sizes, &layouts, diagnostics)?;
     let btf = aya::Btf::from_sys_fs().ok();
     maps::seed_pids(&mut ebpf, opts).map_err(LoadError::classify)?;
 
@@ -186,6 +195,7 @@ fn load_with(opts: &Options, diagnostics: bool) -> Result<Loaded, LoadError> {
         precise_unavailable: calls.precise_unavailable,
         diagnostics,
         inventory_refused,
+        sizes,
     })
 }
 

@@ -219,6 +219,11 @@ impl Sink for MetricsSink {
         set_counter(&h.sockets_evicted, s.sockets_evicted);
         set_counter(&h.containers_unresolved, s.containers_unresolved);
         h.attach_failed.set(s.attach_failed as i64);
+        for (map, bytes) in &s.bpf_map_bytes {
+            h.bpf_map_bytes
+                .get_or_create(&vec![("map", map.clone())])
+                .set(i64::try_from(*bytes).unwrap_or(i64::MAX));
+        }
         h.workloads.set(self.workloads.live.len() as i64);
         if let Some(u) = crate::host::procs::own_usage() {
             self.process.set(&u);

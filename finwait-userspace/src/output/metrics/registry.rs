@@ -168,6 +168,8 @@ pub(super) struct Health {
     pub(super) gauge_corrections: Counter,
     pub(super) attach_failed: Gauge,
     pub(super) workloads: Gauge,
+    /// Each BPF map's memory, by map name (finwait's own maps: a handful of series).
+    pub(super) bpf_map_bytes: Family<Vec<(&'static str, String)>, Gauge>,
     pub(super) workloads_evicted: Counter,
     pub(super) workloads_folded: Counter,
 }
@@ -418,5 +420,10 @@ impl MetricsSink {
         for (name, help, g) in gauges {
             r.register(name, help, g.clone());
         }
+        r.register(
+            "bpf_map_bytes",
+            "Memory of each of finwait's BPF maps, as the kernel accounts it (memlock)",
+            h.bpf_map_bytes.clone(),
+        );
     }
 }
