@@ -89,8 +89,35 @@ fn assert_owner(owner: &Value, pid: i32, fd: i32) {
 /// whose FIN ran the transition.
 #[test]
 fn accepting_server_and_connecting_client() {
+    accepting_server_and_connecting_client_with(&[]);
+}
+
+/// The same owners, with the kernel's hash maps preallocated as before Linux 6.1 (on later
+/// kernels the default allocates their entries as they are written): both storages hold them.
+#[test]
+fn owners_hold_with_preallocated_maps() {
+    accepting_server_and_connecting_client_with(&["--preallocate-maps"]);
+    fd_passed_over_a_unix_socket_with(&["--preallocate-maps"]);
+    socket_accepted_before_the_start_with(&["--preallocate-maps"]);
+    full_ownership_map_is_counted_and_falls_back_to_proc_with(&["--preallocate-maps"]);
+}
+
+/// The tracer, started with `args` and `extra`, after checking how it says its maps are held.
+fn tracer(args: &[&str], extra: &[&str]) -> Tracer {
+    let all: Vec<&str> = args.iter().chain(extra).copied().collect();
+    let tracer = Tracer::start(&all);
+    let want = if extra.contains(&"--preallocate-maps") || kernel_before(6, 1) {
+        "preallocated"
+    } else {
+        "by_need"
+    };
+    assert_eq!(tracer.start["maps"]["allocation"], want, "{}", tracer.start);
+    tracer
+}
+
+fn accepting_server_and_connecting_client_with(extra: &[&str]) {
     let _g = serial();
-    let tracer = Tracer::start(&["--no-snapshot"]);
+    let tracer = tracer(&["--no-snapshot"], extra);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lfd = listener.as_raw_fd();
     let (rd, wr) = pipe();
@@ -148,6 +175,22 @@ fn accepting_server_and_connecting_client() {
     assert_owner(&close_wait_owner(&all, sp, cp), server, server_fd);
     assert_owner(&close_wait_owner(&all, client_port, sp), client, client_fd);
     assert_kernel_only(&all);
+    assert_map_memory(stats(&all), extra);
+}
+
+/// Each map's memory is reported; allocated by need on a host of few sockets, all of them
+/// take under 8 MiB (preallocated, the ownership map alone took 32 MiB before it was sized
+/// from the host).
+fn assert_map_memory(s: &Value, extra: &[&str]) {
+    let maps = s["bpf_map_bytes"].as_object().expect("bpf_map_bytes");
+    for name in ["OWNERS", "EVENTS", "IN_CALL", "COUNTERS"] {
+        assert!(maps.get(name).and_then(Value::as_u64).is_some_and(|b| b > 0), "{name}: {s}");
+    }
+    let total: u64 = maps.values().filter_map(Value::as_u64).sum();
+    let sockets = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    if !extra.contains(&"--preallocate-maps") && !kernel_before(6, 1) {
+        assert!(total < 8 << 20, "{total} bytes of maps; {sockets}: {s}");
+    }
 }
 
 /// The client's FIN arrives before the server has accept()ed: the CLOSE_WAIT happens in the
@@ -212,8 +255,12 @@ fn forked_worker_after_the_parent_closes_its_copy() {
 /// the sender: the receiver, with the fd number it received, from the kernel's record.
 #[test]
 fn fd_passed_over_a_unix_socket() {
+    fd_passed_over_a_unix_socket_with(&[]);
+}
+
+fn fd_passed_over_a_unix_socket_with(extra: &[&str]) {
     let _g = serial();
-    let tracer = Tracer::start(&["--no-snapshot"]);
+    let tracer = tracer(&["--no-snapshot"], extra);
     let (ours, theirs) = UnixStream::pair().unwrap();
     let (ufd, their_fd) = (ours.as_raw_fd(), theirs.into_raw_fd());
     // The receiver is forked before the TCP sockets exist: it holds only what it receives.
@@ -243,11 +290,15 @@ fn fd_passed_over_a_unix_socket() {
 /// into the kernel's record.
 #[test]
 fn socket_accepted_before_the_start() {
+    socket_accepted_before_the_start_with(&[]);
+}
+
+fn socket_accepted_before_the_start_with(extra: &[&str]) {
     let _g = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let (client, server) = pair(&listener);
     let (cp, sp) = ports(&client, &server);
-    let tracer = Tracer::start(&[]);
+    let tracer = tracer(&[], extra);
     drop(client);
     let all = tracer.stop_when(&[(sp, cp, "ESTABLISHED", "CLOSE_WAIT")]);
     assert_owner(
@@ -263,8 +314,12 @@ fn socket_accepted_before_the_start() {
 /// never a wrong owner.
 #[test]
 fn full_ownership_map_is_counted_and_falls_back_to_proc() {
+    full_ownership_map_is_counted_and_falls_back_to_proc_with(&[]);
+}
+
+fn full_ownership_map_is_counted_and_falls_back_to_proc_with(extra: &[&str]) {
     let _g = serial();
-    let tracer = Tracer::start(&["--no-snapshot", "--owner-map-entries", "1"]);
+    let tracer = tracer(&["--no-snapshot", "--owner-map-entries", "1"], extra);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let pairs: Vec<_> = (0..4).map(|_| pair(&listener)).collect();
     let mut expect = Vec::new();
