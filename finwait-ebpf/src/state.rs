@@ -35,6 +35,9 @@ fn try_state(ctx: &TracePointContext) -> Option<()> {
     }
     let old = field::<i32>(ctx, SITE, l.oldstate)? as u8;
     let new = field::<i32>(ctx, SITE, l.newstate)? as u8;
+    if !needed(old, new) {
+        return None;
+    }
     let sk = field::<u64>(ctx, SITE, l.skaddr)?;
     let mut e = transition_event(SITE, sk, old, new)?;
     e.sport = field::<u16>(ctx, SITE, l.sport)?;
@@ -63,12 +66,27 @@ guarded! {
     /// repeating the change just before.
     #[btf_tracepoint(function = "inet_sock_set_state")]
     fn inet_sock_set_state_btf, inet_sock_set_state_btf2(ctx: BtfTracePointContext) {
-        let sk: u64 = ctx.arg(0);
         let old = ctx.arg::<i32>(1) as u8;
         let new = ctx.arg::<i32>(2) as u8;
+        // Most of a connection's changes need nothing: leave before the guard's work.
+        if !needed(old, new) {
+            return 0;
+        }
+        let sk: u64 = ctx.arg(0);
     }
     mark event(sk, states_key(old, new));
     run |site, flags| try_state_btf(site, sk, old, new, flags);
+}
+
+/// Does this change need the hook at all: a report, an owner to record (SYN_SENT, inside
+/// connect()) or one to forget (CLOSE)? Else (SYN_SENT -> ESTABLISHED, SYN_RECV ->
+/// ESTABLISHED, CLOSE -> LISTEN, ... about a third of a connection's changes) it returns at once.
+#[inline(always)]
+fn needed(old: u8, new: u8) -> bool {
+    new == tcp_state::SYN_SENT
+        || new == tcp_state::CLOSE
+        || config(&FILTER.all_transitions) != 0
+        || tcp_state::worth_reporting(old, new)
 }
 
 /// A state change as the guard keeps it (never 0).

@@ -184,7 +184,12 @@ fn accepting_server_and_connecting_client_with(extra: &[&str]) {
 fn assert_map_memory(s: &Value, extra: &[&str]) {
     let maps = s["bpf_map_bytes"].as_object().expect("bpf_map_bytes");
     for name in ["OWNERS", "EVENTS", "IN_CALL", "COUNTERS"] {
-        assert!(maps.get(name).and_then(Value::as_u64).is_some_and(|b| b > 0), "{name}: {s}");
+        assert!(
+            maps.get(name)
+                .and_then(Value::as_u64)
+                .is_some_and(|b| b > 0),
+            "{name}: {s}"
+        );
     }
     let total: u64 = maps.values().filter_map(Value::as_u64).sum();
     let sockets = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
