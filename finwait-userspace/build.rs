@@ -52,7 +52,44 @@ fn main() {
         .expect("run cargo for the eBPF crate");
     assert!(status.success(), "building finwait-ebpf failed (see above)");
     let object = target_dir.join(BPF_TARGET).join("release").join("finwait");
-    std::fs::copy(&object, &out).expect("copy the eBPF object");
+    strip_debug(&object, &out);
+}
+
+/// Copies the object without its DWARF (three quarters of it): the loader reads BTF, which
+/// stays, and a smaller object is less to parse and to copy at load (the preallocated maps'
+/// patch). With no objcopy at hand, the object as it is, with a warning.
+fn strip_debug(object: &Path, out: &Path) {
+    let sysroot_objcopy = env::var("RUSTC").ok().and_then(|rustc| {
+        let o = Command::new(rustc)
+            .args(["--print", "sysroot"])
+            .output()
+            .ok()?;
+        let sysroot = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let host = env::var("HOST").ok()?;
+        Some(
+            Path::new(&sysroot)
+                .join("lib/rustlib")
+                .join(host)
+                .join("bin/rust-objcopy"),
+        )
+    });
+    // bpf-linker's LLVM (`cargo xtask setup`), else the one rustc ships.
+    let candidates = [
+        Some(PathBuf::from("/usr/lib/llvm-22/bin/llvm-objcopy")),
+        sysroot_objcopy,
+    ];
+    for objcopy in candidates.into_iter().flatten().filter(|p| p.exists()) {
+        let stripped = Command::new(&objcopy)
+            .arg("--strip-debug")
+            .arg(object)
+            .arg(out)
+            .status();
+        if stripped.is_ok_and(|s| s.success()) {
+            return;
+        }
+    }
+    println!("cargo::warning=no llvm-objcopy: the eBPF object is embedded with its debug info");
+    std::fs::copy(object, out).expect("copy the eBPF object");
 }
 
 /// What of the eBPF toolchain is missing, if anything: `rustc` and its `cargo`, the BPF

@@ -28,7 +28,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::BPF_F_MMAPABLE,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, RingBuf},
 };
@@ -140,6 +140,11 @@ static SYSCALL_REGS: SyscallRegs = SyscallRegs {
     _pad: 0,
 };
 
+/// The hash maps' entries are allocated as they are written; userspace sets them preallocated
+/// before Linux 6.1 (where run-time allocation in kprobe and tracepoint programs makes the kernel
+/// warn) and sizes every map from the host before load.
+const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
+
 /// Resized by userspace (`--ring-buffer-kib`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -153,26 +158,25 @@ static COUNTERS: Array<u64> = Array::with_max_entries(counter::COUNT, BPF_F_MMAP
 /// LRU (its evictions would be silent): entries leave at sys_exit or at the thread's exit, and a
 /// full map is counted.
 #[map]
-static IN_CALL: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+static IN_CALL: HashMap<u32, u8> = HashMap::with_max_entries(16384, NO_PREALLOC);
 
 /// Tgids to follow when `--pid` is given; children are added at fork, removed at exit.
 #[map]
-static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(65536, NO_PREALLOC);
 
 /// Who holds each socket (see `OwnerRec`): written when a task obtains an fd to a TCP socket,
-/// read by the state hook, removed when the socket reaches CLOSE. Preallocated (older kernels
-/// refuse other hash maps in tracing programs); a full map is counted.
+/// read by the state hook, removed when the socket reaches CLOSE. A full map is counted.
 #[map]
-static OWNERS: HashMap<u64, OwnerRec> = HashMap::with_max_entries(OWNERS_MAX, 0);
+static OWNERS: HashMap<u64, OwnerRec> = HashMap::with_max_entries(OWNERS_MAX, NO_PREALLOC);
 
 /// recvmsg() calls in progress that may carry fds (a control buffer): tid -> user msghdr.
 #[map]
-static RECVMSG: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+static RECVMSG: HashMap<u32, u64> = HashMap::with_max_entries(16384, NO_PREALLOC);
 
 /// connect() calls in progress: tid -> fd. The socket's CLOSE -> SYN_SENT transition, which
 /// runs inside the call in the caller's context, records the owner.
 #[map]
-static CONNECTING: HashMap<u32, i32> = HashMap::with_max_entries(16384, 0);
+static CONNECTING: HashMap<u32, i32> = HashMap::with_max_entries(16384, NO_PREALLOC);
 
 // `GUARDS`, the marks between a guarded pair's two programs, is `guard`'s own.
 

@@ -366,25 +366,56 @@ fn report(
     println!("\nJSON: {json_path}");
 }
 
-/// `n` idle TCP sockets (n/2 loopback connections, both ends), held while the value lives.
-fn hold_sockets(n: usize) -> Vec<std::net::TcpStream> {
-    let want = n as u64 + 4096;
-    // SAFETY: plain rlimit calls on this process (root: the hard limit may be raised).
+/// `n` idle TCP sockets (n/2 loopback connections), held while the value lives: the client ends
+/// here, the server ends in a forked child (each process under its own open-files limit).
+fn hold_sockets(n: usize) -> Held {
+    // SAFETY: plain rlimit calls on this process: the soft limit up to the hard one.
     unsafe {
-        let r = libc::rlimit {
-            rlim_cur: want,
-            rlim_max: want,
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
         };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &r);
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut held = Vec::with_capacity(n);
-    for _ in 0..n / 2 {
-        held.push(std::net::TcpStream::connect(addr).expect("connect (fd limit?)"));
-        held.push(listener.accept().unwrap().0);
+    // SAFETY: the child only accepts and sleeps until its parent is gone.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: as above.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        let held: Vec<_> = (0..n / 2).map_while(|_| listener.accept().ok()).collect();
+        loop {
+            thread::sleep(Duration::from_secs(3600));
+            let _ = &held;
+        }
     }
-    held
+    drop(listener);
+    let clients = (0..n / 2)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect (open-files limit?)"))
+        .collect();
+    // Until the child has accepted them all, some are still in its accept queue.
+    thread::sleep(Duration::from_secs(1));
+    Held { clients, child }
+}
+
+/// The held sockets: the client ends, and the child holding the server ends.
+struct Held {
+    #[allow(dead_code)]
+    clients: Vec<std::net::TcpStream>,
+    child: i32,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(self.child, libc::SIGKILL);
+            libc::waitpid(self.child, std::ptr::null_mut(), 0);
+        }
+    }
 }
 
 /// A default run (snapshot and seeding included) with the held sockets open: each map's memory,

@@ -54,12 +54,17 @@ pub(super) fn for_tracing(
     diagnostics: bool,
 ) -> Result<Ebpf, LoadError> {
     let object = object().map_err(LoadError::Other)?;
-    let object = match sizes.allocation {
-        Allocation::ByNeed => with_map_flags(object, &HASH_MAPS, BPF_F_NO_PREALLOC)
-            .context("setting the maps' flags")
-            .map_err(LoadError::Other)?,
-        Allocation::Preallocated => Aligned::copy(object),
+    // Compiled to allocate by need; preallocated, it is a copy (as large as the object, for the
+    // time of the load).
+    let preallocated = match sizes.allocation {
+        Allocation::ByNeed => None,
+        Allocation::Preallocated => Some(
+            with_map_flags(object, &HASH_MAPS, 0)
+                .context("setting the maps' flags")
+                .map_err(LoadError::Other)?,
+        ),
     };
+    let object = preallocated.as_ref().map_or(object, Aligned::bytes);
     // The programs need no CO-RE relocation (offsets come from userspace): the kernel BTF that
     // `EbpfLoader::new()` parses is dropped before loading, and parsed again afterwards for the
     // BTF tracepoint and fentry, so two copies (about 19 MB each) are never alive at once.
@@ -86,7 +91,7 @@ pub(super) fn for_tracing(
         .map_max_entries(EVENTS_MAP, sizes.ring_bytes)
         .map_max_entries(OWNERS_MAP, sizes.owners.max(1))
         .map_max_entries(TRACED_PIDS_MAP, sizes.traced_pids.max(1))
-        .load(object.bytes())
+        .load(object)
         .context("loading the eBPF programs")
         .map_err(LoadError::classify)
 }
@@ -142,6 +147,7 @@ pub(super) fn close_ends() -> bool {
 }
 
 /// The kernel's flag for a hash map whose entries are allocated as they are written.
+#[cfg(test)]
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// An object's bytes, 8-byte aligned as parsing an ELF file requires.
@@ -221,19 +227,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hash_maps_are_set_to_allocate_by_need_and_nothing_else_changes() {
+    fn hash_maps_are_set_preallocated_and_nothing_else_changes() {
         let Ok(elf) = object() else {
             // A build without the BPF toolchain embeds no object (build.rs says so).
             return;
         };
-        let patched = with_map_flags(elf, &HASH_MAPS, BPF_F_NO_PREALLOC).unwrap();
+        let patched = with_map_flags(elf, &HASH_MAPS, 0).unwrap();
         let before = aya_obj::Object::parse(elf).unwrap();
         let after = aya_obj::Object::parse(patched.bytes()).unwrap();
         assert_eq!(before.maps.len(), after.maps.len());
         for (name, map) in &after.maps {
             let old = &before.maps[name];
             let want = if HASH_MAPS.contains(&name.as_str()) {
-                BPF_F_NO_PREALLOC
+                0
             } else {
                 old.map_flags()
             };
@@ -244,8 +250,8 @@ mod tests {
         for name in HASH_MAPS {
             assert_eq!(
                 before.maps[name].map_flags(),
-                0,
-                "{name}: compiled preallocated"
+                BPF_F_NO_PREALLOC,
+                "{name}: compiled to allocate by need"
             );
         }
         assert!(with_map_flags(elf, &["NO_SUCH_MAP"], 1).is_err());
