@@ -35,7 +35,10 @@ pub fn test(opts: Options) -> Result<()> {
             .map(ToString::to_string)
             .collect(),
         vm::TIMEOUT_S,
-        vm::Payload::Tests { filter: opts.args },
+        vm::Payload::Tests {
+            filter: opts.args,
+            only: Vec::new(),
+        },
     )
 }
 

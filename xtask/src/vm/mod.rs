@@ -62,6 +62,9 @@ pub struct VmTestOptions {
     /// Give up on a guest after this many seconds.
     #[arg(long, default_value_t = TIMEOUT_S)]
     timeout: u64,
+    /// Only these test binaries (`ownership,scenarios`); by default every one.
+    #[arg(long, value_delimiter = ',', value_name = "BINARIES")]
+    only: Vec<String>,
     /// Test name filter passed to every test binary.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     filter: Vec<String>,
@@ -74,6 +77,7 @@ pub fn vm_test_command(opts: VmTestOptions) -> Result<()> {
         opts.timeout,
         Payload::Tests {
             filter: opts.filter,
+            only: opts.only,
         },
     )
 }
@@ -101,8 +105,11 @@ struct Options {
 
 /// What each guest runs.
 pub(crate) enum Payload {
-    /// Every test binary once per mode in `MODES`, with this name filter.
-    Tests { filter: Vec<String> },
+    /// Every test binary (or `only` these) once per mode in `MODES`, with this name filter.
+    Tests {
+        filter: Vec<String>,
+        only: Vec<String>,
+    },
     /// `bench FINWAIT_TRACE CHURN ARGS...`; its report is printed whatever the outcome.
     Bench {
         bench: PathBuf,

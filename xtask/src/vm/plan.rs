@@ -27,7 +27,7 @@ struct Test {
 /// What a payload needs in the guest: the executables to copy in, and the runs to make.
 pub(super) fn plan(payload: &Payload) -> Result<(Vec<PathBuf>, Vec<Run>)> {
     match payload {
-        Payload::Tests { filter } => plan_tests(filter),
+        Payload::Tests { filter, only } => plan_tests(filter, only),
         Payload::Bench {
             bench,
             churn,
@@ -38,8 +38,14 @@ pub(super) fn plan(payload: &Payload) -> Result<(Vec<PathBuf>, Vec<Run>)> {
 }
 
 /// The test binaries (built here) and the tracer they run; each binary runs once per mode.
-fn plan_tests(filter: &[String]) -> Result<(Vec<PathBuf>, Vec<Run>)> {
-    let (tests, tracer) = build_tests()?;
+fn plan_tests(filter: &[String], only: &[String]) -> Result<(Vec<PathBuf>, Vec<Run>)> {
+    let (mut tests, tracer) = build_tests()?;
+    if !only.is_empty() {
+        tests.retain(|t| only.contains(&test_name(&t.exe)));
+        if tests.is_empty() {
+            bail!("--only {}: no such test binary", only.join(","));
+        }
+    }
     let runs = test_runs(&tests, &tracer, filter);
     let exes = tests.into_iter().map(|t| t.exe).chain([tracer]).collect();
     Ok((exes, runs))
