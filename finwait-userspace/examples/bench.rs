@@ -450,7 +450,7 @@ fn maps_of_a_default_run(finwait: &str, host_sockets: usize) {
             .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
             .filter(|(_, b)| *b >= 64 << 10)
             .collect();
-        big.sort_by(|a, b| b.1.cmp(&a.1));
+        big.sort_by_key(|b| std::cmp::Reverse(b.1));
         let per_map: Vec<String> = big
             .iter()
             .map(|(k, b)| format!("{k} {:.2}", *b as f64 / f64::from(1 << 20)))

@@ -32,10 +32,11 @@ fn parse(s: Option<String>) -> Option<u64> {
 }
 
 impl FinTimeouts {
-    /// The fin timeout in force in `tid`'s network namespace, if the thread still exists.
-    pub(crate) fn for_thread(&mut self, tid: u32) -> Option<u64> {
+    /// The fin timeout in force in `tid`'s network namespace, if the thread still exists, as of
+    /// `now`.
+    pub(crate) fn for_thread(&mut self, tid: u32, now: Instant) -> Option<u64> {
         if let Some(&(v, at)) = self.by_tid.get(&tid)
-            && at.elapsed() < REREAD_AFTER
+            && now.saturating_duration_since(at) < REREAD_AFTER
         {
             return Some(v);
         }
@@ -87,7 +88,7 @@ mod tests {
         }
         let me = unsafe { libc::gettid() } as u32;
         assert_eq!(
-            super::FinTimeouts::default().for_thread(me),
+            super::FinTimeouts::default().for_thread(me, std::time::Instant::now()),
             Some(super::own_fin_timeout())
         );
     }

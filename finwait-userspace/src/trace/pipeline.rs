@@ -112,8 +112,10 @@ impl Pipeline {
     /// Every report whose owner is known: filtered, enriched, counted and written.
     pub(crate) fn emit(&mut self) -> io::Result<()> {
         self.resolver.ready(&mut self.ready);
+        // One clock read for the batch: caches of names, namespaces and timeouts age by it.
+        let now = Instant::now();
         if !self.ready.is_empty() {
-            self.cgroups.now(Instant::now());
+            self.cgroups.now(now);
         }
         // Taken and put back: the buffer keeps its capacity from wake-up to wake-up, and each
         // report is worked on in place (a report is a few hundred bytes: no moves).
@@ -125,9 +127,9 @@ impl Pipeline {
                 return Ok(());
             }
             if let Report::Transition(t) = r {
-                self.enrich(t);
+                self.enrich(t, now);
             }
-            self.identify(r);
+            self.identify(r, now);
             // Whose job it is: decided once, here, for the summary and the sink.
             let verdict = match r {
                 Report::Transition(t) => t.verdict(),
@@ -152,9 +154,8 @@ impl Pipeline {
 
     /// Every process the report names: by its own name (not a thread's) and its container,
     /// from the cgroup the kernel recorded.
-    fn identify(&mut self, r: &mut Report) {
+    fn identify(&mut self, r: &mut Report, now: Instant) {
         let (cg, names) = (&mut self.cgroups, &mut self.names);
-        let now = Instant::now();
         let task = |t: &mut Task, cg: &mut Cgroups, names: &mut Names| {
             let process = names.of_task(t.pid, t.tid, &t.comm, now);
             if process != t.comm {
@@ -205,22 +206,22 @@ impl Pipeline {
     /// The tcp_fin_timeout of the socket's network namespace, read in the namespace of the task
     /// that closed it (a timer cause has none: the FIN's sender's). Only for reports that are
     /// shown: the namespace may cost a /proc lookup.
-    fn enrich(&mut self, t: &mut crate::model::TransitionReport) {
+    fn enrich(&mut self, t: &mut crate::model::TransitionReport, now: Instant) {
         t.fin_timeout_s = self.own_fin_timeout_s;
         if t.touches_fin_wait2()
-            && let Some(s) = self.fin_timeout_of(t)
+            && let Some(s) = self.fin_timeout_of(t, now)
         {
             t.fin_timeout_s = s;
         }
     }
 
-    fn fin_timeout_of(&mut self, t: &crate::model::TransitionReport) -> Option<u64> {
+    fn fin_timeout_of(&mut self, t: &crate::model::TransitionReport, now: Instant) -> Option<u64> {
         let by = t
             .cause
             .as_ref()
             .and_then(|c| c.task.as_ref())
             .or(t.fin_by.as_ref());
-        self.fin_timeouts.for_thread(by?.tid)
+        self.fin_timeouts.for_thread(by?.tid, now)
     }
 
     /// `--stuck`: sockets half-closed or in CLOSE_WAIT for `threshold_ns`, once each, with what
