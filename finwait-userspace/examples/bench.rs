@@ -199,6 +199,7 @@ fn main() {
         .iter()
         .filter(|m| {
             m.name.starts_with("finwait (default")
+                || m.name.contains("baseline")
                 || m.name.contains("--mode")
                 || m.name.contains("syscall tracepoints")
         })
