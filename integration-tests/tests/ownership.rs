@@ -99,7 +99,6 @@ fn owners_hold_with_preallocated_maps() {
     accepting_server_and_connecting_client_with(&["--preallocate-maps"]);
     fd_passed_over_a_unix_socket_with(&["--preallocate-maps"]);
     socket_accepted_before_the_start_with(&["--preallocate-maps"]);
-    full_ownership_map_is_counted_and_falls_back_to_proc_with(&["--preallocate-maps"]);
 }
 
 /// The tracer, started with `args` and `extra`, after checking how it says its maps are held.
@@ -319,12 +318,8 @@ fn socket_accepted_before_the_start_with(extra: &[&str]) {
 /// never a wrong owner.
 #[test]
 fn full_ownership_map_is_counted_and_falls_back_to_proc() {
-    full_ownership_map_is_counted_and_falls_back_to_proc_with(&[]);
-}
-
-fn full_ownership_map_is_counted_and_falls_back_to_proc_with(extra: &[&str]) {
     let _g = serial();
-    let tracer = tracer(&["--no-snapshot", "--owner-map-entries", "1"], extra);
+    let tracer = tracer(&["--no-snapshot", "--owner-map-entries", "1"], &[]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let pairs: Vec<_> = (0..4).map(|_| pair(&listener)).collect();
     let mut expect = Vec::new();
