@@ -148,7 +148,7 @@ pub(super) fn close_ends() -> bool {
 
 /// The kernel's flag for a hash map whose entries are allocated as they are written.
 #[cfg(test)]
-const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_NO_PREALLOC: u32 = aya_obj::generated::BPF_F_NO_PREALLOC;
 
 /// An object's bytes, 8-byte aligned as parsing an ELF file requires.
 pub(super) struct Aligned {
